@@ -1,0 +1,42 @@
+// The one binding file: op schemas of the fastattn namespace and the Python module fastattn._C.
+// The CPU kernels register implementations of these ops from csrc/cpu/, the CUDA kernels from
+// csrc/cuda/ (TORCH_LIBRARY_IMPL(fastattn, CPU/CUDA, m)). The schemas must stay equal to
+// FWD_SCHEMA/BWD_SCHEMA in fastattn/ops.py (a test compares them).
+#include <Python.h>
+#include <torch/library.h>
+
+#define FASTATTN_BLOCK_ARGS \
+  "Tensor? kv_num_blocks, Tensor? kv_indices, Tensor? full_kv_num_blocks, Tensor? full_kv_indices, "
+#define FASTATTN_COMMON_TAIL \
+  "int block_size_q, int block_size_k, float scale, int? window_left, int? window_right, float softcap, float dropout_p, int seed"
+
+TORCH_LIBRARY(fastattn, m) {
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? alibi_slopes, Tensor? key_lengths, "
+        "Tensor? query_lengths, " FASTATTN_BLOCK_ARGS FASTATTN_COMMON_TAIL ") -> (Tensor, Tensor)");
+  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask, "
+        "Tensor? alibi_slopes, Tensor? key_lengths, Tensor? query_lengths, " FASTATTN_BLOCK_ARGS
+        "Tensor? q_num_blocks, Tensor? q_indices, Tensor? full_q_num_blocks, Tensor? full_q_indices, "
+        FASTATTN_COMMON_TAIL ", bool compute_dbias) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+PyObject* build_info(PyObject*, PyObject*) {
+#ifdef FASTATTN_WITH_CUDA
+  return Py_BuildValue("{s:O}", "cuda", Py_True);
+#else
+  return Py_BuildValue("{s:O}", "cuda", Py_False);
+#endif
+}
+
+PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS, "How the extension was built: {'cuda': bool}."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "fastattn's compiled kernels (ops under torch.ops.fastattn).", -1,
+                      methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }

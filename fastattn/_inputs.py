@@ -1,0 +1,273 @@
+"""Validation and normalisation of the public arguments.
+
+Every public entry point funnels its arguments through :func:`normalize`, which checks them
+(raising ``TypeError``/``ValueError`` that name the argument) and turns the user-facing
+spellings (``causal``, ``window``, SDPA's ``is_causal``) into one description,
+:class:`AttentionInputs`, that backends and the reference share.
+
+Visibility rule (bottom-right aligned, as flash-attn): with ``offset = Lk - Lq`` (per batch,
+``key_lengths[b] - query_lengths[b]`` when lengths are given), query ``i`` sees key ``j`` iff
+``i + offset - window_left <= j <= i + offset + window_right``, where ``None`` means unbounded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .block_mask import BlockMask
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionInputs:
+    """Checked, normalised arguments of one attention call.
+
+    Shapes: ``q (B, Hq, Lq, D)``, ``k (B, Hkv, Lk, D)``, ``v (B, Hkv, Lk, Dv)``.
+    ``attn_mask`` is bool (True = attend) or additive float, expanded (without a copy) to
+    ``(B, Hq, Lq, Lk)``. ``alibi_slopes`` is float32 expanded to ``(B, Hq)``.
+    ``key_lengths``/``query_lengths`` are int32 ``(B,)``.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    scale: float
+    window_left: int | None = None
+    window_right: int | None = None
+    attn_mask: torch.Tensor | None = None
+    block_mask: BlockMask | None = None
+    alibi_slopes: torch.Tensor | None = None
+    softcap: float = 0.0
+    dropout_p: float = 0.0
+    key_lengths: torch.Tensor | None = None
+    query_lengths: torch.Tensor | None = None
+
+    @property
+    def batch(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def heads_q(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def heads_kv(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def seqlen_q(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def seqlen_k(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[3]
+
+    @property
+    def head_dim_v(self) -> int:
+        return self.v.shape[3]
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+    @property
+    def requires_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (self.q, self.k, self.v, self.attn_mask)
+        )
+
+    @property
+    def is_causal(self) -> bool:
+        """True when the window is exactly bottom-right causal (no left bound, right = 0)."""
+        return self.window_left is None and self.window_right == 0
+
+
+def _check_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_number(x, name: str, *, minimum: float | None = None, below: float | None = None) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(x).__name__}")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x}")
+    if minimum is not None and x < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {x}")
+    if below is not None and x >= below:
+        raise ValueError(f"{name} must be < {below}, got {x}")
+    return x
+
+
+def _check_bool(x, name: str) -> bool:
+    if not isinstance(x, bool):
+        raise TypeError(f"{name} must be a bool, got {type(x).__name__}")
+    return x
+
+
+def _check_qkv(q, k, v) -> None:
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        _check_tensor(t, name)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, heads, seqlen, head_dim), got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    for t, name in ((k, "k"), (v, "v")):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    B, Hq, Lq, D = q.shape
+    Bk, Hkv, Lk, Dk = k.shape
+    if Bk != B or v.shape[0] != B:
+        raise ValueError(f"k and v must have q's batch size {B}, got k {Bk} and v {v.shape[0]}")
+    if Dk != D:
+        raise ValueError(f"k must have q's head_dim {D} (last dim), got {Dk}")
+    if v.shape[1] != Hkv or v.shape[2] != Lk:
+        raise ValueError(
+            f"v must match k in heads and seqlen (k: {Hkv} heads, {Lk} keys), got v shape {tuple(v.shape)}"
+        )
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(
+            f"the number of query heads ({Hq}, q.shape[1]) must be a multiple of the number of key/value heads "
+            f"({Hkv}, k.shape[1]) for GQA/MQA"
+        )
+    if D == 0:
+        raise ValueError("q must have a non-zero head_dim")
+
+
+def _check_window(window) -> tuple[int | None, int | None]:
+    if window is None:
+        return None, None
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"window must be a pair (left, right) of ints, got {window!r}")
+    out = []
+    for side, w in zip(("left", "right"), window):
+        if isinstance(w, bool) or not isinstance(w, int):
+            raise TypeError(f"window {side} must be an int (-1 = unbounded), got {w!r}")
+        if w < -1:
+            raise ValueError(f"window {side} must be >= -1 (-1 = unbounded), got {w}")
+        out.append(None if w == -1 else w)
+    return out[0], out[1]
+
+
+def _broadcast_mask(mask, B: int, H: int, Lq: int, Lk: int, q: torch.Tensor, name: str) -> torch.Tensor:
+    _check_tensor(mask, name)
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"{name} must be bool (True = attend) or a floating additive mask, got {mask.dtype}")
+    if mask.device != q.device:
+        raise ValueError(f"{name} must be on q's device {q.device}, got {mask.device}")
+    target = (B, H, Lq, Lk)
+    if mask.dim() > 4 or any(s not in (1, t) for s, t in zip(mask.shape[::-1], target[::-1])):
+        raise ValueError(f"{name} of shape {tuple(mask.shape)} is not broadcastable to (B, Hq, Lq, Lk) = {target}")
+    return mask.expand(target)
+
+
+def _check_lengths(lengths, name: str, B: int, max_len: int, q: torch.Tensor) -> torch.Tensor | None:
+    if lengths is None:
+        return None
+    _check_tensor(lengths, name)
+    if lengths.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be an int32 or int64 tensor, got {lengths.dtype}")
+    if lengths.shape != (B,):
+        raise ValueError(f"{name} must have shape (batch,) = ({B},), got {tuple(lengths.shape)}")
+    if lengths.device != q.device:
+        raise ValueError(f"{name} must be on q's device {q.device}, got {lengths.device}")
+    if B and (int(lengths.min()) < 0 or int(lengths.max()) > max_len):
+        raise ValueError(f"{name} must lie in [0, {max_len}], got values in [{int(lengths.min())}, {int(lengths.max())}]")
+    return lengths.to(torch.int32)
+
+
+def normalize(
+    q,
+    k,
+    v,
+    *,
+    causal=False,
+    window=None,
+    block_mask=None,
+    attn_mask=None,
+    alibi_slopes=None,
+    softcap=0.0,
+    dropout_p=0.0,
+    scale=None,
+    key_lengths=None,
+    query_lengths=None,
+    window_override: tuple[int | None, int | None] | None = None,
+) -> AttentionInputs:
+    """Check the public arguments of :func:`fastattn.attention` and normalise them.
+
+    ``window_override`` is for :func:`fastattn.scaled_dot_product_attention`, whose top-left
+    ``is_causal`` is a window whose right bound may be negative (``Lq - Lk``).
+    """
+    _check_qkv(q, k, v)
+    B, Hq, Lq, D = q.shape
+    Lk = k.shape[2]
+
+    _check_bool(causal, "causal")
+    if window_override is not None:
+        window_left, window_right = window_override
+    else:
+        window_left, window_right = _check_window(window)
+    if causal:
+        window_right = 0 if window_right is None else min(window_right, 0)
+
+    scale = 1.0 / math.sqrt(D) if scale is None else _check_number(scale, "scale")
+    softcap = _check_number(softcap, "softcap", minimum=0.0)
+    dropout_p = _check_number(dropout_p, "dropout_p", minimum=0.0, below=1.0)
+
+    if attn_mask is not None:
+        attn_mask = _broadcast_mask(attn_mask, B, Hq, Lq, Lk, q, "attn_mask")
+
+    if block_mask is not None:
+        if not isinstance(block_mask, BlockMask):
+            raise TypeError(f"block_mask must be a fastattn.BlockMask, got {type(block_mask).__name__}")
+        if block_mask.seq_lens != (Lq, Lk):
+            raise ValueError(f"block_mask was built for seq_lens {block_mask.seq_lens}, but (Lq, Lk) = {(Lq, Lk)}")
+        mb, mh = block_mask.layout.shape[:2]
+        if mb not in (1, B) or mh not in (1, Hq):
+            raise ValueError(f"block_mask has (B, H) = {(mb, mh)}, not broadcastable to (B, Hq) = {(B, Hq)}")
+        if block_mask.device != q.device:
+            raise ValueError(f"block_mask must be on q's device {q.device}, got {block_mask.device}")
+
+    if alibi_slopes is not None:
+        _check_tensor(alibi_slopes, "alibi_slopes")
+        if alibi_slopes.dtype != torch.float32:
+            raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+        if alibi_slopes.shape not in ((Hq,), (B, Hq)):
+            raise ValueError(f"alibi_slopes must have shape (Hq,) = ({Hq},) or (B, Hq) = ({B}, {Hq}), got {tuple(alibi_slopes.shape)}")
+        if alibi_slopes.device != q.device:
+            raise ValueError(f"alibi_slopes must be on q's device {q.device}, got {alibi_slopes.device}")
+        alibi_slopes = alibi_slopes.expand(B, Hq)
+
+    key_lengths = _check_lengths(key_lengths, "key_lengths", B, Lk, q)
+    query_lengths = _check_lengths(query_lengths, "query_lengths", B, Lq, q)
+
+    return AttentionInputs(
+        q=q,
+        k=k,
+        v=v,
+        scale=scale,
+        window_left=window_left,
+        window_right=window_right,
+        attn_mask=attn_mask,
+        block_mask=block_mask,
+        alibi_slopes=alibi_slopes,
+        softcap=softcap,
+        dropout_p=dropout_p,
+        key_lengths=key_lengths,
+        query_lengths=query_lengths,
+    )

@@ -1,0 +1,136 @@
+"""The public functional API."""
+
+from __future__ import annotations
+
+import torch
+
+from ._inputs import _check_bool, _check_tensor, normalize
+from .autograd import run
+from .backends import select_backend
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    window: tuple[int, int] | None = None,
+    block_mask=None,
+    attn_mask: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    softcap: float = 0.0,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+    key_lengths: torch.Tensor | None = None,
+    query_lengths: torch.Tensor | None = None,
+):
+    """Fused scaled dot-product attention.
+
+    Args:
+        q: ``(B, Hq, Lq, D)``. Any strides with a unit last stride are used without a copy, so a
+            ``(B, L, H, D)`` tensor ``.transpose(1, 2)`` is free.
+        k: ``(B, Hkv, Lk, D)`` with ``Hq % Hkv == 0`` (GQA/MQA).
+        v: ``(B, Hkv, Lk, Dv)``.
+        causal: query ``i`` sees key ``j`` iff ``j <= i + (Lk - Lq)`` (bottom-right aligned, as flash-attn)::
+
+                Lq = 3, Lk = 5 (x = visible)
+                    k0 k1 k2 k3 k4
+                q0 [ x  x  x  .  . ]
+                q1 [ x  x  x  x  . ]
+                q2 [ x  x  x  x  x ]
+
+        window: ``(left, right)``: query ``i`` sees key ``j`` iff
+            ``i + (Lk - Lq) - left <= j <= i + (Lk - Lq) + right``; ``-1`` means unbounded.
+            Combined with ``causal``, ``right`` becomes ``min(right, 0)``.
+        block_mask: a :class:`fastattn.BlockMask`; empty tiles are never computed.
+        attn_mask: bool (True = attend) or additive float, broadcastable to ``(B, Hq, Lq, Lk)``,
+            as in ``torch.nn.functional.scaled_dot_product_attention``. All masks intersect.
+        alibi_slopes: float32 ``(Hq,)`` or ``(B, Hq)``; adds ``-slope * |i + (Lk - Lq) - j|``.
+        softcap: if ``> 0``, scores become ``softcap * tanh(scores / softcap)`` before masks and bias.
+        dropout_p: dropout probability on the attention probabilities; reproducible under ``torch.manual_seed``.
+        scale: score scale, default ``1 / sqrt(D)``.
+        return_lse: also return the float32 row log-sum-exp ``(B, Hq, Lq)`` (``-inf`` where a row sees no key).
+        backend: ``"cuda"``, ``"triton"``, ``"cpu"``, ``"reference"`` or ``None`` (the first that fits;
+            ``FASTATTN_BACKEND`` overrides that choice). An explicit backend that cannot serve raises
+            :class:`fastattn.BackendNotSupportedError` listing why.
+        key_lengths: int ``(B,)``: keys ``j >= key_lengths[b]`` are padding. With lengths the causal,
+            window and ALiBi offsets use ``key_lengths[b] - query_lengths[b]``.
+        query_lengths: int ``(B,)``: query rows ``i >= query_lengths[b]`` are padding and return 0.
+
+    Returns:
+        ``out (B, Hq, Lq, Dv)`` in q's dtype, or ``(out, lse)`` with ``return_lse``. A query row that
+        can see no key returns 0 -- never NaN, in the output or any gradient.
+    """
+    _check_bool(return_lse, "return_lse")
+    inputs = normalize(
+        q, k, v, causal=causal, window=window, block_mask=block_mask, attn_mask=attn_mask,
+        alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, scale=scale,
+        key_lengths=key_lengths, query_lengths=query_lengths,
+    )
+    chosen = select_backend(inputs, backend)
+    return run(inputs, chosen.name, return_lse)
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Drop-in replacement for ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Same signature and semantics: inputs ``(..., H, L, E)`` with any number of leading batch
+    dimensions (or ``(..., L, E)``), ``is_causal`` is top-left aligned (query ``i`` sees keys
+    ``j <= i``) as in torch, bool masks are True = attend. The one documented difference: a
+    query row that sees no key returns 0 instead of NaN.
+    """
+    for t, name in ((query, "query"), (key, "key"), (value, "value")):
+        _check_tensor(t, name)
+        if t.dim() < 2:
+            raise ValueError(f"{name} must have at least 2 dimensions (..., L, E), got shape {tuple(t.shape)}")
+    _check_bool(is_causal, "is_causal")
+    _check_bool(enable_gqa, "enable_gqa")
+    if is_causal and attn_mask is not None:
+        raise ValueError("attn_mask must be None when is_causal=True (as in torch's scaled_dot_product_attention)")
+    if query.dim() != key.dim() or query.dim() != value.dim():
+        raise ValueError(
+            f"query, key and value must have the same number of dimensions, got {query.dim()}, {key.dim()}, {value.dim()}"
+        )
+
+    # Bring (..., H, L, E) to (B, H, L, E): leading dims fold into the batch, a missing head dim becomes 1.
+    out_shape = (*query.shape[:-1], value.shape[-1])
+    if query.dim() < 4:
+        query, key, value = (t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) for t in (query, key, value))
+    elif query.dim() > 4:
+        batch_shape = query.shape[:-3]
+        if key.shape[:-3] != batch_shape or value.shape[:-3] != batch_shape:
+            raise ValueError(f"key and value must have query's batch dimensions {tuple(batch_shape)}")
+        if attn_mask is not None:
+            _check_tensor(attn_mask, "attn_mask")
+            try:
+                attn_mask = attn_mask.expand(*query.shape[:-1], key.shape[-2])
+            except RuntimeError as exc:
+                raise ValueError(
+                    f"attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to "
+                    f"{(*query.shape[:-1], key.shape[-2])}"
+                ) from exc
+            attn_mask = attn_mask.reshape(-1, *attn_mask.shape[-3:])
+        query, key, value = (t.reshape(-1, *t.shape[-3:]) for t in (query, key, value))
+    if key.shape[1] != query.shape[1] and not enable_gqa:
+        raise ValueError(
+            f"query has {query.shape[1]} heads but key/value have {key.shape[1]}; pass enable_gqa=True for GQA"
+        )
+
+    window = None
+    if is_causal:  # top-left: j <= i, i.e. a right bound of -(Lk - Lq) in bottom-right terms
+        window = (None, query.shape[-2] - key.shape[-2])
+    inputs = normalize(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale, window_override=window)
+    out = run(inputs, select_backend(inputs).name, return_lse=False)
+    return out.reshape(out_shape)

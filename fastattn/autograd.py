@@ -1,0 +1,80 @@
+"""One autograd Function for every backend: it calls the chosen backend's forward and backward ops."""
+
+from __future__ import annotations
+
+import torch
+
+from ._inputs import AttentionInputs
+from .backends import get_backend
+from .reference import draw_seed
+
+_NUM_BLOCK_LISTS = 8  # kv_num_blocks, kv_indices, full_kv_*, q_num_blocks, q_indices, full_q_*
+
+
+def effective_attn_mask(inputs: AttentionInputs) -> torch.Tensor | None:
+    """``attn_mask`` intersected with the block mask's element mask, as the ops take it.
+
+    Ops see one element mask: partial tiles are masked by it, full tiles are not. Only when the
+    caller gives both an ``attn_mask`` and a BlockMask with an element mask is a combined
+    ``(B, Hq, Lq, Lk)`` mask materialised.
+    """
+    mask = inputs.attn_mask
+    block_mask = inputs.block_mask
+    if block_mask is None or block_mask.element_mask is None:
+        return mask
+    shape = (inputs.batch, inputs.heads_q, inputs.seqlen_q, inputs.seqlen_k)
+    element = block_mask.element_mask.expand(shape)
+    if mask is None:
+        return element
+    if mask.dtype == torch.bool:
+        return mask & element
+    return mask.masked_fill(~element, float("-inf"))
+
+
+def block_args(inputs: AttentionInputs) -> tuple[list, int, int]:
+    """The eight block-list tensors (or Nones) and the block sizes (0 without a BlockMask)."""
+    if inputs.block_mask is None:
+        return [None] * _NUM_BLOCK_LISTS, 0, 0
+    bq, bk = inputs.block_mask.block_size
+    return [*inputs.block_mask.kv_lists, *inputs.block_mask.q_lists], bq, bk
+
+
+class AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, backend_name, q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, *rest):
+        lists, (block_size_q, block_size_k, scale, window_left, window_right, softcap, dropout_p, seed) = (
+            rest[:_NUM_BLOCK_LISTS],
+            rest[_NUM_BLOCK_LISTS:],
+        )
+        ops = get_backend(backend_name).ops
+        scalars = (block_size_q, block_size_k, scale, window_left, window_right, softcap, dropout_p, seed)
+        out, lse = ops.fwd(q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, *lists[:4], *scalars)
+        ctx.save_for_backward(q, k, v, out, lse, attn_mask, alibi_slopes, key_lengths, query_lengths, *lists)
+        ctx.backend_name = backend_name
+        ctx.scalars = scalars
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, attn_mask, alibi_slopes, key_lengths, query_lengths, *lists = ctx.saved_tensors
+        compute_dbias = bool(ctx.needs_input_grad[4])
+        dq, dk, dv, dbias = get_backend(ctx.backend_name).ops.bwd(
+            dout, q, k, v, out, lse, attn_mask, alibi_slopes, key_lengths, query_lengths, *lists,
+            *ctx.scalars, compute_dbias,
+        )
+        # One gradient per forward input: backend_name, q, k, v, attn_mask, then none for the rest.
+        no_grads = (None,) * (3 + _NUM_BLOCK_LISTS + len(ctx.scalars))
+        return (None, dq, dk, dv, dbias if compute_dbias else None, *no_grads)
+
+
+def run(inputs: AttentionInputs, backend_name: str, return_lse: bool):
+    """Run attention on ``backend_name`` through the autograd Function."""
+    lists, block_size_q, block_size_k = block_args(inputs)
+    seed = draw_seed() if inputs.dropout_p > 0 else 0
+    out, lse = AttentionFunction.apply(
+        backend_name, inputs.q, inputs.k, inputs.v, effective_attn_mask(inputs), inputs.alibi_slopes,
+        inputs.key_lengths, inputs.query_lengths, *lists, block_size_q, block_size_k, inputs.scale,
+        inputs.window_left, inputs.window_right, inputs.softcap, inputs.dropout_p, seed,
+    )
+    return (out, lse) if return_lse else out

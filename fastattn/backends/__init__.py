@@ -1,0 +1,87 @@
+"""Backend registry and dispatch.
+
+Backends are tried in priority order ``cuda > triton > cpu > reference``; the first whose
+:meth:`~fastattn.backends.base.Backend.reasons` list is empty serves the call. An explicitly
+requested backend that cannot serve raises one :class:`BackendNotSupportedError` listing why.
+``FASTATTN_BACKEND=<name>`` replaces the automatic choice (an explicit ``backend=`` still wins).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+from .._inputs import AttentionInputs
+from .base import Backend
+
+PRIORITY = ("cuda", "triton", "cpu", "reference")
+
+
+class BackendNotSupportedError(ValueError):
+    """The requested backend cannot serve these inputs; the message lists every reason."""
+
+
+_REGISTRY: dict[str, Backend] = {}
+_IMPORT_ERRORS: dict[str, str] = {}
+
+
+def _load_all() -> None:
+    if _REGISTRY or _IMPORT_ERRORS:
+        return
+    for name in PRIORITY:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ImportError as exc:
+            _IMPORT_ERRORS[name] = f"could not import fastattn.backends.{name}: {exc}"
+            continue
+        _REGISTRY[name] = module.BACKEND
+
+
+def backends() -> dict[str, Backend]:
+    """Every registered backend by name, in priority order."""
+    _load_all()
+    return dict(_REGISTRY)
+
+
+def get_backend(name: str) -> Backend:
+    _load_all()
+    if name not in _REGISTRY:
+        if name in _IMPORT_ERRORS:
+            raise BackendNotSupportedError(f"backend {name!r} is not usable: {_IMPORT_ERRORS[name]}")
+        raise ValueError(f"backend must be one of {list(PRIORITY)} or None, got {name!r}")
+    return _REGISTRY[name]
+
+
+def status() -> list[tuple[str, str | None, list[str]]]:
+    """``(name, description, reasons it cannot run here)`` for every backend, for ``fastattn info``."""
+    _load_all()
+    rows = []
+    for name in PRIORITY:
+        if name in _REGISTRY:
+            backend = _REGISTRY[name]
+            rows.append((name, backend.description, backend.unavailable_reasons()))
+        else:
+            rows.append((name, None, [_IMPORT_ERRORS.get(name, "not registered")]))
+    return rows
+
+
+def select_backend(inputs: AttentionInputs, requested: str | None = None) -> Backend:
+    """The backend that serves ``inputs``: ``requested`` if given, else ``FASTATTN_BACKEND``, else the first that fits."""
+    if requested is not None and not isinstance(requested, str):
+        raise TypeError(f"backend must be a str or None, got {type(requested).__name__}")
+    requested = requested or os.environ.get("FASTATTN_BACKEND") or None
+    if requested is not None:
+        backend = get_backend(requested)
+        reasons = backend.reasons(inputs)
+        if reasons:
+            raise BackendNotSupportedError(
+                f"backend {requested!r} cannot run this call:\n" + "\n".join(f"  - {r}" for r in reasons)
+            )
+        return backend
+    refused = []
+    for name, backend in backends().items():
+        reasons = backend.reasons(inputs) or backend.auto_select_reasons(inputs)
+        if not reasons:
+            return backend
+        refused.append(f"  {name}: " + "; ".join(reasons))
+    raise BackendNotSupportedError("no backend can run this call:\n" + "\n".join(refused))

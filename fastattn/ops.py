@@ -1,0 +1,90 @@
+"""The custom-op contract every backend implements.
+
+Each backend exposes a forward and a backward op with the schemas below (the C++
+extension declares the same schemas in ``csrc/bindings.cpp``). Ops take only tensors
+and scalars -- never Python objects -- so ``torch.compile(fullgraph=True)`` traces
+through them, and one shared fake (meta) implementation describes every backend's
+outputs.
+
+Conventions of the op level (the public API normalises to them, see ``_inputs.py``):
+
+* ``q (B, Hq, Lq, D)``, ``k (B, Hkv, Lk, D)``, ``v (B, Hkv, Lk, Dv)``, any strides.
+* ``attn_mask``: bool (True = attend) or additive float, expanded to ``(B, Hq, Lq, Lk)``.
+* ``alibi_slopes``: float32 expanded to ``(B, Hq)``.
+* ``key_lengths``/``query_lengths``: int32 ``(B,)``.
+* block lists: see :class:`fastattn.BlockMask`; ``block_size_q``/``block_size_k`` are 0 without one.
+* ``window_left``/``window_right``: ``None`` = unbounded (bottom-right aligned offsets).
+* ``seed``: dropout seed drawn from torch's generator (ignored when ``dropout_p == 0``).
+* outputs: ``out (B, Hq, Lq, Dv)`` in q's dtype and ``lse (B, Hq, Lq)`` float32 (natural log;
+  ``-inf`` for rows that see no key). The backward returns ``dq, dk, dv`` and ``dbias``, the
+  gradient of the scores w.r.t. an additive ``attn_mask`` ``(B, Hq, Lq, Lk)`` when
+  ``compute_dbias`` (an empty tensor otherwise).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+_BLOCK_ARGS = (
+    "Tensor? kv_num_blocks, Tensor? kv_indices, Tensor? full_kv_num_blocks, Tensor? full_kv_indices, "
+)
+_COMMON_TAIL = (
+    "int block_size_q, int block_size_k, float scale, int? window_left, int? window_right, "
+    "float softcap, float dropout_p, int seed"
+)
+FWD_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? alibi_slopes, Tensor? key_lengths, "
+    "Tensor? query_lengths, " + _BLOCK_ARGS + _COMMON_TAIL + ") -> (Tensor, Tensor)"
+)
+BWD_SCHEMA = (
+    "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask, "
+    "Tensor? alibi_slopes, Tensor? key_lengths, Tensor? query_lengths, " + _BLOCK_ARGS
+    + "Tensor? q_num_blocks, Tensor? q_indices, Tensor? full_q_num_blocks, Tensor? full_q_indices, "
+    + _COMMON_TAIL + ", bool compute_dbias) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+def fwd_fake(q, k, v, *args, **kwargs):
+    B, Hq, Lq, _ = q.shape
+    out = q.new_empty((B, Hq, Lq, v.shape[-1]))
+    lse = q.new_empty((B, Hq, Lq), dtype=torch.float32)
+    return out, lse
+
+
+def bwd_fake(dout, q, k, v, out, lse, *args):
+    compute_dbias = args[-1]
+    B, Hq, Lq, _ = q.shape
+    dbias = q.new_empty((B, Hq, Lq, k.shape[2])) if compute_dbias else q.new_empty((0,))
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+
+
+@dataclass(frozen=True)
+class BackendOps:
+    """A backend's forward and backward ops (callables with FWD_SCHEMA / BWD_SCHEMA)."""
+
+    fwd: Callable
+    bwd: Callable
+
+
+def define_ops(name: str, fwd_impl: Callable, bwd_impl: Callable, *, use_triton_op: bool = False) -> BackendOps:
+    """Register ``fastattn::{name}_fwd`` and ``fastattn::{name}_bwd`` with the shared schemas and fakes.
+
+    ``use_triton_op`` registers them with ``torch.library.triton_op``, whose implementations launch
+    kernels through ``torch.library.wrap_triton`` so torch.compile sees the Triton kernels themselves.
+    """
+    register = torch.library.triton_op if use_triton_op else torch.library.custom_op
+    fwd = register(f"fastattn::{name}_fwd", fwd_impl, mutates_args=(), schema=FWD_SCHEMA)
+    bwd = register(f"fastattn::{name}_bwd", bwd_impl, mutates_args=(), schema=BWD_SCHEMA)
+    if not use_triton_op:  # triton_op traces its implementation for fake tensors itself
+        fwd.register_fake(fwd_fake)
+        bwd.register_fake(bwd_fake)
+    return BackendOps(fwd=fwd, bwd=bwd)
+
+
+def register_extension_fakes() -> None:
+    """Fakes for the C++ ops ``fastattn::attention_fwd``/``attention_bwd`` (declared in csrc/bindings.cpp)."""
+    torch.library.register_fake("fastattn::attention_fwd", fwd_fake)
+    torch.library.register_fake("fastattn::attention_bwd", bwd_fake)

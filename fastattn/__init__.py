@@ -12,8 +12,35 @@ from .info import info
 
 __version__ = "0.1.0"
 
+# Heavier parts load on first use, so `import fastattn` stays cheap.
+_LAZY = {
+    "nn": ("fastattn.nn", None),
+    "masks": ("fastattn.masks", None),
+    "analysis": ("fastattn.analysis", None),
+    "integrations": ("fastattn.integrations", None),
+    "patch_model": ("fastattn.patching", "patch_model"),
+    "sdpa_override": ("fastattn.patching", "sdpa_override"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module_name, attr = _LAZY[name]
+        module = importlib.import_module(module_name)
+        return module if attr is None else getattr(module, attr)
+    raise AttributeError(f"module 'fastattn' has no attribute {name!r}")
+
+
 __all__ = [
     "BackendNotSupportedError",
+    "analysis",
+    "integrations",
+    "masks",
+    "nn",
+    "patch_model",
+    "sdpa_override",
     "BlockMask",
     "attention",
     "backends",

@@ -6,7 +6,8 @@ Functional API: :func:`attention`, :func:`scaled_dot_product_attention`; masks:
 
 from . import reference
 from .api import attention, scaled_dot_product_attention
-from .backends import BackendNotSupportedError, backends, get_backend
+from .backends import BackendNotSupportedError, get_backend
+from .backends import backends as list_backends
 from .block_mask import BlockMask
 from .info import info
 
@@ -37,13 +38,13 @@ __all__ = [
     "BackendNotSupportedError",
     "analysis",
     "integrations",
+    "list_backends",
     "masks",
     "nn",
     "patch_model",
     "sdpa_override",
     "BlockMask",
     "attention",
-    "backends",
     "get_backend",
     "info",
     "reference",

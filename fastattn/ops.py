@@ -23,8 +23,8 @@ Conventions of the op level (the public API normalises to them, see ``_inputs.py
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -38,9 +38,9 @@ def _load_all() -> None:
 
 
 def backends() -> dict[str, Backend]:
-    """Every registered backend by name, in priority order."""
+    """Every registered backend by name, in priority order (``fastattn.list_backends()``)."""
     _load_all()
-    return dict(_REGISTRY)
+    return {name: _REGISTRY[name] for name in PRIORITY if name in _REGISTRY}
 
 
 def get_backend(name: str) -> Backend:

@@ -1,0 +1,103 @@
+"""Backend selection: priority order, explicit choice, FASTATTN_BACKEND, and errors listing reasons."""
+
+import pytest
+import torch
+
+import fastattn
+import fastattn.backends as registry
+from fastattn.backends import BackendNotSupportedError, select_backend
+from fastattn.backends.base import Backend, used_features
+
+from .helpers import make_qkv
+
+
+def inputs(**kwargs):
+    q, k, v = make_qkv(1, 2, 2, 4, 4, 8, requires_grad=False)
+    return fastattn._inputs.normalize(q, k, v, **kwargs)
+
+
+def test_every_backend_is_registered_in_priority_order():
+    names = [name for name, _, _ in registry.status()]
+    assert names == ["cuda", "triton", "cpu", "reference"]
+    assert "reference" in fastattn.list_backends()
+
+
+def test_reference_is_always_usable():
+    assert fastattn.get_backend("reference").reasons(inputs(causal=True, dropout_p=0.5)) == []
+
+
+def test_automatic_choice_follows_priority(monkeypatch):
+    class Fake(Backend):
+        name = "cpu"
+        description = "pretends to serve everything but dropout"
+
+        def not_supported_reasons(self, inputs):
+            return ["dropout is not supported"] if inputs.dropout_p else []
+
+    registry.backends()
+    monkeypatch.setitem(registry._REGISTRY, "cpu", Fake())
+    for name in ("cuda", "triton"):
+        if name in registry._REGISTRY:
+            monkeypatch.setattr(registry._REGISTRY[name], "reasons", lambda inputs: ["not here"])
+    assert select_backend(inputs()).name == "cpu"
+    assert select_backend(inputs(dropout_p=0.1)).name == "reference"
+
+
+def test_explicit_backend_that_cannot_serve_lists_reasons(monkeypatch):
+    class Refuser(Backend):
+        name = "cpu"
+
+        def not_supported_reasons(self, inputs):
+            return ["reason one", "reason two"]
+
+    registry.backends()
+    monkeypatch.setitem(registry._REGISTRY, "cpu", Refuser())
+    with pytest.raises(BackendNotSupportedError, match="reason one\n.*reason two"):
+        select_backend(inputs(), "cpu")
+    q, k, v = make_qkv(1, 2, 2, 4, 4, 8, requires_grad=False)
+    with pytest.raises(ValueError, match="backend 'cpu' cannot run this call"):
+        fastattn.attention(q, k, v, backend="cpu")
+
+
+def test_environment_variable_overrides_the_default(monkeypatch):
+    calls = []
+
+    class Spy(Backend):
+        name = "cpu"
+
+        def not_supported_reasons(self, inputs):
+            calls.append(inputs)
+            return ["spy refuses"]
+
+    registry.backends()
+    monkeypatch.setitem(registry._REGISTRY, "cpu", Spy())
+    monkeypatch.setenv("FASTATTN_BACKEND", "cpu")
+    with pytest.raises(BackendNotSupportedError, match="spy refuses"):
+        select_backend(inputs())
+    # an explicit backend wins over the environment variable
+    assert select_backend(inputs(), "reference").name == "reference"
+    monkeypatch.setenv("FASTATTN_BACKEND", "reference")
+    assert select_backend(inputs()).name == "reference"
+
+
+def test_used_features_names_what_a_call_needs():
+    q, k, v = make_qkv(1, 4, 2, 4, 4, 8, requires_grad=False)
+    got = used_features(
+        fastattn._inputs.normalize(q, k, v, causal=True, alibi_slopes=torch.ones(4), softcap=1.0, dropout_p=0.1)
+    )
+    assert got == ["causal", "alibi", "softcap", "dropout", "gqa"]
+    got = used_features(fastattn._inputs.normalize(q, k, v, window=(3, 3), attn_mask=torch.ones(4, 4, dtype=torch.bool)))
+    assert got == ["window", "attn_mask", "gqa"]
+
+
+def test_info_explains_every_backend(capsys):
+    text = fastattn.info()
+    for name in ("cuda", "triton", "cpu", "reference"):
+        assert name in text
+    rows = {name: reasons for name, _, reasons in registry.status()}
+    assert rows["reference"] == []
+    if not torch.cuda.is_available():
+        assert rows["cuda"], "cuda must explain why it is not usable on a machine without a GPU"
+        assert any(r for r in rows["cuda"]), rows["cuda"]
+        for reason in rows["cuda"]:
+            assert reason in text

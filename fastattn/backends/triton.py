@@ -1,0 +1,117 @@
+"""The Triton backend: fused forward and backward kernels (``triton_kernels/attention_{fwd,bwd}.py``).
+
+Runs on CUDA GPUs, and on the CPU through the Triton interpreter when ``TRITON_INTERPRET=1``
+(correct but slow, so automatic selection passes over it there). Its ops are registered with
+``torch.library.triton_op`` and launch through ``wrap_triton``, so ``torch.compile(fullgraph=True)``
+sees the kernels themselves.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from .._inputs import AttentionInputs
+from ..ops import BackendOps, define_ops
+from .base import Backend, common_reasons
+
+_FEATURES = {
+    "a value head_dim different from the query's": True,
+    "causal": True,
+    "window": True,
+    "attn_mask": True,
+    "attn_mask gradient": True,
+    "block_mask": True,
+    "alibi": True,
+    "softcap": True,
+    "dropout": True,
+    "lengths": True,
+    "gqa": True,
+}
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256
+_BLOCK_SIZES = (16, 32, 64, 128)
+
+
+def _in_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _fwd(q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_blocks, kv_indices,
+         full_kv_num_blocks, full_kv_indices, block_size_q, block_size_k, scale, window_left, window_right,
+         softcap, dropout_p, seed):
+    from ..triton_kernels.attention_fwd import attention_fwd
+
+    return attention_fwd(
+        q, k, v, attn_mask=attn_mask, alibi_slopes=alibi_slopes, key_lengths=key_lengths,
+        query_lengths=query_lengths, kv_num_blocks=kv_num_blocks, kv_indices=kv_indices,
+        full_kv_num_blocks=full_kv_num_blocks, full_kv_indices=full_kv_indices, block_size_q=block_size_q,
+        block_size_k=block_size_k, scale=scale, window_left=window_left, window_right=window_right,
+        softcap=softcap, dropout_p=dropout_p, seed=seed,
+    )
+
+
+def _bwd(dout, q, k, v, out, lse, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_blocks, kv_indices,
+         full_kv_num_blocks, full_kv_indices, q_num_blocks, q_indices, full_q_num_blocks, full_q_indices,
+         block_size_q, block_size_k, scale, window_left, window_right, softcap, dropout_p, seed, compute_dbias):
+    from ..triton_kernels.attention_bwd import attention_bwd
+
+    return attention_bwd(
+        dout, q, k, v, out, lse, attn_mask=attn_mask, alibi_slopes=alibi_slopes, key_lengths=key_lengths,
+        query_lengths=query_lengths, kv_num_blocks=kv_num_blocks, kv_indices=kv_indices,
+        full_kv_num_blocks=full_kv_num_blocks, full_kv_indices=full_kv_indices, q_num_blocks=q_num_blocks,
+        q_indices=q_indices, full_q_num_blocks=full_q_num_blocks, full_q_indices=full_q_indices,
+        block_size_q=block_size_q, block_size_k=block_size_k, scale=scale, window_left=window_left,
+        window_right=window_right, softcap=softcap, dropout_p=dropout_p, seed=seed, compute_dbias=compute_dbias,
+    )
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    description = "Triton fused kernels (FlashAttention-2 style forward and deterministic backward)"
+
+    def unavailable_reasons(self) -> list[str]:
+        if importlib.util.find_spec("triton") is None:
+            return ["triton is not installed (pip install triton)"]
+        if not torch.cuda.is_available() and not _in_interpreter():
+            return ["no CUDA GPU (set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU)"]
+        return []
+
+    def auto_select_reasons(self, inputs: AttentionInputs) -> list[str]:
+        if _in_interpreter():
+            return ["the Triton interpreter is slow; request backend='triton' explicitly"]
+        return []
+
+    def not_supported_reasons(self, inputs: AttentionInputs) -> list[str]:
+        devices = ("cuda", "cpu") if _in_interpreter() else ("cuda",)
+        reasons = common_reasons(
+            inputs, devices=devices, dtypes=_DTYPES, max_head_dim=_MAX_HEAD_DIM, features=_FEATURES
+        )
+        block_mask = inputs.block_mask
+        if block_mask is not None:
+            bq, bk = block_mask.block_size
+            if bq not in _BLOCK_SIZES or bk not in _BLOCK_SIZES:
+                reasons.append(
+                    f"block_mask block_size {(bq, bk)} is not supported: the kernels' tiles are the mask's "
+                    f"blocks, each a power of two in {list(_BLOCK_SIZES)}"
+                )
+            if inputs.attn_mask is not None:
+                # Ops see one element mask and apply it to partial tiles only; a caller's attn_mask
+                # must also apply to full tiles, which the op arguments cannot express.
+                reasons.append("attn_mask together with block_mask is not supported (fold it into the BlockMask)")
+        return reasons
+
+    def build_ops(self) -> BackendOps:
+        return define_ops("triton", _fwd, _bwd, use_triton_op=True)
+
+    def dropout_keep_mask(self, inputs: AttentionInputs, seed: int) -> torch.Tensor:
+        from ..triton_kernels.attention_fwd import dropout_keep_mask
+
+        return dropout_keep_mask(
+            inputs.batch, inputs.heads_q, inputs.seqlen_q, inputs.seqlen_k, inputs.dropout_p, seed, inputs.device
+        )
+
+
+BACKEND = TritonBackend()

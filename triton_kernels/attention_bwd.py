@@ -1,0 +1,586 @@
+"""Fused attention backward (FlashAttention-2 style, deterministic: no atomics).
+
+Three kernels, read top to bottom:
+
+1. preprocess: ``delta = rowsum(dO * O)`` per query row (float32);
+2. dK/dV: one program per key block of one kv head; it loops over the query heads of the GQA group
+   and the query blocks that see the key block, and writes dk, dv once (and dbias tiles);
+3. dQ: one program per query block of one query head; it loops over the visible key blocks.
+
+Per tile the math is (``P`` recomputed from the saved ``lse``)::
+
+    P  = exp(S - lse)              dV += (P * keep / (1 - p))^T dO
+    dP = dO V^T * keep / (1 - p)   dS  = P * (dP - delta)          (= dbias)
+    dX = dS * (1 - tanh(X / softcap)^2)                             (dX = dS without softcap)
+    dQ += scale * dX K             dK += scale * dX^T Q
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .attention_fwd import (
+    _dropout_keep,
+    _key_block_range,
+    _score_tile,
+    both_lengths,
+    clamp_window,
+    dot_settings,
+    feature_flags,
+    head_dim_tile,
+    last_dim_contiguous,
+    list_strides,
+    mask_strides,
+)
+
+
+# --------------------------------------------------------------------------- preprocess
+@triton.jit(do_not_specialize=["Lq"])
+def attention_bwd_preprocess_kernel(
+    # pointers
+    p_out, p_dout, p_delta,
+    # sizes
+    Hq, Lq, DV,
+    # strides
+    stride_ob, stride_oh, stride_om,
+    stride_dob, stride_doh, stride_dom,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Grid ``(cdiv(Lq, BLOCK_M), B * Hq)``: ``delta (B, Hq, Lq)`` float32 = rowsum(dO * O)."""
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // Hq
+    i_h = i_bh % Hq
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_tile = (o_m[:, None] < Lq) & (o_dv[None, :] < DV)
+    p_o = p_out + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh + o_m[:, None] * stride_om + o_dv[None, :]
+    p_do = p_dout + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh + o_m[:, None] * stride_dom + o_dv[None, :]
+    # [BLOCK_M, BLOCK_DV]
+    b_o = tl.load(p_o, mask=m_tile, other=0.0).to(tl.float32)
+    b_do = tl.load(p_do, mask=m_tile, other=0.0).to(tl.float32)
+    # [BLOCK_M]
+    b_delta = tl.sum(b_o * b_do, 1)
+    tl.store(p_delta + i_bh.to(tl.int64) * Lq + o_m, b_delta, mask=o_m < Lq)
+
+
+# --------------------------------------------------------------------------- shared tile step
+@triton.jit
+def _bwd_tile(
+    b_q, b_kt, b_vt, b_do,  # [BLOCK_M, BLOCK_D], [BLOCK_D, BLOCK_N], [BLOCK_DV, BLOCK_N], [BLOCK_M, BLOCK_DV]
+    b_lse2, b_delta,  # [BLOCK_M] lse in log2 units (+inf for rows that see nothing), rowsum(dO * O)
+    o_m, o_n, i_b, i_h, Hq, Lq, Lk,
+    offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
+    p_mask_bh, stride_mask_m, stride_mask_n,
+    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    APPLY_INDEX_MASK: tl.constexpr, APPLY_ATTN_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Recompute one tile's probabilities and return ``(P_dropped, dS, dX)``, each [BLOCK_M, BLOCK_N] float32."""
+    # [BLOCK_M, BLOCK_N]
+    b_qk = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION)
+    b_s, b_tanh = _score_tile(
+        b_qk, o_m, o_n, offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap,
+        p_mask_bh, stride_mask_m, stride_mask_n, Lq, Lk,
+        HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
+        APPLY_INDEX_MASK, APPLY_ATTN_MASK,
+    )
+    b_p = tl.exp2(b_s - b_lse2[:, None])
+    b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PRECISION)
+    b_p_dropped = b_p
+    if HAS_DROPOUT:
+        b_keep = _dropout_keep(seed, i_b, i_h, o_m, o_n, Hq, Lq, Lk, dropout_p)
+        b_p_dropped = tl.where(b_keep, b_p * (1.0 / (1.0 - dropout_p)), 0.0)
+        b_dp = tl.where(b_keep, b_dp * (1.0 / (1.0 - dropout_p)), 0.0)
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    b_dx = b_ds
+    if HAS_SOFTCAP:
+        b_dx = b_ds * (1.0 - b_tanh * b_tanh)
+    return b_p_dropped, b_ds, b_dx
+
+
+@triton.jit
+def _load_row_stats(p_lse_bh, p_delta_bh, o_m, Lq):
+    """``lse`` in log2 units (+inf where a row sees nothing or lies past Lq, so P = 0 there) and ``delta``."""
+    m_m = o_m < Lq
+    # [BLOCK_M]
+    b_lse = tl.load(p_lse_bh + o_m, mask=m_m, other=float("-inf"))
+    b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
+    b_delta = tl.load(p_delta_bh + o_m, mask=m_m, other=0.0)
+    return b_lse2, b_delta
+
+
+# --------------------------------------------------------------------------- dK / dV
+@triton.jit
+def _dkdv_query_block(
+    b_dk, b_dv, b_kt, b_vt,  # [BLOCK_N, BLOCK_D], [BLOCK_N, BLOCK_DV], [BLOCK_D, BLOCK_N], [BLOCK_DV, BLOCK_N]
+    i_m, o_n, o_d, o_dv, q_bh, do_bh, p_lse_bh, p_delta_bh, p_dbias_bh, stride_qm, stride_dom,
+    stride_dbias_m, i_b, i_h, Hq, Lq, Lk, D, DV,
+    offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
+    p_mask_bh, stride_mask_m, stride_mask_n,
+    BLOCK_M: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr, APPLY_ATTN_MASK: tl.constexpr,
+    COMPUTE_DBIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """Accumulate one query block's contribution to dk, dv of the key block."""
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < Lq
+    # [BLOCK_M, BLOCK_D]
+    b_q = tl.load(q_bh + o_m[:, None] * stride_qm + o_d[None, :], mask=m_m[:, None] & (o_d[None, :] < D), other=0.0)
+    # [BLOCK_M, BLOCK_DV]
+    b_do = tl.load(do_bh + o_m[:, None] * stride_dom + o_dv[None, :], mask=m_m[:, None] & (o_dv[None, :] < DV), other=0.0)
+    if DOT_FP32:
+        b_q = b_q.to(tl.float32)
+        b_do = b_do.to(tl.float32)
+    b_lse2, b_delta = _load_row_stats(p_lse_bh, p_delta_bh, o_m, Lq)
+    # [BLOCK_M, BLOCK_N]
+    b_p, b_ds, b_dx = _bwd_tile(
+        b_q, b_kt, b_vt, b_do, b_lse2, b_delta, o_m, o_n, i_b, i_h, Hq, Lq, Lk,
+        offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
+        p_mask_bh, stride_mask_m, stride_mask_n,
+        HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
+        HAS_DROPOUT, True, APPLY_ATTN_MASK, DOT_PRECISION,
+    )
+    b_dv += tl.dot(tl.trans(b_p).to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
+    b_dk += tl.dot(tl.trans(b_dx).to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
+    if COMPUTE_DBIAS:
+        p_dbias = p_dbias_bh + o_m[:, None] * stride_dbias_m + o_n[None, :]
+        tl.store(p_dbias, b_ds.to(p_dbias_bh.dtype.element_ty), mask=m_m[:, None] & (o_n[None, :] < Lk))
+    return b_dk, b_dv
+
+
+@triton.jit(do_not_specialize=["Lq", "Lk", "window_left", "window_right", "seed"])
+def attention_bwd_dkdv_kernel(
+    # pointers
+    p_q, p_k, p_v, p_dout, p_lse, p_delta, p_dk, p_dv, p_dbias, p_mask, p_alibi, p_klen, p_qlen,
+    p_q_num, p_q_idx, p_full_num, p_full_idx,
+    # sizes
+    Hq, GROUP, Lq, Lk, D, DV,
+    # strides (the last dim of every (B, H, L, D) tensor is contiguous)
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_dbias_b, stride_dbias_h, stride_dbias_m,
+    stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
+    stride_alibi_b, stride_alibi_h,
+    stride_num_b, stride_num_h, stride_num_n,
+    stride_idx_b, stride_idx_h, stride_idx_n,
+    # scalars
+    sm_scale, softcap, window_left, window_right, dropout_p, seed,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, USE_BLOCK_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    COMPUTE_DBIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """Grid ``(cdiv(Lk, BLOCK_N), B * Hkv)``: one program per key block of one kv head.
+
+    Loops over the ``GROUP`` query heads sharing the kv head and, for each, the query blocks that
+    see this key block (the band of the window, or the BlockMask's transposed lists); dk, dv are
+    written once, so the result is deterministic.
+    """
+    i_n = tl.program_id(0)
+    i_bhk = tl.program_id(1)
+    Hkv = Hq // GROUP
+    i_b = i_bhk // Hkv
+    i_hk = i_bhk % Hkv
+
+    qlen = Lq
+    klen = Lk
+    if HAS_LENGTHS:
+        qlen = tl.load(p_qlen + i_b)
+        klen = tl.load(p_klen + i_b)
+    offset = klen - qlen
+
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_n = o_n < Lk
+    k_bh = p_k + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
+    v_bh = p_v + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+    # [BLOCK_D, BLOCK_N]
+    b_kt = tl.load(k_bh + o_n[None, :] * stride_kn + o_d[:, None], mask=m_n[None, :] & (o_d[:, None] < D), other=0.0)
+    # [BLOCK_DV, BLOCK_N]
+    b_vt = tl.load(v_bh + o_n[None, :] * stride_vn + o_dv[:, None], mask=m_n[None, :] & (o_dv[:, None] < DV), other=0.0)
+    if DOT_FP32:
+        b_kt = b_kt.to(tl.float32)
+        b_vt = b_vt.to(tl.float32)
+    # [BLOCK_N, BLOCK_D]
+    b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # [BLOCK_N, BLOCK_DV]
+    b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    # Query rows that can see a key of this block: i in [n0 - offset - right, n_last - offset + left].
+    n_last = tl.minimum(i_n * BLOCK_N + BLOCK_N, klen) - 1
+    lo = 0
+    hi = qlen
+    if HAS_WINDOW_RIGHT:
+        lo = tl.maximum(i_n * BLOCK_N - offset - window_right, 0)
+    if HAS_WINDOW_LEFT:
+        hi = tl.minimum(n_last - offset + window_left + 1, qlen)
+    m_lo = lo // BLOCK_M
+    m_hi = tl.where((hi > lo) & (n_last >= i_n * BLOCK_N), (hi + BLOCK_M - 1) // BLOCK_M, m_lo)
+
+    for g in range(0, GROUP):
+        i_h = i_hk * GROUP + g
+        i_bh = i_b * Hq + i_h
+        q_bh = p_q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+        do_bh = p_dout + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+        p_lse_bh = p_lse + i_bh.to(tl.int64) * Lq
+        p_delta_bh = p_delta + i_bh.to(tl.int64) * Lq
+        p_dbias_bh = p_dbias
+        if COMPUTE_DBIAS:
+            p_dbias_bh = p_dbias + i_b.to(tl.int64) * stride_dbias_b + i_h.to(tl.int64) * stride_dbias_h
+        p_mask_bh = p_mask
+        if HAS_MASK:
+            p_mask_bh = p_mask + i_b.to(tl.int64) * stride_mask_b + i_h.to(tl.int64) * stride_mask_h
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(p_alibi + i_b * stride_alibi_b + i_h * stride_alibi_h)
+        if USE_BLOCK_MASK:
+            p_num = i_b * stride_num_b + i_h * stride_num_h + i_n * stride_num_n
+            p_idx = i_b * stride_idx_b + i_h * stride_idx_h + i_n * stride_idx_n
+            num_partial = tl.load(p_q_num + p_num)
+            for t in range(0, num_partial):
+                i_m = tl.load(p_q_idx + p_idx + t)
+                b_dk, b_dv = _dkdv_query_block(
+                    b_dk, b_dv, b_kt, b_vt, i_m, o_n, o_d, o_dv, q_bh, do_bh, p_lse_bh, p_delta_bh, p_dbias_bh,
+                    stride_qm, stride_dom, stride_dbias_m, i_b, i_h, Hq, Lq, Lk, D, DV,
+                    offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
+                    p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_M,
+                    HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
+                    HAS_LENGTHS, HAS_DROPOUT, True, COMPUTE_DBIAS, DOT_PRECISION, DOT_FP32,
+                )
+            num_full = tl.load(p_full_num + p_num)
+            for t in range(0, num_full):
+                i_m = tl.load(p_full_idx + p_idx + t)
+                b_dk, b_dv = _dkdv_query_block(
+                    b_dk, b_dv, b_kt, b_vt, i_m, o_n, o_d, o_dv, q_bh, do_bh, p_lse_bh, p_delta_bh, p_dbias_bh,
+                    stride_qm, stride_dom, stride_dbias_m, i_b, i_h, Hq, Lq, Lk, D, DV,
+                    offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
+                    p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_M,
+                    HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
+                    HAS_LENGTHS, HAS_DROPOUT, False, COMPUTE_DBIAS, DOT_PRECISION, DOT_FP32,
+                )
+        else:
+            for i_m in range(m_lo, m_hi):
+                b_dk, b_dv = _dkdv_query_block(
+                    b_dk, b_dv, b_kt, b_vt, i_m, o_n, o_d, o_dv, q_bh, do_bh, p_lse_bh, p_delta_bh, p_dbias_bh,
+                    stride_qm, stride_dom, stride_dbias_m, i_b, i_h, Hq, Lq, Lk, D, DV,
+                    offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
+                    p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_M,
+                    HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
+                    HAS_LENGTHS, HAS_DROPOUT, True, COMPUTE_DBIAS, DOT_PRECISION, DOT_FP32,
+                )
+
+    b_dk = b_dk * sm_scale
+    p_dk = p_dk + i_b.to(tl.int64) * stride_dkb + i_hk.to(tl.int64) * stride_dkh + o_n[:, None] * stride_dkn + o_d[None, :]
+    tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), mask=m_n[:, None] & (o_d[None, :] < D))
+    p_dv = p_dv + i_b.to(tl.int64) * stride_dvb + i_hk.to(tl.int64) * stride_dvh + o_n[:, None] * stride_dvn + o_dv[None, :]
+    tl.store(p_dv, b_dv.to(p_dv.dtype.element_ty), mask=m_n[:, None] & (o_dv[None, :] < DV))
+
+
+# --------------------------------------------------------------------------- dQ
+@triton.jit
+def _dq_key_block(
+    b_dq, b_q, b_do, b_lse2, b_delta,  # [BLOCK_M, BLOCK_D], [BLOCK_M, BLOCK_D], [BLOCK_M, BLOCK_DV], [BLOCK_M] x2
+    i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV,
+    offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
+    p_mask_bh, stride_mask_m, stride_mask_n,
+    BLOCK_N: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    APPLY_INDEX_MASK: tl.constexpr, APPLY_ATTN_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """Accumulate one key block's contribution to dq."""
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < Lk
+    # [BLOCK_D, BLOCK_N]
+    b_kt = tl.load(k_bh + o_n[None, :] * stride_kn + o_d[:, None], mask=m_n[None, :] & (o_d[:, None] < D), other=0.0)
+    # [BLOCK_DV, BLOCK_N]
+    b_vt = tl.load(v_bh + o_n[None, :] * stride_vn + o_dv[:, None], mask=m_n[None, :] & (o_dv[:, None] < DV), other=0.0)
+    if DOT_FP32:
+        b_kt = b_kt.to(tl.float32)
+        b_vt = b_vt.to(tl.float32)
+    # [BLOCK_M, BLOCK_N]
+    _, _, b_dx = _bwd_tile(
+        b_q, b_kt, b_vt, b_do, b_lse2, b_delta, o_m, o_n, i_b, i_h, Hq, Lq, Lk,
+        offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
+        p_mask_bh, stride_mask_m, stride_mask_n,
+        HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
+        HAS_DROPOUT, APPLY_INDEX_MASK, APPLY_ATTN_MASK, DOT_PRECISION,
+    )
+    b_dq += tl.dot(b_dx.to(b_kt.dtype), tl.trans(b_kt), input_precision=DOT_PRECISION)
+    return b_dq
+
+
+@triton.jit(do_not_specialize=["Lq", "Lk", "window_left", "window_right", "seed"])
+def attention_bwd_dq_kernel(
+    # pointers
+    p_q, p_k, p_v, p_dout, p_lse, p_delta, p_dq, p_mask, p_alibi, p_klen, p_qlen,
+    p_kv_num, p_kv_idx, p_full_num, p_full_idx,
+    # sizes
+    Hq, GROUP, Lq, Lk, D, DV,
+    # strides (the last dim of every (B, H, L, D) tensor is contiguous)
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
+    stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
+    stride_alibi_b, stride_alibi_h,
+    stride_num_b, stride_num_h, stride_num_m,
+    stride_idx_b, stride_idx_h, stride_idx_m,
+    # scalars
+    sm_scale, softcap, window_left, window_right, dropout_p, seed,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, USE_BLOCK_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """Grid ``(cdiv(Lq, BLOCK_M), B * Hq)``: one program per query block; the same key blocks as the forward."""
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // Hq
+    i_h = i_bh % Hq
+    i_hk = i_h // GROUP
+
+    qlen = Lq
+    klen = Lk
+    if HAS_LENGTHS:
+        qlen = tl.load(p_qlen + i_b)
+        klen = tl.load(p_klen + i_b)
+    offset = klen - qlen
+
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_m = o_m < Lq
+    q_bh = p_q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+    do_bh = p_dout + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+    k_bh = p_k + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
+    v_bh = p_v + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+    p_mask_bh = p_mask
+    if HAS_MASK:
+        p_mask_bh = p_mask + i_b.to(tl.int64) * stride_mask_b + i_h.to(tl.int64) * stride_mask_h
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(p_alibi + i_b * stride_alibi_b + i_h * stride_alibi_h)
+
+    # [BLOCK_M, BLOCK_D]
+    b_q = tl.load(q_bh + o_m[:, None] * stride_qm + o_d[None, :], mask=m_m[:, None] & (o_d[None, :] < D), other=0.0)
+    # [BLOCK_M, BLOCK_DV]
+    b_do = tl.load(do_bh + o_m[:, None] * stride_dom + o_dv[None, :], mask=m_m[:, None] & (o_dv[None, :] < DV), other=0.0)
+    if DOT_FP32:
+        b_q = b_q.to(tl.float32)
+        b_do = b_do.to(tl.float32)
+    # [BLOCK_M]
+    b_lse2, b_delta = _load_row_stats(p_lse + i_bh.to(tl.int64) * Lq, p_delta + i_bh.to(tl.int64) * Lq, o_m, Lq)
+    # [BLOCK_M, BLOCK_D]
+    b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    if USE_BLOCK_MASK:
+        p_num = i_b * stride_num_b + i_h * stride_num_h + i_m * stride_num_m
+        p_idx = i_b * stride_idx_b + i_h * stride_idx_h + i_m * stride_idx_m
+        num_partial = tl.load(p_kv_num + p_num)
+        for t in range(0, num_partial):
+            i_n = tl.load(p_kv_idx + p_idx + t)
+            b_dq = _dq_key_block(
+                b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
+                i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
+                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
+                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
+                HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32,
+            )
+        num_full = tl.load(p_full_num + p_num)
+        for t in range(0, num_full):
+            i_n = tl.load(p_full_idx + p_idx + t)
+            b_dq = _dq_key_block(
+                b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
+                i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
+                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
+                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
+                HAS_DROPOUT, True, False, DOT_PRECISION, DOT_FP32,
+            )
+    else:
+        n_lo, n_mid_lo, n_mid_hi, n_hi = _key_block_range(
+            i_m * BLOCK_M, qlen, klen, offset, window_left, window_right,
+            BLOCK_M, BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
+        )
+        for i_n in range(n_lo, n_mid_lo):
+            b_dq = _dq_key_block(
+                b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
+                i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
+                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
+                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
+                HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32,
+            )
+        for i_n in range(n_mid_lo, n_mid_hi):
+            b_dq = _dq_key_block(
+                b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
+                i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
+                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
+                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
+                HAS_DROPOUT, False, True, DOT_PRECISION, DOT_FP32,
+            )
+        for i_n in range(n_mid_hi, n_hi):
+            b_dq = _dq_key_block(
+                b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
+                i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
+                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
+                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
+                HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32,
+            )
+
+    b_dq = b_dq * sm_scale
+    p_dq = p_dq + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh + o_m[:, None] * stride_dqm + o_d[None, :]
+    tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), mask=m_m[:, None] & (o_d[None, :] < D))
+
+
+# No reset_to_zero for dbias: every tuning run writes the same tiles, the others stay zero.
+attention_bwd_dkdv_kernel_tuned = triton.autotune(configs=configs.bwd_configs(), key=configs.BWD_KEY)(
+    attention_bwd_dkdv_kernel
+)
+attention_bwd_dq_kernel_tuned = triton.autotune(configs=configs.bwd_configs(), key=configs.FWD_KEY)(
+    attention_bwd_dq_kernel
+)
+
+
+# --------------------------------------------------------------------------- launcher
+def attention_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    key_lengths: torch.Tensor | None = None,
+    query_lengths: torch.Tensor | None = None,
+    kv_num_blocks: torch.Tensor | None = None,
+    kv_indices: torch.Tensor | None = None,
+    full_kv_num_blocks: torch.Tensor | None = None,
+    full_kv_indices: torch.Tensor | None = None,
+    q_num_blocks: torch.Tensor | None = None,
+    q_indices: torch.Tensor | None = None,
+    full_q_num_blocks: torch.Tensor | None = None,
+    full_q_indices: torch.Tensor | None = None,
+    block_size_q: int = 0,
+    block_size_k: int = 0,
+    scale: float,
+    window_left: int | None = None,
+    window_right: int | None = None,
+    softcap: float = 0.0,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    compute_dbias: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the three backward kernels.
+
+    Args: as :func:`attention_fwd`, plus ``dout (B, Hq, Lq, DV)``, the forward's ``out`` and ``lse``,
+    the BlockMask's transposed lists, and ``compute_dbias`` (gradient w.r.t. an additive attn_mask).
+
+    Returns:
+        ``dq``, ``dk``, ``dv`` (dtypes and shapes of q, k, v) and ``dbias (B, Hq, Lq, Lk)`` in the
+        mask's dtype when ``compute_dbias`` (an empty tensor otherwise).
+    """
+    q, k, v, out, dout = (last_dim_contiguous(t) for t in (q, k, v, out, dout))
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    if compute_dbias:
+        # Tiles outside the band or the block lists are never visited: their gradient is 0.
+        dbias = torch.zeros((B, Hq, Lq, Lk), dtype=attn_mask.dtype, device=q.device)
+    else:
+        dbias = q.new_empty((0,))
+    if B * Hkv * Lk == 0:
+        return dq, dk, dv, dbias
+    if Lq == 0:
+        return dq, dk.zero_(), dv.zero_(), dbias
+    delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    block_d, block_dv = head_dim_tile(D), head_dim_tile(DV)
+    torch.library.wrap_triton(attention_bwd_preprocess_kernel)[(triton.cdiv(Lq, 64), B * Hq)](
+        p_out=out, p_dout=dout, p_delta=delta, Hq=Hq, Lq=Lq, DV=DV,
+        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2),
+        stride_dob=dout.stride(0), stride_doh=dout.stride(1), stride_dom=dout.stride(2),
+        BLOCK_M=64, BLOCK_DV=block_dv,
+    )
+
+    lengths = both_lengths(key_lengths, query_lengths, B, Lq, Lk, q.device)
+    flags = feature_flags(attn_mask, alibi_slopes, lengths, window_left, window_right, softcap, dropout_p)
+    use_block_mask = kv_num_blocks is not None
+    precision, dot_fp32 = dot_settings(q.dtype)
+    bound = Lq + Lk + 1
+    common = dict(
+        p_q=q, p_k=k, p_v=v, p_dout=dout, p_lse=lse, p_delta=delta, p_mask=attn_mask, p_alibi=alibi_slopes,
+        p_klen=lengths[0] if lengths else None, p_qlen=lengths[1] if lengths else None,
+        Hq=Hq, GROUP=Hq // Hkv, Lq=Lq, Lk=Lk, D=D, DV=DV,
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qm=q.stride(2),
+        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
+        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
+        stride_dob=dout.stride(0), stride_doh=dout.stride(1), stride_dom=dout.stride(2),
+        **dict(zip(("stride_mask_b", "stride_mask_h", "stride_mask_m", "stride_mask_n"), mask_strides(attn_mask))),
+        stride_alibi_b=alibi_slopes.stride(0) if alibi_slopes is not None else 0,
+        stride_alibi_h=alibi_slopes.stride(1) if alibi_slopes is not None else 0,
+        sm_scale=float(scale), softcap=float(softcap),
+        window_left=clamp_window(window_left, bound), window_right=clamp_window(window_right, bound),
+        dropout_p=float(dropout_p), seed=int(seed),
+        BLOCK_D=block_d, BLOCK_DV=block_dv, **flags, USE_BLOCK_MASK=use_block_mask,
+        DOT_PRECISION=precision, DOT_FP32=dot_fp32,
+    )
+    q_num_strides, q_idx_strides = list_strides(q_num_blocks, q_indices)
+    dkdv_args = dict(
+        common, p_dk=dk, p_dv=dv, p_dbias=dbias,
+        p_q_num=q_num_blocks, p_q_idx=q_indices, p_full_num=full_q_num_blocks, p_full_idx=full_q_indices,
+        stride_dkb=dk.stride(0), stride_dkh=dk.stride(1), stride_dkn=dk.stride(2),
+        stride_dvb=dv.stride(0), stride_dvh=dv.stride(1), stride_dvn=dv.stride(2),
+        stride_dbias_b=dbias.stride(0) if compute_dbias else 0,
+        stride_dbias_h=dbias.stride(1) if compute_dbias else 0,
+        stride_dbias_m=dbias.stride(2) if compute_dbias else 0,
+        stride_num_b=q_num_strides[0], stride_num_h=q_num_strides[1], stride_num_n=q_num_strides[2],
+        stride_idx_b=q_idx_strides[0], stride_idx_h=q_idx_strides[1], stride_idx_n=q_idx_strides[2],
+        COMPUTE_DBIAS=compute_dbias,
+    )
+    kv_num_strides, kv_idx_strides = list_strides(kv_num_blocks, kv_indices)
+    dq_args = dict(
+        common, p_dq=dq,
+        p_kv_num=kv_num_blocks, p_kv_idx=kv_indices, p_full_num=full_kv_num_blocks, p_full_idx=full_kv_indices,
+        stride_dqb=dq.stride(0), stride_dqh=dq.stride(1), stride_dqm=dq.stride(2),
+        stride_num_b=kv_num_strides[0], stride_num_h=kv_num_strides[1], stride_num_m=kv_num_strides[2],
+        stride_idx_b=kv_idx_strides[0], stride_idx_h=kv_idx_strides[1], stride_idx_m=kv_idx_strides[2],
+    )
+
+    if not use_block_mask and configs.autotune_enabled():
+        grid_dkdv = lambda META: (triton.cdiv(Lk, META["BLOCK_N"]), B * Hkv)
+        grid_dq = lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * Hq)
+        torch.library.wrap_triton(attention_bwd_dkdv_kernel_tuned)[grid_dkdv](**dkdv_args)
+        torch.library.wrap_triton(attention_bwd_dq_kernel_tuned)[grid_dq](**dq_args)
+        return dq, dk, dv, dbias
+    if use_block_mask:
+        meta = configs.block_mask_config("bwd", max(block_d, block_dv), block_size_q, block_size_k)
+    else:
+        meta = configs.pinned_config("bwd", max(block_d, block_dv))
+    grid_dkdv = (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)
+    grid_dq = (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
+    torch.library.wrap_triton(attention_bwd_dkdv_kernel)[grid_dkdv](**dkdv_args, **meta)
+    torch.library.wrap_triton(attention_bwd_dq_kernel)[grid_dq](**dq_args, **meta)
+    return dq, dk, dv, dbias

@@ -1,0 +1,512 @@
+"""Fused attention forward: online softmax over key tiles (FlashAttention-2 style).
+
+Read top to bottom: the score tile (every feature applied to one ``[BLOCK_M, BLOCK_N]`` tile of
+``q @ k^T``), the visible band of key blocks, one key-block step of the online softmax, the kernel,
+and its launcher.
+
+Semantics (see ``fastattn/ops.py``): with ``offset = klen - qlen`` (``Lk - Lq`` without lengths),
+query ``i`` sees key ``j`` iff ``i + offset - window_left <= j <= i + offset + window_right`` and
+``j < klen``. Scores are ``scale * q.k``, then softcap, then ALiBi, then the additive mask; a row
+that sees nothing outputs 0 with ``lse = -inf``.
+
+Scores are kept in log2 units (``s * log2(e)``) so the softmax uses ``exp2``; without softcap,
+ALiBi or an additive mask, ``scale * log2(e)`` is folded into one multiply.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# --------------------------------------------------------------------------- shared device helpers
+@triton.jit
+def _tanh(x):
+    # Portable tanh (no libdevice in the interpreter); saturates to +-1 without NaN.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _dropout_keep(seed, i_b, i_h, o_m, o_n, Hq, Lq, Lk, dropout_p):
+    """Keep pattern of one tile: philox of ``seed`` at ``((b * Hq + h) * Lq + i) * Lk + j``."""
+    # [BLOCK_M, BLOCK_N]
+    o_rand = ((i_b * Hq + i_h).to(tl.int64) * Lq + o_m[:, None].to(tl.int64)) * Lk + o_n[None, :].to(tl.int64)
+    return tl.rand(seed, o_rand) >= dropout_p
+
+
+@triton.jit
+def _score_tile(
+    b_qk,  # [BLOCK_M, BLOCK_N] float32, q @ k^T
+    o_m, o_n,  # [BLOCK_M], [BLOCK_N] query / key positions
+    offset, qlen, klen, window_left, window_right,
+    slope, sm_scale, softcap,
+    p_mask_bh, stride_mask_m, stride_mask_n, Lq, Lk,
+    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, APPLY_INDEX_MASK: tl.constexpr, APPLY_ATTN_MASK: tl.constexpr,
+):
+    """Scores of one tile in log2 units with every mask applied (-inf where not visible).
+
+    Returns the scores and ``tanh(x / softcap)`` (for the softcap gradient; unused otherwise).
+    ``APPLY_INDEX_MASK`` masks sequence ends, lengths and the window; tiles wholly inside the
+    visible band skip it. ``APPLY_ATTN_MASK`` reads ``attn_mask`` for this tile.
+    """
+    USE_NATURAL: tl.constexpr = HAS_SOFTCAP or HAS_ALIBI or (HAS_MASK and APPLY_ATTN_MASK and not MASK_IS_BOOL)
+    # [BLOCK_M, BLOCK_N]
+    b_tanh = b_qk
+    if USE_NATURAL:
+        b_s = b_qk * sm_scale
+        if HAS_SOFTCAP:
+            b_tanh = _tanh(b_s / softcap)
+            b_s = softcap * b_tanh
+        if HAS_ALIBI:
+            b_dist = tl.abs(o_m[:, None] + offset - o_n[None, :]).to(tl.float32)
+            b_s = b_s - slope * b_dist
+        if HAS_MASK and APPLY_ATTN_MASK and not MASK_IS_BOOL:
+            p_mask = p_mask_bh + o_m[:, None] * stride_mask_m + o_n[None, :] * stride_mask_n
+            m_load = (o_m[:, None] < Lq) & (o_n[None, :] < Lk)
+            b_s = b_s + tl.load(p_mask, mask=m_load, other=0.0).to(tl.float32)
+        b_s = b_s * 1.4426950408889634
+    else:
+        b_s = b_qk * (sm_scale * 1.4426950408889634)
+    if APPLY_INDEX_MASK:
+        m_visible = o_n[None, :] < klen
+        if HAS_LENGTHS:
+            m_visible = m_visible & (o_m[:, None] < qlen)
+        if HAS_WINDOW_LEFT:
+            m_visible = m_visible & (o_n[None, :] >= o_m[:, None] + offset - window_left)
+        if HAS_WINDOW_RIGHT:
+            m_visible = m_visible & (o_n[None, :] <= o_m[:, None] + offset + window_right)
+        b_s = tl.where(m_visible, b_s, float("-inf"))
+    if HAS_MASK and APPLY_ATTN_MASK and MASK_IS_BOOL:
+        p_mask = p_mask_bh + o_m[:, None] * stride_mask_m + o_n[None, :] * stride_mask_n
+        m_load = (o_m[:, None] < Lq) & (o_n[None, :] < Lk)
+        b_attend = tl.load(p_mask, mask=m_load, other=0) != 0
+        b_s = tl.where(b_attend, b_s, float("-inf"))
+    return b_s, b_tanh
+
+
+@triton.jit
+def _key_block_range(
+    m0, qlen, klen, offset, window_left, window_right,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
+):
+    """Key blocks a query block ``[m0, m0 + BLOCK_M)`` must visit, split by whether they need masks.
+
+    Returns ``(n_lo, n_mid_lo, n_mid_hi, n_hi)`` (block indices): blocks in ``[n_lo, n_mid_lo)``
+    and ``[n_mid_hi, n_hi)`` need the index mask, blocks in ``[n_mid_lo, n_mid_hi)`` lie wholly
+    inside every valid row's window and before ``klen``. Rows ``>= qlen`` are ignored (their
+    output is zeroed), so a block with no valid row visits nothing.
+    """
+    m_last = tl.minimum(m0 + BLOCK_M, qlen) - 1
+    lo = 0
+    hi = klen
+    if HAS_WINDOW_LEFT:
+        lo = tl.maximum(m0 + offset - window_left, 0)
+    if HAS_WINDOW_RIGHT:
+        hi = tl.minimum(m_last + offset + window_right + 1, klen)
+    n_lo = lo // BLOCK_N
+    n_hi = tl.where((hi > lo) & (m_last >= m0), (hi + BLOCK_N - 1) // BLOCK_N, n_lo)
+    # Blocks needing no index mask: every key >= each valid row's left bound, <= its right bound, < klen.
+    full_lo = n_lo
+    full_hi = klen // BLOCK_N
+    if HAS_WINDOW_LEFT:
+        full_lo = (tl.maximum(m_last + offset - window_left, 0) + BLOCK_N - 1) // BLOCK_N
+    if HAS_WINDOW_RIGHT:
+        full_hi = tl.minimum(full_hi, tl.maximum(m0 + offset + window_right + 1, 0) // BLOCK_N)
+    n_mid_lo = tl.minimum(tl.maximum(full_lo, n_lo), n_hi)
+    n_mid_hi = tl.minimum(tl.maximum(full_hi, n_mid_lo), n_hi)
+    return n_lo, n_mid_lo, n_mid_hi, n_hi
+
+
+@triton.jit
+def _fwd_key_block(
+    b_acc, b_l, b_m,  # [BLOCK_M, BLOCK_DV], [BLOCK_M], [BLOCK_M] running state
+    b_q,  # [BLOCK_M, BLOCK_D]
+    i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
+    i_b, i_h, Hq, Lq, Lk, D, DV,
+    offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
+    p_mask_bh, stride_mask_m, stride_mask_n,
+    BLOCK_N: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    APPLY_INDEX_MASK: tl.constexpr, APPLY_ATTN_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """One step of the online softmax over the key block ``i_n``."""
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < Lk
+    # [BLOCK_D, BLOCK_N]
+    b_kt = tl.load(k_bh + o_n[None, :] * stride_kn + o_d[:, None], mask=m_n[None, :] & (o_d[:, None] < D), other=0.0)
+    # [BLOCK_N, BLOCK_DV]
+    b_v = tl.load(v_bh + o_n[:, None] * stride_vn + o_dv[None, :], mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)
+    if DOT_FP32:
+        b_kt = b_kt.to(tl.float32)
+        b_v = b_v.to(tl.float32)
+    # [BLOCK_M, BLOCK_N]
+    b_qk = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION)
+    b_s, _ = _score_tile(
+        b_qk, o_m, o_n, offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap,
+        p_mask_bh, stride_mask_m, stride_mask_n, Lq, Lk,
+        HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
+        APPLY_INDEX_MASK, APPLY_ATTN_MASK,
+    )
+    # [BLOCK_M]
+    b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+    b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # rows that have seen no key yet
+    b_alpha = tl.exp2(b_m - b_m_safe)
+    # [BLOCK_M, BLOCK_N]
+    b_p = tl.exp2(b_s - b_m_safe[:, None])
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    if HAS_DROPOUT:
+        b_keep = _dropout_keep(seed, i_b, i_h, o_m, o_n, Hq, Lq, Lk, dropout_p)
+        b_p = tl.where(b_keep, b_p * (1.0 / (1.0 - dropout_p)), 0.0)
+    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+    return b_acc, b_l, b_m_new
+
+
+# --------------------------------------------------------------------------- the kernel
+@triton.jit(do_not_specialize=["Lq", "Lk", "window_left", "window_right", "seed"])
+def attention_fwd_kernel(
+    # pointers
+    p_q, p_k, p_v, p_out, p_lse, p_mask, p_alibi, p_klen, p_qlen,
+    p_kv_num, p_kv_idx, p_full_num, p_full_idx, p_counter,
+    # sizes
+    Hq, GROUP, Lq, Lk, D, DV,
+    # strides (the last dim of q, k, v, out is contiguous)
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
+    stride_alibi_b, stride_alibi_h,
+    stride_num_b, stride_num_h, stride_num_m,
+    stride_idx_b, stride_idx_h, stride_idx_m,
+    # scalars
+    sm_scale, softcap, window_left, window_right, dropout_p, seed,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, USE_BLOCK_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    COUNT_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """Grid ``(cdiv(Lq, BLOCK_M), B * Hq)``: one program per query block of one (batch, head).
+
+    q ``(B, Hq, Lq, D)``, k ``(B, Hkv, Lk, D)``, v ``(B, Hkv, Lk, DV)``, out ``(B, Hq, Lq, DV)``,
+    lse ``(B, Hq, Lq)`` contiguous float32. Head ``h`` reads kv head ``h // GROUP`` (GQA by index).
+    ``p_counter`` (with ``COUNT_BLOCKS``) receives the number of key blocks each program visited.
+    """
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // Hq
+    i_h = i_bh % Hq
+    i_hk = i_h // GROUP
+
+    qlen = Lq
+    klen = Lk
+    if HAS_LENGTHS:
+        qlen = tl.load(p_qlen + i_b)
+        klen = tl.load(p_klen + i_b)
+    offset = klen - qlen
+
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_m = o_m < Lq
+
+    q_bh = p_q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+    k_bh = p_k + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
+    v_bh = p_v + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+    p_mask_bh = p_mask
+    if HAS_MASK:
+        p_mask_bh = p_mask + i_b.to(tl.int64) * stride_mask_b + i_h.to(tl.int64) * stride_mask_h
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(p_alibi + i_b * stride_alibi_b + i_h * stride_alibi_h)
+
+    # [BLOCK_M, BLOCK_D]
+    b_q = tl.load(q_bh + o_m[:, None] * stride_qm + o_d[None, :], mask=m_m[:, None] & (o_d[None, :] < D), other=0.0)
+    if DOT_FP32:
+        b_q = b_q.to(tl.float32)
+    # [BLOCK_M, BLOCK_DV]
+    b_acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    # [BLOCK_M]
+    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    visited = 0
+
+    if USE_BLOCK_MASK:
+        # Listed tiles only: partial ones with the element mask, full ones without it.
+        p_num = i_b * stride_num_b + i_h * stride_num_h + i_m * stride_num_m
+        p_idx = i_b * stride_idx_b + i_h * stride_idx_h + i_m * stride_idx_m
+        num_partial = tl.load(p_kv_num + p_num)
+        for t in range(0, num_partial):
+            i_n = tl.load(p_kv_idx + p_idx + t)
+            b_acc, b_l, b_m = _fwd_key_block(
+                b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
+                i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
+                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n,
+                BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
+                HAS_LENGTHS, HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32,
+            )
+        num_full = tl.load(p_full_num + p_num)
+        for t in range(0, num_full):
+            i_n = tl.load(p_full_idx + p_idx + t)
+            b_acc, b_l, b_m = _fwd_key_block(
+                b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
+                i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
+                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n,
+                BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
+                HAS_LENGTHS, HAS_DROPOUT, True, False, DOT_PRECISION, DOT_FP32,
+            )
+        visited = num_partial + num_full
+    else:
+        # The visible band only: masked edge blocks, unmasked interior, masked edge blocks.
+        n_lo, n_mid_lo, n_mid_hi, n_hi = _key_block_range(
+            i_m * BLOCK_M, qlen, klen, offset, window_left, window_right,
+            BLOCK_M, BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
+        )
+        for i_n in range(n_lo, n_mid_lo):
+            b_acc, b_l, b_m = _fwd_key_block(
+                b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
+                i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
+                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n,
+                BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
+                HAS_LENGTHS, HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32,
+            )
+        for i_n in range(n_mid_lo, n_mid_hi):
+            b_acc, b_l, b_m = _fwd_key_block(
+                b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
+                i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
+                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n,
+                BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
+                HAS_LENGTHS, HAS_DROPOUT, False, True, DOT_PRECISION, DOT_FP32,
+            )
+        for i_n in range(n_mid_hi, n_hi):
+            b_acc, b_l, b_m = _fwd_key_block(
+                b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
+                i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
+                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n,
+                BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
+                HAS_LENGTHS, HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32,
+            )
+        visited = n_hi - n_lo
+
+    if COUNT_BLOCKS:
+        tl.store(p_counter + i_bh * tl.num_programs(0) + i_m, visited)
+
+    # Rows that saw no key (or lie past qlen) output 0 and lse = -inf.
+    m_row = (b_l > 0.0) & (o_m < qlen)
+    # [BLOCK_M, BLOCK_DV]
+    b_out = b_acc / tl.where(m_row, b_l, 1.0)[:, None]
+    b_out = tl.where(m_row[:, None], b_out, 0.0)
+    # [BLOCK_M]
+    b_lse = tl.where(m_row, (b_m + tl.log2(tl.where(m_row, b_l, 1.0))) * 0.6931471805599453, float("-inf"))
+    o_bh = p_out + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+    tl.store(o_bh + o_m[:, None] * stride_om + o_dv[None, :], b_out.to(p_out.dtype.element_ty),
+             mask=m_m[:, None] & (o_dv[None, :] < DV))
+    tl.store(p_lse + i_bh.to(tl.int64) * Lq + o_m, b_lse, mask=m_m)
+
+
+attention_fwd_kernel_tuned = triton.autotune(configs=configs.fwd_configs(), key=configs.FWD_KEY)(attention_fwd_kernel)
+
+
+@triton.jit(do_not_specialize=["Lq", "Lk", "seed"])
+def dropout_keep_kernel(
+    # pointers
+    p_keep,
+    # sizes
+    Hq, Lq, Lk,
+    # scalars
+    dropout_p, seed,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid ``(cdiv(Lq, BLOCK_M), B * Hq)``: writes the keep pattern ``(B, Hq, Lq, Lk)`` (contiguous bool)."""
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // Hq
+    i_h = i_bh % Hq
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    for n0 in range(0, Lk, BLOCK_N):
+        o_n = n0 + tl.arange(0, BLOCK_N)
+        # [BLOCK_M, BLOCK_N]
+        b_keep = _dropout_keep(seed, i_b, i_h, o_m, o_n, Hq, Lq, Lk, dropout_p)
+        p_tile = p_keep + (i_bh.to(tl.int64) * Lq + o_m[:, None]) * Lk + o_n[None, :]
+        tl.store(p_tile, b_keep.to(tl.int1), mask=(o_m[:, None] < Lq) & (o_n[None, :] < Lk))
+
+
+# --------------------------------------------------------------------------- launcher helpers
+def head_dim_tile(d: int) -> int:
+    """The head dim padded to a power of two (>= 16, tl.dot's minimum); the kernel masks the padding."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    # The kernels index the last dim with unit stride (vectorised loads); other layouts are copied once.
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def clamp_window(w: int | None, bound: int) -> int:
+    """Windows wider than the sequences change nothing; clamping keeps them in int32."""
+    return 0 if w is None else max(-bound, min(bound, int(w)))
+
+
+def dot_settings(dtype: torch.dtype) -> tuple[str, bool]:
+    """``(DOT_PRECISION, DOT_FP32)``: fp32 dots are exact IEEE (tf32 would break the tolerance rule);
+    the interpreter has no bf16 dot, so tiles are cast to fp32 there."""
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    return precision, configs.in_interpreter() and dtype == torch.bfloat16
+
+
+def feature_flags(attn_mask, alibi_slopes, lengths, window_left, window_right, softcap, dropout_p) -> dict:
+    """The constexpr feature flags shared by the forward and backward kernels."""
+    return {
+        "HAS_WINDOW_LEFT": window_left is not None,
+        "HAS_WINDOW_RIGHT": window_right is not None,
+        "HAS_ALIBI": alibi_slopes is not None,
+        "HAS_SOFTCAP": softcap > 0,
+        "HAS_MASK": attn_mask is not None,
+        "MASK_IS_BOOL": attn_mask is not None and attn_mask.dtype == torch.bool,
+        "HAS_LENGTHS": lengths is not None,
+        "HAS_DROPOUT": dropout_p > 0,
+    }
+
+
+def both_lengths(key_lengths, query_lengths, B: int, Lq: int, Lk: int, device) -> tuple | None:
+    """Both length vectors (int32 ``(B,)``) when either is given, else None."""
+    if key_lengths is None and query_lengths is None:
+        return None
+    if key_lengths is None:
+        key_lengths = torch.full((B,), Lk, dtype=torch.int32, device=device)
+    if query_lengths is None:
+        query_lengths = torch.full((B,), Lq, dtype=torch.int32, device=device)
+    return key_lengths.to(torch.int32), query_lengths.to(torch.int32)
+
+
+def mask_strides(attn_mask) -> tuple[int, int, int, int]:
+    return tuple(attn_mask.stride()) if attn_mask is not None else (0, 0, 0, 0)
+
+
+def list_strides(num, idx) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Strides of block-list counts ``(B|1, H|1, n)`` and indices ``(B|1, H|1, n, m)``; 0 on a broadcast dim."""
+    if num is None:
+        return (0, 0, 0), (0, 0, 0)
+    sn = tuple(0 if num.shape[d] == 1 else num.stride(d) for d in range(3))
+    si = tuple(0 if idx.shape[d] == 1 else idx.stride(d) for d in range(3))
+    return sn, si
+
+
+# --------------------------------------------------------------------------- launcher
+def attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    key_lengths: torch.Tensor | None = None,
+    query_lengths: torch.Tensor | None = None,
+    kv_num_blocks: torch.Tensor | None = None,
+    kv_indices: torch.Tensor | None = None,
+    full_kv_num_blocks: torch.Tensor | None = None,
+    full_kv_indices: torch.Tensor | None = None,
+    block_size_q: int = 0,
+    block_size_k: int = 0,
+    scale: float,
+    window_left: int | None = None,
+    window_right: int | None = None,
+    softcap: float = 0.0,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    block_counter: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel.
+
+    Args:
+        q: ``(B, Hq, Lq, D)``; k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, DV)``; any strides.
+        attn_mask: bool or float ``(B, Hq, Lq, Lk)`` (zero strides allowed), or None.
+        alibi_slopes: float32 ``(B, Hq)``. key_lengths, query_lengths: int32 ``(B,)``.
+        kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices: BlockMask forward lists.
+        block_size_q, block_size_k: the BlockMask's tiles (powers of two in [16, 128]); 0 without one.
+        block_counter: optional int32 ``(B * Hq * cdiv(Lq, BLOCK_M),)`` buffer that receives the number
+            of key blocks each program visits (pins the untuned config; for tests).
+
+    Returns:
+        ``out (B, Hq, Lq, DV)`` in q's dtype and ``lse (B, Hq, Lq)`` float32.
+    """
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
+    out = torch.empty((B, Hq, Lq, DV), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    if B * Hq * Lq == 0:
+        return out, lse
+    lengths = both_lengths(key_lengths, query_lengths, B, Lq, Lk, q.device)
+    flags = feature_flags(attn_mask, alibi_slopes, lengths, window_left, window_right, softcap, dropout_p)
+    use_block_mask = kv_num_blocks is not None
+    block_d, block_dv = head_dim_tile(D), head_dim_tile(DV)
+    precision, dot_fp32 = dot_settings(q.dtype)
+    bound = Lq + Lk + 1
+    num_strides, idx_strides = list_strides(kv_num_blocks, kv_indices)
+    args = dict(
+        p_q=q, p_k=k, p_v=v, p_out=out, p_lse=lse, p_mask=attn_mask, p_alibi=alibi_slopes,
+        p_klen=lengths[0] if lengths else None, p_qlen=lengths[1] if lengths else None,
+        p_kv_num=kv_num_blocks, p_kv_idx=kv_indices, p_full_num=full_kv_num_blocks, p_full_idx=full_kv_indices,
+        p_counter=block_counter,
+        Hq=Hq, GROUP=Hq // Hkv, Lq=Lq, Lk=Lk, D=D, DV=DV,
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qm=q.stride(2),
+        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
+        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
+        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2),
+        **dict(zip(("stride_mask_b", "stride_mask_h", "stride_mask_m", "stride_mask_n"), mask_strides(attn_mask))),
+        stride_alibi_b=alibi_slopes.stride(0) if alibi_slopes is not None else 0,
+        stride_alibi_h=alibi_slopes.stride(1) if alibi_slopes is not None else 0,
+        stride_num_b=num_strides[0], stride_num_h=num_strides[1], stride_num_m=num_strides[2],
+        stride_idx_b=idx_strides[0], stride_idx_h=idx_strides[1], stride_idx_m=idx_strides[2],
+        sm_scale=float(scale), softcap=float(softcap),
+        window_left=clamp_window(window_left, bound), window_right=clamp_window(window_right, bound),
+        dropout_p=float(dropout_p), seed=int(seed),
+        BLOCK_D=block_d, BLOCK_DV=block_dv, **flags, USE_BLOCK_MASK=use_block_mask,
+        COUNT_BLOCKS=block_counter is not None, DOT_PRECISION=precision, DOT_FP32=dot_fp32,
+    )
+    if use_block_mask:
+        meta = configs.block_mask_config("fwd", max(block_d, block_dv), block_size_q, block_size_k)
+    elif configs.autotune_enabled() and block_counter is None:
+        grid = lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * Hq)
+        torch.library.wrap_triton(attention_fwd_kernel_tuned)[grid](**args)
+        return out, lse
+    else:
+        meta = configs.pinned_config("fwd", max(block_d, block_dv))
+    grid = (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
+    torch.library.wrap_triton(attention_fwd_kernel)[grid](**args, **meta)
+    return out, lse
+
+
+def fwd_block_m(q: torch.Tensor, v: torch.Tensor, block_size_q: int = 0) -> int:
+    """The query tile the untuned forward uses (to size a ``block_counter``)."""
+    if block_size_q:
+        return block_size_q
+    return configs.pinned_config("fwd", max(head_dim_tile(q.shape[-1]), head_dim_tile(v.shape[-1])))["BLOCK_M"]
+
+
+def dropout_keep_mask(B: int, Hq: int, Lq: int, Lk: int, dropout_p: float, seed: int, device) -> torch.Tensor:
+    """The dropout keep pattern (bool ``(B, Hq, Lq, Lk)``, True = keep) the kernels apply for ``seed``."""
+    keep = torch.empty((B, Hq, Lq, Lk), dtype=torch.bool, device=device)
+    if keep.numel() == 0:
+        return keep
+    block = 16 if configs.in_interpreter() else 64
+    grid = (triton.cdiv(Lq, block), B * Hq)
+    torch.library.wrap_triton(dropout_keep_kernel)[grid](
+        p_keep=keep, Hq=Hq, Lq=Lq, Lk=Lk, dropout_p=float(dropout_p), seed=int(seed), BLOCK_M=block, BLOCK_N=block,
+    )
+    return keep

@@ -127,6 +127,25 @@ class MultiheadAttention(nn.Module):
         self.add_zero_attn = add_zero_attn
         self._reset_parameters()
 
+    @classmethod
+    def from_torch(cls, module: nn.MultiheadAttention) -> MultiheadAttention:
+        """A fastattn copy of a ``torch.nn.MultiheadAttention``: same configuration, weights,
+        device, dtype and train/eval mode."""
+        if not isinstance(module, nn.MultiheadAttention):
+            raise TypeError(f"module must be a torch.nn.MultiheadAttention, got {type(module).__name__}")
+        reference_weight = module.out_proj.weight
+        new = cls(
+            module.embed_dim, module.num_heads, dropout=module.dropout, bias=module.in_proj_bias is not None,
+            add_bias_kv=module.bias_k is not None, add_zero_attn=module.add_zero_attn, kdim=module.kdim,
+            vdim=module.vdim, batch_first=module.batch_first, device=reference_weight.device,
+            dtype=reference_weight.dtype,
+        )
+        new.load_state_dict(module.state_dict())
+        frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
+        for name, p in new.named_parameters():
+            p.requires_grad_(name not in frozen)
+        return new.train(module.training)
+
     def _reset_parameters(self) -> None:
         # torch's initialisation, so a freshly built module is distributed like torch's.
         if self._qkv_same_embed_dim:

@@ -24,19 +24,32 @@ backward pass (``q_num_blocks``, ``q_indices``, ``full_q_num_blocks``,
 ``(B, H, n_blocks, n_other_blocks)`` (int32; only the first ``count`` entries of each
 row are meaningful, in increasing order). ``B`` and ``H`` may be 1 to broadcast.
 
-The element mask of partial tiles is ``element_mask``: a bool tensor broadcastable to
-``(B, H, Lq, Lk)`` (True = attend), or ``None`` when every non-empty tile is full.
+The element mask of partial tiles comes from exactly one of three sources:
+
+* ``element_mask``: a dense bool tensor broadcastable to ``(B, H, Lq, Lk)`` (True = attend);
+* ``window=(left, right)``: query ``i`` sees key ``j`` iff
+  ``i + (Lk - Lq) - left <= j <= i + (Lk - Lq) + right`` (``None`` = unbounded), the
+  window rule of :func:`fastattn.attention`; nothing of size ``Lq * Lk`` is stored;
+* ``partial_masks``: bool ``(num_partial, BLOCK_Q, BLOCK_K)``, one block per partial tile
+  in the row-major order of ``(layout == PARTIAL).nonzero()`` (see :attr:`BlockMask.partial_tile_ids`);
+  memory proportional to the number of partial tiles.
+
+Whatever the source, :attr:`BlockMask.element_mask` returns the dense mask (materialised
+on first use) and :meth:`BlockMask.to_dense` the whole mask. Invariant: the element mask is
+True on every full tile (builders guarantee it), so applying it everywhere is harmless.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 
 import torch
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
+
+# Tiles classified per chunk in from_dense, so temporaries stay near this many elements.
+_CHUNK_ELEMENTS = 1 << 22
 
 
 def _pair(block_size: int | tuple[int, int], name: str = "block_size") -> tuple[int, int]:
@@ -49,6 +62,27 @@ def _pair(block_size: int | tuple[int, int], name: str = "block_size") -> tuple[
     ):
         raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {block_size!r}")
     return int(block_size[0]), int(block_size[1])
+
+
+def _check_seq_lens(seq_lens) -> tuple[int, int]:
+    if (
+        not isinstance(seq_lens, (tuple, list))
+        or len(seq_lens) != 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seq_lens)
+    ):
+        raise ValueError(f"seq_lens must be a pair (Lq, Lk) of non-negative ints, got {seq_lens!r}")
+    return int(seq_lens[0]), int(seq_lens[1])
+
+
+def _check_window(window) -> tuple[int | None, int | None]:
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"window must be a pair (left, right) of ints or None (unbounded), got {window!r}")
+    for side, w in zip(("left", "right"), window):
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int)):
+            raise TypeError(f"window {side} must be an int or None (unbounded), got {w!r}")
+        if w is not None and w < 0:
+            raise ValueError(f"window {side} must be >= 0 or None (unbounded), got {w}")
+    return window[0], window[1]
 
 
 def _as_4d(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -70,33 +104,213 @@ def _sorted_lists(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts, indices.to(torch.int32).contiguous()
 
 
-@dataclass(frozen=True, eq=False)
+def block_extents(length: int, block: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last (inclusive) index of every block of ``block`` elements in ``range(length)``.
+
+    Returns two int64 tensors ``(ceil(length / block),)``; the last block is cropped to ``length``.
+    """
+    first = torch.arange(0, length, block, device=device, dtype=torch.int64)
+    return first, torch.clamp(first + block - 1, max=length - 1)
+
+
+def window_layout(
+    seq_lens: tuple[int, int], block_size: tuple[int, int], window: tuple[int | None, int | None], device=None
+) -> torch.Tensor:
+    """The int8 ``(1, 1, nQB, nKB)`` layout of a window mask, computed per tile without any ``Lq * Lk`` tensor.
+
+    With ``offset = Lk - Lq`` a tile of rows ``[q0, q1]`` and columns ``[k0, k1]`` is full when its corners
+    lie inside the window (``k0 >= q1 + offset - left`` and ``k1 <= q0 + offset + right``), and empty when the
+    union of its rows' intervals, ``[q0 + offset - left, q1 + offset + right]``, misses ``[k0, k1]``.
+    """
+    (Lq, Lk), (bq, bk) = seq_lens, block_size
+    left, right = window
+    offset = Lk - Lq
+    q0, q1 = (t[:, None] for t in block_extents(Lq, bq, device))
+    k0, k1 = (t[None, :] for t in block_extents(Lk, bk, device))
+    nonempty = torch.ones(q0.shape[0], k0.shape[1], dtype=torch.bool, device=device)
+    full = nonempty.clone()
+    if left is not None:
+        nonempty &= k1 >= q0 + offset - left
+        full &= k0 >= q1 + offset - left
+    if right is not None:
+        nonempty &= k0 <= q1 + offset + right
+        full &= k1 <= q0 + offset + right
+    layout = torch.where(full, FULL, torch.where(nonempty, PARTIAL, EMPTY)).to(torch.int8)
+    return layout[None, None]
+
+
+def window_visible(
+    rows: torch.Tensor, cols: torch.Tensor, seq_lens: tuple[int, int], window: tuple[int | None, int | None]
+) -> torch.Tensor:
+    """Whether query ``rows`` sees key ``cols`` (broadcasting int tensors) under ``window``, offset ``Lk - Lq``."""
+    Lq, Lk = seq_lens
+    left, right = window
+    diag = rows + (Lk - Lq)
+    visible = torch.ones(torch.broadcast_shapes(rows.shape, cols.shape), dtype=torch.bool, device=rows.device)
+    if left is not None:
+        visible &= cols >= diag - left
+    if right is not None:
+        visible &= cols <= diag + right
+    return visible
+
+
+def classify_dense(mask4: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:
+    """The int8 layout ``(B, H, nQB, nKB)`` of a bool mask ``(B, H, Lq, Lk)``, a few query blocks at a time.
+
+    Only elements inside the sequences count: a cropped last tile is full when all its in-range
+    elements are visible.
+    """
+    B, H, Lq, Lk = mask4.shape
+    bq, bk = block_size
+    nqb, nkb = math.ceil(Lq / bq), math.ceil(Lk / bk)
+    layout = torch.empty(B, H, nqb, nkb, dtype=torch.int8, device=mask4.device)
+    _, k_last = block_extents(Lk, bk, mask4.device)
+    cols = (k_last - torch.arange(0, Lk, bk, device=mask4.device) + 1)
+    rows_per_chunk = max(bq, (_CHUNK_ELEMENTS // max(1, B * H * nkb * bk)) // bq * bq)
+    for start in range(0, Lq, rows_per_chunk):
+        stop = min(Lq, start + rows_per_chunk)
+        chunk = mask4[:, :, start:stop]
+        n_rows = stop - start
+        nblocks = math.ceil(n_rows / bq)
+        padded = torch.zeros(B, H, nblocks * bq, nkb * bk, dtype=torch.int32, device=mask4.device)
+        padded[:, :, :n_rows, :Lk] = chunk
+        visible = padded.view(B, H, nblocks, bq, nkb, bk).sum(dim=(3, 5))
+        rows = torch.full((nblocks,), bq, device=mask4.device)
+        rows[-1] = n_rows - (nblocks - 1) * bq
+        capacity = rows[:, None] * cols[None, :]
+        qb = start // bq
+        layout[:, :, qb:qb + nblocks] = torch.where(
+            visible == capacity, FULL, torch.where(visible == 0, EMPTY, PARTIAL)
+        ).to(torch.int8)
+    return layout
+
+
 class BlockMask:
     """Which tiles of the attention matrix are empty, partial or full. See the module docstring.
 
     Build one with :meth:`from_dense`, :meth:`from_layout` or a builder of :mod:`fastattn.masks`;
     pass it as ``fastattn.attention(..., block_mask=mask)``.
+
+    Args:
+        layout: int8 ``(B, H, nQB, nKB)`` of EMPTY / PARTIAL / FULL; ``B`` and ``H`` may be 1 to broadcast.
+        seq_lens: ``(Lq, Lk)``; ``nQB = ceil(Lq / BLOCK_Q)`` and ``nKB = ceil(Lk / BLOCK_K)``.
+        block_size: ``(BLOCK_Q, BLOCK_K)`` (or an int for both).
+        element_mask: bool, broadcastable to ``(B, H, Lq, Lk)``, True = attend: the dense element mask.
+        window: ``(left, right)``, ints >= 0 or None (unbounded): the element mask is this window
+            (bottom-right aligned, as :func:`fastattn.attention`'s ``window``).
+        partial_masks: bool ``(num_partial, BLOCK_Q, BLOCK_K)``: the element mask of each partial tile,
+            in the order of ``(layout == PARTIAL).nonzero()``; rows/columns past the sequence ends are ignored.
+
+    At most one of ``element_mask``, ``window`` and ``partial_masks`` may be given, and one is required
+    when the layout has partial tiles.
     """
 
-    layout: torch.Tensor  # (B, H, nQB, nKB) int8: EMPTY / PARTIAL / FULL
-    seq_lens: tuple[int, int]  # (Lq, Lk)
-    block_size: tuple[int, int]  # (BLOCK_Q, BLOCK_K)
-    element_mask: torch.Tensor | None = None  # bool, broadcastable to (B, H, Lq, Lk)
-
-    def __post_init__(self):
-        layout = self.layout
-        if layout.dim() != 4 or layout.dtype != torch.int8:
-            raise ValueError(f"layout must be an int8 tensor (B, H, nQB, nKB), got {layout.dtype} {tuple(layout.shape)}")
-        Lq, Lk = self.seq_lens
-        bq, bk = self.block_size
+    def __init__(
+        self,
+        layout: torch.Tensor,
+        seq_lens: tuple[int, int],
+        block_size: int | tuple[int, int],
+        element_mask: torch.Tensor | None = None,
+        *,
+        window: tuple[int | None, int | None] | None = None,
+        partial_masks: torch.Tensor | None = None,
+    ):
+        if not isinstance(layout, torch.Tensor):
+            raise TypeError(f"layout must be a torch.Tensor, got {type(layout).__name__}")
+        if layout.dtype != torch.int8:
+            raise TypeError(f"layout must be an int8 tensor of EMPTY / PARTIAL / FULL codes, got dtype {layout.dtype}")
+        if layout.dim() != 4:
+            raise ValueError(f"layout must be 4-D (B, H, nQB, nKB), got shape {tuple(layout.shape)}")
+        Lq, Lk = _check_seq_lens(seq_lens)
+        bq, bk = _pair(block_size)
         expected = (math.ceil(Lq / bq), math.ceil(Lk / bk))
         if tuple(layout.shape[2:]) != expected:
             raise ValueError(
-                f"layout has {tuple(layout.shape[2:])} tiles, expected {expected} for seq_lens={self.seq_lens} "
-                f"and block_size={self.block_size}"
+                f"layout has {tuple(layout.shape[2:])} tiles, expected {expected} for seq_lens={(Lq, Lk)} "
+                f"and block_size={(bq, bk)}"
             )
-        if bool((layout == PARTIAL).any()) and self.element_mask is None:
-            raise ValueError("a BlockMask with partial tiles needs element_mask")
+        given = [name for name, x in (("element_mask", element_mask), ("window", window), ("partial_masks", partial_masks)) if x is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of element_mask, window and partial_masks, got {', '.join(given)}")
+        if element_mask is not None:
+            if not isinstance(element_mask, torch.Tensor):
+                raise TypeError(f"element_mask must be a torch.Tensor, got {type(element_mask).__name__}")
+            if element_mask.dtype != torch.bool:
+                raise TypeError(f"element_mask must be a bool tensor (True = attend), got dtype {element_mask.dtype}")
+            target = (*layout.shape[:2], Lq, Lk)
+            if element_mask.dim() > 4 or any(s not in (1, t) for s, t in zip(element_mask.shape[::-1], target[::-1])) or (
+                element_mask.dim() >= 2 and tuple(element_mask.shape[-2:]) != (Lq, Lk)
+            ):
+                raise ValueError(
+                    f"element_mask of shape {tuple(element_mask.shape)} is not broadcastable to (B, H, Lq, Lk) = {target}"
+                )
+            if element_mask.device != layout.device:
+                raise ValueError(f"element_mask must be on layout's device {layout.device}, got {element_mask.device}")
+        if window is not None:
+            window = _check_window(window)
+        num_partial = int((layout == PARTIAL).sum())
+        if partial_masks is not None:
+            if not isinstance(partial_masks, torch.Tensor):
+                raise TypeError(f"partial_masks must be a torch.Tensor, got {type(partial_masks).__name__}")
+            if partial_masks.dtype != torch.bool:
+                raise TypeError(f"partial_masks must be a bool tensor (True = attend), got dtype {partial_masks.dtype}")
+            if tuple(partial_masks.shape) != (num_partial, bq, bk):
+                raise ValueError(
+                    f"partial_masks must have shape (num_partial, BLOCK_Q, BLOCK_K) = {(num_partial, bq, bk)}, "
+                    f"got {tuple(partial_masks.shape)}"
+                )
+            if partial_masks.device != layout.device:
+                raise ValueError(f"partial_masks must be on layout's device {layout.device}, got {partial_masks.device}")
+        if num_partial and not given:
+            raise ValueError("a BlockMask with partial tiles needs element_mask, window or partial_masks")
+        self._layout = layout
+        self._seq_lens = (Lq, Lk)
+        self._block_size = (bq, bk)
+        self._dense_element_mask = element_mask
+        self._window = window
+        self._partial_masks = partial_masks
+        self._num_partial = num_partial
+
+    # ------------------------------------------------------------------ stored fields (read-only)
+    @property
+    def layout(self) -> torch.Tensor:
+        """int8 ``(B, H, nQB, nKB)``: EMPTY / PARTIAL / FULL per tile."""
+        return self._layout
+
+    @property
+    def seq_lens(self) -> tuple[int, int]:
+        """``(Lq, Lk)``."""
+        return self._seq_lens
+
+    @property
+    def block_size(self) -> tuple[int, int]:
+        """``(BLOCK_Q, BLOCK_K)``."""
+        return self._block_size
+
+    @property
+    def window(self) -> tuple[int | None, int | None] | None:
+        """``(left, right)`` when the element mask of partial tiles is a window, else None."""
+        return self._window
+
+    @property
+    def partial_masks(self) -> torch.Tensor | None:
+        """bool ``(num_partial, BLOCK_Q, BLOCK_K)`` when the element mask is stored per partial tile, else None."""
+        return self._partial_masks
+
+    @functools.cached_property
+    def element_mask(self) -> torch.Tensor | None:
+        """The dense element mask, bool broadcastable to ``(B, H, Lq, Lk)``; None when no tile is partial
+        and none was given. A window or per-tile mask is materialised here, on first use only."""
+        if self._dense_element_mask is not None:
+            return self._dense_element_mask
+        if self._window is not None:
+            Lq, Lk = self.seq_lens
+            rows = torch.arange(Lq, device=self.device)[:, None]
+            cols = torch.arange(Lk, device=self.device)[None, :]
+            return window_visible(rows, cols, self.seq_lens, self._window)[None, None]
+        if self._partial_masks is not None:
+            return self.to_dense()  # full tiles are True, as the element mask must be there
+        return None
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -115,18 +329,7 @@ class BlockMask:
         bq, bk = _pair(block_size)
         mask4 = _as_4d(mask, "mask")
         B, H, Lq, Lk = mask4.shape
-        nqb, nkb = math.ceil(Lq / bq), math.ceil(Lk / bk)
-        padded = torch.zeros(B, H, nqb * bq, nkb * bk, dtype=torch.int32, device=mask.device)
-        padded[:, :, :Lq, :Lk] = mask4.to(torch.int32)
-        visible = padded.view(B, H, nqb, bq, nkb, bk).sum(dim=(3, 5))
-        rows = torch.full((nqb,), bq, device=mask.device)
-        rows[-1] = Lq - (nqb - 1) * bq if nqb else bq
-        cols = torch.full((nkb,), bk, device=mask.device)
-        cols[-1] = Lk - (nkb - 1) * bk if nkb else bk
-        capacity = rows[:, None] * cols[None, :]
-        layout = torch.full(visible.shape, PARTIAL, dtype=torch.int8, device=mask.device)
-        layout[visible == 0] = EMPTY
-        layout[visible == capacity] = FULL
+        layout = classify_dense(mask4, (bq, bk))
         element_mask = mask4 if bool((layout == PARTIAL).any()) else None
         return cls(layout=layout, seq_lens=(Lq, Lk), block_size=(bq, bk), element_mask=element_mask)
 
@@ -154,13 +357,13 @@ class BlockMask:
         nqb, nkb = layout4.shape[2:]
         if seq_lens is None:
             seq_lens = (nqb * bq, nkb * bk)
-        Lq, Lk = seq_lens
+        Lq, Lk = _check_seq_lens(seq_lens)
         if not (math.ceil(Lq / bq) == nqb and math.ceil(Lk / bk) == nkb):
             raise ValueError(
                 f"seq_lens={tuple(seq_lens)} does not fit layout of {nqb}x{nkb} tiles of block_size={(bq, bk)}"
             )
         codes = torch.where(layout4, FULL, EMPTY).to(torch.int8)
-        return cls(layout=codes, seq_lens=(int(Lq), int(Lk)), block_size=(bq, bk))
+        return cls(layout=codes, seq_lens=(Lq, Lk), block_size=(bq, bk))
 
     # ------------------------------------------------------------------ derived views
     @property
@@ -175,6 +378,11 @@ class BlockMask:
     @property
     def num_blocks(self) -> tuple[int, int]:
         return tuple(self.layout.shape[2:])
+
+    @property
+    def num_partial(self) -> int:
+        """Number of partial tiles (over every batch and head of the layout)."""
+        return self._num_partial
 
     @property
     def density(self) -> float:
@@ -192,25 +400,97 @@ class BlockMask:
         t = self.layout.transpose(-1, -2)
         return (*_sorted_lists(t == PARTIAL), *_sorted_lists(t == FULL))
 
+    @functools.cached_property
+    def partial_tile_ids(self) -> torch.Tensor:
+        """int32 ``(B, H, nQB, nKB)``: for a partial tile its row in :attr:`partial_masks`, -1 elsewhere."""
+        ids = torch.full(self.layout.shape, -1, dtype=torch.int32, device=self.device)
+        ids[self.layout == PARTIAL] = torch.arange(self._num_partial, dtype=torch.int32, device=self.device)
+        return ids
+
+    def _scatter_tiles(self) -> torch.Tensor:
+        """Dense ``(B, H, Lq, Lk)``: full tiles True, partial tiles from ``partial_masks``, empty tiles False."""
+        B, H, nqb, nkb = self.layout.shape
+        (Lq, Lk), (bq, bk) = self.seq_lens, self.block_size
+        tiles = (self.layout == FULL)[..., None, None].expand(B, H, nqb, nkb, bq, bk).clone()
+        tiles[self.layout == PARTIAL] = self._partial_masks
+        return tiles.permute(0, 1, 2, 4, 3, 5).reshape(B, H, nqb * bq, nkb * bk)[:, :, :Lq, :Lk]
+
     def to_dense(self) -> torch.Tensor:
         """The bool mask ``(B, H, Lq, Lk)`` (True = attend) this BlockMask stands for."""
+        if self._partial_masks is not None:
+            return self._scatter_tiles()
         Lq, Lk = self.seq_lens
         bq, bk = self.block_size
         tiles = self.layout.repeat_interleave(bq, dim=2).repeat_interleave(bk, dim=3)[:, :, :Lq, :Lk]
         dense = tiles == FULL
-        if self.element_mask is not None:
-            dense = dense | ((tiles == PARTIAL) & self.element_mask)
+        element_mask = self.element_mask
+        if element_mask is not None:
+            dense = dense | ((tiles == PARTIAL) & element_mask)
         return dense
 
     def to(self, device: torch.device | str) -> BlockMask:
-        em = None if self.element_mask is None else self.element_mask.to(device)
-        return BlockMask(layout=self.layout.to(device), seq_lens=self.seq_lens, block_size=self.block_size, element_mask=em)
+        """A copy on ``device`` (the tile lists are recomputed there on first use)."""
+        moved = BlockMask.__new__(BlockMask)
+        moved._layout = self._layout.to(device)
+        moved._seq_lens, moved._block_size, moved._window = self._seq_lens, self._block_size, self._window
+        moved._num_partial = self._num_partial
+        moved._dense_element_mask = None if self._dense_element_mask is None else self._dense_element_mask.to(device)
+        moved._partial_masks = None if self._partial_masks is None else self._partial_masks.to(device)
+        return moved
+
+    def plot(self, path=None, b: int = 0, h: int = 0, show_elements: bool | None = None):
+        """Draw the tile layout of batch ``b``, head ``h`` (and the element mask) with matplotlib.
+
+        Args:
+            path: where to save the image (format from the suffix, e.g. ``.png``); None = only return the figure.
+            b: batch index into the layout (0 when the layout broadcasts over batches).
+            h: head index into the layout (0 when the layout broadcasts over heads).
+            show_elements: also draw the element-level mask; default: when ``Lq * Lk <= 2**22``.
+
+        Returns:
+            The ``matplotlib.figure.Figure``.
+        """
+        try:
+            from matplotlib.colors import ListedColormap
+            from matplotlib.figure import Figure
+        except ImportError as error:
+            raise ImportError("BlockMask.plot needs matplotlib: pip install matplotlib") from error
+        B, H = self.layout.shape[:2]
+        for name, index, size in (("b", b, B), ("h", h, H)):
+            if isinstance(index, bool) or not isinstance(index, int):
+                raise TypeError(f"{name} must be an int, got {type(index).__name__}")
+            if not (0 <= index < size):
+                raise ValueError(f"{name} must lie in [0, {size}) for this layout, got {index}")
+        Lq, Lk = self.seq_lens
+        if show_elements is None:
+            show_elements = Lq * Lk <= 1 << 22
+        panels = 2 if show_elements else 1
+        figure = Figure(figsize=(5 * panels, 5))
+        axes = figure.subplots(1, panels, squeeze=False)[0]
+        colours = ListedColormap(["white", "orange", "tab:blue"])
+        axes[0].imshow(self.layout[b, h].cpu().numpy(), cmap=colours, vmin=EMPTY, vmax=FULL, interpolation="nearest")
+        counts = {name: int((self.layout[b, h] == code).sum()) for name, code in (("empty", EMPTY), ("partial", PARTIAL), ("full", FULL))}
+        axes[0].set_title(f"tiles {self.block_size}: full {counts['full']}, partial {counts['partial']}, empty {counts['empty']}")
+        axes[0].set_xlabel("key block")
+        axes[0].set_ylabel("query block")
+        if show_elements:
+            dense = self.to_dense()[b, h].cpu().numpy()
+            axes[1].imshow(dense, cmap=ListedColormap(["white", "black"]), vmin=0, vmax=1, interpolation="nearest")
+            axes[1].set_title(f"element mask (density {dense.mean():.3f})")
+            axes[1].set_xlabel("key")
+            axes[1].set_ylabel("query")
+        if path is not None:
+            figure.savefig(path, bbox_inches="tight")
+        return figure
 
     def __repr__(self) -> str:
         counts = {name: int((self.layout == code).sum()) for name, code in (("empty", EMPTY), ("partial", PARTIAL), ("full", FULL))}
+        source = "window" if self._window is not None else "partial_masks" if self._partial_masks is not None else (
+            "element_mask" if self._dense_element_mask is not None else "none"
+        )
         return (
             f"BlockMask(shape={self.shape}, block_size={self.block_size}, tiles={counts}, "
-            f"density={self.density:.3f})"
+            f"density={self.density:.3f}, element_mask_source={source})"
         )
 
 

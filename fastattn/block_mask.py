@@ -221,6 +221,8 @@ class BlockMask:
             raise TypeError(f"layout must be an int8 tensor of EMPTY / PARTIAL / FULL codes, got dtype {layout.dtype}")
         if layout.dim() != 4:
             raise ValueError(f"layout must be 4-D (B, H, nQB, nKB), got shape {tuple(layout.shape)}")
+        if layout.numel() and (int(layout.min()) < EMPTY or int(layout.max()) > FULL):
+            raise ValueError(f"layout codes must be EMPTY ({EMPTY}), PARTIAL ({PARTIAL}) or FULL ({FULL})")
         Lq, Lk = _check_seq_lens(seq_lens)
         bq, bk = _pair(block_size)
         expected = (math.ceil(Lq / bq), math.ceil(Lk / bk))

@@ -1,0 +1,160 @@
+"""Where results go: the environment record, JSON, CSV and the terminal tables."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+import torch
+
+CSV_COLUMNS = (
+    "provider", "workload", "name", "dtype", "mode", "batch", "heads_q", "heads_kv", "seqlen", "head_dim",
+    "window", "density", "block_size", "visible_fraction", "flops", "status", "time_ms", "repeats", "tflops",
+    "peak_mem_bytes", "speedup_vs_sdpa", "reasons", "error",
+)
+
+
+def _git(*args: str) -> str | None:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_slug(env: dict) -> str:
+    """Short lowercase name of the device for file names: ``h100``, ``h200``, ``a100``, ``cpu``."""
+    if env["device"] != "cuda":
+        return "cpu"
+    name = env["device_name"].lower()
+    match = re.search(r"\b([a-z]{1,2}\d{2,4}[a-z]?)\b", name.replace("nvidia", ""))
+    return match.group(1) if match else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+def environment(device: torch.device) -> dict:
+    """Device, host, versions, commit and fastattn's backend status: what every result carries."""
+    from .. import __version__
+    from ..info import info_dict
+
+    info = info_dict()
+    cuda = device.type == "cuda"
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    env = {
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if cuda else _cpu_name(),
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "triton": info["triton"],
+        "fastattn": __version__,
+        "commit": _git("rev-parse", "HEAD"),
+        "dirty": None if status is None else bool(status),
+        "extension": info["extension"],
+        "backends": info["backends"],
+    }
+    env["device_slug"] = device_slug(env)
+    return env
+
+
+def write_json(doc: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    return path
+
+
+def write_csv(doc: dict, path: str | Path) -> Path:
+    """One row per configuration; list fields as JSON text."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in doc["results"]:
+            writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
+    return path
+
+
+def _cell(row: dict | None, field: str, fmt: str) -> str:
+    if row is None:
+        return ""
+    if row["status"] != "ok":
+        return {"unsupported": "n/a", "oom": "oom", "over_budget": "budget"}.get(row["status"], "error")
+    value = row.get(field)
+    return "" if value is None else format(value, fmt)
+
+
+def _grid(headers: list[str], lines: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(headers)]
+    out = ["  ".join(h.rjust(w) if i >= 1 else h.ljust(w) for i, (h, w) in enumerate(zip(headers, widths)))]
+    out.append("  ".join("-" * w for w in widths))
+    for line in lines:
+        out.append("  ".join(c.rjust(w) if i >= 1 else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))))
+    return "\n".join(out)
+
+
+def bench_table(doc: dict) -> str:
+    """Median milliseconds per configuration (rows) and provider (columns), then the geometric-mean
+    speedup over torch SDPA per provider and mode. ``n/a`` = the provider cannot serve it."""
+    rows = doc["results"]
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    configs = list(dict.fromkeys((r["name"], r["dtype"], r["mode"]) for r in rows))
+    index = {(r["name"], r["dtype"], r["mode"], r["provider"]): r for r in rows}
+    lines = [[f"{name} {dtype} {mode}", *(_cell(index.get((name, dtype, mode, p)), "time_ms", ".3g") for p in providers)]
+             for name, dtype, mode in configs]
+    text = ["median time (ms)", _grid(["configuration", *providers], lines), ""]
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    summary = []
+    for p in providers:
+        cells = []
+        for mode in modes:
+            s = [r["speedup_vs_sdpa"] for r in rows if r["provider"] == p and r["mode"] == mode and r["speedup_vs_sdpa"]]
+            cells.append(f"{math.exp(sum(math.log(x) for x in s) / len(s)):.2f}x ({len(s)})" if s else "")
+        best = max((r["tflops"] for r in rows if r["provider"] == p and r["tflops"]), default=None)
+        summary.append([p, *cells, "" if best is None else f"{best:.3g}"])
+    text += ["speedup over torch SDPA (geometric mean over configurations, count in brackets); best TFLOP/s",
+             _grid(["provider", *modes, "best TFLOP/s"], summary)]
+    return "\n".join(text)
+
+
+def memory_table(doc: dict) -> str:
+    """Peak MiB per provider and mode (rows) and sequence length (columns)."""
+    rows = doc["results"]
+    lens = sorted({r["seqlen"] for r in rows})
+    keys = list(dict.fromkeys((r["provider"], r["mode"]) for r in rows))
+    index = {(r["provider"], r["mode"], r["seqlen"]): r for r in rows}
+    lines = []
+    for provider, mode in keys:
+        cells = []
+        for L in lens:
+            r = index.get((provider, mode, L))
+            if r is not None and r["status"] == "ok":
+                cells.append(f"{r['peak_mem_bytes'] / 2**20:.1f}")
+            else:
+                cells.append(_cell(r, "peak_mem_bytes", ""))
+        lines.append([f"{provider} {mode}", *cells])
+    return "peak memory (MiB) above the inputs\n" + _grid(["provider mode", *(f"L={L}" for L in lens)], lines)

@@ -1,0 +1,406 @@
+"""The one runner: times every (workload, dtype, provider, mode) and profiles memory against length.
+
+Timing: on CUDA ``triton.testing.do_bench`` (CUDA events after warm-up, median); on CPU one warm-up
+call, then timed calls with ``time.perf_counter`` -- at least ``min_repeats``, more while under the
+preset's time budget, at most ``max_repeats`` -- and their median.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .memory import is_out_of_memory, peak_memory
+from .providers import BASELINE, Provider, Run, Unsupported, resolve
+from .workloads import DTYPES, MODES, WORKLOAD_KINDS, Preset, Workload, flops, make_case, preset, workload_visible_fraction
+
+SCHEMA = "fastattn-bench/1"
+
+
+@dataclass
+class BenchConfig:
+    """What one ``fastattn bench`` run measures (see :func:`bench_config` to build one from a preset)."""
+
+    preset: Preset
+    device: torch.device
+    providers: list[str] | None = None  # None = every usable provider
+
+
+def _short_error(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first[:300]}"
+
+
+def bench_config(
+    name: str = "quick",
+    device: str | None = None,
+    *,
+    providers: list[str] | None = None,
+    workloads: list[str] | None = None,
+    modes: list[str] | None = None,
+    dtypes: list[str] | None = None,
+    seq_lens: list[int] | None = None,
+    head_dims: list[int] | None = None,
+) -> BenchConfig:
+    """A preset narrowed or changed by the CLI flags.
+
+    ``seq_lens``/``head_dims`` replace the preset's lengths/head dims: every distinct workload
+    shape of the preset is re-made at each given value (keeping ``B * L`` fixed where the preset
+    fixes the token count).
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    p = preset(name, device.type)
+    items = p.workloads
+    if workloads is not None:
+        unknown = set(workloads) - set(WORKLOAD_KINDS)
+        if unknown:
+            raise ValueError(f"--workloads: unknown {sorted(unknown)}; choose from {', '.join(WORKLOAD_KINDS)}")
+        items = [w for w in items if w.kind in workloads]
+    if seq_lens is not None or head_dims is not None:
+        if any(not isinstance(x, int) or x < 1 for x in (seq_lens or []) + (head_dims or [])):
+            raise ValueError("--seq-lens and --head-dims must be positive integers")
+        tokens = {w.batch * w.seqlen for w in items}
+        fixed_tokens = len(tokens) == 1 and len({w.seqlen for w in items}) > 1
+        token_count = tokens.pop() if fixed_tokens else None
+        remade: list[Workload] = []
+        for w in items:
+            for L in seq_lens or [w.seqlen]:
+                for D in head_dims or [w.head_dim]:
+                    B = max(1, token_count // L) if token_count else w.batch
+                    new = dataclasses.replace(w, seqlen=L, head_dim=D, batch=B)
+                    if new not in remade:
+                        remade.append(new)
+        items = remade
+    if modes is not None:
+        bad = set(modes) - set(MODES)
+        if bad:
+            raise ValueError(f"--modes: unknown {sorted(bad)}; choose from {', '.join(MODES)}")
+    if dtypes is not None:
+        bad = set(dtypes) - set(DTYPES)
+        if bad:
+            raise ValueError(f"--dtypes: unknown {sorted(bad)}; choose from {', '.join(DTYPES)}")
+    if not items:
+        raise ValueError("no workload left after applying --workloads/--seq-lens")
+    p = dataclasses.replace(
+        p, workloads=items, modes=tuple(modes) if modes else p.modes, dtypes=tuple(dtypes) if dtypes else p.dtypes
+    )
+    return BenchConfig(preset=p, device=device, providers=providers)
+
+
+# --------------------------------------------------------------------------------------- timing
+def time_call(fn: Callable[[], object], device: torch.device, p: Preset) -> tuple[float, int | None]:
+    """Median milliseconds of ``fn()`` (already warmed up once) and the number of timed calls."""
+    if device.type == "cuda":
+        import triton.testing
+
+        quick = p.name == "quick"
+        ms = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100, return_mode="median")
+        return float(ms), None
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < p.max_repeats and (len(times) < p.min_repeats or time.perf_counter() - start < p.time_budget_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3, len(times)
+
+
+def mode_fn(run: Run, mode: str) -> Callable[[], object]:
+    """The call timed for ``mode``: forward without autograd, backward of a kept graph, or both."""
+    if mode == "fwd":
+        def fwd():
+            with torch.no_grad():
+                return run.fn()
+        return fwd
+    if mode == "bwd":
+        out = run.fn()
+        return lambda: torch.autograd.grad(out, run.leaves, run.dout, retain_graph=True)
+    if mode == "fwd+bwd":
+        return lambda: torch.autograd.grad(run.fn(), run.leaves, run.dout)
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+# --------------------------------------------------------------------------------------- progress
+class Progress:
+    """tqdm when importable, else one line per step on stderr."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True):
+        self.total, self.desc, self.enabled, self.done = total, desc, enabled, 0
+        self._bar = None
+        self._last_print = 0.0
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=False)
+            except ImportError:
+                self._bar = None
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.set_postfix_str(label[:60], refresh=False)
+            self._bar.update(1)
+        elif time.monotonic() - self._last_print > 1.0 or self.done == self.total:
+            self._last_print = time.monotonic()
+            print(f"{self.desc}: {self.done}/{self.total} {label}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------- bench
+def _workload_fields(w: Workload) -> dict:
+    return {
+        "workload": w.kind, "name": w.name, "batch": w.batch, "heads_q": w.heads_q, "heads_kv": w.heads_kv,
+        "seqlen": w.seqlen, "head_dim": w.head_dim, "window": list(w.window) if w.window else None,
+        "density": w.density, "block_size": w.block_size if w.kind == "block_sparse" else None,
+    }
+
+
+def run_bench(config: BenchConfig, progress: bool = True) -> dict:
+    """Run every configuration of ``config``; return the results document (see docs/benchmarks.md).
+
+    A configuration a provider cannot serve is recorded with ``status="unsupported"`` and the
+    reasons; a failure with ``status="error"`` (or ``"oom"``) and the message -- never fatal.
+    """
+    from .report import environment
+
+    p, device = config.preset, config.device
+    explicit = config.providers is not None
+    providers, status = resolve(config.providers, device)
+    total = len(p.dtypes) * len(p.workloads) * len(providers) * len(p.modes)
+    bar = Progress(total, "fastattn bench", progress)
+    rows: list[dict] = []
+    started = time.perf_counter()
+    try:
+        for dtype_name in p.dtypes:
+            for w in p.workloads:
+                visible_fraction = workload_visible_fraction(w)
+                case = make_case(w, DTYPES[dtype_name], device)
+                for provider in providers:
+                    rows += _bench_provider(provider, case, dtype_name, visible_fraction, p, device,
+                                            explicit and provider.name != BASELINE, bar)
+                del case
+                _free(device)
+    finally:
+        bar.close()
+    add_speedups(rows)
+    return {
+        "schema": SCHEMA,
+        "kind": "bench",
+        "preset": p.name,
+        "environment": environment(device),
+        "wall_time_s": round(time.perf_counter() - started, 2),
+        "flop_formula": "fwd = 4*B*Hq*Lq*Lk*D*visible_fraction; bwd = 2.5*fwd; fwd+bwd = 3.5*fwd",
+        "timing": "triton.testing.do_bench median (CUDA events)" if device.type == "cuda"
+        else f"time.perf_counter median of {p.min_repeats}..{p.max_repeats} calls after 1 warm-up",
+        "memory": "peak bytes allocated during the call above what was live before it "
+        + ("(torch.cuda.max_memory_allocated)" if device.type == "cuda" else "(torch.profiler profile_memory)"),
+        "providers": status,
+        "results": rows,
+    }
+
+
+def _bench_provider(provider: Provider, case, dtype_name: str, visible_fraction: float, p: Preset,
+                    device: torch.device, explicit: bool, bar: Progress) -> list[dict]:
+    w = case.workload
+    base = {"provider": provider.name, **_workload_fields(w), "dtype": dtype_name,
+            "visible_fraction": visible_fraction}
+    rows = []
+    run = None
+    build_failure: dict | None = None
+    try:
+        run = provider.build(case, explicit=explicit)
+    except Unsupported as exc:
+        build_failure = {"status": "unsupported", "reasons": exc.reasons}
+    except Exception as exc:  # noqa: BLE001 -- recorded, never fatal
+        build_failure = {"status": "oom" if is_out_of_memory(exc) else "error", "error": _short_error(exc)}
+    for mode in p.modes:
+        row = {**base, "mode": mode, "flops": flops(w, mode, visible_fraction), "status": "ok", "time_ms": None,
+               "repeats": None, "tflops": None, "peak_mem_bytes": None, "speedup_vs_sdpa": None}
+        if build_failure is not None:
+            row.update(build_failure)
+        else:
+            fn = None
+            try:
+                fn = mode_fn(run, mode)
+                fn()  # warm-up (and compile, for torch.compile'd providers)
+                row["peak_mem_bytes"] = peak_memory(fn, device)
+                ms, repeats = time_call(fn, device, p)
+                row.update(time_ms=ms, repeats=repeats, tflops=row["flops"] / (ms * 1e-3) / 1e12)
+            except Exception as exc:  # noqa: BLE001 -- recorded, never fatal
+                row.update(status="oom" if is_out_of_memory(exc) else "error", error=_short_error(exc),
+                           peak_mem_bytes=None)
+            del fn
+            _free(device)
+        rows.append(row)
+        bar.step(f"{provider.name} {w.name} {mode}")
+    del run
+    return rows
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """``speedup_vs_sdpa = time(sdpa) / time(provider)`` for the same workload, dtype and mode (>1 = faster)."""
+    def key(r):
+        return (r["name"], r["dtype"], r["mode"])
+
+    baseline = {key(r): r["time_ms"] for r in rows if r["provider"] == BASELINE and r["status"] == "ok"}
+    for r in rows:
+        ref = baseline.get(key(r))
+        if r["status"] == "ok" and ref:
+            r["speedup_vs_sdpa"] = ref / r["time_ms"]
+
+
+# --------------------------------------------------------------------------------------- memory
+@dataclass
+class MemoryConfig:
+    """What one ``fastattn memory`` run measures."""
+
+    device: torch.device
+    kind: str = "dense"
+    batch: int = 1
+    heads: int = 4
+    head_dim: int = 64
+    dtype: str = "fp32"
+    seq_lens: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
+    modes: tuple[str, ...] = ("fwd", "fwd+bwd")
+    budget_bytes: int = 4 << 30
+    providers: list[str] | None = None
+
+
+def memory_config(quick: bool = True, device: str | None = None, *, providers=None, kind: str = "dense",
+                  seq_lens: list[int] | None = None, dtype: str | None = None,
+                  budget_gib: float | None = None) -> MemoryConfig:
+    """The memory-profile preset (``quick`` or full) for ``device``, with the CLI's overrides."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if kind not in WORKLOAD_KINDS or kind == "block_sparse":
+        raise ValueError(f"--workloads for memory must be one of dense, causal, window, gqa; got {kind!r}")
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        lens = (1024, 4096, 16384) if quick else tuple(1024 << i for i in range(8))  # 1k .. 128k
+        cfg = MemoryConfig(device, kind, 1, 16, 128, "bf16", lens, budget_bytes=int(total * 0.9))
+    else:
+        lens = (256, 512, 1024, 2048, 4096) if quick else tuple(256 << i for i in range(9))  # 256 .. 64k
+        cfg = MemoryConfig(device, kind, 1, 4, 64, "fp32", lens, budget_bytes=4 << 30)
+    if seq_lens:
+        cfg.seq_lens = tuple(sorted(seq_lens))
+    if dtype:
+        if dtype not in DTYPES:
+            raise ValueError(f"--dtypes: unknown {dtype!r}; choose from {', '.join(DTYPES)}")
+        cfg.dtype = dtype
+    if budget_gib is not None:
+        if budget_gib <= 0:
+            raise ValueError(f"--memory-budget must be > 0 GiB, got {budget_gib}")
+        cfg.budget_bytes = int(budget_gib * (1 << 30))
+    cfg.providers = providers
+    return cfg
+
+
+def _memory_workload(cfg: MemoryConfig, L: int) -> Workload:
+    heads_kv = max(1, cfg.heads // 4) if cfg.kind == "gqa" else cfg.heads
+    window = (min(256, L), 0) if cfg.kind == "window" else None
+    return Workload(cfg.kind, cfg.batch, cfg.heads, heads_kv, L, cfg.head_dim, window=window)
+
+
+def run_memory(cfg: MemoryConfig, progress: bool = True) -> dict:
+    """Peak memory of each provider's forward and forward+backward against sequence length.
+
+    Lengths go up in ``cfg.seq_lens`` until one runs out of memory (recorded as ``"oom"``) or,
+    extrapolating the growth of the last two lengths (quadratic until two are known), would exceed
+    ``cfg.budget_bytes`` (recorded as ``"over_budget"``) -- so a CPU run never eats the machine.
+    """
+    from .report import environment
+
+    providers, status = resolve(cfg.providers, cfg.device)
+    explicit = cfg.providers is not None
+    total = len(providers) * len(cfg.modes) * len(cfg.seq_lens)
+    bar = Progress(total, "fastattn memory", progress)
+    rows: list[dict] = []
+    started = time.perf_counter()
+    try:
+        for provider in providers:
+            for mode in cfg.modes:
+                history: list[tuple[int, int]] = []
+                stop: dict | None = None
+                for L in cfg.seq_lens:
+                    w = _memory_workload(cfg, L)
+                    row = {"provider": provider.name, **_workload_fields(w), "dtype": cfg.dtype, "mode": mode,
+                           "status": "ok", "peak_mem_bytes": None}
+                    predicted = _predict(history, L)
+                    if stop is None and predicted is not None and predicted > cfg.budget_bytes:
+                        stop = {"status": "over_budget",
+                                "reasons": [f"predicted peak {predicted / 2**30:.2f} GiB exceeds the budget "
+                                            f"{cfg.budget_bytes / 2**30:.2f} GiB (--memory-budget)"]}
+                    if stop is not None:
+                        row.update(stop)
+                    else:
+                        row.update(_measure_memory(provider, w, cfg, mode, explicit and provider.name != BASELINE))
+                        if row["status"] == "ok":
+                            history.append((L, row["peak_mem_bytes"]))
+                        elif row["status"] == "oom":
+                            stop = {"status": "oom", "reasons": [f"ran out of memory at L={L}"]}
+                    rows.append(row)
+                    bar.step(f"{provider.name} L={L} {mode}")
+            _free(cfg.device)
+    finally:
+        bar.close()
+    return {
+        "schema": SCHEMA,
+        "kind": "memory",
+        "preset": "memory",
+        "environment": environment(cfg.device),
+        "wall_time_s": round(time.perf_counter() - started, 2),
+        "memory": "peak bytes allocated during the call above what was live before it "
+        + ("(torch.cuda.max_memory_allocated)" if cfg.device.type == "cuda" else "(torch.profiler profile_memory)"),
+        "budget_bytes": cfg.budget_bytes,
+        "providers": status,
+        "results": rows,
+    }
+
+
+def _predict(history: list[tuple[int, int]], L: int) -> float | None:
+    """Peak bytes expected at length ``L`` from the measured ``(length, bytes)`` points."""
+    if not history:
+        return None
+    L1, m1 = history[-1]
+    if len(history) >= 2:
+        L0, m0 = history[-2]
+        exponent = math.log(max(m1, 1) / max(m0, 1)) / math.log(L1 / L0) if m0 > 0 and L1 != L0 else 2.0
+        exponent = min(max(exponent, 1.0), 2.0)
+    else:
+        exponent = 2.0
+    return m1 * (L / L1) ** exponent
+
+
+def _measure_memory(provider: Provider, w: Workload, cfg: MemoryConfig, mode: str, explicit: bool) -> dict:
+    case = run = fn = None
+    try:
+        case = make_case(w, DTYPES[cfg.dtype], cfg.device)
+        run = provider.build(case, explicit=explicit)
+        fn = mode_fn(run, mode)
+        fn()  # warm-up: one-time workspaces and compilation are not the attention's memory
+        return {"peak_mem_bytes": peak_memory(fn, cfg.device)}
+    except Unsupported as exc:
+        return {"status": "unsupported", "reasons": exc.reasons}
+    except Exception as exc:  # noqa: BLE001 -- recorded, never fatal
+        return {"status": "oom" if is_out_of_memory(exc) else "error", "error": _short_error(exc)}
+    finally:
+        del case, run, fn
+        _free(cfg.device)

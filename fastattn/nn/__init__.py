@@ -1,9 +1,52 @@
 """Drop-in attention modules and transformer building blocks that run on fastattn.
 
 * :class:`MultiheadAttention` (alias ``MultiHeadAttention``): ``torch.nn.MultiheadAttention``'s
-  interface and ``state_dict``.
+  interface and ``state_dict``; :class:`Attention` (+ :class:`KVCache`): the native batch-first
+  module (GQA, rotary/ALiBi, every mask kind, cached decoding).
+* Positions: :class:`SinusoidalPositionalEncoding`, :class:`LearnedPositionalEncoding`,
+  :class:`RotaryEmbedding` (fused Triton kernel on CUDA), :func:`alibi_slopes`,
+  :class:`RelativePositionBias`.
+* Blocks mirroring ``torch.nn``: :class:`FeedForward`, :class:`TransformerEncoderLayer`,
+  :class:`TransformerDecoderLayer`, :class:`TransformerEncoder`, :class:`TransformerDecoder`,
+  :class:`Transformer`; and :class:`Seq2SeqTransformer`, the token-level encoder-decoder.
 """
 
+from .attention import Attention, KVCache
 from .multihead import MultiheadAttention, MultiHeadAttention
+from .positional import (
+    LearnedPositionalEncoding,
+    RelativePositionBias,
+    RotaryEmbedding,
+    SinusoidalPositionalEncoding,
+    alibi_slopes,
+    apply_rotary,
+)
+from .transformer import (
+    FeedForward,
+    Seq2SeqTransformer,
+    Transformer,
+    TransformerDecoder,
+    TransformerDecoderLayer,
+    TransformerEncoder,
+    TransformerEncoderLayer,
+)
 
-__all__ = ["MultiHeadAttention", "MultiheadAttention"]
+__all__ = [
+    "Attention",
+    "FeedForward",
+    "KVCache",
+    "LearnedPositionalEncoding",
+    "MultiHeadAttention",
+    "MultiheadAttention",
+    "RelativePositionBias",
+    "RotaryEmbedding",
+    "Seq2SeqTransformer",
+    "SinusoidalPositionalEncoding",
+    "Transformer",
+    "TransformerDecoder",
+    "TransformerDecoderLayer",
+    "TransformerEncoder",
+    "TransformerEncoderLayer",
+    "alibi_slopes",
+    "apply_rotary",
+]

@@ -179,7 +179,7 @@ class Attention(nn.Module):
             window=self.window,
             block_mask=block_mask,
             attn_mask=attn_mask,
-            alibi_slopes=self.alibi_slopes,
+            alibi_slopes=None if self.alibi_slopes is None else self.alibi_slopes.float(),  # .to(dtype) casts buffers
             softcap=self.softcap,
             dropout_p=self.dropout if self.training else 0.0,
             key_lengths=key_lengths,

@@ -1,0 +1,106 @@
+// fastattn::attention_bwd for CUDA tensors: delta = rowsum(dO * O), then dK/dV per key tile and
+// dQ per query tile (two kernels, no atomics: deterministic).
+#include "attention_host.h"
+
+namespace fastattn {
+namespace cuda {
+namespace {
+
+constexpr int kDkdvBlockN = 64;  // keys per CTA (16 per warp)
+constexpr int kDqBlockM = 64;    // query rows per CTA (16 per warp)
+
+// The inner tile shrinks at head dim 128 to keep the float32 accumulators in registers.
+constexpr int dkdv_block_m(int head_dim) { return head_dim <= 64 ? 64 : 32; }
+constexpr int dq_block_n(int head_dim) { return head_dim <= 64 ? 64 : 32; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+    const at::Tensor& dout_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse_in, const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& key_lengths, const std::optional<at::Tensor>& query_lengths,
+    const std::optional<at::Tensor>& kv_num_blocks, const std::optional<at::Tensor>& kv_indices,
+    const std::optional<at::Tensor>& full_kv_num_blocks, const std::optional<at::Tensor>& full_kv_indices,
+    const std::optional<at::Tensor>& q_num_blocks, const std::optional<at::Tensor>& q_indices,
+    const std::optional<at::Tensor>& full_q_num_blocks, const std::optional<at::Tensor>& full_q_indices,
+    int64_t block_size_q, int64_t block_size_k, double scale, std::optional<int64_t> window_left,
+    std::optional<int64_t> window_right, double softcap, double dropout_p, int64_t seed, bool compute_dbias) {
+  (void)seed;  // dropout is refused in prepare()
+  const at::cuda::CUDAGuard device_guard(q.device());
+  TORCH_CHECK(!compute_dbias,
+              "compute_dbias must be false: the CUDA kernels do not compute the gradient of an additive attn_mask");
+  PreparedInputs in = prepare(q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, block_size_q,
+                              block_size_k, scale, window_left, window_right, softcap, dropout_p);
+  const AttentionShape& s = in.shape;
+  AttentionParams& p = in.params;
+  const auto qkv_shape = at::IntArrayRef({s.batch, s.heads_q, s.seqlen_q, s.head_dim});
+  TORCH_CHECK(dout_in.sizes() == qkv_shape, "dout must have q's shape ", qkv_shape, ", got ", dout_in.sizes());
+  TORCH_CHECK(out.sizes() == qkv_shape, "out must have q's shape ", qkv_shape, ", got ", out.sizes());
+  TORCH_CHECK(dout_in.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "dout and out must have q's dtype ", q.scalar_type(), ", got ", dout_in.scalar_type(), " and ",
+              out.scalar_type());
+  check_same_device(dout_in, q, "dout");
+  check_same_device(out, q, "out");
+  check_same_device(lse_in, q, "lse");
+  check_last_dim_contiguous(dout_in, "dout");
+  check_last_dim_contiguous(out, "out");
+  TORCH_CHECK(lse_in.scalar_type() == at::kFloat, "lse must be float32, got ", lse_in.scalar_type());
+  FASTATTN_CHECK_SHAPE(lse_in, s.batch, s.heads_q, s.seqlen_q);
+
+  if (p.use_block_lists) {
+    const int64_t nqb = ceil_div(s.seqlen_q, block_size_q), nkb = ceil_div(s.seqlen_k, block_size_k);
+    p.kv_lists = make_lists(q, s, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, nqb, nkb,
+                            "kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices");
+    p.q_lists = make_lists(q, s, q_num_blocks, q_indices, full_q_num_blocks, full_q_indices, nkb, nqb,
+                           "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices");
+  } else {
+    TORCH_CHECK(!kv_num_blocks.has_value() && !full_kv_num_blocks.has_value() && !q_num_blocks.has_value() &&
+                    !full_q_num_blocks.has_value(),
+                "block lists were given without block_size_q/block_size_k");
+  }
+
+  // dout is read with 16-byte row loads; lse and delta are indexed densely (B * Hq * Lq floats).
+  const at::Tensor dout = rows_aligned(dout_in);
+  const at::Tensor lse = lse_in.contiguous();
+  at::Tensor delta = at::empty({s.batch, s.heads_q, s.seqlen_q}, q.options().dtype(at::kFloat));
+  at::Tensor dq = at::empty({s.batch, s.heads_q, s.seqlen_q, s.head_dim}, q.options());
+  at::Tensor dk = at::empty({s.batch, s.heads_kv, s.seqlen_k, s.head_dim}, q.options());
+  at::Tensor dv = at::empty({s.batch, s.heads_kv, s.seqlen_k, s.head_dim}, q.options());
+  p.out = const_cast<void*>(out.data_ptr());
+  set_strides(p.out_stride, out);
+  p.dout = dout.data_ptr();
+  set_strides(p.dout_stride, dout);
+  p.lse = const_cast<float*>(lse.data_ptr<float>());
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  set_strides(p.dq_stride, dq);
+  set_strides(p.dk_stride, dk);
+  set_strides(p.dv_stride, dv);
+
+  const int64_t rows = s.batch * s.heads_q * s.seqlen_q;
+  const dim3 delta_grid(static_cast<unsigned>(ceil_div(rows, kWarps)));
+  const dim3 dkdv_grid(static_cast<unsigned>(ceil_div(s.seqlen_k, kDkdvBlockN)), static_cast<unsigned>(s.heads_kv),
+                       static_cast<unsigned>(s.batch));
+  const dim3 dq_grid(static_cast<unsigned>(ceil_div(s.seqlen_q, kDqBlockM)), static_cast<unsigned>(s.heads_q),
+                     static_cast<unsigned>(s.batch));
+  FASTATTN_CUDA_DISPATCH(q.scalar_type(), s.head_dim, [&] {
+    if (rows > 0) {
+      attention_bwd_delta_kernel<T><<<delta_grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p, kHeadDim);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    constexpr int kDkdvBlockM = dkdv_block_m(kHeadDim);
+    const int dkdv_smem = (2 * kDkdvBlockN + 2 * kDkdvBlockM) * (kHeadDim + 8) * static_cast<int>(sizeof(T)) +
+                          2 * kDkdvBlockM * static_cast<int>(sizeof(float));
+    launch(attention_bwd_dkdv_kernel<T, kHeadDim, kDkdvBlockN, kDkdvBlockM>, dkdv_grid, dkdv_smem, p);
+    constexpr int kDqBlockN = dq_block_n(kHeadDim);
+    const int dq_smem = (2 * kDqBlockM + 2 * kDqBlockN) * (kHeadDim + 8) * static_cast<int>(sizeof(T));
+    launch(attention_bwd_dq_kernel<T, kHeadDim, kDqBlockM, kDqBlockN>, dq_grid, dq_smem, p);
+  });
+  return {dq, dk, dv, q.new_empty({0})};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fastattn
+
+TORCH_LIBRARY_IMPL(fastattn, CUDA, m) { m.impl("attention_bwd", TORCH_FN(fastattn::cuda::attention_bwd_cuda)); }

@@ -1,0 +1,209 @@
+// Host side shared by the CUDA forward and backward ops: input checks (reusing csrc/checks.h),
+// AttentionParams from tensors, the dtype / head-dim switch and the launch helper.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+
+#include "attention_kernels.cuh"
+#include "checks.h"
+
+namespace fastattn {
+namespace cuda {
+
+// Tiles of the shipped kernels (see docs/cuda-kernels.md); a BlockMask's block sizes must be
+// multiples of kMaskTileMultiple so that every kernel tile lies inside one mask block.
+constexpr int kMaskTileMultiple = 64;
+
+// The one switch over the instantiated dtypes and head dims (flash-attention's static_switch).
+#define FASTATTN_CUDA_DISPATCH(DTYPE, HEAD_DIM, ...)                   \
+  [&] {                                                               \
+    if ((DTYPE) == at::kHalf) {                                       \
+      using T = __half;                                               \
+      if ((HEAD_DIM) == 64) {                                         \
+        constexpr int kHeadDim = 64;                                  \
+        return __VA_ARGS__();                                         \
+      } else {                                                        \
+        constexpr int kHeadDim = 128;                                 \
+        return __VA_ARGS__();                                         \
+      }                                                               \
+    } else {                                                          \
+      using T = __nv_bfloat16;                                        \
+      if ((HEAD_DIM) == 64) {                                         \
+        constexpr int kHeadDim = 64;                                  \
+        return __VA_ARGS__();                                         \
+      } else {                                                        \
+        constexpr int kHeadDim = 128;                                 \
+        return __VA_ARGS__();                                         \
+      }                                                               \
+    }                                                                 \
+  }()
+
+// Launches `kernel` with kThreads threads and `smem` bytes of dynamic shared memory on the
+// current stream, opting in to more than 48 KiB where needed, and checks the launch.
+template <typename Kernel>
+inline void launch(Kernel kernel, dim3 grid, int smem, const AttentionParams& p) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
+  if (smem > 48 * 1024) {
+    const auto* prop = at::cuda::getCurrentDeviceProperties();
+    TORCH_CHECK(static_cast<size_t>(smem) <= prop->sharedMemPerBlockOptin, "fastattn CUDA kernel needs ", smem,
+                " bytes of shared memory per block, the device offers ", prop->sharedMemPerBlockOptin);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  }
+  kernel<<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The kernels read rows with 16-byte loads. A tensor whose rows are not 16-byte aligned (an
+// offset view, an odd row stride) is copied once into a fresh contiguous buffer -- the only copy.
+inline at::Tensor rows_aligned(const at::Tensor& t) {
+  const bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % 8 == 0 &&
+                       t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0;
+  return aligned ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+inline void set_strides(int64_t out[3], const at::Tensor& t) {
+  for (int d = 0; d < 3; ++d) out[d] = t.stride(d);
+}
+
+// Strides of a (possibly broadcast) tensor, 0 on dimensions of size 1.
+inline int64_t broadcast_stride(const at::Tensor& t, int d) { return t.size(d) == 1 ? 0 : t.stride(d); }
+
+inline void check_lists_broadcast(const std::optional<at::Tensor>& num, const AttentionShape& s, const char* name) {
+  if (!num.has_value()) return;
+  TORCH_CHECK((num->size(0) == 1 || num->size(0) == s.batch) && (num->size(1) == 1 || num->size(1) == s.heads_q),
+              name, " must have (B, H) = (1 or ", s.batch, ", 1 or ", s.heads_q, "), got ", num->sizes());
+}
+
+// Checks and fills a BlockLists from the four list tensors of one direction.
+inline BlockLists make_lists(const at::Tensor& q, const AttentionShape& s, const std::optional<at::Tensor>& num,
+                             const std::optional<at::Tensor>& idx, const std::optional<at::Tensor>& full_num,
+                             const std::optional<at::Tensor>& full_idx, int64_t rows, int64_t cols,
+                             const char* num_name, const char* idx_name, const char* full_num_name,
+                             const char* full_idx_name) {
+  check_block_lists(q, num, idx, rows, cols, num_name, idx_name);
+  check_block_lists(q, full_num, full_idx, rows, cols, full_num_name, full_idx_name);
+  TORCH_CHECK(num.has_value() && full_num.has_value(), num_name, " and ", full_num_name,
+              " must be given together (a BlockMask passes both)");
+  check_lists_broadcast(num, s, num_name);
+  check_lists_broadcast(full_num, s, full_num_name);
+  BlockLists l;
+  l.num = num->data_ptr<int>();
+  l.idx = idx->data_ptr<int>();
+  l.full_num = full_num->data_ptr<int>();
+  l.full_idx = full_idx->data_ptr<int>();
+  for (int d = 0; d < 3; ++d) {
+    l.num_stride[d] = broadcast_stride(*num, d);
+    l.full_num_stride[d] = broadcast_stride(*full_num, d);
+  }
+  for (int d = 0; d < 4; ++d) {
+    l.idx_stride[d] = broadcast_stride(*idx, d);
+    l.full_idx_stride[d] = broadcast_stride(*full_idx, d);
+  }
+  l.cols = static_cast<int>(cols);
+  return l;
+}
+
+// The inputs of one call, checked, with the tensors the kernels read kept alive.
+struct PreparedInputs {
+  at::Tensor q, k, v, key_lengths, query_lengths;
+  AttentionShape shape;
+  AttentionParams params;
+};
+
+inline PreparedInputs prepare(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                              const std::optional<at::Tensor>& attn_mask,
+                              const std::optional<at::Tensor>& alibi_slopes,
+                              const std::optional<at::Tensor>& key_lengths,
+                              const std::optional<at::Tensor>& query_lengths, int64_t block_size_q,
+                              int64_t block_size_k, double scale, std::optional<int64_t> window_left,
+                              std::optional<int64_t> window_right, double softcap, double dropout_p) {
+  TORCH_CHECK(q_in.is_cuda(), "q must be a CUDA tensor, got device ", q_in.device());
+  TORCH_CHECK(q_in.scalar_type() == at::kHalf || q_in.scalar_type() == at::kBFloat16,
+              "q must be float16 or bfloat16 for the CUDA kernels, got ", q_in.scalar_type());
+  const AttentionShape s = check_qkv(q_in, k_in, v_in);
+  check_optionals(s, q_in, attn_mask, alibi_slopes, key_lengths, query_lengths);
+  TORCH_CHECK(s.head_dim == 64 || s.head_dim == 128, "head_dim (q.size(-1)) must be 64 or 128 for the CUDA kernels, got ",
+              s.head_dim);
+  TORCH_CHECK(s.head_dim_v == s.head_dim, "v must have q's head_dim ", s.head_dim, " for the CUDA kernels, got ",
+              s.head_dim_v);
+  TORCH_CHECK(s.seqlen_q < (1 << 29) && s.seqlen_k < (1 << 29), "seqlen_q and seqlen_k must be below 2^29, got ",
+              s.seqlen_q, " and ", s.seqlen_k);
+  TORCH_CHECK(s.batch <= 65535 && s.heads_q <= 65535, "batch and heads must be at most 65535, got ", s.batch,
+              " and ", s.heads_q);
+  TORCH_CHECK(dropout_p == 0.0, "dropout_p must be 0: the CUDA kernels do not implement dropout, got ", dropout_p);
+  TORCH_CHECK(softcap >= 0.0, "softcap must be >= 0, got ", softcap);
+  if (attn_mask.has_value()) {
+    const auto t = attn_mask->scalar_type();
+    TORCH_CHECK(t == at::kBool || t == at::kHalf || t == at::kBFloat16 || t == at::kFloat,
+                "attn_mask must be bool, float16, bfloat16 or float32 for the CUDA kernels, got ", t);
+  }
+
+  PreparedInputs in;
+  in.shape = s;
+  // Each tensor the kernels read with 16-byte loads must have aligned rows.
+  in.q = rows_aligned(q_in);
+  in.k = rows_aligned(k_in);
+  in.v = rows_aligned(v_in);
+  AttentionParams& p = in.params;
+  p.q = in.q.data_ptr();
+  p.k = in.k.data_ptr();
+  p.v = in.v.data_ptr();
+  set_strides(p.q_stride, in.q);
+  set_strides(p.k_stride, in.k);
+  set_strides(p.v_stride, in.v);
+  p.batch = static_cast<int>(s.batch);
+  p.heads_q = static_cast<int>(s.heads_q);
+  p.heads_kv = static_cast<int>(s.heads_kv);
+  p.group = static_cast<int>(s.heads_q / s.heads_kv);
+  p.seqlen_q = static_cast<int>(s.seqlen_q);
+  p.seqlen_k = static_cast<int>(s.seqlen_k);
+  p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(softcap);
+  p.inv_softcap = softcap > 0.0 ? static_cast<float>(1.0 / softcap) : 0.f;
+  // |i + offset - j| <= Lq + Lk, so clamping a window to that range changes no visibility.
+  const int64_t limit = s.seqlen_q + s.seqlen_k + 1;
+  p.has_window_left = window_left.has_value();
+  p.has_window_right = window_right.has_value();
+  p.window_left = static_cast<int>(std::clamp<int64_t>(window_left.value_or(0), -limit, limit));
+  p.window_right = static_cast<int>(std::clamp<int64_t>(window_right.value_or(0), -limit, limit));
+  // Lengths are (B,) int32; a strided view is copied (B integers) so the kernels index them densely.
+  if (key_lengths.has_value()) {
+    in.key_lengths = key_lengths->contiguous();
+    p.key_lengths = in.key_lengths.data_ptr<int>();
+  }
+  if (query_lengths.has_value()) {
+    in.query_lengths = query_lengths->contiguous();
+    p.query_lengths = in.query_lengths.data_ptr<int>();
+  }
+  if (alibi_slopes.has_value()) {
+    p.alibi = alibi_slopes->data_ptr<float>();
+    p.alibi_stride[0] = broadcast_stride(*alibi_slopes, 0);
+    p.alibi_stride[1] = broadcast_stride(*alibi_slopes, 1);
+  }
+  if (attn_mask.has_value()) {
+    const auto t = attn_mask->scalar_type();
+    p.mask = attn_mask->data_ptr();
+    p.mask_kind = t == at::kBool ? kBoolMask : t == at::kHalf ? kHalfMask : t == at::kBFloat16 ? kBFloat16Mask : kFloatMask;
+    for (int d = 0; d < 4; ++d) p.mask_stride[d] = broadcast_stride(*attn_mask, d);
+  }
+  if (block_size_q > 0 || block_size_k > 0) {
+    TORCH_CHECK(block_size_q > 0 && block_size_k > 0 && block_size_q % kMaskTileMultiple == 0 &&
+                    block_size_k % kMaskTileMultiple == 0,
+                "the CUDA kernels need BlockMask block sizes that are multiples of ", kMaskTileMultiple,
+                ", got (block_size_q, block_size_k) = (", block_size_q, ", ", block_size_k, ")");
+    p.use_block_lists = true;
+    p.mask_block_q = static_cast<int>(block_size_q);
+    p.mask_block_k = static_cast<int>(block_size_k);
+  }
+  return in;
+}
+
+}  // namespace cuda
+}  // namespace fastattn

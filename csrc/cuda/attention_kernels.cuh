@@ -1,0 +1,610 @@
+// Tensor-core attention kernels (mma.sync m16n8k16, sm_80+): forward, and the deterministic
+// backward (delta = rowsum(dO * O), dK/dV per key tile, dQ per query tile). See docs/cuda-kernels.md.
+//
+// Every kernel runs 4 warps; each warp owns 16 rows of the tile it accumulates (query rows in the
+// forward and dQ kernels, key rows in the dK/dV kernel). Scores, softmax statistics and
+// accumulators are float32; the probabilities and dS are rounded to the input dtype for the
+// second product, as flash-attention does.
+#pragma once
+
+#include <math_constants.h>
+#include <stdint.h>
+
+#include "mma.cuh"
+
+namespace fastattn {
+namespace cuda {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+enum MaskKind : int { kNoMask = 0, kBoolMask = 1, kHalfMask = 2, kBFloat16Mask = 3, kFloatMask = 4 };
+
+// One BlockMask's tile lists (fastattn/block_mask.py): counts (B|1, H|1, rows) and indices
+// (B|1, H|1, rows, cols), int32; strides are 0 on broadcast dimensions.
+struct BlockLists {
+  const int* num = nullptr;
+  const int* idx = nullptr;
+  const int* full_num = nullptr;
+  const int* full_idx = nullptr;
+  int64_t num_stride[3] = {0, 0, 0};
+  int64_t idx_stride[4] = {0, 0, 0, 0};
+  int64_t full_num_stride[3] = {0, 0, 0};
+  int64_t full_idx_stride[4] = {0, 0, 0, 0};
+  int cols = 0;  // entries per row of idx
+};
+
+struct AttentionParams {
+  // pointers (T = the input dtype)
+  const void* q = nullptr;   // (B, Hq, Lq, D)
+  const void* k = nullptr;   // (B, Hkv, Lk, D)
+  const void* v = nullptr;   // (B, Hkv, Lk, D)
+  void* out = nullptr;       // (B, Hq, Lq, D): written by the forward, read by the delta kernel
+  float* lse = nullptr;      // (B, Hq, Lq) contiguous, natural log
+  const void* dout = nullptr;  // (B, Hq, Lq, D)
+  float* delta = nullptr;    // (B, Hq, Lq) contiguous
+  void* dq = nullptr;        // (B, Hq, Lq, D)
+  void* dk = nullptr;        // (B, Hkv, Lk, D)
+  void* dv = nullptr;        // (B, Hkv, Lk, D)
+  // strides in elements: batch, head, row (the last stride is 1)
+  int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3], dout_stride[3], dq_stride[3], dk_stride[3],
+      dv_stride[3];
+  // sizes
+  int batch, heads_q, heads_kv, group, seqlen_q, seqlen_k;
+  // score transformations
+  float scale, softcap, inv_softcap;
+  bool has_window_left, has_window_right;
+  int window_left, window_right;  // clamped to +-(Lq + Lk + 1) on the host
+  const int* key_lengths = nullptr;    // (B,) or null
+  const int* query_lengths = nullptr;  // (B,) or null
+  const float* alibi = nullptr;        // (B, Hq) or null
+  int64_t alibi_stride[2] = {0, 0};
+  const void* mask = nullptr;  // (B, Hq, Lq, Lk) bool or additive float, any strides
+  int mask_kind = kNoMask;
+  int64_t mask_stride[4] = {0, 0, 0, 0};
+  // block-sparse tile lists; block sizes are multiples of the kernel tiles (checked on the host)
+  bool use_block_lists = false;
+  int mask_block_q = 0, mask_block_k = 0;
+  BlockLists kv_lists;  // per query block: key blocks (forward, dQ)
+  BlockLists q_lists;   // per key block: query blocks (dK/dV)
+};
+
+// What one (batch, query head) sees: valid lengths, the diagonal offset, its ALiBi slope and mask.
+struct HeadContext {
+  int qlen, klen, offset;
+  float slope;
+  const unsigned char* mask;  // at (b, hq), in bytes
+};
+
+__device__ __forceinline__ HeadContext head_context(const AttentionParams& p, int b, int hq) {
+  HeadContext c;
+  c.qlen = p.query_lengths ? p.query_lengths[b] : p.seqlen_q;
+  c.klen = p.key_lengths ? p.key_lengths[b] : p.seqlen_k;
+  // The lengths were range-checked by the Python API; clamp anyway so a raw op call cannot read out of bounds.
+  c.qlen = min(max(c.qlen, 0), p.seqlen_q);
+  c.klen = min(max(c.klen, 0), p.seqlen_k);
+  c.offset = c.klen - c.qlen;
+  c.slope = p.alibi ? p.alibi[b * p.alibi_stride[0] + hq * p.alibi_stride[1]] : 0.f;
+  c.mask = nullptr;
+  if (p.mask_kind != kNoMask) {
+    const int elem = p.mask_kind == kBoolMask ? 1 : (p.mask_kind == kFloatMask ? 4 : 2);
+    c.mask = static_cast<const unsigned char*>(p.mask) + (b * p.mask_stride[0] + hq * p.mask_stride[1]) * elem;
+  }
+  return c;
+}
+
+// The score of query i and key j from the raw dot product `acc`, in the reference's order:
+// scale, softcap, ALiBi, additive mask; -inf where (i, j) is not visible. `dcap` receives the
+// softcap derivative d(score)/d(scale * q.k) (1 without softcap). The element mask applies to
+// every tile without a BlockMask and to its partial tiles only with one (`use_mask`).
+__device__ __forceinline__ float masked_score(const AttentionParams& p, const HeadContext& c, float acc, int i, int j,
+                                              bool use_mask, float* dcap) {
+  bool visible = i < c.qlen && j < c.klen;
+  if (p.has_window_left) visible = visible && j >= i + c.offset - p.window_left;
+  if (p.has_window_right) visible = visible && j <= i + c.offset + p.window_right;
+  float s = acc * p.scale;
+  float d = 1.f;
+  if (p.softcap > 0.f) {
+    const float th = tanhf(s * p.inv_softcap);
+    s = p.softcap * th;
+    d = 1.f - th * th;
+  }
+  if (p.alibi) s -= c.slope * fabsf(static_cast<float>(i + c.offset - j));
+  if (use_mask && c.mask != nullptr && visible) {
+    const int64_t o = (int64_t)i * p.mask_stride[2] + (int64_t)j * p.mask_stride[3];
+    switch (p.mask_kind) {
+      case kBoolMask:
+        visible = c.mask[o] != 0;
+        break;
+      case kHalfMask:
+        s += __half2float(reinterpret_cast<const __half*>(c.mask)[o]);
+        break;
+      case kBFloat16Mask:
+        s += __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(c.mask)[o]);
+        break;
+      default:
+        s += reinterpret_cast<const float*>(c.mask)[o];
+        break;
+    }
+  }
+  *dcap = d;
+  return visible ? s : -CUDART_INF_F;
+}
+
+// The tiles a CTA visits: the visible band [lo, hi] (inclusive), optionally intersected with a
+// BlockMask's lists (each mask block spans `sub` kernel tiles).
+struct TileRange {
+  int lo = 0, hi = -1;
+  bool lists = false;
+  const int* partial = nullptr;
+  const int* full = nullptr;
+  int64_t partial_stride = 1, full_stride = 1;
+  int num_partial = 0, num_full = 0, sub = 1;
+
+  __device__ __forceinline__ int count() const {
+    if (hi < lo) return 0;
+    return lists ? (num_partial + num_full) * sub : hi - lo + 1;
+  }
+  // The tile of step `it`, or -1 when that step is outside the band; `masked` tells whether the
+  // element mask applies to it (always without lists; for the partial-list tiles with them).
+  __device__ __forceinline__ int tile(int it, bool* masked) const {
+    *masked = true;
+    if (!lists) return lo + it;
+    const int e = it / sub;
+    *masked = e < num_partial;
+    const int block = e < num_partial ? partial[e * partial_stride] : full[(e - num_partial) * full_stride];
+    const int tile = block * sub + it % sub;
+    return (tile >= lo && tile <= hi) ? tile : -1;
+  }
+};
+
+// Restricts `r` to the lists of block `row` of (b, h).
+__device__ __forceinline__ void apply_lists(TileRange& r, const BlockLists& l, int b, int h, int row, int sub) {
+  r.lists = true;
+  r.sub = sub;
+  const int64_t n = b * l.num_stride[0] + h * l.num_stride[1] + row * l.num_stride[2];
+  const int64_t fn = b * l.full_num_stride[0] + h * l.full_num_stride[1] + row * l.full_num_stride[2];
+  r.num_partial = min(max(l.num[n], 0), l.cols);
+  r.num_full = min(max(l.full_num[fn], 0), l.cols);
+  r.partial = l.idx + b * l.idx_stride[0] + h * l.idx_stride[1] + row * l.idx_stride[2];
+  r.full = l.full_idx + b * l.full_idx_stride[0] + h * l.full_idx_stride[1] + row * l.full_idx_stride[2];
+  r.partial_stride = l.idx_stride[3];
+  r.full_stride = l.full_idx_stride[3];
+}
+
+// Key tiles (of BN keys) seen by query rows [m0, m0 + BM) of head (b, hq).
+template <int BM, int BN>
+__device__ __forceinline__ TileRange key_tiles(const AttentionParams& p, const HeadContext& c, int b, int hq, int m0) {
+  TileRange r;
+  const int row_hi = min(m0 + BM, c.qlen) - 1;
+  if (row_hi < m0 || c.klen == 0) return r;
+  int j_lo = 0, j_hi = c.klen - 1;
+  if (p.has_window_left) j_lo = max(j_lo, m0 + c.offset - p.window_left);
+  if (p.has_window_right) j_hi = min(j_hi, row_hi + c.offset + p.window_right);
+  if (j_hi < j_lo) return r;
+  r.lo = j_lo / BN;
+  r.hi = j_hi / BN;
+  if (p.use_block_lists) apply_lists(r, p.kv_lists, b, hq, m0 / p.mask_block_q, p.mask_block_k / BN);
+  return r;
+}
+
+// Query tiles (of BM queries) that see keys [n0, n0 + BN) of head (b, hq).
+template <int BM, int BN>
+__device__ __forceinline__ TileRange query_tiles(const AttentionParams& p, const HeadContext& c, int b, int hq,
+                                                 int n0) {
+  TileRange r;
+  const int col_hi = min(n0 + BN, c.klen) - 1;
+  if (col_hi < n0 || c.qlen == 0) return r;
+  int i_lo = 0, i_hi = c.qlen - 1;
+  if (p.has_window_right) i_lo = max(i_lo, n0 - c.offset - p.window_right);
+  if (p.has_window_left) i_hi = min(i_hi, col_hi - c.offset + p.window_left);
+  if (i_hi < i_lo) return r;
+  r.lo = i_lo / BM;
+  r.hi = i_hi / BM;
+  if (p.use_block_lists) apply_lists(r, p.q_lists, b, hq, n0 / p.mask_block_k, p.mask_block_q / BM);
+  return r;
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Forward. Grid (ceil(Lq / BM), Hq, B); CTA = BM query rows of one head; loops over key tiles.
+// Shared memory: Q (BM, D + 8), K (BN, D + 8), V (BN, D + 8).
+template <typename T, int D, int BM, int BN>
+__global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const AttentionParams p) {
+  static_assert(BM == 16 * kWarps, "one warp per 16 query rows");
+  static_assert(D % 16 == 0 && BN % 16 == 0, "tiles are multiples of the 16 x 16 mma step");
+  constexpr int kLd = D + 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);  // [BM, D]
+  T* sK = sQ + BM * kLd;               // [BN, D]
+  T* sV = sK + BN * kLd;               // [BN, D]
+
+  const int m_block = blockIdx.x, hq = blockIdx.y, b = blockIdx.z;
+  const int hk = hq / p.group;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int m0 = m_block * BM;
+  const HeadContext c = head_context(p, b, hq);
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + hq * p.q_stride[1];
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
+  load_tile<T, BM, D, kThreads>(sQ, q, p.q_stride[2], m0, p.seqlen_q, tid);
+
+  const TileRange range = key_tiles<BM, BN>(p, c, b, hq, m0);
+  float acc[D / 8][4];  // [16, D] of this warp's output rows
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+  float row_max[2] = {-CUDART_INF_F, -CUDART_INF_F};  // rows g and g + 8, log2 domain
+  float row_sum[2] = {0.f, 0.f};                      // this thread's share of the row sums
+
+  const int steps = range.count();
+  for (int it = 0; it < steps; ++it) {
+    bool masked;
+    const int n_block = range.tile(it, &masked);
+    if (n_block < 0) continue;  // uniform across the CTA
+    const int n0 = n_block * BN;
+    __syncthreads();  // the previous tile is consumed
+    load_tile<T, BN, D, kThreads>(sK, k, p.k_stride[2], n0, p.seqlen_k, tid);
+    load_tile<T, BN, D, kThreads>(sV, v, p.v_stride[2], n0, p.seqlen_k, tid);
+    __syncthreads();
+
+    float s[BN / 8][4];  // [16, BN] scores of this warp's rows
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[4];
+      load_a(a, sQ, kLd, warp * 16, kk * 16, g, t);
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt) {
+        uint32_t bb[2];
+        load_b_k_contiguous(bb, sK, kLd, nt * 8, kk * 16, g, t);
+        MmaTraits<T>::mma(s[nt], a, bb);
+      }
+    }
+
+    float tile_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = m0 + warp * 16 + g + (e / 2) * 8;
+        const int j = n0 + nt * 8 + 2 * t + (e % 2);
+        float dcap;
+        s[nt][e] = masked_score(p, c, s[nt][e], i, j, masked, &dcap) * kLog2e;
+        tile_max[e / 2] = fmaxf(tile_max[e / 2], s[nt][e]);
+      }
+    }
+    float base[2], alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float new_max = fmaxf(row_max[r], quad_max(tile_max[r]));
+      // A row that has seen nothing yet keeps a finite base, so no -inf - -inf appears.
+      base[r] = new_max == -CUDART_INF_F ? 0.f : new_max;
+      alpha[r] = exp2f(row_max[r] - base[r]);
+      row_max[r] = new_max;
+      row_sum[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] = exp2f(s[nt][e] - base[e / 2]);
+        row_sum[e / 2] += s[nt][e];
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      acc[nt][0] *= alpha[0];
+      acc[nt][1] *= alpha[0];
+      acc[nt][2] *= alpha[1];
+      acc[nt][3] *= alpha[1];
+    }
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      uint32_t a[4];
+      accumulator_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+      for (int nt = 0; nt < D / 8; ++nt) {
+        uint32_t bb[2];
+        load_b_n_contiguous(bb, sV, kLd, kk * 16, nt * 8, g, t);
+        MmaTraits<T>::mma(acc[nt], a, bb);
+      }
+    }
+  }
+
+  T* out = static_cast<T*>(p.out) + b * p.out_stride[0] + hq * p.out_stride[1];
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row_sum[r] = quad_sum(row_sum[r]);
+    inv[r] = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;  // rows that see nothing return 0
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = m0 + warp * 16 + g + r * 8;
+    if (i >= p.seqlen_q) continue;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      *reinterpret_cast<uint32_t*>(out + (int64_t)i * p.out_stride[2] + nt * 8 + 2 * t) =
+          MmaTraits<T>::pack(acc[nt][2 * r] * inv[r], acc[nt][2 * r + 1] * inv[r]);
+    }
+    if (t == 0) {
+      p.lse[((int64_t)b * p.heads_q + hq) * p.seqlen_q + i] =
+          row_sum[r] > 0.f ? (row_max[r] + log2f(row_sum[r])) * kLn2 : -CUDART_INF_F;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward preprocessing: delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d]. One warp per row.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) attention_bwd_delta_kernel(const AttentionParams p, int head_dim) {
+  const int64_t rows = (int64_t)p.batch * p.heads_q * p.seqlen_q;
+  const int64_t row = (int64_t)blockIdx.x * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const int i = static_cast<int>(row % p.seqlen_q);
+  const int h = static_cast<int>((row / p.seqlen_q) % p.heads_q);
+  const int b = static_cast<int>(row / ((int64_t)p.seqlen_q * p.heads_q));
+  const T* o = static_cast<const T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i * p.out_stride[2];
+  const T* d = static_cast<const T*>(p.dout) + b * p.dout_stride[0] + h * p.dout_stride[1] + i * p.dout_stride[2];
+  float sum = 0.f;
+  for (int x = lane; x < head_dim; x += 32) sum += MmaTraits<T>::to_float(o[x]) * MmaTraits<T>::to_float(d[x]);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  if (lane == 0) p.delta[row] = sum;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward dK, dV. Grid (ceil(Lk / BN), Hkv, B); CTA = BN keys of one key/value head; loops over
+// the query heads of its GQA group and their query tiles, so no other CTA writes its rows and the
+// sums run in a fixed order (deterministic). Each warp owns 16 keys and computes, transposed,
+//   S^T = K Q^T, dP^T = V dO^T, P^T = exp(S^T - lse), dS^T = P^T (dP^T - delta),
+//   dV += P^T dO, dK += scale * dX^T Q   (dX = dS * softcap derivative).
+// Shared memory: K, V (BN, D + 8), Q, dO (BM, D + 8), lse and delta (BM).
+template <typename T, int D, int BN, int BM>
+__global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const AttentionParams p) {
+  static_assert(BN == 16 * kWarps, "one warp per 16 keys");
+  static_assert(D % 16 == 0 && BM % 16 == 0, "tiles are multiples of the 16 x 16 mma step");
+  constexpr int kLd = D + 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sK = reinterpret_cast<T*>(smem);  // [BN, D]
+  T* sV = sK + BN * kLd;               // [BN, D]
+  T* sQ = sV + BN * kLd;               // [BM, D]
+  T* sdO = sQ + BM * kLd;              // [BM, D]
+  float* sLse = reinterpret_cast<float*>(sdO + BM * kLd);  // [BM], log2 domain
+  float* sDelta = sLse + BM;                               // [BM]
+
+  const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int n0 = n_block * BN;
+
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
+  load_tile<T, BN, D, kThreads>(sK, k, p.k_stride[2], n0, p.seqlen_k, tid);
+  load_tile<T, BN, D, kThreads>(sV, v, p.v_stride[2], n0, p.seqlen_k, tid);
+
+  float dk[D / 8][4], dv[D / 8][4];  // [16, D] of this warp's keys
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[nt][e] = dv[nt][e] = 0.f;
+  }
+
+  for (int hq = hk * p.group; hq < (hk + 1) * p.group; ++hq) {
+    const HeadContext c = head_context(p, b, hq);
+    const TileRange range = query_tiles<BM, BN>(p, c, b, hq, n0);
+    const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + hq * p.q_stride[1];
+    const T* dout = static_cast<const T*>(p.dout) + b * p.dout_stride[0] + hq * p.dout_stride[1];
+    const int64_t stats = ((int64_t)b * p.heads_q + hq) * p.seqlen_q;
+    const int steps = range.count();
+    for (int it = 0; it < steps; ++it) {
+      bool masked;
+      const int m_block = range.tile(it, &masked);
+      if (m_block < 0) continue;  // uniform across the CTA
+      const int m0 = m_block * BM;
+      __syncthreads();  // the previous query tile is consumed
+      load_tile<T, BM, D, kThreads>(sQ, q, p.q_stride[2], m0, p.seqlen_q, tid);
+      load_tile<T, BM, D, kThreads>(sdO, dout, p.dout_stride[2], m0, p.seqlen_q, tid);
+      for (int r = tid; r < BM; r += kThreads) {
+        const bool in = m0 + r < p.seqlen_q;
+        sLse[r] = in ? p.lse[stats + m0 + r] * kLog2e : -CUDART_INF_F;
+        sDelta[r] = in ? p.delta[stats + m0 + r] : 0.f;
+      }
+      __syncthreads();
+
+      float st[BM / 8][4], dpt[BM / 8][4];  // [16 keys, BM queries]
+#pragma unroll
+      for (int nt = 0; nt < BM / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.f;
+      }
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t ak[4], av[4];
+        load_a(ak, sK, kLd, warp * 16, kk * 16, g, t);
+        load_a(av, sV, kLd, warp * 16, kk * 16, g, t);
+#pragma unroll
+        for (int nt = 0; nt < BM / 8; ++nt) {
+          uint32_t bq[2], bdo[2];
+          load_b_k_contiguous(bq, sQ, kLd, nt * 8, kk * 16, g, t);
+          load_b_k_contiguous(bdo, sdO, kLd, nt * 8, kk * 16, g, t);
+          MmaTraits<T>::mma(st[nt], ak, bq);
+          MmaTraits<T>::mma(dpt[nt], av, bdo);
+        }
+      }
+      // P^T into st, scale * dX^T into dpt.
+#pragma unroll
+      for (int nt = 0; nt < BM / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int j = n0 + warp * 16 + g + (e / 2) * 8;
+          const int r = nt * 8 + 2 * t + (e % 2);
+          float dcap;
+          const float s = masked_score(p, c, st[nt][e], m0 + r, j, masked, &dcap);
+          const float lse = sLse[r];
+          const float prob = (s == -CUDART_INF_F || lse == -CUDART_INF_F) ? 0.f : exp2f(s * kLog2e - lse);
+          st[nt][e] = prob;
+          dpt[nt][e] = prob * (dpt[nt][e] - sDelta[r]) * dcap * p.scale;
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < BM / 16; ++kk) {
+        uint32_t ap[4], ads[4];
+        accumulator_to_a<T>(ap, st[2 * kk], st[2 * kk + 1]);
+        accumulator_to_a<T>(ads, dpt[2 * kk], dpt[2 * kk + 1]);
+#pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt) {
+          uint32_t bdo[2], bq[2];
+          load_b_n_contiguous(bdo, sdO, kLd, kk * 16, nt * 8, g, t);
+          load_b_n_contiguous(bq, sQ, kLd, kk * 16, nt * 8, g, t);
+          MmaTraits<T>::mma(dv[nt], ap, bdo);
+          MmaTraits<T>::mma(dk[nt], ads, bq);
+        }
+      }
+    }
+  }
+
+  T* dk_out = static_cast<T*>(p.dk) + b * p.dk_stride[0] + hk * p.dk_stride[1];
+  T* dv_out = static_cast<T*>(p.dv) + b * p.dv_stride[0] + hk * p.dv_stride[1];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int j = n0 + warp * 16 + g + r * 8;
+    if (j >= p.seqlen_k) continue;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      const int col = nt * 8 + 2 * t;
+      *reinterpret_cast<uint32_t*>(dk_out + (int64_t)j * p.dk_stride[2] + col) =
+          MmaTraits<T>::pack(dk[nt][2 * r], dk[nt][2 * r + 1]);
+      *reinterpret_cast<uint32_t*>(dv_out + (int64_t)j * p.dv_stride[2] + col) =
+          MmaTraits<T>::pack(dv[nt][2 * r], dv[nt][2 * r + 1]);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward dQ. Grid (ceil(Lq / BM), Hq, B); CTA = BM query rows of one head; loops over key tiles:
+//   S = Q K^T, dP = dO V^T, P = exp(S - lse), dQ += scale * (P (dP - delta) * softcap derivative) K.
+// Shared memory: Q, dO (BM, D + 8), K, V (BN, D + 8).
+template <typename T, int D, int BM, int BN>
+__global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const AttentionParams p) {
+  static_assert(BM == 16 * kWarps, "one warp per 16 query rows");
+  static_assert(D % 16 == 0 && BN % 16 == 0, "tiles are multiples of the 16 x 16 mma step");
+  constexpr int kLd = D + 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);  // [BM, D]
+  T* sdO = sQ + BM * kLd;              // [BM, D]
+  T* sK = sdO + BM * kLd;              // [BN, D]
+  T* sV = sK + BN * kLd;               // [BN, D]
+
+  const int m_block = blockIdx.x, hq = blockIdx.y, b = blockIdx.z;
+  const int hk = hq / p.group;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int m0 = m_block * BM;
+  const HeadContext c = head_context(p, b, hq);
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + hq * p.q_stride[1];
+  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_stride[0] + hq * p.dout_stride[1];
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
+  load_tile<T, BM, D, kThreads>(sQ, q, p.q_stride[2], m0, p.seqlen_q, tid);
+  load_tile<T, BM, D, kThreads>(sdO, dout, p.dout_stride[2], m0, p.seqlen_q, tid);
+
+  const int64_t stats = ((int64_t)b * p.heads_q + hq) * p.seqlen_q;
+  float lse[2], delta[2];  // rows g and g + 8 of this warp
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = m0 + warp * 16 + g + r * 8;
+    lse[r] = i < p.seqlen_q ? p.lse[stats + i] * kLog2e : -CUDART_INF_F;
+    delta[r] = i < p.seqlen_q ? p.delta[stats + i] : 0.f;
+  }
+
+  float dq[D / 8][4];  // [16, D] of this warp's rows
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) dq[nt][0] = dq[nt][1] = dq[nt][2] = dq[nt][3] = 0.f;
+
+  const TileRange range = key_tiles<BM, BN>(p, c, b, hq, m0);
+  const int steps = range.count();
+  for (int it = 0; it < steps; ++it) {
+    bool masked;
+    const int n_block = range.tile(it, &masked);
+    if (n_block < 0) continue;  // uniform across the CTA
+    const int n0 = n_block * BN;
+    __syncthreads();
+    load_tile<T, BN, D, kThreads>(sK, k, p.k_stride[2], n0, p.seqlen_k, tid);
+    load_tile<T, BN, D, kThreads>(sV, v, p.v_stride[2], n0, p.seqlen_k, tid);
+    __syncthreads();
+
+    float s[BN / 8][4], dp[BN / 8][4];  // [16, BN]
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
+    }
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t aq[4], ado[4];
+      load_a(aq, sQ, kLd, warp * 16, kk * 16, g, t);
+      load_a(ado, sdO, kLd, warp * 16, kk * 16, g, t);
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt) {
+        uint32_t bk[2], bv[2];
+        load_b_k_contiguous(bk, sK, kLd, nt * 8, kk * 16, g, t);
+        load_b_k_contiguous(bv, sV, kLd, nt * 8, kk * 16, g, t);
+        MmaTraits<T>::mma(s[nt], aq, bk);
+        MmaTraits<T>::mma(dp[nt], ado, bv);
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e / 2;
+        const int i = m0 + warp * 16 + g + r * 8;
+        const int j = n0 + nt * 8 + 2 * t + (e % 2);
+        float dcap;
+        const float sc = masked_score(p, c, s[nt][e], i, j, masked, &dcap);
+        const float prob = (sc == -CUDART_INF_F || lse[r] == -CUDART_INF_F) ? 0.f : exp2f(sc * kLog2e - lse[r]);
+        dp[nt][e] = prob * (dp[nt][e] - delta[r]) * dcap * p.scale;
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      uint32_t ads[4];
+      accumulator_to_a<T>(ads, dp[2 * kk], dp[2 * kk + 1]);
+#pragma unroll
+      for (int nt = 0; nt < D / 8; ++nt) {
+        uint32_t bk[2];
+        load_b_n_contiguous(bk, sK, kLd, kk * 16, nt * 8, g, t);
+        MmaTraits<T>::mma(dq[nt], ads, bk);
+      }
+    }
+  }
+
+  T* dq_out = static_cast<T*>(p.dq) + b * p.dq_stride[0] + hq * p.dq_stride[1];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = m0 + warp * 16 + g + r * 8;
+    if (i >= p.seqlen_q) continue;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      *reinterpret_cast<uint32_t*>(dq_out + (int64_t)i * p.dq_stride[2] + nt * 8 + 2 * t) =
+          MmaTraits<T>::pack(dq[nt][2 * r], dq[nt][2 * r + 1]);
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace fastattn

@@ -1,0 +1,128 @@
+// Warp-level tensor-core helpers for the attention kernels: mma.sync m16n8k16 (sm_80+) and the
+// loads that build its fragments from shared memory.
+//
+// Fragment layout of mma.sync.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"), with
+// g = lane / 4 (group) and t = lane % 4 (thread in group):
+//
+//   A (16 x 16, row-major), 4 x b32, each two elements of consecutive columns:
+//     a[0]: row g,     cols 2t, 2t+1        a[2]: row g,     cols 2t+8, 2t+9
+//     a[1]: row g + 8, cols 2t, 2t+1        a[3]: row g + 8, cols 2t+8, 2t+9
+//   B (16 x 8, k x n), 2 x b32, each two elements of consecutive k:
+//     b[0]: k 2t, 2t+1,   col g             b[1]: k 2t+8, 2t+9, col g
+//   C/D (16 x 8) float32, 4 floats:
+//     c[0], c[1]: row g,     cols 2t, 2t+1  c[2], c[3]: row g + 8, cols 2t, 2t+1
+//
+// The element with the lower index sits in the lower 16 bits of a b32 register.
+// Shared-memory tiles are row-major with a row stride of D + 8 elements: the 16-byte pad moves
+// consecutive rows 4 banks apart, so the 8 groups of a warp read 8 distinct bank quadruples.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace fastattn {
+namespace cuda {
+
+template <typename T>
+struct MmaTraits;
+
+template <>
+struct MmaTraits<__half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ void mma(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+
+template <>
+struct MmaTraits<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+  static __device__ __forceinline__ void mma(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+
+__device__ __forceinline__ uint32_t load_b32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+__device__ __forceinline__ uint32_t pack_b16(const void* lo, const void* hi) {
+  const uint32_t l = *reinterpret_cast<const uint16_t*>(lo);
+  const uint32_t h = *reinterpret_cast<const uint16_t*>(hi);
+  return l | (h << 16);
+}
+
+// A fragment of the 16 x 16 block at (row0, col0) of a row-major tile s with row stride ld.
+template <typename T>
+__device__ __forceinline__ void load_a(uint32_t a[4], const T* s, int ld, int row0, int col0, int g, int t) {
+  const T* p = s + (row0 + g) * ld + col0 + 2 * t;
+  a[0] = load_b32(p);
+  a[1] = load_b32(p + 8 * ld);
+  a[2] = load_b32(p + 8);
+  a[3] = load_b32(p + 8 * ld + 8);
+}
+
+// B fragment (k x n = 16 x 8) with B[k][n] = s[n0 + n][k0 + k]: the tile holds B transposed
+// (keys by head dim for Q K^T), so the pairs along k are consecutive in memory.
+template <typename T>
+__device__ __forceinline__ void load_b_k_contiguous(uint32_t b[2], const T* s, int ld, int n0, int k0, int g, int t) {
+  const T* p = s + (n0 + g) * ld + k0 + 2 * t;
+  b[0] = load_b32(p);
+  b[1] = load_b32(p + 8);
+}
+
+// B fragment (k x n = 16 x 8) with B[k][n] = s[k0 + k][n0 + n] (V in P V): the pairs along k
+// are one row apart, so each register is packed from two 16-bit loads.
+template <typename T>
+__device__ __forceinline__ void load_b_n_contiguous(uint32_t b[2], const T* s, int ld, int k0, int n0, int g, int t) {
+  const T* p = s + (k0 + 2 * t) * ld + n0 + g;
+  b[0] = pack_b16(p, p + ld);
+  b[1] = pack_b16(p + 8 * ld, p + 9 * ld);
+}
+
+// The A fragment of the 16 x 16 block made of accumulator tiles c[2kk] and c[2kk + 1]
+// (columns 16kk .. 16kk+15 of a 16-row accumulator), rounded to T.
+template <typename T>
+__device__ __forceinline__ void accumulator_to_a(uint32_t a[4], const float c0[4], const float c1[4]) {
+  a[0] = MmaTraits<T>::pack(c0[0], c0[1]);
+  a[1] = MmaTraits<T>::pack(c0[2], c0[3]);
+  a[2] = MmaTraits<T>::pack(c1[0], c1[1]);
+  a[3] = MmaTraits<T>::pack(c1[2], c1[3]);
+}
+
+// Copies rows [row0, row0 + ROWS) of a (rows, D) global matrix with row stride `row_stride`
+// (elements) into a shared tile with row stride D + 8; rows at or past `num_rows` are zero.
+// Needs 16-byte aligned rows (checked on the host).
+template <typename T, int ROWS, int D, int THREADS>
+__device__ __forceinline__ void load_tile(T* s, const T* g, int64_t row_stride, int row0, int num_rows, int tid) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  constexpr int kLd = D + 8;
+#pragma unroll 4
+  for (int c = tid; c < ROWS * kChunks; c += THREADS) {
+    const int r = c / kChunks;
+    const int col = (c % kChunks) * 8;
+    uint4 value = make_uint4(0, 0, 0, 0);
+    if (row0 + r < num_rows) value = *reinterpret_cast<const uint4*>(g + (int64_t)(row0 + r) * row_stride + col);
+    *reinterpret_cast<uint4*>(s + r * kLd + col) = value;
+  }
+}
+
+}  // namespace cuda
+}  // namespace fastattn

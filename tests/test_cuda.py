@@ -1,0 +1,310 @@
+"""The CUDA backend (csrc/cuda) against the reference: values and gradients, every feature.
+
+Kernel tests are marked ``gpu`` (skipped without a CUDA GPU). The tests at the end run anywhere:
+they check that the backend explains why it cannot run and declines what it does not support.
+Run the memory checker on the GPU with
+``compute-sanitizer --tool memcheck python csrc/cuda/sanitize_case.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastattn
+from fastattn.backends.cuda import BACKEND, HEAD_DIMS, CudaBackend
+
+from .helpers import check_against_reference, make_qkv
+from .tolerance import assert_close_to_reference
+
+gpu = pytest.mark.gpu
+DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _qkv(B, Hq, Hkv, Lq, Lk, D, dtype, **kwargs):
+    return make_qkv(B, Hq, Hkv, Lq, Lk, D, dtype=dtype, device="cuda", **kwargs)
+
+
+# (B, Hq, Hkv, Lq, Lk, D): odd lengths, Lq != Lk both ways, GQA and MQA.
+SHAPES = [
+    pytest.param(1, 1, 1, 1, 1, 64, id="B1-H1-L1-D64"),
+    pytest.param(2, 3, 3, 17, 17, 64, id="B2-H3-L17-D64"),
+    pytest.param(1, 2, 2, 97, 97, 128, id="B1-H2-L97-D128"),
+    pytest.param(2, 4, 2, 257, 97, 64, id="B2-Hq4-Hkv2-Lq257-Lk97-D64"),
+    pytest.param(1, 4, 1, 97, 257, 128, id="B1-Hq4-Hkv1-Lq97-Lk257-D128"),
+    pytest.param(1, 2, 2, 1, 1000, 64, id="B1-H2-Lq1-Lk1000-D64"),
+    pytest.param(1, 2, 1, 1000, 1000, 128, id="B1-Hq2-Hkv1-L1000-D128"),
+]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, Hq, Hkv, Lq, Lk, D", SHAPES)
+def test_plain(B, Hq, Hkv, Lq, Lk, D, dtype):
+    check_against_reference("cuda", *_qkv(B, Hq, Hkv, Lq, Lk, D, dtype))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, Hq, Hkv, Lq, Lk, D", SHAPES)
+def test_causal(B, Hq, Hkv, Lq, Lk, D, dtype):
+    check_against_reference("cuda", *_qkv(B, Hq, Hkv, Lq, Lk, D, dtype), causal=True)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "Lq, Lk, window",
+    [
+        pytest.param(257, 257, (32, 0), id="Lq257-Lk257-w32-0"),
+        pytest.param(97, 257, (64, 17), id="Lq97-Lk257-w64-17"),
+        pytest.param(257, 97, (-1, 5), id="Lq257-Lk97-w-1-5"),
+        pytest.param(200, 300, (0, -1), id="Lq200-Lk300-w0-inf"),
+        pytest.param(1000, 1000, (100, 100), id="Lq1000-Lk1000-w100-100"),
+    ],
+)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_window(Lq, Lk, window, D, dtype):
+    check_against_reference("cuda", *_qkv(1, 2, 1, Lq, Lk, D, dtype), window=window)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_top_left_causal_rows_that_see_nothing(D, dtype, monkeypatch):
+    # SDPA's top-left is_causal with Lq > Lk is window_right = Lk - Lq < 0: the first rows see no key
+    # and must give out 0, lse -inf and zero, finite gradients.
+    monkeypatch.setenv("FASTATTN_BACKEND", "cuda")
+    Lq, Lk = 97, 17
+    q, k, v = _qkv(2, 2, 2, Lq, Lk, D, dtype)
+    out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+    dout = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+
+    def reference(dtype_):
+        leaves = [t.detach().to(dtype_).requires_grad_() for t in (q, k, v)]
+        inputs = fastattn._inputs.normalize(*leaves, window_override=(None, Lk - Lq))
+        ref_out, _ = fastattn.reference.attention_from_inputs(inputs)
+        return (ref_out, *torch.autograd.grad(ref_out, leaves, dout.to(dtype_)))
+
+    for name, got, want32, want_lp in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), reference(torch.float32),
+                                          reference(dtype)):
+        assert_close_to_reference(name, got, want32, want_lp)
+    blind = torch.arange(Lq, device="cuda") < Lq - Lk
+    assert (out[:, :, blind] == 0).all() and (dq[:, :, blind] == 0).all()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_lengths(D, causal, dtype):
+    q, k, v = _qkv(3, 2, 1, 97, 130, D, dtype)
+    key_lengths = torch.tensor([130, 61, 0], dtype=torch.int32, device="cuda")
+    query_lengths = torch.tensor([97, 33, 5], dtype=torch.int32, device="cuda")
+    check_against_reference(
+        "cuda", q, k, v, causal=causal, key_lengths=key_lengths, query_lengths=query_lengths
+    )
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("slopes_shape", ["H", "BH"])
+def test_alibi(D, slopes_shape, dtype):
+    q, k, v = _qkv(2, 4, 2, 97, 150, D, dtype)
+    slopes = torch.rand(4 if slopes_shape == "H" else (2, 4), device="cuda", dtype=torch.float32)
+    check_against_reference("cuda", q, k, v, causal=True, alibi_slopes=slopes)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_softcap(D, dtype):
+    q, k, v = _qkv(1, 2, 2, 97, 97, D, dtype)
+    with torch.no_grad():
+        q.mul_(4)  # large scores, so the cap bites
+    check_against_reference("cuda", q, k, v, softcap=5.0)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("kind", ["bool", "float", "bool-broadcast"])
+def test_attn_mask(D, kind, dtype):
+    B, H, Lq, Lk = 2, 2, 97, 130
+    q, k, v = _qkv(B, H, H, Lq, Lk, D, dtype)
+    if kind == "bool":
+        mask = torch.rand(B, H, Lq, Lk, device="cuda") > 0.3
+        mask[0, 0, 5] = False  # a row that sees nothing
+    elif kind == "bool-broadcast":
+        mask = torch.rand(Lq, Lk, device="cuda") > 0.5
+    else:
+        mask = torch.randn(B, 1, Lq, Lk, device="cuda", dtype=dtype)
+    check_against_reference("cuda", q, k, v, attn_mask=mask)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("block_size", [64, 128, (128, 64)], ids=["bs64", "bs128", "bs128x64"])
+def test_block_mask_layout(D, block_size, dtype):
+    Lq, Lk = 300, 450
+    bq, bk = (block_size, block_size) if isinstance(block_size, int) else block_size
+    nq, nk = -(-Lq // bq), -(-Lk // bk)
+    layout = torch.rand(2, nq, nk, device="cuda") > 0.5
+    layout[:, :, 0] = True
+    layout[1, -1] = False  # a query block that sees nothing
+    mask = fastattn.BlockMask.from_layout(layout, block_size=(bq, bk), seq_lens=(Lq, Lk))
+    check_against_reference("cuda", *_qkv(1, 2, 1, Lq, Lk, D, dtype), block_mask=mask)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_block_mask_partial_tiles(D, dtype):
+    # A dense mask whose tiles are empty, full and partial; partial tiles use the element mask.
+    Lq, Lk = 257, 257
+    i = torch.arange(Lq, device="cuda")[:, None]
+    j = torch.arange(Lk, device="cuda")[None, :]
+    dense = (j <= i) & ((i - j < 100) | (j < 10))
+    mask = fastattn.BlockMask.from_dense(dense, block_size=64)
+    check_against_reference("cuda", *_qkv(1, 2, 2, Lq, Lk, D, dtype), block_mask=mask)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_everything_together(D, dtype):
+    q, k, v = _qkv(2, 4, 2, 150, 97, D, dtype)
+    slopes = torch.rand(2, 4, device="cuda")
+    lengths = torch.tensor([97, 40], dtype=torch.int32, device="cuda")
+    qlens = torch.tensor([150, 77], dtype=torch.int32, device="cuda")
+    check_against_reference(
+        "cuda", q, k, v, window=(50, 3), alibi_slopes=slopes, softcap=20.0, key_lengths=lengths,
+        query_lengths=qlens, scale=0.1,
+    )
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_strided_and_misaligned_inputs(D, dtype):
+    B, L, H = 2, 97, 4
+    # (B, L, H, D) storage seen as (B, H, L, D): no copy.
+    q, k, v = (torch.randn(B, L, H, D, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_() for _ in range(3))
+    check_against_reference("cuda", q, k, v, causal=True)
+    # Rows that start off a 16-byte boundary (copied once by the host code).
+    base = torch.randn(B * H * L * D + 1, device="cuda", dtype=dtype)
+    q = base[1:].view(B, H, L, D).detach().requires_grad_()
+    k, v = (t.detach().requires_grad_() for t in _qkv(B, H, H, L, L, D, dtype))
+    check_against_reference("cuda", q, k, v)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_lse(D, dtype):
+    q, k, v = _qkv(2, 2, 1, 97, 257, D, dtype, requires_grad=False)
+    out, lse = fastattn.attention(q, k, v, causal=True, return_lse=True, backend="cuda")
+    ref_out, ref_lse = fastattn.reference.attention(q.float(), k.float(), v.float(), causal=True, return_lse=True)
+    assert lse.dtype == torch.float32 and lse.shape == (2, 2, 97)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=0)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_backward_is_deterministic(D, dtype):
+    q, k, v = _qkv(2, 8, 2, 257, 300, D, dtype)
+    dout = torch.randn(2, 8, 257, D, device="cuda", dtype=dtype)
+    grads = []
+    for _ in range(3):
+        out = fastattn.attention(q, k, v, causal=True, backend="cuda")
+        grads.append(torch.autograd.grad(out, (q, k, v), dout))
+    for again in grads[1:]:
+        for a, b in zip(grads[0], again):
+            assert torch.equal(a, b)
+
+
+@gpu
+def test_raw_op_rejects_bad_input():
+    q, k, v = _qkv(1, 2, 2, 17, 17, 64, torch.float16, requires_grad=False)
+    fwd = BACKEND.ops.fwd
+    args = (None,) * 8 + (0, 0, 0.125, None, None, 0.0, 0.0, 0)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        fwd(q.float(), k.float(), v.float(), *args)
+    with pytest.raises(RuntimeError, match="head_dim"):
+        fwd(q[..., :32].contiguous(), k[..., :32].contiguous(), v[..., :32].contiguous(), *args)
+    with pytest.raises(RuntimeError, match="dropout_p"):
+        fwd(q, k, v, *args[:-2], 0.1, 0)
+    with pytest.raises(RuntimeError, match="must be on q's device"):
+        fwd(q, k.cpu(), v, *args)
+
+
+@gpu
+@pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer is not on the PATH")
+def test_memcheck_sanitize_case():
+    script = os.path.join(ROOT, "csrc", "cuda", "sanitize_case.py")
+    result = subprocess.run(
+        ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1", sys.executable, script],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "ERROR SUMMARY: 0 errors" in result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# These run on any machine.
+
+
+def test_unavailable_reasons_explain_themselves():
+    reasons = CudaBackend().unavailable_reasons()
+    if torch.cuda.is_available() and fastattn._extension.build_info().get("cuda"):
+        major, _ = torch.cuda.get_device_capability()
+        assert (reasons == []) == (major >= 8)
+    else:
+        assert reasons, "without a GPU or the CUDA build the backend must say why it is unavailable"
+        assert any(word in " ".join(reasons) for word in ("not built", "CUDA kernels", "no CUDA GPU")), reasons
+
+
+def test_cpu_tensors_are_declined_naming_the_device():
+    q, k, v = make_qkv(1, 2, 2, 17, 17, 64, dtype=torch.float16)
+    with pytest.raises(fastattn.BackendNotSupportedError, match="q is on cpu"):
+        fastattn.attention(q, k, v, backend="cuda")
+
+
+@pytest.mark.parametrize(
+    "D, dtype, kwargs, expected",
+    [
+        pytest.param(96, torch.float16, {}, "head_dim 96 is not compiled", id="D96"),
+        pytest.param(64, torch.float32, {}, "dtype float32 is not supported", id="fp32"),
+        pytest.param(64, torch.float16, {"dropout_p": 0.1}, "dropout is not supported", id="dropout"),
+        pytest.param(
+            64, torch.float16, {"block_mask": "bs32"}, "multiples of 64", id="block-size-32",
+        ),
+    ],
+)
+def test_declines_what_it_does_not_support(D, dtype, kwargs, expected):
+    q, k, v = make_qkv(1, 2, 2, 64, 64, D, dtype=dtype)
+    if kwargs.get("block_mask") == "bs32":
+        kwargs = {"block_mask": fastattn.BlockMask.from_layout(torch.ones(2, 2, dtype=torch.bool), block_size=32)}
+    inputs = fastattn._inputs.normalize(q, k, v, **kwargs)
+    reasons = BACKEND.not_supported_reasons(inputs)
+    assert any(expected in r for r in reasons), reasons
+
+
+@pytest.mark.cuda_build
+def test_cuda_ops_registered_in_the_cuda_build():
+    fastattn._extension.load()
+    if not fastattn._extension.build_info().get("cuda"):
+        pytest.skip("fastattn._C was built without CUDA")
+    # The CUDA dispatch key has a kernel for both ops.
+    for op in ("attention_fwd", "attention_bwd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastattn::{op}", "CUDA")

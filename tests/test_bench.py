@@ -1,0 +1,233 @@
+"""The benchmark suite: the FLOP formula on hand-countable cases, the runner's results document, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastattn import bench, reference
+from fastattn._inputs import normalize
+from fastattn.bench.workloads import MODES, Workload, flops, visible_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine OpenMP's spinning threads make tiny ops
+    10x slower under load; these tests check documents, not speed."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------- FLOP formula
+@pytest.mark.parametrize(
+    "Lq, Lk, kwargs, expected",
+    [
+        # 4x4 causal: rows see 1, 2, 3, 4 keys.
+        pytest.param(4, 4, dict(causal=True), 10, id="causal-L4"),
+        # bottom-right causal with Lq=2, Lk=4: row 0 sees k0..k2, row 1 sees k0..k3.
+        pytest.param(2, 4, dict(causal=True), 7, id="causal-Lq2-Lk4"),
+        # window (1, 0) on 5: rows see 1, 2, 2, 2, 2.
+        pytest.param(5, 5, dict(window=(1, 0)), 9, id="window1_0-L5"),
+        # window (1, 1) on 5: rows see 2, 3, 3, 3, 2.
+        pytest.param(5, 5, dict(window=(1, 1)), 13, id="window1_1-L5"),
+        # window (-1, 0) is causal.
+        pytest.param(4, 4, dict(window=(-1, 0)), 10, id="window-1_0-L4"),
+        # tiles of 2 on L=4, layout [[1, 0], [1, 1]]: three full 2x2 tiles.
+        pytest.param(4, 4, dict(block_layout=torch.tensor([[1, 0], [1, 1]], dtype=torch.bool), block_size=2), 12,
+                     id="blocks2-L4"),
+        # the same layout cropped to L=3: 2x2 + 1x2 + 1x1 pairs.
+        pytest.param(3, 3, dict(block_layout=torch.tensor([[1, 0], [1, 1]], dtype=torch.bool), block_size=2), 7,
+                     id="blocks2-L3"),
+    ],
+)
+def test_visible_pairs_hand_counted(Lq, Lk, kwargs, expected):
+    assert visible_pairs(Lq, Lk, **kwargs) == expected
+
+
+@pytest.mark.parametrize(
+    "Lq, Lk, window, causal, block_size",
+    [
+        pytest.param(97, 97, (13, 5), False, 16, id="L97-W13_5-bs16"),
+        pytest.param(33, 71, None, True, 8, id="Lq33-Lk71-causal-bs8"),
+        pytest.param(65, 40, (7, -1), True, 17, id="Lq65-Lk40-W7-causal-bs17"),
+    ],
+)
+def test_visible_pairs_match_reference_mask(Lq, Lk, window, causal, block_size):
+    generator = torch.Generator().manual_seed(1)
+    nq, nk = -(-Lq // block_size), -(-Lk // block_size)
+    layout = torch.rand(nq, nk, generator=generator) < 0.5
+    q, k = torch.randn(1, 1, Lq, 8), torch.randn(1, 1, Lk, 8)
+    block_mask = bench.workloads.BlockMask.from_layout(layout, block_size=block_size, seq_lens=(Lq, Lk))
+    inputs = normalize(q, k, k, causal=causal, window=window, block_mask=block_mask)
+    expected = int(reference.visible_mask(inputs).sum())
+    got = visible_pairs(Lq, Lk, window=window, causal=causal, block_layout=layout, block_size=block_size)
+    assert got == expected
+
+
+def test_flops_formula_is_exact():
+    w = Workload("causal", batch=2, heads_q=3, heads_kv=3, seqlen=4, head_dim=8)
+    forward = 4 * 2 * 3 * 4 * 4 * 8 * (10 / 16)
+    assert flops(w, "fwd") == pytest.approx(forward, rel=1e-12)
+    assert flops(w, "bwd") == pytest.approx(2.5 * forward, rel=1e-12)
+    assert flops(w, "fwd+bwd") == pytest.approx(3.5 * forward, rel=1e-12)
+    dense = Workload("dense", batch=1, heads_q=2, heads_kv=2, seqlen=5, head_dim=3)
+    assert flops(dense, "fwd") == 4 * 1 * 2 * 5 * 5 * 3
+    window = Workload("window", batch=1, heads_q=1, heads_kv=1, seqlen=5, head_dim=2, window=(1, 1))
+    assert flops(window, "fwd") == pytest.approx(4 * 13 * 2, rel=1e-12)
+
+
+@pytest.mark.parametrize("density", [pytest.param(d, id=f"density{d}") for d in (0.1, 0.3, 0.75)])
+def test_block_sparse_layout_density(density):
+    w = Workload("block_sparse", batch=1, heads_q=1, heads_kv=1, seqlen=1000, head_dim=8, density=density, block_size=64)
+    layout = w.block_layout()
+    n = 16
+    assert layout.shape == (n, n)
+    assert bool(layout.diagonal().all()), "every query block must see its own keys"
+    assert int(layout.sum()) == max(n, round(density * n * n))
+    assert torch.equal(layout, w.block_layout()), "the layout must be the same every time"
+
+
+def test_workload_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="kind"):
+        Workload("nope", 1, 1, 1, 8, 8)
+    with pytest.raises(ValueError, match="heads_q"):
+        Workload("gqa", 1, 3, 2, 8, 8)
+    with pytest.raises(ValueError, match="density"):
+        Workload("block_sparse", 1, 1, 1, 8, 8)
+    with pytest.raises(ValueError, match="window"):
+        Workload("window", 1, 1, 1, 8, 8)
+
+
+# ------------------------------------------------------------------------------- runner
+def _fast(config):
+    """The same configurations, timed with fewer repeats (these tests check the document, not speed)."""
+    config.preset = dataclasses.replace(config.preset, min_repeats=2, max_repeats=2, time_budget_s=0.0)
+    return config
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    config = _fast(bench.bench_config("quick", "cpu", seq_lens=[67], modes=["fwd", "bwd", "fwd+bwd"]))
+    doc = bench.run_bench(config, progress=False)
+    out = tmp_path_factory.mktemp("bench")
+    return config, doc, bench.save_bench(doc, out)
+
+
+def test_bench_document_has_every_configuration(tiny_run):
+    config, doc, _ = tiny_run
+    selected = [name for name, s in doc["providers"].items() if s["selected"]]
+    assert "sdpa" in selected and "fastattn-reference" in selected
+    expected = {(w.name, d, p, m) for w in config.preset.workloads for d in config.preset.dtypes
+                for p in selected for m in config.preset.modes}
+    got = [(r["name"], r["dtype"], r["provider"], r["mode"]) for r in doc["results"]]
+    assert len(got) == len(set(got)), "a configuration appears twice"
+    assert set(got) == expected
+    kinds = {r["workload"] for r in doc["results"]}
+    assert kinds == {"dense", "causal", "window", "block_sparse", "gqa"}
+    env = doc["environment"]
+    for key in ("device", "device_name", "torch", "triton", "python", "commit", "host", "created_utc"):
+        assert key in env
+    # Providers that cannot run here are listed with their reasons.
+    for name, status in doc["providers"].items():
+        assert status["selected"] or status["reasons"], name
+
+
+def test_bench_results_are_consistent(tiny_run):
+    _, doc, _ = tiny_run
+    ok = [r for r in doc["results"] if r["status"] == "ok"]
+    by_key = {(r["name"], r["dtype"], r["mode"], r["provider"]): r for r in doc["results"]}
+    # The reference and SDPA serve every workload here, in every mode.
+    for r in doc["results"]:
+        if r["provider"] in ("fastattn-reference", "sdpa"):
+            assert r["status"] == "ok", r
+    for r in ok:
+        assert r["time_ms"] > 0 and r["repeats"] == 2
+        assert r["tflops"] == pytest.approx(r["flops"] / (r["time_ms"] * 1e-3) / 1e12)
+        assert r["peak_mem_bytes"] is not None and r["peak_mem_bytes"] >= 0
+        sdpa = by_key[(r["name"], r["dtype"], r["mode"], "sdpa")]
+        assert r["speedup_vs_sdpa"] == pytest.approx(sdpa["time_ms"] / r["time_ms"])
+        w = Workload(r["workload"], r["batch"], r["heads_q"], r["heads_kv"], r["seqlen"], r["head_dim"],
+                     window=tuple(r["window"]) if r["window"] else None, density=r["density"],
+                     block_size=r["block_size"] or 128)
+        assert r["flops"] == pytest.approx(flops(w, r["mode"]), rel=1e-12)
+    for r in doc["results"]:
+        if r["status"] != "ok":
+            assert r.get("reasons") or r.get("error"), r
+    causal = next(r for r in ok if r["workload"] == "causal")
+    assert causal["visible_fraction"] == pytest.approx((67 * 68 / 2) / 67**2)
+
+
+def test_bench_files_are_written(tiny_run):
+    _, doc, paths = tiny_run
+    assert json.loads(paths["json"].read_text())["results"] == json.loads(json.dumps(doc["results"], default=str))
+    with paths["csv"].open() as f:
+        assert len(list(csv.DictReader(f))) == len(doc["results"])
+    # One length: no TFLOP/s-vs-length plot; the density sweep has three densities.
+    assert "tflops_plot" not in paths
+    assert paths["density_plot"].stat().st_size > 1000
+    table = bench.bench_table(doc)
+    assert "fastattn-reference" in table and "speedup over torch SDPA" in table
+
+
+def test_bench_plot_of_a_length_sweep(tmp_path):
+    config = _fast(bench.bench_config("quick", "cpu", seq_lens=[31, 47], workloads=["causal"], modes=["fwd"],
+                                      providers=["reference"]))
+    doc = bench.run_bench(config, progress=False)
+    assert {r["provider"] for r in doc["results"]} == {"fastattn-reference", "sdpa"}
+    assert bench.plot_tflops_vs_seqlen(doc, tmp_path / "t.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        pytest.param(dict(workloads=["nope"]), "--workloads", id="workload"),
+        pytest.param(dict(modes=["sideways"]), "--modes", id="mode"),
+        pytest.param(dict(dtypes=["fp8"]), "--dtypes", id="dtype"),
+        pytest.param(dict(seq_lens=[0]), "--seq-lens", id="seqlen"),
+    ],
+)
+def test_bench_config_rejects_bad_flags(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bench.bench_config("quick", "cpu", **kwargs)
+
+
+def test_unknown_provider_is_named():
+    with pytest.raises(ValueError, match="unknown provider 'nope'"):
+        bench.resolve(["nope"], torch.device("cpu"))
+
+
+def test_mode_names_are_the_documented_ones():
+    assert MODES == ("fwd", "bwd", "fwd+bwd")
+
+
+def test_bench_cli_smoke(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastattn", "bench", "--seq-lens", "37", "--workloads", "causal", "--modes", "fwd",
+         "--providers", "reference", "--out", str(out), "--no-progress", "--no-plots"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=str(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads((out / "bench.json").read_text())
+    assert {(r["provider"], r["seqlen"], r["status"]) for r in doc["results"]} == {
+        ("fastattn-reference", 37, "ok"), ("sdpa", 37, "ok")}
+    assert "median time (ms)" in proc.stdout
+
+
+def test_bench_cli_reports_bad_flag(tmp_path):
+    from fastattn.cli import main
+
+    assert main(["bench", "--workloads", "nope", "--out", str(tmp_path)]) == 2

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <optional>
 #include <string>
 
@@ -100,5 +101,84 @@ inline void check_block_lists(const at::Tensor& q, const std::optional<at::Tenso
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Scalars of the op schema: a finite scale, softcap >= 0, 0 <= dropout_p < 1.
+inline void check_scalars(double scale, double softcap, double dropout_p) {
+  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "softcap must be finite and >= 0, got ", softcap);
+  TORCH_CHECK(std::isfinite(dropout_p) && dropout_p >= 0 && dropout_p < 1, "dropout_p must lie in [0, 1), got ",
+              dropout_p);
+}
+
+// Values of key_lengths / query_lengths in [0, max_len] (reads the values: a sync on a GPU).
+inline void check_length_values(const std::optional<at::Tensor>& lengths, int64_t max_len, const char* name) {
+  if (!lengths.has_value() || lengths->numel() == 0) return;
+  const int64_t lo = lengths->min().item<int64_t>(), hi = lengths->max().item<int64_t>();
+  TORCH_CHECK(lo >= 0 && hi <= max_len, name, " must lie in [0, ", max_len, "], got values in [", lo, ", ", hi, "]");
+}
+
+// The block lists of a BlockMask (forward lists with rows = query blocks, cols = key blocks; the
+// transposed lists the other way round): shapes broadcastable to (B, Hq), counts in [0, cols] and
+// the first `count` indices of each row in [0, cols) (reads the values: a sync on a GPU).
+inline void check_block_list_values(const AttentionShape& s, const at::Tensor& q, const std::optional<at::Tensor>& num,
+                                    const std::optional<at::Tensor>& idx, int64_t rows, int64_t cols,
+                                    const char* num_name, const char* idx_name) {
+  check_block_lists(q, num, idx, rows, cols, num_name, idx_name);
+  if (!num.has_value()) return;
+  TORCH_CHECK((num->size(0) == 1 || num->size(0) == s.batch) && (num->size(1) == 1 || num->size(1) == s.heads_q),
+              num_name, " must have (B, H) broadcastable to (", s.batch, ", ", s.heads_q, "), got ", num->sizes());
+  if (num->numel() == 0) return;
+  const int64_t lo = num->min().item<int64_t>(), hi = num->max().item<int64_t>();
+  TORCH_CHECK(lo >= 0 && hi <= cols, num_name, " must lie in [0, ", cols, "], got values in [", lo, ", ", hi, "]");
+  if (idx->numel() == 0) return;
+  const at::Tensor listed = at::arange(cols, idx->options()).lt(num->unsqueeze(-1));
+  const at::Tensor outside = idx->lt(0).logical_or(idx->ge(cols)).logical_and(listed);
+  TORCH_CHECK(!outside.any().item<bool>(), idx_name, " must hold block indices in [0, ", cols,
+              ") in its first ", num_name, " entries of each row");
+}
+
+// All block-mask arguments of one op call. `transposed` are the backward's q lists (may be absent
+// in the forward: pass nullopt). Block sizes must be positive when any list is given.
+inline void check_block_mask_args(const AttentionShape& s, const at::Tensor& q,
+                                  const std::optional<at::Tensor>& kv_num_blocks,
+                                  const std::optional<at::Tensor>& kv_indices,
+                                  const std::optional<at::Tensor>& full_kv_num_blocks,
+                                  const std::optional<at::Tensor>& full_kv_indices,
+                                  const std::optional<at::Tensor>& q_num_blocks,
+                                  const std::optional<at::Tensor>& q_indices,
+                                  const std::optional<at::Tensor>& full_q_num_blocks,
+                                  const std::optional<at::Tensor>& full_q_indices, int64_t block_size_q,
+                                  int64_t block_size_k) {
+  const bool any = kv_num_blocks.has_value() || kv_indices.has_value() || full_kv_num_blocks.has_value() ||
+                   full_kv_indices.has_value() || q_num_blocks.has_value() || q_indices.has_value() ||
+                   full_q_num_blocks.has_value() || full_q_indices.has_value();
+  if (!any) return;
+  TORCH_CHECK(block_size_q > 0 && block_size_k > 0, "block_size_q and block_size_k must be > 0 with block lists, got ",
+              block_size_q, " and ", block_size_k);
+  const int64_t nq = ceil_div(s.seqlen_q, block_size_q), nk = ceil_div(s.seqlen_k, block_size_k);
+  check_block_list_values(s, q, kv_num_blocks, kv_indices, nq, nk, "kv_num_blocks", "kv_indices");
+  check_block_list_values(s, q, full_kv_num_blocks, full_kv_indices, nq, nk, "full_kv_num_blocks", "full_kv_indices");
+  check_block_list_values(s, q, q_num_blocks, q_indices, nk, nq, "q_num_blocks", "q_indices");
+  check_block_list_values(s, q, full_q_num_blocks, full_q_indices, nk, nq, "full_q_num_blocks", "full_q_indices");
+}
+
+// The backward's extra tensors: dout and out (B, Hq, Lq, Dv) in q's dtype, lse (B, Hq, Lq) float32.
+inline void check_backward_tensors(const AttentionShape& s, const at::Tensor& q, const at::Tensor& dout,
+                                   const at::Tensor& out, const at::Tensor& lse) {
+  for (auto [t, name] : {std::pair{&dout, "dout"}, std::pair{&out, "out"}}) {
+    check_same_device(*t, q, name);
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), name, " must have q's dtype ", q.scalar_type(), ", got ",
+                t->scalar_type());
+    TORCH_CHECK(t->dim() == 4 && t->size(0) == s.batch && t->size(1) == s.heads_q && t->size(2) == s.seqlen_q &&
+                    t->size(3) == s.head_dim_v,
+                name, " must have shape (B, Hq, Lq, Dv) = (", s.batch, ", ", s.heads_q, ", ", s.seqlen_q, ", ",
+                s.head_dim_v, "), got ", t->sizes());
+  }
+  check_same_device(lse, q, "lse");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse must be float32, got ", lse.scalar_type());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == s.batch && lse.size(1) == s.heads_q && lse.size(2) == s.seqlen_q,
+              "lse must have shape (B, Hq, Lq) = (", s.batch, ", ", s.heads_q, ", ", s.seqlen_q, "), got ",
+              lse.sizes());
+}
 
 }  // namespace fastattn

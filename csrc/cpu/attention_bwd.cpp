@@ -1,0 +1,201 @@
+// Fused attention backward on the CPU: probabilities recomputed from lse, no (Lq, Lk) buffer.
+//
+//   delta = rowsum(dO * O)                                  # (B, Hq, Lq), first pass
+//   per (query tile, key tile) pair that is visible:
+//     P  = exp(transform(scale * Q K^T) - lse)              # [rows, n]
+//     dV += P^T dO                                          # [n, Dv]
+//     dP = dO V^T;  dS = P * (dP - delta)                   # [rows, n]   (dS is also dbias)
+//     dX = dS * (1 - tanh^2)  with softcap, else dS
+//     dK += scale * dX^T Q;  dQ += scale * dX K
+//
+// Grid, deterministic without atomics: one task per (batch, kv head, chunk of key tiles). A task owns
+// dK and dV of its key tiles outright: for each key tile it loops over the query heads of its GQA
+// group and the query tiles that see the tile (band or transposed BlockMask lists). dQ rows receive
+// contributions from every chunk, so each chunk accumulates into its own dQ buffer, summed in a
+// fixed order at the end. Chunks exist only to feed every thread when B * Hkv is small.
+#include "cpu/attention_cpu.h"
+
+#include <ATen/Parallel.h>
+
+namespace fastattn::cpu {
+namespace {
+
+// Writes a dS tile (rows x n, row stride n) into dbias (B, Hq, Lq, Lk), contiguous, attn_mask's dtype.
+template <typename acc_t>
+void write_dbias(at::Tensor& dbias, int64_t b, int64_t h, int64_t q0, int64_t rows, int64_t k0, int64_t n,
+                 const acc_t* ds) {
+  const int64_t Hq = dbias.size(1), Lq = dbias.size(2), Lk = dbias.size(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dbias.scalar_type(), "fastattn_write_dbias", [&] {
+    scalar_t* base = dbias.mutable_data_ptr<scalar_t>() + ((b * Hq + h) * Lq + q0) * Lk + k0;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < n; ++j) base[r * Lk + j] = static_cast<scalar_t>(ds[r * n + j]);
+  });
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void attention_backward(const Params& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
+                        at::Tensor& dk, at::Tensor& dv, at::Tensor* dbias, int64_t block_q, int64_t block_k) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const bool block_mask = p.has_block_mask();
+  const int64_t tile_q = block_mask ? std::max(block_q, p.block_q) : block_q;
+  const int64_t tile_k = block_mask ? p.block_k : block_k;
+  const int64_t B = p.B, Hq = p.Hq, Lq = p.Lq, D = p.D, Dv = p.Dv;
+
+  const scalar_t* q_data = q.const_data_ptr<scalar_t>();
+  const scalar_t* k_data = k.const_data_ptr<scalar_t>();
+  const scalar_t* v_data = v.const_data_ptr<scalar_t>();
+  const scalar_t* dout_data = dout.const_data_ptr<scalar_t>();
+  const float* lse_data = lse.const_data_ptr<float>();
+  const int64_t lse_sb = lse.stride(0), lse_sh = lse.stride(1), lse_sr = lse.stride(2);
+  const int64_t do_sb = dout.stride(0), do_sh = dout.stride(1), do_sr = dout.stride(2);
+
+  // delta = rowsum(dO * O) in acc_t, (B, Hq, Lq) contiguous.
+  std::vector<acc_t> delta(B * Hq * Lq);
+  {
+    const scalar_t* out_data = out.const_data_ptr<scalar_t>();
+    const int64_t o_sb = out.stride(0), o_sh = out.stride(1), o_sr = out.stride(2);
+    at::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / Hq, h = bh % Hq;
+        for (int64_t i = 0; i < Lq; ++i) {
+          const scalar_t* o = out_data + b * o_sb + h * o_sh + i * o_sr;
+          const scalar_t* d = dout_data + b * do_sb + h * do_sh + i * do_sr;
+          acc_t sum = 0;
+          for (int64_t c = 0; c < Dv; ++c) sum += static_cast<acc_t>(o[c]) * static_cast<acc_t>(d[c]);
+          delta[bh * Lq + i] = sum;
+        }
+      }
+    });
+  }
+
+  std::vector<Range> key_tiles;
+  backward_key_tiles(p, tile_k, key_tiles);
+  const int64_t num_key_tiles = static_cast<int64_t>(key_tiles.size());
+  const int64_t units = B * p.Hkv;
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks =
+      std::max<int64_t>(1, std::min<int64_t>(num_key_tiles, units >= 2 * threads ? 1 : ceil_div_i64(2 * threads, units)));
+
+  // dQ accumulators, one per chunk: (chunks, B, Hq, Lq, D).
+  const at::ScalarType acc_type = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+  at::Tensor dq_acc = at::zeros({chunks, B, Hq, Lq, D}, q.options().dtype(acc_type));
+  acc_t* dq_acc_data = dq_acc.mutable_data_ptr<acc_t>();
+
+  scalar_t* dk_data = dk.mutable_data_ptr<scalar_t>();
+  scalar_t* dv_data = dv.mutable_data_ptr<scalar_t>();
+  const int64_t dk_sb = dk.stride(0), dk_sh = dk.stride(1), dk_sr = dk.stride(2), dk_sc = dk.stride(3);
+  const int64_t dv_sb = dv.stride(0), dv_sh = dv.stride(1), dv_sr = dv.stride(2), dv_sc = dv.stride(3);
+
+  at::parallel_for(0, units * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> S(tile_q * tile_k), dP(tile_q * tile_k), dT, dk_acc(tile_k * D), dv_acc(tile_k * Dv);
+    if (p.softcap > 0) dT.resize(tile_q * tile_k);
+    std::vector<acc_t> q_buf, do_buf, k_buf, v_buf;  // converted tiles (bfloat16/half inputs only)
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+      q_buf.resize(tile_q * D);
+      do_buf.resize(tile_q * Dv);
+      k_buf.resize(tile_k * D);
+      v_buf.resize(tile_k * Dv);
+    }
+    std::vector<int32_t> list_scratch;
+    std::vector<Range> query_tiles;
+
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t unit = task / chunks, chunk = task % chunks;
+      const int64_t b = unit / p.Hkv, hk = unit % p.Hkv;
+      const BatchGeometry g = batch_geometry(p, b);
+      const int64_t t0 = chunk * num_key_tiles / chunks, t1 = (chunk + 1) * num_key_tiles / chunks;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t k0 = key_tiles[t].begin, k1 = key_tiles[t].end, n = k1 - k0;
+        int64_t ldk, ldv;
+        const acc_t* K = tile_as_acc<scalar_t, acc_t>(k_data + b * p.k_sb + hk * p.k_sh + k0 * p.k_sr, n, D, p.k_sr,
+                                                      k_buf.data(), &ldk);
+        const acc_t* V = tile_as_acc<scalar_t, acc_t>(v_data + b * p.v_sb + hk * p.v_sh + k0 * p.v_sr, n, Dv, p.v_sr,
+                                                      v_buf.data(), &ldv);
+        std::fill(dk_acc.begin(), dk_acc.begin() + n * D, acc_t(0));
+        std::fill(dv_acc.begin(), dv_acc.begin() + n * Dv, acc_t(0));
+
+        for (int64_t h = hk * p.group; h < (hk + 1) * p.group; ++h) {
+          backward_query_tiles(p, g, b, h, k0, k1, tile_q, list_scratch, query_tiles);
+          acc_t* dq_rows = dq_acc_data + ((chunk * B + b) * Hq + h) * Lq * D;
+          for (const Range& qr : query_tiles) {
+            const int64_t q0 = qr.begin, q1 = qr.end, rows = q1 - q0;
+            int64_t ldq, lddo;
+            const acc_t* Q = tile_as_acc<scalar_t, acc_t>(q_data + b * p.q_sb + h * p.q_sh + q0 * p.q_sr, rows, D,
+                                                          p.q_sr, q_buf.data(), &ldq);
+            const acc_t* dO = tile_as_acc<scalar_t, acc_t>(dout_data + b * do_sb + h * do_sh + q0 * do_sr, rows, Dv,
+                                                           do_sr, do_buf.data(), &lddo);
+            // P = exp(S - lse)  # [rows, n]
+            gemm(Trans::kNo, Trans::kYes, rows, n, D, static_cast<acc_t>(p.scale), Q, ldq, K, ldk, acc_t(0), S.data(),
+                 n);
+            transform_scores<acc_t>(p, g, b, h, q0, q1, k0, k1, S.data(), n, p.softcap > 0 ? dT.data() : nullptr);
+            for (int64_t r = 0; r < rows; ++r) {
+              const float row_lse = lse_data[b * lse_sb + h * lse_sh + (q0 + r) * lse_sr];
+              acc_t* s = S.data() + r * n;
+              if (row_lse == -std::numeric_limits<float>::infinity()) {
+                std::fill(s, s + n, acc_t(0));
+              } else {
+                exp_shift(s, n, static_cast<acc_t>(row_lse));
+              }
+            }
+            // dV += P^T dO  # [n, Dv]
+            gemm(Trans::kYes, Trans::kNo, n, Dv, rows, acc_t(1), S.data(), n, dO, lddo, acc_t(1), dv_acc.data(), Dv);
+            // dP = dO V^T  # [rows, n]
+            gemm(Trans::kNo, Trans::kYes, rows, n, Dv, acc_t(1), dO, lddo, V, ldv, acc_t(0), dP.data(), n);
+            // dS = P * (dP - delta), then the softcap chain rule
+            for (int64_t r = 0; r < rows; ++r) {
+              const acc_t row_delta = delta[(b * Hq + h) * Lq + q0 + r];
+              const acc_t* pr = S.data() + r * n;
+              acc_t* ds = dP.data() + r * n;
+              for (int64_t j = 0; j < n; ++j) ds[j] = pr[j] * (ds[j] - row_delta);
+            }
+            if (dbias != nullptr) write_dbias(*dbias, b, h, q0, rows, k0, n, dP.data());
+            if (p.softcap > 0) {
+              for (int64_t e = 0; e < rows * n; ++e) dP[e] *= dT[e];
+            }
+            // dK += scale dS^T Q  # [n, D];  dQ += scale dS K  # [rows, D]
+            gemm(Trans::kYes, Trans::kNo, n, D, rows, static_cast<acc_t>(p.scale), dP.data(), n, Q, ldq, acc_t(1),
+                 dk_acc.data(), D);
+            gemm(Trans::kNo, Trans::kNo, rows, D, n, static_cast<acc_t>(p.scale), dP.data(), n, K, ldk, acc_t(1),
+                 dq_rows + q0 * D, D);
+          }
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          scalar_t* dkr = dk_data + b * dk_sb + hk * dk_sh + (k0 + j) * dk_sr;
+          scalar_t* dvr = dv_data + b * dv_sb + hk * dv_sh + (k0 + j) * dv_sr;
+          for (int64_t c = 0; c < D; ++c) dkr[c * dk_sc] = static_cast<scalar_t>(dk_acc[j * D + c]);
+          for (int64_t c = 0; c < Dv; ++c) dvr[c * dv_sc] = static_cast<scalar_t>(dv_acc[j * Dv + c]);
+        }
+      }
+    }
+  });
+
+  // dQ = sum of the chunks' accumulators, in chunk order.
+  scalar_t* dq_data = dq.mutable_data_ptr<scalar_t>();
+  const int64_t dq_sb = dq.stride(0), dq_sh = dq.stride(1), dq_sr = dq.stride(2), dq_sc = dq.stride(3);
+  at::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / Hq, h = bh % Hq;
+      for (int64_t i = 0; i < Lq; ++i) {
+        scalar_t* dst = dq_data + b * dq_sb + h * dq_sh + i * dq_sr;
+        for (int64_t c = 0; c < D; ++c) {
+          acc_t sum = 0;
+          for (int64_t ch = 0; ch < chunks; ++ch) sum += dq_acc_data[((ch * B * Hq + bh) * Lq + i) * D + c];
+          dst[c * dq_sc] = static_cast<scalar_t>(sum);
+        }
+      }
+    }
+  });
+}
+
+void attention_backward_dispatch(const Params& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
+                                 at::Tensor& dk, at::Tensor& dv, at::Tensor* dbias, int64_t block_q, int64_t block_k) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fastattn_attention_bwd_cpu", [&] {
+    attention_backward<scalar_t>(p, dout, q, k, v, out, lse, dq, dk, dv, dbias, block_q, block_k);
+  });
+}
+
+}  // namespace fastattn::cpu

@@ -1,0 +1,330 @@
+// Shared pieces of the fused CPU attention kernels (attention_fwd.cpp, attention_bwd.cpp):
+// the problem description (Params), the visibility geometry, the tile plans and the math on tiles.
+//
+// The kernels never form an (Lq, Lk) buffer: they walk tiles of at most (BLOCK_Q, BLOCK_K) scores,
+// keep an online softmax per query row, and recompute the probabilities from lse in the backward.
+// Matrix products on tiles go through BLAS (the sgemm_/dgemm_ of the MKL that libtorch_cpu links,
+// looked up weakly, with a plain-loop fallback); elementwise work (exp, row max, scaling) is in
+// loops the compiler vectorises, cloned for AVX2+FMA and the baseline ISA.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace fastattn::cpu {
+
+// ---------------------------------------------------------------------------------------------
+// Problem description: sizes, strides (in elements) and the optional inputs, type-erased.
+// ---------------------------------------------------------------------------------------------
+
+inline int64_t ceil_div_i64(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+enum class MaskKind { kNone, kBool, kFloat, kDouble, kBFloat16, kHalf };
+
+// A CSR-like list of a BlockMask, expanded to (B, Hq, n) counts and (B, Hq, n, m) indices
+// (zero strides on broadcast dims).
+struct BlockList {
+  const int32_t* num = nullptr;
+  const int32_t* idx = nullptr;
+  int64_t num_sb = 0, num_sh = 0, num_sr = 0;
+  int64_t idx_sb = 0, idx_sh = 0, idx_sr = 0, idx_sc = 0;
+
+  bool present() const { return num != nullptr; }
+  int32_t count(int64_t b, int64_t h, int64_t r) const { return num[b * num_sb + h * num_sh + r * num_sr]; }
+  int32_t at(int64_t b, int64_t h, int64_t r, int64_t c) const {
+    return idx[b * idx_sb + h * idx_sh + r * idx_sr + c * idx_sc];
+  }
+};
+
+struct Params {
+  int64_t B = 0, Hq = 0, Hkv = 0, Lq = 0, Lk = 0, D = 0, Dv = 0, group = 1;
+  // q/out/dout/dq (B, Hq, Lq, *) and k/v/dk/dv (B, Hkv, Lk, *): batch, head, row strides.
+  int64_t q_sb = 0, q_sh = 0, q_sr = 0;
+  int64_t k_sb = 0, k_sh = 0, k_sr = 0;
+  int64_t v_sb = 0, v_sh = 0, v_sr = 0;
+  double scale = 1.0;
+  double softcap = 0.0;
+  bool has_left = false, has_right = false;
+  int64_t window_left = 0, window_right = 0;  // clamped to +-(Lq + Lk + 1): same visibility, no overflow
+  const int32_t* key_lengths = nullptr;
+  int64_t key_lengths_s = 0;
+  const int32_t* query_lengths = nullptr;
+  int64_t query_lengths_s = 0;
+  MaskKind mask_kind = MaskKind::kNone;
+  const void* mask = nullptr;
+  int64_t mask_sb = 0, mask_sh = 0, mask_sq = 0, mask_sk = 0;
+  const float* alibi = nullptr;
+  int64_t alibi_sb = 0, alibi_sh = 0;
+  // BlockMask lists (block_size_q/k > 0 when present).
+  int64_t block_q = 0, block_k = 0;
+  BlockList kv, kv_full, qt, qt_full;
+
+  bool has_block_mask() const { return kv.present() || kv_full.present(); }
+};
+
+// Per-batch geometry: the offset that aligns query row i with key i + offset, and the lengths.
+struct BatchGeometry {
+  int64_t qlen, klen, offset;
+};
+
+inline BatchGeometry batch_geometry(const Params& p, int64_t b) {
+  int64_t klen = p.key_lengths ? p.key_lengths[b * p.key_lengths_s] : p.Lk;
+  int64_t qlen = p.query_lengths ? p.query_lengths[b * p.query_lengths_s] : p.Lq;
+  return {qlen, klen, klen - qlen};
+}
+
+// The keys row i may see form one interval [lo, hi] (window band intersected with [0, klen));
+// lo > hi when the row sees nothing (also for padded rows i >= qlen).
+struct KeyRange {
+  int64_t lo, hi;
+};
+
+inline KeyRange row_key_range(const Params& p, const BatchGeometry& g, int64_t i) {
+  if (i >= g.qlen) return {1, 0};
+  int64_t lo = p.has_left ? std::max<int64_t>(0, i + g.offset - p.window_left) : 0;
+  int64_t hi = p.has_right ? std::min<int64_t>(g.klen - 1, i + g.offset + p.window_right) : g.klen - 1;
+  return {lo, hi};
+}
+
+// Rows [first, last] (possibly empty) that may see some key of [k0, k1), from the band alone.
+inline KeyRange rows_seeing_keys(const Params& p, const BatchGeometry& g, int64_t k0, int64_t k1) {
+  k1 = std::min(k1, g.klen);
+  if (k0 >= k1) return {1, 0};
+  int64_t first = p.has_right ? std::max<int64_t>(0, k0 - g.offset - p.window_right) : 0;
+  int64_t last = p.has_left ? std::min<int64_t>(g.qlen - 1, k1 - 1 - g.offset + p.window_left) : g.qlen - 1;
+  return {first, last};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile plans: which (query range, key range) pairs a kernel visits.
+// ---------------------------------------------------------------------------------------------
+
+struct Range {
+  int64_t begin, end;
+};
+
+// Sorted block indices -> coalesced element ranges of at most max_len (runs of adjacent blocks merge).
+inline void coalesce_blocks(std::vector<int32_t>& blocks, int64_t block, int64_t limit, int64_t max_len,
+                            std::vector<Range>& out) {
+  out.clear();
+  std::sort(blocks.begin(), blocks.end());
+  blocks.erase(std::unique(blocks.begin(), blocks.end()), blocks.end());  // a tile listed twice is visited once
+  for (int32_t blk : blocks) {
+    int64_t b0 = blk * block, b1 = std::min<int64_t>(limit, (blk + 1) * block);
+    if (b0 >= b1) continue;
+    if (!out.empty() && out.back().end == b0 && b1 - out.back().begin <= max_len) {
+      out.back().end = b1;
+    } else {
+      out.push_back({b0, b1});
+    }
+  }
+}
+
+// Splits [begin, end) into pieces of at most len.
+inline void split_range(int64_t begin, int64_t end, int64_t len, std::vector<Range>& out) {
+  out.clear();
+  for (int64_t s = begin; s < end; s += len) out.push_back({s, std::min(end, s + len)});
+}
+
+// Forward: the key ranges query rows [q0, q1) of (b, h) visit. Without a BlockMask, the band of
+// the rows in tiles of block_k; with one, the listed key blocks of query block q0 / block_q.
+inline void forward_key_tiles(const Params& p, const BatchGeometry& g, int64_t b, int64_t h, int64_t q0, int64_t q1,
+                              int64_t block_k, std::vector<int32_t>& scratch, std::vector<Range>& out) {
+  out.clear();
+  int64_t lo = std::numeric_limits<int64_t>::max(), hi = -1;
+  for (int64_t i = q0; i < q1; ++i) {
+    KeyRange r = row_key_range(p, g, i);
+    if (r.lo > r.hi) continue;
+    lo = std::min(lo, r.lo);
+    hi = std::max(hi, r.hi);
+  }
+  if (hi < lo) return;
+  if (!p.has_block_mask()) {
+    split_range(lo, hi + 1, block_k, out);
+    return;
+  }
+  int64_t qb = q0 / p.block_q;
+  scratch.clear();
+  for (const BlockList* list : {&p.kv, &p.kv_full}) {
+    if (!list->present()) continue;
+    int32_t n = list->count(b, h, qb);
+    for (int32_t c = 0; c < n; ++c) scratch.push_back(list->at(b, h, qb, c));
+  }
+  std::vector<Range> blocks;
+  coalesce_blocks(scratch, p.block_k, p.Lk, std::max(block_k, p.block_k), blocks);
+  for (const Range& r : blocks) {
+    int64_t b0 = std::max(r.begin, lo), b1 = std::min(r.end, hi + 1);
+    if (b0 < b1) out.push_back({b0, b1});
+  }
+}
+
+// Backward: the key tiles of (b, kv-head) -- the band's keys in tiles of block_k, or the BlockMask's
+// key blocks. The same for every query head of a GQA group, so the tiles do not depend on h.
+inline void backward_key_tiles(const Params& p, int64_t block_k, std::vector<Range>& out) {
+  if (!p.has_block_mask()) {
+    split_range(0, p.Lk, block_k, out);
+  } else {
+    split_range(0, p.Lk, p.block_k, out);
+  }
+}
+
+// Backward: the query ranges of (b, h) that see key tile [k0, k1).
+inline void backward_query_tiles(const Params& p, const BatchGeometry& g, int64_t b, int64_t h, int64_t k0, int64_t k1,
+                                 int64_t block_q, std::vector<int32_t>& scratch, std::vector<Range>& out) {
+  out.clear();
+  KeyRange rows = rows_seeing_keys(p, g, k0, k1);
+  if (rows.lo > rows.hi) return;
+  if (!p.has_block_mask()) {
+    split_range(rows.lo, rows.hi + 1, block_q, out);
+    return;
+  }
+  int64_t kb = k0 / p.block_k;
+  scratch.clear();
+  for (const BlockList* list : {&p.qt, &p.qt_full}) {
+    if (!list->present()) continue;
+    int32_t n = list->count(b, h, kb);
+    for (int32_t c = 0; c < n; ++c) scratch.push_back(list->at(b, h, kb, c));
+  }
+  std::vector<Range> blocks;
+  coalesce_blocks(scratch, p.block_q, p.Lq, std::max(block_q, p.block_q), blocks);
+  for (const Range& r : blocks) {
+    int64_t r0 = std::max(r.begin, rows.lo), r1 = std::min(r.end, rows.hi + 1);
+    if (r0 < r1) out.push_back({r0, r1});
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile math.
+// ---------------------------------------------------------------------------------------------
+
+enum class Trans { kNo, kYes };
+
+// Row-major C (M, N) = alpha * op(A) op(B) + beta * C, with op(A) (M, K) and op(B) (K, N);
+// lda/ldb/ldc are row strides. float and double only (other dtypes are converted to float tiles).
+void gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+          const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+void gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
+          const double* B, int64_t ldb, double beta, double* C, int64_t ldc);
+
+// x[j] = exp(x[j] - shift) for j < n (0 where x[j] is -inf); returns the sum.
+float exp_shift_sum(float* x, int64_t n, float shift);
+double exp_shift_sum(double* x, int64_t n, double shift);
+// x[j] = exp(x[j] - shift) for j < n (0 where x[j] is -inf).
+void exp_shift(float* x, int64_t n, float shift);
+void exp_shift(double* x, int64_t n, double shift);
+// max_j x[j] (-inf for n == 0 or all -inf).
+float row_max(const float* x, int64_t n);
+double row_max(const double* x, int64_t n);
+
+// The accumulation type: float for float/bfloat16/half, double for double.
+template <typename scalar_t>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+
+// A (rows, cols) tile of a strided matrix as acc_t: the memory itself when scalar_t is acc_t,
+// else a converted copy in `scratch` (row stride cols). Returns the pointer; *ld receives its row stride.
+template <typename scalar_t, typename acc_t>
+inline const acc_t* tile_as_acc(const scalar_t* base, int64_t rows, int64_t cols, int64_t row_stride, acc_t* scratch,
+                                int64_t* ld) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    *ld = row_stride;
+    return base;
+  } else {
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* src = base + r * row_stride;
+      acc_t* dst = scratch + r * cols;
+      for (int64_t c = 0; c < cols; ++c) dst[c] = static_cast<acc_t>(src[c]);
+    }
+    *ld = cols;
+    return scratch;
+  }
+}
+
+// Applies softcap, ALiBi, the additive or bool attn_mask and the key-range band to a score tile
+// S (rows [q0, q1), keys [k0, k1), row stride ld): masked scores become -inf. With softcap, the
+// factor 1 - tanh^2 of each score is written to dtanh (same layout) when dtanh is non-null.
+template <typename acc_t>
+void transform_scores(const Params& p, const BatchGeometry& g, int64_t b, int64_t h, int64_t q0, int64_t q1, int64_t k0,
+                      int64_t k1, acc_t* S, int64_t ld, acc_t* dtanh) {
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t n = k1 - k0;
+  const acc_t slope = p.alibi ? static_cast<acc_t>(p.alibi[b * p.alibi_sb + h * p.alibi_sh]) : acc_t(0);
+  for (int64_t i = q0; i < q1; ++i) {
+    acc_t* s = S + (i - q0) * ld;
+    if (p.softcap > 0) {
+      const acc_t cap = static_cast<acc_t>(p.softcap), inv = acc_t(1) / cap;
+      acc_t* dt = dtanh ? dtanh + (i - q0) * ld : nullptr;
+      for (int64_t j = 0; j < n; ++j) {
+        acc_t t = std::tanh(s[j] * inv);
+        s[j] = cap * t;
+        if (dt) dt[j] = acc_t(1) - t * t;
+      }
+    }
+    if (p.alibi) {
+      const int64_t diag = i + g.offset - k0;
+      for (int64_t j = 0; j < n; ++j) s[j] -= slope * static_cast<acc_t>(std::abs(diag - j));
+    }
+    if (p.mask_kind != MaskKind::kNone) {
+      const int64_t base = b * p.mask_sb + h * p.mask_sh + i * p.mask_sq + k0 * p.mask_sk;
+      const int64_t sk = p.mask_sk;
+      switch (p.mask_kind) {
+        case MaskKind::kBool: {
+          const bool* m = static_cast<const bool*>(p.mask) + base;
+          for (int64_t j = 0; j < n; ++j) s[j] = m[j * sk] ? s[j] : neg_inf;
+          break;
+        }
+        case MaskKind::kFloat: {
+          const float* m = static_cast<const float*>(p.mask) + base;
+          for (int64_t j = 0; j < n; ++j) s[j] += static_cast<acc_t>(m[j * sk]);
+          break;
+        }
+        case MaskKind::kDouble: {
+          const double* m = static_cast<const double*>(p.mask) + base;
+          for (int64_t j = 0; j < n; ++j) s[j] += static_cast<acc_t>(m[j * sk]);
+          break;
+        }
+        case MaskKind::kBFloat16: {
+          const at::BFloat16* m = static_cast<const at::BFloat16*>(p.mask) + base;
+          for (int64_t j = 0; j < n; ++j) s[j] += static_cast<acc_t>(static_cast<float>(m[j * sk]));
+          break;
+        }
+        case MaskKind::kHalf: {
+          const at::Half* m = static_cast<const at::Half*>(p.mask) + base;
+          for (int64_t j = 0; j < n; ++j) s[j] += static_cast<acc_t>(static_cast<float>(m[j * sk]));
+          break;
+        }
+        case MaskKind::kNone:
+          break;
+      }
+    }
+    KeyRange r = row_key_range(p, g, i);
+    int64_t lo = std::clamp<int64_t>(r.lo - k0, 0, n), hi = std::clamp<int64_t>(r.hi + 1 - k0, 0, n);
+    if (lo >= hi) {
+      std::fill(s, s + n, neg_inf);
+    } else {
+      std::fill(s, s + lo, neg_inf);
+      std::fill(s + hi, s + n, neg_inf);
+    }
+  }
+}
+
+// Kernel entry points (attention_fwd.cpp, attention_bwd.cpp): dtype dispatch over float, double,
+// bfloat16 and half. Tile sizes apply without a BlockMask (with one, its block sizes set the tiles).
+void attention_forward_dispatch(const Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                at::Tensor& out, at::Tensor& lse, int64_t block_q, int64_t block_k);
+void attention_backward_dispatch(const Params& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
+                                 at::Tensor& dk, at::Tensor& dv, at::Tensor* dbias, int64_t block_q, int64_t block_k);
+
+}  // namespace fastattn::cpu

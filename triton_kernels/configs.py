@@ -74,7 +74,7 @@ def pinned_config(kind: str, head_dim: int) -> dict:
         head_dim: the padded (power of two) head dim, the larger of q's and v's.
     """
     if in_interpreter():
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
+        return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 1, "num_stages": 1}
     if kind == "fwd":
         if head_dim <= 64:
             return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}

@@ -1,9 +1,9 @@
 """The Triton backend: fused forward and backward kernels (``triton_kernels/attention_{fwd,bwd}.py``).
 
 Runs on CUDA GPUs, and on the CPU through the Triton interpreter when ``TRITON_INTERPRET=1``
-(correct but slow, so automatic selection passes over it there). Its ops are registered with
-``torch.library.triton_op`` and launch through ``wrap_triton``, so ``torch.compile(fullgraph=True)``
-sees the kernels themselves.
+(correct but slow, so automatic selection passes over it there). On a GPU its ops are registered
+with ``torch.library.triton_op`` and launch through ``wrap_triton``, so ``torch.compile(fullgraph=True)``
+sees the kernels themselves; in the interpreter they are opaque custom ops with the shared fakes.
 """
 
 from __future__ import annotations
@@ -104,7 +104,9 @@ class TritonBackend(Backend):
         return reasons
 
     def build_ops(self) -> BackendOps:
-        return define_ops("triton", _fwd, _bwd, use_triton_op=True)
+        # torch.compile traces a triton_op into its wrap_triton launches; interpreted kernels cannot
+        # be traced (wrap_triton hands them back as they are), so there the ops are opaque custom ops.
+        return define_ops("triton", _fwd, _bwd, use_triton_op=not _in_interpreter())
 
     def dropout_keep_mask(self, inputs: AttentionInputs, seed: int) -> torch.Tensor:
         from ..triton_kernels.attention_fwd import dropout_keep_mask

@@ -1,0 +1,383 @@
+"""The Triton backend against the reference, in values and gradients.
+
+Without a GPU these run the kernels through the Triton interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), so shapes are small and the grid is chosen, not a cartesian product:
+every feature is crossed with the sizes that stress it (odd lengths, Lq != Lk both ways,
+padded head dims, GQA). ``-m gpu`` tests at the end run realistic sizes on a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastattn
+from fastattn import BlockMask, reference
+from fastattn.autograd import block_args, effective_attn_mask
+from fastattn.backends import BackendNotSupportedError
+
+from .helpers import check_against_reference, make_qkv
+from .tolerance import assert_close_to_reference
+
+triton = pytest.importorskip("triton")
+
+from fastattn.triton_kernels import configs  # noqa: E402
+from fastattn.triton_kernels.attention_fwd import attention_fwd, fwd_block_m  # noqa: E402
+
+pytestmark = pytest.mark.interpreter
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+F16, F32 = torch.float16, torch.float32
+
+
+def qkv(B, Hq, Hkv, Lq, Lk, D, dtype=F32, **kwargs):
+    return make_qkv(B, Hq, Hkv, Lq, Lk, D, dtype=dtype, device=DEVICE, **kwargs)
+
+
+# --------------------------------------------------------------------------- dense shapes, dtypes, GQA
+@pytest.mark.parametrize(
+    "B, Hq, Hkv, Lq, Lk, D, dtype",
+    [
+        pytest.param(2, 2, 2, 1, 1, 16, F32, id="B2-H2-L1-D16-fp32"),
+        pytest.param(1, 2, 2, 17, 17, 40, F16, id="B1-H2-L17-D40-fp16"),
+        pytest.param(1, 2, 2, 97, 130, 64, F32, id="B1-H2-Lq97-Lk130-D64-fp32"),
+        pytest.param(1, 2, 2, 130, 97, 96, F16, id="B1-H2-Lq130-Lk97-D96-fp16"),
+        pytest.param(1, 4, 1, 97, 97, 40, F32, id="B1-Hq4-Hkv1-L97-D40-fp32"),
+        pytest.param(1, 8, 1, 33, 17, 16, F16, id="B1-Hq8-Hkv1-Lq33-Lk17-D16-fp16"),
+        pytest.param(2, 2, 1, 1, 130, 64, F32, id="B2-Hq2-Hkv1-Lq1-Lk130-D64-fp32"),
+        pytest.param(1, 2, 2, 17, 33, 40, torch.bfloat16, id="B1-H2-Lq17-Lk33-D40-bf16"),
+    ],
+)
+def test_dense(B, Hq, Hkv, Lq, Lk, D, dtype):
+    check_against_reference("triton", *qkv(B, Hq, Hkv, Lq, Lk, D, dtype))
+
+
+def test_value_head_dim_differs():
+    q, k, v = make_qkv(1, 2, 1, 33, 40, 40, Dv=16, device=DEVICE)
+    check_against_reference("triton", q, k, v, causal=True)
+
+
+# --------------------------------------------------------------------------- causal and windows
+@pytest.mark.parametrize(
+    "Lq, Lk, D, dtype, kwargs",
+    [
+        pytest.param(97, 130, 40, F32, {"causal": True}, id="Lq97-Lk130-D40-causal"),
+        pytest.param(130, 97, 64, F16, {"causal": True}, id="Lq130-Lk97-D64-causal-fp16"),
+        pytest.param(130, 130, 16, F32, {"window": (16, 8)}, id="L130-D16-window16-8"),
+        pytest.param(97, 130, 40, F32, {"window": (20, -1)}, id="Lq97-Lk130-D40-left20"),
+        pytest.param(130, 97, 40, F16, {"window": (-1, 10)}, id="Lq130-Lk97-D40-right10-fp16"),
+        pytest.param(97, 97, 16, F32, {"window": (0, 0)}, id="L97-D16-window0-0"),
+        pytest.param(97, 33, 16, F32, {"window": (3, 40), "causal": True}, id="Lq97-Lk33-D16-window3-causal"),
+    ],
+)
+def test_causal_and_window(Lq, Lk, D, dtype, kwargs):
+    check_against_reference("triton", *qkv(1, 2, 1, Lq, Lk, D, dtype), **kwargs)
+
+
+@pytest.mark.parametrize("Lq, Lk", [pytest.param(97, 40, id="Lq97-Lk40"), pytest.param(40, 97, id="Lq40-Lk97")])
+def test_sdpa_top_left_causal(monkeypatch, Lq, Lk):
+    q, k, v = qkv(1, 2, 2, Lq, Lk, 16)
+    monkeypatch.setenv("FASTATTN_BACKEND", "triton")
+    out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = F.scaled_dot_product_attention(q64, k64, v64, is_causal=True)
+    # torch gives NaN where a top-left causal row sees nothing (Lq > Lk never, Lq < Lk never: row 0 sees key 0).
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    for g, w in zip(got, torch.autograd.grad(want, (q64, k64, v64), dout.double())):
+        torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- attn_mask
+def test_bool_attn_mask_broadcast():
+    q, k, v = qkv(2, 2, 1, 33, 50, 16)
+    mask = torch.rand(2, 1, 33, 50, device=DEVICE) > 0.3  # broadcast over heads: stride 0
+    check_against_reference("triton", q, k, v, attn_mask=mask)
+
+
+def test_float_attn_mask_with_gradient():
+    q, k, v = qkv(1, 2, 2, 40, 33, 40)
+    mask = torch.randn(2, 40, 33, device=DEVICE)
+    mask[:, :, 5] = float("-inf")
+    mask.requires_grad_()
+    check_against_reference("triton", q, k, v, attn_mask=mask, causal=True)
+
+
+def test_float_attn_mask_fp16_no_gradient():
+    q, k, v = qkv(1, 2, 2, 17, 40, 16, F16)
+    mask = torch.randn(17, 40, device=DEVICE, dtype=F16)
+    check_against_reference("triton", q, k, v, attn_mask=mask)
+
+
+# --------------------------------------------------------------------------- BlockMask
+@pytest.mark.parametrize(
+    "Lq, Lk, block_size, kwargs",
+    [
+        pytest.param(97, 97, 32, {}, id="L97-block32"),
+        pytest.param(97, 130, (64, 32), {}, id="Lq97-Lk130-block64x32"),
+        pytest.param(130, 97, (32, 64), {"causal": True}, id="Lq130-Lk97-block32x64-causal"),
+    ],
+)
+def test_block_mask_from_dense(Lq, Lk, block_size, kwargs):
+    q, k, v = qkv(2, 2, 1, Lq, Lk, 16)
+    i = torch.arange(Lq, device=DEVICE)[:, None]
+    j = torch.arange(Lk, device=DEVICE)[None, :]
+    # Local band + a few global keys + random tiles: empty, partial and full tiles all occur.
+    dense = ((i - j).abs() < 20) | (j < 5) | (torch.rand(2, 1, Lq, Lk, device=DEVICE) > 0.998)
+    dense[:, :, :64, :64] = True
+    mask = BlockMask.from_dense(dense, block_size=block_size)
+    assert (mask.layout == 0).any() and (mask.layout == 1).any() and (mask.layout == 2).any()
+    check_against_reference("triton", q, k, v, block_mask=mask, **kwargs)
+
+
+def test_block_mask_from_layout_broadcast_over_batch_and_heads():
+    q, k, v = qkv(2, 2, 2, 40, 50, 16)
+    layout = torch.rand(3, 4, device=DEVICE) > 0.4
+    layout[:, 0] = True
+    mask = BlockMask.from_layout(layout, block_size=16, seq_lens=(40, 50))
+    check_against_reference("triton", q, k, v, block_mask=mask)
+
+
+def test_block_mask_unsupported_block_size_is_refused():
+    q, k, v = qkv(1, 1, 1, 30, 30, 16, requires_grad=False)
+    mask = BlockMask.from_dense(torch.ones(30, 30, dtype=torch.bool, device=DEVICE), block_size=24)
+    with pytest.raises(BackendNotSupportedError, match="block_size"):
+        fastattn.attention(q, k, v, block_mask=mask, backend="triton")
+
+
+# --------------------------------------------------------------------------- lengths, ALiBi, softcap
+@pytest.mark.parametrize(
+    "key_lengths, query_lengths, kwargs",
+    [
+        pytest.param([50, 7], None, {}, id="klen"),
+        pytest.param(None, [33, 0], {"causal": True}, id="qlen-causal"),
+        pytest.param([0, 31], [20, 9], {"window": (4, 2)}, id="both-window"),
+    ],
+)
+def test_lengths(key_lengths, query_lengths, kwargs):
+    q, k, v = qkv(2, 2, 1, 33, 50, 40)
+    as_tensor = lambda x: None if x is None else torch.tensor(x, dtype=torch.int32, device=DEVICE)
+    check_against_reference(
+        "triton", q, k, v, key_lengths=as_tensor(key_lengths), query_lengths=as_tensor(query_lengths), **kwargs
+    )
+
+
+@pytest.mark.parametrize(
+    "slopes_shape, kwargs",
+    [
+        pytest.param((2,), {"causal": True}, id="slopes-H-causal"),
+        pytest.param((2, 2), {"key_lengths": torch.tensor([40, 21], dtype=torch.int32)}, id="slopes-BH-klen"),
+    ],
+)
+def test_alibi(slopes_shape, kwargs):
+    q, k, v = qkv(2, 2, 1, 33, 40, 16)
+    slopes = torch.rand(slopes_shape, device=DEVICE) * 0.5
+    kwargs = {key: val.to(DEVICE) if isinstance(val, torch.Tensor) else val for key, val in kwargs.items()}
+    check_against_reference("triton", q, k, v, alibi_slopes=slopes, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(F32, id="fp32"), pytest.param(F16, id="fp16")])
+def test_softcap_with_alibi_and_float_mask(dtype):
+    q, k, v = qkv(1, 2, 2, 40, 33, 40, dtype)
+    q.data.mul_(3)  # scores well beyond the cap
+    mask = torch.randn(40, 33, device=DEVICE, dtype=dtype)
+    check_against_reference(
+        "triton", q, k, v, softcap=2.0, alibi_slopes=torch.tensor([0.3, 0.1], device=DEVICE), attn_mask=mask,
+        window=(-1, 5),
+    )
+
+
+# --------------------------------------------------------------------------- dropout
+def test_dropout_matches_reference_given_the_same_mask():
+    q, k, v = qkv(2, 2, 1, 40, 33, 16)
+    check_against_reference("triton", q, k, v, dropout_p=0.3, causal=True)
+
+
+def test_dropout_reproducible_and_seeded():
+    q, k, v = qkv(1, 2, 2, 33, 40, 16, requires_grad=False)
+    torch.manual_seed(7)
+    a = fastattn.attention(q, k, v, dropout_p=0.5, backend="triton")
+    torch.manual_seed(7)
+    b = fastattn.attention(q, k, v, dropout_p=0.5, backend="triton")
+    c = fastattn.attention(q, k, v, dropout_p=0.5, backend="triton")
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    inputs = fastattn._inputs.normalize(q, k, v, dropout_p=0.5)
+    keep = fastattn.get_backend("triton").dropout_keep_mask(inputs, seed=1234)
+    assert keep.shape == (1, 2, 33, 40) and keep.dtype == torch.bool
+    assert abs(keep.float().mean().item() - 0.5) < 0.05
+
+
+# --------------------------------------------------------------------------- fully masked rows
+def test_fully_masked_rows_give_zero_and_finite_gradients():
+    q, k, v = qkv(1, 2, 1, 33, 40, 16)
+    mask = torch.rand(33, 40, device=DEVICE) > 0.5
+    mask[3] = False
+    mask[20:25] = False
+    out, lse = fastattn.attention(q, k, v, attn_mask=mask, return_lse=True, backend="triton")
+    assert torch.equal(out[:, :, 3], torch.zeros_like(out[:, :, 3]))
+    assert torch.equal(out[:, :, 20:25], torch.zeros_like(out[:, :, 20:25]))
+    assert torch.isinf(lse[:, :, 3]).all() and (lse[:, :, 3] < 0).all()
+    assert torch.isfinite(lse[:, :, :3]).all()
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert torch.equal(q.grad[:, :, 3], torch.zeros_like(q.grad[:, :, 3]))
+    # Lq > Lk causal: the first Lq - Lk rows see nothing (values and grads against the reference too).
+    check_against_reference("triton", *qkv(1, 2, 1, 70, 33, 16), causal=True)
+
+
+# --------------------------------------------------------------------------- layouts, determinism
+def test_non_contiguous_blhd_inputs():
+    B, L, H, D = 2, 40, 2, 40
+    q, k, v = (torch.randn(B, L, H, D, device=DEVICE).transpose(1, 2).requires_grad_() for _ in range(3))
+    assert not q.is_contiguous()
+    check_against_reference("triton", q, k, v, causal=True)
+
+
+def test_backward_is_deterministic():
+    q, k, v = qkv(1, 4, 1, 97, 70, 40)
+    dout = torch.randn(1, 4, 97, 40, device=DEVICE)
+    grads = []
+    for _ in range(2):
+        out = fastattn.attention(q, k, v, window=(30, 5), backend="triton")
+        grads.append(torch.autograd.grad(out, (q, k, v), dout))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- block skipping
+@pytest.mark.parametrize(
+    "Lq, Lk, window",
+    [
+        pytest.param(200, 200, (None, 0), id="L200-causal"),
+        pytest.param(130, 257, (None, 0), id="Lq130-Lk257-causal"),
+        pytest.param(257, 130, (40, 10), id="Lq257-Lk130-window40-10"),
+        pytest.param(200, 200, (30, None), id="L200-left30"),
+    ],
+)
+def test_forward_visits_only_visible_key_blocks(Lq, Lk, window):
+    q, k, v = qkv(1, 1, 1, Lq, Lk, 16, requires_grad=False)
+    block_m = fwd_block_m(q, v)
+    block_n = configs.pinned_config("fwd", 16)["BLOCK_N"]
+    num_m = math.ceil(Lq / block_m)
+    counter = torch.full((num_m,), -1, dtype=torch.int32, device=DEVICE)
+    out, _ = attention_fwd(
+        q, k, v, scale=0.25, window_left=window[0], window_right=window[1], block_counter=counter
+    )
+    inputs = fastattn._inputs.normalize(q, k, v, window_override=window)
+    visible = reference.visible_mask(inputs)[0, 0]
+    padded = torch.zeros(num_m * block_m, math.ceil(Lk / block_n) * block_n, dtype=torch.bool, device=DEVICE)
+    padded[:Lq, :Lk] = visible
+    tiles = padded.view(num_m, block_m, -1, block_n).any(dim=3).any(dim=1)  # (num_m, num_n)
+    assert counter.tolist() == tiles.sum(dim=1).tolist()
+    assert counter.sum().item() < tiles.numel()  # something was skipped
+    assert_close_to_reference("out", out, *(reference.attention_from_inputs(inputs)[0] for _ in range(2)))
+
+
+# --------------------------------------------------------------------------- ops: opcheck, compile, errors
+def _op_args(q, k, v, **kwargs):
+    inputs = fastattn._inputs.normalize(q, k, v, **kwargs)
+    lists, bq, bk = block_args(inputs)
+    fwd = (
+        inputs.q, inputs.k, inputs.v, effective_attn_mask(inputs), inputs.alibi_slopes, inputs.key_lengths,
+        inputs.query_lengths, *lists[:4], bq, bk, inputs.scale, inputs.window_left, inputs.window_right,
+        inputs.softcap, inputs.dropout_p, 11,
+    )
+    return lists, fwd
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param({"causal": True, "alibi_slopes": torch.tensor([0.5, 0.25])}, id="causal-alibi"),
+        pytest.param({"attn_mask": torch.randn(17, 20), "dropout_p": 0.2}, id="float-mask-dropout"),
+    ],
+)
+def test_opcheck(kwargs):
+    q, k, v = qkv(1, 2, 1, 17, 20, 16, requires_grad=False)
+    kwargs = {key: val.to(DEVICE) if isinstance(val, torch.Tensor) else val for key, val in kwargs.items()}
+    lists, fwd = _op_args(q, k, v, **kwargs)
+    ops = fastattn.get_backend("triton").ops
+    torch.library.opcheck(ops.fwd, fwd)
+    out, lse = ops.fwd(*fwd)
+    mask = fwd[3]
+    compute_dbias = mask is not None and mask.is_floating_point()
+    bwd = (torch.randn_like(out), q, k, v, out, lse, *fwd[3:7], *lists, *fwd[11:], compute_dbias)
+    torch.library.opcheck(ops.bwd, bwd)
+
+
+def test_compile_fullgraph():
+    q, k, v = qkv(1, 2, 1, 17, 20, 16)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(q, k, v):
+        return fastattn.attention(q, k, v, causal=True, softcap=5.0, backend="triton")
+
+    out = f(q, k, v)
+    want = reference.attention(q, k, v, causal=True, softcap=5.0)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize(
+    "dtype, D, match",
+    [
+        pytest.param(torch.float64, 16, "dtype float64", id="fp64"),
+        pytest.param(F32, 320, "head_dim 320", id="D320"),
+    ],
+)
+def test_unsupported_inputs_are_refused_with_reasons(dtype, D, match):
+    q, k, v = qkv(1, 1, 1, 5, 5, D, dtype, requires_grad=False)
+    with pytest.raises(BackendNotSupportedError, match=match):
+        fastattn.attention(q, k, v, backend="triton")
+
+
+def test_interpreter_is_not_auto_selected():
+    if not configs.in_interpreter():
+        pytest.skip("only meaningful in the Triton interpreter")
+    q, k, v = qkv(1, 1, 1, 5, 5, 16, requires_grad=False)
+    inputs = fastattn._inputs.normalize(q, k, v)
+    reasons = fastattn.get_backend("triton").auto_select_reasons(inputs)
+    assert reasons and "interpreter" in reasons[0]
+
+
+# --------------------------------------------------------------------------- GPU: realistic sizes
+GPU_CASES = [
+    pytest.param(1, 4, 1, 16384, 16384, 64, {"causal": True}, id="B1-Hq4-Hkv1-L16384-D64-causal"),
+    pytest.param(2, 8, 2, 4097, 4097, 128, {}, id="B2-Hq8-Hkv2-L4097-D128"),
+    pytest.param(1, 4, 4, 2049, 3001, 256, {"causal": True}, id="B1-H4-Lq2049-Lk3001-D256-causal"),
+    pytest.param(1, 8, 8, 8191, 8191, 128, {"window": (512, 0)}, id="B1-H8-L8191-D128-window512"),
+    pytest.param(2, 4, 4, 2000, 2000, 96, {"softcap": 30.0, "dropout_p": 0.1}, id="B2-H4-L2000-D96-softcap-dropout"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16"), pytest.param(F16, id="fp16")])
+@pytest.mark.parametrize("B, Hq, Hkv, Lq, Lk, D, kwargs", GPU_CASES)
+def test_gpu_realistic(B, Hq, Hkv, Lq, Lk, D, kwargs, dtype):
+    q, k, v = make_qkv(B, Hq, Hkv, Lq, Lk, D, dtype=dtype, device="cuda")
+    check_against_reference("triton", q, k, v, **kwargs)
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+def test_gpu_block_mask_and_lengths_bf16():
+    L = 3000
+    q, k, v = make_qkv(2, 4, 2, L, L, 128, dtype=torch.bfloat16, device="cuda")
+    doc = torch.arange(L, device="cuda") // 700  # packed documents, causal within each
+    i, j = torch.arange(L, device="cuda")[:, None], torch.arange(L, device="cuda")[None, :]
+    mask = BlockMask.from_dense((doc[:, None] == doc[None, :]) & (j <= i), block_size=(128, 64))
+    check_against_reference("triton", q, k, v, block_mask=mask)
+    lengths = torch.tensor([L, 1234], dtype=torch.int32, device="cuda")
+    check_against_reference("triton", q, k, v, key_lengths=lengths, query_lengths=lengths, causal=True)
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_is_ieee_exact_enough():
+    q, k, v = make_qkv(1, 2, 2, 1000, 1000, 64, dtype=F32, device="cuda")
+    check_against_reference("triton", q, k, v, causal=True)

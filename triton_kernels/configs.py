@@ -48,7 +48,7 @@ def fwd_configs() -> list[triton.Config]:
         for bm in (64, 128)
         for bn in (32, 64, 128)
         for w in (4, 8)
-        for s in (2, 3, 4)
+        for s in (3,)
     ]
     return [c for c in configs if keep(c)]
 
@@ -60,7 +60,7 @@ def bwd_configs() -> list[triton.Config]:
         for bm in (32, 64, 128)
         for bn in (32, 64, 128)
         for w in (4, 8)
-        for s in (2, 3)
+        for s in (2,)
         if bm * bn <= 64 * 128
     ]
     return [c for c in configs if keep(c)]

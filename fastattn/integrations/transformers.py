@@ -1,0 +1,106 @@
+"""Hugging Face transformers integration: ``attn_implementation="fastattn"``.
+
+::
+
+    import fastattn.integrations.transformers as fastattn_hf
+    fastattn_hf.register()
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="fastattn")
+    model.set_attn_implementation("fastattn")      # or switch an existing model
+
+:func:`register` adds :func:`attention_forward` to transformers' ``AttentionInterface`` and, where the
+installed version has ``AttentionMaskInterface``, transformers' own SDPA mask builder under the
+same name: masks arrive as bool ``(B, 1, Lq, Lk)`` (True = attend; causal, sliding-window and
+padding patterns already combined) or as None when plain causal attention suffices, which
+then runs as ``causal=True`` with no mask at all. GQA runs natively (no ``repeat_kv``).
+
+transformers is an optional dependency: this module imports it, ``import fastattn`` never does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import fastattn
+
+NAME = "fastattn"
+
+
+def attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    softcap: float | None = None,
+    position_bias: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function contract, computed by :func:`fastattn.attention`.
+
+    Args:
+        module: the calling attention layer (its ``is_causal`` attribute is the default).
+        query: ``(B, Hq, Lq, D)``. key, value: ``(B, Hkv, Lk, D)`` (GQA when ``Hkv < Hq``).
+        attention_mask: bool (True = attend) or additive float, broadcastable to
+            ``(B, Hq, Lq, Lk)``, or None.
+        dropout: attention dropout (transformers passes 0 in eval mode). scaling: score scale.
+        is_causal: overrides ``module.is_causal``; causal applies only without a mask and with
+            ``Lq > 1``, as in transformers' SDPA path.
+        softcap: score soft-capping (Gemma 2), fused in the kernel.
+        position_bias: additive bias (T5-style models), folded into the mask.
+        kwargs: the rest of transformers' keywords (``sliding_window`` is already in the mask);
+            ``s_aux`` (attention sinks) is not supported and raises.
+
+    Returns:
+        ``(out (B, Lq, Hq, D), None)``: attention weights are never materialised.
+    """
+    if kwargs.get("s_aux") is not None:
+        raise ValueError("attention sinks (s_aux) are not supported by the fastattn attention implementation")
+    q_len, kv_len = query.shape[2], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(causal) and q_len > 1 and attention_mask is None
+    if causal and kv_len > q_len:
+        # Prefill into an empty static cache: the tail of the cache is unused (transformers'
+        # SDPA path crops it the same way), and the remaining square is plain causal.
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+        if position_bias is not None:
+            position_bias = position_bias[..., :q_len]
+    if position_bias is not None:
+        if attention_mask is None:
+            attention_mask = position_bias
+        elif attention_mask.dtype == torch.bool:
+            attention_mask = position_bias.masked_fill(~attention_mask, float("-inf"))
+        else:
+            attention_mask = position_bias + attention_mask
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.to(query.dtype)
+    out = fastattn.attention(
+        query, key, value,
+        causal=causal,
+        attn_mask=attention_mask,
+        dropout_p=dropout,
+        scale=scaling,
+        softcap=softcap or 0.0,
+    )  # (B, Hq, Lq, D)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register ``"fastattn"`` with transformers (idempotent). Raises ImportError without transformers."""
+    try:
+        from transformers import AttentionInterface
+    except ImportError as exc:
+        raise ImportError(
+            "fastattn.integrations.transformers needs Hugging Face transformers: pip install 'fastattn[hf]'"
+        ) from exc
+    AttentionInterface.register(NAME, attention_forward)
+    try:
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:  # older transformers: models build their own masks
+        return
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+__all__ = ["NAME", "attention_forward", "register"]

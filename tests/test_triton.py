@@ -25,7 +25,7 @@ from .tolerance import assert_close_to_reference
 triton = pytest.importorskip("triton")
 
 from fastattn.triton_kernels import configs  # noqa: E402
-from fastattn.triton_kernels.attention_fwd import attention_fwd, fwd_block_m  # noqa: E402
+from fastattn.triton_kernels.attention_fwd import attention_fwd, fwd_tiles  # noqa: E402
 
 pytestmark = pytest.mark.interpreter
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -267,8 +267,7 @@ def test_backward_is_deterministic():
 )
 def test_forward_visits_only_visible_key_blocks(Lq, Lk, window):
     q, k, v = qkv(1, 1, 1, Lq, Lk, 16, requires_grad=False)
-    block_m = fwd_block_m(q, v)
-    block_n = configs.pinned_config("fwd", 16)["BLOCK_N"]
+    block_m, block_n = fwd_tiles(q, v)
     num_m = math.ceil(Lq / block_m)
     counter = torch.full((num_m,), -1, dtype=torch.int32, device=DEVICE)
     out, _ = attention_fwd(

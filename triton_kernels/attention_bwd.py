@@ -576,9 +576,9 @@ def attention_bwd(
         torch.library.wrap_triton(attention_bwd_dq_kernel_tuned)[grid_dq](**dq_args)
         return dq, dk, dv, dbias
     if use_block_mask:
-        meta = configs.block_mask_config("bwd", max(block_d, block_dv), block_size_q, block_size_k)
+        meta = configs.block_mask_config("bwd", max(block_d, block_dv), block_size_q, block_size_k, q.element_size())
     else:
-        meta = configs.pinned_config("bwd", max(block_d, block_dv))
+        meta = configs.pinned_config("bwd", max(block_d, block_dv), q.element_size())
     grid_dkdv = (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)
     grid_dq = (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
     torch.library.wrap_triton(attention_bwd_dkdv_kernel)[grid_dkdv](**dkdv_args, **meta)

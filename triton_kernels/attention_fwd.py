@@ -480,23 +480,23 @@ def attention_fwd(
         COUNT_BLOCKS=block_counter is not None, DOT_PRECISION=precision, DOT_FP32=dot_fp32,
     )
     if use_block_mask:
-        meta = configs.block_mask_config("fwd", max(block_d, block_dv), block_size_q, block_size_k)
+        meta = configs.block_mask_config("fwd", max(block_d, block_dv), block_size_q, block_size_k, q.element_size())
     elif configs.autotune_enabled() and block_counter is None:
         grid = lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * Hq)
         torch.library.wrap_triton(attention_fwd_kernel_tuned)[grid](**args)
         return out, lse
     else:
-        meta = configs.pinned_config("fwd", max(block_d, block_dv))
+        meta = configs.pinned_config("fwd", max(block_d, block_dv), q.element_size())
     grid = (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
     torch.library.wrap_triton(attention_fwd_kernel)[grid](**args, **meta)
     return out, lse
 
 
-def fwd_block_m(q: torch.Tensor, v: torch.Tensor, block_size_q: int = 0) -> int:
-    """The query tile the untuned forward uses (to size a ``block_counter``)."""
-    if block_size_q:
-        return block_size_q
-    return configs.pinned_config("fwd", max(head_dim_tile(q.shape[-1]), head_dim_tile(v.shape[-1])))["BLOCK_M"]
+def fwd_tiles(q: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
+    """``(BLOCK_M, BLOCK_N)`` of the untuned forward without a BlockMask (to size a ``block_counter``)."""
+    head_dim = max(head_dim_tile(q.shape[-1]), head_dim_tile(v.shape[-1]))
+    meta = configs.pinned_config("fwd", head_dim, q.element_size())
+    return meta["BLOCK_M"], meta["BLOCK_N"]
 
 
 def dropout_keep_mask(B: int, Hq: int, Lq: int, Lk: int, dropout_p: float, seed: int, device) -> torch.Tensor:

@@ -66,33 +66,40 @@ def bwd_configs() -> list[triton.Config]:
     return [c for c in configs if keep(c)]
 
 
-def pinned_config(kind: str, head_dim: int) -> dict:
+def pinned_config(kind: str, head_dim: int, elem_bytes: int = 2) -> dict:
     """The one config used without autotuning: ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}``.
 
     Args:
         kind: ``"fwd"`` or ``"bwd"``.
         head_dim: the padded (power of two) head dim, the larger of q's and v's.
+        elem_bytes: bytes per element (4 for float32 halves the tiles that fit in shared memory).
     """
     if in_interpreter():
         return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 1, "num_stages": 1}
+    width = head_dim * elem_bytes // 2  # the head dim in 16-bit units: what shared memory sees
     if kind == "fwd":
-        if head_dim <= 64:
+        if width <= 64:
             return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
-        if head_dim <= 128:
+        if width <= 128:
             return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
-        return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
-    if head_dim <= 64:
+        if width <= 256:
+            return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    if width <= 64:
         return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-    if head_dim <= 128:
+    if width <= 128:
         return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
-    return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    if width <= 256:
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    return {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 
 
-def block_mask_config(kind: str, head_dim: int, block_size_q: int, block_size_k: int) -> dict:
+def block_mask_config(kind: str, head_dim: int, block_size_q: int, block_size_k: int, elem_bytes: int = 2) -> dict:
     """With a BlockMask the tiles are the mask's blocks; warps and stages follow their size."""
     tiles = block_size_q * block_size_k
     if in_interpreter():
         return {"BLOCK_M": block_size_q, "BLOCK_N": block_size_k, "num_warps": 1, "num_stages": 1}
-    num_warps = 8 if tiles >= 128 * 64 and head_dim > 64 else 4
-    num_stages = 1 if head_dim > 128 and kind == "bwd" else 2
+    width = head_dim * elem_bytes // 2
+    num_warps = 8 if tiles >= 128 * 64 and width > 64 else 4
+    num_stages = 1 if (width > 128 and kind == "bwd") or width > 256 else 2
     return {"BLOCK_M": block_size_q, "BLOCK_N": block_size_k, "num_warps": num_warps, "num_stages": num_stages}

@@ -202,7 +202,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
     finally:
         bar.close()
     add_speedups(rows)
-    return {
+    doc = {
         "schema": SCHEMA,
         "kind": "bench",
         "preset": p.name,
@@ -216,6 +216,14 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
         "providers": status,
         "results": rows,
     }
+    if device.type == "cuda":
+        from .ceilings import measure_ceilings
+
+        try:
+            doc["ceilings"] = measure_ceilings(device)
+        except Exception as exc:  # noqa: BLE001 -- recorded, never fatal
+            doc["ceilings"] = {"error": _short_error(exc)}
+    return doc
 
 
 def _bench_provider(provider: Provider, case, dtype_name: str, visible_fraction: float, p: Preset,

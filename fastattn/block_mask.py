@@ -30,9 +30,12 @@ The element mask of partial tiles comes from exactly one of three sources:
 * ``window=(left, right)``: query ``i`` sees key ``j`` iff
   ``i + (Lk - Lq) - left <= j <= i + (Lk - Lq) + right`` (``None`` = unbounded), the
   window rule of :func:`fastattn.attention`; nothing of size ``Lq * Lk`` is stored;
-* ``partial_masks``: bool ``(num_partial, BLOCK_Q, BLOCK_K)``, one block per partial tile
-  in the row-major order of ``(layout == PARTIAL).nonzero()`` (see :attr:`BlockMask.partial_tile_ids`);
-  memory proportional to the number of partial tiles.
+* ``partial_masks``: bool ``(num_blocks, BLOCK_Q, BLOCK_K)`` and ``partial_tile_ids``, int32
+  ``(B, H, nQB, nKB)``: partial tile ``(b, h, qb, kb)`` has the element mask
+  ``partial_masks[partial_tile_ids[b, h, qb, kb]]`` (-1 on other tiles). Tiles with the same
+  contents may share a block (the builders share the blocks of periodic patterns), so memory is
+  at most proportional to the number of partial tiles. Without ``partial_tile_ids`` there is one
+  block per partial tile, in the row-major order of ``(layout == PARTIAL).nonzero()``.
 
 Whatever the source, :attr:`BlockMask.element_mask` returns the dense mask (materialised
 on first use) and :meth:`BlockMask.to_dense` the whole mask. Invariant: the element mask is
@@ -94,14 +97,20 @@ def _as_4d(t: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _sorted_lists(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For a bool tensor (..., n, m): the count of True per row and their column indices, in order."""
+    """For a bool tensor (..., n, m): the count of True per row and their column indices, in order.
+
+    Entries past a row's count hold their own column index (any valid index would do). Linear in the
+    number of tiles: each selected column is scattered to its rank in the row, no sort.
+    """
     counts = selected.sum(-1, dtype=torch.int32)
     m = selected.shape[-1]
-    # A stable sort of "not selected" moves the selected columns to the front, keeping their order.
-    order = torch.sort((~selected).to(torch.int8), dim=-1, stable=True).indices
-    columns = torch.arange(m, device=selected.device).expand_as(order)
-    indices = torch.where(torch.arange(m, device=selected.device) < counts.unsqueeze(-1), order, columns)
-    return counts, indices.to(torch.int32).contiguous()
+    columns = torch.arange(m, device=selected.device, dtype=torch.int32).expand(selected.shape)
+    rank = torch.cumsum(selected, dim=-1, dtype=torch.int32) - 1
+    # One spare slot at position m takes every unselected column's write, then is cut off.
+    indices = torch.arange(m + 1, device=selected.device, dtype=torch.int32).expand(*selected.shape[:-1], m + 1).clone()
+    target = torch.where(selected, rank, m).long()
+    indices.scatter_(-1, target, columns)
+    return counts, indices[..., :m].contiguous()
 
 
 def block_extents(length: int, block: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,12 +155,13 @@ def window_visible(
     Lq, Lk = seq_lens
     left, right = window
     diag = rows + (Lk - Lq)
-    visible = torch.ones(torch.broadcast_shapes(rows.shape, cols.shape), dtype=torch.bool, device=rows.device)
-    if left is not None:
-        visible &= cols >= diag - left
-    if right is not None:
-        visible &= cols <= diag + right
-    return visible
+    if left is None and right is None:
+        return torch.ones(torch.broadcast_shapes(rows.shape, cols.shape), dtype=torch.bool, device=rows.device)
+    if left is None:
+        return cols <= diag + right
+    if right is None:
+        return cols >= diag - left
+    return (cols >= diag - left) & (cols <= diag + right)
 
 
 def classify_dense(mask4: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:
@@ -198,8 +208,11 @@ class BlockMask:
         element_mask: bool, broadcastable to ``(B, H, Lq, Lk)``, True = attend: the dense element mask.
         window: ``(left, right)``, ints >= 0 or None (unbounded): the element mask is this window
             (bottom-right aligned, as :func:`fastattn.attention`'s ``window``).
-        partial_masks: bool ``(num_partial, BLOCK_Q, BLOCK_K)``: the element mask of each partial tile,
-            in the order of ``(layout == PARTIAL).nonzero()``; rows/columns past the sequence ends are ignored.
+        partial_masks: bool ``(num_blocks, BLOCK_Q, BLOCK_K)``: element masks of partial tiles; rows/columns
+            past the sequence ends are ignored.
+        partial_tile_ids: int32 ``(B, H, nQB, nKB)`` (with ``partial_masks`` only): the row of
+            ``partial_masks`` of each partial tile, -1 elsewhere. Default: one block per partial tile, in
+            the order of ``(layout == PARTIAL).nonzero()``.
 
     At most one of ``element_mask``, ``window`` and ``partial_masks`` may be given, and one is required
     when the layout has partial tiles.
@@ -214,6 +227,7 @@ class BlockMask:
         *,
         window: tuple[int | None, int | None] | None = None,
         partial_masks: torch.Tensor | None = None,
+        partial_tile_ids: torch.Tensor | None = None,
     ):
         if not isinstance(layout, torch.Tensor):
             raise TypeError(f"layout must be a torch.Tensor, got {type(layout).__name__}")
@@ -256,13 +270,22 @@ class BlockMask:
                 raise TypeError(f"partial_masks must be a torch.Tensor, got {type(partial_masks).__name__}")
             if partial_masks.dtype != torch.bool:
                 raise TypeError(f"partial_masks must be a bool tensor (True = attend), got dtype {partial_masks.dtype}")
-            if tuple(partial_masks.shape) != (num_partial, bq, bk):
+            if partial_masks.device != layout.device:
+                raise ValueError(f"partial_masks must be on layout's device {layout.device}, got {partial_masks.device}")
+            if partial_tile_ids is None and tuple(partial_masks.shape) != (num_partial, bq, bk):
                 raise ValueError(
                     f"partial_masks must have shape (num_partial, BLOCK_Q, BLOCK_K) = {(num_partial, bq, bk)}, "
                     f"got {tuple(partial_masks.shape)}"
                 )
-            if partial_masks.device != layout.device:
-                raise ValueError(f"partial_masks must be on layout's device {layout.device}, got {partial_masks.device}")
+            if partial_tile_ids is not None:
+                if partial_masks.dim() != 3 or tuple(partial_masks.shape[1:]) != (bq, bk):
+                    raise ValueError(
+                        f"partial_masks must have shape (num_blocks, BLOCK_Q, BLOCK_K) = (n, {bq}, {bk}), "
+                        f"got {tuple(partial_masks.shape)}"
+                    )
+                self._check_tile_ids(partial_tile_ids, layout, partial_masks.shape[0])
+        elif partial_tile_ids is not None:
+            raise ValueError("partial_tile_ids needs partial_masks")
         if num_partial and not given:
             raise ValueError("a BlockMask with partial tiles needs element_mask, window or partial_masks")
         self._layout = layout
@@ -272,6 +295,25 @@ class BlockMask:
         self._window = window
         self._partial_masks = partial_masks
         self._num_partial = num_partial
+        if partial_tile_ids is not None:
+            self.__dict__["partial_tile_ids"] = partial_tile_ids  # fills the cached property
+
+    @staticmethod
+    def _check_tile_ids(ids, layout: torch.Tensor, num_blocks: int) -> None:
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"partial_tile_ids must be a torch.Tensor, got {type(ids).__name__}")
+        if ids.dtype != torch.int32:
+            raise TypeError(f"partial_tile_ids must be an int32 tensor, got dtype {ids.dtype}")
+        if ids.shape != layout.shape or ids.device != layout.device:
+            raise ValueError(
+                f"partial_tile_ids must have layout's shape {tuple(layout.shape)} and device {layout.device}, "
+                f"got {tuple(ids.shape)} on {ids.device}"
+            )
+        on_partial = ids[layout == PARTIAL]
+        if on_partial.numel() and (int(on_partial.min()) < 0 or int(on_partial.max()) >= num_blocks):
+            raise ValueError(f"partial_tile_ids must lie in [0, {num_blocks}) on partial tiles (rows of partial_masks)")
+        if bool((ids[layout != PARTIAL] != -1).any()):
+            raise ValueError("partial_tile_ids must be -1 on tiles that are not partial")
 
     # ------------------------------------------------------------------ stored fields (read-only)
     @property
@@ -296,7 +338,8 @@ class BlockMask:
 
     @property
     def partial_masks(self) -> torch.Tensor | None:
-        """bool ``(num_partial, BLOCK_Q, BLOCK_K)`` when the element mask is stored per partial tile, else None."""
+        """bool ``(num_blocks, BLOCK_Q, BLOCK_K)`` when the element mask is stored per partial tile (rows
+        indexed by :attr:`partial_tile_ids`), else None."""
         return self._partial_masks
 
     @functools.cached_property
@@ -414,7 +457,8 @@ class BlockMask:
         B, H, nqb, nkb = self.layout.shape
         (Lq, Lk), (bq, bk) = self.seq_lens, self.block_size
         tiles = (self.layout == FULL)[..., None, None].expand(B, H, nqb, nkb, bq, bk).clone()
-        tiles[self.layout == PARTIAL] = self._partial_masks
+        partial = self.layout == PARTIAL
+        tiles[partial] = self._partial_masks[self.partial_tile_ids[partial].long()]
         return tiles.permute(0, 1, 2, 4, 3, 5).reshape(B, H, nqb * bq, nkb * bk)[:, :, :Lq, :Lk]
 
     def to_dense(self) -> torch.Tensor:
@@ -438,6 +482,8 @@ class BlockMask:
         moved._num_partial = self._num_partial
         moved._dense_element_mask = None if self._dense_element_mask is None else self._dense_element_mask.to(device)
         moved._partial_masks = None if self._partial_masks is None else self._partial_masks.to(device)
+        if self._partial_masks is not None:
+            moved.__dict__["partial_tile_ids"] = self.partial_tile_ids.to(device)
         return moved
 
     def plot(self, path=None, b: int = 0, h: int = 0, show_elements: bool | None = None):

@@ -101,54 +101,83 @@ def _check_index_tensor(t, name: str, dims: tuple[int, ...]) -> torch.Tensor:
 Predicate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+TileKey = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def _evaluate(
-    predicate: Predicate, guess: torch.Tensor, seq_lens: tuple[int, int], block_size: tuple[int, int]
+    predicate: Predicate,
+    guess: torch.Tensor,
+    seq_lens: tuple[int, int],
+    block_size: tuple[int, int],
+    tile_key: TileKey | None = None,
 ) -> BlockMask:
     """Exact BlockMask of ``predicate`` from a ``guess`` layout ``(B, H, nQB, nKB)``.
 
     ``guess`` says EMPTY (certainly empty), FULL (certainly full) or PARTIAL (unknown: the predicate is
     evaluated on the tile). ``predicate(b, h, q_idx, kv_idx)`` takes broadcasting int64 tensors of
-    shapes ``(n, 1, 1)``, ``(n, 1, 1)``, ``(n, BLOCK_Q, 1)``, ``(n, 1, BLOCK_K)`` (indices past the
-    sequence ends are clamped, their results ignored) and returns bool broadcastable to
-    ``(n, BLOCK_Q, BLOCK_K)``.
+    shapes ``(n, 1, 1)``, ``(n, 1, 1)``, ``(n, BLOCK_Q, 1)``, ``(n, 1, BLOCK_K)`` and returns bool
+    broadcastable to ``(n, BLOCK_Q, BLOCK_K)``.
+
+    ``tile_key(b, h, qb, kb)`` (int64 ``(n,)`` each) may return int64 ``(n, K)`` keys such that tiles with
+    equal keys have equal contents: the predicate is then evaluated once per key and the tiles share
+    their block of ``partial_masks`` -- what keeps periodic patterns (strided, ...) small.
     """
     (Lq, Lk), (bq, bk) = seq_lens, block_size
     device = guess.device
     layout = guess.clone()
     unknown = (guess == PARTIAL).nonzero()  # (n, 4): b, h, qb, kb in row-major order
+    if tile_key is not None and unknown.shape[0]:
+        keys = tile_key(*unknown.unbind(1))
+        _, inverse = torch.unique(keys, dim=0, return_inverse=True)
+        n_unique = int(inverse.max()) + 1
+        # One representative tile per key: the first with it.
+        first = torch.full((n_unique,), unknown.shape[0], dtype=torch.int64, device=device)
+        first.scatter_reduce_(0, inverse, torch.arange(unknown.shape[0], device=device), reduce="amin")
+        representatives = unknown[first]
+    else:
+        inverse = torch.arange(unknown.shape[0], device=device)
+        representatives = unknown
     rows = torch.arange(bq, device=device)
     cols = torch.arange(bk, device=device)
     per_chunk = max(1, _CHUNK_ELEMENTS // (bq * bk))
     blocks, codes = [], []
-    for start in range(0, unknown.shape[0], per_chunk):
-        b, h, qb, kb = unknown[start:start + per_chunk].unbind(1)
-        q_idx = (qb * bq)[:, None, None] + rows[None, :, None]  # (n, bq, 1)
-        kv_idx = (kb * bk)[:, None, None] + cols[None, None, :]  # (n, 1, bk)
-        in_range = (q_idx < Lq) & (kv_idx < Lk)  # (n, bq, bk)
-        result = predicate(b[:, None, None], h[:, None, None], q_idx.clamp(max=Lq - 1), kv_idx.clamp(max=Lk - 1))
+    for start in range(0, representatives.shape[0], per_chunk):
+        b, h, qb, kb = representatives[start:start + per_chunk].unbind(1)
+        # Indices past the sequence ends repeat the last row / column: any() and all() over a tile are
+        # then those of its in-range part, and the predicate never sees an out-of-range index.
+        q_idx = ((qb * bq)[:, None, None] + rows[None, :, None]).clamp_(max=Lq - 1)  # (n, bq, 1)
+        kv_idx = ((kb * bk)[:, None, None] + cols[None, None, :]).clamp_(max=Lk - 1)  # (n, 1, bk)
+        result = predicate(b[:, None, None], h[:, None, None], q_idx, kv_idx)
         if not isinstance(result, torch.Tensor) or result.dtype != torch.bool:
             got = result.dtype if isinstance(result, torch.Tensor) else type(result).__name__
             raise TypeError(f"the mask predicate must return a bool tensor, got {got}")
+        shape = (q_idx.shape[0], bq, bk)
         try:
-            visible = torch.broadcast_to(result, in_range.shape) & in_range
+            visible = torch.broadcast_to(result, shape)
         except RuntimeError as error:
             raise ValueError(
-                f"the mask predicate returned shape {tuple(result.shape)}, not broadcastable to the tiles' "
-                f"{tuple(in_range.shape)}"
+                f"the mask predicate returned shape {tuple(result.shape)}, not broadcastable to the tiles' {shape}"
             ) from error
-        count = visible.sum(dim=(1, 2))
-        capacity = in_range.sum(dim=(1, 2))
-        code = torch.where(count == capacity, FULL, torch.where(count == 0, EMPTY, PARTIAL)).to(torch.int8)
+        flat = visible.reshape(shape[0], -1)
+        code = torch.where(flat.all(1), FULL, torch.where(flat.any(1), PARTIAL, EMPTY)).to(torch.int8)
         codes.append(code)
         blocks.append(visible[code == PARTIAL])
-    if codes:
-        b, h, qb, kb = unknown.unbind(1)
-        layout[b, h, qb, kb] = torch.cat(codes)
-        partial_masks = torch.cat(blocks)
-    else:
+    if not codes:
         partial_masks = torch.zeros(0, bq, bk, dtype=torch.bool, device=device)
-    # `unknown` is in row-major order, so the partial tiles among it are in layout.nonzero() order.
-    return BlockMask(layout=layout, seq_lens=(Lq, Lk), block_size=(bq, bk), partial_masks=partial_masks)
+        return BlockMask(layout=layout, seq_lens=(Lq, Lk), block_size=(bq, bk), partial_masks=partial_masks)
+    unique_codes = torch.cat(codes)
+    partial_masks = torch.cat(blocks)
+    b, h, qb, kb = unknown.unbind(1)
+    tile_codes = unique_codes[inverse]
+    layout[b, h, qb, kb] = tile_codes
+    # Row of partial_masks of each representative that turned out partial.
+    block_row = torch.cumsum(unique_codes == PARTIAL, 0) - 1
+    ids = torch.full(layout.shape, -1, dtype=torch.int32, device=device)
+    is_partial = tile_codes == PARTIAL
+    ids[b[is_partial], h[is_partial], qb[is_partial], kb[is_partial]] = block_row[inverse[is_partial]].to(torch.int32)
+    return BlockMask(
+        layout=layout, seq_lens=(Lq, Lk), block_size=(bq, bk), partial_masks=partial_masks, partial_tile_ids=ids
+    )
 
 
 def _guess(nonempty: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
@@ -162,6 +191,11 @@ def _tile_grid(seq_lens, block_size, device):
     q0, q1 = (t[:, None] for t in block_extents(Lq, bq, device))
     k0, k1 = (t[None, :] for t in block_extents(Lk, bk, device))
     return q0, q1, k0, k1
+
+
+def _crop_flags(qb: torch.Tensor, kb: torch.Tensor, guess: torch.Tensor) -> list[torch.Tensor]:
+    """Whether each tile is in the last query / key block: cropped tiles differ from their peers."""
+    return [(qb == guess.shape[2] - 1).long(), (kb == guess.shape[3] - 1).long()]
 
 
 def _blocks_any(flags: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,7 +338,18 @@ def local_global(
     def predicate(b, h, i, j):
         return window_visible(i, j, (L, L), (left, right)) | is_global[i] | is_global[j]
 
-    return _evaluate(predicate, _guess(nonempty, full)[None, None], (L, L), block_size)
+    guess = _guess(nonempty, full)[None, None]
+
+    def tile_key(b, h, qb, kb):
+        # Far from the band the window part is all False, whatever the exact distance.
+        shift = (kb * bk - qb * bq).clamp(
+            min=None if left is None else -left - bk, max=None if right is None else right + bq
+        )
+        rows = torch.where(row_any[qb], qb, -1)  # tiles without global rows/columns share patterns
+        columns = torch.where(col_any[kb], kb, -1)
+        return torch.stack([shift, rows, columns, *_crop_flags(qb, kb, guess)], dim=1)
+
+    return _evaluate(predicate, guess, (L, L), block_size, tile_key)
 
 
 # ------------------------------------------------------------------------- Sparse Transformer patterns
@@ -365,6 +410,7 @@ def strided(
     if summary > stride:
         raise ValueError(f"summary must be <= stride ({stride}), got {summary}")
     block_size = _pair(block_size)
+    bq, bk = block_size
     device = _check_device(device)
     q0, q1, k0, k1 = _tile_grid((L, L), block_size, device)
     if kind == "strided":
@@ -374,10 +420,14 @@ def strided(
         periodic = (hi >= lo) & (torch.div(lo + stride - 1, stride, rounding_mode="floor") * stride <= hi)
         nonempty = local | periodic
         full = (q0 - k1 >= 0) & (q1 - k0 <= stride)
+        guess = _guess(nonempty, full)[None, None]
 
         def predicate(b, h, i, j):
             d = i - j
             return (d >= 0) & ((d <= stride) | (d % stride == 0))
+
+        def tile_key(b, h, qb, kb):  # contents depend on i - j only
+            return torch.stack([qb * bq - kb * bk, *_crop_flags(qb, kb, guess)], dim=1)
 
     else:
         # Same period: some period t in both blocks' ranges (then a causal pair exists iff k0 <= q1).
@@ -391,7 +441,17 @@ def strided(
         def predicate(b, h, i, j):
             return (j <= i) & ((i // stride == j // stride) | (j % stride >= stride - summary))
 
-    return _evaluate(predicate, _guess(nonempty, full)[None, None], (L, L), block_size)
+        def tile_key(b, h, qb, kb):
+            # Shifting a tile by whole periods along the diagonal keeps its contents; a tile at least a
+            # period below the diagonal sees only the summary columns, which depend on k0 % stride.
+            q0, k0 = qb * bq, kb * bk
+            far = (q0 - (k0 + bk - 1) >= stride).long()
+            shift = torch.where(far == 1, 0, q0 - k0)
+            phase = torch.where(far == 1, k0 % stride, q0 % stride)
+            return torch.stack([far, shift, phase, *_crop_flags(qb, kb, guess)], dim=1)
+
+    guess = _guess(nonempty, full)[None, None]
+    return _evaluate(predicate, guess, (L, L), block_size, tile_key)
 
 
 # ----------------------------------------------------------------------------------------- BigBird
@@ -585,7 +645,17 @@ def prefix_lm(
     def predicate(b, h, i, j):
         return (j < prefix[b]) | (j <= i)
 
-    return _evaluate(predicate, _guess(nonempty, full)[:, None], (L, L), block_size)
+    guess = _guess(nonempty, full)[:, None]
+    bq, bk = block_size
+
+    def tile_key(b, h, qb, kb):
+        # Contents depend on where the diagonal and the prefix end cross the tile, clamped to it.
+        q0, k0 = qb * bq, kb * bk
+        diagonal = (q0 - k0).clamp(min=-bq, max=bk)
+        prefix_end = (prefix[b] - k0).clamp(min=0, max=bk)
+        return torch.stack([diagonal, prefix_end, *_crop_flags(qb, kb, guess)], dim=1)
+
+    return _evaluate(predicate, guess, (L, L), block_size, tile_key)
 
 
 # ------------------------------------------------------------------------------- user predicates

@@ -207,6 +207,26 @@ def test_bad_shapes_and_lengths():
         BlockMask(layout=layout, seq_lens=(8, 8), block_size=4, window=(1, 0.5))
 
 
+def test_shared_partial_blocks_and_their_validation():
+    layout = torch.tensor([[PARTIAL, FULL], [EMPTY, PARTIAL]], dtype=torch.int8)[None, None]
+    block = torch.tensor([[True, False], [True, True]])[None]
+    ids = torch.tensor([[0, -1], [-1, 0]], dtype=torch.int32)[None, None]
+    bm = BlockMask(layout=layout, seq_lens=(4, 4), block_size=2, partial_masks=block, partial_tile_ids=ids)
+    dense = torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1], [0, 0, 1, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(bm.to_dense()[0, 0], dense)
+    assert torch.equal(bm.to("cpu").to_dense()[0, 0], dense)
+    with pytest.raises(TypeError, match="partial_tile_ids must be an int32"):
+        BlockMask(layout=layout, seq_lens=(4, 4), block_size=2, partial_masks=block, partial_tile_ids=ids.long())
+    with pytest.raises(ValueError, match=r"partial_tile_ids must lie in \[0, 1\)"):
+        BlockMask(layout=layout, seq_lens=(4, 4), block_size=2, partial_masks=block, partial_tile_ids=ids + 1)
+    with pytest.raises(ValueError, match="-1 on tiles that are not partial"):
+        BlockMask(layout=layout, seq_lens=(4, 4), block_size=2, partial_masks=block, partial_tile_ids=ids.abs())
+    with pytest.raises(ValueError, match="partial_tile_ids must have layout's shape"):
+        BlockMask(layout=layout, seq_lens=(4, 4), block_size=2, partial_masks=block, partial_tile_ids=ids[0])
+    with pytest.raises(ValueError, match="needs partial_masks"):
+        BlockMask(layout=layout, seq_lens=(4, 4), block_size=2, window=(0, 0), partial_tile_ids=ids)
+
+
 # ----------------------------------------------------------------------------------------- plot
 def test_plot_writes_an_image(tmp_path):
     pytest.importorskip("matplotlib")

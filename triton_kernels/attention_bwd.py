@@ -117,6 +117,39 @@ def _load_row_stats(p_lse_bh, p_delta_bh, o_m, Lq):
 
 # --------------------------------------------------------------------------- dK / dV
 @triton.jit
+def _query_block_range(
+    n0, qlen, klen, offset, window_left, window_right,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
+):
+    """Query blocks that see a key block ``[n0, n0 + BLOCK_N)``, split by whether they need masks.
+
+    Query ``i`` sees key ``j`` iff ``j - offset - right <= i <= j - offset + left``. Returns
+    ``(m_lo, m_mid_lo, m_mid_hi, m_hi)``: blocks in ``[m_mid_lo, m_mid_hi)`` see every key of the
+    block (which lies wholly before ``klen``) and need no index mask. Rows past ``qlen`` need no
+    mask either: their saved ``lse`` is -inf, which makes their probabilities 0.
+    """
+    n_last = tl.minimum(n0 + BLOCK_N, klen) - 1
+    lo = 0
+    hi = qlen
+    if HAS_WINDOW_RIGHT:
+        lo = tl.maximum(n0 - offset - window_right, 0)
+    if HAS_WINDOW_LEFT:
+        hi = tl.minimum(n_last - offset + window_left + 1, qlen)
+    m_lo = lo // BLOCK_M
+    m_hi = tl.where((hi > lo) & (n_last >= n0), (hi + BLOCK_M - 1) // BLOCK_M, m_lo)
+    full_lo = m_lo
+    full_hi = tl.where(n0 + BLOCK_N <= klen, m_hi, m_lo)  # a block reaching past klen always needs the mask
+    if HAS_WINDOW_RIGHT:
+        full_lo = (tl.maximum(n_last - offset - window_right, 0) + BLOCK_M - 1) // BLOCK_M
+    if HAS_WINDOW_LEFT:
+        full_hi = tl.minimum(full_hi, tl.maximum(n0 - offset + window_left + 1, 0) // BLOCK_M)
+    m_mid_lo = tl.minimum(tl.maximum(full_lo, m_lo), m_hi)
+    m_mid_hi = tl.minimum(tl.maximum(full_hi, m_mid_lo), m_hi)
+    return m_lo, m_mid_lo, m_mid_hi, m_hi
+
+
+@triton.jit
 def _dkdv_query_block(
     b_dk, b_dv, b_kt, b_vt,  # [BLOCK_N, BLOCK_D], [BLOCK_N, BLOCK_DV], [BLOCK_D, BLOCK_N], [BLOCK_DV, BLOCK_N]
     i_m, o_n, o_d, o_dv, q_bh, do_bh, p_lse_bh, p_delta_bh, p_dbias_bh, stride_qm, stride_dom,
@@ -126,7 +159,8 @@ def _dkdv_query_block(
     BLOCK_M: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr, APPLY_ATTN_MASK: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    APPLY_INDEX_MASK: tl.constexpr, APPLY_ATTN_MASK: tl.constexpr,
     COMPUTE_DBIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """Accumulate one query block's contribution to dk, dv of the key block."""
@@ -146,7 +180,7 @@ def _dkdv_query_block(
         offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
         p_mask_bh, stride_mask_m, stride_mask_n,
         HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
-        HAS_DROPOUT, True, APPLY_ATTN_MASK, DOT_PRECISION,
+        HAS_DROPOUT, APPLY_INDEX_MASK, APPLY_ATTN_MASK, DOT_PRECISION,
     )
     b_dv += tl.dot(tl.trans(b_p).to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
     b_dk += tl.dot(tl.trans(b_dx).to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
@@ -221,16 +255,10 @@ def attention_bwd_dkdv_kernel(
     # [BLOCK_N, BLOCK_DV]
     b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
-    # Query rows that can see a key of this block: i in [n0 - offset - right, n_last - offset + left].
-    n_last = tl.minimum(i_n * BLOCK_N + BLOCK_N, klen) - 1
-    lo = 0
-    hi = qlen
-    if HAS_WINDOW_RIGHT:
-        lo = tl.maximum(i_n * BLOCK_N - offset - window_right, 0)
-    if HAS_WINDOW_LEFT:
-        hi = tl.minimum(n_last - offset + window_left + 1, qlen)
-    m_lo = lo // BLOCK_M
-    m_hi = tl.where((hi > lo) & (n_last >= i_n * BLOCK_N), (hi + BLOCK_M - 1) // BLOCK_M, m_lo)
+    m_lo, m_mid_lo, m_mid_hi, m_hi = _query_block_range(
+        i_n * BLOCK_N, qlen, klen, offset, window_left, window_right,
+        BLOCK_M, BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
+    )
 
     for g in range(0, GROUP):
         i_h = i_hk * GROUP + g
@@ -260,7 +288,7 @@ def attention_bwd_dkdv_kernel(
                     offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
                     p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_M,
                     HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
-                    HAS_LENGTHS, HAS_DROPOUT, True, COMPUTE_DBIAS, DOT_PRECISION, DOT_FP32,
+                    HAS_LENGTHS, HAS_DROPOUT, True, True, COMPUTE_DBIAS, DOT_PRECISION, DOT_FP32,
                 )
             num_full = tl.load(p_full_num + p_num)
             for t in range(0, num_full):
@@ -271,17 +299,35 @@ def attention_bwd_dkdv_kernel(
                     offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
                     p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_M,
                     HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
-                    HAS_LENGTHS, HAS_DROPOUT, False, COMPUTE_DBIAS, DOT_PRECISION, DOT_FP32,
+                    HAS_LENGTHS, HAS_DROPOUT, True, False, COMPUTE_DBIAS, DOT_PRECISION, DOT_FP32,
                 )
         else:
-            for i_m in range(m_lo, m_hi):
+            for i_m in range(m_lo, m_mid_lo):
                 b_dk, b_dv = _dkdv_query_block(
                     b_dk, b_dv, b_kt, b_vt, i_m, o_n, o_d, o_dv, q_bh, do_bh, p_lse_bh, p_delta_bh, p_dbias_bh,
                     stride_qm, stride_dom, stride_dbias_m, i_b, i_h, Hq, Lq, Lk, D, DV,
                     offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
                     p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_M,
                     HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
-                    HAS_LENGTHS, HAS_DROPOUT, True, COMPUTE_DBIAS, DOT_PRECISION, DOT_FP32,
+                    HAS_LENGTHS, HAS_DROPOUT, True, True, COMPUTE_DBIAS, DOT_PRECISION, DOT_FP32,
+                )
+            for i_m in range(m_mid_lo, m_mid_hi):
+                b_dk, b_dv = _dkdv_query_block(
+                    b_dk, b_dv, b_kt, b_vt, i_m, o_n, o_d, o_dv, q_bh, do_bh, p_lse_bh, p_delta_bh, p_dbias_bh,
+                    stride_qm, stride_dom, stride_dbias_m, i_b, i_h, Hq, Lq, Lk, D, DV,
+                    offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
+                    p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_M,
+                    HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
+                    HAS_LENGTHS, HAS_DROPOUT, False, True, COMPUTE_DBIAS, DOT_PRECISION, DOT_FP32,
+                )
+            for i_m in range(m_mid_hi, m_hi):
+                b_dk, b_dv = _dkdv_query_block(
+                    b_dk, b_dv, b_kt, b_vt, i_m, o_n, o_d, o_dv, q_bh, do_bh, p_lse_bh, p_delta_bh, p_dbias_bh,
+                    stride_qm, stride_dom, stride_dbias_m, i_b, i_h, Hq, Lq, Lk, D, DV,
+                    offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
+                    p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_M,
+                    HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
+                    HAS_LENGTHS, HAS_DROPOUT, True, True, COMPUTE_DBIAS, DOT_PRECISION, DOT_FP32,
                 )
 
     b_dk = b_dk * sm_scale

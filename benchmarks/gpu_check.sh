@@ -16,13 +16,14 @@
 #
 # Writes at most 8 files under $OUT (default ./gpu_out): gpu_check.log, bench.json, bench.csv,
 # bench_tflops.png, bench_density.png, memory.png, summary.txt; prints the summary table last.
-# GPU_CHECK_SKIP_BUILD=1 keeps the extension already built; PYTHON picks the interpreter (default python3).
+# GPU_CHECK_SKIP_BUILD=1 keeps the extension already built; PYTHON picks the interpreter (default python3);
+# RESULTS_DIR replaces benchmarks/results as the folder the results copy goes to.
 # Never changes clocks, power limits, compute mode or MIG, and never resets the card.
 set -uo pipefail
 
-cd "$(dirname "$0")/.."
-ROOT=$(pwd)
 OUT=${OUT:-./gpu_out}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # relative to where the script was started
+cd "$(dirname "$0")/.."
 QUICK=0
 ONLY=""
 BENCH_ONLY=0
@@ -36,15 +37,13 @@ while [ $# -gt 0 ]; do
     --only=*)
       ONLY=${1#--only=}
       case "$ONLY" in triton|cuda|cpu) ;; *) echo "gpu_check: --only takes triton, cuda or cpu, got '$ONLY'" >&2; exit 2 ;; esac ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "gpu_check: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
 
 export PYTHON=${PYTHON:-python3}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
 LOG="$OUT/gpu_check.log"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
@@ -148,7 +147,8 @@ case "$ONLY" in
 esac
 run_stage bench 2400 "$PYTHON" -m fastattn bench "${BENCH_ARGS[@]}"
 run_stage memory 900 "$PYTHON" -m fastattn memory "${MEMORY_ARGS[@]}"
-run_stage results 120 "$PYTHON" benchmarks/gpu_summary.py assemble --work "$WORK" --out "$OUT"
+run_stage results 120 "$PYTHON" benchmarks/gpu_summary.py assemble --work "$WORK" --out "$OUT" \
+  --results-dir "${RESULTS_DIR:-benchmarks/results}"
 
 # ---------------------------------------------------------------- summary (last)
 "$PYTHON" benchmarks/gpu_summary.py summary --out "$OUT" --stages "${STAGES#,}" | tee -a "$LOG"

@@ -71,7 +71,8 @@ def summary(out: Path, stages: str) -> int:
                      + (f" ({ceil['error']})" if "error" in ceil else ""))
         rows = doc["results"]
         configs = list(dict.fromkeys((r["name"], r["dtype"], r["mode"]) for r in rows))
-        header = f"  {'configuration':<44} {'best fastattn':<18} {'TFLOP/s':>8} {'%peak':>6} {'sdpa':>7} {'x sdpa':>7}"
+        width = max([len(f"{n} {d} {m}") for n, d, m in configs] + [13])
+        header = f"  {'configuration':<{width}} {'best fastattn':<14} {'TFLOP/s':>8} {'%peak':>6} {'sdpa':>8} {'x sdpa':>7}"
         lines += ["", header, "  " + "-" * (len(header) - 2)]
         for name, dtype, mode in configs:
             group = [r for r in rows if (r["name"], r["dtype"], r["mode"]) == (name, dtype, mode)]
@@ -80,10 +81,10 @@ def summary(out: Path, stages: str) -> int:
             sdpa = next((r for r in group if r["provider"] == "sdpa" and r["status"] == "ok"), None)
             best = max(ours, key=lambda r: r["tflops"], default=None)
             lines.append(
-                f"  {name[:36] + ' ' + mode:<44} {(best['provider'][9:] if best else 'none ok'):<18} "
-                f"{_fmt(best and best['tflops'], '8.1f'):>8} "
+                f"  {f'{name} {dtype} {mode}':<{width}} {(best['provider'][9:] if best else 'none ok'):<14} "
+                f"{_fmt(best and best['tflops'], '8.3g'):>8} "
                 f"{_fmt(best and peak and 100 * best['tflops'] / peak, '5.0f'):>6} "
-                f"{_fmt(sdpa and sdpa['tflops'], '7.1f'):>7} {_fmt(best and best['speedup_vs_sdpa'], '6.2f'):>7}"
+                f"{_fmt(sdpa and sdpa['tflops'], '8.3g'):>8} {_fmt(best and best['speedup_vs_sdpa'], '6.2f'):>7}"
             )
     else:
         lines.append("  no benchmark results (see gpu_check.log)")

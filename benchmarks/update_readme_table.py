@@ -61,7 +61,7 @@ def render_table(doc: dict, source: str) -> str:
         lines.append(f"Ceilings measured in the same run: bf16 matmul {ceilings['matmul_bf16_tflops']} TFLOP/s, "
                      f"device-to-device copy {ceilings['copy_gbps']} GB/s.")
     lines += [
-        "Each cell: the fastest fastattn backend, its TFLOP/s (forward `4·B·Hq·L²·D` × visible fraction, "
+        "Each cell: the fastest fastattn backend, its FLOP rate (forward `4·B·Hq·L²·D` × visible fraction, "
         "backward 2.5×) and its speedup over torch SDPA (default backend) in the same run.",
         "",
         "| workload | dtype | " + " | ".join(modes) + " |",
@@ -76,7 +76,8 @@ def render_table(doc: dict, source: str) -> str:
             if best is None:
                 cells.append("—")
             else:
-                cells.append(f"{best['provider'].removeprefix('fastattn-')} {best['tflops']:.3g} TF/s{_speedup(best)}")
+                rate = f"{best['tflops'] * 1e3:.3g} GFLOP/s" if env["device"] == "cpu" else f"{best['tflops']:.3g} TFLOP/s"
+                cells.append(f"{best['provider'].removeprefix('fastattn-')} {rate}{_speedup(best)}")
         lines.append(f"| `{name}` | {dtype} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -141,3 +141,20 @@ def test_capture_rejects_bad_arguments():
         analysis.capture_attention(layers=["blocks.0"])
     with pytest.raises(TypeError, match="model"):
         analysis.capture_attention(model=3)
+
+
+def test_fastattn_nn_modules_are_captured():
+    """Probabilities captured inside fastattn.nn.MultiheadAttention equal the weights torch's own
+    MultiheadAttention returns for the same parameters."""
+    torch.manual_seed(0)
+    ours = fastattn.nn.MultiheadAttention(24, 3, batch_first=True).eval()
+    theirs = torch.nn.MultiheadAttention(24, 3, batch_first=True).eval()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 13, 24)
+    causal = torch.triu(torch.ones(13, 13, dtype=torch.bool), diagonal=1)  # True = not allowed (torch polarity)
+    with torch.no_grad(), analysis.capture_attention(ours) as capture:
+        ours(x, x, x, attn_mask=causal, need_weights=False)
+    with torch.no_grad():
+        _, weights = theirs(x, x, x, attn_mask=causal, need_weights=True, average_attn_weights=False)
+    assert len(capture.records) == 1 and capture.records[0].module == "<model>"
+    torch.testing.assert_close(capture.records[0].probabilities(), weights, atol=1e-5, rtol=1e-4)

@@ -501,6 +501,7 @@ class BlockMask:
         try:
             from matplotlib.colors import ListedColormap
             from matplotlib.figure import Figure
+            from matplotlib.ticker import MaxNLocator
         except ImportError as error:
             raise ImportError("BlockMask.plot needs matplotlib: pip install matplotlib") from error
         B, H = self.layout.shape[:2]
@@ -519,8 +520,10 @@ class BlockMask:
         axes[0].imshow(self.layout[b, h].cpu().numpy(), cmap=colours, vmin=EMPTY, vmax=FULL, interpolation="nearest")
         counts = {name: int((self.layout[b, h] == code).sum()) for name, code in (("empty", EMPTY), ("partial", PARTIAL), ("full", FULL))}
         axes[0].set_title(f"tiles {self.block_size}: full {counts['full']}, partial {counts['partial']}, empty {counts['empty']}")
-        axes[0].set_xlabel("key block")
+        axes[0].set_xlabel("key block (blue full, orange partial, white empty)")
         axes[0].set_ylabel("query block")
+        axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes[0].yaxis.set_major_locator(MaxNLocator(integer=True))
         if show_elements:
             dense = self.to_dense()[b, h].cpu().numpy()
             axes[1].imshow(dense, cmap=ListedColormap(["white", "black"]), vmin=0, vmax=1, interpolation="nearest")

@@ -1,29 +1,24 @@
 """Builders of :class:`fastattn.BlockMask` for the common sparse attention patterns.
 
 Every builder classifies the tiles from the pattern's definition, per tile, and evaluates the
-element-wise predicate only on tiles that may be partial, a chunk of tiles at a time: memory is
-``O(number of tiles)`` for the layout plus ``O(partial tiles * BLOCK_Q * BLOCK_K)`` for their
-element masks -- never ``O(Lq * Lk)`` (:func:`from_function`, which knows nothing of its predicate,
-evaluates every tile, so its *time* is ``O(Lq * Lk)``, its memory is not).
+element-wise predicate only on tiles that may be partial -- once per distinct tile contents where
+the pattern repeats, a chunk of tiles at a time. Memory is ``O(number of tiles)`` for the layout
+and its lists plus ``O(distinct partial tiles * BLOCK_Q * BLOCK_K)`` for their element masks, never
+``O(Lq * Lk)``. (:func:`from_function` knows nothing of its predicate and evaluates every tile: its
+*time* is ``O(Lq * Lk)``, its memory is not.)
 
-Element masks are stored compactly (see :class:`fastattn.BlockMask`): causal and sliding-window
-masks as the window itself, the other patterns as one bool block per partial tile.
+Builders, the pairs ``(i, j)`` they let attend, and how the element mask of partial tiles is kept
+(see :class:`fastattn.BlockMask`)::
 
-Builders (``L`` = sequence length, ``x`` = visible; every diagram uses block size 1):
-
-=============================  =====================================================  ==================
-builder                        visible pairs ``(i, j)``                                element mask
-=============================  =====================================================  ==================
-:func:`causal`                 ``j <= i + Lk - Lq``                                    window
-:func:`sliding_window`         ``i + Lk - Lq - left <= j <= i + Lk - Lq + right``      window
-:func:`local_global`           window, or ``i`` or ``j`` a global token                per partial tile
-:func:`strided`                Sparse Transformer strided / fixed (causal)             per partial tile
-:func:`bigbird`                window + global + random *blocks*                       none (whole tiles)
-:func:`document`               same document id (optionally causal)                    per partial tile
-:func:`prefix_lm`              ``j < prefix_len`` or ``j <= i``                        per partial tile
-:func:`from_function`          ``fn(b, h, i, j)``                                      per partial tile
-:func:`block_mask_from_attn_mask`  ``attn_mask`` (bool, or float ``!= -inf``)           per partial tile
-=============================  =====================================================  ==================
+    causal                      j <= i + Lk - Lq                                  window (None, 0)
+    sliding_window              i + Lk - Lq - left <= j <= i + Lk - Lq + right    window (left, right)
+    local_global                window, or i or j a global token (Longformer)     blocks per partial tile
+    strided                     Sparse Transformer "strided" / "fixed" (causal)   blocks, shared by period
+    bigbird                     window + global + random blocks (BigBird)         none: whole tiles
+    document                    same document id, optionally causal               blocks per partial tile
+    prefix_lm                   j < prefix_len or j <= i                          blocks, shared
+    from_function               fn(b, h, i, j)                                    blocks per partial tile
+    block_mask_from_attn_mask   attn_mask (bool, or float != -inf), cached        blocks per partial tile
 """
 
 from __future__ import annotations
@@ -31,7 +26,7 @@ from __future__ import annotations
 import collections
 import math
 import weakref
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

@@ -342,6 +342,14 @@ def test_unsupported_inputs_are_refused_with_reasons(dtype, D, match):
         fastattn.attention(q, k, v, backend="triton")
 
 
+def test_launcher_refuses_block_sizes_that_cannot_be_tiles():
+    q, k, v = qkv(1, 1, 1, 30, 30, 16, requires_grad=False)
+    lists = BlockMask.from_dense(torch.ones(30, 30, dtype=torch.bool, device=DEVICE), block_size=24).kv_lists
+    with pytest.raises(ValueError, match="block_size_q and block_size_k"):
+        attention_fwd(q, k, v, scale=0.25, kv_num_blocks=lists[0], kv_indices=lists[1], full_kv_num_blocks=lists[2],
+                      full_kv_indices=lists[3], block_size_q=24, block_size_k=24)
+
+
 def test_interpreter_is_not_auto_selected():
     if not configs.in_interpreter():
         pytest.skip("only meaningful in the Triton interpreter")
@@ -352,19 +360,23 @@ def test_interpreter_is_not_auto_selected():
 
 
 # --------------------------------------------------------------------------- GPU: realistic sizes
+BF16 = torch.bfloat16
 GPU_CASES = [
-    pytest.param(1, 2, 1, 16384, 16384, 64, {"causal": True}, id="B1-Hq2-Hkv1-L16384-D64-causal"),
-    pytest.param(2, 8, 2, 4097, 4097, 128, {}, id="B2-Hq8-Hkv2-L4097-D128"),
-    pytest.param(1, 4, 4, 2049, 3001, 256, {"causal": True}, id="B1-H4-Lq2049-Lk3001-D256-causal"),
-    pytest.param(1, 8, 8, 8191, 8191, 128, {"window": (512, 0)}, id="B1-H8-L8191-D128-window512"),
-    pytest.param(2, 4, 4, 2000, 2000, 96, {"softcap": 30.0, "dropout_p": 0.1}, id="B2-H4-L2000-D96-softcap-dropout"),
+    pytest.param(1, 2, 1, 16384, 16384, 64, BF16, {"causal": True}, id="B1-Hq2-Hkv1-L16384-D64-causal-bf16"),
+    pytest.param(2, 8, 2, 4097, 4097, 128, F16, {}, id="B2-Hq8-Hkv2-L4097-D128-fp16"),
+    pytest.param(2, 8, 2, 4097, 4097, 128, BF16, {}, id="B2-Hq8-Hkv2-L4097-D128-bf16"),
+    pytest.param(1, 4, 4, 2049, 3001, 256, BF16, {"causal": True}, id="B1-H4-Lq2049-Lk3001-D256-causal-bf16"),
+    pytest.param(1, 4, 4, 3001, 2049, 256, F16, {"causal": True}, id="B1-H4-Lq3001-Lk2049-D256-causal-fp16"),
+    pytest.param(1, 8, 8, 8191, 8191, 128, F16, {"window": (512, 0)}, id="B1-H8-L8191-D128-window512-fp16"),
+    pytest.param(
+        2, 4, 4, 2000, 2000, 96, BF16, {"softcap": 30.0, "dropout_p": 0.1}, id="B2-H4-L2000-D96-softcap-dropout-bf16"
+    ),
 ]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16"), pytest.param(F16, id="fp16")])
-@pytest.mark.parametrize("B, Hq, Hkv, Lq, Lk, D, kwargs", GPU_CASES)
-def test_gpu_realistic(B, Hq, Hkv, Lq, Lk, D, kwargs, dtype):
+@pytest.mark.parametrize("B, Hq, Hkv, Lq, Lk, D, dtype, kwargs", GPU_CASES)
+def test_gpu_realistic(B, Hq, Hkv, Lq, Lk, D, dtype, kwargs):
     q, k, v = make_qkv(B, Hq, Hkv, Lq, Lk, D, dtype=dtype, device="cuda")
     check_against_reference("triton", q, k, v, **kwargs)
     torch.cuda.empty_cache()

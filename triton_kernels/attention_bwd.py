@@ -27,6 +27,7 @@ from .attention_fwd import (
     _key_block_range,
     _score_tile,
     both_lengths,
+    check_inputs,
     clamp_window,
     dot_settings,
     feature_flags,
@@ -547,6 +548,7 @@ def attention_bwd(
         ``dq``, ``dk``, ``dv`` (dtypes and shapes of q, k, v) and ``dbias (B, Hq, Lq, Lk)`` in the
         mask's dtype when ``compute_dbias`` (an empty tensor otherwise).
     """
+    check_inputs(q, k, v, block_size_q, block_size_k, kv_num_blocks is not None)
     q, k, v, out, dout = (last_dim_contiguous(t) for t in (q, k, v, out, dout))
     B, Hq, Lq, D = q.shape
     Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]

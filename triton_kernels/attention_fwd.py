@@ -393,6 +393,25 @@ def both_lengths(key_lengths, query_lengths, B: int, Lq: int, Lk: int, device) -
     return key_lengths.to(torch.int32), query_lengths.to(torch.int32)
 
 
+BLOCK_MASK_SIZES = (16, 32, 64, 128)
+MAX_HEAD_DIM = 256
+
+
+def check_inputs(q, k, v, block_size_q: int, block_size_k: int, use_block_mask: bool) -> None:
+    """What the kernels need beyond the public validation: one dtype and device, head dims the
+    tiles cover, and BlockMask blocks that can be kernel tiles."""
+    for t, name in ((k, "k"), (v, "v")):
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} must have q's dtype and device ({q.dtype}, {q.device}), got {t.dtype}, {t.device}")
+    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"head dims up to {MAX_HEAD_DIM} are supported, got q {q.shape[-1]} and v {v.shape[-1]}")
+    if use_block_mask and (block_size_q not in BLOCK_MASK_SIZES or block_size_k not in BLOCK_MASK_SIZES):
+        raise ValueError(
+            f"block_size_q and block_size_k must be in {BLOCK_MASK_SIZES} (they are the kernel tiles), "
+            f"got {(block_size_q, block_size_k)}"
+        )
+
+
 def mask_strides(attn_mask) -> tuple[int, int, int, int]:
     return tuple(attn_mask.stride()) if attn_mask is not None else (0, 0, 0, 0)
 
@@ -444,6 +463,7 @@ def attention_fwd(
     Returns:
         ``out (B, Hq, Lq, DV)`` in q's dtype and ``lse (B, Hq, Lq)`` float32.
     """
+    check_inputs(q, k, v, block_size_q, block_size_k, kv_num_blocks is not None)
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     B, Hq, Lq, D = q.shape
     Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]

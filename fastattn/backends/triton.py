@@ -32,7 +32,7 @@ _FEATURES = {
 }
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
-_BLOCK_SIZES = (16, 32, 64, 128)
+_BLOCK_SIZES = (16, 32, 64, 128)  # = triton_kernels.attention_fwd.BLOCK_MASK_SIZES (not imported: triton may be absent)
 
 
 def _in_interpreter() -> bool:

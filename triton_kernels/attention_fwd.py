@@ -362,9 +362,17 @@ def clamp_window(w: int | None, bound: int) -> int:
 
 
 def dot_settings(dtype: torch.dtype) -> tuple[str, bool]:
-    """``(DOT_PRECISION, DOT_FP32)``: fp32 dots are exact IEEE (tf32 would break the tolerance rule);
-    the interpreter has no bf16 dot, so tiles are cast to fp32 there."""
-    precision = "ieee" if dtype == torch.float32 else "tf32"
+    """``(DOT_PRECISION, DOT_FP32)`` for q's dtype.
+
+    Plain tf32 would break the tolerance rule for float32 inputs. On a GPU they use 3xTF32 (three
+    tensor-core products, float32-level error; an IEEE FMA dot compiles for minutes and runs far
+    slower); the interpreter computes exact IEEE dots. The interpreter has no bf16 dot, so tiles
+    are cast to fp32 there.
+    """
+    if dtype == torch.float32:
+        precision = "ieee" if configs.in_interpreter() else "tf32x3"
+    else:
+        precision = "tf32"  # ignored for 16-bit inputs
     return precision, configs.in_interpreter() and dtype == torch.bfloat16
 
 

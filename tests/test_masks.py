@@ -35,14 +35,14 @@ def check_mask(bm: BlockMask, dense: torch.Tensor) -> None:
     check_lists(bm)
 
 
-def check_attention(bm: BlockMask, dense: torch.Tensor, D: int = 16, Hq: int | None = None) -> torch.Tensor:
+def check_attention(bm: BlockMask, dense: torch.Tensor, D: int = 16, Hkv: int | None = None) -> torch.Tensor:
     """fastattn.attention(block_mask=bm) on the reference backend vs reference.attention(attn_mask=dense),
-    values and gradients, with the tolerance rule. Returns the output."""
+    values and gradients, with the tolerance rule. ``Hkv`` < the mask's heads tests GQA. Returns the output."""
     B, H, Lq, Lk = bm.shape
-    Hq = Hq or H
-    q = torch.randn(B, Hq, Lq, D, requires_grad=True)
-    k = torch.randn(B, Hq, Lk, D, requires_grad=True)
-    v = torch.randn(B, Hq, Lk, D, requires_grad=True)
+    Hkv = Hkv or H
+    q = torch.randn(B, H, Lq, D, requires_grad=True)
+    k = torch.randn(B, Hkv, Lk, D, requires_grad=True)
+    v = torch.randn(B, Hkv, Lk, D, requires_grad=True)
     out = fastattn.attention(q, k, v, block_mask=bm, backend="reference")
     leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
     leaves32 = [t.detach().clone().requires_grad_() for t in (q, k, v)]
@@ -282,6 +282,11 @@ ATTENTION_CASES = [
 def test_attention_with_builder_matches_dense_reference(build):
     bm = build()
     check_attention(bm, bm.to_dense())
+
+
+def test_attention_with_per_head_mask_and_gqa():
+    bm = masks.bigbird(57, 1, 1, 2, 8, seed=5, num_heads=4)
+    check_attention(bm, bm.to_dense(), D=24, Hkv=2)
 
 
 def test_fully_masked_rows_give_zero_without_nan():

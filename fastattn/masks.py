@@ -758,12 +758,33 @@ def _classify_attn_mask(mask4: torch.Tensor, block_size: tuple[int, int]) -> Blo
     return BlockMask(layout=layout, seq_lens=(Lq, Lk), block_size=block_size, partial_masks=partial_masks)
 
 
+def _classify_repeated(mask4: torch.Tensor, block_size: tuple[int, int], dim: int) -> BlockMask:
+    """A mask whose every row (``dim=2``) or column (``dim=3``) is the same, as a key padding mask
+    ``(B, 1, 1, Lk)`` expanded to ``(B, H, Lq, Lk)``: classified from one row/column in ``O(Lk)``,
+    every tile of a column/row sharing one block."""
+    B, H, Lq, Lk = mask4.shape
+    bq, bk = block_size
+    nqb, nkb = math.ceil(Lq / bq), math.ceil(Lk / bk)
+    if dim == 2:
+        line = _classify_attn_mask(mask4[:, :, :1], (1, bk))  # layout (B, H, 1, nKB)
+    else:
+        line = _classify_attn_mask(mask4[:, :, :, :1], (bq, 1))  # layout (B, H, nQB, 1)
+    layout = line.layout.expand(B, H, nqb, nkb).contiguous()
+    if line.partial_masks is None:
+        return BlockMask(layout=layout, seq_lens=(Lq, Lk), block_size=block_size)
+    partial_masks = line.partial_masks.expand(-1, bq, bk).contiguous()
+    ids = line.partial_tile_ids.expand(B, H, nqb, nkb).contiguous()
+    return BlockMask(layout=layout, seq_lens=(Lq, Lk), block_size=block_size, partial_masks=partial_masks,
+                     partial_tile_ids=ids)
+
+
 def block_mask_from_attn_mask(mask: torch.Tensor, block_size: int | tuple[int, int] = 128) -> BlockMask:
     """Derive a BlockMask from an ``attn_mask``: tiles entirely masked out are empty, entirely visible
     full, the others partial with the mask's elements as their element mask.
 
     Dimensions the mask broadcasts over (size 1, or stride 0 as after ``expand``) stay size 1 in the
-    layout. The result is cached: passing the same tensor again (the same storage, shape, strides and
+    layout; a mask repeated along the queries (a key padding mask ``(B, 1, 1, Lk)``, expanded) or the
+    keys is read once per row, in ``O(B * Lk)``. The result is cached: passing the same tensor again (the same storage, shape, strides and
     version counter, the base tensor still alive) returns the same BlockMask without reading the mask;
     an in-place change bumps the version counter and the mask is read again. Changes that bypass the
     version counter (writes through ``.data`` or from outside PyTorch) are not seen: call
@@ -801,7 +822,13 @@ def block_mask_from_attn_mask(mask: torch.Tensor, block_size: int | tuple[int, i
             return entry[1]
     # Broadcast dimensions (stride 0 after expand) are classified once.
     index = tuple(slice(0, 1) if mask4.stride(d) == 0 else slice(None) for d in range(2))
-    block_mask = _classify_attn_mask(mask4[index], block_size)
+    mask4 = mask4[index]
+    if mask4.shape[2] > 1 and mask4.stride(2) == 0:  # the same row for every query: key padding
+        block_mask = _classify_repeated(mask4, block_size, dim=2)
+    elif mask4.shape[3] > 1 and mask4.stride(3) == 0:  # the same column for every key: query padding
+        block_mask = _classify_repeated(mask4, block_size, dim=3)
+    else:
+        block_mask = _classify_attn_mask(mask4, block_size)
     if key is not None:
         ref = weakref.ref(base, lambda _ref, key=key: _ATTN_MASK_CACHE.pop(key, None))
         _ATTN_MASK_CACHE[key] = (ref, block_mask)

@@ -423,6 +423,29 @@ def test_block_mask_from_attn_mask_keeps_broadcast_dims():
     check_mask(bm, base)
 
 
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_block_mask_from_key_and_query_padding_masks(kind):
+    key_lengths = torch.tensor([45, 13, 0])
+    keep = torch.arange(45)[None, :] < key_lengths[:, None]  # (B, Lk)
+    key_padding = keep if kind == "bool" else torch.zeros(3, 45).masked_fill(~keep, float("-inf"))
+    bm = masks.block_mask_from_attn_mask(key_padding[:, None, None, :].expand(3, 2, 37, 45), (8, 16))
+    assert bm.shape == (3, 1, 37, 45)
+    assert bm.partial_masks is not None and bm.partial_masks.shape[0] == 1  # one block, shared by its column
+    check_mask(bm, keep[:, None, None, :])
+    query_padding = keep[:, None, :37, None].expand(3, 1, 37, 45)
+    bm = masks.block_mask_from_attn_mask(query_padding, (8, 16))
+    check_mask(bm, keep[:, None, :37, None])
+
+
+def test_key_padding_mask_at_65536_is_read_once_per_row():
+    L = 65536
+    keep = torch.arange(L)[None, :] < torch.tensor([L, 40000])[:, None]
+    with LargestAllocation() as watch:
+        bm = masks.block_mask_from_attn_mask(keep[:, None, None, :].expand(2, 4, L, L), 128)
+    assert watch.largest < L * L // 64
+    assert bm.shape == (2, 1, L, L) and bm.num_partial == 512 and bm.partial_masks.shape[0] == 1
+
+
 def test_attn_mask_block_mask_in_attention():
     mask = torch.randn(2, 1, 41, 29).masked_fill(torch.rand(2, 1, 41, 29) > 0.6, float("-inf"))
     mask[0, 0, 5] = float("-inf")  # a fully masked row

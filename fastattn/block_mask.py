@@ -348,6 +348,8 @@ class BlockMask:
         and none was given. A window or per-tile mask is materialised here, on first use only."""
         if self._dense_element_mask is not None:
             return self._dense_element_mask
+        if self._num_partial == 0:
+            return None  # nothing to mask: a window or per-tile source only matters on partial tiles
         if self._window is not None:
             Lq, Lk = self.seq_lens
             rows = torch.arange(Lq, device=self.device)[:, None]

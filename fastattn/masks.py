@@ -94,8 +94,6 @@ def _check_index_tensor(t, name: str, dims: tuple[int, ...]) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------ tile-wise evaluation
 Predicate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
 TileKey = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 

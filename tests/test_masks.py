@@ -251,6 +251,7 @@ def test_from_function_broadcasts_and_indexes():
     check_mask(bm, masks.document(doc, causal=True, block_size=16).to_dense())
     everything = masks.from_function(lambda b, h, q, kv: torch.tensor(True), 1, 1, 20, 30, 8)
     assert bool((everything.layout == FULL).all()) and everything.num_partial == 0
+    assert everything.element_mask is None, "no partial tile: nothing to materialise for the op"
 
 
 def test_from_function_bad_predicates():

@@ -32,6 +32,52 @@ void write_dbias(at::Tensor& dbias, int64_t b, int64_t h, int64_t q0, int64_t ro
   });
 }
 
+// The row log-sum-exp in double, recomputed from Q and K: the op's lse is float32, whose rounding
+// (1e-7 relative) would show in float64 gradients (gradcheck runs on this kernel). (B, Hq, Lq) contiguous.
+template <typename scalar_t>
+std::vector<double> recompute_lse_double(const Params& p, const scalar_t* q_data, const scalar_t* k_data,
+                                         int64_t block_q, int64_t block_k) {
+  const bool block_mask = p.has_block_mask();
+  const int64_t tile_q = block_mask ? p.block_q : block_q;
+  const int64_t tile_k = block_mask ? std::max(block_k, p.block_k) : block_k;
+  const int64_t num_q_tiles = ceil_div_i64(p.Lq, tile_q);
+  std::vector<double> lse(p.B * p.Hq * p.Lq);
+  at::parallel_for(0, p.B * p.Hq * num_q_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> S(tile_q * tile_k), m(tile_q), l(tile_q), q_buf(tile_q * p.D), k_buf(tile_k * p.D);
+    std::vector<int32_t> list_scratch;
+    std::vector<Range> key_tiles;
+    const double neg_inf = -std::numeric_limits<double>::infinity();
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (p.Hq * num_q_tiles), h = (task / num_q_tiles) % p.Hq;
+      const int64_t q0 = (task % num_q_tiles) * tile_q, q1 = std::min(p.Lq, q0 + tile_q), rows = q1 - q0;
+      const int64_t hk = h / p.group;
+      const BatchGeometry g = batch_geometry(p, b);
+      std::fill(m.begin(), m.end(), neg_inf);
+      std::fill(l.begin(), l.end(), 0.0);
+      forward_key_tiles(p, g, b, h, q0, q1, tile_k, list_scratch, key_tiles);
+      int64_t ldq, ldk;
+      const double* Q = tile_as_acc<scalar_t, double>(q_data + b * p.q_sb + h * p.q_sh + q0 * p.q_sr, rows, p.D, p.q_sr,
+                                                      q_buf.data(), &ldq);
+      for (const Range& kr : key_tiles) {
+        const int64_t n = kr.end - kr.begin;
+        const double* K = tile_as_acc<scalar_t, double>(k_data + b * p.k_sb + hk * p.k_sh + kr.begin * p.k_sr, n, p.D,
+                                                        p.k_sr, k_buf.data(), &ldk);
+        gemm(Trans::kNo, Trans::kYes, rows, n, p.D, p.scale, Q, ldq, K, ldk, 0.0, S.data(), n);
+        transform_scores<double>(p, g, b, h, q0, q1, kr.begin, kr.end, S.data(), n, nullptr);
+        for (int64_t r = 0; r < rows; ++r) {
+          double* s = S.data() + r * n;
+          const double m_new = std::max(m[r], row_max(s, n));
+          if (m_new == neg_inf) continue;
+          l[r] = l[r] * (m[r] == neg_inf ? 0.0 : std::exp(m[r] - m_new)) + exp_shift_sum(s, n, m_new);
+          m[r] = m_new;
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) lse[(b * p.Hq + h) * p.Lq + q0 + r] = l[r] > 0 ? m[r] + std::log(l[r]) : neg_inf;
+    }
+  });
+  return lse;
+}
+
 }  // namespace
 
 template <typename scalar_t>
@@ -51,6 +97,9 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
   const float* lse_data = lse.const_data_ptr<float>();
   const int64_t lse_sb = lse.stride(0), lse_sh = lse.stride(1), lse_sr = lse.stride(2);
   const int64_t do_sb = dout.stride(0), do_sh = dout.stride(1), do_sr = dout.stride(2);
+
+  std::vector<double> lse_double;
+  if constexpr (std::is_same_v<scalar_t, double>) lse_double = recompute_lse_double<scalar_t>(p, q_data, k_data, block_q, block_k);
 
   // delta = rowsum(dO * O) in acc_t, (B, Hq, Lq) contiguous.
   std::vector<acc_t> delta(B * Hq * Lq);
@@ -132,12 +181,14 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
                  n);
             transform_scores<acc_t>(p, g, b, h, q0, q1, k0, k1, S.data(), n, p.softcap > 0 ? dT.data() : nullptr);
             for (int64_t r = 0; r < rows; ++r) {
-              const float row_lse = lse_data[b * lse_sb + h * lse_sh + (q0 + r) * lse_sr];
+              const acc_t row_lse = lse_double.empty()
+                                        ? static_cast<acc_t>(lse_data[b * lse_sb + h * lse_sh + (q0 + r) * lse_sr])
+                                        : static_cast<acc_t>(lse_double[(b * Hq + h) * Lq + q0 + r]);
               acc_t* s = S.data() + r * n;
-              if (row_lse == -std::numeric_limits<float>::infinity()) {
+              if (row_lse == -std::numeric_limits<acc_t>::infinity()) {
                 std::fill(s, s + n, acc_t(0));
               } else {
-                exp_shift(s, n, static_cast<acc_t>(row_lse));
+                exp_shift(s, n, row_lse);
               }
             }
             // dV += P^T dO  # [n, Dv]

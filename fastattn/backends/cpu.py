@@ -14,6 +14,10 @@ from .._inputs import AttentionInputs
 from ..ops import BackendOps
 from .base import Backend, common_reasons
 
+# Loaded when the backend registry imports this module, not inside unavailable_reasons: torch.compile
+# traces through lru_cache wrappers, and loading registers the ops' fakes, which dynamo cannot trace.
+_MODULE, _LOAD_ERROR = _extension.load()
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # Tiles are heap buffers sized from the head dim, so there is no hard limit; this bound only keeps
 # the per-thread scratch (a few tiles of 128-256 rows x head_dim) reasonable.
@@ -38,16 +42,14 @@ class CpuBackend(Backend):
     description = "C++ fused tiled kernels for the CPU (BLAS on tiles, online softmax, at::parallel_for)"
 
     def unavailable_reasons(self) -> list[str]:
-        _, why = _extension.load()
-        return [why] if why else []
+        return [_LOAD_ERROR] if _LOAD_ERROR else []
 
     def not_supported_reasons(self, inputs: AttentionInputs) -> list[str]:
         return common_reasons(inputs, devices=("cpu",), dtypes=DTYPES, max_head_dim=MAX_HEAD_DIM, features=FEATURES)
 
     def build_ops(self) -> BackendOps:
-        module, why = _extension.load()
-        if module is None:
-            raise RuntimeError(why)
+        if _MODULE is None:
+            raise RuntimeError(_LOAD_ERROR)
         return BackendOps(fwd=torch.ops.fastattn.attention_fwd.default, bwd=torch.ops.fastattn.attention_bwd.default)
 
 

@@ -463,6 +463,90 @@ class BlockMask:
         tiles[partial] = self._partial_masks[self.partial_tile_ids[partial].long()]
         return tiles.permute(0, 1, 2, 4, 3, 5).reshape(B, H, nqb * bq, nkb * bk)[:, :, :Lq, :Lk]
 
+    def tile_masks(self, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        """Whether query ``q_idx`` sees key ``kv_idx`` in batch ``b``, head ``h``, as a mask predicate.
+
+        Args:
+            b, h: int64 ``(n, 1, 1)``: batch and head of ``n`` tiles (taken modulo a broadcast layout).
+            q_idx: int64 ``(n, BLOCK_Q, 1)``: query indices, all inside one query block per tile.
+            kv_idx: int64 ``(n, 1, BLOCK_K)``: key indices, all inside one key block per tile.
+
+        Returns:
+            bool ``(n, BLOCK_Q, BLOCK_K)``, read from the layout and the element-mask source of each tile
+            (no ``Lq * Lk`` tensor is built unless the source is a dense ``element_mask``).
+        """
+        (bq, bk), (B, H) = self.block_size, self.layout.shape[:2]
+        b = b if B > 1 else torch.zeros_like(b)
+        h = h if H > 1 else torch.zeros_like(h)
+        qb, kb = q_idx[:, :1, :] // bq, kv_idx[:, :, :1] // bk  # (n, 1, 1)
+        code = self.layout[b, h, qb, kb]  # (n, 1, 1)
+        shape = (q_idx.shape[0], q_idx.shape[1], kv_idx.shape[2])
+        visible = (code == FULL).expand(shape)
+        if self._num_partial == 0:
+            return visible
+        if self._window is not None:
+            element = window_visible(q_idx, kv_idx, self.seq_lens, self._window)
+        elif self._partial_masks is not None:
+            ids = self.partial_tile_ids[b, h, qb, kb].long().clamp(min=0)  # (n, 1, 1); -1 outside partial tiles
+            element = self._partial_masks[ids, q_idx - qb * bq, kv_idx - kb * bk]
+        else:
+            em = self._dense_element_mask
+            em = em.reshape((1,) * (4 - em.dim()) + tuple(em.shape))
+            eb = b if em.shape[0] > 1 else torch.zeros_like(b)
+            eh = h if em.shape[1] > 1 else torch.zeros_like(h)
+            rows = q_idx if em.shape[2] > 1 else torch.zeros_like(q_idx)
+            cols = kv_idx if em.shape[3] > 1 else torch.zeros_like(kv_idx)
+            element = em[eb, eh, rows, cols]
+        return visible | ((code == PARTIAL) & element)
+
+    def _combine(self, other: BlockMask, op: str) -> BlockMask:
+        if not isinstance(other, BlockMask):
+            return NotImplemented
+        if other.seq_lens != self.seq_lens or other.block_size != self.block_size:
+            raise ValueError(
+                f"cannot combine BlockMasks of seq_lens {self.seq_lens} / {other.seq_lens} and block_size "
+                f"{self.block_size} / {other.block_size}: they must be equal"
+            )
+        if other.device != self.device:
+            raise ValueError(f"cannot combine BlockMasks on {self.device} and {other.device}")
+        try:
+            batch_heads = torch.broadcast_shapes(self.layout.shape[:2], other.layout.shape[:2])
+        except RuntimeError as error:
+            raise ValueError(
+                f"cannot combine BlockMasks of (B, H) {tuple(self.layout.shape[:2])} and {tuple(other.layout.shape[:2])}"
+            ) from error
+        if op == "and" and self._window is not None and other._window is not None:
+            # Two windows intersect into a window: the result stays free of per-tile blocks.
+            window = tuple(b if a is None else a if b is None else min(a, b) for a, b in zip(self._window, other._window))
+            layout = window_layout(self.seq_lens, self.block_size, window, self.device)
+            return BlockMask(layout=layout.expand(*batch_heads, -1, -1).contiguous(), seq_lens=self.seq_lens,
+                             block_size=self.block_size, window=window)
+        a = self.layout.expand(*batch_heads, -1, -1)
+        b = other.layout.expand(*batch_heads, -1, -1)
+        if op == "and":
+            guess = torch.where((a == EMPTY) | (b == EMPTY), EMPTY, torch.where((a == FULL) & (b == FULL), FULL, PARTIAL))
+
+            def predicate(bi, hi, qi, ki):
+                return self.tile_masks(bi, hi, qi, ki) & other.tile_masks(bi, hi, qi, ki)
+        else:
+            guess = torch.where((a == FULL) | (b == FULL), FULL, torch.where((a == EMPTY) & (b == EMPTY), EMPTY, PARTIAL))
+
+            def predicate(bi, hi, qi, ki):
+                return self.tile_masks(bi, hi, qi, ki) | other.tile_masks(bi, hi, qi, ki)
+
+        from .masks import _evaluate  # the builders' tile-wise evaluation; masks imports this module
+
+        return _evaluate(predicate, guess.to(torch.int8), self.seq_lens, self.block_size)
+
+    def __and__(self, other: BlockMask) -> BlockMask:
+        """The intersection: visible where both masks are. Tiles empty in either stay empty, so the
+        predicate is evaluated only on tiles that are non-empty in both and not full in both."""
+        return self._combine(other, "and")
+
+    def __or__(self, other: BlockMask) -> BlockMask:
+        """The union: visible where either mask is."""
+        return self._combine(other, "or")
+
     def to_dense(self) -> torch.Tensor:
         """The bool mask ``(B, H, Lq, Lk)`` (True = attend) this BlockMask stands for."""
         if self._partial_masks is not None:

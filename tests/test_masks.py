@@ -311,6 +311,43 @@ def test_block_mask_intersects_with_causal_and_attn_mask():
     torch.testing.assert_close(out, reference.attention(q, k, v, attn_mask=dense))
 
 
+# ------------------------------------------------------------------------------------- combining
+COMBINE_CASES = [
+    pytest.param(lambda: masks.document(torch.tensor([[0] * 20 + [1] * 27, [0] * 5 + [1] * 42]), block_size=8),
+                 lambda: masks.sliding_window(47, 47, 6, 2, 8), id="document-B2-window"),
+    pytest.param(lambda: masks.sliding_window(47, 47, 6, 2, 8), lambda: BlockMask.from_dense(torch.rand(3, 47, 47) > 0.3, 8),
+                 id="window-dense-H3"),
+    pytest.param(lambda: masks.prefix_lm(47, 10, 8), lambda: masks.local_global(47, 2, [3], 8), id="prefix-longformer"),
+    pytest.param(lambda: masks.strided(47, 5, 8), lambda: masks.bigbird(47, 1, 0, 1, 8, num_heads=2), id="strided-bigbird-H2"),
+]
+
+
+@pytest.mark.parametrize("build_a, build_b", COMBINE_CASES)
+def test_and_or_of_block_masks(build_a, build_b):
+    a, b = build_a(), build_b()
+    both, either = a & b, a | b
+    check_mask(both, a.to_dense() & b.to_dense())
+    check_mask(either, a.to_dense() | b.to_dense())
+    check_attention(both, both.to_dense())
+
+
+def test_two_windows_intersect_into_a_window():
+    both = masks.sliding_window(45, 37, 9, 4, 8) & masks.causal(45, 37, 8)
+    assert both.window == (9, 0) and both.partial_masks is None
+    check_mask(both, masks.sliding_window(45, 37, 9, 0, 8).to_dense())
+
+
+def test_combining_mismatched_masks_raises():
+    with pytest.raises(ValueError, match="block_size"):
+        masks.causal(16, 16, 8) & masks.causal(16, 16, 4)
+    with pytest.raises(ValueError, match="seq_lens"):
+        masks.causal(16, 16, 8) | masks.causal(16, 17, 8)
+    with pytest.raises(ValueError, match=r"\(B, H\)"):
+        masks.prefix_lm(16, torch.tensor([1, 2]), 8) & masks.prefix_lm(16, torch.tensor([1, 2, 3]), 8)
+    with pytest.raises(TypeError):
+        masks.causal(16, 16, 8) & torch.ones(16, 16, dtype=torch.bool)
+
+
 # ------------------------------------------------------------------------------------------ scale
 class LargestAllocation(TorchDispatchMode):
     """Records the largest storage (bytes) any aten op returns while active."""

@@ -77,27 +77,38 @@ def test_window(Lq, Lk, window, D, dtype):
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", HEAD_DIMS)
-def test_top_left_causal_rows_that_see_nothing(D, dtype, monkeypatch):
-    # SDPA's top-left is_causal with Lq > Lk is window_right = Lk - Lq < 0: the first rows see no key
-    # and must give out 0, lse -inf and zero, finite gradients.
+def test_top_left_causal_negative_window_right(D, dtype, monkeypatch):
+    # SDPA's top-left is_causal with Lq < Lk is window_right = Lq - Lk < 0 in bottom-right terms.
     monkeypatch.setenv("FASTATTN_BACKEND", "cuda")
-    Lq, Lk = 97, 17
+    Lq, Lk = 17, 97
     q, k, v = _qkv(2, 2, 2, Lq, Lk, D, dtype)
     out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)
     dout = torch.randn_like(out)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    got = (out, *torch.autograd.grad(out, (q, k, v), dout))
 
     def reference(dtype_):
         leaves = [t.detach().to(dtype_).requires_grad_() for t in (q, k, v)]
-        inputs = fastattn._inputs.normalize(*leaves, window_override=(None, Lk - Lq))
+        inputs = fastattn._inputs.normalize(*leaves, window_override=(None, Lq - Lk))
         ref_out, _ = fastattn.reference.attention_from_inputs(inputs)
         return (ref_out, *torch.autograd.grad(ref_out, leaves, dout.to(dtype_)))
 
-    for name, got, want32, want_lp in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), reference(torch.float32),
-                                          reference(dtype)):
-        assert_close_to_reference(name, got, want32, want_lp)
+    for name, g, want32, want_lp in zip(("out", "dq", "dk", "dv"), got, reference(torch.float32), reference(dtype)):
+        assert_close_to_reference(name, g, want32, want_lp)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_rows_that_see_nothing(D, dtype):
+    # Bottom-right causal with Lq > Lk: rows i < Lq - Lk see no key: out 0, lse -inf, zero gradients.
+    Lq, Lk = 97, 17
+    q, k, v = _qkv(1, 2, 2, Lq, Lk, D, dtype)
+    out, lse = fastattn.attention(q, k, v, causal=True, return_lse=True, backend="cuda")
+    (dq,) = torch.autograd.grad(out, (q,), torch.randn_like(out))
     blind = torch.arange(Lq, device="cuda") < Lq - Lk
     assert (out[:, :, blind] == 0).all() and (dq[:, :, blind] == 0).all()
+    assert torch.isneginf(lse[:, :, blind]).all() and torch.isfinite(lse[:, :, ~blind]).all()
+    assert torch.isfinite(out).all() and torch.isfinite(dq).all()
 
 
 @gpu
@@ -136,7 +147,7 @@ def test_softcap(D, dtype):
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", HEAD_DIMS)
-@pytest.mark.parametrize("kind", ["bool", "float", "bool-broadcast"])
+@pytest.mark.parametrize("kind", ["bool", "float", "bool-broadcast", "float-grad"])
 def test_attn_mask(D, kind, dtype):
     B, H, Lq, Lk = 2, 2, 97, 130
     q, k, v = _qkv(B, H, H, Lq, Lk, D, dtype)
@@ -145,8 +156,10 @@ def test_attn_mask(D, kind, dtype):
         mask[0, 0, 5] = False  # a row that sees nothing
     elif kind == "bool-broadcast":
         mask = torch.rand(Lq, Lk, device="cuda") > 0.5
-    else:
+    elif kind == "float":
         mask = torch.randn(B, 1, Lq, Lk, device="cuda", dtype=dtype)
+    else:  # a learned bias: its gradient is checked too
+        mask = torch.randn(1, H, Lq, Lk, device="cuda", dtype=torch.float32).requires_grad_()
     check_against_reference("cuda", q, k, v, attn_mask=mask)
 
 
@@ -248,12 +261,22 @@ def test_raw_op_rejects_bad_input():
         fwd(q, k.cpu(), v, *args)
 
 
+def _compute_sanitizer() -> str | None:
+    """compute-sanitizer on the PATH or in the CUDA toolkit."""
+    found = shutil.which("compute-sanitizer")
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if found is None and home and os.path.exists(os.path.join(home, "bin", "compute-sanitizer")):
+            found = os.path.join(home, "bin", "compute-sanitizer")
+    return found
+
+
 @gpu
-@pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer is not on the PATH")
+@pytest.mark.skipif(_compute_sanitizer() is None, reason="compute-sanitizer not found (PATH, $CUDA_HOME/bin)")
 def test_memcheck_sanitize_case():
     script = os.path.join(ROOT, "csrc", "cuda", "sanitize_case.py")
     result = subprocess.run(
-        ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1", sys.executable, script],
+        [_compute_sanitizer(), "--tool", "memcheck", "--error-exitcode", "1", sys.executable, script],
+        cwd=ROOT,
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

@@ -25,8 +25,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     std::optional<int64_t> window_right, double softcap, double dropout_p, int64_t seed, bool compute_dbias) {
   (void)seed;  // dropout is refused in prepare()
   const at::cuda::CUDAGuard device_guard(q.device());
-  TORCH_CHECK(!compute_dbias,
-              "compute_dbias must be false: the CUDA kernels do not compute the gradient of an additive attn_mask");
+  TORCH_CHECK(!compute_dbias || (attn_mask.has_value() && attn_mask->scalar_type() != at::kBool),
+              "compute_dbias needs an additive (floating) attn_mask");
   PreparedInputs in = prepare(q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, block_size_q,
                               block_size_k, scale, window_left, window_right, softcap, dropout_p);
   const AttentionShape& s = in.shape;
@@ -64,6 +64,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   at::Tensor dq = at::empty({s.batch, s.heads_q, s.seqlen_q, s.head_dim}, q.options());
   at::Tensor dk = at::empty({s.batch, s.heads_kv, s.seqlen_k, s.head_dim}, q.options());
   at::Tensor dv = at::empty({s.batch, s.heads_kv, s.seqlen_k, s.head_dim}, q.options());
+  // dbias: every (query, key) pair the kernels skip has a zero gradient, hence zeros, not empty.
+  at::Tensor dbias = compute_dbias ? at::zeros({s.batch, s.heads_q, s.seqlen_q, s.seqlen_k}, q.options().dtype(at::kFloat))
+                                   : q.new_empty({0});
+  if (compute_dbias) p.dbias = dbias.data_ptr<float>();
   p.out = const_cast<void*>(out.data_ptr());
   set_strides(p.out_stride, out);
   p.dout = dout.data_ptr();
@@ -96,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const int dq_smem = (2 * kDqBlockM + 2 * kDqBlockN) * (kHeadDim + 8) * static_cast<int>(sizeof(T));
     launch(attention_bwd_dq_kernel<T, kHeadDim, kDqBlockM, kDqBlockN>, dq_grid, dq_smem, p);
   });
-  return {dq, dk, dv, q.new_empty({0})};
+  return {dq, dk, dv, compute_dbias ? dbias.to(attn_mask->scalar_type()) : dbias};
 }
 
 }  // namespace

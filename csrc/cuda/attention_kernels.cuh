@@ -48,6 +48,7 @@ struct AttentionParams {
   void* dq = nullptr;        // (B, Hq, Lq, D)
   void* dk = nullptr;        // (B, Hkv, Lk, D)
   void* dv = nullptr;        // (B, Hkv, Lk, D)
+  float* dbias = nullptr;    // (B, Hq, Lq, Lk) contiguous: d(loss)/d(additive attn_mask), or null
   // strides in elements: batch, head, row (the last stride is 1)
   int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3], dout_stride[3], dq_stride[3], dk_stride[3],
       dv_stride[3];
@@ -372,7 +373,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_delta_kernel(const Att
 // the query heads of its GQA group and their query tiles, so no other CTA writes its rows and the
 // sums run in a fixed order (deterministic). Each warp owns 16 keys and computes, transposed,
 //   S^T = K Q^T, dP^T = V dO^T, P^T = exp(S^T - lse), dS^T = P^T (dP^T - delta),
-//   dV += P^T dO, dK += scale * dX^T Q   (dX = dS * softcap derivative).
+//   dV += P^T dO, dK += scale * dX^T Q   (dX = dS * softcap derivative),
+// and writes dS to dbias when asked (each (query, key) pair of a head is visited once).
 // Shared memory: K, V (BN, D + 8), Q, dO (BM, D + 8), lse and delta (BM).
 template <typename T, int D, int BN, int BM>
 __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const AttentionParams p) {
@@ -456,8 +458,12 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
           const float s = masked_score(p, c, st[nt][e], m0 + r, j, masked, &dcap);
           const float lse = sLse[r];
           const float prob = (s == -CUDART_INF_F || lse == -CUDART_INF_F) ? 0.f : exp2f(s * kLog2e - lse);
+          const float ds = prob * (dpt[nt][e] - sDelta[r]);  // d(loss)/d(score)
+          if (p.dbias != nullptr && m0 + r < p.seqlen_q && j < p.seqlen_k) {
+            p.dbias[(stats + m0 + r) * p.seqlen_k + j] = ds;
+          }
           st[nt][e] = prob;
-          dpt[nt][e] = prob * (dpt[nt][e] - sDelta[r]) * dcap * p.scale;
+          dpt[nt][e] = ds * dcap * p.scale;
         }
       }
 #pragma unroll

@@ -32,7 +32,7 @@ _FEATURES = {
     "causal": True,
     "window": True,
     "attn_mask": True,
-    "attn_mask gradient": False,
+    "attn_mask gradient": True,
     "block_mask": True,
     "alibi": True,
     "softcap": True,

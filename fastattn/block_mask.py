@@ -38,8 +38,9 @@ The element mask of partial tiles comes from exactly one of three sources:
   block per partial tile, in the row-major order of ``(layout == PARTIAL).nonzero()``.
 
 Whatever the source, :attr:`BlockMask.element_mask` returns the dense mask (materialised
-on first use) and :meth:`BlockMask.to_dense` the whole mask. Invariant: the element mask is
-True on every full tile (builders guarantee it), so applying it everywhere is harmless.
+on first use; None without partial tiles) and :meth:`BlockMask.to_dense` the whole mask.
+Invariant: the element mask is True on every full tile (builders guarantee it), so applying it
+everywhere is harmless. BlockMasks combine with ``&`` (intersection) and ``|`` (union).
 """
 
 from __future__ import annotations

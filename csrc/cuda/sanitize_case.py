@@ -31,7 +31,7 @@ def main() -> None:
     torch.manual_seed(0)
     for dtype in (torch.float16, torch.bfloat16):
         for D in (64, 128):
-            def qkv(B, Hq, Hkv, Lq, Lk):
+            def qkv(B, Hq, Hkv, Lq, Lk, D=D, dtype=dtype):
                 return tuple(
                     torch.randn(B, h, L, D, device="cuda", dtype=dtype).requires_grad_()
                     for h, L in ((Hq, Lq), (Hkv, Lk), (Hkv, Lk))

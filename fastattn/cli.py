@@ -61,7 +61,16 @@ def _cmd_bench(args) -> int:
     print(f"\n{len(doc['results'])} configurations in {time.perf_counter() - start:.1f}s on {doc['environment']['device_name']}")
     for path in paths.values():
         print(f"wrote {path}")
-    return 0
+    return _report_errors(doc)
+
+
+def _report_errors(doc: dict) -> int:
+    """Exit status 1 when a fastattn backend failed (not: declined, or ran out of memory); other
+    providers' failures are recorded in the results but are not ours to fail on."""
+    errors = [r for r in doc["results"] if r["status"] == "error" and r["provider"].startswith("fastattn-")]
+    for r in errors:
+        print(f"error: {r['provider']} {r['name']} {r['dtype']} {r['mode']}: {r['error']}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 def _cmd_memory(args) -> int:
@@ -84,7 +93,7 @@ def _cmd_memory(args) -> int:
     print(f"\n{len(doc['results'])} measurements in {time.perf_counter() - start:.1f}s on {doc['environment']['device_name']}")
     for path in paths.values():
         print(f"wrote {path}")
-    return 0
+    return _report_errors(doc)
 
 
 def _cmd_attention_map(args) -> int:

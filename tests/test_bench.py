@@ -204,6 +204,14 @@ def test_bench_config_rejects_bad_flags(kwargs, match):
         bench.bench_config("quick", "cpu", **kwargs)
 
 
+def test_gpu_preset_needs_a_gpu():
+    with pytest.raises(ValueError, match="CUDA"):
+        bench.bench_config("gpu", "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda"):
+            bench.bench_config("quick", "cuda")
+
+
 def test_unknown_provider_is_named():
     with pytest.raises(ValueError, match="unknown provider 'nope'"):
         bench.resolve(["nope"], torch.device("cpu"))
@@ -232,3 +240,15 @@ def test_bench_cli_reports_bad_flag(tmp_path):
     from fastattn.cli import main
 
     assert main(["bench", "--workloads", "nope", "--out", str(tmp_path)]) == 2
+
+
+def test_exit_status_fails_only_on_fastattn_errors():
+    from fastattn.cli import _report_errors
+
+    def row(provider, status):
+        return {"provider": provider, "status": status, "name": "causal-B1-H1-L7-D8", "dtype": "fp32", "mode": "fwd",
+                "error": "RuntimeError: boom" if status == "error" else None}
+
+    assert _report_errors({"results": [row("fastattn-cpu", "ok"), row("sdpa-math", "error")]}) == 0
+    assert _report_errors({"results": [row("fastattn-cuda", "unsupported"), row("fastattn-reference", "oom")]}) == 0
+    assert _report_errors({"results": [row("fastattn-cpu", "error")]}) == 1

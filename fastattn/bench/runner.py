@@ -39,6 +39,16 @@ def _short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first[:300]}"
 
 
+def _device(device: str | None) -> torch.device:
+    """The device to measure on: ``cpu`` or ``cuda`` (default: cuda when available)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {device}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device here")
+    return device
+
+
 def bench_config(
     name: str = "quick",
     device: str | None = None,
@@ -56,7 +66,7 @@ def bench_config(
     shape of the preset is re-made at each given value (keeping ``B * L`` fixed where the preset
     fixes the token count).
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(device)
     p = preset(name, device.type)
     items = p.workloads
     if workloads is not None:
@@ -299,7 +309,7 @@ def memory_config(quick: bool = True, device: str | None = None, *, providers=No
                   seq_lens: list[int] | None = None, dtype: str | None = None,
                   budget_gib: float | None = None) -> MemoryConfig:
     """The memory-profile preset (``quick`` or full) for ``device``, with the CLI's overrides."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(device)
     if kind not in WORKLOAD_KINDS or kind == "block_sparse":
         raise ValueError(f"--workloads for memory must be one of dense, causal, window, gqa; got {kind!r}")
     if device.type == "cuda":

@@ -567,3 +567,30 @@ BAD_ARGUMENTS = [
 def test_bad_arguments_name_the_argument(call, error, name):
     with pytest.raises(error, match=name):
         call()
+
+
+# -------------------------------------------------------------------------------------------- GPU
+GPU_BUILDS = [
+    pytest.param(lambda d: masks.sliding_window(97, 97, 9, 3, 16, device=d), id="window"),
+    pytest.param(lambda d: masks.local_global(97, 4, torch.tensor([0, 50], device=d), 16), id="longformer"),
+    pytest.param(lambda d: masks.strided(97, 7, 16, kind="fixed", device=d), id="fixed"),
+    pytest.param(lambda d: masks.bigbird(97, 1, 1, 2, 16, seed=4, device=d), id="bigbird"),
+    pytest.param(lambda d: masks.document(torch.tensor([0] * 40 + [1] * 57, device=d), causal=True, block_size=16),
+                 id="document"),
+    pytest.param(lambda d: masks.prefix_lm(97, torch.tensor([10, 60], device=d), 16), id="prefix"),
+    pytest.param(lambda d: masks.from_function(lambda b, h, q, kv: (q + kv) % 3 != 0, 1, 2, 97, 61, 16, device=d),
+                 id="function"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("build", GPU_BUILDS)
+def test_builders_on_cuda_match_cpu(build):
+    on_gpu, on_cpu = build("cuda"), build("cpu")
+    assert on_gpu.device.type == "cuda"
+    assert torch.equal(on_gpu.layout.cpu(), on_cpu.layout)
+    assert torch.equal(on_gpu.to_dense().cpu(), on_cpu.to_dense())
+    for got, want in zip(on_gpu.kv_lists + on_gpu.q_lists, on_cpu.kv_lists + on_cpu.q_lists):
+        assert torch.equal(got.cpu(), want)
+    derived = masks.block_mask_from_attn_mask(on_gpu.to_dense(), 16)
+    assert torch.equal(derived.to_dense().cpu(), on_cpu.to_dense())

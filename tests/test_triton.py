@@ -139,6 +139,15 @@ def test_block_mask_from_dense(Lq, Lk, block_size, kwargs):
     check_against_reference("triton", q, k, v, block_mask=mask, **kwargs)
 
 
+def test_block_mask_blocks_larger_than_kernel_tiles():
+    # 128-blocks span several kernel tiles (the tiles are capped to fit on chip).
+    q, k, v = qkv(1, 2, 1, 200, 200, 16)
+    i, j = torch.arange(200, device=DEVICE)[:, None], torch.arange(200, device=DEVICE)[None, :]
+    mask = BlockMask.from_dense(j <= i, block_size=128)
+    assert mask.layout.flatten().tolist() == [1, 0, 2, 1]  # partial, empty, full, partial
+    check_against_reference("triton", q, k, v, block_mask=mask)
+
+
 def test_block_mask_from_layout_broadcast_over_batch_and_heads():
     q, k, v = qkv(2, 2, 2, 40, 50, 16)
     layout = torch.rand(3, 4, device=DEVICE) > 0.4

@@ -216,7 +216,8 @@ def attention_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, USE_BLOCK_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, USE_BLOCK_MASK: tl.constexpr, MASK_SUB_M: tl.constexpr, MASK_SUB_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     COMPUTE_DBIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """Grid ``(cdiv(Lk, BLOCK_N), B * Hkv)``: one program per key block of one kv head.
@@ -278,11 +279,12 @@ def attention_bwd_dkdv_kernel(
         if HAS_ALIBI:
             slope = tl.load(p_alibi + i_b * stride_alibi_b + i_h * stride_alibi_h)
         if USE_BLOCK_MASK:
-            p_num = i_b * stride_num_b + i_h * stride_num_h + i_n * stride_num_n
-            p_idx = i_b * stride_idx_b + i_h * stride_idx_h + i_n * stride_idx_n
+            i_kb = i_n // MASK_SUB_N  # the mask's key block; its query blocks span MASK_SUB_M tiles each
+            p_num = i_b * stride_num_b + i_h * stride_num_h + i_kb * stride_num_n
+            p_idx = i_b * stride_idx_b + i_h * stride_idx_h + i_kb * stride_idx_n
             num_partial = tl.load(p_q_num + p_num)
-            for t in range(0, num_partial):
-                i_m = tl.load(p_q_idx + p_idx + t)
+            for t in range(0, num_partial * MASK_SUB_M):
+                i_m = tl.load(p_q_idx + p_idx + t // MASK_SUB_M) * MASK_SUB_M + t % MASK_SUB_M
                 b_dk, b_dv = _dkdv_query_block(
                     b_dk, b_dv, b_kt, b_vt, i_m, o_n, o_d, o_dv, q_bh, do_bh, p_lse_bh, p_delta_bh, p_dbias_bh,
                     stride_qm, stride_dom, stride_dbias_m, i_b, i_h, Hq, Lq, Lk, D, DV,
@@ -292,8 +294,8 @@ def attention_bwd_dkdv_kernel(
                     HAS_LENGTHS, HAS_DROPOUT, True, True, COMPUTE_DBIAS, DOT_PRECISION, DOT_FP32,
                 )
             num_full = tl.load(p_full_num + p_num)
-            for t in range(0, num_full):
-                i_m = tl.load(p_full_idx + p_idx + t)
+            for t in range(0, num_full * MASK_SUB_M):
+                i_m = tl.load(p_full_idx + p_idx + t // MASK_SUB_M) * MASK_SUB_M + t % MASK_SUB_M
                 b_dk, b_dv = _dkdv_query_block(
                     b_dk, b_dv, b_kt, b_vt, i_m, o_n, o_d, o_dv, q_bh, do_bh, p_lse_bh, p_delta_bh, p_dbias_bh,
                     stride_qm, stride_dom, stride_dbias_m, i_b, i_h, Hq, Lq, Lk, D, DV,
@@ -397,7 +399,8 @@ def attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, USE_BLOCK_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, USE_BLOCK_MASK: tl.constexpr, MASK_SUB_M: tl.constexpr, MASK_SUB_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """Grid ``(cdiv(Lq, BLOCK_M), B * Hq)``: one program per query block; the same key blocks as the forward."""
@@ -442,11 +445,12 @@ def attention_bwd_dq_kernel(
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     if USE_BLOCK_MASK:
-        p_num = i_b * stride_num_b + i_h * stride_num_h + i_m * stride_num_m
-        p_idx = i_b * stride_idx_b + i_h * stride_idx_h + i_m * stride_idx_m
+        i_qb = i_m // MASK_SUB_M  # the mask's query block; its key blocks span MASK_SUB_N tiles each
+        p_num = i_b * stride_num_b + i_h * stride_num_h + i_qb * stride_num_m
+        p_idx = i_b * stride_idx_b + i_h * stride_idx_h + i_qb * stride_idx_m
         num_partial = tl.load(p_kv_num + p_num)
-        for t in range(0, num_partial):
-            i_n = tl.load(p_kv_idx + p_idx + t)
+        for t in range(0, num_partial * MASK_SUB_N):
+            i_n = tl.load(p_kv_idx + p_idx + t // MASK_SUB_N) * MASK_SUB_N + t % MASK_SUB_N
             b_dq = _dq_key_block(
                 b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
                 i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
@@ -455,8 +459,8 @@ def attention_bwd_dq_kernel(
                 HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32,
             )
         num_full = tl.load(p_full_num + p_num)
-        for t in range(0, num_full):
-            i_n = tl.load(p_full_idx + p_idx + t)
+        for t in range(0, num_full * MASK_SUB_N):
+            i_n = tl.load(p_full_idx + p_idx + t // MASK_SUB_N) * MASK_SUB_N + t % MASK_SUB_N
             b_dq = _dq_key_block(
                 b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
                 i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
@@ -620,8 +624,8 @@ def attention_bwd(
     if not use_block_mask and configs.autotune_enabled():
         grid_dkdv = lambda META: (triton.cdiv(Lk, META["BLOCK_N"]), B * Hkv)
         grid_dq = lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * Hq)
-        torch.library.wrap_triton(attention_bwd_dkdv_kernel_tuned)[grid_dkdv](**dkdv_args)
-        torch.library.wrap_triton(attention_bwd_dq_kernel_tuned)[grid_dq](**dq_args)
+        torch.library.wrap_triton(attention_bwd_dkdv_kernel_tuned)[grid_dkdv](**dkdv_args, MASK_SUB_M=1, MASK_SUB_N=1)
+        torch.library.wrap_triton(attention_bwd_dq_kernel_tuned)[grid_dq](**dq_args, MASK_SUB_M=1, MASK_SUB_N=1)
         return dq, dk, dv, dbias
     if use_block_mask:
         meta = configs.block_mask_config("bwd", max(block_d, block_dv), block_size_q, block_size_k, q.element_size())
@@ -629,6 +633,9 @@ def attention_bwd(
         meta = configs.pinned_config("bwd", max(block_d, block_dv), q.element_size())
     grid_dkdv = (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)
     grid_dq = (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
-    torch.library.wrap_triton(attention_bwd_dkdv_kernel)[grid_dkdv](**dkdv_args, **meta)
-    torch.library.wrap_triton(attention_bwd_dq_kernel)[grid_dq](**dq_args, **meta)
+    sub = {"MASK_SUB_M": block_size_q // meta["BLOCK_M"], "MASK_SUB_N": block_size_k // meta["BLOCK_N"]}
+    if not use_block_mask:
+        sub = {"MASK_SUB_M": 1, "MASK_SUB_N": 1}
+    torch.library.wrap_triton(attention_bwd_dkdv_kernel)[grid_dkdv](**dkdv_args, **meta, **sub)
+    torch.library.wrap_triton(attention_bwd_dq_kernel)[grid_dq](**dq_args, **meta, **sub)
     return dq, dk, dv, dbias

@@ -196,8 +196,8 @@ def attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, USE_BLOCK_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    COUNT_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, USE_BLOCK_MASK: tl.constexpr, MASK_SUB_M: tl.constexpr, MASK_SUB_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, COUNT_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """Grid ``(cdiv(Lq, BLOCK_M), B * Hq)``: one program per query block of one (batch, head).
 
@@ -245,12 +245,14 @@ def attention_fwd_kernel(
     visited = 0
 
     if USE_BLOCK_MASK:
-        # Listed tiles only: partial ones with the element mask, full ones without it.
-        p_num = i_b * stride_num_b + i_h * stride_num_h + i_m * stride_num_m
-        p_idx = i_b * stride_idx_b + i_h * stride_idx_h + i_m * stride_idx_m
+        # Listed tiles only: partial ones with the element mask, full ones without it. A mask block
+        # may span MASK_SUB_M x MASK_SUB_N kernel tiles (when it is larger than what fits on chip).
+        i_qb = i_m // MASK_SUB_M
+        p_num = i_b * stride_num_b + i_h * stride_num_h + i_qb * stride_num_m
+        p_idx = i_b * stride_idx_b + i_h * stride_idx_h + i_qb * stride_idx_m
         num_partial = tl.load(p_kv_num + p_num)
-        for t in range(0, num_partial):
-            i_n = tl.load(p_kv_idx + p_idx + t)
+        for t in range(0, num_partial * MASK_SUB_N):
+            i_n = tl.load(p_kv_idx + p_idx + t // MASK_SUB_N) * MASK_SUB_N + t % MASK_SUB_N
             b_acc, b_l, b_m = _fwd_key_block(
                 b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
                 i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
@@ -259,8 +261,8 @@ def attention_fwd_kernel(
                 HAS_LENGTHS, HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32,
             )
         num_full = tl.load(p_full_num + p_num)
-        for t in range(0, num_full):
-            i_n = tl.load(p_full_idx + p_idx + t)
+        for t in range(0, num_full * MASK_SUB_N):
+            i_n = tl.load(p_full_idx + p_idx + t // MASK_SUB_N) * MASK_SUB_N + t % MASK_SUB_N
             b_acc, b_l, b_m = _fwd_key_block(
                 b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
                 i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
@@ -268,7 +270,7 @@ def attention_fwd_kernel(
                 BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
                 HAS_LENGTHS, HAS_DROPOUT, True, False, DOT_PRECISION, DOT_FP32,
             )
-        visited = num_partial + num_full
+        visited = (num_partial + num_full) * MASK_SUB_N
     else:
         # The visible band only: masked edge blocks, unmasked interior, masked edge blocks.
         n_lo, n_mid_lo, n_mid_hi, n_hi = _key_block_range(
@@ -507,16 +509,18 @@ def attention_fwd(
         BLOCK_D=block_d, BLOCK_DV=block_dv, **flags, USE_BLOCK_MASK=use_block_mask,
         COUNT_BLOCKS=block_counter is not None, DOT_PRECISION=precision, DOT_FP32=dot_fp32,
     )
+    sub_m = sub_n = 1
     if use_block_mask:
         meta = configs.block_mask_config("fwd", max(block_d, block_dv), block_size_q, block_size_k, q.element_size())
+        sub_m, sub_n = block_size_q // meta["BLOCK_M"], block_size_k // meta["BLOCK_N"]
     elif configs.autotune_enabled() and block_counter is None:
         grid = lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * Hq)
-        torch.library.wrap_triton(attention_fwd_kernel_tuned)[grid](**args)
+        torch.library.wrap_triton(attention_fwd_kernel_tuned)[grid](**args, MASK_SUB_M=1, MASK_SUB_N=1)
         return out, lse
     else:
         meta = configs.pinned_config("fwd", max(block_d, block_dv), q.element_size())
     grid = (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
-    torch.library.wrap_triton(attention_fwd_kernel)[grid](**args, **meta)
+    torch.library.wrap_triton(attention_fwd_kernel)[grid](**args, **meta, MASK_SUB_M=sub_m, MASK_SUB_N=sub_n)
     return out, lse
 
 

@@ -95,11 +95,9 @@ def pinned_config(kind: str, head_dim: int, elem_bytes: int = 2) -> dict:
 
 
 def block_mask_config(kind: str, head_dim: int, block_size_q: int, block_size_k: int, elem_bytes: int = 2) -> dict:
-    """With a BlockMask the tiles are the mask's blocks; warps and stages follow their size."""
-    tiles = block_size_q * block_size_k
-    if in_interpreter():
-        return {"BLOCK_M": block_size_q, "BLOCK_N": block_size_k, "num_warps": 1, "num_stages": 1}
-    width = head_dim * elem_bytes // 2
-    num_warps = 8 if tiles >= 128 * 64 and width > 64 else 4
-    num_stages = 1 if (width > 128 and kind == "bwd") or width > 256 else 2
-    return {"BLOCK_M": block_size_q, "BLOCK_N": block_size_k, "num_warps": num_warps, "num_stages": num_stages}
+    """With a BlockMask each kernel tile lies inside one mask block: the tiles are the mask's blocks,
+    capped at the pinned config's tiles (both powers of two, so a mask block is a whole number of tiles)."""
+    meta = dict(pinned_config(kind, head_dim, elem_bytes))
+    meta["BLOCK_M"] = min(block_size_q, meta["BLOCK_M"])
+    meta["BLOCK_N"] = min(block_size_k, meta["BLOCK_N"])
+    return meta

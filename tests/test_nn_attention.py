@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fastattn
 from fastattn.nn import Attention, KVCache, alibi_slopes

@@ -4,7 +4,7 @@ outputs, attention weights and input gradients (float64, eval mode, so the compa
 import pytest
 import torch
 
-from fastattn.nn import MultiheadAttention, MultiHeadAttention
+from fastattn.nn import MultiHeadAttention, MultiheadAttention
 
 DT = torch.float64
 

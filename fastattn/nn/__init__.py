@@ -12,7 +12,7 @@
 """
 
 from .attention import Attention, KVCache
-from .multihead import MultiheadAttention, MultiHeadAttention
+from .multihead import MultiHeadAttention, MultiheadAttention
 from .positional import (
     LearnedPositionalEncoding,
     RelativePositionBias,

@@ -191,6 +191,23 @@ def _check_lengths(lengths, name: str, B: int, max_len: int, q: torch.Tensor) ->
     return lengths.to(torch.int32)
 
 
+def block_mask_window(block_mask, key_lengths, query_lengths) -> tuple[int | None, int | None] | None:
+    """The window that stands for ``block_mask``'s element mask at the op level, or None.
+
+    A BlockMask built by ``fastattn.masks.causal``/``sliding_window`` carries its element mask as a
+    window aligned at ``Lk - Lq``. With lengths the op's offset is per batch, so the window cannot
+    stand in for it and the dense element mask is used instead.
+    """
+    if block_mask is None or block_mask.window is None or key_lengths is not None or query_lengths is not None:
+        return None
+    return block_mask.window
+
+
+def _tighter(a: int | None, b: int | None) -> int | None:
+    """The tighter of two window bounds (None = unbounded)."""
+    return b if a is None else a if b is None else min(a, b)
+
+
 def normalize(
     q,
     k,
@@ -255,6 +272,13 @@ def normalize(
 
     key_lengths = _check_lengths(key_lengths, "key_lengths", B, Lk, q)
     query_lengths = _check_lengths(query_lengths, "query_lengths", B, Lq, q)
+
+    block_window = block_mask_window(block_mask, key_lengths, query_lengths)
+    if block_window is not None:
+        # The block mask's element mask is a window: kernels apply it as the call's own window,
+        # intersected with it, and no (Lq, Lk) element mask is built (see effective_attn_mask).
+        window_left = _tighter(window_left, block_window[0])
+        window_right = _tighter(window_right, block_window[1])
 
     return AttentionInputs(
         q=q,

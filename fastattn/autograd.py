@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._inputs import AttentionInputs
+from ._inputs import AttentionInputs, block_mask_window
 from .backends import get_backend
 from .reference import draw_seed
 
@@ -20,7 +20,9 @@ def effective_attn_mask(inputs: AttentionInputs) -> torch.Tensor | None:
     """
     mask = inputs.attn_mask
     block_mask = inputs.block_mask
-    if block_mask is None or block_mask.element_mask is None:
+    if block_mask is None or block_mask_window(block_mask, inputs.key_lengths, inputs.query_lengths) is not None:
+        return mask  # no block mask, or its element mask is already the op's window (see normalize)
+    if block_mask.element_mask is None:
         return mask
     shape = (inputs.batch, inputs.heads_q, inputs.seqlen_q, inputs.seqlen_k)
     element = block_mask.element_mask.expand(shape)
@@ -31,12 +33,24 @@ def effective_attn_mask(inputs: AttentionInputs) -> torch.Tensor | None:
     return mask.masked_fill(~element, float("-inf"))
 
 
-def block_args(inputs: AttentionInputs) -> tuple[list, int, int]:
-    """The eight block-list tensors (or Nones) and the block sizes (0 without a BlockMask)."""
-    if inputs.block_mask is None:
+def block_args(inputs: AttentionInputs, backend_name: str | None = None) -> tuple[list, int, int]:
+    """The eight block-list tensors (or Nones) and the block sizes (0 without a BlockMask).
+
+    Without a BlockMask, an ``attn_mask`` is turned into one (cached per mask tensor) when the backend
+    asks for it (``Backend.attn_mask_block_size``), so its kernels skip the tiles the mask hides
+    entirely; the mask itself still reaches the op as ``attn_mask``.
+    """
+    block_mask = inputs.block_mask
+    if block_mask is None and inputs.attn_mask is not None and backend_name and not torch.compiler.is_compiling():
+        tile = get_backend(backend_name).attn_mask_block_size
+        if tile is not None:
+            from .masks import block_mask_from_attn_mask
+
+            block_mask = block_mask_from_attn_mask(inputs.attn_mask, tile)
+    if block_mask is None:
         return [None] * _NUM_BLOCK_LISTS, 0, 0
-    bq, bk = inputs.block_mask.block_size
-    return [*inputs.block_mask.kv_lists, *inputs.block_mask.q_lists], bq, bk
+    bq, bk = block_mask.block_size
+    return [*block_mask.kv_lists, *block_mask.q_lists], bq, bk
 
 
 class AttentionFunction(torch.autograd.Function):
@@ -70,7 +84,7 @@ class AttentionFunction(torch.autograd.Function):
 
 def run(inputs: AttentionInputs, backend_name: str, return_lse: bool):
     """Run attention on ``backend_name`` through the autograd Function."""
-    lists, block_size_q, block_size_k = block_args(inputs)
+    lists, block_size_q, block_size_k = block_args(inputs, backend_name)
     seed = draw_seed() if inputs.dropout_p > 0 else 0
     out, lse = AttentionFunction.apply(
         backend_name, inputs.q, inputs.k, inputs.v, effective_attn_mask(inputs), inputs.alibi_slopes,

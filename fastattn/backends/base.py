@@ -20,6 +20,9 @@ class Backend:
 
     name: str = ""
     description: str = ""
+    # (BLOCK_Q, BLOCK_K): turn an attn_mask into a BlockMask of these tiles so the kernels skip the
+    # tiles it hides entirely (fastattn.masks.block_mask_from_attn_mask, cached); None = do not.
+    attn_mask_block_size: tuple[int, int] | None = None
 
     def unavailable_reasons(self) -> list[str]:
         return []

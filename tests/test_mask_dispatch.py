@@ -33,7 +33,8 @@ def test_derived_block_mask(monkeypatch):
     out = fastattn.attention(q, k, v, attn_mask=mask, backend="reference")
     assert len(masks._ATTN_MASK_CACHE) == 1
     out2 = fastattn.attention(q, k, v, attn_mask=mask, backend="reference")
-    assert len(masks._ATTN_MASK_CACHE) == 1
+    assert len(masks._ATTN_MASK_CACHE) == 1, "the same mask tensor must hit the cache"
+    torch.testing.assert_close(out2, out)
     torch.testing.assert_close(out, reference.attention(q, k, v, attn_mask=mask))
     g = torch.autograd.grad(out.sum(), (q, k, v))
     r = torch.autograd.grad(reference.attention(q, k, v, attn_mask=mask).sum(), (q, k, v))

@@ -1,5 +1,7 @@
 // fastattn::attention_bwd for CUDA tensors: delta = rowsum(dO * O), then dK/dV per key tile and
 // dQ per query tile (two kernels, no atomics: deterministic).
+#include <vector>
+
 #include "attention_host.h"
 
 namespace fastattn {
@@ -31,9 +33,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
                               block_size_k, scale, window_left, window_right, softcap, dropout_p);
   const AttentionShape& s = in.shape;
   AttentionParams& p = in.params;
-  const auto qkv_shape = at::IntArrayRef({s.batch, s.heads_q, s.seqlen_q, s.head_dim});
-  TORCH_CHECK(dout_in.sizes() == qkv_shape, "dout must have q's shape ", qkv_shape, ", got ", dout_in.sizes());
-  TORCH_CHECK(out.sizes() == qkv_shape, "out must have q's shape ", qkv_shape, ", got ", out.sizes());
+  // An owning vector: an IntArrayRef of a braced list would dangle after this statement.
+  const std::vector<int64_t> q_shape{s.batch, s.heads_q, s.seqlen_q, s.head_dim};
+  TORCH_CHECK(dout_in.sizes() == at::IntArrayRef(q_shape), "dout must have q's shape ", q.sizes(), ", got ",
+              dout_in.sizes());
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(q_shape), "out must have q's shape ", q.sizes(), ", got ", out.sizes());
   TORCH_CHECK(dout_in.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
               "dout and out must have q's dtype ", q.scalar_type(), ", got ", dout_in.scalar_type(), " and ",
               out.scalar_type());

@@ -12,7 +12,7 @@
 #              (bf16 matmul TFLOP/s, device-to-device copy GB/s) in the same process
 #   memory     fastattn memory (--quick: the quick preset)
 #   results    $OUT/bench.json (bench + ceilings + memory profile) and a copy at
-#              benchmarks/results/<YYYY-MM-DD>-<gpu>.json (+ -tflops.png) for a human to commit
+#              benchmarks/results/<YYYY-MM-DD>-<gpu>.json (+ -tflops.png, -memory.png) for a human to commit
 #
 # Writes at most 8 files under $OUT (default ./gpu_out): gpu_check.log, bench.json, bench.csv,
 # bench_tflops.png, bench_density.png, memory.png, summary.txt; prints the summary table last.

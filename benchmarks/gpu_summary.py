@@ -4,8 +4,8 @@
     python benchmarks/gpu_summary.py summary --out OUT --stages build=ok,tests=fail,...
 
 ``assemble`` folds ``DIR/memory/memory.json`` into ``DIR/bench/bench.json`` (key ``memory_profile``),
-writes it as ``OUT/bench.json``, and copies it (plus the TFLOP/s plot) to
-``benchmarks/results/<YYYY-MM-DD>-<gpu>.json`` / ``-tflops.png`` for a human to commit.
+writes it as ``OUT/bench.json``, and copies it (plus the TFLOP/s and memory plots) to
+``benchmarks/results/<YYYY-MM-DD>-<gpu>.json`` / ``-tflops.png`` / ``-memory.png`` for a human to commit.
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ def assemble(work: Path, out: Path, results_dir: Path | None) -> int:
         stem = f"{date}-{env.get('device_slug', 'gpu')}"
         results_dir.mkdir(parents=True, exist_ok=True)
         (results_dir / f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n")
-        if (work / "bench" / "bench_tflops.png").exists():
-            shutil.copy(work / "bench" / "bench_tflops.png", results_dir / f"{stem}-tflops.png")
+        for src, suffix in ((work / "bench" / "bench_tflops.png", "tflops"), (work / "memory" / "memory.png", "memory")):
+            if src.exists():
+                shutil.copy(src, results_dir / f"{stem}-{suffix}.png")
         print(f"copied the results to {results_dir / (stem + '.json')} (commit it, then run "
               f"python benchmarks/update_readme_table.py)")
     return 0

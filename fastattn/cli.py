@@ -54,6 +54,7 @@ def _cmd_bench(args) -> int:
     except ValueError as exc:
         print(f"fastattn bench: error: {exc}", file=sys.stderr)
         return 2
+    _warn_if_busy(config.device)
     start = time.perf_counter()
     doc = bench.run_bench(config, progress=not args.no_progress)
     paths = bench.save_bench(doc, args.out, plots=not args.no_plots)
@@ -71,6 +72,17 @@ def _report_errors(doc: dict) -> int:
     for r in errors:
         print(f"error: {r['provider']} {r['name']} {r['dtype']} {r['mode']}: {r['error']}", file=sys.stderr)
     return 1 if errors else 0
+
+
+def _warn_if_busy(device) -> None:
+    """CPU timings on a machine busier than its core count are mostly waiting: say so up front."""
+    import os
+
+    if device.type == "cpu" and hasattr(os, "getloadavg"):
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+        if load > cores:
+            print(f"warning: load average {load:.1f} on {cores} cores -- other processes compete for the CPU, "
+                  "so these timings are slower and noisier than the kernels are", file=sys.stderr)
 
 
 def _cmd_memory(args) -> int:

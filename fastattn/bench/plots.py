@@ -43,7 +43,7 @@ def _title(doc: dict) -> str:
 
 
 def plot_tflops_vs_seqlen(doc: dict, path: str | Path) -> Path | None:
-    """TFLOP/s against sequence length: one panel per (workload, head dim, dtype, mode), one line per provider.
+    """TFLOP/s (GFLOP/s on CPU) against sequence length: one panel per (workload, head dim, dtype, mode), one line per provider.
 
     Block-sparse runs at several densities appear as one line per density. Returns None when
     there is nothing with two or more lengths to draw.
@@ -56,13 +56,15 @@ def plot_tflops_vs_seqlen(doc: dict, path: str | Path) -> Path | None:
     if not groups:
         return None
     plt = _pyplot()
+    # CPU rates read better in GFLOP/s; the numbers are the same TFLOP/s of the results, scaled.
+    scale, unit = (1e3, "GFLOP/s") if doc["environment"]["device"] == "cpu" else (1.0, "TFLOP/s")
     keys = sorted(groups, key=str)
     fig, axes = _panels(keys, plt)
     for ax, key in zip(axes, keys):
         lines: dict[str, list[tuple[int, float]]] = {}
         for r in groups[key]:
             label = r["provider"] + (f" d={r['density']:g}" if r["density"] is not None else "")
-            lines.setdefault(label, []).append((r["seqlen"], r["tflops"]))
+            lines.setdefault(label, []).append((r["seqlen"], r["tflops"] * scale))
         for label, points in lines.items():
             points.sort()
             if len(points) >= 2:
@@ -70,7 +72,7 @@ def plot_tflops_vs_seqlen(doc: dict, path: str | Path) -> Path | None:
         ax.set_xscale("log", base=2)
         ax.set_title("{} D={} {} {}".format(*key), fontsize=9)
         ax.set_xlabel("sequence length", fontsize=8)
-        ax.set_ylabel("TFLOP/s", fontsize=8)
+        ax.set_ylabel(unit, fontsize=8)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
     fig.suptitle(_title(doc), fontsize=9)

@@ -299,7 +299,7 @@ class MemoryConfig:
     heads: int = 4
     head_dim: int = 64
     dtype: str = "fp32"
-    seq_lens: tuple[int, ...] = (128, 256, 512, 1024, 2048)
+    seq_lens: tuple[int, ...] = (128, 256, 512, 1024)
     modes: tuple[str, ...] = ("fwd", "fwd+bwd")
     budget_bytes: int = 4 << 30
     providers: list[str] | None = None
@@ -317,7 +317,7 @@ def memory_config(quick: bool = True, device: str | None = None, *, providers=No
         lens = (1024, 4096, 16384) if quick else tuple(1024 << i for i in range(8))  # 1k .. 128k
         cfg = MemoryConfig(device, kind, 1, 16, 128, "bf16", lens, budget_bytes=int(total * 0.9))
     else:
-        lens = (128, 256, 512, 1024, 2048) if quick else tuple(256 << i for i in range(9))  # 256 .. 64k
+        lens = (128, 256, 512, 1024) if quick else tuple(256 << i for i in range(9))  # 256 .. 64k
         cfg = MemoryConfig(device, kind, 1, 4, 64, "fp32", lens, budget_bytes=4 << 30)
     if seq_lens:
         cfg.seq_lens = tuple(sorted(seq_lens))

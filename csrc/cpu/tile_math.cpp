@@ -1,6 +1,11 @@
 // Matrix products and elementwise loops on tiles (declared in attention_cpu.h).
 #include "cpu/attention_cpu.h"
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define FASTATTN_X86 1
+#endif
+
 #include <bit>
 
 // The Fortran BLAS of the MKL that libtorch_cpu links (exported there). Weak, so the extension
@@ -88,6 +93,75 @@ inline float exp_nonpositive(float x) {
   return x < -87.0f ? 0.0f : y * scale;
 }
 
+#ifdef FASTATTN_X86
+// AVX2+FMA versions of the float loops, chosen at run time when the CPU has them (the extension is
+// built for the baseline ISA; GCC does not vectorise the exp polynomial's rounding on its own).
+__attribute__((target("avx2,fma"))) inline __m256 exp8_nonpositive(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  const __m256 zero = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);  // also true for -inf
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.0f));
+  const __m256 fn = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i n = _mm256_add_epi32(_mm256_cvtps_epi32(fn), _mm256_set1_epi32(127));
+  const __m256 pow2 = _mm256_castsi256_ps(_mm256_slli_epi32(n, 23));
+  return _mm256_andnot_ps(zero, _mm256_mul_ps(y, pow2));
+}
+
+__attribute__((target("avx2,fma"))) float exp_shift_sum_avx2(float* x, int64_t n, float shift) {
+  const __m256 s = _mm256_set1_ps(shift);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + j), s));
+    _mm256_storeu_ps(x + j, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  for (; j < n; ++j) {
+    x[j] = exp_nonpositive(x[j] - shift);
+    sum += x[j];
+  }
+  return sum;
+}
+
+__attribute__((target("avx2,fma"))) void exp_shift_avx2(float* x, int64_t n, float shift) {
+  const __m256 s = _mm256_set1_ps(shift);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(x + j, exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + j), s)));
+  for (; j < n; ++j) x[j] = exp_nonpositive(x[j] - shift);
+}
+
+__attribute__((target("avx2,fma"))) float row_max_avx2(const float* x, int64_t n) {
+  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + j));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m);
+  float best = lanes[0];
+  for (int l = 1; l < 8; ++l) best = std::max(best, lanes[l]);
+  for (; j < n; ++j) best = std::max(best, x[j]);
+  return best;
+}
+
+const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+constexpr bool kHasAvx2 = false;
+float exp_shift_sum_avx2(float*, int64_t, float) { return 0; }
+void exp_shift_avx2(float*, int64_t, float) {}
+float row_max_avx2(const float*, int64_t) { return 0; }
+#endif
+
 }  // namespace
 
 void gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
@@ -100,26 +174,24 @@ void gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, double alpha, con
   gemm_impl<double>(dgemm_, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-// The float loops are cloned for AVX2+FMA (picked at load time when the CPU has it) and the baseline.
-__attribute__((target_clones("arch=haswell", "default"))) float exp_shift_sum(float* x, int64_t n, float shift) {
+float exp_shift_sum(float* x, int64_t n, float shift) {
+  if (kHasAvx2) return exp_shift_sum_avx2(x, n, shift);
   float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) {
-    const float e = exp_nonpositive(x[j] - shift);
-    x[j] = e;
-    sum += e;
+    x[j] = exp_nonpositive(x[j] - shift);
+    sum += x[j];
   }
   return sum;
 }
 
-__attribute__((target_clones("arch=haswell", "default"))) void exp_shift(float* x, int64_t n, float shift) {
-#pragma omp simd
+void exp_shift(float* x, int64_t n, float shift) {
+  if (kHasAvx2) return exp_shift_avx2(x, n, shift);
   for (int64_t j = 0; j < n; ++j) x[j] = exp_nonpositive(x[j] - shift);
 }
 
-__attribute__((target_clones("arch=haswell", "default"))) float row_max(const float* x, int64_t n) {
+float row_max(const float* x, int64_t n) {
+  if (kHasAvx2) return row_max_avx2(x, n);
   float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
   return m;
 }

@@ -92,3 +92,12 @@ def test_bad_input():
         rope.rotate(torch.randn(2, 3, 2, 8), offset=-1)
     with pytest.raises(ValueError, match="offset"):
         rope.rotate(torch.randn(2, 3, 2, 8), offset=torch.tensor([1, 2, 3]))
+
+
+def test_tables_stay_float32_after_casting_the_module():
+    rope = RotaryEmbedding(8).to(torch.bfloat16)
+    cos, sin = rope.tables(4, torch.device("cpu"))
+    assert cos.dtype == sin.dtype == torch.float32
+    x = torch.randn(1, 4, 2, 8, dtype=torch.bfloat16)
+    want = apply_rotary_reference(x.float(), cos, sin, torch.zeros(1, dtype=torch.long))
+    torch.testing.assert_close(rope.rotate(x).float(), want, atol=2e-2, rtol=2e-2)

@@ -196,7 +196,8 @@ class RotaryEmbedding(nn.Module):
 
     def tables(self, num_positions: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin ``(>= num_positions, dim // 2)``, float32, on ``device``."""
-        if self.cos.shape[0] < num_positions or self.cos.device != device:
+        # Rebuilt in float32 also after ``module.to(torch.bfloat16)`` cast the buffers: angles need the precision.
+        if self.cos.shape[0] < num_positions or self.cos.device != device or self.cos.dtype != torch.float32:
             self._build(max(num_positions, self.cos.shape[0]), device)
         return self.cos, self.sin
 

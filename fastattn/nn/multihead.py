@@ -271,11 +271,11 @@ class MultiheadAttention(nn.Module):
             v = torch.cat([v, v.new_zeros(N, 1, E)], dim=1)
         extra = k.shape[1] - S  # appended keys are always visible
         if extra:
-            fill = True if (mask is None or mask.dtype == torch.bool) else 0.0
+            visible = lambda m: True if m.dtype == torch.bool else 0.0
             if mask is not None:
-                mask = F.pad(mask, (0, extra), value=fill)
+                mask = F.pad(mask, (0, extra), value=visible(mask))
             if padding is not None:
-                padding = F.pad(padding, (0, extra), value=True if padding.dtype == torch.bool else 0.0)
+                padding = F.pad(padding, (0, extra), value=visible(padding))
         causal = is_causal and mask is None
 
         key_lengths = None

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .memory import peak_memory
-from .plots import plot_memory, plot_time_vs_density, plot_tflops_vs_seqlen
+from .plots import plot_memory, plot_tflops_vs_seqlen, plot_time_vs_density
 from .providers import all_providers, resolve
 from .report import bench_table, environment, memory_table, write_csv, write_json
 from .runner import BenchConfig, MemoryConfig, bench_config, memory_config, run_bench, run_memory

@@ -14,23 +14,13 @@ def measure_ceilings(device: torch.device | str = "cuda", matmul_size: int = 819
         matmul_size: ``N`` of the ``(N, N) @ (N, N)`` bf16 matmul (``2 N^3`` FLOPs).
         copy_bytes: bytes copied device to device; the rate counts a read and a write of each byte.
     """
-    import triton.testing
-
     device = torch.device(device)
     if device.type != "cuda":
         raise ValueError(f"ceilings are measured on a CUDA device, got {device}")
-    n = matmul_size
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    ms = triton.testing.do_bench(lambda: torch.matmul(a, b), warmup=100, rep=500, return_mode="median")
-    matmul_tflops = 2 * n**3 / (ms * 1e-3) / 1e12
-    del a, b
-    src = torch.randn(copy_bytes // 4, device=device, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    ms_copy = triton.testing.do_bench(lambda: dst.copy_(src), warmup=100, rep=500, return_mode="median")
-    copy_gbps = 2 * src.numel() * 4 / (ms_copy * 1e-3) / 1e9
-    del src, dst
+    matmul_tflops = _matmul_tflops(device, matmul_size)
+    copy_gbps = _copy_gbps(device, copy_bytes)
     torch.cuda.empty_cache()
+    n = matmul_size
     return {
         "matmul_bf16_tflops": round(matmul_tflops, 1),
         "matmul_shape": [n, n, n],
@@ -38,3 +28,21 @@ def measure_ceilings(device: torch.device | str = "cuda", matmul_size: int = 819
         "copy_bytes": copy_bytes,
         "method": "triton.testing.do_bench median; copy rate counts read + write",
     }
+
+
+def _matmul_tflops(device: torch.device, n: int) -> float:
+    import triton.testing
+
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: torch.matmul(a, b), warmup=100, rep=500, return_mode="median")
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def _copy_gbps(device: torch.device, copy_bytes: int) -> float:
+    import triton.testing
+
+    src = torch.randn(copy_bytes // 4, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=100, rep=500, return_mode="median")
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9

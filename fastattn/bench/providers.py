@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -46,16 +46,17 @@ class Run:
     fn: Callable[[], torch.Tensor]
     leaves: tuple[torch.Tensor, ...]
     dout: torch.Tensor
+    no_backward: list[str] = field(default_factory=list)  # why bwd modes cannot run (empty = they can)
 
 
-def _leaves(case: Case, layout: str = "BHLD") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _leaves(case: Case, layout: str = "BHLD", requires_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fresh leaf copies of q, k, v (``BHLD`` as given, or ``BLHD`` contiguous for flash-attn/xformers)."""
     out = []
     for t in (case.q, case.k, case.v):
         t = t.detach()
         if layout == "BLHD":
             t = t.transpose(1, 2).contiguous()
-        out.append(t.clone().requires_grad_(True))
+        out.append(t.clone().requires_grad_(requires_grad))
     return tuple(out)
 
 
@@ -210,7 +211,9 @@ class FlexProvider(Provider):
         from torch.nn.attention.flex_attention import create_block_mask
 
         w = case.workload
-        q, k, v = _leaves(case)
+        # FlexAttention refuses inputs that require grad on CPU (it has no CPU backward), even under no_grad.
+        no_backward = [] if case.device.type == "cuda" else ["FlexAttention has no backward on CPU"]
+        q, k, v = _leaves(case, requires_grad=not no_backward)
         mask_mod = None
         block_size = 128
         if w.kind == "causal":
@@ -237,7 +240,7 @@ class FlexProvider(Provider):
             )
         flex = self._flex()
         gqa = w.heads_kv != w.heads_q
-        return Run(lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=gqa), (q, k, v), case.dout)
+        return Run(lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=gqa), (q, k, v), case.dout, no_backward)
 
 
 class FlashAttnProvider(Provider):

@@ -19,7 +19,17 @@ import torch
 
 from .memory import is_out_of_memory, peak_memory
 from .providers import BASELINE, Provider, Run, Unsupported, resolve
-from .workloads import DTYPES, MODES, WORKLOAD_KINDS, Preset, Workload, flops, make_case, preset, workload_visible_fraction
+from .workloads import (
+    DTYPES,
+    MODES,
+    WORKLOAD_KINDS,
+    Preset,
+    Workload,
+    flops,
+    make_case,
+    preset,
+    workload_visible_fraction,
+)
 
 SCHEMA = "fastattn-bench/1"
 
@@ -255,6 +265,8 @@ def _bench_provider(provider: Provider, case, dtype_name: str, visible_fraction:
                "repeats": None, "tflops": None, "peak_mem_bytes": None, "speedup_vs_sdpa": None}
         if build_failure is not None:
             row.update(build_failure)
+        elif mode != "fwd" and run.no_backward:
+            row.update(status="unsupported", reasons=run.no_backward)
         else:
             fn = None
             try:
@@ -414,6 +426,8 @@ def _measure_memory(provider: Provider, w: Workload, cfg: MemoryConfig, mode: st
     try:
         case = make_case(w, DTYPES[cfg.dtype], cfg.device)
         run = provider.build(case, explicit=explicit)
+        if mode != "fwd" and run.no_backward:
+            return {"status": "unsupported", "reasons": run.no_backward}
         fn = mode_fn(run, mode)
         if cfg.device.type == "cuda":
             fn()  # warm-up: one-time workspaces and compilation are not the attention's memory

@@ -22,8 +22,9 @@
 set -uo pipefail
 
 OUT=${OUT:-./gpu_out}
-mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # relative to where the script was started
-cd "$(dirname "$0")/.."
+case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac  # relative to where the script was started
+SCRIPT="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+cd "$(dirname "$SCRIPT")/.."
 QUICK=0
 ONLY=""
 BENCH_ONLY=0
@@ -37,13 +38,14 @@ while [ $# -gt 0 ]; do
     --only=*)
       ONLY=${1#--only=}
       case "$ONLY" in triton|cuda|cpu) ;; *) echo "gpu_check: --only takes triton, cuda or cpu, got '$ONLY'" >&2; exit 2 ;; esac ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$SCRIPT"; exit 0 ;;
     *) echo "gpu_check: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
 
 export PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT" || { echo "gpu_check: cannot create OUT=$OUT" >&2; exit 2; }
 LOG="$OUT/gpu_check.log"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
@@ -111,12 +113,16 @@ if [ $BENCH_ONLY -eq 1 ]; then
   skip_stage sanitizer "--bench-only"
 else
   TEST_FILES=(tests)
-  case "$ONLY" in
-    triton) TEST_FILES=(tests/test_triton*.py) ;;
-    cuda) TEST_FILES=(tests/test_cuda*.py) ;;
-    cpu) TEST_FILES=(tests/test_cpu*.py) ;;
-  esac
-  if [ "$ONLY" = "cpu" ]; then
+  if [ -n "$ONLY" ]; then
+    shopt -s nullglob
+    TEST_FILES=(tests/test_"$ONLY"*.py)
+    shopt -u nullglob
+  fi
+  if [ ${#TEST_FILES[@]} -eq 0 ]; then
+    FAILED=1
+    STAGES="$STAGES,tests=FAILED(no tests/test_$ONLY*.py)"
+    echo "=== [tests] FAILED: no tests/test_$ONLY*.py" | tee -a "$LOG"
+  elif [ "$ONLY" = "cpu" ]; then
     run_stage tests 1500 "$PYTHON" -m pytest -q -ra --durations=15 "${TEST_FILES[@]}"
   else
     # pytest exits 5 when nothing is selected: that is a failure here too (no GPU test ran).

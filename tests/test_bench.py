@@ -252,3 +252,64 @@ def test_exit_status_fails_only_on_fastattn_errors():
     assert _report_errors({"results": [row("fastattn-cpu", "ok"), row("sdpa-math", "error")]}) == 0
     assert _report_errors({"results": [row("fastattn-cuda", "unsupported"), row("fastattn-reference", "oom")]}) == 0
     assert _report_errors({"results": [row("fastattn-cpu", "error")]}) == 1
+
+
+# ------------------------------------------------------------------------------- results tooling
+def _load_script(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_update_readme_table_on_a_copy(tiny_run, tmp_path):
+    _, doc, paths = tiny_run
+    script = _load_script("update_readme_table")
+    results = tmp_path / "results"
+    results.mkdir()
+    older = json.loads(paths["json"].read_text())
+    older["environment"]["created_utc"] = "2000-01-01T00:00:00+00:00"
+    (results / "2000-01-01-cpu.json").write_text(json.dumps(older))
+    (results / "2099-01-01-cpu.json").write_text(paths["json"].read_text())
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\nintro\n\n<!-- perf-table:start -->\nhand-typed\n<!-- perf-table:end -->\n\ntail\n")
+    args = ["--readme", str(readme), "--results-dir", str(results)]
+    assert script.main([*args, "--check"]) == 1
+    assert script.main(args) == 0
+    text = readme.read_text()
+    assert text.startswith("# title\n\nintro\n\n<!-- perf-table:start -->\n") and text.endswith("<!-- perf-table:end -->\n\ntail\n")
+    assert "hand-typed" not in text and "2099-01-01-cpu.json" in text
+    table_rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert len(table_rows) == len({(r["name"], r["dtype"]) for r in doc["results"]})
+    assert script.main([*args, "--check"]) == 0
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="perf-table:start"):
+        script.main(args)
+
+
+def test_gpu_summary_assembles_and_summarises(tiny_run, tmp_path):
+    _, _, paths = tiny_run
+    script = _load_script("gpu_summary")
+    work = tmp_path / "work"
+    (work / "bench").mkdir(parents=True)
+    (work / "memory").mkdir()
+    (work / "bench" / "bench.json").write_text(paths["json"].read_text())
+    (work / "memory" / "memory.json").write_text(json.dumps({"memory": "m", "budget_bytes": 1, "results": [{"x": 1}]}))
+    out, results = tmp_path / "out", tmp_path / "results"
+    assert script.main(["assemble", "--work", str(work), "--out", str(out), "--results-dir", str(results)]) == 0
+    merged = json.loads((out / "bench.json").read_text())
+    assert merged["memory_profile"]["results"] == [{"x": 1}]
+    copies = list(results.glob("*-cpu.json"))
+    assert len(copies) == 1 and json.loads(copies[0].read_text()) == merged
+    assert script.main(["summary", "--out", str(out), "--stages", "build=ok,tests=FAILED"]) == 0
+    summary = (out / "summary.txt").read_text()
+    assert "stage tests        FAILED" in summary and "causal-B1-H4-L67-D64 fp32 fwd" in summary
+
+
+def test_gpu_check_script_rejects_bad_flags():
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    proc = subprocess.run(["bash", str(script), "--only", "metal"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--only takes triton, cuda or cpu" in proc.stderr

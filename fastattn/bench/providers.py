@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -164,9 +165,11 @@ class SdpaProvider(Provider):
             with self._context():
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
 
-        # Whether torch can run this backend on these inputs is only known by asking it.
+        # Whether torch can run this backend on these inputs is only known by asking it (quietly:
+        # torch warns about every kernel it rules out before raising).
         try:
-            with torch.no_grad():
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 fn()
         except RuntimeError as exc:
             if "out of memory" in str(exc).lower():

@@ -621,7 +621,7 @@ def attention_bwd(
         stride_idx_b=kv_idx_strides[0], stride_idx_h=kv_idx_strides[1], stride_idx_m=kv_idx_strides[2],
     )
 
-    if not use_block_mask and configs.autotune_enabled():
+    if not use_block_mask and configs.autotune_enabled(max(block_d, block_dv), q.element_size()):
         grid_dkdv = lambda META: (triton.cdiv(Lk, META["BLOCK_N"]), B * Hkv)
         grid_dq = lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * Hq)
         torch.library.wrap_triton(attention_bwd_dkdv_kernel_tuned)[grid_dkdv](**dkdv_args, MASK_SUB_M=1, MASK_SUB_N=1)

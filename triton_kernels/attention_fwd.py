@@ -513,7 +513,7 @@ def attention_fwd(
     if use_block_mask:
         meta = configs.block_mask_config("fwd", max(block_d, block_dv), block_size_q, block_size_k, q.element_size())
         sub_m, sub_n = block_size_q // meta["BLOCK_M"], block_size_k // meta["BLOCK_N"]
-    elif configs.autotune_enabled() and block_counter is None:
+    elif configs.autotune_enabled(max(block_d, block_dv), q.element_size()) and block_counter is None:
         grid = lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * Hq)
         torch.library.wrap_triton(attention_fwd_kernel_tuned)[grid](**args, MASK_SUB_M=1, MASK_SUB_N=1)
         return out, lse

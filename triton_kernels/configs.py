@@ -26,8 +26,11 @@ def in_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def autotune_enabled() -> bool:
-    """Autotuning runs on a GPU unless ``FASTATTN_AUTOTUNE=0``."""
+def autotune_enabled(head_dim: int = 0, elem_bytes: int = 2) -> bool:
+    """Autotuning runs on a GPU unless ``FASTATTN_AUTOTUNE=0``. Rows wider than 256 16-bit units
+    (float32 with head_dim > 128) fit only the pinned config's small tiles, so they skip it."""
+    if head_dim * elem_bytes // 2 > 256:
+        return False
     return not in_interpreter() and os.environ.get("FASTATTN_AUTOTUNE", "1") != "0"
 
 

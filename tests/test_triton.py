@@ -245,6 +245,14 @@ def test_fully_masked_rows_give_zero_and_finite_gradients():
     check_against_reference("triton", *qkv(1, 2, 1, 70, 33, 16), causal=True)
 
 
+def test_no_keys_gives_zero_output_and_gradient():
+    q, k, v = qkv(1, 2, 1, 5, 0, 16)
+    out, lse = fastattn.attention(q, k, v, return_lse=True, backend="triton")
+    assert torch.equal(out, torch.zeros_like(out)) and bool((lse == float("-inf")).all())
+    out.sum().backward()
+    assert torch.equal(q.grad, torch.zeros_like(q.grad))
+
+
 # --------------------------------------------------------------------------- layouts, determinism
 def test_non_contiguous_blhd_inputs():
     B, L, H, D = 2, 40, 2, 40

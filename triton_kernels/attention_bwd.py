@@ -565,7 +565,7 @@ def attention_bwd(
     else:
         dbias = q.new_empty((0,))
     if B * Hkv * Lk == 0:
-        return dq, dk, dv, dbias
+        return dq.zero_(), dk, dv, dbias  # no keys: nothing depends on q
     if Lq == 0:
         return dq, dk.zero_(), dv.zero_(), dbias
     delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)

@@ -46,15 +46,20 @@ def test_kernels_compile_for_sm90(dtype, head_dim, features):
 
 def _compile_launches(dtype_name: str, head_dim: int, features: set[str]) -> list[dict]:
     """Run forward and backward launchers with every ``wrap_triton`` launch compiled, not run."""
+    import importlib
+
     import torch
-    from fastattn.triton_kernels.attention_bwd import attention_bwd
-    from fastattn.triton_kernels.attention_fwd import attention_fwd
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.compiler import compile as triton_compile
     from triton.runtime.jit import create_function_from_signature
 
     from fastattn import BlockMask
+    from fastattn.backends.triton import ensure_kernels_importable
+
+    ensure_kernels_importable()
+    attention_fwd = importlib.import_module("fastattn.triton_kernels.attention_fwd").attention_fwd
+    attention_bwd = importlib.import_module("fastattn.triton_kernels.attention_bwd").attention_bwd
 
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)

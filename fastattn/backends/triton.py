@@ -8,8 +8,11 @@ sees the kernels themselves; in the interpreter they are opaque custom ops with 
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import torch
 
@@ -37,6 +40,26 @@ _BLOCK_SIZES = (16, 32, 64, 128)  # = triton_kernels.attention_fwd.BLOCK_MASK_SI
 
 def _in_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def ensure_kernels_importable() -> None:
+    """Make ``fastattn.triton_kernels`` importable from a source tree that was only built in place.
+
+    An installed fastattn maps the top-level ``triton_kernels/`` folder to ``fastattn.triton_kernels``
+    (setup.py ``package_dir``). A checkout used after ``setup.py build_ext --inplace`` (the GPU
+    check) has no such mapping, so the folder is registered under that name here.
+    """
+    if "fastattn.triton_kernels" in sys.modules or importlib.util.find_spec("fastattn.triton_kernels") is not None:
+        return
+    root = Path(__file__).resolve().parents[2] / "triton_kernels"
+    if not (root / "__init__.py").is_file():
+        return
+    spec = importlib.util.spec_from_file_location(
+        "fastattn.triton_kernels", root / "__init__.py", submodule_search_locations=[str(root)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fastattn.triton_kernels"] = module
+    spec.loader.exec_module(module)
 
 
 def _fwd(q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_blocks, kv_indices,
@@ -116,4 +139,5 @@ class TritonBackend(Backend):
         )
 
 
+ensure_kernels_importable()
 BACKEND = TritonBackend()

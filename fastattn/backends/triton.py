@@ -60,6 +60,7 @@ def ensure_kernels_importable() -> None:
     module = importlib.util.module_from_spec(spec)
     sys.modules["fastattn.triton_kernels"] = module
     spec.loader.exec_module(module)
+    sys.modules["fastattn"].triton_kernels = module
 
 
 def _fwd(q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_blocks, kv_indices,

@@ -114,6 +114,12 @@ def test_float_attn_mask_with_gradient():
     check_against_reference("triton", q, k, v, attn_mask=mask, causal=True)
 
 
+def test_float_attn_mask_gradient_broadcast_with_gqa_and_window():
+    q, k, v = qkv(2, 4, 1, 33, 40, 16)
+    mask = (torch.randn(1, 1, 33, 40, device=DEVICE) * 0.5).requires_grad_()  # dbias summed over B and Hq
+    check_against_reference("triton", q, k, v, attn_mask=mask, window=(9, 2))
+
+
 def test_float_attn_mask_fp16_no_gradient():
     q, k, v = qkv(1, 2, 2, 17, 40, 16, F16)
     mask = torch.randn(17, 40, device=DEVICE, dtype=F16)
@@ -148,6 +154,17 @@ def test_block_mask_blocks_larger_than_kernel_tiles():
     mask = BlockMask.from_dense(j <= i, block_size=128)
     assert mask.layout.flatten().tolist() == [1, 0, 2, 1]  # partial, empty, full, partial
     check_against_reference("triton", q, k, v, block_mask=mask)
+
+
+def test_block_mask_with_gqa_lengths_alibi_and_dropout():
+    q, k, v = qkv(2, 4, 2, 70, 90, 16)
+    i, j = torch.arange(70, device=DEVICE)[:, None], torch.arange(90, device=DEVICE)[None, :]
+    mask = BlockMask.from_dense((j // 30 == i // 30) | (j < 8), block_size=(32, 32))
+    lengths = torch.tensor([90, 61], dtype=torch.int32, device=DEVICE)
+    slopes = torch.rand(4, device=DEVICE) * 0.3
+    check_against_reference(
+        "triton", q, k, v, block_mask=mask, key_lengths=lengths, alibi_slopes=slopes, dropout_p=0.2
+    )
 
 
 def test_block_mask_from_layout_broadcast_over_batch_and_heads():

@@ -84,6 +84,28 @@ def test_causal_and_window(Lq, Lk, D, dtype, kwargs):
     check_against_reference("triton", *qkv(1, 2, 1, Lq, Lk, D, dtype), **kwargs)
 
 
+def _random_band_cases(count: int, seed: int = 1234) -> list:
+    """Odd lengths and windows (negative right bounds, empty bands, lengths) drawn once, ids from the values."""
+    import random
+
+    rng = random.Random(seed)
+    cases = []
+    for _ in range(count):
+        Lq, Lk = rng.randint(1, 100), rng.randint(1, 100)
+        left = rng.choice([-1, 0, rng.randint(1, 40)])
+        right = rng.choice([-1, 0, rng.randint(1, 40)])
+        klen = rng.randint(0, Lk) if rng.random() < 0.5 else None
+        cases.append(pytest.param(Lq, Lk, left, right, klen, id=f"Lq{Lq}-Lk{Lk}-window{left}_{right}-klen{klen}"))
+    return cases
+
+
+@pytest.mark.parametrize("Lq, Lk, left, right, klen", _random_band_cases(10))
+def test_random_bands(Lq, Lk, left, right, klen):
+    q, k, v = qkv(2, 2, 1, Lq, Lk, 16)
+    lengths = None if klen is None else torch.tensor([Lk, klen], dtype=torch.int32, device=DEVICE)
+    check_against_reference("triton", q, k, v, window=(left, right), key_lengths=lengths)
+
+
 @pytest.mark.parametrize("Lq, Lk", [pytest.param(97, 40, id="Lq97-Lk40"), pytest.param(40, 97, id="Lq40-Lk97")])
 def test_sdpa_top_left_causal(monkeypatch, Lq, Lk):
     q, k, v = qkv(1, 2, 2, Lq, Lk, 16)

@@ -1,6 +1,6 @@
 """The C++ CPU backend (csrc/cpu) against the reference: values and gradients, every feature.
 
-Also: gradcheck in float64 on the kernel itself, bad input on the raw ops (RuntimeError naming the
+Also: dropout (given the kernels' own counter-based pattern), gradcheck in float64 on the kernel itself, bad input on the raw ops (RuntimeError naming the
 argument), opcheck, torch.compile, the automatic choice, and a resident-memory check that the
 kernels never allocate an (Lq, Lk) buffer.
 """
@@ -251,6 +251,49 @@ def test_thread_count_is_honoured_and_changes_nothing_material():
     torch.testing.assert_close(one, two, atol=1e-6, rtol=1e-6)
 
 
+# ------------------------------------------------------------------------------------------ dropout
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param({}, id="dense"),
+        pytest.param({"causal": True, "alibi_slopes": torch.rand(4)}, id="causal-alibi"),
+        pytest.param({"block_mask": BlockMask.from_dense(torch.rand(97, 257) > 0.4, block_size=(16, 32)),
+                      "softcap": 4.0}, id="block-mask-softcap"),
+    ],
+)
+def test_dropout_given_the_kernel_pattern(kwargs, dtype):
+    """The kernels' dropout against the reference given the pattern the backend reports for the seed."""
+    check_against_reference("cpu", *qkv(2, 4, 2, 97, 257, 64, dtype), dropout_p=0.3, **kwargs)
+
+
+def test_dropout_pattern_statistics_and_reproducibility():
+    from fastattn.backends.cpu import dropout_keep_mask
+
+    keep = dropout_keep_mask(12345, (2, 3, 97, 257), 0.3, "cpu")
+    assert abs(keep.float().mean().item() - 0.7) < 0.01
+    # No visible structure: rows and columns keep about as often as the whole.
+    assert keep.float().mean(-1).std().item() < 0.06 and keep.float().mean(-2).std().item() < 0.08
+    assert not torch.equal(keep, dropout_keep_mask(12346, (2, 3, 97, 257), 0.3, "cpu"))
+    q, k, v = qkv(1, 2, 1, 33, 65, 16)
+    torch.manual_seed(7)
+    first = fastattn.attention(q, k, v, dropout_p=0.5, backend="cpu")
+    torch.manual_seed(7)
+    again = fastattn.attention(q, k, v, dropout_p=0.5, backend="cpu")
+    other = fastattn.attention(q, k, v, dropout_p=0.5, backend="cpu")
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_gradcheck_float64_dropout():
+    q, k, v = qkv(1, 2, 1, 7, 9, 5, torch.float64)
+
+    def f(q, k, v):
+        torch.manual_seed(3)  # one seed, so every evaluation draws the same pattern
+        return fastattn.attention(q, k, v, dropout_p=0.3, causal=True, backend="cpu")
+
+    assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------- gradcheck
 GRADCHECK_CASES = [
     pytest.param({}, id="dense"),
@@ -307,6 +350,7 @@ OPCHECK_CASES = [
     pytest.param({"window": (2, 1), "softcap": 2.0}, id="window-softcap"),
     pytest.param({"attn_mask": torch.randn(5, 7)}, id="float-mask"),
     pytest.param({"block_mask": BlockMask.from_dense(torch.rand(5, 7) > 0.5, block_size=(2, 4))}, id="block-mask"),
+    pytest.param({"dropout_p": 0.25}, id="dropout"),
 ]
 
 
@@ -336,14 +380,12 @@ def test_compile_fullgraph():
         torch.testing.assert_close(got.grad, ref.grad, atol=1e-5, rtol=1e-4)
 
 
-def test_automatic_choice_is_cpu_for_cpu_float32(monkeypatch):
+@pytest.mark.parametrize("kwargs", [pytest.param({}, id="dense"), pytest.param({"dropout_p": 0.1}, id="dropout")])
+def test_automatic_choice_is_cpu_for_cpu_float32(kwargs, monkeypatch):
     monkeypatch.delenv("FASTATTN_BACKEND", raising=False)
     q, k, v = qkv(1, 2, 2, 17, 17, 16)
-    inputs = fastattn._inputs.normalize(q, k, v, causal=True)
+    inputs = fastattn._inputs.normalize(q, k, v, causal=True, **kwargs)
     assert fastattn.backends.select_backend(inputs).name == "cpu"
-    dropout = fastattn._inputs.normalize(q, k, v, dropout_p=0.1)
-    assert fastattn.backends.select_backend(dropout).name != "cpu"
-    assert "dropout is not supported" in fastattn.get_backend("cpu").not_supported_reasons(dropout)
 
 
 def test_declines_other_devices():
@@ -398,7 +440,7 @@ BAD_FWD = [
     pytest.param("block_size_q", 0, "block_size_q and block_size_k must be > 0", id="block-size-zero"),
     pytest.param("scale", float("nan"), "scale must be finite", id="scale-nan"),
     pytest.param("softcap", -1.0, "softcap must be finite and >= 0", id="softcap-negative"),
-    pytest.param("dropout_p", 0.5, "dropout_p", id="dropout-unsupported"),
+    pytest.param("dropout_p", 1.0, "dropout_p must lie in", id="dropout-one"),
 ]
 
 

@@ -141,6 +141,11 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
   at::parallel_for(0, units * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> S(tile_q * tile_k), dP(tile_q * tile_k), dT, dk_acc(tile_k * D), dv_acc(tile_k * Dv);
     if (p.softcap > 0) dT.resize(tile_q * tile_k);
+    std::vector<acc_t> drop, p_dropped;  // dropout factors and the dropped P of a tile
+    if (p.dropout_threshold) {
+      drop.resize(tile_q * tile_k);
+      p_dropped.resize(tile_q * tile_k);
+    }
     std::vector<acc_t> q_buf, do_buf, k_buf, v_buf;  // converted tiles (bfloat16/half inputs only)
     if constexpr (!std::is_same_v<scalar_t, acc_t>) {
       q_buf.resize(tile_q * D);
@@ -191,10 +196,19 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
                 exp_shift(s, n, row_lse);
               }
             }
-            // dV += P^T dO  # [n, Dv]
-            gemm(Trans::kYes, Trans::kNo, n, Dv, rows, acc_t(1), S.data(), n, dO, lddo, acc_t(1), dv_acc.data(), Dv);
-            // dP = dO V^T  # [rows, n]
+            const acc_t* P_for_dv = S.data();
+            if (p.dropout_threshold) {
+              dropout_factors<acc_t>(p, b, h, q0, rows, k0, n, drop.data());
+              for (int64_t e = 0; e < rows * n; ++e) p_dropped[e] = S[e] * drop[e];
+              P_for_dv = p_dropped.data();
+            }
+            // dV += P_dropped^T dO  # [n, Dv]
+            gemm(Trans::kYes, Trans::kNo, n, Dv, rows, acc_t(1), P_for_dv, n, dO, lddo, acc_t(1), dv_acc.data(), Dv);
+            // dP = (dO V^T) * dropout factors  # [rows, n]
             gemm(Trans::kNo, Trans::kYes, rows, n, Dv, acc_t(1), dO, lddo, V, ldv, acc_t(0), dP.data(), n);
+            if (p.dropout_threshold) {
+              for (int64_t e = 0; e < rows * n; ++e) dP[e] *= drop[e];
+            }
             // dS = P * (dP - delta), then the softcap chain rule
             for (int64_t r = 0; r < rows; ++r) {
               const acc_t row_delta = delta[(b * Hq + h) * Lq + q0 + r];

@@ -50,6 +50,11 @@ struct Params {
   int64_t v_sb = 0, v_sh = 0, v_sr = 0;
   double scale = 1.0;
   double softcap = 0.0;
+  // Dropout: keep (b, h, i, j) iff dropout_bits(...) >= dropout_threshold; kept probabilities are
+  // multiplied by 1 / (1 - p). dropout_threshold == 0 means no dropout.
+  uint32_t dropout_threshold = 0;
+  uint32_t dropout_key = 0;
+  double dropout_scale = 1.0;
   bool has_left = false, has_right = false;
   int64_t window_left = 0, window_right = 0;  // clamped to +-(Lq + Lk + 1): same visibility, no overflow
   const int32_t* key_lengths = nullptr;
@@ -99,6 +104,41 @@ inline KeyRange rows_seeing_keys(const Params& p, const BatchGeometry& g, int64_
   int64_t first = p.has_right ? std::max<int64_t>(0, k0 - g.offset - p.window_right) : 0;
   int64_t last = p.has_left ? std::min<int64_t>(g.qlen - 1, k1 - 1 - g.offset + p.window_left) : g.qlen - 1;
   return {first, last};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dropout: a counter-based pattern, a pure function of (seed, b, h, i, j), so the backward
+// regenerates what the forward drew. fastattn/backends/cpu.py (dropout_keep_mask) mirrors it.
+// ---------------------------------------------------------------------------------------------
+
+// A 32-bit integer hash (xorshift-multiply, multipliers below 2^31 so Python can mirror it in int64).
+inline uint32_t hash32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x2c1b3c6dU;
+  x ^= x >> 16;
+  return x;
+}
+
+inline uint32_t dropout_key_from_seed(int64_t seed) {
+  const uint64_t s = static_cast<uint64_t>(seed);
+  return hash32(static_cast<uint32_t>(s) ^ hash32(static_cast<uint32_t>(s >> 32)));
+}
+
+// Writes keep / (1 - p) (or 0) for rows [q0, q0 + rows) and keys [k0, k0 + n) of (b, h) into f (row stride n).
+template <typename acc_t>
+void dropout_factors(const Params& p, int64_t b, int64_t h, int64_t q0, int64_t rows, int64_t k0, int64_t n,
+                     acc_t* f) {
+  const acc_t scale = static_cast<acc_t>(p.dropout_scale);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint32_t row_key = hash32(p.dropout_key ^ static_cast<uint32_t>((b * p.Hq + h) * p.Lq + q0 + r));
+    acc_t* fr = f + r * n;
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t bits = hash32(row_key + static_cast<uint32_t>(k0 + j) * 0x61c88647U);
+      fr[j] = (bits >> 8) >= p.dropout_threshold ? scale : acc_t(0);
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ void attention_forward(const Params& p, const at::Tensor& q, const at::Tensor& k
 
   at::parallel_for(0, p.B * p.Hq * num_q_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> S(tile_q * tile_k), acc(tile_q * Dv), m(tile_q), l(tile_q);
+    std::vector<acc_t> drop(p.dropout_threshold ? tile_q * tile_k : 0);  // dropout factors of a tile
     std::vector<acc_t> q_buf, k_buf, v_buf;  // converted tiles (bfloat16/half inputs only)
     if constexpr (!std::is_same_v<scalar_t, acc_t>) {
       q_buf.resize(tile_q * D);
@@ -84,6 +85,10 @@ void attention_forward(const Params& p, const at::Tensor& q, const at::Tensor& k
               acc_t* a = acc.data() + r * Dv;
               for (int64_t c = 0; c < Dv; ++c) a[c] *= correction;
             }
+          }
+          if (p.dropout_threshold) {  // l keeps the undropped sum; only P V sees the dropout
+            dropout_factors<acc_t>(p, b, h, q0, rows, k0, n, drop.data());
+            for (int64_t e = 0; e < rows * n; ++e) S[e] *= drop[e];
           }
           const acc_t* V = tile_as_acc<scalar_t, acc_t>(v_data + b * p.v_sb + hk * p.v_sh + k0 * p.v_sr, n, Dv, p.v_sr,
                                                         v_buf.data(), &ldv);

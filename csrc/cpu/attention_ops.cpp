@@ -10,7 +10,7 @@ namespace {
 
 using OptTensor = std::optional<at::Tensor>;
 
-void check_cpu_inputs(const at::Tensor& q, const OptTensor& attn_mask, double dropout_p) {
+void check_cpu_inputs(const at::Tensor& q, const OptTensor& attn_mask) {
   TORCH_CHECK(q.device().is_cpu(), "q must be a CPU tensor for the CPU kernel, got ", q.device());
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
@@ -20,8 +20,6 @@ void check_cpu_inputs(const at::Tensor& q, const OptTensor& attn_mask, double dr
     TORCH_CHECK(mt == at::kBool || mt == at::kFloat || mt == at::kDouble || mt == at::kBFloat16 || mt == at::kHalf,
                 "attn_mask must be bool or float32/float64/bfloat16/float16, got ", mt);
   }
-  TORCH_CHECK(dropout_p == 0, "dropout_p > 0 is not supported by the CPU kernel (got ", dropout_p,
-              "); the dispatcher routes dropout to another backend");
 }
 
 BlockList make_block_list(const OptTensor& num, const OptTensor& idx, int64_t B, int64_t H) {
@@ -59,7 +57,7 @@ Params make_params(const AttentionShape& s, const at::Tensor& q, const at::Tenso
                    const OptTensor& full_kv_num_blocks, const OptTensor& full_kv_indices, const OptTensor& q_num_blocks,
                    const OptTensor& q_indices, const OptTensor& full_q_num_blocks, const OptTensor& full_q_indices,
                    int64_t block_size_q, int64_t block_size_k, double scale, std::optional<int64_t> window_left,
-                   std::optional<int64_t> window_right, double softcap) {
+                   std::optional<int64_t> window_right, double softcap, double dropout_p, int64_t seed) {
   Params p;
   p.B = s.batch, p.Hq = s.heads_q, p.Hkv = s.heads_kv, p.Lq = s.seqlen_q, p.Lk = s.seqlen_k;
   p.D = s.head_dim, p.Dv = s.head_dim_v, p.group = s.heads_q / s.heads_kv;
@@ -68,6 +66,12 @@ Params make_params(const AttentionShape& s, const at::Tensor& q, const at::Tenso
   p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_sr = v.stride(2);
   p.scale = scale;
   p.softcap = softcap;
+  if (dropout_p > 0) {
+    // Keep iff 24 random bits >= threshold: P(keep) = 1 - threshold / 2^24 (p to within 2^-24).
+    p.dropout_threshold = std::max<uint32_t>(1, static_cast<uint32_t>(dropout_p * 16777216.0));
+    p.dropout_key = dropout_key_from_seed(seed);
+    p.dropout_scale = 1.0 / (1.0 - dropout_p);
+  }
   // |i + offset - j| <= Lq + Lk, so clamping the window there changes no visibility and avoids overflow.
   const int64_t bound = s.seqlen_q + s.seqlen_k + 1;
   p.has_left = window_left.has_value();
@@ -119,9 +123,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
     const OptTensor& full_kv_indices, int64_t block_size_q, int64_t block_size_k, double scale,
     std::optional<int64_t> window_left, std::optional<int64_t> window_right, double softcap, double dropout_p,
     int64_t seed) {
-  (void)seed;
   const AttentionShape s = check_qkv(q, k, v);
-  check_cpu_inputs(q, attn_mask, dropout_p);
+  check_cpu_inputs(q, attn_mask);
   TORCH_CHECK(s.head_dim > 0, "q must have a non-zero head_dim");
   check_optionals(s, q, attn_mask, alibi_slopes, key_lengths, query_lengths);
   check_length_values(key_lengths, s.seqlen_k, "key_lengths");
@@ -133,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
   const Params p = make_params(s, q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_blocks,
                                kv_indices, full_kv_num_blocks, full_kv_indices, std::nullopt, std::nullopt,
                                std::nullopt, std::nullopt, block_size_q, block_size_k, scale, window_left,
-                               window_right, softcap);
+                               window_right, softcap, dropout_p, seed);
   at::Tensor out = at::empty({s.batch, s.heads_q, s.seqlen_q, s.head_dim_v}, q.options());
   at::Tensor lse = at::empty({s.batch, s.heads_q, s.seqlen_q}, q.options().dtype(at::kFloat));
   attention_forward_dispatch(p, q, k, v, out, lse, kBlockQ, kBlockK);
@@ -148,9 +151,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const OptTensor& q_indices, const OptTensor& full_q_num_blocks, const OptTensor& full_q_indices,
     int64_t block_size_q, int64_t block_size_k, double scale, std::optional<int64_t> window_left,
     std::optional<int64_t> window_right, double softcap, double dropout_p, int64_t seed, bool compute_dbias) {
-  (void)seed;
   const AttentionShape s = check_qkv(q, k, v);
-  check_cpu_inputs(q, attn_mask, dropout_p);
+  check_cpu_inputs(q, attn_mask);
   TORCH_CHECK(s.head_dim > 0, "q must have a non-zero head_dim");
   check_optionals(s, q, attn_mask, alibi_slopes, key_lengths, query_lengths);
   check_length_values(key_lengths, s.seqlen_k, "key_lengths");
@@ -171,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   const Params p = make_params(s, q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_blocks,
                                kv_indices, full_kv_num_blocks, full_kv_indices, q_num_blocks, q_indices,
                                full_q_num_blocks, full_q_indices, block_size_q, block_size_k, scale, window_left,
-                               window_right, softcap);
+                               window_right, softcap, dropout_p, seed);
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   at::Tensor dbias = compute_dbias ? at::zeros({s.batch, s.heads_q, s.seqlen_q, s.seqlen_k}, attn_mask->options())
                                    : at::empty({0}, q.options());

@@ -2,7 +2,7 @@
 
 The kernels walk (query tile, key tile) pairs with an online softmax and never allocate an
 ``(Lq, Lk)`` buffer; matrix products on tiles go through BLAS, threads through
-``at::parallel_for`` (``torch.set_num_threads`` applies). Every feature except dropout.
+``at::parallel_for`` (``torch.set_num_threads`` applies). Every feature, dropout included.
 """
 
 from __future__ import annotations
@@ -31,10 +31,42 @@ FEATURES = {
     "block_mask": True,
     "alibi": True,
     "softcap": True,
-    "dropout": False,
+    "dropout": True,
     "lengths": True,
     "gqa": True,
 }
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x):
+    """csrc/cpu/attention_cpu.h's hash32 on int64 tensors (or ints) holding values in [0, 2^32):
+    both multipliers are below 2^31, so no product overflows int64."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _MASK32
+    return x ^ (x >> 16)
+
+
+def dropout_keep_mask(seed: int, shape: tuple[int, int, int, int], dropout_p: float, device) -> torch.Tensor:
+    """The CPU kernels' dropout pattern, bool ``(B, Hq, Lq, Lk)`` (True = keep): a pure function of
+    ``(seed, b, h, i, j)``, the same arithmetic as ``dropout_factors`` in csrc/cpu/attention_cpu.h::
+
+        key      = hash32(seed_lo ^ hash32(seed_hi))
+        row_key  = hash32(key ^ ((b * Hq + h) * Lq + i))            (mod 2^32)
+        keep     = hash32(row_key + j * 0x61C88647) >> 8 >= threshold,  threshold = max(1, floor(p * 2^24))
+    """
+    B, H, Lq, Lk = shape
+    seed = int(seed) & ((1 << 64) - 1)
+    key = _hash32((seed & _MASK32) ^ _hash32(seed >> 32))
+    threshold = max(1, int(dropout_p * 16777216.0))
+    rows = torch.arange(B * H * Lq, dtype=torch.int64, device=device).view(B, H, Lq, 1) & _MASK32
+    row_key = _hash32(key ^ rows)
+    cols = (torch.arange(Lk, dtype=torch.int64, device=device) * 0x61C88647) & _MASK32
+    bits = _hash32((row_key + cols) & _MASK32)
+    return (bits >> 8) >= threshold
 
 
 class CpuBackend(Backend):
@@ -51,6 +83,10 @@ class CpuBackend(Backend):
         if _MODULE is None:
             raise RuntimeError(_LOAD_ERROR)
         return BackendOps(fwd=torch.ops.fastattn.attention_fwd.default, bwd=torch.ops.fastattn.attention_bwd.default)
+
+    def dropout_keep_mask(self, inputs: AttentionInputs, seed: int) -> torch.Tensor:
+        shape = (inputs.batch, inputs.heads_q, inputs.seqlen_q, inputs.seqlen_k)
+        return dropout_keep_mask(seed, shape, inputs.dropout_p, inputs.device)
 
 
 BACKEND = CpuBackend()

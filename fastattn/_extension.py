@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load() -> tuple[object | None, str | None]:
     """``(module, None)`` when ``fastattn._C`` imports, else ``(None, why)``."""
     try:

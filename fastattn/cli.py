@@ -45,7 +45,7 @@ def _cmd_bench(args) -> int:
 
     from . import bench
 
-    name = "full" if args.full else "gpu" if args.gpu else "quick"
+    name = "full" if args.full else "gpu" if args.gpu else "cpu" if args.cpu else "quick"
     try:
         config = bench.bench_config(
             name, args.device, providers=args.providers, workloads=args.workloads, modes=args.modes,
@@ -131,6 +131,8 @@ def _register_bench(sub) -> None:
     which.add_argument("--quick", action="store_true", help="the quick preset (default; minutes at most)")
     which.add_argument("--full", action="store_true", help="the full preset: more lengths, head dims, dtypes")
     which.add_argument("--gpu", action="store_true", help="the GPU speed-target preset (bf16, 16k tokens, D=128)")
+    which.add_argument("--cpu", action="store_true",
+                       help="the C++ CPU kernels' target preset (fastattn-cpu vs SDPA, fp32, L 1k..16k; ~15 min on 2 cores)")
     _add_common(p, "bench_out")
     p.add_argument("--workloads", type=_csv(str), help="comma-separated: dense,causal,window,block_sparse,gqa")
     p.add_argument("--modes", type=_csv(str), help="comma-separated: fwd,bwd,fwd+bwd")

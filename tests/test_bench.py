@@ -212,6 +212,24 @@ def test_gpu_preset_needs_a_gpu():
             bench.bench_config("quick", "cuda")
 
 
+def test_cpu_preset_is_the_cpu_kernel_targets():
+    config = bench.bench_config("cpu", "cpu")
+    assert config.providers == ["fastattn-cpu", "sdpa"]
+    names = {w.name for w in config.preset.workloads}
+    for kind in ("dense", "causal"):
+        for L in (1024, 2048, 4096):
+            for D in (64, 128):
+                assert f"{kind}-B1-H4-L{L}-D{D}" in names
+    assert "window-B1-H1-L16384-D64-W256_0" in names
+    for density in (0.5, 0.25, 0.1):
+        assert f"block_sparse-B1-H4-L2048-D64-density{density:g}-bs128" in names
+    assert config.preset.dtypes == ("fp32",)
+    # --providers still wins over the preset's own list
+    assert bench.bench_config("cpu", "cpu", providers=["reference"]).providers == ["reference"]
+    with pytest.raises(ValueError, match="--device cpu"):
+        bench.preset("cpu", "cuda")
+
+
 def test_unknown_provider_is_named():
     with pytest.raises(ValueError, match="unknown provider 'nope'"):
         bench.resolve(["nope"], torch.device("cpu"))

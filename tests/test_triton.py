@@ -341,6 +341,33 @@ def test_forward_visits_only_visible_key_blocks(Lq, Lk, window):
     assert_close_to_reference("out", out, *(reference.attention_from_inputs(inputs)[0] for _ in range(2)))
 
 
+@pytest.mark.parametrize("block_size", [16, 32], ids=["bs16", "bs32"])
+def test_forward_visits_only_listed_block_mask_tiles(block_size):
+    # A document-causal mask per head: each query block visits exactly its non-empty mask tiles
+    # (partial + full), counted by the kernel, against the tiles of the dense mask.
+    B, H, L = 2, 2, 97
+    i = torch.arange(L, device=DEVICE)
+    doc = torch.stack([i // 40, i // 25]).view(1, H, L).expand(B, H, L)
+    dense = (doc[..., :, None] == doc[..., None, :]) & (i[None, :] <= i[:, None])
+    mask = BlockMask.from_dense(dense, block_size=block_size)
+    q, k, v = qkv(B, H, H, L, L, 16, requires_grad=False)
+    inputs = fastattn._inputs.normalize(q, k, v, block_mask=mask)
+    lists, bq, bk = block_args(inputs)
+    num_m = math.ceil(L / bq)
+    counter = torch.full((B * H * num_m,), -1, dtype=torch.int32, device=DEVICE)
+    out, _ = attention_fwd(
+        q, k, v, attn_mask=effective_attn_mask(inputs), kv_num_blocks=lists[0], kv_indices=lists[1],
+        full_kv_num_blocks=lists[2], full_kv_indices=lists[3], block_size_q=bq, block_size_k=bk,
+        scale=inputs.scale, block_counter=counter,
+    )
+    padded = torch.zeros(B, H, num_m * bq, math.ceil(L / bk) * bk, dtype=torch.bool, device=DEVICE)
+    padded[..., :L, :L] = dense
+    tiles = padded.view(B, H, num_m, bq, -1, bk).any(dim=5).any(dim=3)  # (B, H, num_m, num_n)
+    assert counter.view(B, H, num_m).tolist() == tiles.sum(dim=3).tolist()
+    assert counter.sum().item() < tiles.numel() / 2  # most tiles were skipped
+    assert_close_to_reference("out", out, *(reference.attention_from_inputs(inputs)[0] for _ in range(2)))
+
+
 # --------------------------------------------------------------------------- ops: opcheck, compile, errors
 def _op_args(q, k, v, **kwargs):
     inputs = fastattn._inputs.normalize(q, k, v, **kwargs)

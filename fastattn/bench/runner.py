@@ -112,6 +112,8 @@ def bench_config(
     p = dataclasses.replace(
         p, workloads=items, modes=tuple(modes) if modes else p.modes, dtypes=tuple(dtypes) if dtypes else p.dtypes
     )
+    if providers is None and p.providers is not None:
+        providers = list(p.providers)
     return BenchConfig(preset=p, device=device, providers=providers)
 
 

@@ -238,6 +238,8 @@ class Preset:
     min_repeats: int = 3
     max_repeats: int = 10
     time_budget_s: float = 0.2
+    # Providers measured when the caller names none (None = every usable one).
+    providers: tuple[str, ...] | None = None
 
 
 def _sweep(kinds, seq_lens, head_dims, *, tokens=None, batch=1, heads=4, heads_kv_gqa=1, window=(128, 0),
@@ -273,11 +275,14 @@ def _sweep(kinds, seq_lens, head_dims, *, tokens=None, batch=1, heads=4, heads_k
 
 
 def preset(name: str, device: str) -> Preset:
-    """The named preset (``quick``, ``full`` or ``gpu``) for ``device`` (``cpu`` or ``cuda``).
+    """The named preset (``quick``, ``full``, ``cpu`` or ``gpu``) for ``device`` (``cpu`` or ``cuda``).
 
     * ``quick`` -- under two minutes on a 2-core CPU: tiny shapes (fp32, L 128..512, D 64, modes
       fwd and fwd+bwd); on a GPU a small slice of the ``gpu`` preset.
     * ``full``  -- head dims 64 and 128, both low-precision dtypes (CPU: fp32 and bf16), longer sweeps.
+    * ``cpu``   -- the C++ CPU kernels' targets against torch SDPA (fastattn-cpu and SDPA only, fp32,
+      B=1, H=4): dense and causal at L 1k/2k/4k, D 64/128; sliding window (256, 0) at L=16k
+      (H=1, so SDPA's dense mask fits in memory); block-sparse at densities 50/25/10% at L=2k, D=64.
     * ``gpu``   -- the speed targets: bf16, ``B * L = 16k`` tokens, hidden 2048 (D=128, H=16),
       L 2k..16k dense and causal, sliding window (1024, 0) and block-sparse 5..50% at L=16k, GQA.
     """
@@ -297,6 +302,15 @@ def preset(name: str, device: str) -> Preset:
                    window=(256, 0), densities=(0.05, 0.1, 0.25, 0.5), density_seqlen=4096, block_size=128),
             MODES, ("fp32", "bf16"), min_repeats=5, max_repeats=30, time_budget_s=1.0,
         )
+    if name == "cpu":
+        if on_gpu:
+            raise ValueError("the cpu preset (--cpu) measures the C++ CPU kernels: run it with --device cpu")
+        workloads = _sweep(("dense", "causal"), (1024, 2048, 4096), (64, 128), batch=1, heads=4)
+        workloads.append(Workload("window", 1, 1, 1, 16384, 64, window=(256, 0)))
+        workloads += _sweep(("block_sparse",), (2048,), (64,), batch=1, heads=4, densities=(0.5, 0.25, 0.1),
+                            density_seqlen=2048, block_size=128)
+        return Preset("cpu", workloads, ("fwd", "fwd+bwd"), ("fp32",), min_repeats=3, max_repeats=5,
+                      time_budget_s=2.0, providers=("fastattn-cpu", "sdpa"))
     if name == "gpu" and not on_gpu:
         raise ValueError("the gpu preset (--gpu) needs a CUDA device: its 16k-token shapes are for GPUs")
     hidden = 2048
@@ -318,4 +332,4 @@ def preset(name: str, device: str) -> Preset:
         workloads = _sweep(all_kinds, (1024, 2048, 4096, 8192, 16384), (64, 128), densities=(0.05, 0.1, 0.2, 0.5),
                            density_seqlen=16384, **gpu_kw)
         return Preset("full", workloads, MODES, ("fp16", "bf16"))
-    raise ValueError(f"preset must be 'quick', 'full' or 'gpu', got {name!r}")
+    raise ValueError(f"preset must be 'quick', 'full', 'cpu' or 'gpu', got {name!r}")

@@ -50,3 +50,7 @@ __all__ = [
     "reference",
     "scaled_dot_product_attention",
 ]
+
+# Import every backend module now rather than on the first call: under torch.compile that first
+# call is traced, and dynamo cannot trace imports (nor the extension loader's registration).
+list_backends()

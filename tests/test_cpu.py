@@ -364,8 +364,6 @@ def test_opcheck(kwargs):
 
 def test_compile_fullgraph():
     q, k, v = qkv(2, 4, 2, 17, 33, 16)
-    # The backend registry imports its modules on first use, which dynamo cannot trace: load it first.
-    fastattn.backends.backends()
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def f(q, k, v):

@@ -491,7 +491,6 @@ def test_gpu_autotuned(monkeypatch):
 @pytest.mark.gpu
 def test_gpu_compile_inductor_fullgraph():
     q, k, v = make_qkv(2, 4, 2, 1000, 1000, 64, dtype=torch.bfloat16, device="cuda")
-    assert fastattn.get_backend("triton").ops is not None  # load the registry outside the compiled region
 
     @torch.compile(fullgraph=True)
     def f(q, k, v):

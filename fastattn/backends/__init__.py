@@ -34,7 +34,16 @@ def _load_all() -> None:
         except ImportError as exc:
             _IMPORT_ERRORS[name] = f"could not import fastattn.backends.{name}: {exc}"
             continue
-        _REGISTRY[name] = module.BACKEND
+        backend = module.BACKEND
+        if not backend.unavailable_reasons():
+            # Register its ops now: under torch.compile the first call is traced, and dynamo can
+            # trace neither op registration nor the first access of a cached property.
+            try:
+                backend.ops  # noqa: B018
+            except Exception as exc:  # a backend that cannot register its ops is unusable, not fatal
+                _IMPORT_ERRORS[name] = f"fastattn.backends.{name} could not register its ops: {exc}"
+                continue
+        _REGISTRY[name] = backend
 
 
 def backends() -> dict[str, Backend]:

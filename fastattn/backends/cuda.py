@@ -42,6 +42,30 @@ _FEATURES = {
 }
 
 
+def _build_reason() -> str | None:
+    """Why the installed extension has no CUDA kernels to run (None when it has them)."""
+    module, why = _extension.load()
+    if module is None:
+        return why
+    if not _extension.build_info().get("cuda", False):
+        return (
+            "fastattn._C was built without its CUDA kernels (no usable nvcc at install; "
+            "reinstall with FASTATTN_CUDA=1 to force them)"
+        )
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("fastattn::attention_fwd", "CUDA"):
+        return (
+            "fastattn._C was built with CUDA but registers no CUDA kernels (built before csrc/cuda/*.cu "
+            "existed?); rebuild the extension"
+        )
+    return None
+
+
+# Decided when the backend registry imports this module, not inside unavailable_reasons: under
+# torch.compile dynamo traces through the extension loader (its cache included), and loading
+# registers the ops' fakes, which dynamo cannot trace.
+_BUILD_REASON = _build_reason()
+
+
 def _capability_reason(device: torch.device) -> str | None:
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < MIN_CAPABILITY:
@@ -55,19 +79,8 @@ class CudaBackend(Backend):
     description = "CUDA C++ tensor-core kernels (mma.sync, sm_80+): fp16/bf16, head dims 64 and 128"
 
     def unavailable_reasons(self) -> list[str]:
-        module, why = _extension.load()
-        if module is None:
-            return [why]
-        if not _extension.build_info().get("cuda", False):
-            return [
-                "fastattn._C was built without its CUDA kernels (no usable nvcc at install; "
-                "reinstall with FASTATTN_CUDA=1 to force them)"
-            ]
-        if not torch._C._dispatch_has_kernel_for_dispatch_key("fastattn::attention_fwd", "CUDA"):
-            return [
-                "fastattn._C was built with CUDA but registers no CUDA kernels (built before csrc/cuda/*.cu "
-                "existed?); rebuild the extension"
-            ]
+        if _BUILD_REASON:
+            return [_BUILD_REASON]
         if not torch.cuda.is_available():
             return ["no CUDA GPU"]
         reason = _capability_reason(torch.device("cuda", torch.cuda.current_device()))
@@ -113,9 +126,8 @@ class CudaBackend(Backend):
         return reasons
 
     def build_ops(self) -> BackendOps:
-        module, why = _extension.load()
-        if module is None:
-            raise RuntimeError(why)
+        if _BUILD_REASON:
+            raise RuntimeError(_BUILD_REASON)
         return BackendOps(fwd=torch.ops.fastattn.attention_fwd.default, bwd=torch.ops.fastattn.attention_bwd.default)
 
 

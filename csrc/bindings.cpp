@@ -7,16 +7,17 @@
 
 #define FASTATTN_BLOCK_ARGS \
   "Tensor? kv_num_blocks, Tensor? kv_indices, Tensor? full_kv_num_blocks, Tensor? full_kv_indices, "
+#define FASTATTN_PARTIAL_ARGS "Tensor? partial_masks, Tensor? partial_tile_ids, "
 #define FASTATTN_COMMON_TAIL \
   "int block_size_q, int block_size_k, float scale, int? window_left, int? window_right, float softcap, float dropout_p, int seed"
 
 TORCH_LIBRARY(fastattn, m) {
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? alibi_slopes, Tensor? key_lengths, "
-        "Tensor? query_lengths, " FASTATTN_BLOCK_ARGS FASTATTN_COMMON_TAIL ") -> (Tensor, Tensor)");
+        "Tensor? query_lengths, " FASTATTN_BLOCK_ARGS FASTATTN_PARTIAL_ARGS FASTATTN_COMMON_TAIL ") -> (Tensor, Tensor)");
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask, "
         "Tensor? alibi_slopes, Tensor? key_lengths, Tensor? query_lengths, " FASTATTN_BLOCK_ARGS
         "Tensor? q_num_blocks, Tensor? q_indices, Tensor? full_q_num_blocks, Tensor? full_q_indices, "
-        FASTATTN_COMMON_TAIL ", bool compute_dbias) -> (Tensor, Tensor, Tensor, Tensor)");
+        FASTATTN_PARTIAL_ARGS FASTATTN_COMMON_TAIL ", bool compute_dbias) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {

@@ -162,6 +162,38 @@ inline void check_block_mask_args(const AttentionShape& s, const at::Tensor& q,
   check_block_list_values(s, q, full_q_num_blocks, full_q_indices, nk, nq, "full_q_num_blocks", "full_q_indices");
 }
 
+// A BlockMask's per-tile element masks: partial_masks bool (n, block_size_q, block_size_k) contiguous
+// and partial_tile_ids int32 (B|1, Hq|1, nQB, nKB) with values in [-1, n); only with block lists and
+// without attn_mask (the two are alternative sources of the element mask).
+inline void check_partial_masks(const AttentionShape& s, const at::Tensor& q, const std::optional<at::Tensor>& attn_mask,
+                                const std::optional<at::Tensor>& partial_masks,
+                                const std::optional<at::Tensor>& partial_tile_ids, bool has_block_lists,
+                                int64_t block_size_q, int64_t block_size_k) {
+  TORCH_CHECK(partial_masks.has_value() == partial_tile_ids.has_value(),
+              "partial_masks and partial_tile_ids must be given together");
+  if (!partial_masks.has_value()) return;
+  TORCH_CHECK(has_block_lists, "partial_masks needs the block lists (kv_num_blocks, ...) of its BlockMask");
+  TORCH_CHECK(!attn_mask.has_value(), "give attn_mask or partial_masks, not both");
+  const at::Tensor& m = *partial_masks;
+  const at::Tensor& ids = *partial_tile_ids;
+  check_same_device(m, q, "partial_masks");
+  check_same_device(ids, q, "partial_tile_ids");
+  TORCH_CHECK(m.scalar_type() == at::kBool, "partial_masks must be bool, got ", m.scalar_type());
+  TORCH_CHECK(m.dim() == 3 && m.size(1) == block_size_q && m.size(2) == block_size_k && m.is_contiguous(),
+              "partial_masks must be contiguous with shape (n, block_size_q, block_size_k) = (n, ", block_size_q, ", ",
+              block_size_k, "), got ", m.sizes());
+  TORCH_CHECK(ids.scalar_type() == at::kInt, "partial_tile_ids must be int32, got ", ids.scalar_type());
+  const int64_t nq = ceil_div(s.seqlen_q, block_size_q), nk = ceil_div(s.seqlen_k, block_size_k);
+  TORCH_CHECK(ids.dim() == 4 && (ids.size(0) == 1 || ids.size(0) == s.batch) &&
+                  (ids.size(1) == 1 || ids.size(1) == s.heads_q) && ids.size(2) == nq && ids.size(3) == nk,
+              "partial_tile_ids must have shape (B or 1, Hq or 1, nQB, nKB) with nQB = ", nq, ", nKB = ", nk, ", got ",
+              ids.sizes());
+  if (ids.numel() == 0) return;
+  const int64_t lo = ids.min().item<int64_t>(), hi = ids.max().item<int64_t>();
+  TORCH_CHECK(lo >= -1 && hi < m.size(0), "partial_tile_ids must lie in [-1, ", m.size(0), "), got values in [", lo,
+              ", ", hi, "]");
+}
+
 // The backward's extra tensors: dout and out (B, Hq, Lq, Dv) in q's dtype, lse (B, Hq, Lq) float32.
 inline void check_backward_tensors(const AttentionShape& s, const at::Tensor& q, const at::Tensor& dout,
                                    const at::Tensor& out, const at::Tensor& lse) {

@@ -8,20 +8,38 @@ from ._inputs import AttentionInputs, block_mask_window
 from .backends import get_backend
 from .reference import draw_seed
 
-_NUM_BLOCK_LISTS = 8  # kv_num_blocks, kv_indices, full_kv_*, q_num_blocks, q_indices, full_q_*
+_NUM_BLOCK_LISTS = 10  # kv_num_blocks, kv_indices, full_kv_*, q_num_blocks, q_indices, full_q_*, partial_masks, partial_tile_ids
 
 
-def effective_attn_mask(inputs: AttentionInputs) -> torch.Tensor | None:
+def partial_mask_args(inputs: AttentionInputs, backend_name: str | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(partial_masks, partial_tile_ids)`` when ``backend_name``'s kernels read the BlockMask's
+    per-tile element masks themselves (so no dense ``(Lq, Lk)`` mask is built), else None."""
+    block_mask = inputs.block_mask
+    if (
+        backend_name is None
+        or block_mask is None
+        or block_mask.partial_masks is None
+        or inputs.attn_mask is not None
+        or not get_backend(backend_name).reads_partial_masks
+    ):
+        return None
+    return block_mask.partial_masks, block_mask.partial_tile_ids
+
+
+def effective_attn_mask(inputs: AttentionInputs, backend_name: str | None = None) -> torch.Tensor | None:
     """``attn_mask`` intersected with the block mask's element mask, as the ops take it.
 
     Ops see one element mask: partial tiles are masked by it, full tiles are not. Only when the
     caller gives both an ``attn_mask`` and a BlockMask with an element mask is a combined
-    ``(B, Hq, Lq, Lk)`` mask materialised.
+    ``(B, Hq, Lq, Lk)`` mask materialised. A per-tile element mask goes to the ops as
+    ``partial_masks`` instead when the backend reads it (see :func:`partial_mask_args`).
     """
     mask = inputs.attn_mask
     block_mask = inputs.block_mask
     if block_mask is None or block_mask_window(block_mask, inputs.key_lengths, inputs.query_lengths) is not None:
         return mask  # no block mask, or its element mask is already the op's window (see normalize)
+    if partial_mask_args(inputs, backend_name) is not None:
+        return mask
     if block_mask.element_mask is None:
         return mask
     shape = (inputs.batch, inputs.heads_q, inputs.seqlen_q, inputs.seqlen_k)
@@ -34,7 +52,8 @@ def effective_attn_mask(inputs: AttentionInputs) -> torch.Tensor | None:
 
 
 def block_args(inputs: AttentionInputs, backend_name: str | None = None) -> tuple[list, int, int]:
-    """The eight block-list tensors (or Nones) and the block sizes (0 without a BlockMask).
+    """The ten block-list tensors (or Nones): forward lists, backward lists, ``partial_masks`` and
+    ``partial_tile_ids``; and the block sizes (0 without a BlockMask).
 
     Without a BlockMask, an ``attn_mask`` is turned into one (cached per mask tensor) when the backend
     asks for it (``Backend.attn_mask_block_size``), so its kernels skip the tiles the mask hides
@@ -50,7 +69,8 @@ def block_args(inputs: AttentionInputs, backend_name: str | None = None) -> tupl
     if block_mask is None:
         return [None] * _NUM_BLOCK_LISTS, 0, 0
     bq, bk = block_mask.block_size
-    return [*block_mask.kv_lists, *block_mask.q_lists], bq, bk
+    partial = partial_mask_args(inputs, backend_name) or (None, None)
+    return [*block_mask.kv_lists, *block_mask.q_lists, *partial], bq, bk
 
 
 class AttentionFunction(torch.autograd.Function):
@@ -62,7 +82,7 @@ class AttentionFunction(torch.autograd.Function):
         )
         ops = get_backend(backend_name).ops
         scalars = (block_size_q, block_size_k, scale, window_left, window_right, softcap, dropout_p, seed)
-        out, lse = ops.fwd(q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, *lists[:4], *scalars)
+        out, lse = ops.fwd(q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, *lists[:4], *lists[8:], *scalars)
         ctx.save_for_backward(q, k, v, out, lse, attn_mask, alibi_slopes, key_lengths, query_lengths, *lists)
         ctx.backend_name = backend_name
         ctx.scalars = scalars
@@ -87,7 +107,7 @@ def run(inputs: AttentionInputs, backend_name: str, return_lse: bool):
     lists, block_size_q, block_size_k = block_args(inputs, backend_name)
     seed = draw_seed() if inputs.dropout_p > 0 else 0
     out, lse = AttentionFunction.apply(
-        backend_name, inputs.q, inputs.k, inputs.v, effective_attn_mask(inputs), inputs.alibi_slopes,
+        backend_name, inputs.q, inputs.k, inputs.v, effective_attn_mask(inputs, backend_name), inputs.alibi_slopes,
         inputs.key_lengths, inputs.query_lengths, *lists, block_size_q, block_size_k, inputs.scale,
         inputs.window_left, inputs.window_right, inputs.softcap, inputs.dropout_p, seed,
     )

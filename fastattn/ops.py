@@ -13,6 +13,11 @@ Conventions of the op level (the public API normalises to them, see ``_inputs.py
 * ``alibi_slopes``: float32 expanded to ``(B, Hq)``.
 * ``key_lengths``/``query_lengths``: int32 ``(B,)``.
 * block lists: see :class:`fastattn.BlockMask`; ``block_size_q``/``block_size_k`` are 0 without one.
+* ``partial_masks``/``partial_tile_ids``: a BlockMask's per-tile element masks, bool
+  ``(num_blocks, block_size_q, block_size_k)`` contiguous, and int32 ``(B or 1, Hq or 1, nQB, nKB)``
+  (the row of ``partial_masks`` of each partial tile, -1 elsewhere). Given only without
+  ``attn_mask``, to backends that read them tile by tile (``Backend.reads_partial_masks``); the
+  others receive the same mask as a dense ``attn_mask``.
 * ``window_left``/``window_right``: ``None`` = unbounded (bottom-right aligned offsets).
 * ``seed``: dropout seed drawn from torch's generator (ignored when ``dropout_p == 0``).
 * outputs: ``out (B, Hq, Lq, Dv)`` in q's dtype and ``lse (B, Hq, Lq)`` float32 (natural log;
@@ -31,19 +36,20 @@ import torch
 _BLOCK_ARGS = (
     "Tensor? kv_num_blocks, Tensor? kv_indices, Tensor? full_kv_num_blocks, Tensor? full_kv_indices, "
 )
+_PARTIAL_ARGS = "Tensor? partial_masks, Tensor? partial_tile_ids, "
 _COMMON_TAIL = (
     "int block_size_q, int block_size_k, float scale, int? window_left, int? window_right, "
     "float softcap, float dropout_p, int seed"
 )
 FWD_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? alibi_slopes, Tensor? key_lengths, "
-    "Tensor? query_lengths, " + _BLOCK_ARGS + _COMMON_TAIL + ") -> (Tensor, Tensor)"
+    "Tensor? query_lengths, " + _BLOCK_ARGS + _PARTIAL_ARGS + _COMMON_TAIL + ") -> (Tensor, Tensor)"
 )
 BWD_SCHEMA = (
     "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask, "
     "Tensor? alibi_slopes, Tensor? key_lengths, Tensor? query_lengths, " + _BLOCK_ARGS
     + "Tensor? q_num_blocks, Tensor? q_indices, Tensor? full_q_num_blocks, Tensor? full_q_indices, "
-    + _COMMON_TAIL + ", bool compute_dbias) -> (Tensor, Tensor, Tensor, Tensor)"
+    + _PARTIAL_ARGS + _COMMON_TAIL + ", bool compute_dbias) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 
 

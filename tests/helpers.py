@@ -6,6 +6,7 @@ import torch
 
 import fastattn
 from fastattn import reference
+from fastattn.autograd import block_args, effective_attn_mask
 
 from .tolerance import assert_close_to_reference, high_precision
 
@@ -16,6 +17,24 @@ def make_qkv(B, Hq, Hkv, Lq, Lk, D, *, dtype=torch.float32, device="cpu", Dv=Non
     k = torch.randn(B, Hkv, Lk, D, dtype=dtype, device=device)
     v = torch.randn(B, Hkv, Lk, Dv or D, dtype=dtype, device=device)
     return tuple(t.requires_grad_(requires_grad) for t in (q, k, v))
+
+
+def op_args(q, k, v, *, backend: str | None = None, seed: int = 0, **kwargs) -> tuple[list, list]:
+    """The forward op's arguments (FWD_SCHEMA order) for ``fastattn.attention(q, k, v, **kwargs)`` as
+    ``backend`` receives them, and the ten block tensors :func:`bwd_op_args` needs."""
+    inputs = fastattn._inputs.normalize(q, k, v, **kwargs)
+    lists, bq, bk = block_args(inputs, backend)
+    fwd = [
+        inputs.q, inputs.k, inputs.v, effective_attn_mask(inputs, backend), inputs.alibi_slopes, inputs.key_lengths,
+        inputs.query_lengths, *lists[:4], *lists[8:], bq, bk, inputs.scale, inputs.window_left, inputs.window_right,
+        inputs.softcap, inputs.dropout_p, seed,
+    ]
+    return fwd, lists
+
+
+def bwd_op_args(fwd: list, lists: list, out, lse, compute_dbias: bool = False) -> list:
+    """The backward op's arguments (BWD_SCHEMA order) after the forward op gave ``out, lse``."""
+    return [torch.randn_like(out), *fwd[:3], out, lse, *fwd[3:7], *lists, *fwd[13:], compute_dbias]
 
 
 def _cast(value, dtype):

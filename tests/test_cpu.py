@@ -17,9 +17,10 @@ import torch
 
 import fastattn
 from fastattn import BlockMask, _extension, masks
-from fastattn.autograd import block_args, effective_attn_mask
+from fastattn.autograd import block_args
+from fastattn.ops import BWD_SCHEMA, FWD_SCHEMA
 
-from .helpers import check_against_reference, make_qkv
+from .helpers import bwd_op_args, check_against_reference, make_qkv, op_args
 
 pytestmark = pytest.mark.skipif(_extension.load()[0] is None, reason="the C++ extension is not built")
 
@@ -218,7 +219,7 @@ def test_rows_that_see_nothing_give_zeros_and_no_nan():
     inputs = fastattn._inputs.normalize(q, k, v, attn_mask=mask)
     lists, _, _ = block_args(inputs)
     raw_out, raw_lse = torch.ops.fastattn.attention_fwd(
-        q, k, v, None, None, None, None, *lists[:4], 0, 0, 0.25, None, -20, 0.0, 0.0, 0
+        q, k, v, None, None, None, None, *lists[:4], None, None, 0, 0, 0.25, None, -20, 0.0, 0.0, 0
     )
     assert torch.all(raw_out[:, :, :4] == 0) and torch.all(raw_lse[:, :, :4] == float("-inf"))
     assert torch.all(raw_out[:, :, 4:].abs().sum(-1) > 0) and torch.isfinite(raw_lse[:, :, 4:]).all()
@@ -328,22 +329,6 @@ def test_gradcheck_float64_additive_mask_gradient():
 
 
 # -------------------------------------------------------------------------------- the ops themselves
-def op_args(q, k, v, **kwargs):
-    inputs = fastattn._inputs.normalize(q, k, v, **kwargs)
-    lists, bq, bk = block_args(inputs)
-    fwd = [
-        inputs.q, inputs.k, inputs.v, effective_attn_mask(inputs), inputs.alibi_slopes, inputs.key_lengths,
-        inputs.query_lengths, *lists[:4], bq, bk, inputs.scale, inputs.window_left, inputs.window_right,
-        inputs.softcap, inputs.dropout_p, 0,
-    ]
-    return lists, fwd
-
-
-def bwd_args(fwd, lists, compute_dbias=False):
-    out, lse = torch.ops.fastattn.attention_fwd(*fwd)
-    return [torch.randn_like(out), *fwd[:3], out, lse, *fwd[3:7], *lists, *fwd[11:], compute_dbias]
-
-
 OPCHECK_CASES = [
     pytest.param({}, id="dense"),
     pytest.param({"causal": True, "alibi_slopes": torch.tensor([0.5, 0.25])}, id="causal-alibi"),
@@ -351,15 +336,18 @@ OPCHECK_CASES = [
     pytest.param({"attn_mask": torch.randn(5, 7)}, id="float-mask"),
     pytest.param({"block_mask": BlockMask.from_dense(torch.rand(5, 7) > 0.5, block_size=(2, 4))}, id="block-mask"),
     pytest.param({"dropout_p": 0.25}, id="dropout"),
+    pytest.param({"block_mask": masks.document(torch.tensor([[0, 0, 1, 1, 1]]), torch.tensor([[0, 0, 0, 1, 1, 1, 1]]),
+                                               causal=True, block_size=2)}, id="per-tile-masks"),
 ]
 
 
 @pytest.mark.parametrize("kwargs", OPCHECK_CASES)
 def test_opcheck(kwargs):
     q, k, v = qkv(1, 2, 1, 5, 7, 8, requires_grad=False)
-    lists, fwd = op_args(q, k, v, **kwargs)
+    fwd, lists = op_args(q, k, v, backend="cpu", **kwargs)
     torch.library.opcheck(torch.ops.fastattn.attention_fwd.default, tuple(fwd))
-    torch.library.opcheck(torch.ops.fastattn.attention_bwd.default, tuple(bwd_args(fwd, lists)))
+    out, lse = torch.ops.fastattn.attention_fwd(*fwd)
+    torch.library.opcheck(torch.ops.fastattn.attention_bwd.default, tuple(bwd_op_args(fwd, lists, out, lse)))
 
 
 def test_compile_fullgraph():
@@ -396,14 +384,16 @@ def test_declines_other_devices():
 def _valid():
     q, k, v = qkv(2, 4, 2, 9, 11, 8, requires_grad=False)
     block_mask = BlockMask.from_dense(torch.rand(9, 11) > 0.5, block_size=(4, 4))
-    lists, fwd = op_args(q, k, v, block_mask=block_mask)
+    fwd, lists = op_args(q, k, v, block_mask=block_mask)
     return lists, fwd
 
 
-FWD_INDEX = {name: i for i, name in enumerate(
-    "q k v attn_mask alibi_slopes key_lengths query_lengths kv_num_blocks kv_indices full_kv_num_blocks "
-    "full_kv_indices block_size_q block_size_k scale window_left window_right softcap dropout_p seed".split()
-)}
+def _arg_names(schema: str) -> list[str]:
+    return [a.name for a in torch._C.parse_schema("f" + schema).arguments]
+
+
+FWD_INDEX = {name: i for i, name in enumerate(_arg_names(FWD_SCHEMA))}
+BWD_NAMES = _arg_names(BWD_SCHEMA)
 
 BAD_FWD = [
     pytest.param("q", torch.randn(2, 4, 9), "q must be 4-D", id="q-rank3"),
@@ -454,18 +444,42 @@ def test_bad_forward_input_raises(name, value, message):
         torch.ops.fastattn.attention_fwd(*fwd)
 
 
+_MASKS = torch.ones(2, 4, 4, dtype=torch.bool)
+_IDS = torch.full((1, 1, 3, 3), -1, dtype=torch.int32)
+BAD_PARTIAL = [
+    pytest.param({"partial_masks": _MASKS}, "given together", id="ids-missing"),
+    pytest.param({"partial_masks": _MASKS.int(), "partial_tile_ids": _IDS}, "partial_masks must be bool", id="masks-int"),
+    pytest.param({"partial_masks": torch.ones(2, 4, 5, dtype=torch.bool), "partial_tile_ids": _IDS},
+                 "partial_masks must be contiguous with shape", id="masks-shape"),
+    pytest.param({"partial_masks": _MASKS, "partial_tile_ids": _IDS.long()}, "partial_tile_ids must be int32",
+                 id="ids-int64"),
+    pytest.param({"partial_masks": _MASKS, "partial_tile_ids": _IDS[:, :, :2]}, "partial_tile_ids must have shape",
+                 id="ids-shape"),
+    pytest.param({"partial_masks": _MASKS, "partial_tile_ids": torch.full_like(_IDS, 2)},
+                 "partial_tile_ids must lie in", id="ids-out-of-range"),
+    pytest.param({"partial_masks": _MASKS, "partial_tile_ids": _IDS, "attn_mask": torch.ones(9, 11, dtype=torch.bool).expand(2, 4, 9, 11)},
+                 "not both", id="with-attn-mask"),
+    pytest.param({"partial_masks": _MASKS, "partial_tile_ids": _IDS, "kv_num_blocks": None, "kv_indices": None,
+                  "full_kv_num_blocks": None, "full_kv_indices": None}, "needs the block lists", id="no-lists"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_PARTIAL)
+def test_bad_partial_masks_raise(args, message):
+    _, fwd = _valid()
+    fwd[FWD_INDEX["attn_mask"]] = None  # the per-tile masks replace the dense element mask
+    for name, value in args.items():
+        fwd[FWD_INDEX[name]] = value
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.fastattn.attention_fwd(*fwd)
+
+
 def test_integer_inputs_raise():
     _, fwd = _valid()
     fwd[:3] = [t.to(torch.int32) for t in fwd[:3]]
     with pytest.raises(RuntimeError, match="q must be float32, float64, bfloat16 or float16"):
         torch.ops.fastattn.attention_fwd(*fwd)
 
-
-BWD_NAMES = (
-    "dout q k v out lse attn_mask alibi_slopes key_lengths query_lengths kv_num_blocks kv_indices full_kv_num_blocks "
-    "full_kv_indices q_num_blocks q_indices full_q_num_blocks full_q_indices block_size_q block_size_k scale "
-    "window_left window_right softcap dropout_p seed compute_dbias"
-).split()
 
 BAD_BWD = [
     pytest.param("dout", torch.randn(2, 4, 9, 7), "dout must have shape", id="dout-shape"),
@@ -482,7 +496,7 @@ BAD_BWD = [
 @pytest.mark.parametrize("name, value, message", BAD_BWD)
 def test_bad_backward_input_raises(name, value, message):
     lists, fwd = _valid()
-    bwd = bwd_args(fwd, lists)
+    bwd = bwd_op_args(fwd, lists, *torch.ops.fastattn.attention_fwd(*fwd))
     bwd[BWD_NAMES.index(name)] = value
     if name == "q_indices":
         bwd[BWD_NAMES.index("q_num_blocks")] = torch.full((1, 1, 3), 2, dtype=torch.int32)
@@ -492,7 +506,7 @@ def test_bad_backward_input_raises(name, value, message):
 
 def test_backward_needs_transposed_lists():
     lists, fwd = _valid()
-    bwd = bwd_args(fwd, lists)
+    bwd = bwd_op_args(fwd, lists, *torch.ops.fastattn.attention_fwd(*fwd))
     for name in ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
         bwd[BWD_NAMES.index(name)] = None
     with pytest.raises(RuntimeError, match="transposed block lists"):

@@ -259,7 +259,7 @@ def test_backward_is_deterministic(D, dtype):
 def test_raw_op_rejects_bad_input():
     q, k, v = _qkv(1, 2, 2, 17, 17, 64, torch.float16, requires_grad=False)
     fwd = BACKEND.ops.fwd
-    args = (None,) * 8 + (0, 0, 0.125, None, None, 0.0, 0.0, 0)
+    args = (None,) * 10 + (0, 0, 0.125, None, None, 0.0, 0.0, 0)  # optionals: mask .. lengths, 4 lists, 2 partial
     with pytest.raises(RuntimeError, match="float16 or bfloat16"):
         fwd(q.float(), k.float(), v.float(), *args)
     with pytest.raises(RuntimeError, match="head_dim"):
@@ -268,6 +268,9 @@ def test_raw_op_rejects_bad_input():
         fwd(q, k, v, *args[:-2], 0.1, 0)
     with pytest.raises(RuntimeError, match="must be on q's device"):
         fwd(q, k.cpu(), v, *args)
+    partial = (torch.ones(1, 64, 64, dtype=torch.bool, device="cuda"), torch.zeros(1, 1, 1, 1, dtype=torch.int32, device="cuda"))
+    with pytest.raises(RuntimeError, match="partial_masks is not supported"):
+        fwd(q, k, v, *args[:8], *partial, *args[10:])
 
 
 def _compute_sanitizer() -> str | None:

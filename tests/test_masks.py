@@ -35,15 +35,16 @@ def check_mask(bm: BlockMask, dense: torch.Tensor) -> None:
     check_lists(bm)
 
 
-def check_attention(bm: BlockMask, dense: torch.Tensor, D: int = 16, Hkv: int | None = None) -> torch.Tensor:
-    """fastattn.attention(block_mask=bm) on the reference backend vs reference.attention(attn_mask=dense),
+def check_attention(bm: BlockMask, dense: torch.Tensor, D: int = 16, Hkv: int | None = None,
+                    backend: str = "reference") -> torch.Tensor:
+    """fastattn.attention(block_mask=bm) on ``backend`` vs reference.attention(attn_mask=dense),
     values and gradients, with the tolerance rule. ``Hkv`` < the mask's heads tests GQA. Returns the output."""
     B, H, Lq, Lk = bm.shape
     Hkv = Hkv or H
     q = torch.randn(B, H, Lq, D, requires_grad=True)
     k = torch.randn(B, Hkv, Lk, D, requires_grad=True)
     v = torch.randn(B, Hkv, Lk, D, requires_grad=True)
-    out = fastattn.attention(q, k, v, block_mask=bm, backend="reference")
+    out = fastattn.attention(q, k, v, block_mask=bm, backend=backend)
     leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
     leaves32 = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     ref64 = reference.attention(*leaves64, attn_mask=dense)
@@ -283,6 +284,40 @@ ATTENTION_CASES = [
 def test_attention_with_builder_matches_dense_reference(build):
     bm = build()
     check_attention(bm, bm.to_dense())
+
+
+KERNEL_CASES = [
+    pytest.param(lambda: masks.document(torch.tensor([[0] * 20 + [1] * 17 + [2] * 60, [0] * 50 + [1] * 47]),
+                                        causal=True, block_size=16), id="document-causal-B2-L97-bs16"),
+    pytest.param(lambda: masks.document(torch.tensor([[0] * 70 + [1] * 60]), block_size=(32, 16)),
+                 id="document-L130-bs32x16"),
+    pytest.param(lambda: masks.document(torch.arange(200)[None] // 45, causal=True, block_size=64),
+                 id="document-causal-L200-bs64"),
+    pytest.param(lambda: masks.prefix_lm(97, torch.tensor([30, 0]), 16), id="prefix-B2-L97-bs16"),
+    pytest.param(lambda: masks.from_function(lambda b, h, q, kv: (q + kv + h) % 3 != 0, 1, 2, 45, 70, (16, 32)),
+                 id="function-H2-Lq45-Lk70"),
+]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("build", KERNEL_CASES)
+def test_kernels_read_per_tile_masks(build, backend):
+    """The CPU and Triton kernels read a BlockMask's per-tile element masks themselves: no dense
+    (Lq, Lk) mask reaches them, and values and gradients match the dense reference."""
+    reasons = fastattn.get_backend(backend).unavailable_reasons()
+    if reasons:
+        pytest.skip(f"{backend} backend unavailable: {reasons}")
+    from fastattn.autograd import block_args, effective_attn_mask
+
+    bm = build()
+    assert bm.partial_masks is not None
+    B, H, Lq, Lk = bm.shape
+    q, kv = torch.randn(B, H, Lq, 16), torch.randn(B, 1, Lk, 16)
+    inputs = fastattn._inputs.normalize(q, kv, kv, block_mask=bm)
+    assert effective_attn_mask(inputs, backend) is None
+    lists, _, _ = block_args(inputs, backend)
+    assert lists[8] is bm.partial_masks and torch.equal(lists[9], bm.partial_tile_ids)
+    check_attention(bm, bm.to_dense(), backend=backend, Hkv=1)
 
 
 def test_attention_with_per_head_mask_and_gqa():

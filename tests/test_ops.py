@@ -8,10 +8,9 @@ import torch
 
 import fastattn
 from fastattn import BlockMask, _extension
-from fastattn.autograd import block_args, effective_attn_mask
 from fastattn.ops import BWD_SCHEMA, FWD_SCHEMA
 
-from .helpers import make_qkv
+from .helpers import bwd_op_args, make_qkv, op_args
 
 OPCHECK_CASES = [
     pytest.param({}, id="dense"),
@@ -22,28 +21,16 @@ OPCHECK_CASES = [
 ]
 
 
-def op_args(q, k, v, **kwargs):
-    inputs = fastattn._inputs.normalize(q, k, v, **kwargs)
-    lists, bq, bk = block_args(inputs)
-    fwd = (
-        inputs.q, inputs.k, inputs.v, effective_attn_mask(inputs), inputs.alibi_slopes, inputs.key_lengths,
-        inputs.query_lengths, *lists[:4], bq, bk, inputs.scale, inputs.window_left, inputs.window_right,
-        inputs.softcap, inputs.dropout_p, 0,
-    )
-    return inputs, lists, fwd
-
-
 @pytest.mark.parametrize("kwargs", OPCHECK_CASES)
 def test_opcheck_reference_ops(kwargs):
     q, k, v = make_qkv(1, 2, 1, 5, 7, 8, requires_grad=False)
-    inputs, lists, fwd = op_args(q, k, v, **kwargs)
+    fwd, lists = op_args(q, k, v, **kwargs)
     ops = fastattn.get_backend("reference").ops
-    torch.library.opcheck(ops.fwd, fwd)
+    torch.library.opcheck(ops.fwd, tuple(fwd))
     out, lse = ops.fwd(*fwd)
     mask = fwd[3]
     compute_dbias = mask is not None and mask.is_floating_point()
-    bwd = (torch.randn_like(out), q, k, v, out, lse, *fwd[3:7], *lists, *fwd[11:], compute_dbias)
-    torch.library.opcheck(ops.bwd, bwd)
+    torch.library.opcheck(ops.bwd, tuple(bwd_op_args(fwd, lists, out, lse, compute_dbias)))
 
 
 def test_compile_fullgraph_traces_through_the_ops():

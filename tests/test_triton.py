@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
-from fastattn import BlockMask, reference
+from fastattn import BlockMask, masks, reference
 from fastattn.autograd import block_args, effective_attn_mask
 from fastattn.backends import BackendNotSupportedError
 from fastattn.backends.triton import ensure_kernels_importable
 
-from .helpers import check_against_reference, make_qkv
+from .helpers import bwd_op_args, check_against_reference, make_qkv, op_args
 from .tolerance import assert_close_to_reference
 
 triton = pytest.importorskip("triton")
@@ -369,35 +369,25 @@ def test_forward_visits_only_listed_block_mask_tiles(block_size):
 
 
 # --------------------------------------------------------------------------- ops: opcheck, compile, errors
-def _op_args(q, k, v, **kwargs):
-    inputs = fastattn._inputs.normalize(q, k, v, **kwargs)
-    lists, bq, bk = block_args(inputs)
-    fwd = (
-        inputs.q, inputs.k, inputs.v, effective_attn_mask(inputs), inputs.alibi_slopes, inputs.key_lengths,
-        inputs.query_lengths, *lists[:4], bq, bk, inputs.scale, inputs.window_left, inputs.window_right,
-        inputs.softcap, inputs.dropout_p, 11,
-    )
-    return lists, fwd
-
-
 @pytest.mark.parametrize(
     "kwargs",
     [
         pytest.param({"causal": True, "alibi_slopes": torch.tensor([0.5, 0.25])}, id="causal-alibi"),
         pytest.param({"attn_mask": torch.randn(17, 20), "dropout_p": 0.2}, id="float-mask-dropout"),
+        pytest.param({"block_mask": masks.document(torch.arange(17)[None] // 6, torch.arange(20)[None] // 7,
+                                                   causal=True, block_size=16)}, id="per-tile-masks"),
     ],
 )
 def test_opcheck(kwargs):
     q, k, v = qkv(1, 2, 1, 17, 20, 16, requires_grad=False)
-    kwargs = {key: val.to(DEVICE) if isinstance(val, torch.Tensor) else val for key, val in kwargs.items()}
-    lists, fwd = _op_args(q, k, v, **kwargs)
+    kwargs = {key: val.to(DEVICE) if isinstance(val, (torch.Tensor, BlockMask)) else val for key, val in kwargs.items()}
+    fwd, lists = op_args(q, k, v, backend="triton", seed=11, **kwargs)
     ops = fastattn.get_backend("triton").ops
-    torch.library.opcheck(ops.fwd, fwd)
+    torch.library.opcheck(ops.fwd, tuple(fwd))
     out, lse = ops.fwd(*fwd)
     mask = fwd[3]
     compute_dbias = mask is not None and mask.is_floating_point()
-    bwd = (torch.randn_like(out), q, k, v, out, lse, *fwd[3:7], *lists, *fwd[11:], compute_dbias)
-    torch.library.opcheck(ops.bwd, bwd)
+    torch.library.opcheck(ops.bwd, tuple(bwd_op_args(fwd, lists, out, lse, compute_dbias)))
 
 
 def test_compile_fullgraph():

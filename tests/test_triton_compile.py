@@ -24,6 +24,7 @@ CASES = [
     pytest.param("bfloat16", 128, "causal,alibi,softcap,floatmask,dropout,lengths", id="bf16-D128-all-features"),
     pytest.param("float16", 256, "block128,gqa", id="fp16-D256-block128-gqa"),
     pytest.param("float32", 40, "window", id="fp32-D40-window"),
+    pytest.param("bfloat16", 64, "docmask,gqa", id="bf16-D64-docmask-gqa"),
 ]
 
 
@@ -54,7 +55,7 @@ def _compile_launches(dtype_name: str, head_dim: int, features: set[str]) -> lis
     from triton.compiler import compile as triton_compile
     from triton.runtime.jit import create_function_from_signature
 
-    from fastattn import BlockMask
+    from fastattn import BlockMask, masks
     from fastattn.backends.triton import ensure_kernels_importable
 
     ensure_kernels_importable()
@@ -104,12 +105,15 @@ def _compile_launches(dtype_name: str, head_dim: int, features: set[str]) -> lis
         kwargs.update(key_lengths=torch.tensor([250], dtype=torch.int32), query_lengths=torch.tensor([200], dtype=torch.int32))
     if "floatmask" in features:
         kwargs["attn_mask"] = torch.randn(L, L, dtype=dtype).expand(B, Hq, L, L)
+    mask = None
     if "block128" in features:
         mask = BlockMask.from_dense(torch.rand(L, L) > 0.5, block_size=128)
-        kwargs.update(
-            kv_num_blocks=mask.kv_lists[0], kv_indices=mask.kv_lists[1], full_kv_num_blocks=mask.kv_lists[2],
-            full_kv_indices=mask.kv_lists[3], block_size_q=128, block_size_k=128,
-        )
+    if "docmask" in features:  # per-tile element masks (partial_masks) instead of a dense mask
+        mask = masks.document((torch.arange(L) // 70)[None], causal=True, block_size=64)
+        kwargs.update(partial_masks=mask.partial_masks, partial_tile_ids=mask.partial_tile_ids)
+    if mask is not None:
+        kwargs.update(zip(("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"), mask.kv_lists))
+        kwargs.update(block_size_q=mask.block_size[0], block_size_k=mask.block_size[1])
         lists = dict(zip(("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"), mask.q_lists))
     attention_fwd(q, k, v, **kwargs)
     out, lse = torch.zeros(B, Hq, L, head_dim, dtype=dtype), torch.zeros(B, Hq, L)

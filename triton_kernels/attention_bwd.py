@@ -25,16 +25,17 @@ from . import configs
 from .attention_fwd import (
     _dropout_keep,
     _key_block_range,
+    _partial_mask_tile,
     _score_tile,
     both_lengths,
     check_inputs,
     clamp_window,
     dot_settings,
+    element_mask_args,
     feature_flags,
     head_dim_tile,
     last_dim_contiguous,
     list_strides,
-    mask_strides,
 )
 
 
@@ -195,7 +196,7 @@ def _dkdv_query_block(
 def attention_bwd_dkdv_kernel(
     # pointers
     p_q, p_k, p_v, p_dout, p_lse, p_delta, p_dk, p_dv, p_dbias, p_mask, p_alibi, p_klen, p_qlen,
-    p_q_num, p_q_idx, p_full_num, p_full_idx,
+    p_q_num, p_q_idx, p_full_num, p_full_idx, p_tile_ids,
     # sizes
     Hq, GROUP, Lq, Lk, D, DV,
     # strides (the last dim of every (B, H, L, D) tensor is contiguous)
@@ -210,6 +211,7 @@ def attention_bwd_dkdv_kernel(
     stride_alibi_b, stride_alibi_h,
     stride_num_b, stride_num_h, stride_num_n,
     stride_idx_b, stride_idx_h, stride_idx_n,
+    stride_tid_b, stride_tid_h, stride_tid_m, stride_tid_n,
     # scalars
     sm_scale, softcap, window_left, window_right, dropout_p, seed,
     # meta-parameters
@@ -217,7 +219,7 @@ def attention_bwd_dkdv_kernel(
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, USE_BLOCK_MASK: tl.constexpr, MASK_SUB_M: tl.constexpr, MASK_SUB_N: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
+    PARTIAL_MASKS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     COMPUTE_DBIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """Grid ``(cdiv(Lk, BLOCK_N), B * Hkv)``: one program per key block of one kv head.
@@ -284,12 +286,19 @@ def attention_bwd_dkdv_kernel(
             p_idx = i_b * stride_idx_b + i_h * stride_idx_h + i_kb * stride_idx_n
             num_partial = tl.load(p_q_num + p_num)
             for t in range(0, num_partial * MASK_SUB_M):
-                i_m = tl.load(p_q_idx + p_idx + t // MASK_SUB_M) * MASK_SUB_M + t % MASK_SUB_M
+                i_qb = tl.load(p_q_idx + p_idx + t // MASK_SUB_M)
+                i_m = i_qb * MASK_SUB_M + t % MASK_SUB_M
+                p_mask_tile = p_mask_bh
+                if PARTIAL_MASKS:
+                    p_mask_tile = _partial_mask_tile(
+                        p_mask, p_tile_ids, i_b, i_h, i_qb, i_kb, stride_tid_b, stride_tid_h, stride_tid_m, stride_tid_n,
+                        MASK_SUB_M * BLOCK_M, MASK_SUB_N * BLOCK_N,
+                    )
                 b_dk, b_dv = _dkdv_query_block(
                     b_dk, b_dv, b_kt, b_vt, i_m, o_n, o_d, o_dv, q_bh, do_bh, p_lse_bh, p_delta_bh, p_dbias_bh,
                     stride_qm, stride_dom, stride_dbias_m, i_b, i_h, Hq, Lq, Lk, D, DV,
                     offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
-                    p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_M,
+                    p_mask_tile, stride_mask_m, stride_mask_n, BLOCK_M,
                     HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
                     HAS_LENGTHS, HAS_DROPOUT, True, True, COMPUTE_DBIAS, DOT_PRECISION, DOT_FP32,
                 )
@@ -380,7 +389,7 @@ def _dq_key_block(
 def attention_bwd_dq_kernel(
     # pointers
     p_q, p_k, p_v, p_dout, p_lse, p_delta, p_dq, p_mask, p_alibi, p_klen, p_qlen,
-    p_kv_num, p_kv_idx, p_full_num, p_full_idx,
+    p_kv_num, p_kv_idx, p_full_num, p_full_idx, p_tile_ids,
     # sizes
     Hq, GROUP, Lq, Lk, D, DV,
     # strides (the last dim of every (B, H, L, D) tensor is contiguous)
@@ -393,6 +402,7 @@ def attention_bwd_dq_kernel(
     stride_alibi_b, stride_alibi_h,
     stride_num_b, stride_num_h, stride_num_m,
     stride_idx_b, stride_idx_h, stride_idx_m,
+    stride_tid_b, stride_tid_h, stride_tid_m, stride_tid_n,
     # scalars
     sm_scale, softcap, window_left, window_right, dropout_p, seed,
     # meta-parameters
@@ -400,7 +410,7 @@ def attention_bwd_dq_kernel(
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, USE_BLOCK_MASK: tl.constexpr, MASK_SUB_M: tl.constexpr, MASK_SUB_N: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
+    PARTIAL_MASKS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """Grid ``(cdiv(Lq, BLOCK_M), B * Hq)``: one program per query block; the same key blocks as the forward."""
@@ -450,11 +460,18 @@ def attention_bwd_dq_kernel(
         p_idx = i_b * stride_idx_b + i_h * stride_idx_h + i_qb * stride_idx_m
         num_partial = tl.load(p_kv_num + p_num)
         for t in range(0, num_partial * MASK_SUB_N):
-            i_n = tl.load(p_kv_idx + p_idx + t // MASK_SUB_N) * MASK_SUB_N + t % MASK_SUB_N
+            i_kb = tl.load(p_kv_idx + p_idx + t // MASK_SUB_N)
+            i_n = i_kb * MASK_SUB_N + t % MASK_SUB_N
+            p_mask_tile = p_mask_bh
+            if PARTIAL_MASKS:
+                p_mask_tile = _partial_mask_tile(
+                    p_mask, p_tile_ids, i_b, i_h, i_qb, i_kb, stride_tid_b, stride_tid_h, stride_tid_m, stride_tid_n,
+                    MASK_SUB_M * BLOCK_M, MASK_SUB_N * BLOCK_N,
+                )
             b_dq = _dq_key_block(
                 b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
                 i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
-                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
+                softcap, dropout_p, seed, p_mask_tile, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
                 HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32,
             )
@@ -533,6 +550,8 @@ def attention_bwd(
     q_indices: torch.Tensor | None = None,
     full_q_num_blocks: torch.Tensor | None = None,
     full_q_indices: torch.Tensor | None = None,
+    partial_masks: torch.Tensor | None = None,
+    partial_tile_ids: torch.Tensor | None = None,
     block_size_q: int = 0,
     block_size_k: int = 0,
     scale: float,
@@ -578,19 +597,20 @@ def attention_bwd(
     )
 
     lengths = both_lengths(key_lengths, query_lengths, B, Lq, Lk, q.device)
-    flags = feature_flags(attn_mask, alibi_slopes, lengths, window_left, window_right, softcap, dropout_p)
+    element = element_mask_args(attn_mask, partial_masks, partial_tile_ids, block_size_k)
+    flags = feature_flags(element["p_mask"], alibi_slopes, lengths, window_left, window_right, softcap, dropout_p)
     use_block_mask = kv_num_blocks is not None
     precision, dot_fp32 = dot_settings(q.dtype)
     bound = Lq + Lk + 1
     common = dict(
-        p_q=q, p_k=k, p_v=v, p_dout=dout, p_lse=lse, p_delta=delta, p_mask=attn_mask, p_alibi=alibi_slopes,
+        p_q=q, p_k=k, p_v=v, p_dout=dout, p_lse=lse, p_delta=delta, p_alibi=alibi_slopes,
         p_klen=lengths[0] if lengths else None, p_qlen=lengths[1] if lengths else None,
         Hq=Hq, GROUP=Hq // Hkv, Lq=Lq, Lk=Lk, D=D, DV=DV,
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qm=q.stride(2),
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
         stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
         stride_dob=dout.stride(0), stride_doh=dout.stride(1), stride_dom=dout.stride(2),
-        **dict(zip(("stride_mask_b", "stride_mask_h", "stride_mask_m", "stride_mask_n"), mask_strides(attn_mask))),
+        **element,
         stride_alibi_b=alibi_slopes.stride(0) if alibi_slopes is not None else 0,
         stride_alibi_h=alibi_slopes.stride(1) if alibi_slopes is not None else 0,
         sm_scale=float(scale), softcap=float(softcap),

@@ -93,6 +93,18 @@ def _score_tile(
 
 
 @triton.jit
+def _partial_mask_tile(p_masks, p_tile_ids, i_b, i_h, i_qb, i_kb, stride_tid_b, stride_tid_h, stride_tid_m,
+                       stride_tid_n, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Base pointer of the element mask of BlockMask tile ``(i_qb, i_kb)``, read from its row of
+    ``partial_masks (num_blocks, BLOCK_Q, BLOCK_K)``: ``base + i * BLOCK_K + j`` addresses query row
+    ``i``, key ``j`` (absolute positions inside the tile), so the tile is read like a dense mask with
+    strides ``(BLOCK_K, 1)``."""
+    p_tid = p_tile_ids + i_b.to(tl.int64) * stride_tid_b + i_h.to(tl.int64) * stride_tid_h
+    tid = tl.load(p_tid + i_qb * stride_tid_m + i_kb * stride_tid_n).to(tl.int64)
+    return p_masks + (tid - i_qb.to(tl.int64)) * (BLOCK_Q * BLOCK_K) - i_kb.to(tl.int64) * BLOCK_K
+
+
+@triton.jit
 def _key_block_range(
     m0, qlen, klen, offset, window_left, window_right,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -178,7 +190,7 @@ def _fwd_key_block(
 def attention_fwd_kernel(
     # pointers
     p_q, p_k, p_v, p_out, p_lse, p_mask, p_alibi, p_klen, p_qlen,
-    p_kv_num, p_kv_idx, p_full_num, p_full_idx, p_counter,
+    p_kv_num, p_kv_idx, p_full_num, p_full_idx, p_tile_ids, p_counter,
     # sizes
     Hq, GROUP, Lq, Lk, D, DV,
     # strides (the last dim of q, k, v, out is contiguous)
@@ -190,6 +202,7 @@ def attention_fwd_kernel(
     stride_alibi_b, stride_alibi_h,
     stride_num_b, stride_num_h, stride_num_m,
     stride_idx_b, stride_idx_h, stride_idx_m,
+    stride_tid_b, stride_tid_h, stride_tid_m, stride_tid_n,
     # scalars
     sm_scale, softcap, window_left, window_right, dropout_p, seed,
     # meta-parameters
@@ -197,7 +210,7 @@ def attention_fwd_kernel(
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, USE_BLOCK_MASK: tl.constexpr, MASK_SUB_M: tl.constexpr, MASK_SUB_N: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, COUNT_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    PARTIAL_MASKS: tl.constexpr, HAS_DROPOUT: tl.constexpr, COUNT_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """Grid ``(cdiv(Lq, BLOCK_M), B * Hq)``: one program per query block of one (batch, head).
 
@@ -252,11 +265,18 @@ def attention_fwd_kernel(
         p_idx = i_b * stride_idx_b + i_h * stride_idx_h + i_qb * stride_idx_m
         num_partial = tl.load(p_kv_num + p_num)
         for t in range(0, num_partial * MASK_SUB_N):
-            i_n = tl.load(p_kv_idx + p_idx + t // MASK_SUB_N) * MASK_SUB_N + t % MASK_SUB_N
+            i_kb = tl.load(p_kv_idx + p_idx + t // MASK_SUB_N)
+            i_n = i_kb * MASK_SUB_N + t % MASK_SUB_N
+            p_mask_tile = p_mask_bh
+            if PARTIAL_MASKS:
+                p_mask_tile = _partial_mask_tile(
+                    p_mask, p_tile_ids, i_b, i_h, i_qb, i_kb, stride_tid_b, stride_tid_h, stride_tid_m, stride_tid_n,
+                    MASK_SUB_M * BLOCK_M, MASK_SUB_N * BLOCK_N,
+                )
             b_acc, b_l, b_m = _fwd_key_block(
                 b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
                 i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
-                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n,
+                softcap, dropout_p, seed, p_mask_tile, stride_mask_m, stride_mask_n,
                 BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
                 HAS_LENGTHS, HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32,
             )
@@ -378,8 +398,32 @@ def dot_settings(dtype: torch.dtype) -> tuple[str, bool]:
     return precision, configs.in_interpreter() and dtype == torch.bfloat16
 
 
+def element_mask_args(attn_mask, partial_masks, partial_tile_ids, block_size_k: int) -> dict:
+    """Kernel arguments of the element mask: a dense ``attn_mask``, or a BlockMask's per-tile masks
+    (``partial_masks`` read through ``partial_tile_ids``, see ``_partial_mask_tile``), or none."""
+    if partial_masks is None:
+        strides = mask_strides(attn_mask)
+        return dict(
+            p_mask=attn_mask, p_tile_ids=None, PARTIAL_MASKS=False,
+            stride_mask_b=strides[0], stride_mask_h=strides[1], stride_mask_m=strides[2], stride_mask_n=strides[3],
+            stride_tid_b=0, stride_tid_h=0, stride_tid_m=0, stride_tid_n=0,
+        )
+    if attn_mask is not None:
+        raise ValueError("give attn_mask or partial_masks, not both")
+    if partial_tile_ids is None or partial_tile_ids.dim() != 4:
+        raise ValueError("partial_masks needs partial_tile_ids, int32 (B|1, H|1, nQB, nKB)")
+    partial_masks = partial_masks.contiguous()
+    tid = [0 if partial_tile_ids.shape[d] == 1 else partial_tile_ids.stride(d) for d in range(4)]
+    return dict(
+        p_mask=partial_masks, p_tile_ids=partial_tile_ids, PARTIAL_MASKS=True,
+        stride_mask_b=0, stride_mask_h=0, stride_mask_m=block_size_k, stride_mask_n=1,
+        stride_tid_b=tid[0], stride_tid_h=tid[1], stride_tid_m=tid[2], stride_tid_n=tid[3],
+    )
+
+
 def feature_flags(attn_mask, alibi_slopes, lengths, window_left, window_right, softcap, dropout_p) -> dict:
-    """The constexpr feature flags shared by the forward and backward kernels."""
+    """The constexpr feature flags shared by the forward and backward kernels (``attn_mask``: the
+    element mask the kernels read, a dense mask or ``partial_masks``)."""
     return {
         "HAS_WINDOW_LEFT": window_left is not None,
         "HAS_WINDOW_RIGHT": window_right is not None,
@@ -449,6 +493,8 @@ def attention_fwd(
     kv_indices: torch.Tensor | None = None,
     full_kv_num_blocks: torch.Tensor | None = None,
     full_kv_indices: torch.Tensor | None = None,
+    partial_masks: torch.Tensor | None = None,
+    partial_tile_ids: torch.Tensor | None = None,
     block_size_q: int = 0,
     block_size_k: int = 0,
     scale: float,
@@ -466,6 +512,7 @@ def attention_fwd(
         attn_mask: bool or float ``(B, Hq, Lq, Lk)`` (zero strides allowed), or None.
         alibi_slopes: float32 ``(B, Hq)``. key_lengths, query_lengths: int32 ``(B,)``.
         kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices: BlockMask forward lists.
+        partial_masks, partial_tile_ids: the BlockMask's per-tile element masks (instead of attn_mask).
         block_size_q, block_size_k: the BlockMask's tiles (powers of two in [16, 128]); 0 without one.
         block_counter: optional int32 ``(B * Hq * cdiv(Lq, BLOCK_M),)`` buffer that receives the number
             of key blocks each program visits (pins the untuned config; for tests).
@@ -482,14 +529,15 @@ def attention_fwd(
     if B * Hq * Lq == 0:
         return out, lse
     lengths = both_lengths(key_lengths, query_lengths, B, Lq, Lk, q.device)
-    flags = feature_flags(attn_mask, alibi_slopes, lengths, window_left, window_right, softcap, dropout_p)
+    element = element_mask_args(attn_mask, partial_masks, partial_tile_ids, block_size_k)
+    flags = feature_flags(element["p_mask"], alibi_slopes, lengths, window_left, window_right, softcap, dropout_p)
     use_block_mask = kv_num_blocks is not None
     block_d, block_dv = head_dim_tile(D), head_dim_tile(DV)
     precision, dot_fp32 = dot_settings(q.dtype)
     bound = Lq + Lk + 1
     num_strides, idx_strides = list_strides(kv_num_blocks, kv_indices)
     args = dict(
-        p_q=q, p_k=k, p_v=v, p_out=out, p_lse=lse, p_mask=attn_mask, p_alibi=alibi_slopes,
+        p_q=q, p_k=k, p_v=v, p_out=out, p_lse=lse, p_alibi=alibi_slopes,
         p_klen=lengths[0] if lengths else None, p_qlen=lengths[1] if lengths else None,
         p_kv_num=kv_num_blocks, p_kv_idx=kv_indices, p_full_num=full_kv_num_blocks, p_full_idx=full_kv_indices,
         p_counter=block_counter,
@@ -498,7 +546,7 @@ def attention_fwd(
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
         stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
         stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2),
-        **dict(zip(("stride_mask_b", "stride_mask_h", "stride_mask_m", "stride_mask_n"), mask_strides(attn_mask))),
+        **element,
         stride_alibi_b=alibi_slopes.stride(0) if alibi_slopes is not None else 0,
         stride_alibi_h=alibi_slopes.stride(1) if alibi_slopes is not None else 0,
         stride_num_b=num_strides[0], stride_num_h=num_strides[1], stride_num_m=num_strides[2],

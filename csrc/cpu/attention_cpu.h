@@ -66,6 +66,11 @@ struct Params {
   int64_t mask_sb = 0, mask_sh = 0, mask_sq = 0, mask_sk = 0;
   const float* alibi = nullptr;
   int64_t alibi_sb = 0, alibi_sh = 0;
+  // A BlockMask's per-tile element masks (instead of `mask`): partial tile (b, h, qb, kb) reads
+  // partial_masks[tile_ids[b, h, qb, kb]], a (block_q, block_k) bool block; -1 = no element mask.
+  const bool* partial_masks = nullptr;
+  const int32_t* tile_ids = nullptr;
+  int64_t tid_sb = 0, tid_sh = 0, tid_sq = 0, tid_sk = 0;
   // BlockMask lists (block_size_q/k > 0 when present).
   int64_t block_q = 0, block_k = 0;
   BlockList kv, kv_full, qt, qt_full;
@@ -346,6 +351,21 @@ void transform_scores(const Params& p, const BatchGeometry& g, int64_t b, int64_
         }
         case MaskKind::kNone:
           break;
+      }
+    }
+    if (p.partial_masks) {
+      // Key block by key block: the element mask of partial tiles, none on the others.
+      const int64_t qb = i / p.block_q, row = i - qb * p.block_q;
+      const int32_t* ids = p.tile_ids + b * p.tid_sb + h * p.tid_sh + qb * p.tid_sq;
+      for (int64_t j0 = 0; j0 < n;) {
+        const int64_t kb = (k0 + j0) / p.block_k;
+        const int64_t j1 = std::min(n, (kb + 1) * p.block_k - k0);
+        const int32_t id = ids[kb * p.tid_sk];
+        if (id >= 0) {
+          const bool* m = p.partial_masks + (id * p.block_q + row) * p.block_k + (k0 + j0 - kb * p.block_k);
+          for (int64_t j = j0; j < j1; ++j) s[j] = m[j - j0] ? s[j] : neg_inf;
+        }
+        j0 = j1;
       }
     }
     KeyRange r = row_key_range(p, g, i);

@@ -56,7 +56,7 @@ Params make_params(const AttentionShape& s, const at::Tensor& q, const at::Tenso
                    const OptTensor& query_lengths, const OptTensor& kv_num_blocks, const OptTensor& kv_indices,
                    const OptTensor& full_kv_num_blocks, const OptTensor& full_kv_indices, const OptTensor& q_num_blocks,
                    const OptTensor& q_indices, const OptTensor& full_q_num_blocks, const OptTensor& full_q_indices,
-                   int64_t block_size_q, int64_t block_size_k, double scale, std::optional<int64_t> window_left,
+                   const OptTensor& partial_masks, const OptTensor& partial_tile_ids, int64_t block_size_q, int64_t block_size_k, double scale, std::optional<int64_t> window_left,
                    std::optional<int64_t> window_right, double softcap, double dropout_p, int64_t seed) {
   Params p;
   p.B = s.batch, p.Hq = s.heads_q, p.Hkv = s.heads_kv, p.Lq = s.seqlen_q, p.Lk = s.seqlen_k;
@@ -101,6 +101,13 @@ Params make_params(const AttentionShape& s, const at::Tensor& q, const at::Tenso
   p.kv_full = make_block_list(full_kv_num_blocks, full_kv_indices, s.batch, s.heads_q);
   p.qt = make_block_list(q_num_blocks, q_indices, s.batch, s.heads_q);
   p.qt_full = make_block_list(full_q_num_blocks, full_q_indices, s.batch, s.heads_q);
+  if (partial_masks.has_value()) {
+    p.partial_masks = partial_masks->const_data_ptr<bool>();
+    const at::Tensor ids = partial_tile_ids->expand({s.batch, s.heads_q, partial_tile_ids->size(2),
+                                                     partial_tile_ids->size(3)});
+    p.tile_ids = ids.const_data_ptr<int32_t>();
+    p.tid_sb = ids.stride(0), p.tid_sh = ids.stride(1), p.tid_sq = ids.stride(2), p.tid_sk = ids.stride(3);
+  }
   return p;
 }
 
@@ -120,9 +127,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& attn_mask,
     const OptTensor& alibi_slopes, const OptTensor& key_lengths, const OptTensor& query_lengths,
     const OptTensor& kv_num_blocks, const OptTensor& kv_indices, const OptTensor& full_kv_num_blocks,
-    const OptTensor& full_kv_indices, int64_t block_size_q, int64_t block_size_k, double scale,
-    std::optional<int64_t> window_left, std::optional<int64_t> window_right, double softcap, double dropout_p,
-    int64_t seed) {
+    const OptTensor& full_kv_indices, const OptTensor& partial_masks, const OptTensor& partial_tile_ids,
+    int64_t block_size_q, int64_t block_size_k, double scale, std::optional<int64_t> window_left,
+    std::optional<int64_t> window_right, double softcap, double dropout_p, int64_t seed) {
   const AttentionShape s = check_qkv(q, k, v);
   check_cpu_inputs(q, attn_mask);
   TORCH_CHECK(s.head_dim > 0, "q must have a non-zero head_dim");
@@ -132,11 +139,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
   check_scalars(scale, softcap, dropout_p);
   check_block_mask_args(s, q, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, std::nullopt,
                         std::nullopt, std::nullopt, std::nullopt, block_size_q, block_size_k);
+  check_partial_masks(s, q, attn_mask, partial_masks, partial_tile_ids,
+                      kv_num_blocks.has_value() || full_kv_num_blocks.has_value(), block_size_q, block_size_k);
 
   const Params p = make_params(s, q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_blocks,
                                kv_indices, full_kv_num_blocks, full_kv_indices, std::nullopt, std::nullopt,
-                               std::nullopt, std::nullopt, block_size_q, block_size_k, scale, window_left,
-                               window_right, softcap, dropout_p, seed);
+                               std::nullopt, std::nullopt, partial_masks, partial_tile_ids, block_size_q,
+                               block_size_k, scale, window_left, window_right, softcap, dropout_p, seed);
   at::Tensor out = at::empty({s.batch, s.heads_q, s.seqlen_q, s.head_dim_v}, q.options());
   at::Tensor lse = at::empty({s.batch, s.heads_q, s.seqlen_q}, q.options().dtype(at::kFloat));
   attention_forward_dispatch(p, q, k, v, out, lse, kBlockQ, kBlockK);
@@ -149,8 +158,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const OptTensor& query_lengths, const OptTensor& kv_num_blocks, const OptTensor& kv_indices,
     const OptTensor& full_kv_num_blocks, const OptTensor& full_kv_indices, const OptTensor& q_num_blocks,
     const OptTensor& q_indices, const OptTensor& full_q_num_blocks, const OptTensor& full_q_indices,
-    int64_t block_size_q, int64_t block_size_k, double scale, std::optional<int64_t> window_left,
-    std::optional<int64_t> window_right, double softcap, double dropout_p, int64_t seed, bool compute_dbias) {
+    const OptTensor& partial_masks, const OptTensor& partial_tile_ids, int64_t block_size_q, int64_t block_size_k,
+    double scale, std::optional<int64_t> window_left, std::optional<int64_t> window_right, double softcap,
+    double dropout_p, int64_t seed, bool compute_dbias) {
   const AttentionShape s = check_qkv(q, k, v);
   check_cpu_inputs(q, attn_mask);
   TORCH_CHECK(s.head_dim > 0, "q must have a non-zero head_dim");
@@ -168,12 +178,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
               "kv_num_blocks/kv_indices (and full_kv_*) are given");
   TORCH_CHECK(!compute_dbias || (attn_mask.has_value() && attn_mask->scalar_type() != at::kBool),
               "compute_dbias needs a floating (additive) attn_mask");
+  check_partial_masks(s, q, attn_mask, partial_masks, partial_tile_ids, forward_lists, block_size_q, block_size_k);
 
   const at::Tensor dout_r = rows_readable(dout);
   const Params p = make_params(s, q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_blocks,
                                kv_indices, full_kv_num_blocks, full_kv_indices, q_num_blocks, q_indices,
-                               full_q_num_blocks, full_q_indices, block_size_q, block_size_k, scale, window_left,
-                               window_right, softcap, dropout_p, seed);
+                               full_q_num_blocks, full_q_indices, partial_masks, partial_tile_ids, block_size_q,
+                               block_size_k, scale, window_left, window_right, softcap, dropout_p, seed);
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   at::Tensor dbias = compute_dbias ? at::zeros({s.batch, s.heads_q, s.seqlen_q, s.seqlen_k}, attn_mask->options())
                                    : at::empty({0}, q.options());

@@ -23,9 +23,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const std::optional<at::Tensor>& full_kv_num_blocks, const std::optional<at::Tensor>& full_kv_indices,
     const std::optional<at::Tensor>& q_num_blocks, const std::optional<at::Tensor>& q_indices,
     const std::optional<at::Tensor>& full_q_num_blocks, const std::optional<at::Tensor>& full_q_indices,
+    const std::optional<at::Tensor>& partial_masks, const std::optional<at::Tensor>& partial_tile_ids,
     int64_t block_size_q, int64_t block_size_k, double scale, std::optional<int64_t> window_left,
     std::optional<int64_t> window_right, double softcap, double dropout_p, int64_t seed, bool compute_dbias) {
   (void)seed;  // dropout is refused in prepare()
+  TORCH_CHECK(!partial_masks.has_value() && !partial_tile_ids.has_value(),
+              "partial_masks is not supported by the CUDA kernels: pass the element mask as attn_mask");
   const at::cuda::CUDAGuard device_guard(q.device());
   TORCH_CHECK(!compute_dbias || (attn_mask.has_value() && attn_mask->scalar_type() != at::kBool),
               "compute_dbias needs an additive (floating) attn_mask");

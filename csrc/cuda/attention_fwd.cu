@@ -13,10 +13,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& key_lengths,
     const std::optional<at::Tensor>& query_lengths, const std::optional<at::Tensor>& kv_num_blocks,
     const std::optional<at::Tensor>& kv_indices, const std::optional<at::Tensor>& full_kv_num_blocks,
-    const std::optional<at::Tensor>& full_kv_indices, int64_t block_size_q, int64_t block_size_k, double scale,
+    const std::optional<at::Tensor>& full_kv_indices, const std::optional<at::Tensor>& partial_masks,
+    const std::optional<at::Tensor>& partial_tile_ids, int64_t block_size_q, int64_t block_size_k, double scale,
     std::optional<int64_t> window_left, std::optional<int64_t> window_right, double softcap, double dropout_p,
     int64_t seed) {
   (void)seed;  // dropout is refused in prepare()
+  TORCH_CHECK(!partial_masks.has_value() && !partial_tile_ids.has_value(),
+              "partial_masks is not supported by the CUDA kernels: pass the element mask as attn_mask");
   const at::cuda::CUDAGuard device_guard(q.device());
   PreparedInputs in = prepare(q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, block_size_q,
                               block_size_k, scale, window_left, window_right, softcap, dropout_p);

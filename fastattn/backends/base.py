@@ -23,6 +23,9 @@ class Backend:
     # (BLOCK_Q, BLOCK_K): turn an attn_mask into a BlockMask of these tiles so the kernels skip the
     # tiles it hides entirely (fastattn.masks.block_mask_from_attn_mask, cached); None = do not.
     attn_mask_block_size: tuple[int, int] | None = None
+    # True: the kernels read a BlockMask's per-tile element masks (``partial_masks``) on partial tiles
+    # themselves; False: they get the same mask as a dense (B, H, Lq, Lk) attn_mask.
+    reads_partial_masks: bool = False
 
     def unavailable_reasons(self) -> list[str]:
         return []

@@ -72,6 +72,7 @@ def dropout_keep_mask(seed: int, shape: tuple[int, int, int, int], dropout_p: fl
 class CpuBackend(Backend):
     name = "cpu"
     description = "C++ fused tiled kernels for the CPU (BLAS on tiles, online softmax, at::parallel_for)"
+    reads_partial_masks = True
 
     def unavailable_reasons(self) -> list[str]:
         return [_LOAD_ERROR] if _LOAD_ERROR else []

@@ -13,7 +13,7 @@ from .base import Backend
 
 def inputs_from_op_args(
     q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths,
-    kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+    kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, partial_masks, partial_tile_ids,
     block_size_q, block_size_k, scale, window_left, window_right, softcap, dropout_p,
 ) -> AttentionInputs:
     """Rebuild :class:`AttentionInputs` from the flat op arguments (see fastattn/ops.py)."""
@@ -21,9 +21,14 @@ def inputs_from_op_args(
     if kv_num_blocks is not None:
         num_key_blocks = -(-k.shape[2] // block_size_k)
         layout = layout_from_kv_lists(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, num_key_blocks)
-        # At the op level the element mask of partial tiles is already part of attn_mask.
-        layout = torch.where(layout == PARTIAL, FULL, layout).to(torch.int8)
-        block_mask = BlockMask(layout=layout, seq_lens=(q.shape[2], k.shape[2]), block_size=(block_size_q, block_size_k))
+        seq_lens, block_size = (q.shape[2], k.shape[2]), (block_size_q, block_size_k)
+        if partial_masks is not None:
+            block_mask = BlockMask(layout=layout.to(torch.int8), seq_lens=seq_lens, block_size=block_size,
+                                   partial_masks=partial_masks, partial_tile_ids=partial_tile_ids)
+        else:
+            # Without partial_masks the element mask of partial tiles is already part of attn_mask.
+            layout = torch.where(layout == PARTIAL, FULL, layout).to(torch.int8)
+            block_mask = BlockMask(layout=layout, seq_lens=seq_lens, block_size=block_size)
     return AttentionInputs(
         q=q, k=k, v=v, scale=scale, window_left=window_left, window_right=window_right, attn_mask=attn_mask,
         block_mask=block_mask, alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p,
@@ -39,12 +44,12 @@ def _keep_mask(inputs: AttentionInputs, seed: int) -> torch.Tensor | None:
 
 
 def _fwd(q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_blocks, kv_indices,
-         full_kv_num_blocks, full_kv_indices, block_size_q, block_size_k, scale, window_left, window_right,
-         softcap, dropout_p, seed):
+         full_kv_num_blocks, full_kv_indices, partial_masks, partial_tile_ids, block_size_q, block_size_k, scale,
+         window_left, window_right, softcap, dropout_p, seed):
     inputs = inputs_from_op_args(
         q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_blocks, kv_indices,
-        full_kv_num_blocks, full_kv_indices, block_size_q, block_size_k, scale, window_left, window_right,
-        softcap, dropout_p,
+        full_kv_num_blocks, full_kv_indices, partial_masks, partial_tile_ids, block_size_q, block_size_k, scale,
+        window_left, window_right, softcap, dropout_p,
     )
     out, lse = reference.attention_from_inputs(inputs, _keep_mask(inputs, seed))
     return out.contiguous(), lse.to(torch.float32).contiguous()
@@ -52,11 +57,12 @@ def _fwd(q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_bl
 
 def _bwd(dout, q, k, v, out, lse, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_blocks, kv_indices,
          full_kv_num_blocks, full_kv_indices, q_num_blocks, q_indices, full_q_num_blocks, full_q_indices,
-         block_size_q, block_size_k, scale, window_left, window_right, softcap, dropout_p, seed, compute_dbias):
+         partial_masks, partial_tile_ids, block_size_q, block_size_k, scale, window_left, window_right, softcap,
+         dropout_p, seed, compute_dbias):
     inputs = inputs_from_op_args(
         q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_blocks, kv_indices,
-        full_kv_num_blocks, full_kv_indices, block_size_q, block_size_k, scale, window_left, window_right,
-        softcap, dropout_p,
+        full_kv_num_blocks, full_kv_indices, partial_masks, partial_tile_ids, block_size_q, block_size_k, scale,
+        window_left, window_right, softcap, dropout_p,
     )
     dq, dk, dv, dscores = reference.attention_backward_from_inputs(inputs, dout, _keep_mask(inputs, seed))
     dbias = dscores.to(attn_mask.dtype).contiguous() if compute_dbias else q.new_empty((0,))

@@ -64,22 +64,23 @@ def ensure_kernels_importable() -> None:
 
 
 def _fwd(q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_blocks, kv_indices,
-         full_kv_num_blocks, full_kv_indices, block_size_q, block_size_k, scale, window_left, window_right,
-         softcap, dropout_p, seed):
+         full_kv_num_blocks, full_kv_indices, partial_masks, partial_tile_ids, block_size_q, block_size_k, scale,
+         window_left, window_right, softcap, dropout_p, seed):
     from ..triton_kernels.attention_fwd import attention_fwd
 
     return attention_fwd(
         q, k, v, attn_mask=attn_mask, alibi_slopes=alibi_slopes, key_lengths=key_lengths,
         query_lengths=query_lengths, kv_num_blocks=kv_num_blocks, kv_indices=kv_indices,
-        full_kv_num_blocks=full_kv_num_blocks, full_kv_indices=full_kv_indices, block_size_q=block_size_q,
-        block_size_k=block_size_k, scale=scale, window_left=window_left, window_right=window_right,
-        softcap=softcap, dropout_p=dropout_p, seed=seed,
+        full_kv_num_blocks=full_kv_num_blocks, full_kv_indices=full_kv_indices, partial_masks=partial_masks,
+        partial_tile_ids=partial_tile_ids, block_size_q=block_size_q, block_size_k=block_size_k, scale=scale,
+        window_left=window_left, window_right=window_right, softcap=softcap, dropout_p=dropout_p, seed=seed,
     )
 
 
 def _bwd(dout, q, k, v, out, lse, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_blocks, kv_indices,
          full_kv_num_blocks, full_kv_indices, q_num_blocks, q_indices, full_q_num_blocks, full_q_indices,
-         block_size_q, block_size_k, scale, window_left, window_right, softcap, dropout_p, seed, compute_dbias):
+         partial_masks, partial_tile_ids, block_size_q, block_size_k, scale, window_left, window_right, softcap,
+         dropout_p, seed, compute_dbias):
     from ..triton_kernels.attention_bwd import attention_bwd
 
     return attention_bwd(
@@ -87,7 +88,7 @@ def _bwd(dout, q, k, v, out, lse, attn_mask, alibi_slopes, key_lengths, query_le
         query_lengths=query_lengths, kv_num_blocks=kv_num_blocks, kv_indices=kv_indices,
         full_kv_num_blocks=full_kv_num_blocks, full_kv_indices=full_kv_indices, q_num_blocks=q_num_blocks,
         q_indices=q_indices, full_q_num_blocks=full_q_num_blocks, full_q_indices=full_q_indices,
-        block_size_q=block_size_q, block_size_k=block_size_k, scale=scale, window_left=window_left,
+        partial_masks=partial_masks, partial_tile_ids=partial_tile_ids, block_size_q=block_size_q, block_size_k=block_size_k, scale=scale, window_left=window_left,
         window_right=window_right, softcap=softcap, dropout_p=dropout_p, seed=seed, compute_dbias=compute_dbias,
     )
 
@@ -95,6 +96,7 @@ def _bwd(dout, q, k, v, out, lse, attn_mask, alibi_slopes, key_lengths, query_le
 class TritonBackend(Backend):
     name = "triton"
     description = "Triton fused kernels (FlashAttention-2 style forward and deterministic backward)"
+    reads_partial_masks = True
 
     def unavailable_reasons(self) -> list[str]:
         if importlib.util.find_spec("triton") is None:

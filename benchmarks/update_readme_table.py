@@ -79,7 +79,8 @@ def render_table(doc: dict, source: str) -> str:
                 rate = f"{best['tflops'] * 1e3:.3g} GFLOP/s" if env["device"] == "cpu" else f"{best['tflops']:.3g} TFLOP/s"
                 cells.append(f"{best['provider'].removeprefix('fastattn-')} {rate}{_speedup(best)}")
         lines.append(f"| `{name}` | {dtype} | " + " | ".join(cells) + " |")
-    for suffix, title in (("tflops", "FLOP rate against sequence length"), ("memory", "peak memory against sequence length")):
+    plots = (("tflops", "FLOP rate against sequence length"), ("memory", "peak memory against sequence length"))
+    for suffix, title in plots:
         plot = source.removesuffix(".json") + f"-{suffix}.png"
         if (ROOT / plot).exists():
             lines += ["", f"![{title}]({plot})"]

@@ -8,7 +8,8 @@ from ._inputs import AttentionInputs, block_mask_window
 from .backends import get_backend
 from .reference import draw_seed
 
-_NUM_BLOCK_LISTS = 10  # kv_num_blocks, kv_indices, full_kv_*, q_num_blocks, q_indices, full_q_*, partial_masks, partial_tile_ids
+# kv_num_blocks, kv_indices, full_kv_*, q_num_blocks, q_indices, full_q_*, partial_masks, partial_tile_ids
+_NUM_BLOCK_LISTS = 10
 
 
 def partial_mask_args(inputs: AttentionInputs, backend_name: str | None) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -82,7 +83,9 @@ class AttentionFunction(torch.autograd.Function):
         )
         ops = get_backend(backend_name).ops
         scalars = (block_size_q, block_size_k, scale, window_left, window_right, softcap, dropout_p, seed)
-        out, lse = ops.fwd(q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, *lists[:4], *lists[8:], *scalars)
+        # The forward takes the forward lists and the per-tile masks (see FWD_SCHEMA).
+        fwd_lists = (*lists[:4], *lists[8:])
+        out, lse = ops.fwd(q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, *fwd_lists, *scalars)
         ctx.save_for_backward(q, k, v, out, lse, attn_mask, alibi_slopes, key_lengths, query_lengths, *lists)
         ctx.backend_name = backend_name
         ctx.scalars = scalars

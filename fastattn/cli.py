@@ -132,7 +132,7 @@ def _register_bench(sub) -> None:
     which.add_argument("--full", action="store_true", help="the full preset: more lengths, head dims, dtypes")
     which.add_argument("--gpu", action="store_true", help="the GPU speed-target preset (bf16, 16k tokens, D=128)")
     which.add_argument("--cpu", action="store_true",
-                       help="the C++ CPU kernels' target preset (fastattn-cpu vs SDPA, fp32, L 1k..16k; ~15 min on 2 cores)")
+                       help="the C++ CPU kernels' target preset (fastattn-cpu vs SDPA, fp32, L 1k..16k; about a minute on 2 cores)")
     _add_common(p, "bench_out")
     p.add_argument("--workloads", type=_csv(str), help="comma-separated: dense,causal,window,block_sparse,gqa")
     p.add_argument("--modes", type=_csv(str), help="comma-separated: fwd,bwd,fwd+bwd")

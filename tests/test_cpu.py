@@ -457,8 +457,8 @@ BAD_PARTIAL = [
                  id="ids-shape"),
     pytest.param({"partial_masks": _MASKS, "partial_tile_ids": torch.full_like(_IDS, 2)},
                  "partial_tile_ids must lie in", id="ids-out-of-range"),
-    pytest.param({"partial_masks": _MASKS, "partial_tile_ids": _IDS, "attn_mask": torch.ones(9, 11, dtype=torch.bool).expand(2, 4, 9, 11)},
-                 "not both", id="with-attn-mask"),
+    pytest.param({"partial_masks": _MASKS, "partial_tile_ids": _IDS,
+                  "attn_mask": torch.ones(9, 11, dtype=torch.bool).expand(2, 4, 9, 11)}, "not both", id="with-attn-mask"),
     pytest.param({"partial_masks": _MASKS, "partial_tile_ids": _IDS, "kv_num_blocks": None, "kv_indices": None,
                   "full_kv_num_blocks": None, "full_kv_indices": None}, "needs the block lists", id="no-lists"),
 ]

@@ -88,8 +88,9 @@ def _bwd(dout, q, k, v, out, lse, attn_mask, alibi_slopes, key_lengths, query_le
         query_lengths=query_lengths, kv_num_blocks=kv_num_blocks, kv_indices=kv_indices,
         full_kv_num_blocks=full_kv_num_blocks, full_kv_indices=full_kv_indices, q_num_blocks=q_num_blocks,
         q_indices=q_indices, full_q_num_blocks=full_q_num_blocks, full_q_indices=full_q_indices,
-        partial_masks=partial_masks, partial_tile_ids=partial_tile_ids, block_size_q=block_size_q, block_size_k=block_size_k, scale=scale, window_left=window_left,
-        window_right=window_right, softcap=softcap, dropout_p=dropout_p, seed=seed, compute_dbias=compute_dbias,
+        partial_masks=partial_masks, partial_tile_ids=partial_tile_ids, block_size_q=block_size_q,
+        block_size_k=block_size_k, scale=scale, window_left=window_left, window_right=window_right,
+        softcap=softcap, dropout_p=dropout_p, seed=seed, compute_dbias=compute_dbias,
     )
 
 

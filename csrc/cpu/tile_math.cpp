@@ -6,7 +6,7 @@
 #define FASTATTN_X86 1
 #endif
 
-#include <bit>
+#include <cstring>
 
 // The Fortran BLAS of the MKL that libtorch_cpu links (exported there). Weak, so the extension
 // still loads against a torch without them; the plain loops below then do the work.
@@ -89,7 +89,10 @@ inline float exp_nonpositive(float x) {
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * r * r + r + 1.0f;
-  const float scale = std::bit_cast<float>(static_cast<int32_t>((n + 127) << 23));
+  // 2^n from its exponent bits (memcpy, not C++20's std::bit_cast: torch before 2.14 builds C++17).
+  const int32_t bits = static_cast<int32_t>((n + 127) << 23);
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
   return x < -87.0f ? 0.0f : y * scale;
 }
 

@@ -49,7 +49,7 @@ def _cmd_bench(args) -> int:
     try:
         config = bench.bench_config(
             name, args.device, providers=args.providers, workloads=args.workloads, modes=args.modes,
-            dtypes=args.dtypes, seq_lens=args.seq_lens, head_dims=args.head_dims,
+            dtypes=args.dtypes, seq_lens=args.seq_lens, head_dims=args.head_dims, max_seconds=args.max_seconds,
         )
     except ValueError as exc:
         print(f"fastattn bench: error: {exc}", file=sys.stderr)
@@ -93,7 +93,7 @@ def _cmd_memory(args) -> int:
     try:
         config = bench.memory_config(
             not args.full, args.device, providers=args.providers, kind=args.workload, seq_lens=args.seq_lens,
-            dtype=args.dtype, budget_gib=args.memory_budget,
+            dtype=args.dtype, budget_gib=args.memory_budget, max_seconds=args.max_seconds,
         )
     except ValueError as exc:
         print(f"fastattn memory: error: {exc}", file=sys.stderr)
@@ -123,6 +123,8 @@ def _add_common(p, out_default: str) -> None:
     p.add_argument("--out", default=out_default, help=f"output folder (default {out_default})")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--max-seconds", type=float, metavar="S",
+                   help="start no measurement after S seconds; the rest are recorded as over_time (default: no limit)")
 
 
 def _register_bench(sub) -> None:

@@ -230,6 +230,25 @@ def test_cpu_preset_is_the_cpu_kernel_targets():
         bench.preset("cpu", "cuda")
 
 
+def test_max_seconds_records_what_is_left_as_over_time(monkeypatch):
+    from fastattn.bench import runner
+
+    config = _fast(bench.bench_config("quick", "cpu", seq_lens=[33], workloads=["dense", "causal"], modes=["fwd"],
+                                      providers=["reference"], max_seconds=30))
+    checks = iter([False])  # the deadline passes after the first workload
+    monkeypatch.setattr(runner.Deadline, "passed", lambda self: next(checks, True))
+    doc = bench.run_bench(config, progress=False)
+    assert doc["max_seconds"] == 30
+    by_kind = {}
+    for r in doc["results"]:
+        by_kind.setdefault(r["workload"], set()).add(r["status"])
+    assert by_kind == {"dense": {"ok"}, "causal": {"over_time"}}
+    assert all("--max-seconds" in r["reasons"][0] for r in doc["results"] if r["status"] == "over_time")
+    assert "time" in bench.bench_table(doc)
+    with pytest.raises(ValueError, match="--max-seconds"):
+        bench.bench_config("quick", "cpu", max_seconds=0)
+
+
 def test_unknown_provider_is_named():
     with pytest.raises(ValueError, match="unknown provider 'nope'"):
         bench.resolve(["nope"], torch.device("cpu"))
@@ -331,3 +350,5 @@ def test_gpu_check_script_rejects_bad_flags():
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     proc = subprocess.run(["bash", str(script), "--only", "metal"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--only takes triton, cuda or cpu" in proc.stderr
+    proc = subprocess.run(["bash", str(script), "--budget", "9m"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--budget takes whole seconds" in proc.stderr

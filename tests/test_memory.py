@@ -97,6 +97,15 @@ def test_memory_budget_stops_the_sweep():
     assert "budget" in rows[-1]["reasons"][0]
 
 
+def test_memory_max_seconds_stops_the_sweep():
+    config = bench.memory_config(True, "cpu", seq_lens=[64, 128], providers=["reference"], max_seconds=1e-9)
+    doc = bench.run_memory(config, progress=False)
+    assert {r["status"] for r in doc["results"]} == {"over_time"}
+    assert doc["max_seconds"] == 1e-9
+    with pytest.raises(ValueError, match="--max-seconds"):
+        bench.memory_config(True, "cpu", max_seconds=-1)
+
+
 def test_memory_config_rejects_bad_flags():
     with pytest.raises(ValueError, match="--memory-budget"):
         bench.memory_config(True, "cpu", budget_gib=0)

@@ -105,7 +105,7 @@ def _cell(row: dict | None, field: str, fmt: str) -> str:
     if row is None:
         return ""
     if row["status"] != "ok":
-        return {"unsupported": "n/a", "oom": "oom", "over_budget": "budget"}.get(row["status"], "error")
+        return {"unsupported": "n/a", "oom": "oom", "over_budget": "budget", "over_time": "time"}.get(row["status"], "error")
     value = row.get(field)
     return "" if value is None else format(value, fmt)
 

@@ -41,6 +41,24 @@ class BenchConfig:
     preset: Preset
     device: torch.device
     providers: list[str] | None = None  # None = every usable provider
+    max_seconds: float | None = None  # start no measurement after this many seconds (None = no limit)
+
+
+class Deadline:
+    """``--max-seconds``: measurements not started before it passes are recorded as ``over_time``."""
+
+    def __init__(self, max_seconds: float | None):
+        if max_seconds is not None and not max_seconds > 0:
+            raise ValueError(f"--max-seconds must be > 0, got {max_seconds}")
+        self.max_seconds = max_seconds
+        self.end = None if max_seconds is None else time.perf_counter() + max_seconds
+
+    def passed(self) -> bool:
+        return self.end is not None and time.perf_counter() > self.end
+
+    def row_update(self) -> dict:
+        return {"status": "over_time", "reasons": [f"not measured: the time budget of {self.max_seconds:g} s "
+                                                   "(--max-seconds) was spent"]}
 
 
 def _short_error(exc: BaseException) -> str:
@@ -69,6 +87,7 @@ def bench_config(
     dtypes: list[str] | None = None,
     seq_lens: list[int] | None = None,
     head_dims: list[int] | None = None,
+    max_seconds: float | None = None,
 ) -> BenchConfig:
     """A preset narrowed or changed by the CLI flags.
 
@@ -114,7 +133,8 @@ def bench_config(
     )
     if providers is None and p.providers is not None:
         providers = list(p.providers)
-    return BenchConfig(preset=p, device=device, providers=providers)
+    Deadline(max_seconds)  # validates it
+    return BenchConfig(preset=p, device=device, providers=providers, max_seconds=max_seconds)
 
 
 # --------------------------------------------------------------------------------------- timing
@@ -200,11 +220,13 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
     """Run every configuration of ``config``; return the results document (see docs/benchmarks.md).
 
     A configuration a provider cannot serve is recorded with ``status="unsupported"`` and the
-    reasons; a failure with ``status="error"`` (or ``"oom"``) and the message -- never fatal.
+    reasons; a failure with ``status="error"`` (or ``"oom"``) and the message -- never fatal. Once
+    ``config.max_seconds`` have passed, the configurations left are recorded as ``"over_time"``.
     """
     from .report import environment
 
     p, device = config.preset, config.device
+    deadline = Deadline(config.max_seconds)
     explicit = config.providers is not None
     providers, status = resolve(config.providers, device)
     total = len(p.dtypes) * len(p.workloads) * len(providers) * len(p.modes)
@@ -215,6 +237,16 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
         for dtype_name in p.dtypes:
             for w in p.workloads:
                 visible_fraction = workload_visible_fraction(w)
+                if deadline.passed():
+                    for provider in providers:
+                        for mode in p.modes:
+                            rows.append({"provider": provider.name, **_workload_fields(w), "dtype": dtype_name,
+                                         "visible_fraction": visible_fraction, "mode": mode,
+                                         "flops": flops(w, mode, visible_fraction), "time_ms": None,
+                                         "repeats": None, "tflops": None, "peak_mem_bytes": None,
+                                         "speedup_vs_sdpa": None, **deadline.row_update()})
+                            bar.step(f"{provider.name} {w.name} {mode} (over time)")
+                    continue
                 case = make_case(w, DTYPES[dtype_name], device)
                 for provider in providers:
                     rows += _bench_provider(provider, case, dtype_name, visible_fraction, p, device,
@@ -235,6 +267,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
         else f"time.perf_counter median of {p.min_repeats}..{p.max_repeats} calls after 1 warm-up (the memory call)",
         "memory": "peak bytes allocated during the call above what was live before it "
         + ("(torch.cuda.max_memory_allocated)" if device.type == "cuda" else "(torch.profiler profile_memory)"),
+        "max_seconds": config.max_seconds,
         "providers": status,
         "results": rows,
     }
@@ -317,11 +350,12 @@ class MemoryConfig:
     modes: tuple[str, ...] = ("fwd", "fwd+bwd")
     budget_bytes: int = 4 << 30
     providers: list[str] | None = None
+    max_seconds: float | None = None  # start no measurement after this many seconds (None = no limit)
 
 
 def memory_config(quick: bool = True, device: str | None = None, *, providers=None, kind: str = "dense",
                   seq_lens: list[int] | None = None, dtype: str | None = None,
-                  budget_gib: float | None = None) -> MemoryConfig:
+                  budget_gib: float | None = None, max_seconds: float | None = None) -> MemoryConfig:
     """The memory-profile preset (``quick`` or full) for ``device``, with the CLI's overrides."""
     device = _device(device)
     if kind not in WORKLOAD_KINDS or kind == "block_sparse":
@@ -343,7 +377,9 @@ def memory_config(quick: bool = True, device: str | None = None, *, providers=No
         if budget_gib <= 0:
             raise ValueError(f"--memory-budget must be > 0 GiB, got {budget_gib}")
         cfg.budget_bytes = int(budget_gib * (1 << 30))
+    Deadline(max_seconds)  # validates it
     cfg.providers = providers
+    cfg.max_seconds = max_seconds
     return cfg
 
 
@@ -359,9 +395,11 @@ def run_memory(cfg: MemoryConfig, progress: bool = True) -> dict:
     Lengths go up in ``cfg.seq_lens`` until one runs out of memory (recorded as ``"oom"``) or,
     extrapolating the growth of the last two lengths (quadratic until two are known), would exceed
     ``cfg.budget_bytes`` (recorded as ``"over_budget"``) -- so a CPU run never eats the machine.
+    Once ``cfg.max_seconds`` have passed, the measurements left are recorded as ``"over_time"``.
     """
     from .report import environment
 
+    deadline = Deadline(cfg.max_seconds)
     providers, status = resolve(cfg.providers, cfg.device)
     explicit = cfg.providers is not None
     total = len(providers) * len(cfg.modes) * len(cfg.seq_lens)
@@ -384,6 +422,8 @@ def run_memory(cfg: MemoryConfig, progress: bool = True) -> dict:
                                             f"{cfg.budget_bytes / 2**30:.2f} GiB (--memory-budget)"]}
                     if stop is not None:
                         row.update(stop)
+                    elif deadline.passed():
+                        row.update(deadline.row_update())
                     else:
                         row.update(_measure_memory(provider, w, cfg, mode, explicit and provider.name != BASELINE))
                         if row["status"] == "ok":
@@ -404,6 +444,7 @@ def run_memory(cfg: MemoryConfig, progress: bool = True) -> dict:
         "memory": "peak bytes allocated during the call above what was live before it "
         + ("(torch.cuda.max_memory_allocated)" if cfg.device.type == "cuda" else "(torch.profiler profile_memory)"),
         "budget_bytes": cfg.budget_bytes,
+        "max_seconds": cfg.max_seconds,
         "providers": status,
         "results": rows,
     }

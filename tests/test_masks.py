@@ -320,6 +320,21 @@ def test_kernels_read_per_tile_masks(build, backend):
     check_attention(bm, bm.to_dense(), backend=backend, Hkv=1)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_per_tile_masks_with_every_other_feature(backend):
+    """Per-tile masks combined with GQA, key/query lengths, ALiBi, softcap, dropout and causal."""
+    if fastattn.get_backend(backend).unavailable_reasons():
+        pytest.skip(f"{backend} backend unavailable")
+    from .helpers import check_against_reference, make_qkv
+
+    bm = masks.document(torch.tensor([[0] * 40 + [1] * 57, [0] * 20 + [1] * 30 + [2] * 47]), block_size=32)
+    q, k, v = make_qkv(2, 4, 2, 97, 97, 24)
+    check_against_reference(
+        backend, q, k, v, block_mask=bm, causal=True, key_lengths=torch.tensor([97, 80]),
+        query_lengths=torch.tensor([90, 97]), alibi_slopes=torch.rand(4), softcap=8.0, dropout_p=0.2,
+    )
+
+
 def test_attention_with_per_head_mask_and_gqa():
     bm = masks.bigbird(57, 1, 1, 2, 8, seed=5, num_heads=4)
     check_attention(bm, bm.to_dense(), D=24, Hkv=2)

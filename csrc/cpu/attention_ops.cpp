@@ -56,7 +56,8 @@ Params make_params(const AttentionShape& s, const at::Tensor& q, const at::Tenso
                    const OptTensor& query_lengths, const OptTensor& kv_num_blocks, const OptTensor& kv_indices,
                    const OptTensor& full_kv_num_blocks, const OptTensor& full_kv_indices, const OptTensor& q_num_blocks,
                    const OptTensor& q_indices, const OptTensor& full_q_num_blocks, const OptTensor& full_q_indices,
-                   const OptTensor& partial_masks, const OptTensor& partial_tile_ids, int64_t block_size_q, int64_t block_size_k, double scale, std::optional<int64_t> window_left,
+                   const OptTensor& partial_masks, const OptTensor& partial_tile_ids, int64_t block_size_q,
+                   int64_t block_size_k, double scale, std::optional<int64_t> window_left,
                    std::optional<int64_t> window_right, double softcap, double dropout_p, int64_t seed) {
   Params p;
   p.B = s.batch, p.Hq = s.heads_q, p.Hkv = s.heads_kv, p.Lq = s.seqlen_q, p.Lk = s.seqlen_k;

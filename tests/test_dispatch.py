@@ -1,5 +1,8 @@
 """Backend selection: priority order, explicit choice, FASTATTN_BACKEND, and errors listing reasons."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -101,3 +104,20 @@ def test_info_explains_every_backend(capsys):
         assert any(r for r in rows["cuda"]), rows["cuda"]
         for reason in rows["cuda"]:
             assert reason in text
+
+
+def test_import_does_not_initialise_cuda():
+    """``import fastattn`` registers every backend's ops but never queries the GPU (no CUDA context
+    before a fork, say): checked in a fresh process that pretends a GPU is there."""
+    script = (
+        "import torch\n"
+        "torch.cuda.is_available = lambda: True\n"
+        "def fail(*args, **kwargs):\n"
+        "    raise AssertionError('CUDA queried at import')\n"
+        "torch.cuda._lazy_init = torch.cuda.current_device = torch.cuda.get_device_capability = fail\n"
+        "import fastattn\n"
+        "print(sorted(fastattn.list_backends()))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "reference" in done.stdout

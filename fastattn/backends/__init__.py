@@ -35,14 +35,13 @@ def _load_all() -> None:
             _IMPORT_ERRORS[name] = f"could not import fastattn.backends.{name}: {exc}"
             continue
         backend = module.BACKEND
-        if not backend.unavailable_reasons():
-            # Register its ops now: under torch.compile the first call is traced, and dynamo can
-            # trace neither op registration nor the first access of a cached property.
-            try:
-                backend.ops  # noqa: B018
-            except Exception as exc:  # a backend that cannot register its ops is unusable, not fatal
-                _IMPORT_ERRORS[name] = f"fastattn.backends.{name} could not register its ops: {exc}"
-                continue
+        # Register its ops now: under torch.compile the first call is traced, and dynamo can trace
+        # neither op registration nor the first access of a cached property. (Not gated on
+        # unavailable_reasons, which may query the GPU: importing fastattn must not initialise CUDA.)
+        try:
+            backend.ops  # noqa: B018
+        except Exception:  # noqa: BLE001 -- cannot run here; unavailable_reasons says why, a call re-raises
+            pass
         _REGISTRY[name] = backend
 
 

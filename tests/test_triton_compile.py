@@ -25,6 +25,12 @@ CASES = [
     pytest.param("float16", 256, "block128,gqa", id="fp16-D256-block128-gqa"),
     pytest.param("float32", 40, "window", id="fp32-D40-window"),
     pytest.param("bfloat16", 64, "docmask,gqa", id="bf16-D64-docmask-gqa"),
+    pytest.param("float16", 96, "window,lengths,boolmask,dropout", id="fp16-D96-window-lengths-boolmask-dropout"),
+    pytest.param("bfloat16", 256, "causal,softcap", id="bf16-D256-causal-softcap"),
+    # Every autotuning config of the main path: a config that does not compile would not be skipped
+    # by the autotuner on the GPU (only running out of resources is), it would fail the call.
+    pytest.param("bfloat16", 128, "autotune,causal", id="bf16-D128-causal-every-tuned-config"),
+    pytest.param("float16", 64, "autotune", id="fp16-D64-every-tuned-config"),
 ]
 
 
@@ -32,7 +38,7 @@ CASES = [
 @pytest.mark.parametrize("dtype, head_dim, features", CASES)
 def test_kernels_compile_for_sm90(dtype, head_dim, features):
     env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["FASTATTN_AUTOTUNE"] = "0"
+    env["FASTATTN_AUTOTUNE"] = "1" if "autotune" in features else "0"
     done = subprocess.run(
         [sys.executable, __file__, dtype, str(head_dim), features], env=env, capture_output=True, text=True,
         timeout=1200,
@@ -41,6 +47,12 @@ def test_kernels_compile_for_sm90(dtype, head_dim, features):
     compiled = json.loads(done.stdout.strip().splitlines()[-1])
     names = {c["kernel"] for c in compiled}
     assert {"attention_fwd_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"} <= names
+    if "autotune" in features:
+        # Configs over the shared memory limit are skipped by the autotuner at run time; each kernel
+        # must keep some that fit.
+        for name in names:
+            assert any(c["shared"] <= SMEM_LIMIT for c in compiled if c["kernel"] == name), name
+        return
     for c in compiled:
         assert c["shared"] <= SMEM_LIMIT, f"{c['kernel']} {c['meta']} needs {c['shared']} bytes of shared memory"
 
@@ -72,15 +84,22 @@ def _compile_launches(dtype_name: str, head_dim: int, features: set[str]) -> lis
 
         def __getitem__(self, grid):
             def launch(**kwargs):
-                fn = self.kernel
-                binder = create_function_from_signature(fn.signature, fn.params, backend)
-                bound, specialization, options = binder(**kwargs)
-                options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-                k = triton_compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
-                meta = {key: kwargs.get(key) for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
-                compiled.append({"kernel": fn.__name__, "meta": meta, "shared": k.metadata.shared})
+                if hasattr(self.kernel, "configs"):  # an autotuner: compile every config it would try
+                    for config in self.kernel.configs:
+                        meta = dict(kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+                        compile_one(self.kernel.fn, meta)
+                else:
+                    compile_one(self.kernel, kwargs)
 
             return launch
+
+    def compile_one(fn, kwargs):
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+        bound, specialization, options = binder(**kwargs)
+        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+        k = triton_compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+        meta = {key: kwargs.get(key) for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
+        compiled.append({"kernel": fn.__name__, "meta": meta, "shared": k.metadata.shared})
 
     torch.library.wrap_triton = Compile
     dtype = getattr(torch, dtype_name)
@@ -105,6 +124,8 @@ def _compile_launches(dtype_name: str, head_dim: int, features: set[str]) -> lis
         kwargs.update(key_lengths=torch.tensor([250], dtype=torch.int32), query_lengths=torch.tensor([200], dtype=torch.int32))
     if "floatmask" in features:
         kwargs["attn_mask"] = torch.randn(L, L, dtype=dtype).expand(B, Hq, L, L)
+    if "boolmask" in features:
+        kwargs["attn_mask"] = (torch.rand(L, L) > 0.3).expand(B, Hq, L, L)
     mask = None
     if "block128" in features:
         mask = BlockMask.from_dense(torch.rand(L, L) > 0.5, block_size=128)

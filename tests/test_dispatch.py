@@ -121,3 +121,17 @@ def test_import_does_not_initialise_cuda():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "reference" in done.stdout
+
+
+def test_reasons_do_not_look_up_modules(monkeypatch):
+    """Under torch.compile a backend's reasons are traced, and torch 2.11's dynamo refuses to trace
+    importlib.util.find_spec: what is installed is looked up once, at import."""
+    import importlib.util
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("importlib.util.find_spec called while choosing a backend")
+
+    monkeypatch.setattr(importlib.util, "find_spec", refuse)
+    for backend in fastattn.list_backends().values():
+        backend.reasons(inputs())
+    select_backend(inputs())

@@ -42,6 +42,11 @@ def _in_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Looked up once, at import: under torch.compile the backend's reasons are traced, and dynamo
+# (torch 2.11, the GPU machine's) refuses to trace importlib.util.find_spec.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def ensure_kernels_importable() -> None:
     """Make ``fastattn.triton_kernels`` importable from a source tree that was only built in place.
 
@@ -100,7 +105,7 @@ class TritonBackend(Backend):
     reads_partial_masks = True
 
     def unavailable_reasons(self) -> list[str]:
-        if importlib.util.find_spec("triton") is None:
+        if not _TRITON_INSTALLED:
             return ["triton is not installed (pip install triton)"]
         if not torch.cuda.is_available() and not _in_interpreter():
             return ["no CUDA GPU (set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU)"]

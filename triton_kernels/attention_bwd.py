@@ -25,7 +25,7 @@ from . import configs
 from .attention_fwd import (
     _dropout_keep,
     _key_block_range,
-    _partial_mask_tile,
+    _partial_tile_mask,
     _score_tile,
     both_lengths,
     check_inputs,
@@ -288,12 +288,10 @@ def attention_bwd_dkdv_kernel(
             for t in range(0, num_partial * MASK_SUB_M):
                 i_qb = tl.load(p_q_idx + p_idx + t // MASK_SUB_M)
                 i_m = i_qb * MASK_SUB_M + t % MASK_SUB_M
-                p_mask_tile = p_mask_bh
-                if PARTIAL_MASKS:
-                    p_mask_tile = _partial_mask_tile(
-                        p_mask, p_tile_ids, i_b, i_h, i_qb, i_kb, stride_tid_b, stride_tid_h, stride_tid_m, stride_tid_n,
-                        MASK_SUB_M * BLOCK_M, MASK_SUB_N * BLOCK_N,
-                    )
+                p_mask_tile = _partial_tile_mask(
+                    p_mask, p_mask_bh, p_tile_ids, i_b, i_h, i_qb, i_kb, stride_tid_b, stride_tid_h, stride_tid_m,
+                    stride_tid_n, PARTIAL_MASKS, MASK_SUB_M * BLOCK_M, MASK_SUB_N * BLOCK_N,
+                )
                 b_dk, b_dv = _dkdv_query_block(
                     b_dk, b_dv, b_kt, b_vt, i_m, o_n, o_d, o_dv, q_bh, do_bh, p_lse_bh, p_delta_bh, p_dbias_bh,
                     stride_qm, stride_dom, stride_dbias_m, i_b, i_h, Hq, Lq, Lk, D, DV,
@@ -462,12 +460,10 @@ def attention_bwd_dq_kernel(
         for t in range(0, num_partial * MASK_SUB_N):
             i_kb = tl.load(p_kv_idx + p_idx + t // MASK_SUB_N)
             i_n = i_kb * MASK_SUB_N + t % MASK_SUB_N
-            p_mask_tile = p_mask_bh
-            if PARTIAL_MASKS:
-                p_mask_tile = _partial_mask_tile(
-                    p_mask, p_tile_ids, i_b, i_h, i_qb, i_kb, stride_tid_b, stride_tid_h, stride_tid_m, stride_tid_n,
-                    MASK_SUB_M * BLOCK_M, MASK_SUB_N * BLOCK_N,
-                )
+            p_mask_tile = _partial_tile_mask(
+                p_mask, p_mask_bh, p_tile_ids, i_b, i_h, i_qb, i_kb, stride_tid_b, stride_tid_h, stride_tid_m,
+                stride_tid_n, PARTIAL_MASKS, MASK_SUB_M * BLOCK_M, MASK_SUB_N * BLOCK_N,
+            )
             b_dq = _dq_key_block(
                 b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
                 i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,

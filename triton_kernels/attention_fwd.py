@@ -93,15 +93,19 @@ def _score_tile(
 
 
 @triton.jit
-def _partial_mask_tile(p_masks, p_tile_ids, i_b, i_h, i_qb, i_kb, stride_tid_b, stride_tid_h, stride_tid_m,
-                       stride_tid_n, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Base pointer of the element mask of BlockMask tile ``(i_qb, i_kb)``, read from its row of
-    ``partial_masks (num_blocks, BLOCK_Q, BLOCK_K)``: ``base + i * BLOCK_K + j`` addresses query row
-    ``i``, key ``j`` (absolute positions inside the tile), so the tile is read like a dense mask with
-    strides ``(BLOCK_K, 1)``."""
-    p_tid = p_tile_ids + i_b.to(tl.int64) * stride_tid_b + i_h.to(tl.int64) * stride_tid_h
-    tid = tl.load(p_tid + i_qb * stride_tid_m + i_kb * stride_tid_n).to(tl.int64)
-    return p_masks + (tid - i_qb.to(tl.int64)) * (BLOCK_Q * BLOCK_K) - i_kb.to(tl.int64) * BLOCK_K
+def _partial_tile_mask(p_mask, p_mask_bh, p_tile_ids, i_b, i_h, i_qb, i_kb,
+                       stride_tid_b, stride_tid_h, stride_tid_m, stride_tid_n,
+                       PARTIAL_MASKS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The element-mask pointer for partial BlockMask tile ``(i_qb, i_kb)``: the dense mask's
+    ``p_mask_bh``, or with ``PARTIAL_MASKS`` the tile's row of ``partial_masks (num_blocks, BLOCK_Q,
+    BLOCK_K)``, offset so that ``base + i * BLOCK_K + j`` addresses query row ``i``, key ``j``
+    (absolute positions inside the tile): the tile is read like a dense mask with strides ``(BLOCK_K, 1)``."""
+    base = p_mask_bh
+    if PARTIAL_MASKS:
+        p_tid = p_tile_ids + i_b.to(tl.int64) * stride_tid_b + i_h.to(tl.int64) * stride_tid_h
+        tid = tl.load(p_tid + i_qb * stride_tid_m + i_kb * stride_tid_n).to(tl.int64)
+        base = p_mask + (tid - i_qb.to(tl.int64)) * (BLOCK_Q * BLOCK_K) - i_kb.to(tl.int64) * BLOCK_K
+    return base
 
 
 @triton.jit
@@ -210,7 +214,8 @@ def attention_fwd_kernel(
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, USE_BLOCK_MASK: tl.constexpr, MASK_SUB_M: tl.constexpr, MASK_SUB_N: tl.constexpr,
-    PARTIAL_MASKS: tl.constexpr, HAS_DROPOUT: tl.constexpr, COUNT_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    PARTIAL_MASKS: tl.constexpr, HAS_DROPOUT: tl.constexpr, COUNT_BLOCKS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """Grid ``(cdiv(Lq, BLOCK_M), B * Hq)``: one program per query block of one (batch, head).
 
@@ -267,12 +272,10 @@ def attention_fwd_kernel(
         for t in range(0, num_partial * MASK_SUB_N):
             i_kb = tl.load(p_kv_idx + p_idx + t // MASK_SUB_N)
             i_n = i_kb * MASK_SUB_N + t % MASK_SUB_N
-            p_mask_tile = p_mask_bh
-            if PARTIAL_MASKS:
-                p_mask_tile = _partial_mask_tile(
-                    p_mask, p_tile_ids, i_b, i_h, i_qb, i_kb, stride_tid_b, stride_tid_h, stride_tid_m, stride_tid_n,
-                    MASK_SUB_M * BLOCK_M, MASK_SUB_N * BLOCK_N,
-                )
+            p_mask_tile = _partial_tile_mask(
+                p_mask, p_mask_bh, p_tile_ids, i_b, i_h, i_qb, i_kb, stride_tid_b, stride_tid_h, stride_tid_m,
+                stride_tid_n, PARTIAL_MASKS, MASK_SUB_M * BLOCK_M, MASK_SUB_N * BLOCK_N,
+            )
             b_acc, b_l, b_m = _fwd_key_block(
                 b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
                 i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
@@ -400,7 +403,7 @@ def dot_settings(dtype: torch.dtype) -> tuple[str, bool]:
 
 def element_mask_args(attn_mask, partial_masks, partial_tile_ids, block_size_k: int) -> dict:
     """Kernel arguments of the element mask: a dense ``attn_mask``, or a BlockMask's per-tile masks
-    (``partial_masks`` read through ``partial_tile_ids``, see ``_partial_mask_tile``), or none."""
+    (``partial_masks`` read through ``partial_tile_ids``, see ``_partial_tile_mask``), or none."""
     if partial_masks is None:
         strides = mask_strides(attn_mask)
         return dict(
@@ -413,7 +416,7 @@ def element_mask_args(attn_mask, partial_masks, partial_tile_ids, block_size_k: 
     if partial_tile_ids is None or partial_tile_ids.dim() != 4:
         raise ValueError("partial_masks needs partial_tile_ids, int32 (B|1, H|1, nQB, nKB)")
     partial_masks = partial_masks.contiguous()
-    tid = [0 if partial_tile_ids.shape[d] == 1 else partial_tile_ids.stride(d) for d in range(4)]
+    tid = broadcast_strides(partial_tile_ids, 4)
     return dict(
         p_mask=partial_masks, p_tile_ids=partial_tile_ids, PARTIAL_MASKS=True,
         stride_mask_b=0, stride_mask_h=0, stride_mask_m=block_size_k, stride_mask_n=1,
@@ -470,13 +473,16 @@ def mask_strides(attn_mask) -> tuple[int, int, int, int]:
     return tuple(attn_mask.stride()) if attn_mask is not None else (0, 0, 0, 0)
 
 
+def broadcast_strides(t: torch.Tensor, ndim: int) -> tuple[int, ...]:
+    """The strides of ``t``'s first ``ndim`` dims, 0 on a size-1 (broadcast) dim."""
+    return tuple(0 if t.shape[d] == 1 else t.stride(d) for d in range(ndim))
+
+
 def list_strides(num, idx) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """Strides of block-list counts ``(B|1, H|1, n)`` and indices ``(B|1, H|1, n, m)``; 0 on a broadcast dim."""
     if num is None:
         return (0, 0, 0), (0, 0, 0)
-    sn = tuple(0 if num.shape[d] == 1 else num.stride(d) for d in range(3))
-    si = tuple(0 if idx.shape[d] == 1 else idx.stride(d) for d in range(3))
-    return sn, si
+    return broadcast_strides(num, 3), broadcast_strides(idx, 3)
 
 
 # --------------------------------------------------------------------------- launcher

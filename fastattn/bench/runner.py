@@ -240,11 +240,8 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
                 if deadline.passed():
                     for provider in providers:
                         for mode in p.modes:
-                            rows.append({"provider": provider.name, **_workload_fields(w), "dtype": dtype_name,
-                                         "visible_fraction": visible_fraction, "mode": mode,
-                                         "flops": flops(w, mode, visible_fraction), "time_ms": None,
-                                         "repeats": None, "tflops": None, "peak_mem_bytes": None,
-                                         "speedup_vs_sdpa": None, **deadline.row_update()})
+                            rows.append({**_bench_row(provider, w, dtype_name, visible_fraction, mode),
+                                         **deadline.row_update()})
                             bar.step(f"{provider.name} {w.name} {mode} (over time)")
                     continue
                 case = make_case(w, DTYPES[dtype_name], device)
@@ -281,11 +278,16 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
     return doc
 
 
+def _bench_row(provider: Provider, w: Workload, dtype_name: str, visible_fraction: float, mode: str) -> dict:
+    """One result row before measuring: the configuration, its FLOPs, status ok and no numbers yet."""
+    return {"provider": provider.name, **_workload_fields(w), "dtype": dtype_name, "visible_fraction": visible_fraction,
+            "mode": mode, "flops": flops(w, mode, visible_fraction), "status": "ok", "time_ms": None, "repeats": None,
+            "tflops": None, "peak_mem_bytes": None, "speedup_vs_sdpa": None}
+
+
 def _bench_provider(provider: Provider, case, dtype_name: str, visible_fraction: float, p: Preset,
                     device: torch.device, explicit: bool, bar: Progress) -> list[dict]:
     w = case.workload
-    base = {"provider": provider.name, **_workload_fields(w), "dtype": dtype_name,
-            "visible_fraction": visible_fraction}
     rows = []
     run = None
     build_failure: dict | None = None
@@ -296,8 +298,7 @@ def _bench_provider(provider: Provider, case, dtype_name: str, visible_fraction:
     except Exception as exc:  # noqa: BLE001 -- recorded, never fatal
         build_failure = {"status": "oom" if is_out_of_memory(exc) else "error", "error": _short_error(exc)}
     for mode in p.modes:
-        row = {**base, "mode": mode, "flops": flops(w, mode, visible_fraction), "status": "ok", "time_ms": None,
-               "repeats": None, "tflops": None, "peak_mem_bytes": None, "speedup_vs_sdpa": None}
+        row = _bench_row(provider, w, dtype_name, visible_fraction, mode)
         if build_failure is not None:
             row.update(build_failure)
         elif mode != "fwd" and run.no_backward:

@@ -1,19 +1,25 @@
 """Builds the C++/CUDA extension ``fastattn._C``; everything else is in pyproject.toml.
 
 * The C++ CPU kernels (``csrc/*.cpp``, ``csrc/cpu/*.cpp``) are always built.
-* The CUDA kernels (``csrc/cuda/*.cu``) are built when nvcc is usable:
-  ``FASTATTN_CUDA=1`` forces them (and fails loudly without nvcc), ``FASTATTN_CUDA=0`` skips them.
-  ``TORCH_CUDA_ARCH_LIST`` picks the architectures (default ``8.0;9.0a``).
+* The CUDA kernels (``csrc/cuda/*.cu``) are built when a CUDA GPU is visible here (torch sees one,
+  or ``nvidia-smi`` lists one) and nvcc and a CUDA build of torch are there. ``FASTATTN_CUDA=1``
+  forces them (and fails loudly without nvcc), ``FASTATTN_CUDA=0`` skips them, and a set
+  ``TORCH_CUDA_ARCH_LIST`` (the architectures, default ``8.0;9.0a``) also asks for them.
+  :func:`cuda_build_choice` is the rule; the build prints what it compiles and why.
 * ``FASTATTN_SKIP_EXTENSION=1`` builds no extension at all (the Triton and reference paths still work).
 
 Install with ``pip install --no-build-isolation -e .`` after installing torch: the extension
-compiles against the torch that is already installed.
+compiles against the torch that is already installed (``pip -v`` shows ninja's ``[n/N]`` progress).
+An editable install is a link tree (setuptools' ``strict`` mode) found through a plain ``.pth``
+path entry, so a clone in a folder named ``fastattn`` cannot shadow the package as an empty
+namespace package when Python runs from the clone's parent folder.
 """
 
 import glob
 import os
 import shutil
-import sys
+import subprocess
+from collections.abc import Callable, Mapping
 
 from setuptools import find_packages, setup
 
@@ -36,27 +42,72 @@ def _find_cuda_home() -> str | None:
     return None
 
 
-def _want_cuda(cuda_home: str | None) -> bool:
-    flag = os.environ.get("FASTATTN_CUDA", "").strip()
+def cuda_build_choice(
+    env: Mapping[str, str], cuda_home: str | None, torch_cuda: str | None, gpu_visible: Callable[[], bool]
+) -> tuple[bool, str]:
+    """Whether to compile the CUDA kernels, and why (pure: every input is an argument).
+
+    Args:
+        env: the environment (``FASTATTN_CUDA``, ``TORCH_CUDA_ARCH_LIST`` are read).
+        cuda_home: the CUDA toolkit folder, or None when there is none.
+        torch_cuda: ``torch.version.cuda`` (None for a CPU-only torch).
+        gpu_visible: asked only when nothing else decides: is a CUDA GPU visible here?
+
+    Returns:
+        ``(build, reason)``.
+
+    Raises:
+        SystemExit: ``FASTATTN_CUDA=1`` without a usable toolkit, or ``FASTATTN_CUDA`` not 0/1.
+    """
+    flag = env.get("FASTATTN_CUDA", "").strip()
+    if flag not in ("", "0", "1"):
+        raise SystemExit(f"FASTATTN_CUDA must be 0 (skip the CUDA kernels) or 1 (build them), got {flag!r}")
     if flag == "0":
-        return False
+        return False, "FASTATTN_CUDA=0"
+    missing = []
+    if cuda_home is None:
+        missing.append("no CUDA toolkit found (nvcc; set CUDA_HOME)")
+    if torch_cuda is None:
+        missing.append("torch is a CPU-only build")
+    if flag == "1":
+        if missing:
+            raise SystemExit("FASTATTN_CUDA=1 but the CUDA kernels cannot be built: " + "; ".join(missing))
+        return True, "FASTATTN_CUDA=1"
+    if missing:
+        return False, "; ".join(missing)
+    if env.get("TORCH_CUDA_ARCH_LIST", "").strip():
+        return True, "TORCH_CUDA_ARCH_LIST is set"
+    if gpu_visible():
+        return True, "a CUDA GPU is visible"
+    return False, "no CUDA GPU visible (FASTATTN_CUDA=1 builds them anyway)"
+
+
+def _gpu_visible() -> bool:
+    """Does torch see a CUDA GPU, or does ``nvidia-smi -L`` list one?"""
     import torch
 
-    usable = cuda_home is not None and torch.version.cuda is not None
-    if flag == "1" and not usable:
-        sys.exit(
-            "FASTATTN_CUDA=1 but the CUDA extension cannot be built: "
-            f"CUDA toolkit {'not found (set CUDA_HOME)' if cuda_home is None else 'found at ' + cuda_home}, "
-            f"torch CUDA version {torch.version.cuda}"
-        )
-    return usable
+    if torch.cuda.is_available():
+        return True
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
+def _say(text: str) -> None:
+    """Build messages: pip shows them with ``-v`` (and in its log when the build fails)."""
+    print(f"fastattn build: {text}", flush=True)
 
 
 def _extensions():
     if os.environ.get("FASTATTN_SKIP_EXTENSION") == "1":
+        _say("FASTATTN_SKIP_EXTENSION=1: no C++/CUDA extension (the Triton and reference backends still work)")
         return [], {}
+    import torch
+
     cuda_home = _find_cuda_home()
-    with_cuda = _want_cuda(cuda_home)
+    with_cuda, why = cuda_build_choice(os.environ, cuda_home, torch.version.cuda, _gpu_visible)
     if with_cuda:
         # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
         os.environ["CUDA_HOME"] = cuda_home
@@ -69,7 +120,9 @@ def _extensions():
     if os.environ.get("FASTATTN_NATIVE", "0") == "1":
         cxx_flags.append("-march=native")
     include_dirs = [os.path.join(ROOT, "csrc")]
+    _say(f"C++ CPU kernels: {len(cpp_sources)} sources")
     if not with_cuda:
+        _say(f"CUDA kernels: not built ({why})")
         ext = CppExtension(
             "fastattn._C",
             cpp_sources,
@@ -80,6 +133,8 @@ def _extensions():
         return [ext], {"build_ext": BuildExtension}
 
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    _say(f"CUDA kernels: {len(cuda_sources)} sources for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
+         f"with {cuda_home}/bin/nvcc ({why}); the slow part: minutes per source and architecture")
     extra_includes = []
     # torch's CUDA headers include cusparse.h, which a pip-installed torch ships in
     # site-packages/nvidia/cu13/include rather than in the toolkit. It goes last, after the
@@ -116,15 +171,21 @@ def _extensions():
     return [ext], {"build_ext": BuildExtension}
 
 
-ext_modules, cmdclass = _extensions()
-setup(
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    package_dir={"fastattn": "fastattn", "fastattn.triton_kernels": "triton_kernels"},
-    packages=[
-        "fastattn",
-        *[f"fastattn.{p}" for p in find_packages("fastattn")],
-        "fastattn.triton_kernels",
-        *[f"fastattn.triton_kernels.{p}" for p in find_packages("triton_kernels")],
-    ],
-)
+if __name__ == "__main__":  # also under pip: setuptools runs this file as __main__
+    ext_modules, cmdclass = _extensions()
+    _say(f"compiling with ninja, MAX_JOBS={os.environ.get('MAX_JOBS', 'all cores')}; "
+         "its [n/N] progress lines show under pip -v" if ext_modules else "no extension to compile")
+    setup(
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+        package_dir={"fastattn": "fastattn", "fastattn.triton_kernels": "triton_kernels"},
+        packages=[
+            "fastattn",
+            *[f"fastattn.{p}" for p in find_packages("fastattn")],
+            "fastattn.triton_kernels",
+            *[f"fastattn.triton_kernels.{p}" for p in find_packages("triton_kernels")],
+        ],
+        # An editable install as a link tree behind a plain .pth path entry, not setuptools' default
+        # import hook (which Python consults after a same-named folder in the working directory).
+        options={"editable_wheel": {"mode": "strict"}},
+    )

@@ -179,11 +179,29 @@ def head_statistics(record: AttentionRecord | torch.Tensor, offset: int | None =
 
 def plot_attention_maps(records: list[AttentionRecord], path: str | Path, heads: list[int] | None = None,
                         batch_index: int = 0) -> Path:
-    """Heatmaps: one row per record (layer), one column per head, of batch element ``batch_index``."""
-    import matplotlib
+    """Heatmaps: one row per record (layer), one column per head, of batch element ``batch_index``.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Every panel shares one colour scale (the colour bar: attention probability, 0 to the largest
+    shown) and has query/key position ticks; its title gives the head's entropy and mean attention
+    distance (:func:`head_statistics`), which the figure's footnote explains.
+
+    Raises:
+        ImportError: matplotlib is not installed (it is optional: ``pip install matplotlib``).
+    """
+    from .bench.plots import _pyplot
+
+    plt = _pyplot()
+    fig = attention_figure(records, heads, batch_index)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def attention_figure(records: list[AttentionRecord], heads: list[int] | None = None, batch_index: int = 0):
+    """The matplotlib figure :func:`plot_attention_maps` saves."""
+    from .bench.plots import _pyplot
 
     if not records:
         raise ValueError("records is empty: nothing was captured")
@@ -193,26 +211,33 @@ def plot_attention_maps(records: list[AttentionRecord], path: str | Path, heads:
     bad = [h for h in heads if not 0 <= h < n_heads]
     if bad:
         raise ValueError(f"heads must lie in [0, {n_heads}), got {bad}")
-    fig, axes = plt.subplots(len(maps), len(heads), figsize=(2.4 * len(heads), 2.5 * len(maps)), squeeze=False)
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    vmax = max(float(p[batch_index, heads].max()) for _, p in maps) or 1.0
+    fig, axes = plt.subplots(len(maps), len(heads), figsize=(2.6 * len(heads) + 1.0, 2.7 * len(maps) + 0.6),
+                             squeeze=False, layout="constrained")
+    image = None
     for row, (record, p) in enumerate(maps):
         stats = head_statistics(p)
         for col, h in enumerate(heads):
             ax = axes[row][col]
-            ax.imshow(p[batch_index, h].float().cpu().numpy(), cmap="viridis", aspect="auto", interpolation="nearest")
+            image = ax.imshow(p[batch_index, h].float().cpu().numpy(), cmap="viridis", aspect="auto",
+                              interpolation="nearest", vmin=0.0, vmax=vmax)
             name = record.module or f"call {record.layer}"
-            ax.set_title(f"{name} h{h}\nH={stats[h]['entropy']:.2f} d={stats[h]['mean_distance']:.1f}", fontsize=7)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set_title(f"{name}, head {h}\nentropy {stats[h]['entropy']:.2f}, dist {stats[h]['mean_distance']:.1f}",
+                         fontsize=7)
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
+            ax.yaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
+            ax.tick_params(labelsize=6)
             if col == 0:
-                ax.set_ylabel("query", fontsize=7)
+                ax.set_ylabel("query position", fontsize=7)
             if row == len(maps) - 1:
-                ax.set_xlabel("key", fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+                ax.set_xlabel("key position", fontsize=7)
+    fig.colorbar(image, ax=axes, shrink=0.8, label="attention probability")
+    fig.supxlabel("entropy: -sum p log p over a query's keys, in nats (0 = one key, log n = uniform over n keys)\n"
+                  "dist: |query - key| in tokens, weighted by p; both averaged over the queries", fontsize=6)
+    return fig
 
 
 # ----------------------------------------------------------------------------------- example model
@@ -276,17 +301,23 @@ def cli_main(args) -> int:
         return 2
     with torch.no_grad(), capture_attention(model, layers=args.layers) as capture:
         model(tokens)
-    try:
-        out = Path(args.out)
-        png = plot_attention_maps(capture.records, out / "attention_maps.png", heads=args.heads)
-    except ValueError as exc:
-        print(f"fastattn attention-map: error: {exc}", file=sys.stderr)
+    from .bench.plots import plotting_unavailable
+
+    out = Path(args.out)
+    n_heads = capture.records[0].inputs.q.shape[1] if capture.records else args.num_heads
+    bad = [h for h in (args.heads or []) if not 0 <= h < n_heads]
+    if bad:
+        print(f"fastattn attention-map: error: --heads must lie in [0, {n_heads}), got {bad}", file=sys.stderr)
         return 2
+    png = None if plotting_unavailable() else plot_attention_maps(capture.records, out / "attention_maps.png",
+                                                                   heads=args.heads)
     stats = [{"layer": r.layer, "module": r.module, **s} for r in capture.records for s in head_statistics(r)]
+    out.mkdir(parents=True, exist_ok=True)
     (out / "attention_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
     print(f"{'layer':>5}  {'module':<12} {'head':>4}  {'entropy':>8}  {'norm.':>6}  {'mean dist':>9}")
     for s in stats:
         print(f"{s['layer']:>5}  {s['module'] or '':<12} {s['head']:>4}  {s['entropy']:>8.3f}  "
               f"{s['normalized_entropy']:>6.3f}  {s['mean_distance']:>9.2f}")
-    print(f"wrote {png}\nwrote {out / 'attention_stats.json'}")
+    print(f"wrote {png}" if png else f"no plot: {plotting_unavailable()}")
+    print(f"wrote {out / 'attention_stats.json'}")
     return 0

@@ -18,8 +18,11 @@ def _cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="fastattn", description="fastattn: fused attention kernels for PyTorch")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"fastattn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("info", help="versions, devices and which backends are usable here (and why not)")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of a report")
     p.set_defaults(func=_cmd_info)
@@ -57,11 +60,22 @@ def _cmd_bench(args) -> int:
     _warn_if_busy(config.device)
     start = time.perf_counter()
     doc = bench.run_bench(config, progress=not args.no_progress)
-    paths = bench.save_bench(doc, args.out, plots=not args.no_plots)
     print(bench.bench_table(doc))
     print(f"\n{len(doc['results'])} configurations in {time.perf_counter() - start:.1f}s on {doc['environment']['device_name']}")
+    return _finish(doc, bench.save_bench(doc, args.out, plots=not args.no_plots), args)
+
+
+def _finish(doc: dict, paths: dict, args) -> int:
+    """After the table: the providers not measured and why, the files written, a missing plotter."""
+    from .bench import plotting_unavailable, skipped_providers
+
+    skipped = skipped_providers(doc)
+    if skipped:
+        print(skipped)
     for path in paths.values():
         print(f"wrote {path}")
+    if not args.no_plots and plotting_unavailable():
+        print(f"no plots: {plotting_unavailable()}")
     return _report_errors(doc)
 
 
@@ -100,12 +114,9 @@ def _cmd_memory(args) -> int:
         return 2
     start = time.perf_counter()
     doc = bench.run_memory(config, progress=not args.no_progress)
-    paths = bench.save_memory(doc, args.out, plots=not args.no_plots)
     print(bench.memory_table(doc))
     print(f"\n{len(doc['results'])} measurements in {time.perf_counter() - start:.1f}s on {doc['environment']['device_name']}")
-    for path in paths.values():
-        print(f"wrote {path}")
-    return _report_errors(doc)
+    return _finish(doc, bench.save_memory(doc, args.out, plots=not args.no_plots), args)
 
 
 def _cmd_attention_map(args) -> int:
@@ -148,8 +159,9 @@ def _register_memory(sub) -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--quick", action="store_true", help="the quick preset (default; well under a minute on CPU)")
     which.add_argument("--full", action="store_true", help="longer lengths, up to out-of-memory or the budget")
-    _add_common(p, "bench_out")
-    p.add_argument("--workload", default="dense", choices=("dense", "causal", "window", "gqa"))
+    _add_common(p, "memory_out")
+    p.add_argument("--workload", default="dense", choices=("dense", "causal", "window", "gqa"),
+                   help="the attention pattern profiled (default dense)")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="default: fp32 on CPU, bf16 on CUDA")
     p.add_argument("--memory-budget", type=float, metavar="GIB",
                    help="stop a provider's sweep before its predicted peak exceeds this (default: 4 GiB on CPU, "
@@ -165,7 +177,8 @@ def _register_attention_map(sub) -> None:
     p.add_argument("--num-layers", type=int, default=2, help="layers of the example model (default 2)")
     p.add_argument("--num-heads", type=int, default=4, help="heads of the example model (default 4)")
     p.add_argument("--causal", action="store_true", help="a causal (decoder-style) example model")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the example model's random weights and input tokens (default 0)")
     p.add_argument("--out", default="attention_maps", help="output folder (default attention_maps)")
     p.set_defaults(func=_cmd_attention_map)
 
@@ -174,7 +187,11 @@ _SUBCOMMANDS: list = [_register_bench, _register_memory, _register_attention_map
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # a bare `fastattn`: what it can do
+        parser.print_help()
+        return 0
     return args.func(args)
 
 

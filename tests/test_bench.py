@@ -113,7 +113,8 @@ def test_workload_rejects_bad_arguments():
 # ------------------------------------------------------------------------------- runner
 def _fast(config):
     """The same configurations, timed with fewer repeats (these tests check the document, not speed)."""
-    config.preset = dataclasses.replace(config.preset, min_repeats=2, max_repeats=2, time_budget_s=0.0)
+    config.preset = dataclasses.replace(config.preset, min_repeats=2, max_repeats=2, noisy_max_repeats=2,
+                                        time_budget_s=0.0)
     return config
 
 
@@ -154,6 +155,8 @@ def test_bench_results_are_consistent(tiny_run):
             assert r["status"] == "ok", r
     for r in ok:
         assert r["time_ms"] > 0 and r["repeats"] == 2
+        assert 0 < r["time_min_ms"] <= r["time_q1_ms"] <= r["time_ms"] <= r["time_q3_ms"] <= r["time_max_ms"]
+        assert r["spread"] == pytest.approx((r["time_q3_ms"] - r["time_q1_ms"]) / r["time_ms"])
         assert r["tflops"] == pytest.approx(r["flops"] / (r["time_ms"] * 1e-3) / 1e12)
         assert r["peak_mem_bytes"] is not None and r["peak_mem_bytes"] >= 0
         sdpa = by_key[(r["name"], r["dtype"], r["mode"], "sdpa")]
@@ -178,7 +181,11 @@ def test_bench_files_are_written(tiny_run):
     assert "tflops_plot" not in paths
     assert paths["density_plot"].stat().st_size > 1000
     table = bench.bench_table(doc)
-    assert "fastattn-reference" in table and "speedup over torch SDPA" in table
+    assert "fastattn-reference" in table
+    # The summary, or (on a busy machine, as this one often is) why there is none.
+    blockers = bench.headline_blockers(doc)
+    assert ("speedup over torch SDPA" in table) == (not blockers)
+    assert all(why in table for why in blockers)
 
 
 def test_bench_plot_of_a_length_sweep(tmp_path):
@@ -352,3 +359,172 @@ def test_gpu_check_script_rejects_bad_flags():
     assert proc.returncode == 2 and "--only takes triton, cuda or cpu" in proc.stderr
     proc = subprocess.run(["bash", str(script), "--budget", "9m"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--budget takes whole seconds" in proc.stderr
+
+
+# ------------------------------------------------------------------------------- spread, noise, headline
+def test_timing_stats_on_known_values():
+    stats = bench.runner.timing_stats([4.0, 1.0, 3.0, 2.0, 100.0])
+    assert stats["time_ms"] == 3.0 and stats["time_min_ms"] == 1.0 and stats["time_max_ms"] == 100.0
+    assert (stats["time_q1_ms"], stats["time_q3_ms"]) == (2.0, 4.0)
+    assert stats["spread"] == pytest.approx(2.0 / 3.0) and stats["repeats"] == 5
+    one = bench.runner.timing_stats([2.5])
+    assert one["time_ms"] == one["time_q1_ms"] == one["time_q3_ms"] == 2.5 and one["spread"] == 0.0
+
+
+class _FakeClock:
+    """``time.perf_counter`` for the runner; each timed call advances it by the next given duration."""
+
+    def __init__(self, durations_ms):
+        self.now, self.durations = 0.0, list(durations_ms)
+
+    def perf_counter(self):
+        return self.now
+
+    def call(self):
+        self.now += self.durations.pop(0) * 1e-3
+
+
+@pytest.mark.parametrize("durations, expected_repeats", [
+    pytest.param([10.0] * 40, 4, id="steady: the preset's repeats"),
+    # Every other call slowed down 3x (another process on the core): repeats rise to the noisy cap.
+    pytest.param([10.0, 30.0] * 20, 12, id="noisy: raised to noisy_max_repeats"),
+    # Noisy at first, steady afterwards: extra calls stop once the spread is small again.
+    pytest.param([10.0, 30.0, 10.0, 30.0] + [10.0] * 36, 9, id="noisy then steady"),
+])
+def test_noisy_cells_get_more_repeats(monkeypatch, durations, expected_repeats):
+    clock = _FakeClock(durations)
+    monkeypatch.setattr(bench.runner, "time", clock)
+    p = dataclasses.replace(bench.preset("quick", "cpu"), min_repeats=4, max_repeats=4, noisy_max_repeats=12,
+                            time_budget_s=1.0)
+    stats = bench.runner.time_call(clock.call, torch.device("cpu"), p)
+    assert stats["repeats"] == expected_repeats
+    assert (stats["spread"] > bench.runner.NOISY_SPREAD) == (expected_repeats == 12)
+
+
+def test_noisy_repeats_stop_when_the_time_has_doubled(monkeypatch):
+    """With no time budget left, the extra calls take at most as long again as the first ones."""
+    clock = _FakeClock([10.0, 30.0, 10.0, 30.0] + [300.0] * 10)
+    monkeypatch.setattr(bench.runner, "time", clock)
+    p = dataclasses.replace(bench.preset("quick", "cpu"), min_repeats=4, max_repeats=4, noisy_max_repeats=12,
+                            time_budget_s=0.0)
+    # 80 ms for the first four calls; one more 300 ms call passes 2 x 80 ms.
+    assert bench.runner.time_call(clock.call, torch.device("cpu"), p)["repeats"] == 5
+
+
+def _doc(load_start, load_end, cores=2, spreads=(0.01, 0.02, 0.03, 0.01)):
+    rows = []
+    for i, spread in enumerate(spreads):
+        for provider, ms in (("sdpa", 2.0), ("fastattn-cpu", 1.0)):
+            rows.append({"provider": provider, "name": f"dense-L{i}", "dtype": "fp32", "mode": "fwd", "status": "ok",
+                         "time_ms": ms, "spread": spread, "speedup_vs_sdpa": 2.0 / ms, "tflops": 0.1})
+    return {"environment": {"device": "cpu", "cpu_count": cores, "load_average": [load_end, 1.0, 1.0]},
+            "load_average_start": load_start, "results": rows}
+
+
+def test_summary_is_printed_on_a_quiet_machine():
+    doc = _doc(1.9, 2.1)
+    assert bench.headline_blockers(doc) == []
+    table = bench.bench_table(doc)
+    assert "speedup over torch SDPA" in table and "2.00x (4)" in table
+    assert "1 ±1%" in table and "!" not in table.split("speedup")[0].splitlines()[2]
+
+
+@pytest.mark.parametrize("load_start, load_end", [(9.5, 2.0), (2.0, 9.5)])
+def test_summary_refused_when_the_machine_is_oversubscribed(load_start, load_end):
+    doc = _doc(load_start, load_end)
+    [why] = bench.headline_blockers(doc)
+    assert "oversubscribed: load average 9.5 on 2 cores" in why
+    table = bench.bench_table(doc)
+    assert "speedup over torch SDPA" not in table and "2.00x" not in table
+    assert "no speedup summary" in table and "Re-run" in table and "fastattn bench --quick" in table
+
+
+def test_summary_refused_when_many_cells_are_noisy():
+    doc = _doc(1.0, 1.0, spreads=(0.5, 0.01, 0.4, 0.02))
+    [why] = bench.headline_blockers(doc)
+    assert why.startswith("4 of 8 cells are noisy")
+    assert "±50%!" in bench.bench_table(doc)
+    # On a GPU the load average is not the question, the spread still is.
+    gpu = _doc(30.0, 30.0)
+    gpu["environment"]["device"] = "cuda"
+    assert bench.headline_blockers(gpu) == []
+
+
+def test_skipped_providers_are_listed_with_reasons(tiny_run):
+    _, doc, _ = tiny_run
+    text = bench.skipped_providers(doc)
+    skipped = [name for name, s in doc["providers"].items() if not s["selected"]]
+    assert skipped, "on a CPU some providers (flex, sdpa-efficient, ...) are always skipped"
+    for name in skipped:
+        line = next(line for line in text.splitlines() if line.strip().startswith(name + ":"))
+        assert line.split(":", 1)[1].strip(), name
+
+
+# ------------------------------------------------------------------------------- CLI conventions
+def test_cli_bench_without_matplotlib(tmp_path, monkeypatch, capsys):
+    """matplotlib is optional: one line says the plots are skipped; table, files and exit status as usual."""
+    from fastattn.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    out = tmp_path / "out"
+    rc = main(["bench", "--seq-lens", "33", "--workloads", "causal", "--modes", "fwd", "--providers", "reference",
+               "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert "median time (ms)" in printed and "fastattn-reference" in printed and "not measured here:" in printed
+    assert printed.count("matplotlib is not installed") == 1
+    assert (out / "bench.json").exists() and (out / "bench.csv").exists() and not list(out.glob("*.png"))
+    assert main(["memory", "--seq-lens", "16,32", "--providers", "reference", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert "no plots: matplotlib is not installed" in capsys.readouterr().out
+    with pytest.raises(ImportError, match="matplotlib is not installed"):
+        bench.plot_memory(json.loads((out / "memory.json").read_text()), out / "m.png")
+
+
+def test_cli_version_bare_help_and_defaults(capsys):
+    from fastattn import __version__
+    from fastattn.cli import build_parser, main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"fastattn {__version__}"
+    assert main([]) == 0
+    usage = capsys.readouterr().out
+    assert usage.startswith("usage: fastattn") and "bench" in usage and "attention-map" in usage
+    parser = build_parser()
+    assert parser.parse_args(["memory"]).out == "memory_out"
+    assert parser.parse_args(["bench"]).out == "bench_out"
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    seed = next(a for a in sub["attention-map"]._actions if a.dest == "seed")
+    assert seed.help and "seed" in seed.help
+    assert all(a.help for p in sub.values() for a in p._actions), "every option has a help text"
+    ignored = (ROOT / ".gitignore").read_text().split()
+    assert {"bench_out/", "memory_out/", "attention_maps/"} <= set(ignored)
+
+
+# ------------------------------------------------------------------------------- plots
+def test_plot_styles_tell_every_provider_apart():
+    from fastattn.bench.plots import _style
+
+    styles = [_style(i) for i in range(10)]
+    assert len({(s["marker"], s["linestyle"]) for s in styles}) == 10
+    # sdpa and sdpa-flash (neighbours) differ in marker, dash pattern and size.
+    assert all(a["marker"] != b["marker"] and a["linestyle"] != b["linestyle"] and a["markersize"] > b["markersize"]
+               for a, b in zip(styles, styles[1:5]))
+
+
+@pytest.mark.parametrize("low, high, expected", [(0.3, 3.0, {"0.5", "1", "2"}), (0.01, 500.0, {"0.1", "1", "10", "100"})])
+def test_log_axis_labels_are_plain_and_sparse(low, high, expected):
+    from fastattn.bench.plots import _log_axis, _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [low, high])
+    _log_axis(ax, "y")
+    fig.canvas.draw()
+    lo, hi = ax.get_ylim()
+    labels = {t.get_text() for t in ax.get_yticklabels() if t.get_text() and lo <= t.get_position()[1] <= hi}
+    minor = {t.get_text() for t in ax.get_yticklabels(minor=True) if t.get_text()}
+    plt.close(fig)
+    assert expected <= labels and len(labels) <= 8 and not minor
+    assert all("$" not in text and "^" not in text for text in labels)

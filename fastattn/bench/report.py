@@ -14,9 +14,12 @@ from pathlib import Path
 
 import torch
 
+from .runner import NOISY_SPREAD
+
 CSV_COLUMNS = (
     "provider", "workload", "name", "dtype", "mode", "batch", "heads_q", "heads_kv", "seqlen", "head_dim",
-    "window", "density", "block_size", "visible_fraction", "flops", "status", "time_ms", "repeats", "tflops",
+    "window", "density", "block_size", "visible_fraction", "flops", "status", "time_ms", "time_min_ms",
+    "time_q1_ms", "time_q3_ms", "time_max_ms", "spread", "repeats", "tflops",
     "peak_mem_bytes", "speedup_vs_sdpa", "reasons", "error",
 )
 
@@ -47,6 +50,11 @@ def device_slug(env: dict) -> str:
     name = env["device_name"].lower()
     match = re.search(r"\b([a-z]{1,2}\d{2,4}[a-z]?)\b", name.replace("nvidia", ""))
     return match.group(1) if match else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (runnable processes, averaged), or None where the OS has none."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def environment(device: torch.device) -> dict:
@@ -110,6 +118,14 @@ def _cell(row: dict | None, field: str, fmt: str) -> str:
     return "" if value is None else format(value, fmt)
 
 
+def _time_cell(row: dict | None) -> str:
+    """``median ±spread%`` (the spread: interquartile range / median), ``!`` marking a noisy cell."""
+    text = _cell(row, "time_ms", ".3g")
+    if row is None or row["status"] != "ok" or row.get("spread") is None:
+        return text
+    return f"{text} ±{100 * row['spread']:.0f}%" + ("!" if row["spread"] > NOISY_SPREAD else "")
+
+
 def _grid(headers: list[str], lines: list[list[str]]) -> str:
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(headers)]
     out = ["  ".join(h.rjust(w) if i >= 1 else h.ljust(w) for i, (h, w) in enumerate(zip(headers, widths)))]
@@ -119,16 +135,55 @@ def _grid(headers: list[str], lines: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+# A headline needs most cells steady: at most this fraction of timed cells may be noisy.
+MAX_NOISY_FRACTION = 0.25
+
+
+def headline_blockers(doc: dict) -> list[str]:
+    """Why the speedup summary of ``doc`` cannot be trusted (empty: it can).
+
+    CPU runs: the machine was oversubscribed -- the 1-minute load average, at the start or the end of
+    the run, exceeded the core count by more than one half (the benchmark's own threads count up to one
+    core each, so a quiet machine reads about its thread count). Any device: more than
+    :data:`MAX_NOISY_FRACTION` of the timed cells have a spread above :data:`NOISY_SPREAD` even after
+    the extra calls.
+    """
+    env = doc["environment"]
+    why = []
+    if env.get("device") == "cpu":
+        cores = env.get("cpu_count") or 1
+        loads = [x for x in (doc.get("load_average_start"), (env.get("load_average") or [None])[0]) if x is not None]
+        if loads and max(loads) > cores + 0.5:
+            why.append(f"the machine was oversubscribed: load average {max(loads):.1f} on {cores} cores "
+                       "(other processes took the CPU for part of the run)")
+    timed = [r for r in doc["results"] if r["status"] == "ok" and r.get("spread") is not None]
+    noisy = [r for r in timed if r["spread"] > NOISY_SPREAD]
+    if timed and len(noisy) > MAX_NOISY_FRACTION * len(timed):
+        why.append(f"{len(noisy)} of {len(timed)} cells are noisy (interquartile range over "
+                   f"{100 * NOISY_SPREAD:.0f}% of the median, marked !)")
+    return why
+
+
 def bench_table(doc: dict) -> str:
-    """Median milliseconds per configuration (rows) and provider (columns), then the geometric-mean
-    speedup over torch SDPA per provider and mode. ``n/a`` = the provider cannot serve it."""
+    """Median milliseconds ± spread per configuration (rows) and provider (columns), then the
+    geometric-mean speedup over torch SDPA per provider and mode -- or, when
+    :func:`headline_blockers` finds the run untrustworthy, why there is none and how to re-run.
+    ``n/a`` = the provider cannot serve it."""
     rows = doc["results"]
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     configs = list(dict.fromkeys((r["name"], r["dtype"], r["mode"]) for r in rows))
     index = {(r["name"], r["dtype"], r["mode"], r["provider"]): r for r in rows}
-    lines = [[f"{name} {dtype} {mode}", *(_cell(index.get((name, dtype, mode, p)), "time_ms", ".3g") for p in providers)]
+    lines = [[f"{name} {dtype} {mode}", *(_time_cell(index.get((name, dtype, mode, p))) for p in providers)]
              for name, dtype, mode in configs]
-    text = ["median time (ms)", _grid(["configuration", *providers], lines), ""]
+    text = ["median time (ms) ± spread (interquartile range of the repeats as % of the median; ! = noisy)",
+            _grid(["configuration", *providers], lines), ""]
+    blockers = headline_blockers(doc)
+    if blockers:
+        text += ["no speedup summary: " + "; ".join(blockers) + ".",
+                 "The cells above are medians of what ran, but ratios between them would mostly measure the other load.",
+                 "Re-run when the machine is quiet (`uptime` shows a load average below the core count), e.g. "
+                 "`fastattn bench --quick`, or with fewer threads than cores (`OMP_NUM_THREADS=1 fastattn bench --quick`)."]
+        return "\n".join(text)
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     summary = []
     for p in providers:
@@ -141,6 +196,13 @@ def bench_table(doc: dict) -> str:
     text += ["speedup over torch SDPA (geometric mean over configurations, count in brackets); best TFLOP/s",
              _grid(["provider", *modes, "best TFLOP/s"], summary)]
     return "\n".join(text)
+
+
+def skipped_providers(doc: dict) -> str:
+    """One line per provider that was not measured, and why (empty when every known one ran)."""
+    lines = [f"  {name}: {'; '.join(s['reasons']) or 'not asked for (--providers)'}"
+             for name, s in doc.get("providers", {}).items() if not s["selected"]]
+    return "not measured here:\n" + "\n".join(lines) if lines else ""
 
 
 def memory_table(doc: dict) -> str:

@@ -1,8 +1,11 @@
 """The one runner: times every (workload, dtype, provider, mode) and profiles memory against length.
 
-Timing: on CUDA ``triton.testing.do_bench`` (CUDA events after warm-up, median); on CPU one warm-up
-call, then timed calls with ``time.perf_counter`` -- at least ``min_repeats``, more while under the
-preset's time budget, at most ``max_repeats`` -- and their median.
+Timing: on CUDA ``triton.testing.do_bench`` (CUDA events after warm-up); on CPU one warm-up call,
+then timed calls with ``time.perf_counter`` -- at least ``min_repeats``, more while under the
+preset's time budget, at most ``max_repeats``. Each cell keeps the median and the spread of its
+calls (min, quartiles, max; ``spread`` = interquartile range / median); a CPU cell whose spread
+exceeds :data:`NOISY_SPREAD` is timed again: up to ``noisy_max_repeats`` calls in all, in at most as
+much time again as it took (or the preset's time budget, if that is more).
 """
 
 from __future__ import annotations
@@ -138,21 +141,44 @@ def bench_config(
 
 
 # --------------------------------------------------------------------------------------- timing
-def time_call(fn: Callable[[], object], device: torch.device, p: Preset) -> tuple[float, int | None]:
-    """Median milliseconds of ``fn()`` (already warmed up once) and the number of timed calls."""
+NOISY_SPREAD = 0.2  # a cell whose interquartile range exceeds 20% of its median counts as noisy
+
+
+def timing_stats(times_ms: list[float]) -> dict:
+    """Median, min, quartiles and max of the timed calls (ms), their count, and ``spread`` = IQR / median."""
+    ordered = sorted(times_ms)
+    median = statistics.median(ordered)
+    q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) >= 2 else ordered * 3
+    return {"time_ms": median, "time_min_ms": ordered[0], "time_q1_ms": q1, "time_q3_ms": q3,
+            "time_max_ms": ordered[-1], "spread": (q3 - q1) / median if median > 0 else 0.0,
+            "repeats": len(ordered)}
+
+
+def time_call(fn: Callable[[], object], device: torch.device, p: Preset) -> dict:
+    """Time ``fn()`` (already warmed up once): :func:`timing_stats` of its calls."""
     if device.type == "cuda":
         import triton.testing
 
         quick = p.name == "quick"
-        ms = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100, return_mode="median")
-        return float(ms), None
+        times = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100, return_mode="all")
+        return timing_stats([float(t) for t in times])
     times: list[float] = []
     start = time.perf_counter()
-    while len(times) < p.max_repeats and (len(times) < p.min_repeats or time.perf_counter() - start < p.time_budget_s):
+
+    def timed() -> None:
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3, len(times)
+        times.append((time.perf_counter() - t0) * 1e3)
+
+    while len(times) < p.max_repeats and (len(times) < p.min_repeats or time.perf_counter() - start < p.time_budget_s):
+        timed()
+    # A noisy cell (other processes took the cores for some calls): more calls, so the median holds --
+    # at most as much time again as spent so far, or the preset's time budget if that is more.
+    spent = time.perf_counter() - start
+    while (len(times) < p.noisy_max_repeats and timing_stats(times)["spread"] > NOISY_SPREAD
+           and time.perf_counter() - start < spent + max(spent, p.time_budget_s)):
+        timed()
+    return timing_stats(times)
 
 
 def mode_fn(run: Run, mode: str) -> Callable[[], object]:
@@ -223,7 +249,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
     reasons; a failure with ``status="error"`` (or ``"oom"``) and the message -- never fatal. Once
     ``config.max_seconds`` have passed, the configurations left are recorded as ``"over_time"``.
     """
-    from .report import environment
+    from .report import environment, load_average
 
     p, device = config.preset, config.device
     deadline = Deadline(config.max_seconds)
@@ -232,6 +258,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
     total = len(p.dtypes) * len(p.workloads) * len(providers) * len(p.modes)
     bar = Progress(total, "fastattn bench", progress)
     rows: list[dict] = []
+    load_at_start = load_average()
     started = time.perf_counter()
     try:
         for dtype_name in p.dtypes:
@@ -260,8 +287,10 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
         "environment": environment(device),
         "wall_time_s": round(time.perf_counter() - started, 2),
         "flop_formula": "fwd = 4*B*Hq*Lq*Lk*D*visible_fraction; bwd = 2.5*fwd; fwd+bwd = 3.5*fwd",
-        "timing": "triton.testing.do_bench median (CUDA events)" if device.type == "cuda"
-        else f"time.perf_counter median of {p.min_repeats}..{p.max_repeats} calls after 1 warm-up (the memory call)",
+        "timing": "triton.testing.do_bench, every call (CUDA events): median, min, quartiles, max" if device.type == "cuda"
+        else f"time.perf_counter of {p.min_repeats}..{p.max_repeats} calls after 1 warm-up (the memory call), up to "
+        f"{p.noisy_max_repeats} when their spread (IQR / median) exceeds {NOISY_SPREAD:g}: median, min, quartiles, max",
+        "load_average_start": load_at_start,
         "memory": "peak bytes allocated during the call above what was live before it "
         + ("(torch.cuda.max_memory_allocated)" if device.type == "cuda" else "(torch.profiler profile_memory)"),
         "max_seconds": config.max_seconds,
@@ -281,8 +310,8 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
 def _bench_row(provider: Provider, w: Workload, dtype_name: str, visible_fraction: float, mode: str) -> dict:
     """One result row before measuring: the configuration, its FLOPs, status ok and no numbers yet."""
     return {"provider": provider.name, **_workload_fields(w), "dtype": dtype_name, "visible_fraction": visible_fraction,
-            "mode": mode, "flops": flops(w, mode, visible_fraction), "status": "ok", "time_ms": None, "repeats": None,
-            "tflops": None, "peak_mem_bytes": None, "speedup_vs_sdpa": None}
+            "mode": mode, "flops": flops(w, mode, visible_fraction), "status": "ok", "time_ms": None, "time_min_ms": None,
+            "time_q1_ms": None, "time_q3_ms": None, "time_max_ms": None, "spread": None, "repeats": None, "tflops": None, "peak_mem_bytes": None, "speedup_vs_sdpa": None}
 
 
 def _bench_provider(provider: Provider, case, dtype_name: str, visible_fraction: float, p: Preset,
@@ -311,8 +340,8 @@ def _bench_provider(provider: Provider, case, dtype_name: str, visible_fraction:
                     fn()  # warm-up: compilation, autotuning and workspaces stay out of the peak
                 # On CPU the profiled call is the warm-up (it counts tensor allocations only).
                 row["peak_mem_bytes"] = peak_memory(fn, device)
-                ms, repeats = time_call(fn, device, p)
-                row.update(time_ms=ms, repeats=repeats, tflops=row["flops"] / (ms * 1e-3) / 1e12)
+                row.update(time_call(fn, device, p))
+                row["tflops"] = row["flops"] / (row["time_ms"] * 1e-3) / 1e12
             except Exception as exc:  # noqa: BLE001 -- recorded, never fatal
                 row.update(status="oom" if is_out_of_memory(exc) else "error", error=_short_error(exc),
                            peak_mem_bytes=None)

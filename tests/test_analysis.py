@@ -158,3 +158,41 @@ def test_fastattn_nn_modules_are_captured():
         _, weights = theirs(x, x, x, attn_mask=causal, need_weights=True, average_attn_weights=False)
     assert len(capture.records) == 1 and capture.records[0].module == "<model>"
     torch.testing.assert_close(capture.records[0].probabilities(), weights, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_figure_has_colour_bar_ticks_and_explained_labels():
+    q = torch.randn(1, 2, 12, 8)
+    with analysis.capture_attention() as capture:
+        fastattn.attention(q, q, q, causal=True)
+    fig = analysis.attention_figure(capture.records)
+    try:
+        fig.canvas.draw()
+        panels = [ax for ax in fig.axes if ax.get_images()]
+        colour_bars = [ax for ax in fig.axes if not ax.get_images()]
+        assert len(panels) == 2 and len(colour_bars) == 1
+        assert "attention probability" in colour_bars[0].get_ylabel()
+        for ax in panels:
+            assert len(ax.get_xticks()) >= 2 and len(ax.get_yticks()) >= 2
+            assert "entropy" in ax.get_title() and "dist" in ax.get_title() and "H=" not in ax.get_title()
+        footnote = fig.get_supxlabel()
+        assert "entropy" in footnote and "nats" in footnote and "dist" in footnote
+        assert panels[0].get_images()[0].get_clim() == panels[1].get_images()[0].get_clim()  # one shared scale
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
+def test_attention_map_cli_without_matplotlib(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from fastattn.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "maps"
+    assert main(["attention-map", "--seq-len", "9", "--num-layers", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "entropy" in printed and printed.count("matplotlib is not installed") == 1
+    assert len(json.loads((out / "attention_stats.json").read_text())) == 4
+    assert not (out / "attention_maps.png").exists()
+    assert main(["attention-map", "--heads", "7", "--out", str(out)]) == 2

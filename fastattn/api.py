@@ -26,6 +26,7 @@ def attention(
     backend: str | None = None,
     key_lengths: torch.Tensor | None = None,
     query_lengths: torch.Tensor | None = None,
+    layout: str = "bhld",
 ):
     """Fused scaled dot-product attention.
 
@@ -59,12 +60,27 @@ def attention(
         key_lengths: int ``(B,)``: keys ``j >= key_lengths[b]`` are padding. With lengths the causal,
             window and ALiBi offsets use ``key_lengths[b] - query_lengths[b]``.
         query_lengths: int ``(B,)``: query rows ``i >= query_lengths[b]`` are padding and return 0.
+        layout: ``"bhld"`` (default): q, k, v and out are ``(B, H, L, D)`` as above; ``"blhd"``:
+            they are ``(B, L, H, D)`` (flash-attn's layout), read without a copy, and ``out`` is
+            ``(B, Lq, Hq, Dv)`` (a transposed view). Masks, lengths and ``lse`` keep their shapes.
 
     Returns:
         ``out (B, Hq, Lq, Dv)`` in q's dtype, or ``(out, lse)`` with ``return_lse``. A query row that
         can see no key returns 0 -- never NaN, in the output or any gradient.
     """
     _check_bool(return_lse, "return_lse")
+    if layout not in ("bhld", "blhd"):
+        raise ValueError(f"layout must be 'bhld' (B, H, L, D) or 'blhd' (B, L, H, D), got {layout!r}")
+    if layout == "blhd":
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                raise ValueError(f"{name} must be a 4-D (B, L, H, D) tensor with layout='blhd', got "
+                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        result = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, window=window,
+                           block_mask=block_mask, attn_mask=attn_mask, alibi_slopes=alibi_slopes, softcap=softcap,
+                           dropout_p=dropout_p, scale=scale, return_lse=return_lse, backend=backend,
+                           key_lengths=key_lengths, query_lengths=query_lengths)
+        return (result[0].transpose(1, 2), result[1]) if return_lse else result.transpose(1, 2)
     inputs = normalize(
         q, k, v, causal=causal, window=window, block_mask=block_mask, attn_mask=attn_mask,
         alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, scale=scale,

@@ -135,3 +135,16 @@ def test_reasons_do_not_look_up_modules(monkeypatch):
     for backend in fastattn.list_backends().values():
         backend.reasons(inputs())
     select_backend(inputs())
+
+
+@pytest.mark.parametrize("value", ["bogus", "CPU", "fastattn-cpu"])
+def test_bad_environment_variable_is_named(monkeypatch, value):
+    monkeypatch.setenv("FASTATTN_BACKEND", value)
+    q, k, v = make_qkv(1, 2, 2, 4, 4, 8, requires_grad=False)
+    with pytest.raises(ValueError, match=f"environment variable FASTATTN_BACKEND must be one of cuda, triton, cpu, "
+                                         f"reference .*got '{value}'"):
+        fastattn.attention(q, k, v)
+    # An explicit backend= does not read the variable at all.
+    assert fastattn.attention(q, k, v, backend="reference").shape == q.shape
+    monkeypatch.setenv("FASTATTN_BACKEND", "")
+    assert fastattn.attention(q, k, v).shape == q.shape  # empty = unset

@@ -77,7 +77,12 @@ def select_backend(inputs: AttentionInputs, requested: str | None = None) -> Bac
     """The backend that serves ``inputs``: ``requested`` if given, else ``FASTATTN_BACKEND``, else the first that fits."""
     if requested is not None and not isinstance(requested, str):
         raise TypeError(f"backend must be a str or None, got {type(requested).__name__}")
-    requested = requested or os.environ.get("FASTATTN_BACKEND") or None
+    if not requested and os.environ.get("FASTATTN_BACKEND"):
+        requested = os.environ["FASTATTN_BACKEND"]
+        if requested not in PRIORITY:
+            raise ValueError(f"environment variable FASTATTN_BACKEND must be one of {', '.join(PRIORITY)} "
+                             f"(or unset, to choose automatically), got {requested!r}")
+    requested = requested or None
     if requested is not None:
         backend = get_backend(requested)
         reasons = backend.reasons(inputs)

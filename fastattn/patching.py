@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch.nn.functional as F
 from torch import nn
@@ -26,12 +27,27 @@ def patch_model(model: nn.Module) -> list[str]:
     pre-hook on the new attention module), and ``torch.nn.TransformerEncoder``'s nested-tensor
     path is switched off (``use_nested_tensor = False``) for encoders with patched layers.
 
+    One visible difference: with a ``src_key_padding_mask`` in eval mode, torch's nested-tensor path
+    returns zeros at the padded positions; the patched encoder returns what the layers compute for
+    those rows (their queries attend to the unpadded keys), as torch's own regular path does.
+    Positions that are not padding are unchanged. Mask padded outputs downstream, as usual.
+
+    Hugging Face models have their own attention classes, not ``torch.nn.MultiheadAttention``: use
+    :func:`fastattn.integrations.transformers.register` and ``attn_implementation="fastattn"``.
+    Models that call ``torch.nn.functional.scaled_dot_product_attention`` themselves: :func:`sdpa_override`.
+
     Args:
         model: any module. ``model`` itself is not replaced (build one with
             :meth:`fastattn.nn.MultiheadAttention.from_torch` instead).
 
     Returns:
-        The qualified names (as in ``model.named_modules()``) of the replaced modules.
+        The qualified names (as in ``model.named_modules()``) of the replaced modules. When there are
+        none, a warning says what to use instead.
+
+    Raises:
+        TypeError: ``model`` is not a module, or is a ``torch.nn.MultiheadAttention`` itself.
+        ValueError: ``model`` is a Hugging Face model with nothing to replace (the message says how
+            to run it on fastattn).
     """
     from .nn import MultiheadAttention
 
@@ -61,7 +77,27 @@ def patch_model(model: nn.Module) -> list[str]:
             isinstance(layer.self_attn, MultiheadAttention) for layer in module.layers
         ):
             module.use_nested_tensor = False
+    if not targets:
+        _nothing_replaced(model)
     return [name for name, _ in targets]
+
+
+def _nothing_replaced(model: nn.Module) -> None:
+    from .nn import MultiheadAttention
+
+    if type(model).__module__.startswith("transformers."):
+        raise ValueError(
+            f"patch_model found no torch.nn.MultiheadAttention in {type(model).__name__}: Hugging Face models "
+            "have their own attention classes. Run them on fastattn with "
+            "fastattn.integrations.transformers.register(), then attn_implementation='fastattn' in "
+            "from_pretrained/from_config, or model.set_attn_implementation('fastattn')"
+        )
+    if not any(isinstance(m, MultiheadAttention) for m in model.modules()):
+        warnings.warn(
+            f"patch_model found no torch.nn.MultiheadAttention in {type(model).__name__}, so nothing was replaced. "
+            "For a model that calls torch.nn.functional.scaled_dot_product_attention, use "
+            "`with fastattn.sdpa_override():`", stacklevel=3,
+        )
 
 
 @contextlib.contextmanager
@@ -69,11 +105,14 @@ def sdpa_override():
     """Route ``torch.nn.functional.scaled_dot_product_attention`` through :func:`fastattn.scaled_dot_product_attention`.
 
     Inside the ``with`` block every call that looks the function up on ``torch.nn.functional``
-    (Hugging Face's ``"sdpa"`` attention, ``torch.nn.MultiheadAttention``'s fused path, most
-    models) runs on fastattn; the original is restored on exit, also when the block raises. Code
-    that imported the function by name before the block (``from torch.nn.functional import
-    scaled_dot_product_attention``) keeps its own reference and is not rerouted. Not thread-safe:
-    the swap is process-wide while the block runs.
+    (Hugging Face's ``"sdpa"`` attention, most hand-written models) runs on fastattn; the original
+    is restored on exit, also when the block raises. Not rerouted: code that imported the function
+    by name before the block (``from torch.nn.functional import scaled_dot_product_attention``)
+    keeps its own reference; and the fused inference fast path of ``torch.nn.MultiheadAttention``
+    and ``torch.nn.TransformerEncoderLayer`` (eval mode under ``torch.no_grad()``, when torch's
+    conditions for it hold: batch-first, an even number of heads, ...) runs in C++ and never looks
+    it up, so their attention stays torch's there. Use :func:`patch_model` for those modules. Not thread-safe: the swap is
+    process-wide while the block runs.
 
     Example::
 

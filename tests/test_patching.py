@@ -120,3 +120,58 @@ def test_sdpa_override_reaches_torch_multihead_attention():
         got, _ = mha(x, x, x, need_weights=False)
     assert seen, "torch.nn.MultiheadAttention did not call the overridden SDPA"
     torch.testing.assert_close(got, expected)
+
+
+def test_patch_model_without_multihead_attention_warns():
+    with pytest.warns(UserWarning, match="no torch.nn.MultiheadAttention in Sequential.*sdpa_override"):
+        assert fastattn.patch_model(nn.Sequential(nn.Linear(4, 4))) == []
+
+
+def test_patch_model_on_a_hugging_face_model_points_at_register():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=11, n_embd=8, n_layer=1, n_head=2, n_positions=16)
+    model = transformers.GPT2Model(config)
+    with pytest.raises(ValueError, match=r"Hugging Face .*integrations\.transformers\.register\(\).*'fastattn'"):
+        fastattn.patch_model(model)
+
+
+def test_sdpa_override_does_not_reach_the_fused_inference_path():
+    """As documented: torch's fused inference fast path of nn.MultiheadAttention and
+    nn.TransformerEncoderLayer (eval, no_grad) never calls F.scaled_dot_product_attention; with
+    gradients recorded (the regular path) they do."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=24, dropout=0.0, batch_first=True).eval()
+    mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    x = torch.randn(2, 6, 16)
+    seen = []
+    real = fastattn.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(1)
+        return real(*args, **kwargs)
+
+    with fastattn.sdpa_override():
+        torch.nn.functional.scaled_dot_product_attention = spy
+        with torch.no_grad():
+            layer(x)
+            mha(x, x, x, need_weights=False)
+        assert not seen
+        mha(x, x, x, need_weights=False)
+        assert len(seen) == 1
+
+
+def test_patched_encoder_returns_values_at_padded_positions():
+    """As documented: the nested-tensor path gives 0 at padded positions, the patched encoder does not;
+    every other position is unchanged."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    x = torch.randn(2, 7, 16)
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[1, 4:] = True
+    with torch.no_grad():
+        before = encoder(x, src_key_padding_mask=padding)
+        fastattn.patch_model(encoder)
+        after = encoder(x, src_key_padding_mask=padding)
+    assert torch.all(before[padding] == 0) and after[padding].abs().sum() > 0
+    torch.testing.assert_close(after[~padding], before[~padding], rtol=1e-4, atol=1e-5)

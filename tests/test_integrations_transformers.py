@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fastattn
+import fastattn.patching
 
 from .tolerance import assert_close_to_reference
 
@@ -127,3 +128,39 @@ def test_greedy_generate_matches_sdpa(make_config, attention_calls):
 def test_import_fastattn_does_not_import_transformers():
     code = "import sys, fastattn, fastattn.nn, fastattn.integrations; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def falcon():
+    return transformers.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     max_position_embeddings=64, multi_query=False)
+
+
+def test_falcon_cannot_use_the_name_but_runs_under_sdpa_override(monkeypatch):
+    """As documented: Falcon looks its attention class up in its own table (no 'fastattn' there); its
+    SDPA path runs on fastattn inside sdpa_override, matching SDPA."""
+    with pytest.raises(KeyError, match="fastattn"):
+        build(falcon(), "AutoModelForCausalLM", "fastattn")
+    ids, mask = batch("none")
+    ref64 = logits(build(falcon(), "AutoModelForCausalLM", "sdpa", torch.float64), ids, mask)
+    model = build(falcon(), "AutoModelForCausalLM", "sdpa")
+    sdpa = logits(model, ids, mask)
+    calls = []
+    real = fastattn.scaled_dot_product_attention
+    monkeypatch.setattr(fastattn.patching, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    with fastattn.sdpa_override():
+        ours = logits(model, ids, mask)
+    assert len(calls) == 2, "Falcon's SDPA path did not reach fastattn"
+    assert_close_to_reference("logits", ours, ref64, sdpa)
+
+
+def test_forgetting_register_gives_transformers_error_the_docs_name():
+    """The docs quote transformers' message for an unregistered name; keep them in step."""
+    code = ("import transformers\n"
+            "c = transformers.GPT2Config(vocab_size=11, n_embd=8, n_layer=1, n_head=2, n_positions=16)\n"
+            "transformers.AutoModel.from_config(c, attn_implementation='fastattn')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    quoted = 'Specified `attn_implementation="fastattn"` is not supported'
+    assert quoted in out.stderr
+    assert quoted in fastattn_hf.__doc__

@@ -14,6 +14,25 @@ padding patterns already combined) or as None when plain causal attention suffic
 then runs as ``causal=True`` with no mask at all. GQA runs natively (no ``repeat_kv``).
 
 transformers is an optional dependency: this module imports it, ``import fastattn`` never does.
+
+Forgot :func:`register`? transformers then answers
+``Specified `attn_implementation="fastattn"` is not supported. The only possible arguments are ...``:
+call ``register()`` first, once per process.
+(``fastattn.patch_model`` does not apply: it replaces ``torch.nn.MultiheadAttention``, which
+Hugging Face models do not use, and says so.)
+
+Which architectures work. Every model whose attention goes through transformers' attention
+interface (``ALL_ATTENTION_FUNCTIONS``; the model class sets ``_supports_attention_backend``) --
+most current ones: Llama, Mistral (with sliding windows), Qwen2/3, Gemma 2 (softcap), Phi, GPT-2,
+BERT and many more; Llama, Mistral, GPT-2 and BERT are checked against SDPA in fastattn's tests.
+Which cannot: models that pick their attention class from their own table keyed by the
+implementation name, so an added name is unknown to them. With transformers 5.24 these are Falcon
+(``KeyError: 'fastattn'``), GPT-Neo, Bark, GIT, Data2Vec-Vision, SAM / SAM-HQ vision, SuperGlue and
+two OCR models; models without the attention interface are refused by transformers itself. For
+those with an SDPA path use ``attn_implementation="sdpa"`` inside ``with fastattn.sdpa_override():``
+instead -- checked for Falcon with one K/V head per query head; Falcon's multi-query default
+hands SDPA a single K/V head to broadcast, which ``fastattn.scaled_dot_product_attention``
+refuses (it asks for ``enable_gqa=True``), so that configuration stays on torch's SDPA.
 """
 
 from __future__ import annotations

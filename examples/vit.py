@@ -5,7 +5,8 @@ otherwise a synthetic set of the same kind, made here: the glyphs 0-9 of matplot
 DejaVu fonts, randomly scaled, rotated, shifted and noised, rasterised to 12x12 (the script
 says which one it uses). Nothing is downloaded.
 
-    python examples/vit.py                 # ~1-2 minutes on a CPU
+    python examples/vit.py                 # 300 steps: up to ~20 min on a 2-core CPU (4.1 s a step
+                                           # measured on a busy one); less on a quiet or bigger machine
     python examples/vit.py --steps 5       # smoke test
 """
 

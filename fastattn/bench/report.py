@@ -179,10 +179,11 @@ def bench_table(doc: dict) -> str:
             _grid(["configuration", *providers], lines), ""]
     blockers = headline_blockers(doc)
     if blockers:
+        cores = doc["environment"].get("cpu_count") or 1
         text += ["no speedup summary: " + "; ".join(blockers) + ".",
                  "The cells above are medians of what ran, but ratios between them would mostly measure the other load.",
-                 "Re-run when the machine is quiet (`uptime` shows a load average below the core count), e.g. "
-                 "`fastattn bench --quick`, or with fewer threads than cores (`OMP_NUM_THREADS=1 fastattn bench --quick`)."]
+                 f"Re-run the same command (e.g. `fastattn bench --quick`) when the machine is quiet: `uptime` showing a "
+                 f"1-minute load average below {cores + 0.5:g} for these {cores} cores, with nothing else running."]
         return "\n".join(text)
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     summary = []

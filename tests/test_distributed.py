@@ -1,0 +1,242 @@
+"""Context parallelism on CPU processes (gloo): every scheme x layout x feature against
+single-process ``fastattn.attention`` on the gathered sequence, in values, lse and gradients.
+
+One process group per world size (2 and 4) is spawned once per module and runs every case inside
+it; each rank writes what it found, and the tests below assert on those records, one test per case.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastattn
+from fastattn.distributed import context_parallel_attention, shard, unshard
+
+from .tolerance import assert_close_to_reference
+
+SCHEMES = ("ring", "allgather", "ulysses")
+LAYOUTS = ("zigzag", "contiguous")
+FEATURES = (
+    "dense", "causal", "window", "gqa", "alibi", "alibi_causal", "softcap", "key_padding", "key_padding_causal",
+    "cross_causal",
+)
+WORLD_SIZES = (2, 4)
+CASES = [f"{scheme}-{layout}-{feature}" for scheme in SCHEMES for layout in LAYOUTS for feature in FEATURES]
+CHECKS = ("uneven_shard", "odd_zigzag_shard", "mismatched_shapes", "ulysses_heads", "bad_scheme", "module", "unshard")
+
+
+def _feature_args(feature: str, world: int, L: int):
+    """``(Hq, Hkv, Lk, kwargs)`` of one feature; heads divisible by the world size (ulysses)."""
+    Hq = Hkv = world
+    Lk = L
+    kwargs = {}
+    if feature == "causal":
+        kwargs["causal"] = True
+    elif feature == "window":
+        kwargs["window"] = (5, 2)
+    elif feature == "gqa":
+        Hq, kwargs["causal"] = 2 * world, True
+    elif feature in ("alibi", "alibi_causal"):
+        Hq = 2 * world
+        kwargs["alibi_slopes"] = torch.rand(2, Hq, dtype=torch.float32) * 0.5 + 0.1  # (B, Hq)
+        kwargs["causal"] = feature == "alibi_causal"
+    elif feature == "softcap":
+        kwargs.update(softcap=2.0, causal=True, window=(7, -1))
+    elif feature == "key_padding":
+        kwargs["key_lengths"] = torch.tensor([L - 3, 0])  # batch 1 sees nothing: 0 and lse -inf, no NaN
+    elif feature == "key_padding_causal":
+        kwargs.update(key_lengths=torch.tensor([L - 3, L // 2 + 1]), causal=True, alibi_slopes=torch.rand(Hq) + 0.1)
+    elif feature == "cross_causal":
+        Lk, kwargs["causal"] = 2 * L, True
+    return Hq, Hkv, Lk, kwargs
+
+
+def _assert_lse_close(name, lse, ref, ref_lp):
+    finite = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(lse), finite), f"{name}: -inf rows differ from the reference"
+    assert_close_to_reference(name, lse[finite], ref[finite], ref_lp[finite])
+
+
+def _run_case(rank: int, world: int, scheme: str, layout: str, feature: str) -> None:
+    B, L, D = 2, 20 if world == 2 else 24, 12
+    torch.manual_seed(1234)  # the same full inputs on every rank
+    Hq, Hkv, Lk, kwargs = _feature_args(feature, world, L)
+    q, k, v = torch.randn(B, Hq, L, D), torch.randn(B, Hkv, Lk, D), torch.randn(B, Hkv, Lk, D)
+    dout = torch.randn(B, Hq, L, D)
+
+    def single_process(dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out, lse = fastattn.attention(*leaves, return_lse=True, backend="cpu", **kwargs)
+        out.backward(dout.to(dtype))
+        return out.detach(), lse, *(t.grad for t in leaves)
+
+    ref = single_process(torch.float64)
+    ref_lp = single_process(torch.float32)  # the tolerance: twice single-process float32's error
+
+    leaves = [shard(t.double(), layout=layout).detach().requires_grad_() for t in (q, k, v)]
+    out, lse = context_parallel_attention(
+        *leaves, scheme=scheme, layout=layout, return_lse=True, backend="cpu", **kwargs
+    )
+    out.backward(shard(dout.double(), layout=layout))
+    got = (out.detach(), lse, *(t.grad for t in leaves))
+    for name, value, r, r_lp in zip(("out", "lse", "dq", "dk", "dv"), got, ref, ref_lp):
+        r, r_lp = shard(r, layout=layout), shard(r_lp, layout=layout)
+        if name == "lse":
+            _assert_lse_close(name, value, r, r_lp)
+        else:
+            assert_close_to_reference(name, value, r, r_lp)
+
+
+def _expect_error(fn, kind, *words) -> None:
+    try:
+        fn()
+    except kind as exc:
+        missing = [w for w in words if w not in str(exc)]
+        assert not missing, f"error {exc!r} does not mention {missing}"
+        return
+    raise AssertionError(f"expected {kind.__name__}")
+
+
+def _run_check(rank: int, world: int, check: str) -> None:
+    x = torch.randn(1, world, 4 * world, 8, dtype=torch.float64)
+    if check == "uneven_shard":  # a length that does not split: a clear error naming the argument
+        _expect_error(lambda: shard(torch.zeros(1, 1, 2 * world + 1, 4)), ValueError, "x.shape[2]", "key_lengths")
+    elif check == "odd_zigzag_shard":
+        odd = torch.zeros(1, world, 3, 8, dtype=torch.float64)
+        _expect_error(lambda: context_parallel_attention(odd, odd, odd), ValueError, "q.shape[2]", "zigzag")
+    elif check == "mismatched_shapes":  # every rank raises, none hangs
+        mine = torch.zeros(1, world, 2 + 2 * rank, 8, dtype=torch.float64)
+        _expect_error(lambda: context_parallel_attention(mine, mine, mine, layout="contiguous"), ValueError, "same shapes")
+    elif check == "ulysses_heads":
+        odd = torch.zeros(1, world + 1, 4, 8, dtype=torch.float64)
+        _expect_error(lambda: context_parallel_attention(odd, odd, odd, scheme="ulysses"), ValueError, "q.shape[1]")
+    elif check == "bad_scheme":
+        _expect_error(lambda: context_parallel_attention(x, x, x, scheme="tree"), ValueError, "scheme")
+    elif check == "unshard":
+        for layout in LAYOUTS:
+            assert torch.equal(unshard(shard(x, layout=layout), layout=layout), x)
+    elif check == "module":
+        _check_module(rank, world)
+
+
+def _check_module(rank: int, world: int) -> None:
+    """``fastattn.nn.Attention(context_parallel_group=...)`` on shards == the module on the whole sequence."""
+    torch.manual_seed(7)
+    for position in ("rotary", "alibi"):
+        module = fastattn.nn.Attention(8 * world, 2 * world, num_kv_heads=world, causal=True, position=position)
+        x = torch.randn(2, 8 * world, 8 * world, dtype=torch.float64)
+        full_lp = module(x.float())
+        module = module.double()
+        full = module(x)
+        module.context_parallel_group = dist.group.WORLD
+        x_local = shard(x, layout="zigzag", dim=1).detach().requires_grad_()
+        local = module(x_local)
+        expected, expected_lp = (shard(t.detach(), layout="zigzag", dim=1) for t in (full, full_lp))
+        assert_close_to_reference(f"module {position}", local, expected, expected_lp)
+        local.sum().backward()  # gradients flow through the sharded module
+        assert torch.isfinite(x_local.grad).all()
+        module.context_parallel_group = None
+
+
+def _check_timeout(rank: int) -> dict:
+    """Rank 1 raises before a collective; rank 0 must get an error from the group's timeout, not hang."""
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=2))
+    x = torch.zeros(1, 2, 4, 8, dtype=torch.float64)
+    start = time.perf_counter()
+    try:
+        if rank == 1:
+            context_parallel_attention(x, x, x, group=group, window=(-2, 0))
+        else:
+            context_parallel_attention(x, x, x, group=group)
+        error = None
+    except Exception as exc:  # noqa: BLE001 -- recorded and asserted on by the test
+        error = f"{type(exc).__name__}: {str(exc)[:200]}"
+    return {"error": error, "seconds": time.perf_counter() - start}
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    records = {}
+    for case in CASES:
+        try:
+            _run_case(rank, world, *case.split("-"))
+            records[case] = None
+        except Exception:  # noqa: BLE001 -- recorded and asserted on by the test
+            records[case] = traceback.format_exc(limit=-3)
+    for check in CHECKS:
+        try:
+            _run_check(rank, world, check)
+            records[check] = None
+        except Exception:  # noqa: BLE001
+            records[check] = traceback.format_exc(limit=-3)
+    if world == 2:
+        records["timeout"] = _check_timeout(rank)
+        dist.barrier()  # rank 1 waits here on the healthy group while rank 0 times out
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(records, f)
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """``{world: [records of rank 0, rank 1, ...]}``, from one spawned group per world size."""
+    found = {}
+    for world in WORLD_SIZES:
+        out_dir = tmp_path_factory.mktemp(f"world{world}")
+        mp.start_processes(_worker, args=(world, _free_port(), str(out_dir)), nprocs=world, start_method="spawn")
+        found[world] = []
+        for rank in range(world):
+            with open(out_dir / f"rank{rank}.json") as f:
+                found[world].append(json.load(f))
+    return found
+
+
+def _assert_all_ranks(records: list[dict], key: str) -> None:
+    failures = [f"rank {r}:\n{rec[key]}" for r, rec in enumerate(records) if rec[key] is not None]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES, ids=lambda w: f"W{w}")
+@pytest.mark.parametrize("case", CASES)
+def test_matches_single_process(results, world, case):
+    _assert_all_ranks(results[world], case)
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES, ids=lambda w: f"W{w}")
+@pytest.mark.parametrize("check", CHECKS)
+def test_checks(results, world, check):
+    _assert_all_ranks(results[world], check)
+
+
+def test_a_raising_rank_does_not_hang_the_others(results):
+    failed, waiting = results[2][1]["timeout"], results[2][0]["timeout"]
+    assert failed["error"] is not None and failed["error"].startswith("ValueError") and "window" in failed["error"]
+    assert waiting["error"] is not None, "rank 0 returned although rank 1 never joined"
+    assert waiting["seconds"] < 30, f"rank 0 waited {waiting['seconds']:.1f}s with a 2s group timeout"
+
+
+def test_needs_an_initialised_process_group():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    x = torch.zeros(1, 1, 4, 8)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        context_parallel_attention(x, x, x)

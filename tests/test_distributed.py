@@ -1,8 +1,10 @@
 """Context parallelism on CPU processes (gloo): every scheme x layout x feature against
 single-process ``fastattn.attention`` on the gathered sequence, in values, lse and gradients.
 
-One process group per world size (2 and 4) is spawned once per module and runs every case inside
-it; each rank writes what it found, and the tests below assert on those records, one test per case.
+Four processes are started once per module (forkserver: torch and fastattn are imported once, not
+in every process); they run every case on the world (W = 4) and on two pairs (W = 2, ranks {0, 1}
+and {2, 3}, which also checks groups whose ranks are not the global ranks). Each rank writes what
+it found, and the tests below assert on those records, one test per case.
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ FEATURES = (
 )
 WORLD_SIZES = (2, 4)
 CASES = [f"{scheme}-{layout}-{feature}" for scheme in SCHEMES for layout in LAYOUTS for feature in FEATURES]
-CHECKS = ("uneven_shard", "odd_zigzag_shard", "mismatched_shapes", "ulysses_heads", "bad_scheme", "module", "unshard")
+CHECKS = (
+    "uneven_shard", "odd_zigzag_shard", "mismatched_shapes", "ulysses_heads", "bad_scheme", "reference_backend",
+    "module", "unshard",
+)
 
 
 def _feature_args(feature: str, world: int, L: int):
@@ -67,7 +72,7 @@ def _assert_lse_close(name, lse, ref, ref_lp):
     assert_close_to_reference(name, lse[finite], ref[finite], ref_lp[finite])
 
 
-def _run_case(rank: int, world: int, scheme: str, layout: str, feature: str) -> None:
+def _run_case(group, world: int, scheme: str, layout: str, feature: str) -> None:
     B, L, D = 2, 20 if world == 2 else 24, 12
     torch.manual_seed(1234)  # the same full inputs on every rank
     Hq, Hkv, Lk, kwargs = _feature_args(feature, world, L)
@@ -83,14 +88,14 @@ def _run_case(rank: int, world: int, scheme: str, layout: str, feature: str) -> 
     ref = single_process(torch.float64)
     ref_lp = single_process(torch.float32)  # the tolerance: twice single-process float32's error
 
-    leaves = [shard(t.double(), layout=layout).detach().requires_grad_() for t in (q, k, v)]
+    leaves = [shard(t.double(), group, layout).detach().requires_grad_() for t in (q, k, v)]
     out, lse = context_parallel_attention(
-        *leaves, scheme=scheme, layout=layout, return_lse=True, backend="cpu", **kwargs
+        *leaves, group=group, scheme=scheme, layout=layout, return_lse=True, backend="cpu", **kwargs
     )
-    out.backward(shard(dout.double(), layout=layout))
+    out.backward(shard(dout.double(), group, layout))
     got = (out.detach(), lse, *(t.grad for t in leaves))
     for name, value, r, r_lp in zip(("out", "lse", "dq", "dk", "dv"), got, ref, ref_lp):
-        r, r_lp = shard(r, layout=layout), shard(r_lp, layout=layout)
+        r, r_lp = shard(r, group, layout), shard(r_lp, group, layout)
         if name == "lse":
             _assert_lse_close(name, value, r, r_lp)
         else:
@@ -107,29 +112,35 @@ def _expect_error(fn, kind, *words) -> None:
     raise AssertionError(f"expected {kind.__name__}")
 
 
-def _run_check(rank: int, world: int, check: str) -> None:
+def _run_check(group, world: int, check: str) -> None:
+    rank = dist.get_rank(group)
+    torch.manual_seed(5)
     x = torch.randn(1, world, 4 * world, 8, dtype=torch.float64)
     if check == "uneven_shard":  # a length that does not split: a clear error naming the argument
-        _expect_error(lambda: shard(torch.zeros(1, 1, 2 * world + 1, 4)), ValueError, "x.shape[2]", "key_lengths")
+        _expect_error(lambda: shard(torch.zeros(1, 1, 2 * world + 1, 4), group), ValueError, "x.shape[2]", "key_lengths")
     elif check == "odd_zigzag_shard":
         odd = torch.zeros(1, world, 3, 8, dtype=torch.float64)
-        _expect_error(lambda: context_parallel_attention(odd, odd, odd), ValueError, "q.shape[2]", "zigzag")
+        _expect_error(lambda: context_parallel_attention(odd, odd, odd, group=group), ValueError, "q.shape[2]", "zigzag")
     elif check == "mismatched_shapes":  # every rank raises, none hangs
         mine = torch.zeros(1, world, 2 + 2 * rank, 8, dtype=torch.float64)
-        _expect_error(lambda: context_parallel_attention(mine, mine, mine, layout="contiguous"), ValueError, "same shapes")
+        _expect_error(
+            lambda: context_parallel_attention(mine, mine, mine, group=group, layout="contiguous"), ValueError, "same shapes"
+        )
     elif check == "ulysses_heads":
         odd = torch.zeros(1, world + 1, 4, 8, dtype=torch.float64)
-        _expect_error(lambda: context_parallel_attention(odd, odd, odd, scheme="ulysses"), ValueError, "q.shape[1]")
+        _expect_error(lambda: context_parallel_attention(odd, odd, odd, group=group, scheme="ulysses"), ValueError, "q.shape[1]")
     elif check == "bad_scheme":
-        _expect_error(lambda: context_parallel_attention(x, x, x, scheme="tree"), ValueError, "scheme")
+        _expect_error(lambda: context_parallel_attention(x, x, x, group=group, scheme="tree"), ValueError, "scheme")
+    elif check == "reference_backend":
+        _expect_error(lambda: context_parallel_attention(x, x, x, group=group, backend="reference"), ValueError, "backend")
     elif check == "unshard":
         for layout in LAYOUTS:
-            assert torch.equal(unshard(shard(x, layout=layout), layout=layout), x)
+            assert torch.equal(unshard(shard(x, group, layout), group, layout), x)
     elif check == "module":
-        _check_module(rank, world)
+        _check_module(group, world)
 
 
-def _check_module(rank: int, world: int) -> None:
+def _check_module(group, world: int) -> None:
     """``fastattn.nn.Attention(context_parallel_group=...)`` on shards == the module on the whole sequence."""
     torch.manual_seed(7)
     for position in ("rotary", "alibi"):
@@ -138,19 +149,18 @@ def _check_module(rank: int, world: int) -> None:
         full_lp = module(x.float())
         module = module.double()
         full = module(x)
-        module.context_parallel_group = dist.group.WORLD
-        x_local = shard(x, layout="zigzag", dim=1).detach().requires_grad_()
+        module.context_parallel_group = dist.group.WORLD if group is None else group
+        x_local = shard(x, group, "zigzag", dim=1).detach().requires_grad_()
         local = module(x_local)
-        expected, expected_lp = (shard(t.detach(), layout="zigzag", dim=1) for t in (full, full_lp))
+        expected, expected_lp = (shard(t.detach(), group, "zigzag", dim=1) for t in (full, full_lp))
         assert_close_to_reference(f"module {position}", local, expected, expected_lp)
         local.sum().backward()  # gradients flow through the sharded module
         assert torch.isfinite(x_local.grad).all()
         module.context_parallel_group = None
 
 
-def _check_timeout(rank: int) -> dict:
+def _check_timeout(rank: int, group) -> dict:
     """Rank 1 raises before a collective; rank 0 must get an error from the group's timeout, not hang."""
-    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=2))
     x = torch.zeros(1, 2, 4, 8, dtype=torch.float64)
     start = time.perf_counter()
     try:
@@ -164,27 +174,31 @@ def _check_timeout(rank: int) -> dict:
     return {"error": error, "seconds": time.perf_counter() - start}
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _run_all(group, world: int) -> dict:
+    records = {}
+    for name in CASES + list(CHECKS):
+        try:
+            if name in CHECKS:
+                _run_check(group, world, name)
+            else:
+                _run_case(group, world, *name.split("-"))
+            records[name] = None
+        except Exception:  # noqa: BLE001 -- recorded and asserted on by the test
+            records[name] = traceback.format_exc(limit=-3)
+    return records
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=4, timeout=timedelta(seconds=60)
     )
-    records = {}
-    for case in CASES:
-        try:
-            _run_case(rank, world, *case.split("-"))
-            records[case] = None
-        except Exception:  # noqa: BLE001 -- recorded and asserted on by the test
-            records[case] = traceback.format_exc(limit=-3)
-    for check in CHECKS:
-        try:
-            _run_check(rank, world, check)
-            records[check] = None
-        except Exception:  # noqa: BLE001
-            records[check] = traceback.format_exc(limit=-3)
-    if world == 2:
-        records["timeout"] = _check_timeout(rank)
-        dist.barrier()  # rank 1 waits here on the healthy group while rank 0 times out
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group, in order
+    short = dist.new_group([0, 1], timeout=timedelta(seconds=2))
+    records = {4: _run_all(None, 4), 2: _run_all(pairs[rank // 2], 2)}
+    if rank < 2:
+        records["timeout"] = _check_timeout(rank, short)
+    dist.barrier()  # rank 1 waits here on a healthy group while rank 0 times out
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(records, f)
     dist.destroy_process_group()
@@ -198,37 +212,37 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """``{world: [records of rank 0, rank 1, ...]}``, from one spawned group per world size."""
-    found = {}
-    for world in WORLD_SIZES:
-        out_dir = tmp_path_factory.mktemp(f"world{world}")
-        mp.start_processes(_worker, args=(world, _free_port(), str(out_dir)), nprocs=world, start_method="spawn")
-        found[world] = []
-        for rank in range(world):
-            with open(out_dir / f"rank{rank}.json") as f:
-                found[world].append(json.load(f))
+    """The records of ranks 0-3: ``{"2": {case: None or traceback}, "4": {...}, "timeout": ...}``."""
+    out_dir = tmp_path_factory.mktemp("context_parallel")
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload([__name__])  # children fork from one process that imported this module
+    mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=4, start_method="forkserver")
+    found = []
+    for rank in range(4):
+        with open(out_dir / f"rank{rank}.json") as f:
+            found.append(json.load(f))
     return found
 
 
-def _assert_all_ranks(records: list[dict], key: str) -> None:
-    failures = [f"rank {r}:\n{rec[key]}" for r, rec in enumerate(records) if rec[key] is not None]
+def _assert_all_ranks(records: list[dict], world: int, key: str) -> None:
+    failures = [f"rank {r}:\n{rec[str(world)][key]}" for r, rec in enumerate(records) if rec[str(world)][key] is not None]
     assert not failures, "\n".join(failures)
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES, ids=lambda w: f"W{w}")
 @pytest.mark.parametrize("case", CASES)
 def test_matches_single_process(results, world, case):
-    _assert_all_ranks(results[world], case)
+    _assert_all_ranks(results, world, case)
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES, ids=lambda w: f"W{w}")
 @pytest.mark.parametrize("check", CHECKS)
 def test_checks(results, world, check):
-    _assert_all_ranks(results[world], check)
+    _assert_all_ranks(results, world, check)
 
 
 def test_a_raising_rank_does_not_hang_the_others(results):
-    failed, waiting = results[2][1]["timeout"], results[2][0]["timeout"]
+    failed, waiting = results[1]["timeout"], results[0]["timeout"]
     assert failed["error"] is not None and failed["error"].startswith("ValueError") and "window" in failed["error"]
     assert waiting["error"] is not None, "rank 0 returned although rank 1 never joined"
     assert waiting["seconds"] < 30, f"rank 0 waited {waiting['seconds']:.1f}s with a 2s group timeout"

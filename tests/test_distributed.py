@@ -30,9 +30,14 @@ SCHEMES = ("ring", "allgather", "ulysses")
 LAYOUTS = ("zigzag", "contiguous")
 FEATURES = (
     "dense", "causal", "window", "gqa", "alibi", "alibi_causal", "softcap", "key_padding", "key_padding_causal",
-    "cross_causal",
+    "cross_causal", "float32",
 )
 WORLD_SIZES = (2, 4)
+# With a GPU: one rank (W = 1, zigzag: two pieces, so partial results are merged) per GPU backend.
+GPU_CASES = [
+    f"{backend}-{scheme}-{feature}" for backend in ("cuda", "triton") for scheme in SCHEMES
+    for feature in ("causal", "window", "gqa", "alibi", "softcap", "key_padding_causal")
+]
 CASES = [f"{scheme}-{layout}-{feature}" for scheme in SCHEMES for layout in LAYOUTS for feature in FEATURES]
 CHECKS = (
     "uneven_shard", "odd_zigzag_shard", "mismatched_shapes", "ulysses_heads", "bad_scheme", "reference_backend",
@@ -63,6 +68,9 @@ def _feature_args(feature: str, world: int, L: int):
         kwargs.update(key_lengths=torch.tensor([L - 3, L // 2 + 1]), causal=True, alibi_slopes=torch.rand(Hq) + 0.1)
     elif feature == "cross_causal":
         Lk, kwargs["causal"] = 2 * L, True
+    elif feature == "float32":  # the kernels' float32 path (the float64 one recomputes its lse in double)
+        Hq = 2 * world
+        kwargs.update(causal=True, alibi_slopes=torch.rand(Hq) + 0.1)
     return Hq, Hkv, Lk, kwargs
 
 
@@ -72,28 +80,36 @@ def _assert_lse_close(name, lse, ref, ref_lp):
     assert_close_to_reference(name, lse[finite], ref[finite], ref_lp[finite])
 
 
-def _run_case(group, world: int, scheme: str, layout: str, feature: str) -> None:
-    B, L, D = 2, 20 if world == 2 else 24, 12
+def _run_case(group, world: int, scheme: str, layout: str, feature: str, backend: str = "cpu") -> None:
+    """One case on CPU in float64 (``float32`` for that feature) against single-process float64,
+    allowed twice single-process float32's error; or, with a GPU ``backend``, in bfloat16 on the GPU,
+    allowed twice that backend's single-process bfloat16 error."""
+    gpu = backend != "cpu"
+    B, L, D = 2, 20 if world == 2 else 24, 64 if gpu else 12
     torch.manual_seed(1234)  # the same full inputs on every rank
     Hq, Hkv, Lk, kwargs = _feature_args(feature, world, L)
     q, k, v = torch.randn(B, Hq, L, D), torch.randn(B, Hkv, Lk, D), torch.randn(B, Hkv, Lk, D)
     dout = torch.randn(B, Hq, L, D)
+    device = "cuda" if gpu else "cpu"
+    dtype = torch.bfloat16 if gpu else torch.float32 if feature == "float32" else torch.float64
 
-    def single_process(dtype):
-        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
-        out, lse = fastattn.attention(*leaves, return_lse=True, backend="cpu", **kwargs)
-        out.backward(dout.to(dtype))
-        return out.detach(), lse, *(t.grad for t in leaves)
+    def single_process(dtype, backend, device):
+        leaves = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
+        on_device = {name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in kwargs.items()}
+        out, lse = fastattn.attention(*leaves, return_lse=True, backend=backend, **on_device)
+        out.backward(dout.to(device, dtype))
+        return tuple(t.detach().cpu() for t in (out, lse, *(t.grad for t in leaves)))
 
-    ref = single_process(torch.float64)
-    ref_lp = single_process(torch.float32)  # the tolerance: twice single-process float32's error
+    ref = single_process(torch.float64, "cpu", "cpu")
+    ref_lp = single_process(dtype, backend, device) if gpu else single_process(torch.float32, "cpu", "cpu")
 
-    leaves = [shard(t.double(), group, layout).detach().requires_grad_() for t in (q, k, v)]
+    leaves = [shard(t.to(device, dtype), group, layout).detach().requires_grad_() for t in (q, k, v)]
+    on_device = {name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in kwargs.items()}
     out, lse = context_parallel_attention(
-        *leaves, group=group, scheme=scheme, layout=layout, return_lse=True, backend="cpu", **kwargs
+        *leaves, group=group, scheme=scheme, layout=layout, return_lse=True, backend=backend, **on_device
     )
-    out.backward(shard(dout.double(), group, layout))
-    got = (out.detach(), lse, *(t.grad for t in leaves))
+    out.backward(shard(dout.to(device, dtype), group, layout))
+    got = tuple(t.detach().cpu() for t in (out, lse, *(t.grad for t in leaves)))
     for name, value, r, r_lp in zip(("out", "lse", "dq", "dk", "dv"), got, ref, ref_lp):
         r, r_lp = shard(r, group, layout), shard(r_lp, group, layout)
         if name == "lse":
@@ -195,7 +211,17 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     )
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group, in order
     short = dist.new_group([0, 1], timeout=timedelta(seconds=2))
+    gpu = dist.new_group([0], backend="nccl") if torch.cuda.is_available() else None
     records = {4: _run_all(None, 4), 2: _run_all(pairs[rank // 2], 2)}
+    if gpu is not None and rank == 0:
+        records["gpu"] = {}
+        for case in GPU_CASES:
+            backend, scheme, feature = case.split("-")
+            try:
+                _run_case(gpu, 1, scheme, "zigzag", feature, backend)
+                records["gpu"][case] = None
+            except Exception:  # noqa: BLE001
+                records["gpu"][case] = traceback.format_exc(limit=-3)
     if rank < 2:
         records["timeout"] = _check_timeout(rank, short)
     dist.barrier()  # rank 1 waits here on a healthy group while rank 0 times out
@@ -239,6 +265,13 @@ def test_matches_single_process(results, world, case):
 @pytest.mark.parametrize("check", CHECKS)
 def test_checks(results, world, check):
     _assert_all_ranks(results, world, check)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_gpu_backends_as_the_local_kernel(results, case):
+    error = results[0]["gpu"][case]
+    assert error is None, error
 
 
 def test_a_raising_rank_does_not_hang_the_others(results):

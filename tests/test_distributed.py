@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import socket
 import time
 import traceback
@@ -225,6 +226,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     if rank < 2:
         records["timeout"] = _check_timeout(rank, short)
     dist.barrier()  # rank 1 waits here on a healthy group while rank 0 times out
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    records["cpu_seconds"] = usage.ru_utime + usage.ru_stime  # how much of the machine this rank used
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(records, f)
     dist.destroy_process_group()

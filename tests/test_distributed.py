@@ -41,8 +41,8 @@ GPU_CASES = [
 ]
 CASES = [f"{scheme}-{layout}-{feature}" for scheme in SCHEMES for layout in LAYOUTS for feature in FEATURES]
 CHECKS = (
-    "uneven_shard", "odd_zigzag_shard", "mismatched_shapes", "ulysses_heads", "bad_scheme", "reference_backend",
-    "module", "unshard",
+    "uneven_shard", "odd_zigzag_shard", "contiguous_odd_shards", "mismatched_shapes", "ulysses_heads", "bad_scheme",
+    "reference_backend", "module", "unshard",
 )
 
 
@@ -81,12 +81,14 @@ def _assert_lse_close(name, lse, ref, ref_lp):
     assert_close_to_reference(name, lse[finite], ref[finite], ref_lp[finite])
 
 
-def _run_case(group, world: int, scheme: str, layout: str, feature: str, backend: str = "cpu") -> None:
+def _run_case(
+    group, world: int, scheme: str, layout: str, feature: str, backend: str = "cpu", seqlen: int | None = None
+) -> None:
     """One case on CPU in float64 (``float32`` for that feature) against single-process float64,
     allowed twice single-process float32's error; or, with a GPU ``backend``, in bfloat16 on the GPU,
     allowed twice that backend's single-process bfloat16 error."""
     gpu = backend != "cpu"
-    B, L, D = 2, 20 if world == 2 else 24, 64 if gpu else 12
+    B, L, D = 2, seqlen or (20 if world == 2 else 24), 64 if gpu else 12
     torch.manual_seed(1234)  # the same full inputs on every rank
     Hq, Hkv, Lk, kwargs = _feature_args(feature, world, L)
     q, k, v = torch.randn(B, Hq, L, D), torch.randn(B, Hkv, Lk, D), torch.randn(B, Hkv, Lk, D)
@@ -150,6 +152,9 @@ def _run_check(group, world: int, check: str) -> None:
         _expect_error(lambda: context_parallel_attention(x, x, x, group=group, scheme="tree"), ValueError, "scheme")
     elif check == "reference_backend":
         _expect_error(lambda: context_parallel_attention(x, x, x, group=group, backend="reference"), ValueError, "backend")
+    elif check == "contiguous_odd_shards":  # L % world == 0 is enough for the contiguous layout
+        for scheme in SCHEMES:
+            _run_case(group, world, scheme, "contiguous", "window", seqlen=7 * world)
     elif check == "unshard":
         for layout in LAYOUTS:
             assert torch.equal(unshard(shard(x, group, layout), group, layout), x)

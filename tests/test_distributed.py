@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from filelock import FileLock
 
 import fastattn
 from fastattn.distributed import context_parallel_attention, shard, unshard
@@ -246,11 +247,22 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """The records of ranks 0-3: ``{"2": {case: None or traceback}, "4": {...}, "timeout": ...}``."""
-    out_dir = tmp_path_factory.mktemp("context_parallel")
-    context = mp.get_context("forkserver")
-    context.set_forkserver_preload([__name__])  # children fork from one process that imported this module
-    mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=4, start_method="forkserver")
+    """The records of ranks 0-3: ``{"2": {case: None or traceback}, "4": {...}, "timeout": ...}``.
+
+    Under pytest-xdist the group runs once per session: the first worker to take the lock starts it
+    in a folder the workers share, the others read its records.
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.getbasetemp().parent  # this session's folder, shared by its workers
+    else:
+        root = tmp_path_factory.mktemp("context_parallel")
+    out_dir = root / "context_parallel_records"
+    with FileLock(str(root / "context_parallel.lock")):
+        if not all((out_dir / f"rank{rank}.json").exists() for rank in range(4)):
+            out_dir.mkdir(exist_ok=True)
+            context = mp.get_context("forkserver")
+            context.set_forkserver_preload([__name__])  # children fork from one process that imported this module
+            mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=4, start_method="forkserver")
     found = []
     for rank in range(4):
         with open(out_dir / f"rank{rank}.json") as f:

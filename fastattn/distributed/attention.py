@@ -236,12 +236,16 @@ def _start_exchange(plan: _Plan, tensors: list[torch.Tensor], tag: int):
     return received, dist.batch_isend_irecv(p2p)
 
 
-def _wait(plan: _Plan, works, record: dict | None) -> None:
+def _wait(works, record: dict | None, device: torch.device) -> None:
+    """Wait for point-to-point ``works``; with a benchmark ``record``, add the time it took (on GPUs
+    ``wait`` only orders the streams, so the device is synchronised to see the transfer's end)."""
     start = time.perf_counter()
     for work in works:
         work.wait()
     if record is not None:
-        record["wait_s"] = record.get("wait_s", 0.0) + time.perf_counter() - start
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        record["wait_s"] += time.perf_counter() - start
 
 
 def _timed(q: torch.Tensor, record: dict | None, fn, *args, **kwargs):
@@ -266,10 +270,14 @@ def _step_record(plan: _Plan, pass_name: str, step: int) -> dict | None:
     return record
 
 
+def _acc_dtype(q: torch.Tensor) -> torch.dtype:
+    """Partial results and gradients accumulate in float32 (float64 for float64 inputs)."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 def _accumulators(q, v):
-    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=acc_dtype, device=q.device)
-    lse = torch.full(q.shape[:3], float("-inf"), dtype=acc_dtype, device=q.device)
+    out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=_acc_dtype(q), device=q.device)
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=_acc_dtype(q), device=q.device)
     return out, lse
 
 
@@ -289,13 +297,13 @@ def _ring_forward(plan: _Plan, q, k, v, call_lses: list):
             next_kv, works = _start_exchange(plan, kv, tag=0)  # overlaps with this step's compute
         _timed(q, record, _attend_forward, plan, q, kv[0], kv[1], plan.k_segments(owner), out_acc, lse_acc, call_lses)
         if step + 1 < plan.world:
-            _wait(plan, works, record)
+            _wait(works, record, q.device)
             kv = next_kv
     return out_acc, lse_acc
 
 
 def _ring_backward(plan: _Plan, dout, q, k, v, out, lse, call_lses):
-    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc_dtype = _acc_dtype(q)
     dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
     kv = [k.contiguous(), v.contiguous()]
     grads, grad_works = None, None
@@ -308,7 +316,7 @@ def _ring_backward(plan: _Plan, dout, q, k, v, out, lse, call_lses):
         dv = torch.zeros(kv[1].shape, dtype=acc_dtype, device=q.device)
         _timed(q, record, _attend_backward, plan, dout, q, kv[0], kv[1], out, lse, plan.k_segments(owner), call_lses, dq, dk, dv)
         if grad_works is not None:  # the owner's gradient so far, from the ranks that held its K/V before
-            _wait(plan, grad_works, record)
+            _wait(grad_works, record, q.device)
             dk += grads[0]
             dv += grads[1]
         if plan.world > 1:
@@ -316,10 +324,10 @@ def _ring_backward(plan: _Plan, dout, q, k, v, out, lse, call_lses):
         else:
             grads = [dk, dv]
         if step + 1 < plan.world:
-            _wait(plan, kv_works, record)
+            _wait(kv_works, record, q.device)
             kv = next_kv
     if grad_works is not None:  # the last hop brings each rank its own dK/dV
-        _wait(plan, grad_works, _step_record(plan, "backward", plan.world))
+        _wait(grad_works, record, q.device)
     return dq, grads[0], grads[1]
 
 
@@ -335,7 +343,7 @@ def _allgather_forward(plan: _Plan, q, k, v, call_lses: list):
 
 
 def _allgather_backward(plan: _Plan, dout, q, k, v, out, lse, call_lses):
-    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc_dtype = _acc_dtype(q)
     record = _step_record(plan, "backward", 0)
     start = time.perf_counter()
     full_k, full_v = _gather_sequence(plan, k), _gather_sequence(plan, v)

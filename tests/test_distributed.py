@@ -307,3 +307,22 @@ def test_needs_an_initialised_process_group():
     x = torch.zeros(1, 1, 4, 8)
     with pytest.raises(RuntimeError, match="init_process_group"):
         context_parallel_attention(x, x, x)
+
+
+def test_bench_mode_cli_rejects_a_length_that_does_not_split(tmp_path, capsys):
+    from fastattn.cli import main
+
+    assert main(["bench", "--context-parallel", "--world-sizes", "3", "--seq-lens", "10", "--out", str(tmp_path)]) == 2
+    assert "seq_len 10 must be divisible by 2 * world size 3" in capsys.readouterr().err
+
+
+def test_bench_mode_tables_from_a_recorded_run():
+    from pathlib import Path
+
+    from fastattn.bench.context_parallel import tables
+
+    path = Path(__file__).parent.parent / "benchmarks" / "results" / "2026-11-30-cpu-context-parallel.json"
+    text = tables(json.loads(path.read_text()))
+    memory, steps = text.split("\n\n")
+    assert len(memory.splitlines()) == 2 + 3 * 3  # header + (ring, allgather, ulysses) x (W = 1, 2, 4)
+    assert "| ring | 4 | 512 |" in memory and "| ring | 2 | forward |" in steps

@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "nn": ("fastattn.nn", None),
     "masks": ("fastattn.masks", None),
+    "distributed": ("fastattn.distributed", None),
     "analysis": ("fastattn.analysis", None),
     "integrations": ("fastattn.integrations", None),
     "patch_model": ("fastattn.patching", "patch_model"),
@@ -37,6 +38,7 @@ def __getattr__(name):
 __all__ = [
     "BackendNotSupportedError",
     "analysis",
+    "distributed",
     "integrations",
     "list_backends",
     "masks",

@@ -152,6 +152,9 @@ def _register_bench(sub) -> None:
     p.add_argument("--dtypes", type=_csv(str), help="comma-separated: fp16,bf16,fp32")
     p.add_argument("--head-dims", type=_csv(int), help="comma-separated head dims (replace the preset's)")
     p.set_defaults(func=_cmd_bench)
+    from .bench.context_parallel import add_cli_mode  # fastattn bench --context-parallel
+
+    add_cli_mode(p)
 
 
 def _register_memory(sub) -> None:

@@ -57,6 +57,12 @@ class Attention(nn.Module):
         fused_qkv: one ``(Hq + 2 Hkv) D x E`` input projection (``qkv_proj``) instead of
             ``q_proj``/``k_proj``/``v_proj``. Self-attention only. Default True.
         kdim: feature size of the cross-attention context (non-fused only). Default ``E``.
+        context_parallel_group: a ``torch.distributed`` process group: ``x`` is then this rank's shard
+            ``(B, L / world, E)`` of the sequence and attention runs through
+            :func:`fastattn.distributed.context_parallel_attention` (positions, rotary included, are
+            global). Default None (no context parallelism); may also be set as an attribute later.
+        context_parallel_scheme: ``"ring"``, ``"allgather"`` or ``"ulysses"``. Default ``"ring"``.
+        context_parallel_layout: how ``x`` was sharded, ``"zigzag"`` or ``"contiguous"``. Default ``"zigzag"``.
 
     Example::
 
@@ -85,6 +91,9 @@ class Attention(nn.Module):
         softcap: float = 0.0,
         fused_qkv: bool = True,
         kdim: int | None = None,
+        context_parallel_group=None,
+        context_parallel_scheme: str = "ring",
+        context_parallel_layout: str = "zigzag",
         device=None,
         dtype=None,
     ) -> None:
@@ -104,6 +113,12 @@ class Attention(nn.Module):
             raise ValueError("kdim (cross-attention) needs fused_qkv=False")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if context_parallel_scheme not in ("ring", "allgather", "ulysses"):
+            raise ValueError(f"context_parallel_scheme must be 'ring', 'allgather' or 'ulysses', got {context_parallel_scheme!r}")
+        if context_parallel_layout not in ("zigzag", "contiguous"):
+            raise ValueError(f"context_parallel_layout must be 'zigzag' or 'contiguous', got {context_parallel_layout!r}")
+        self.context_parallel_group = context_parallel_group
+        self.context_parallel_scheme, self.context_parallel_layout = context_parallel_scheme, context_parallel_layout
         factory = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim = embed_dim, num_heads, num_kv_heads, head_dim
         self.dropout, self.causal, self.window, self.softcap = dropout, causal, window, softcap
@@ -167,6 +182,8 @@ class Attention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.unflatten(-1, (H, D))  # (B, L, Hq, D)
         k, v = k.unflatten(-1, (Hkv, D)), v.unflatten(-1, (Hkv, D))  # (B, S, Hkv, D)
+        if self.context_parallel_group is not None:
+            return self._context_parallel(q, k, v, context, attn_mask, block_mask, key_lengths, cache)
         offset = cache.length if cache is not None else 0
         if self.rotary is not None and context is None:
             q, k = self.rotary(q, k, offset)
@@ -185,3 +202,34 @@ class Attention(nn.Module):
             key_lengths=key_lengths,
         )  # (B, Hq, L, D)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, H * D))
+
+    def _context_parallel(self, q, k, v, context, attn_mask, block_mask, key_lengths, cache) -> torch.Tensor:
+        """Attention of this rank's shard ``q (B, l, Hq, D)``, ``k``/``v (B, l, Hkv, D)`` over the sharded sequence."""
+        from ..distributed import context_parallel_attention
+        from ..distributed.layout import group_rank_world, segments
+
+        for value, name in ((context, "context"), (attn_mask, "attn_mask"), (block_mask, "block_mask"), (cache, "cache")):
+            if value is not None:
+                raise ValueError(f"{name} is not supported with context_parallel_group (self-attention on shards only)")
+        if self.training and self.dropout > 0:
+            raise ValueError("dropout is not supported with context_parallel_group; set dropout=0.0")
+        B, L = q.shape[:2]
+        if self.rotary is not None:  # rotate each piece of the shard at its global positions
+            rank, world = group_rank_world(self.context_parallel_group)
+            pieces, start = [], 0
+            for position, length in segments(rank, world, L, self.context_parallel_layout):
+                pieces.append(self.rotary(q[:, start:start + length], k[:, start:start + length], position))
+                start += length
+            q, k = torch.cat([p[0] for p in pieces], 1), torch.cat([p[1] for p in pieces], 1)
+        out = context_parallel_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            group=self.context_parallel_group,
+            scheme=self.context_parallel_scheme,
+            layout=self.context_parallel_layout,
+            causal=self.causal,
+            window=self.window,
+            alibi_slopes=None if self.alibi_slopes is None else self.alibi_slopes.float(),
+            softcap=self.softcap,
+            key_lengths=key_lengths,
+        )  # (B, Hq, l, D)
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim))

@@ -44,7 +44,7 @@ def compile_launches(dtype_name: str, head_dim: int, features: set[str], length:
     """Run the forward and backward launchers with every ``wrap_triton`` launch compiled for sm_90a, not run.
 
     Returns one dict per compiled kernel: ``kernel`` (name), ``meta`` (BLOCK_M, BLOCK_N, BLOCK_D,
-    num_warps, num_stages), ``shared`` (bytes) and ``ptx``. Autotuned launches compile every config
+    num_warps, num_stages), ``shared`` (bytes), ``ptx`` and ``ttir`` (Triton's first IR). Autotuned launches compile every config
     the tuner would try. Must run without ``TRITON_INTERPRET``.
     """
     import importlib
@@ -74,7 +74,9 @@ def compile_launches(dtype_name: str, head_dim: int, features: set[str], length:
         k = triton_compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
         meta = {key: kwargs.get(key) for key in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV")}
         meta.update(num_warps=options.num_warps, num_stages=options.num_stages)
-        compiled.append({"kernel": fn.__name__, "meta": meta, "shared": k.metadata.shared, "ptx": k.asm["ptx"]})
+        compiled.append({
+            "kernel": fn.__name__, "meta": meta, "shared": k.metadata.shared, "ptx": k.asm["ptx"], "ttir": k.asm["ttir"],
+        })
 
     class Compile:
         def __init__(self, kernel):
@@ -194,6 +196,42 @@ def innermost_loops(ptx: str) -> list[str]:
             spans.append((labels[found.group(1)], i))
     inner = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
     return ["\n".join(lines[a:b + 1]) for a, b in sorted(set(inner))]
+
+
+_DEF = re.compile(r"^\s*(%[\w.#]+)(?::\d+)? = ([\w.]+) (.*)$")
+
+
+def int32_pointer_products(ttir: str) -> list[str]:
+    """Products computed in int32 that reach a tensor of pointers (``tt.addptr`` offsets), from Triton's IR.
+
+    Follows each pointer offset back through adds, broadcasts and casts; an ``arith.muli`` on i32
+    of two runtime values on the way (a row index times a stride) overflows once it passes 2**31.
+    A block index times a constant tile is a row index, bounded by the int32 lengths.
+    """
+    defs = {}
+    for line in ttir.splitlines():
+        found = _DEF.match(line)
+        if found:
+            defs[found.group(1)] = (found.group(2), found.group(3))
+    bad = []
+    for line in ttir.splitlines():
+        if "tt.addptr" not in line or "tensor<" not in line:
+            continue
+        operands = re.findall(r"%[\w.#]+", line.split("tt.addptr", 1)[1].split(":")[0])
+        stack, seen = operands[1:2], set()
+        while stack:
+            name = stack.pop()
+            if name in seen or name not in defs:
+                continue
+            seen.add(name)
+            op, rest = defs[name]
+            constant = re.search(r"%c(st)?\d*(_i32)?\b", rest.split(":")[0])  # block index * tile: a row index
+            if op == "arith.muli" and not constant and re.search(r":\s*(tensor<[^>]*xi32>|i32)\s*(loc|$)", rest):
+                bad.append(f"{name} = {op} {rest.split(' loc(')[0]}")
+            if op in ("arith.addi", "arith.subi", "arith.muli", "tt.broadcast", "tt.expand_dims", "tt.splat",
+                      "arith.extsi", "arith.extui", "tt.trans", "tt.reshape"):
+                stack.extend(re.findall(r"%[\w.#]+", rest.split(":")[0]))
+    return sorted(set(bad))
 
 
 def count_ops(text: str) -> dict:

@@ -256,11 +256,11 @@ def attention_bwd_dkdv_kernel(
     Hkv = Hq // GROUP
     i_b = i_bhk // Hkv
     i_hk = i_bhk % Hkv
-    stride_qm = stride_qm.to(tl.int64)
-    stride_dom = stride_dom.to(tl.int64)
-    stride_dbias_m = stride_dbias_m.to(tl.int64)
-    stride_mask_m = stride_mask_m.to(tl.int64)
-    stride_mask_n = stride_mask_n.to(tl.int64)
+    stride_qm = tl.cast(stride_qm, tl.int64)
+    stride_dom = tl.cast(stride_dom, tl.int64)
+    stride_dbias_m = tl.cast(stride_dbias_m, tl.int64)
+    stride_mask_m = tl.cast(stride_mask_m, tl.int64)
+    stride_mask_n = tl.cast(stride_mask_n, tl.int64)
 
     qlen = Lq
     klen = Lk
@@ -460,10 +460,10 @@ def attention_bwd_dq_kernel(
     i_b = i_bh // Hq
     i_h = i_bh % Hq
     i_hk = i_h // GROUP
-    stride_kn = stride_kn.to(tl.int64)
-    stride_vn = stride_vn.to(tl.int64)
-    stride_mask_m = stride_mask_m.to(tl.int64)
-    stride_mask_n = stride_mask_n.to(tl.int64)
+    stride_kn = tl.cast(stride_kn, tl.int64)
+    stride_vn = tl.cast(stride_vn, tl.int64)
+    stride_mask_m = tl.cast(stride_mask_m, tl.int64)
+    stride_mask_n = tl.cast(stride_mask_n, tl.int64)
 
     qlen = Lq
     klen = Lk

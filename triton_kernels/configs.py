@@ -67,15 +67,18 @@ _PINNED = {
     ("fwd", 128): _config(128, 64, 8, 3),
     ("fwd", 256): _config(64, 32, 4, 2),
     ("fwd", 512): _config(32, 32, 4, 1),
-    # dK/dV: 128 keys (the M dimension, two warpgroups of 64 rows) x 64 queries per step.
+    # dK/dV: 128 keys (the M dimension, two warpgroups of 64 rows) x 64 queries per step; at 128 a
+    # 32-query step without prefetch is what keeps dK, dV, S^T and dP^T in registers without spilling.
     ("dkdv", 64): _config(64, 128, 8, 2),
-    ("dkdv", 128): _config(64, 128, 8, 2),
-    ("dkdv", 256): _config(32, 64, 4, 1),
+    ("dkdv", 128): _config(32, 128, 8, 1),
+    # At 256 dK and dV alone fill the registers of a 64-row warpgroup tile: 32 x 32 tiles with warps
+    # split over the head dim (mma.sync, no wgmma) are the only spill-free choice.
+    ("dkdv", 256): _config(32, 32, 4, 1),
     ("dkdv", 512): _config(16, 32, 2, 1),
     # dQ: 128 queries (M, two warpgroups) x 64 keys per step.
     ("dq", 64): _config(128, 64, 8, 2),
     ("dq", 128): _config(128, 64, 8, 2),
-    ("dq", 256): _config(64, 32, 4, 1),
+    ("dq", 256): _config(32, 32, 4, 1),
     ("dq", 512): _config(32, 16, 2, 1),
 }
 _INTERPRETER = {
@@ -128,28 +131,31 @@ def block_mask_config(kind: str, head_dim: int, block_size_q: int, block_size_k:
 
 
 # --------------------------------------------------------------------------- autotuning
-def _candidates(kind, block_ms, block_ns, warps, stages) -> list[triton.Config]:
-    """Every combination with at least 16 rows of the M dimension per warp."""
-    configs = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm in block_ms for bn in block_ns for w in warps for s in stages
-    ]
+def _candidates(kind: str, tiles) -> list[triton.Config]:
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` tuples as configs, those with at least 16 rows of the
+    M dimension per warp (fewer would make warps repeat each other's rows)."""
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
     return [c for c in configs if m_dim(kind, c.kwargs) >= 16 * c.num_warps]
 
 
 def fwd_configs() -> list[triton.Config]:
     """Forward candidates: the query tile ``BLOCK_M`` is a program, the key tile ``BLOCK_N`` one loop step."""
-    return _candidates("fwd", (64, 128), (32, 64, 128), (4, 8), (2, 3))
+    tiles = [(bm, bn, w, 3) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8)]
+    return _candidates("fwd", [t for t in tiles if not (t[0] * t[1] >= 128 * 128 and t[2] < 8)])
 
 
 def dkdv_configs() -> list[triton.Config]:
     """dK/dV candidates: the key tile ``BLOCK_N`` (the M dimension) is a program, ``BLOCK_M`` queries a step."""
-    return _candidates("dkdv", (32, 64, 128), (64, 128), (4, 8), (1, 2))
+    return _candidates("dkdv", [
+        (32, 128, 8, 1), (32, 128, 8, 2), (64, 128, 8, 1), (64, 128, 8, 2), (32, 64, 4, 2), (64, 64, 4, 2),
+    ])
 
 
 def dq_configs() -> list[triton.Config]:
     """dQ candidates: the query tile ``BLOCK_M`` (the M dimension) is a program, ``BLOCK_N`` keys a step."""
-    return _candidates("dq", (64, 128), (32, 64, 128), (4, 8), (1, 2))
+    return _candidates("dq", [
+        (128, 64, 8, 1), (128, 64, 8, 2), (128, 32, 8, 2), (128, 128, 8, 1), (64, 64, 4, 2), (64, 32, 4, 2),
+    ])
 
 
 def shared_memory_estimate(kind: str, meta: dict, block_d: int, block_dv: int, elem_bytes: int) -> int:

@@ -552,3 +552,37 @@ def test_gpu_compile_inductor_fullgraph():
 def test_gpu_fp32_tf32x3_meets_the_tolerance():
     q, k, v = make_qkv(1, 2, 2, 1000, 1000, 64, dtype=F32, device="cuda")
     check_against_reference("triton", q, k, v, causal=True)
+
+
+# --------------------------------------------------------------------------- configs
+def test_autotuning_is_opt_in_and_pruned_before_compiling(monkeypatch):
+    monkeypatch.delenv("FASTATTN_AUTOTUNE", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not configs.autotune_enabled(128, 2)  # pinned by default: bit-reproducible across processes
+    monkeypatch.setenv("FASTATTN_AUTOTUNE", "1")
+    assert configs.autotune_enabled(128, 2)
+    assert configs.tune_bucket(100) == 128 and configs.tune_bucket(128) == 128 and configs.tune_bucket(1) == 64
+    assert "TUNE_LK" in configs.DKDV_KEY and "GROUP" in configs.DQ_KEY
+    q = torch.empty(1, dtype=torch.bfloat16)
+    for kind, candidates in (("dkdv", configs.dkdv_configs()), ("dq", configs.dq_configs())):
+        wide = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=4)  # too much shared memory
+        thin = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=8, num_stages=1)  # 2 rows per warp
+        kept = configs.prune(kind)([*candidates, wide, thin], {}, p_q=q, BLOCK_D=256, BLOCK_DV=256)
+        assert wide not in kept and thin not in kept and kept
+        for c in kept:
+            meta = dict(c.kwargs, num_stages=c.num_stages)
+            assert configs.shared_memory_estimate(kind, meta, 256, 256, 2) <= configs.SMEM_LIMIT
+            assert configs.m_dim(kind, c.kwargs) >= 16 * c.num_warps
+
+
+def test_pinned_configs_per_kernel(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the GPU's configs (configs reads the variable per call)
+    for kind in configs.KINDS:
+        for head_dim in (64, 128, 256):
+            meta = configs.pinned_config(kind, head_dim, 2)
+            assert set(meta) == {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}
+    assert configs.pinned_config("bwd", 128) == configs.pinned_config("dkdv", 128)  # the former name
+    # Block-mask tiles never put fewer than 16 rows of the M dimension on a warp.
+    meta = configs.block_mask_config("dkdv", 128, 64, 16)
+    assert meta["BLOCK_N"] == 16 and meta["num_warps"] == 1
+    assert configs.block_mask_config("dq", 128, 64, 64)["num_warps"] == 4

@@ -17,6 +17,7 @@ Usage (without ``TRITON_INTERPRET``)::
     python benchmarks/triton_static_report.py                      # markdown table, pinned configs
     python benchmarks/triton_static_report.py --json out.json      # also the raw rows
     python benchmarks/triton_static_report.py --features softcap,dropout --head-dims 128
+    python benchmarks/triton_static_report.py --rows out.json      # the table of earlier rows
 
 ``tests/test_triton_compile.py`` uses the same functions to assert the static properties in CI.
 """
@@ -290,21 +291,24 @@ def report_rows(dtypes, head_dims, features: set[str]) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
+    """The rows as a markdown table (tiles as queries x keys per step)."""
     head = (
-        "| kernel | dtype | D | tile (M×N, warps, stages) | registers | spill B (st/ld) | shared KiB "
-        "| MACs per iteration / ideal | wgmma per iteration | ex2 / tanh / rcp / div per score |"
+        "| kernel | dtype | D | BLOCK_M×BLOCK_N (queries×keys), warps, stages | registers | spill B (st/ld) "
+        "| shared KiB | tensor-core work per iteration / ideal | wgmma per iteration | ex2 / tanh / rcp / div per score |"
     )
     out = [head, "|" + "---|" * 10]
     for r in rows:
         m = r["meta"]
-        loops = sorted(set(r["loop_macs"]))
-        ratio = ", ".join(f"{x / r['ideal_macs']:.2f}" for x in loops) or "no tensor-core loop"
+        if any(r["loop_macs"]):
+            ratio = ", ".join(f"{x / r['ideal_macs']:.2f}" for x in sorted(set(r["loop_macs"])))
+            wgmma = ", ".join(map(str, sorted(set(r["loop_wgmma"]))))
+        else:
+            ratio, wgmma = "mma.sync only", "0"
         sfu = r["sfu_per_score"]
         out.append(
             f"| {SHORT[r['kernel']]} | {r['dtype']} | {r['head_dim']} | {m['BLOCK_M']}×{m['BLOCK_N']}, "
             f"{m['num_warps']}, {m['num_stages']} | {r['registers']} | {r['spill_stores']}/{r['spill_loads']} "
-            f"| {r['shared'] / 1024:.1f} | {ratio} | {', '.join(map(str, sorted(set(r['loop_wgmma']))))} "
-            f"| {sfu['ex2']} / {sfu['tanh']} / {sfu['rcp']} / {sfu['div']} |"
+            f"| {r['shared'] / 1024:.1f} | {ratio} | {wgmma} | {sfu['ex2']} / {sfu['tanh']} / {sfu['rcp']} / {sfu['div']} |"
         )
     return "\n".join(out)
 
@@ -315,7 +319,11 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dims", default="64,128,256")
     parser.add_argument("--features", default="", help="comma list: causal,softcap,dropout,alibi,lengths,...")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--rows", help="print the table of rows written by --json earlier (no compiling)")
     args = parser.parse_args(argv)
+    if args.rows:
+        print(markdown(json.loads(Path(args.rows).read_text())))
+        return 0
     features = set(filter(None, args.features.split(",")))
     rows = report_rows(args.dtypes.split(","), [int(d) for d in args.head_dims.split(",")], features)
     print(markdown(rows))

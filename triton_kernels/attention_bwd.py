@@ -4,8 +4,15 @@ Three kernels, read top to bottom:
 
 1. preprocess: ``delta = rowsum(dO * O)`` per query row (float32);
 2. dK/dV: one program per key block of one kv head; it loops over the query heads of the GQA group
-   and the query blocks that see the key block, and writes dk, dv once (and dbias tiles);
-3. dQ: one program per query block of one query head; it loops over the visible key blocks.
+   and the query blocks that see the key block, and writes dk, dv once (and dbias tiles). Its tiles
+   are transposed, keys on the M dimension of every matmul (``S^T = K Q^T``), so ``P^T`` and
+   ``dS^T`` feed ``dV`` and ``dK`` without a transpose;
+3. dQ: one program per query block of one query head (queries on M); it loops over the visible key blocks.
+
+Both kernels issue their two independent matmuls (``S`` and ``dP``) back to back before the
+elementwise work. Row offsets are int64. What a row cannot see never reaches a gradient: keys and
+queries outside the lengths or the band of a tile load as zeros, and ``dS`` is selected (not
+multiplied) to 0 where ``P`` is 0, so NaN or Inf there stays out. Tile configs: ``configs.py``.
 
 Per tile the math is (``P`` recomputed from the saved ``lse``)::
 
@@ -199,7 +206,7 @@ def _dkdv_query_block(
         HAS_WINDOW_RIGHT, HAS_WINDOW_LEFT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
         APPLY_INDEX_MASK, APPLY_ATTN_MASK,
     )
-    b_keep = b_st
+    b_keep = b_st  # a placeholder without dropout
     if HAS_DROPOUT:
         b_keep = tl.trans(_dropout_keep(seed, i_b, i_h, o_m, o_n, Hq, Lq, Lk, dropout_p))
     b_pt, b_dst, b_dxt = _grad_scores(
@@ -415,7 +422,7 @@ def _dq_key_block(
         HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
         APPLY_INDEX_MASK, APPLY_ATTN_MASK,
     )
-    b_keep = b_s
+    b_keep = b_s  # a placeholder without dropout
     if HAS_DROPOUT:
         b_keep = _dropout_keep(seed, i_b, i_h, o_m, o_n, Hq, Lq, Lk, dropout_p)
     _, _, b_dx = _grad_scores(

@@ -294,6 +294,61 @@ def test_no_keys_gives_zero_output_and_gradient():
     assert torch.equal(q.grad, torch.zeros_like(q.grad))
 
 
+# --------------------------------------------------------------------------- what a row cannot see
+def _check_poisoned(q, k, v, k_poison, q_poison=None, **kwargs):
+    """The Triton backward on inputs holding NaN / Inf where no row can see them (``k_poison``: bool
+    ``(B, Hkv, Lk)`` over keys, set in k and v; ``q_poison`` ``(B, Hq, Lq)`` over queries, set in q and
+    dout) against the reference gradients of the clean inputs. The forward's ``out, lse`` come from
+    the clean inputs, so only the backward kernels are under test."""
+    ops = fastattn.get_backend("triton").ops
+    fwd, lists = op_args(q, k, v, backend="triton", **kwargs)
+    out, lse = ops.fwd(*fwd)
+    args = bwd_op_args(fwd, lists, out, lse)
+    dout = args[0]
+    hp = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    lp = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    want32 = torch.autograd.grad(reference.attention(*hp, **kwargs), hp, dout.double())
+    want_lp = torch.autograd.grad(reference.attention(*lp, **kwargs), lp, dout)
+    bad_q, bad_k, bad_v, bad_dout = (t.detach().clone() for t in (q, k, v, dout))
+    bad_k[k_poison] = float("nan")
+    bad_v[k_poison] = float("inf")
+    if q_poison is not None:
+        bad_q[q_poison] = float("nan")
+        bad_dout[q_poison] = float("nan")
+    args[:4] = [bad_dout, bad_q, bad_k, bad_v]
+    got = ops.bwd(*args)[:3]
+    for name, g, w32, wlp in zip(("dq", "dk", "dv"), got, want32, want_lp):
+        assert_close_to_reference(name, g, w32, wlp)
+
+
+def test_nan_past_lengths_reaches_no_gradient():
+    q, k, v = qkv(2, 4, 2, 40, 70, 16, requires_grad=False)
+    klen, qlen = [70, 33], [25, 40]
+    k_poison = torch.arange(70, device=DEVICE)[None, None, :] >= torch.tensor(klen, device=DEVICE)[:, None, None]
+    q_poison = torch.arange(40, device=DEVICE)[None, None, :] >= torch.tensor(qlen, device=DEVICE)[:, None, None]
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.int32, device=DEVICE)
+    _check_poisoned(
+        q, k, v, k_poison.expand(2, 2, 70), q_poison.expand(2, 4, 40), key_lengths=as_tensor(klen),
+        query_lengths=as_tensor(qlen), causal=True,
+    )
+
+
+def test_nan_outside_the_band_reaches_no_gradient():
+    # offset 40, window (3, 0): keys before 37 are seen by no row, and share a tile with keys that are.
+    q, k, v = qkv(1, 2, 1, 20, 60, 16, requires_grad=False)
+    k_poison = (torch.arange(60, device=DEVICE) < 37).expand(1, 1, 60)
+    _check_poisoned(q, k, v, k_poison, window=(3, 0), softcap=5.0)
+
+
+def test_nan_in_empty_block_mask_tiles_reaches_no_gradient():
+    q, k, v = qkv(1, 2, 1, 64, 64, 16, requires_grad=False)
+    layout = torch.ones(4, 4, dtype=torch.bool, device=DEVICE)
+    layout[:, 2] = False  # keys 32..47: empty tiles only
+    mask = BlockMask.from_layout(layout, block_size=16, seq_lens=(64, 64))
+    k_poison = ((torch.arange(64, device=DEVICE) // 16) == 2).expand(1, 1, 64)
+    _check_poisoned(q, k, v, k_poison, block_mask=mask)
+
+
 # --------------------------------------------------------------------------- layouts, determinism
 def test_non_contiguous_blhd_inputs():
     B, L, H, D = 2, 40, 2, 40
@@ -497,3 +552,37 @@ def test_gpu_compile_inductor_fullgraph():
 def test_gpu_fp32_tf32x3_meets_the_tolerance():
     q, k, v = make_qkv(1, 2, 2, 1000, 1000, 64, dtype=F32, device="cuda")
     check_against_reference("triton", q, k, v, causal=True)
+
+
+# --------------------------------------------------------------------------- configs
+def test_autotuning_is_opt_in_and_pruned_before_compiling(monkeypatch):
+    monkeypatch.delenv("FASTATTN_AUTOTUNE", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not configs.autotune_enabled(128, 2)  # pinned by default: bit-reproducible across processes
+    monkeypatch.setenv("FASTATTN_AUTOTUNE", "1")
+    assert configs.autotune_enabled(128, 2)
+    assert configs.tune_bucket(100) == 128 and configs.tune_bucket(128) == 128 and configs.tune_bucket(1) == 64
+    assert "TUNE_LK" in configs.DKDV_KEY and "GROUP" in configs.DQ_KEY
+    q = torch.empty(1, dtype=torch.bfloat16)
+    for kind, candidates in (("dkdv", configs.dkdv_configs()), ("dq", configs.dq_configs())):
+        wide = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=4)  # too much shared memory
+        thin = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=8, num_stages=1)  # 2 rows per warp
+        kept = configs.prune(kind)([*candidates, wide, thin], {}, p_q=q, BLOCK_D=256, BLOCK_DV=256)
+        assert wide not in kept and thin not in kept and kept
+        for c in kept:
+            meta = dict(c.kwargs, num_stages=c.num_stages)
+            assert configs.shared_memory_estimate(kind, meta, 256, 256, 2) <= configs.SMEM_LIMIT
+            assert configs.m_dim(kind, c.kwargs) >= 16 * c.num_warps
+
+
+def test_pinned_configs_per_kernel(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the GPU's configs (configs reads the variable per call)
+    for kind in configs.KINDS:
+        for head_dim in (64, 128, 256):
+            meta = configs.pinned_config(kind, head_dim, 2)
+            assert set(meta) == {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}
+    assert configs.pinned_config("bwd", 128) == configs.pinned_config("dkdv", 128)  # the former name
+    # Block-mask tiles never put fewer than 16 rows of the M dimension on a warp.
+    meta = configs.block_mask_config("dkdv", 128, 64, 16)
+    assert meta["BLOCK_N"] == 16 and meta["num_warps"] == 1
+    assert configs.block_mask_config("dq", 128, 64, 64)["num_warps"] == 4

@@ -4,8 +4,15 @@ Three kernels, read top to bottom:
 
 1. preprocess: ``delta = rowsum(dO * O)`` per query row (float32);
 2. dK/dV: one program per key block of one kv head; it loops over the query heads of the GQA group
-   and the query blocks that see the key block, and writes dk, dv once (and dbias tiles);
-3. dQ: one program per query block of one query head; it loops over the visible key blocks.
+   and the query blocks that see the key block, and writes dk, dv once (and dbias tiles). Its tiles
+   are transposed, keys on the M dimension of every matmul (``S^T = K Q^T``), so ``P^T`` and
+   ``dS^T`` feed ``dV`` and ``dK`` without a transpose;
+3. dQ: one program per query block of one query head (queries on M); it loops over the visible key blocks.
+
+Both kernels issue their two independent matmuls (``S`` and ``dP``) back to back before the
+elementwise work. Row offsets are int64. What a row cannot see never reaches a gradient: keys and
+queries outside the lengths or the band of a tile load as zeros, and ``dS`` is selected (not
+multiplied) to 0 where ``P`` is 0, so NaN or Inf there stays out. Tile configs: ``configs.py``.
 
 Per tile the math is (``P`` recomputed from the saved ``lse``)::
 
@@ -60,8 +67,8 @@ def attention_bwd_preprocess_kernel(
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_dv = tl.arange(0, BLOCK_DV)
     m_tile = (o_m[:, None] < Lq) & (o_dv[None, :] < DV)
-    p_o = p_out + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh + o_m[:, None] * stride_om + o_dv[None, :]
-    p_do = p_dout + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh + o_m[:, None] * stride_dom + o_dv[None, :]
+    p_o = p_out + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh + o_m[:, None].to(tl.int64) * stride_om + o_dv[None, :]
+    p_do = p_dout + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh + o_m[:, None].to(tl.int64) * stride_dom + o_dv[None, :]
     # [BLOCK_M, BLOCK_DV]
     b_o = tl.load(p_o, mask=m_tile, other=0.0).to(tl.float32)
     b_do = tl.load(p_do, mask=m_tile, other=0.0).to(tl.float32)
@@ -70,42 +77,7 @@ def attention_bwd_preprocess_kernel(
     tl.store(p_delta + i_bh.to(tl.int64) * Lq + o_m, b_delta, mask=o_m < Lq)
 
 
-# --------------------------------------------------------------------------- shared tile step
-@triton.jit
-def _bwd_tile(
-    b_q, b_kt, b_vt, b_do,  # [BLOCK_M, BLOCK_D], [BLOCK_D, BLOCK_N], [BLOCK_DV, BLOCK_N], [BLOCK_M, BLOCK_DV]
-    b_lse2, b_delta,  # [BLOCK_M] lse in log2 units (+inf for rows that see nothing), rowsum(dO * O)
-    o_m, o_n, i_b, i_h, Hq, Lq, Lk,
-    offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
-    p_mask_bh, stride_mask_m, stride_mask_n,
-    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    APPLY_INDEX_MASK: tl.constexpr, APPLY_ATTN_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """Recompute one tile's probabilities and return ``(P_dropped, dS, dX)``, each [BLOCK_M, BLOCK_N] float32."""
-    # [BLOCK_M, BLOCK_N]
-    b_qk = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION)
-    b_s, b_tanh = _score_tile(
-        b_qk, o_m, o_n, offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap,
-        p_mask_bh, stride_mask_m, stride_mask_n, Lq, Lk,
-        HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
-        APPLY_INDEX_MASK, APPLY_ATTN_MASK,
-    )
-    b_p = tl.exp2(b_s - b_lse2[:, None])
-    b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PRECISION)
-    b_p_dropped = b_p
-    if HAS_DROPOUT:
-        b_keep = _dropout_keep(seed, i_b, i_h, o_m, o_n, Hq, Lq, Lk, dropout_p)
-        b_p_dropped = tl.where(b_keep, b_p * (1.0 / (1.0 - dropout_p)), 0.0)
-        b_dp = tl.where(b_keep, b_dp * (1.0 / (1.0 - dropout_p)), 0.0)
-    b_ds = b_p * (b_dp - b_delta[:, None])
-    b_dx = b_ds
-    if HAS_SOFTCAP:
-        b_dx = b_ds * (1.0 - b_tanh * b_tanh)
-    return b_p_dropped, b_ds, b_dx
-
-
+# --------------------------------------------------------------------------- shared tile math
 @triton.jit
 def _load_row_stats(p_lse_bh, p_delta_bh, o_m, Lq):
     """``lse`` in log2 units (+inf where a row sees nothing or lies past Lq, so P = 0 there) and ``delta``."""
@@ -117,6 +89,53 @@ def _load_row_stats(p_lse_bh, p_delta_bh, o_m, Lq):
     return b_lse2, b_delta
 
 
+@triton.jit
+def _grad_scores(
+    b_s, b_tanh, b_dp,  # scores (log2 units, -inf where not visible), tanh(x / softcap), dO V^T; one tile
+    b_lse2, b_delta,  # row statistics, already broadcast against the tile ([BLOCK, 1] or [1, BLOCK])
+    b_keep, dropout_p,  # the tile's dropout keep pattern (unused without HAS_DROPOUT)
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+):
+    """Elementwise part of one backward tile; returns ``(P_dropped, dS, dX)``, float32, the tile's shape.
+
+    Works on a tile in either orientation (queries on rows in the dQ kernel, keys on rows in the
+    dK/dV kernel). Where ``P == 0`` (not visible, or a row that sees nothing) ``dS`` and ``dX`` are
+    selected to 0, never multiplied by 0, so a NaN or Inf that a row cannot see stays out of it.
+    """
+    b_p = tl.exp2(b_s - b_lse2)
+    b_p_dropped = b_p
+    if HAS_DROPOUT:
+        b_p_dropped = tl.where(b_keep, b_p * (1.0 / (1.0 - dropout_p)), 0.0)
+        b_dp = tl.where(b_keep, b_dp * (1.0 / (1.0 - dropout_p)), 0.0)
+    b_seen = b_p != 0.0
+    b_ds = tl.where(b_seen, b_p * (b_dp - b_delta), 0.0)
+    b_dx = b_ds
+    if HAS_SOFTCAP:
+        b_dx = tl.where(b_seen, b_ds * (1.0 - b_tanh * b_tanh), 0.0)
+    return b_p_dropped, b_ds, b_dx
+
+
+@triton.jit
+def _band_rows(
+    n0, n_end, qlen, offset, window_left, window_right,
+    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
+):
+    """Query rows ``[lo, hi)`` that see some key of ``[n0, n_end)`` (``n_end`` already cut at klen).
+
+    Query ``i`` sees key ``j`` iff ``j - offset - right <= i <= j - offset + left``. Called with the
+    roles swapped (``offset -> -offset``, ``left <-> right``, ``qlen -> klen``) it gives the keys a
+    query block sees.
+    """
+    lo = 0
+    hi = qlen
+    if HAS_WINDOW_RIGHT:
+        lo = tl.maximum(n0 - offset - window_right, 0)
+    if HAS_WINDOW_LEFT:
+        hi = tl.minimum(n_end - offset + window_left, qlen)
+    hi = tl.where(n_end > n0, hi, lo)
+    return lo, tl.maximum(hi, lo)
+
+
 # --------------------------------------------------------------------------- dK / dV
 @triton.jit
 def _query_block_range(
@@ -126,20 +145,16 @@ def _query_block_range(
 ):
     """Query blocks that see a key block ``[n0, n0 + BLOCK_N)``, split by whether they need masks.
 
-    Query ``i`` sees key ``j`` iff ``j - offset - right <= i <= j - offset + left``. Returns
-    ``(m_lo, m_mid_lo, m_mid_hi, m_hi)``: blocks in ``[m_mid_lo, m_mid_hi)`` see every key of the
-    block (which lies wholly before ``klen``) and need no index mask. Rows past ``qlen`` need no
-    mask either: their saved ``lse`` is -inf, which makes their probabilities 0.
+    Returns ``(m_lo, m_mid_lo, m_mid_hi, m_hi, row_lo, row_hi)``: blocks in ``[m_mid_lo, m_mid_hi)``
+    see every key of the block (which lies wholly before ``klen``) and need no index mask; rows
+    outside ``[row_lo, row_hi)`` see no key of the block. Rows past ``qlen`` need no mask either:
+    they are loaded as zeros and their saved ``lse`` is -inf, which makes their probabilities 0.
     """
-    n_last = tl.minimum(n0 + BLOCK_N, klen) - 1
-    lo = 0
-    hi = qlen
-    if HAS_WINDOW_RIGHT:
-        lo = tl.maximum(n0 - offset - window_right, 0)
-    if HAS_WINDOW_LEFT:
-        hi = tl.minimum(n_last - offset + window_left + 1, qlen)
+    n_end = tl.minimum(n0 + BLOCK_N, klen)
+    n_last = n_end - 1
+    lo, hi = _band_rows(n0, n_end, qlen, offset, window_left, window_right, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT)
     m_lo = lo // BLOCK_M
-    m_hi = tl.where((hi > lo) & (n_last >= n0), (hi + BLOCK_M - 1) // BLOCK_M, m_lo)
+    m_hi = tl.where(hi > lo, (hi + BLOCK_M - 1) // BLOCK_M, m_lo)
     full_lo = m_lo
     full_hi = tl.where(n0 + BLOCK_N <= klen, m_hi, m_lo)  # a block reaching past klen always needs the mask
     if HAS_WINDOW_RIGHT:
@@ -148,13 +163,13 @@ def _query_block_range(
         full_hi = tl.minimum(full_hi, tl.maximum(n0 - offset + window_left + 1, 0) // BLOCK_M)
     m_mid_lo = tl.minimum(tl.maximum(full_lo, m_lo), m_hi)
     m_mid_hi = tl.minimum(tl.maximum(full_hi, m_mid_lo), m_hi)
-    return m_lo, m_mid_lo, m_mid_hi, m_hi
+    return m_lo, m_mid_lo, m_mid_hi, m_hi, lo, hi
 
 
 @triton.jit
 def _dkdv_query_block(
-    b_dk, b_dv, b_kt, b_vt,  # [BLOCK_N, BLOCK_D], [BLOCK_N, BLOCK_DV], [BLOCK_D, BLOCK_N], [BLOCK_DV, BLOCK_N]
-    i_m, o_n, o_d, o_dv, q_bh, do_bh, p_lse_bh, p_delta_bh, p_dbias_bh, stride_qm, stride_dom,
+    b_dk, b_dv, b_k, b_v,  # [BLOCK_N, BLOCK_D], [BLOCK_N, BLOCK_DV], [BLOCK_N, BLOCK_D], [BLOCK_N, BLOCK_DV]
+    i_m, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh, p_dbias_bh, stride_qm, stride_dom,
     stride_dbias_m, i_b, i_h, Hq, Lq, Lk, D, DV,
     offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
     p_mask_bh, stride_mask_m, stride_mask_n,
@@ -165,9 +180,13 @@ def _dkdv_query_block(
     APPLY_INDEX_MASK: tl.constexpr, APPLY_ATTN_MASK: tl.constexpr,
     COMPUTE_DBIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """Accumulate one query block's contribution to dk, dv of the key block."""
+    """Accumulate one query block's contribution to dk, dv of the key block, keys on the M dimension.
+
+    The tile is transposed (``S^T = K Q^T``, ``[BLOCK_N, BLOCK_M]``), so ``P^T`` and ``dS^T`` feed
+    ``dV += P^T dO`` and ``dK += dS^T Q`` as they are: no transpose of a score tile.
+    """
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = o_m < Lq
+    m_m = (o_m >= row_lo) & (o_m < row_hi)  # rows that see a key of this block; the others load as 0
     # [BLOCK_M, BLOCK_D]
     b_q = tl.load(q_bh + o_m[:, None] * stride_qm + o_d[None, :], mask=m_m[:, None] & (o_d[None, :] < D), other=0.0)
     # [BLOCK_M, BLOCK_DV]
@@ -175,24 +194,33 @@ def _dkdv_query_block(
     if DOT_FP32:
         b_q = b_q.to(tl.float32)
         b_do = b_do.to(tl.float32)
+    # [BLOCK_M]
     b_lse2, b_delta = _load_row_stats(p_lse_bh, p_delta_bh, o_m, Lq)
-    # [BLOCK_M, BLOCK_N]
-    b_p, b_ds, b_dx = _bwd_tile(
-        b_q, b_kt, b_vt, b_do, b_lse2, b_delta, o_m, o_n, i_b, i_h, Hq, Lq, Lk,
-        offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
-        p_mask_bh, stride_mask_m, stride_mask_n,
-        HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
-        HAS_DROPOUT, APPLY_INDEX_MASK, APPLY_ATTN_MASK, DOT_PRECISION,
+    # The two independent matmuls back to back. [BLOCK_N, BLOCK_M]
+    b_kq = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION)
+    b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
+    # The score tile with the roles of queries and keys swapped (see _band_rows): rows are keys.
+    b_st, b_tanh = _score_tile(
+        b_kq, o_n, o_m, -offset, klen, qlen, window_right, window_left, slope, sm_scale, softcap,
+        p_mask_bh, stride_mask_n, stride_mask_m, Lk, Lq,
+        HAS_WINDOW_RIGHT, HAS_WINDOW_LEFT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
+        APPLY_INDEX_MASK, APPLY_ATTN_MASK,
     )
-    b_dv += tl.dot(tl.trans(b_p).to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
-    b_dk += tl.dot(tl.trans(b_dx).to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
+    b_keep = b_st  # a placeholder without dropout
+    if HAS_DROPOUT:
+        b_keep = tl.trans(_dropout_keep(seed, i_b, i_h, o_m, o_n, Hq, Lq, Lk, dropout_p))
+    b_pt, b_dst, b_dxt = _grad_scores(
+        b_st, b_tanh, b_dpt, b_lse2[None, :], b_delta[None, :], b_keep, dropout_p, HAS_SOFTCAP, HAS_DROPOUT
+    )
+    b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
+    b_dk += tl.dot(b_dxt.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
     if COMPUTE_DBIAS:
-        p_dbias = p_dbias_bh + o_m[:, None] * stride_dbias_m + o_n[None, :]
-        tl.store(p_dbias, b_ds.to(p_dbias_bh.dtype.element_ty), mask=m_m[:, None] & (o_n[None, :] < Lk))
+        p_dbias = p_dbias_bh + o_m[None, :] * stride_dbias_m + o_n[:, None]
+        tl.store(p_dbias, b_dst.to(p_dbias_bh.dtype.element_ty), mask=(o_m[None, :] < Lq) & (o_n[:, None] < Lk))
     return b_dk, b_dv
 
 
-@triton.jit(do_not_specialize=["Lq", "Lk", "window_left", "window_right", "seed"])
+@triton.jit(do_not_specialize=["Lq", "Lk", "window_left", "window_right", "seed", "TUNE_LK"])
 def attention_bwd_dkdv_kernel(
     # pointers
     p_q, p_k, p_v, p_dout, p_lse, p_delta, p_dk, p_dv, p_dbias, p_mask, p_alibi, p_klen, p_qlen,
@@ -214,6 +242,7 @@ def attention_bwd_dkdv_kernel(
     stride_tid_b, stride_tid_h, stride_tid_m, stride_tid_n,
     # scalars
     sm_scale, softcap, window_left, window_right, dropout_p, seed,
+    TUNE_LK,  # the autotuning key's power-of-two bucket of Lk (unused by the kernel)
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -224,42 +253,50 @@ def attention_bwd_dkdv_kernel(
 ):
     """Grid ``(cdiv(Lk, BLOCK_N), B * Hkv)``: one program per key block of one kv head.
 
-    Loops over the ``GROUP`` query heads sharing the kv head and, for each, the query blocks that
-    see this key block (the band of the window, or the BlockMask's transposed lists); dk, dv are
-    written once, so the result is deterministic.
+    ``BLOCK_N`` keys are the M dimension of every matmul, ``BLOCK_M`` queries one loop step. Loops
+    over the ``GROUP`` query heads sharing the kv head and, for each, the query blocks that see this
+    key block (the band of the window, or the BlockMask's transposed lists); dk, dv are written
+    once, so the result is deterministic. Row offsets are int64 (any strides, any lengths).
     """
     i_n = tl.program_id(0)
     i_bhk = tl.program_id(1)
     Hkv = Hq // GROUP
     i_b = i_bhk // Hkv
     i_hk = i_bhk % Hkv
+    stride_qm = tl.cast(stride_qm, tl.int64)
+    stride_dom = tl.cast(stride_dom, tl.int64)
+    stride_dbias_m = tl.cast(stride_dbias_m, tl.int64)
+    stride_mask_m = tl.cast(stride_mask_m, tl.int64)
+    stride_mask_n = tl.cast(stride_mask_n, tl.int64)
 
     qlen = Lq
     klen = Lk
     if HAS_LENGTHS:
-        qlen = tl.load(p_qlen + i_b)
-        klen = tl.load(p_klen + i_b)
+        qlen = tl.minimum(tl.load(p_qlen + i_b), Lq)
+        klen = tl.minimum(tl.load(p_klen + i_b), Lk)
     offset = klen - qlen
 
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
-    m_n = o_n < Lk
+    m_k = o_n < klen  # keys past klen load as 0: whatever they hold reaches no other row
     k_bh = p_k + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
     v_bh = p_v + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
-    # [BLOCK_D, BLOCK_N]
-    b_kt = tl.load(k_bh + o_n[None, :] * stride_kn + o_d[:, None], mask=m_n[None, :] & (o_d[:, None] < D), other=0.0)
-    # [BLOCK_DV, BLOCK_N]
-    b_vt = tl.load(v_bh + o_n[None, :] * stride_vn + o_dv[:, None], mask=m_n[None, :] & (o_dv[:, None] < DV), other=0.0)
+    # [BLOCK_N, BLOCK_D]
+    b_k = tl.load(k_bh + o_n[:, None].to(tl.int64) * stride_kn + o_d[None, :],
+                  mask=m_k[:, None] & (o_d[None, :] < D), other=0.0)
+    # [BLOCK_N, BLOCK_DV]
+    b_v = tl.load(v_bh + o_n[:, None].to(tl.int64) * stride_vn + o_dv[None, :],
+                  mask=m_k[:, None] & (o_dv[None, :] < DV), other=0.0)
     if DOT_FP32:
-        b_kt = b_kt.to(tl.float32)
-        b_vt = b_vt.to(tl.float32)
+        b_k = b_k.to(tl.float32)
+        b_v = b_v.to(tl.float32)
     # [BLOCK_N, BLOCK_D]
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # [BLOCK_N, BLOCK_DV]
     b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
-    m_lo, m_mid_lo, m_mid_hi, m_hi = _query_block_range(
+    m_lo, m_mid_lo, m_mid_hi, m_hi, row_lo, row_hi = _query_block_range(
         i_n * BLOCK_N, qlen, klen, offset, window_left, window_right,
         BLOCK_M, BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
     )
@@ -293,8 +330,8 @@ def attention_bwd_dkdv_kernel(
                     stride_tid_n, PARTIAL_MASKS, MASK_SUB_M * BLOCK_M, MASK_SUB_N * BLOCK_N,
                 )
                 b_dk, b_dv = _dkdv_query_block(
-                    b_dk, b_dv, b_kt, b_vt, i_m, o_n, o_d, o_dv, q_bh, do_bh, p_lse_bh, p_delta_bh, p_dbias_bh,
-                    stride_qm, stride_dom, stride_dbias_m, i_b, i_h, Hq, Lq, Lk, D, DV,
+                    b_dk, b_dv, b_k, b_v, i_m, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh,
+                    p_dbias_bh, stride_qm, stride_dom, stride_dbias_m, i_b, i_h, Hq, Lq, Lk, D, DV,
                     offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
                     p_mask_tile, stride_mask_m, stride_mask_n, BLOCK_M,
                     HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
@@ -304,8 +341,8 @@ def attention_bwd_dkdv_kernel(
             for t in range(0, num_full * MASK_SUB_M):
                 i_m = tl.load(p_full_idx + p_idx + t // MASK_SUB_M) * MASK_SUB_M + t % MASK_SUB_M
                 b_dk, b_dv = _dkdv_query_block(
-                    b_dk, b_dv, b_kt, b_vt, i_m, o_n, o_d, o_dv, q_bh, do_bh, p_lse_bh, p_delta_bh, p_dbias_bh,
-                    stride_qm, stride_dom, stride_dbias_m, i_b, i_h, Hq, Lq, Lk, D, DV,
+                    b_dk, b_dv, b_k, b_v, i_m, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh,
+                    p_dbias_bh, stride_qm, stride_dom, stride_dbias_m, i_b, i_h, Hq, Lq, Lk, D, DV,
                     offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
                     p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_M,
                     HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
@@ -314,8 +351,8 @@ def attention_bwd_dkdv_kernel(
         else:
             for i_m in range(m_lo, m_mid_lo):
                 b_dk, b_dv = _dkdv_query_block(
-                    b_dk, b_dv, b_kt, b_vt, i_m, o_n, o_d, o_dv, q_bh, do_bh, p_lse_bh, p_delta_bh, p_dbias_bh,
-                    stride_qm, stride_dom, stride_dbias_m, i_b, i_h, Hq, Lq, Lk, D, DV,
+                    b_dk, b_dv, b_k, b_v, i_m, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh,
+                    p_dbias_bh, stride_qm, stride_dom, stride_dbias_m, i_b, i_h, Hq, Lq, Lk, D, DV,
                     offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
                     p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_M,
                     HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
@@ -323,8 +360,8 @@ def attention_bwd_dkdv_kernel(
                 )
             for i_m in range(m_mid_lo, m_mid_hi):
                 b_dk, b_dv = _dkdv_query_block(
-                    b_dk, b_dv, b_kt, b_vt, i_m, o_n, o_d, o_dv, q_bh, do_bh, p_lse_bh, p_delta_bh, p_dbias_bh,
-                    stride_qm, stride_dom, stride_dbias_m, i_b, i_h, Hq, Lq, Lk, D, DV,
+                    b_dk, b_dv, b_k, b_v, i_m, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh,
+                    p_dbias_bh, stride_qm, stride_dom, stride_dbias_m, i_b, i_h, Hq, Lq, Lk, D, DV,
                     offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
                     p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_M,
                     HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
@@ -332,8 +369,8 @@ def attention_bwd_dkdv_kernel(
                 )
             for i_m in range(m_mid_hi, m_hi):
                 b_dk, b_dv = _dkdv_query_block(
-                    b_dk, b_dv, b_kt, b_vt, i_m, o_n, o_d, o_dv, q_bh, do_bh, p_lse_bh, p_delta_bh, p_dbias_bh,
-                    stride_qm, stride_dom, stride_dbias_m, i_b, i_h, Hq, Lq, Lk, D, DV,
+                    b_dk, b_dv, b_k, b_v, i_m, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh,
+                    p_dbias_bh, stride_qm, stride_dom, stride_dbias_m, i_b, i_h, Hq, Lq, Lk, D, DV,
                     offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
                     p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_M,
                     HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
@@ -341,17 +378,20 @@ def attention_bwd_dkdv_kernel(
                 )
 
     b_dk = b_dk * sm_scale
-    p_dk = p_dk + i_b.to(tl.int64) * stride_dkb + i_hk.to(tl.int64) * stride_dkh + o_n[:, None] * stride_dkn + o_d[None, :]
-    tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), mask=m_n[:, None] & (o_d[None, :] < D))
-    p_dv = p_dv + i_b.to(tl.int64) * stride_dvb + i_hk.to(tl.int64) * stride_dvh + o_n[:, None] * stride_dvn + o_dv[None, :]
-    tl.store(p_dv, b_dv.to(p_dv.dtype.element_ty), mask=m_n[:, None] & (o_dv[None, :] < DV))
+    m_n = o_n < Lk
+    p_dk = p_dk + i_b.to(tl.int64) * stride_dkb + i_hk.to(tl.int64) * stride_dkh
+    tl.store(p_dk + o_n[:, None].to(tl.int64) * stride_dkn + o_d[None, :], b_dk.to(p_dk.dtype.element_ty),
+             mask=m_n[:, None] & (o_d[None, :] < D))
+    p_dv = p_dv + i_b.to(tl.int64) * stride_dvb + i_hk.to(tl.int64) * stride_dvh
+    tl.store(p_dv + o_n[:, None].to(tl.int64) * stride_dvn + o_dv[None, :], b_dv.to(p_dv.dtype.element_ty),
+             mask=m_n[:, None] & (o_dv[None, :] < DV))
 
 
 # --------------------------------------------------------------------------- dQ
 @triton.jit
 def _dq_key_block(
     b_dq, b_q, b_do, b_lse2, b_delta,  # [BLOCK_M, BLOCK_D], [BLOCK_M, BLOCK_D], [BLOCK_M, BLOCK_DV], [BLOCK_M] x2
-    i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV,
+    i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn, stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV,
     offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
     p_mask_bh, stride_mask_m, stride_mask_n,
     BLOCK_N: tl.constexpr,
@@ -361,29 +401,38 @@ def _dq_key_block(
     APPLY_INDEX_MASK: tl.constexpr, APPLY_ATTN_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """Accumulate one key block's contribution to dq."""
+    """Accumulate one key block's contribution to dq (queries on the M dimension)."""
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < Lk
-    # [BLOCK_D, BLOCK_N]
-    b_kt = tl.load(k_bh + o_n[None, :] * stride_kn + o_d[:, None], mask=m_n[None, :] & (o_d[:, None] < D), other=0.0)
-    # [BLOCK_DV, BLOCK_N]
-    b_vt = tl.load(v_bh + o_n[None, :] * stride_vn + o_dv[:, None], mask=m_n[None, :] & (o_dv[:, None] < DV), other=0.0)
+    m_n = (o_n >= key_lo) & (o_n < key_hi)  # keys no row of the block sees load as 0
+    # [BLOCK_N, BLOCK_D]
+    b_k = tl.load(k_bh + o_n[:, None].to(tl.int64) * stride_kn + o_d[None, :],
+                  mask=m_n[:, None] & (o_d[None, :] < D), other=0.0)
+    # [BLOCK_N, BLOCK_DV]
+    b_v = tl.load(v_bh + o_n[:, None].to(tl.int64) * stride_vn + o_dv[None, :],
+                  mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)
     if DOT_FP32:
-        b_kt = b_kt.to(tl.float32)
-        b_vt = b_vt.to(tl.float32)
-    # [BLOCK_M, BLOCK_N]
-    _, _, b_dx = _bwd_tile(
-        b_q, b_kt, b_vt, b_do, b_lse2, b_delta, o_m, o_n, i_b, i_h, Hq, Lq, Lk,
-        offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
-        p_mask_bh, stride_mask_m, stride_mask_n,
+        b_k = b_k.to(tl.float32)
+        b_v = b_v.to(tl.float32)
+    # The two independent matmuls back to back. [BLOCK_M, BLOCK_N]
+    b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
+    b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
+    b_s, b_tanh = _score_tile(
+        b_qk, o_m, o_n, offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap,
+        p_mask_bh, stride_mask_m, stride_mask_n, Lq, Lk,
         HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
-        HAS_DROPOUT, APPLY_INDEX_MASK, APPLY_ATTN_MASK, DOT_PRECISION,
+        APPLY_INDEX_MASK, APPLY_ATTN_MASK,
     )
-    b_dq += tl.dot(b_dx.to(b_kt.dtype), tl.trans(b_kt), input_precision=DOT_PRECISION)
+    b_keep = b_s  # a placeholder without dropout
+    if HAS_DROPOUT:
+        b_keep = _dropout_keep(seed, i_b, i_h, o_m, o_n, Hq, Lq, Lk, dropout_p)
+    _, _, b_dx = _grad_scores(
+        b_s, b_tanh, b_dp, b_lse2[:, None], b_delta[:, None], b_keep, dropout_p, HAS_SOFTCAP, HAS_DROPOUT
+    )
+    b_dq += tl.dot(b_dx.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
     return b_dq
 
 
-@triton.jit(do_not_specialize=["Lq", "Lk", "window_left", "window_right", "seed"])
+@triton.jit(do_not_specialize=["Lq", "Lk", "window_left", "window_right", "seed", "TUNE_LK"])
 def attention_bwd_dq_kernel(
     # pointers
     p_q, p_k, p_v, p_dout, p_lse, p_delta, p_dq, p_mask, p_alibi, p_klen, p_qlen,
@@ -403,6 +452,7 @@ def attention_bwd_dq_kernel(
     stride_tid_b, stride_tid_h, stride_tid_m, stride_tid_n,
     # scalars
     sm_scale, softcap, window_left, window_right, dropout_p, seed,
+    TUNE_LK,  # the autotuning key's power-of-two bucket of Lk (unused by the kernel)
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -417,18 +467,22 @@ def attention_bwd_dq_kernel(
     i_b = i_bh // Hq
     i_h = i_bh % Hq
     i_hk = i_h // GROUP
+    stride_kn = tl.cast(stride_kn, tl.int64)
+    stride_vn = tl.cast(stride_vn, tl.int64)
+    stride_mask_m = tl.cast(stride_mask_m, tl.int64)
+    stride_mask_n = tl.cast(stride_mask_n, tl.int64)
 
     qlen = Lq
     klen = Lk
     if HAS_LENGTHS:
-        qlen = tl.load(p_qlen + i_b)
-        klen = tl.load(p_klen + i_b)
+        qlen = tl.minimum(tl.load(p_qlen + i_b), Lq)
+        klen = tl.minimum(tl.load(p_klen + i_b), Lk)
     offset = klen - qlen
 
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
-    m_m = o_m < Lq
+    m_q = o_m < qlen  # rows past qlen load as 0 (their gradient is 0)
     q_bh = p_q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
     do_bh = p_dout + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
     k_bh = p_k + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
@@ -441,9 +495,11 @@ def attention_bwd_dq_kernel(
         slope = tl.load(p_alibi + i_b * stride_alibi_b + i_h * stride_alibi_h)
 
     # [BLOCK_M, BLOCK_D]
-    b_q = tl.load(q_bh + o_m[:, None] * stride_qm + o_d[None, :], mask=m_m[:, None] & (o_d[None, :] < D), other=0.0)
+    b_q = tl.load(q_bh + o_m[:, None].to(tl.int64) * stride_qm + o_d[None, :],
+                  mask=m_q[:, None] & (o_d[None, :] < D), other=0.0)
     # [BLOCK_M, BLOCK_DV]
-    b_do = tl.load(do_bh + o_m[:, None] * stride_dom + o_dv[None, :], mask=m_m[:, None] & (o_dv[None, :] < DV), other=0.0)
+    b_do = tl.load(do_bh + o_m[:, None].to(tl.int64) * stride_dom + o_dv[None, :],
+                   mask=m_q[:, None] & (o_dv[None, :] < DV), other=0.0)
     if DOT_FP32:
         b_q = b_q.to(tl.float32)
         b_do = b_do.to(tl.float32)
@@ -451,6 +507,12 @@ def attention_bwd_dq_kernel(
     b_lse2, b_delta = _load_row_stats(p_lse + i_bh.to(tl.int64) * Lq, p_delta + i_bh.to(tl.int64) * Lq, o_m, Lq)
     # [BLOCK_M, BLOCK_D]
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # Keys [key_lo, key_hi) are those some row of the block sees (the band with the roles swapped).
+    m0 = i_m * BLOCK_M
+    key_lo, key_hi = _band_rows(
+        m0, tl.minimum(m0 + BLOCK_M, qlen), klen, -offset, window_right, window_left,
+        HAS_WINDOW_RIGHT, HAS_WINDOW_LEFT,
+    )
 
     if USE_BLOCK_MASK:
         i_qb = i_m // MASK_SUB_M  # the mask's query block; its key blocks span MASK_SUB_N tiles each
@@ -465,9 +527,9 @@ def attention_bwd_dq_kernel(
                 stride_tid_n, PARTIAL_MASKS, MASK_SUB_M * BLOCK_M, MASK_SUB_N * BLOCK_N,
             )
             b_dq = _dq_key_block(
-                b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
-                i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
-                softcap, dropout_p, seed, p_mask_tile, stride_mask_m, stride_mask_n, BLOCK_N,
+                b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
+                stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope,
+                sm_scale, softcap, dropout_p, seed, p_mask_tile, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
                 HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32,
             )
@@ -475,57 +537,67 @@ def attention_bwd_dq_kernel(
         for t in range(0, num_full * MASK_SUB_N):
             i_n = tl.load(p_full_idx + p_idx + t // MASK_SUB_N) * MASK_SUB_N + t % MASK_SUB_N
             b_dq = _dq_key_block(
-                b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
-                i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
-                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
+                b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
+                stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope,
+                sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
                 HAS_DROPOUT, True, False, DOT_PRECISION, DOT_FP32,
             )
     else:
         n_lo, n_mid_lo, n_mid_hi, n_hi = _key_block_range(
-            i_m * BLOCK_M, qlen, klen, offset, window_left, window_right,
+            m0, qlen, klen, offset, window_left, window_right,
             BLOCK_M, BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
         )
         for i_n in range(n_lo, n_mid_lo):
             b_dq = _dq_key_block(
-                b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
-                i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
-                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
+                b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
+                stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope,
+                sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
                 HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32,
             )
         for i_n in range(n_mid_lo, n_mid_hi):
             b_dq = _dq_key_block(
-                b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
-                i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
-                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
+                b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
+                stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope,
+                sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
                 HAS_DROPOUT, False, True, DOT_PRECISION, DOT_FP32,
             )
         for i_n in range(n_mid_hi, n_hi):
             b_dq = _dq_key_block(
-                b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
-                i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
-                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
+                b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
+                stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope,
+                sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
                 HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32,
             )
 
     b_dq = b_dq * sm_scale
-    p_dq = p_dq + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh + o_m[:, None] * stride_dqm + o_d[None, :]
-    tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), mask=m_m[:, None] & (o_d[None, :] < D))
+    p_dq = p_dq + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
+    tl.store(p_dq + o_m[:, None].to(tl.int64) * stride_dqm + o_d[None, :], b_dq.to(p_dq.dtype.element_ty),
+             mask=(o_m[:, None] < Lq) & (o_d[None, :] < D))
 
 
 # No reset_to_zero for dbias: every tuning run writes the same tiles, the others stay zero.
-attention_bwd_dkdv_kernel_tuned = triton.autotune(configs=configs.bwd_configs(), key=configs.BWD_KEY)(
-    attention_bwd_dkdv_kernel
-)
-attention_bwd_dq_kernel_tuned = triton.autotune(configs=configs.bwd_configs(), key=configs.FWD_KEY)(
-    attention_bwd_dq_kernel
-)
+attention_bwd_dkdv_kernel_tuned = configs.autotune("dkdv", configs.DKDV_KEY)(attention_bwd_dkdv_kernel)
+attention_bwd_dq_kernel_tuned = configs.autotune("dq", configs.DQ_KEY)(attention_bwd_dq_kernel)
 
 
 # --------------------------------------------------------------------------- launcher
+def row_delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    """The preprocess kernel: ``delta = rowsum(dO * O)``, float32 ``(B, Hq, Lq)``, from ``out, dout (B, Hq, Lq, DV)``."""
+    B, Hq, Lq, DV = out.shape
+    delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=out.device)
+    torch.library.wrap_triton(attention_bwd_preprocess_kernel)[(triton.cdiv(Lq, 64), B * Hq)](
+        p_out=out, p_dout=dout, p_delta=delta, Hq=Hq, Lq=Lq, DV=DV,
+        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2),
+        stride_dob=dout.stride(0), stride_doh=dout.stride(1), stride_dom=dout.stride(2),
+        BLOCK_M=64, BLOCK_DV=head_dim_tile(DV),
+    )
+    return delta
+
+
 def attention_bwd(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -583,14 +655,9 @@ def attention_bwd(
         return dq.zero_(), dk, dv, dbias  # no keys: nothing depends on q
     if Lq == 0:
         return dq, dk.zero_(), dv.zero_(), dbias
-    delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     block_d, block_dv = head_dim_tile(D), head_dim_tile(DV)
-    torch.library.wrap_triton(attention_bwd_preprocess_kernel)[(triton.cdiv(Lq, 64), B * Hq)](
-        p_out=out, p_dout=dout, p_delta=delta, Hq=Hq, Lq=Lq, DV=DV,
-        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2),
-        stride_dob=dout.stride(0), stride_doh=dout.stride(1), stride_dom=dout.stride(2),
-        BLOCK_M=64, BLOCK_DV=block_dv,
-    )
+    # delta = rowsum(dO * O) per query row, float32 (B, Hq, Lq); the dK/dV and dQ kernels read it.
+    delta = row_delta(out, dout)
 
     lengths = both_lengths(key_lengths, query_lengths, B, Lq, Lk, q.device)
     element = element_mask_args(attn_mask, partial_masks, partial_tile_ids, block_size_k)
@@ -611,7 +678,7 @@ def attention_bwd(
         stride_alibi_h=alibi_slopes.stride(1) if alibi_slopes is not None else 0,
         sm_scale=float(scale), softcap=float(softcap),
         window_left=clamp_window(window_left, bound), window_right=clamp_window(window_right, bound),
-        dropout_p=float(dropout_p), seed=int(seed),
+        dropout_p=float(dropout_p), seed=int(seed), TUNE_LK=configs.tune_bucket(Lk),
         BLOCK_D=block_d, BLOCK_DV=block_dv, **flags, USE_BLOCK_MASK=use_block_mask,
         DOT_PRECISION=precision, DOT_FP32=dot_fp32,
     )
@@ -637,21 +704,23 @@ def attention_bwd(
         stride_idx_b=kv_idx_strides[0], stride_idx_h=kv_idx_strides[1], stride_idx_m=kv_idx_strides[2],
     )
 
-    if not use_block_mask and configs.autotune_enabled(max(block_d, block_dv), q.element_size()):
+    head_dim = max(block_d, block_dv)
+    if not use_block_mask and configs.autotune_enabled(head_dim, q.element_size()):
         grid_dkdv = lambda META: (triton.cdiv(Lk, META["BLOCK_N"]), B * Hkv)
         grid_dq = lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * Hq)
         torch.library.wrap_triton(attention_bwd_dkdv_kernel_tuned)[grid_dkdv](**dkdv_args, MASK_SUB_M=1, MASK_SUB_N=1)
         torch.library.wrap_triton(attention_bwd_dq_kernel_tuned)[grid_dq](**dq_args, MASK_SUB_M=1, MASK_SUB_N=1)
         return dq, dk, dv, dbias
-    if use_block_mask:
-        meta = configs.block_mask_config("bwd", max(block_d, block_dv), block_size_q, block_size_k, q.element_size())
-    else:
-        meta = configs.pinned_config("bwd", max(block_d, block_dv), q.element_size())
-    grid_dkdv = (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)
-    grid_dq = (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
-    sub = {"MASK_SUB_M": block_size_q // meta["BLOCK_M"], "MASK_SUB_N": block_size_k // meta["BLOCK_N"]}
-    if not use_block_mask:
-        sub = {"MASK_SUB_M": 1, "MASK_SUB_N": 1}
-    torch.library.wrap_triton(attention_bwd_dkdv_kernel)[grid_dkdv](**dkdv_args, **meta, **sub)
-    torch.library.wrap_triton(attention_bwd_dq_kernel)[grid_dq](**dq_args, **meta, **sub)
+    for kernel, args, kind in ((attention_bwd_dkdv_kernel, dkdv_args, "dkdv"), (attention_bwd_dq_kernel, dq_args, "dq")):
+        if use_block_mask:
+            meta = configs.block_mask_config(kind, head_dim, block_size_q, block_size_k, q.element_size())
+            sub = {"MASK_SUB_M": block_size_q // meta["BLOCK_M"], "MASK_SUB_N": block_size_k // meta["BLOCK_N"]}
+        else:
+            meta = configs.pinned_config(kind, head_dim, q.element_size())
+            sub = {"MASK_SUB_M": 1, "MASK_SUB_N": 1}
+        if kind == "dkdv":
+            grid = (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)
+        else:
+            grid = (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
+        torch.library.wrap_triton(kernel)[grid](**args, **meta, **sub)
     return dq, dk, dv, dbias

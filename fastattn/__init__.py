@@ -12,6 +12,7 @@ from .backends import backends as list_backends
 from .block_mask import BlockMask
 from .info import info
 from .kvcache import attention_with_kvcache
+from .varlen import varlen_attention
 
 __version__ = "0.1.0"
 
@@ -54,6 +55,7 @@ __all__ = [
     "info",
     "reference",
     "scaled_dot_product_attention",
+    "varlen_attention",
 ]
 
 # Import every backend module now rather than on the first call: under torch.compile that first

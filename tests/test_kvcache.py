@@ -71,12 +71,19 @@ def _case(seed, *, B, Lq, Lnew, Hq, Hkv, D, paged, poison, max_len=40, page_size
     return q, k_cache, v_cache, k_new, v_new, old.to(torch.int32), hist_k, hist_v, args
 
 
-def _check(backend, seed, *, B=3, Lq=1, Lnew=1, Hq=4, Hkv=2, D=16, paged=False, poison=1e4, **kwargs):
+def _check(backend, seed, *, B=3, Lq=1, Lnew=1, Hq=4, Hkv=2, D=16, paged=False, poison=1e4, device="cpu", **kwargs):
     q, k_cache, v_cache, k_new, v_new, old, hist_k, hist_v, args = _case(
         seed, B=B, Lq=Lq, Lnew=Lnew, Hq=Hq, Hkv=Hkv, D=D, paged=paged, poison=poison)
     before_k = k_cache.clone()
-    out, lse = fastattn.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=old, backend=backend,
-                                               return_lse=True, **args, **kwargs)
+
+    def dev(x):
+        return x.to(device) if isinstance(x, torch.Tensor) else x
+
+    caches = [dev(k_cache), dev(v_cache)]
+    out, lse = fastattn.attention_with_kvcache(
+        dev(q), *caches, dev(k_new), dev(v_new), cache_seqlens=dev(old), backend=backend, return_lse=True,
+        **{name: dev(x) for name, x in args.items()}, **{name: dev(x) for name, x in kwargs.items()})
+    out, lse, k_cache = out.cpu(), lse.cpu(), caches[0].cpu()
     lengths = old + Lnew
     ref64, lse64 = _reference(q, hist_k, hist_v, lengths, **kwargs)
     ref32, _ = _reference(q, hist_k, hist_v, lengths, dtype=torch.float32, **kwargs)
@@ -131,6 +138,14 @@ def test_matches_reference(backend, paged, Lq, Lnew, kwargs):
 def test_nan_poison_never_reaches_output(backend, paged):
     out = _check(backend, 3, Lq=4, Lnew=4, paged=paged, poison=float("nan"), causal=True)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_triton_backend(paged):
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on the CPU through the Triton interpreter
+    _check("triton", 1, B=2, Lq=3, Lnew=3, paged=paged, causal=True, device=device)
 
 
 def test_mqa_and_no_batch_idx():

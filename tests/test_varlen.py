@@ -38,15 +38,17 @@ def _loop(q, k, v, lens_q, lens_k, **kwargs):
     return torch.cat(outs), torch.cat(lses, dim=1)
 
 
-def _check(backend, lens_q, lens_k, *, Hq=4, Hkv=2, D=16, Dv=16, seed=0, **kwargs):
+def _check(backend, lens_q, lens_k, *, Hq=4, Hkv=2, D=16, Dv=16, seed=0, device="cpu", **kwargs):
     g = torch.Generator().manual_seed(seed)
     tq, tk = sum(lens_q), sum(lens_k)
     q, k, v = (torch.randn(*shape, generator=g) for shape in ((tq, Hq, D), (tk, Hkv, D), (tk, Hkv, Dv)))
     dout = torch.randn(tq, Hq, Dv, generator=g)
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out, lse = fastattn.varlen_attention(*leaves, _cu(lens_q), _cu(lens_k), max(lens_q), max(lens_k),
-                                         backend=backend, return_lse=True, **kwargs)
-    grads = torch.autograd.grad((out * dout).sum(), leaves)
+    leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
+    device_kwargs = {name: x.to(device) if isinstance(x, torch.Tensor) else x for name, x in kwargs.items()}
+    out, lse = fastattn.varlen_attention(*leaves, _cu(lens_q).to(device), _cu(lens_k).to(device), max(lens_q),
+                                         max(lens_k), backend=backend, return_lse=True, **device_kwargs)
+    grads = torch.autograd.grad((out * dout.to(device)).sum(), leaves)
+    out, lse = out.cpu(), lse.cpu()
     results = {}
     for dtype in (torch.float64, torch.float32):
         ref_leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
@@ -81,6 +83,13 @@ FEATURES = [
 @pytest.mark.parametrize("kwargs", FEATURES, ids=["plain", "causal", "window", "causal-window-softcap"])
 def test_matches_per_sequence_reference(backend, lengths, kwargs):
     _check(backend, *lengths, **kwargs)
+
+
+@pytest.mark.interpreter
+def test_triton_backend():
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on the CPU through the Triton interpreter
+    _check("triton", [9, 1, 40, 0], [25, 17, 30, 4], causal=True, device=device)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

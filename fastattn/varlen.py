@@ -17,7 +17,6 @@ import torch
 from ._inputs import _check_bool, _check_tensor, _check_window
 from .api import attention
 from .block_mask import EMPTY, FULL, PARTIAL, BlockMask, block_extents
-from .masks import _evaluate
 
 # Tile size of the mask: a size every backend takes (Triton: a power of two <= 128, CUDA: a multiple of 64).
 BLOCK_SIZE = 64
@@ -66,6 +65,8 @@ def varlen_block_mask(
         window: ``(left, right)`` bounds, ints >= 0 or None; ``(None, 0)`` is causal.
         block_size: the tile size (both sides).
     """
+    from .masks import _evaluate  # the builders' tile-wise evaluation; imported here so `import fastattn` stays light
+
     cu_q, cu_k = cu_seqlens_q.long(), cu_seqlens_k.long()
     device = cu_q.device
     n = cu_q.shape[0] - 1

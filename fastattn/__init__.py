@@ -1,6 +1,7 @@
 """fastattn: fused attention kernels for PyTorch.
 
-Functional API: :func:`attention`, :func:`scaled_dot_product_attention`; masks:
+Functional API: :func:`attention`, :func:`scaled_dot_product_attention`,
+:func:`varlen_attention` (packed sequences), :func:`attention_with_kvcache` (decoding); masks:
 :class:`BlockMask`; which backend runs here and why: :func:`info`.
 """
 
@@ -10,6 +11,8 @@ from .backends import BackendNotSupportedError, get_backend
 from .backends import backends as list_backends
 from .block_mask import BlockMask
 from .info import info
+from .kvcache import attention_with_kvcache
+from .varlen import varlen_attention
 
 __version__ = "0.1.0"
 
@@ -47,10 +50,12 @@ __all__ = [
     "sdpa_override",
     "BlockMask",
     "attention",
+    "attention_with_kvcache",
     "get_backend",
     "info",
     "reference",
     "scaled_dot_product_attention",
+    "varlen_attention",
 ]
 
 # Import every backend module now rather than on the first call: under torch.compile that first

@@ -1,0 +1,190 @@
+"""Attention against a key/value cache (decoding, chunked prefill): :func:`attention_with_kvcache`.
+
+The new keys and values are written into the cache in place, then the queries attend to every
+slot below each sequence's new length through :func:`fastattn.attention` with ``key_lengths``, so
+the slots at or past a sequence's length never reach a result.
+
+What runs how (this first version composes existing kernels, no kernel of its own):
+
+* contiguous cache: the cache is read through a ``(B, Hkv, L, D)`` transposed view, cropped to the
+  longest sequence, without a copy (with ``cache_batch_idx`` the selected rows are gathered: a copy);
+* paged cache: the pages each sequence uses are gathered into a contiguous ``(B, pages * page_size,
+  Hkv, D)`` tensor (a copy of the used pages) -- a kernel that walks ``block_table`` is a follow-up.
+
+Validation reads ``cache_seqlens`` (and ``block_table``) on the host, so a call synchronises with
+the device and is not yet capturable in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._inputs import _check_bool, _check_tensor
+from .api import attention
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_4d(t, name: str, shape_name: str) -> None:
+    _check_tensor(t, name)
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be 4-D {shape_name}, got shape {tuple(t.shape)}")
+
+
+def _check_index(t, name: str, shape: tuple[int, ...], device: torch.device) -> None:
+    _check_tensor(t, name)
+    if t.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"{name} must be an int32 or int64 tensor, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on q's device {device}, got {t.device}")
+
+
+def attention_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    *,
+    cache_seqlens: torch.Tensor,
+    block_table: torch.Tensor | None = None,
+    cache_batch_idx: torch.Tensor | None = None,
+    causal: bool = False,
+    window: tuple[int, int] | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    softcap: float = 0.0,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+):
+    """Append ``k``/``v`` to a KV cache in place, then attend to the cache (flash-attn's layout).
+
+    Sequence ``b`` has ``L_b = cache_seqlens[b] + Lnew`` valid keys after the append. The queries are
+    its last ``Lq`` positions (bottom-right aligned, as :func:`fastattn.attention`): query ``i`` sits
+    at position ``L_b - Lq + i``, which is ``cache_seqlens[b] + i`` when the queries are the tokens
+    just appended (``Lq == Lnew``, the usual decode / chunked-prefill call). ``causal``, ``window``
+    and ALiBi use those positions. Slots at or past ``L_b`` are never read into a result, whatever
+    they hold (NaN included).
+
+    Args:
+        q: ``(B, Lq, Hq, D)``.
+        k_cache: contiguous ``(B_cache, L_max, Hkv, D)``, or paged ``(num_pages, page_size, Hkv, D)``
+            when ``block_table`` is given (``page_size`` a multiple of 16). Written in place.
+        v_cache: ``(B_cache, L_max, Hkv, Dv)`` or ``(num_pages, page_size, Hkv, Dv)``. Written in place.
+        k: optional new keys ``(B, Lnew, Hkv, D)``, written at positions ``cache_seqlens[b] + t``.
+        v: new values ``(B, Lnew, Hkv, Dv)``; given exactly when ``k`` is.
+        cache_seqlens: int32/int64 ``(B,)``: valid keys per sequence before the append.
+        block_table: int32/int64 ``(B, max_pages)``: page ``p`` of sequence ``b`` (positions
+            ``[p * page_size, (p + 1) * page_size)``) is ``k_cache[block_table[b, p]]``. Entries past
+            the pages a sequence uses are not read.
+        cache_batch_idx: int32/int64 ``(B,)`` (contiguous cache only): sequence ``b`` lives in cache
+            row ``cache_batch_idx[b]``; default row ``b`` (then ``B_cache`` must equal ``B``).
+        causal, window, alibi_slopes, softcap, scale, backend: as in :func:`fastattn.attention`.
+        return_lse: also return the float32 log-sum-exp ``(B, Hq, Lq)``.
+
+    Returns:
+        ``out (B, Lq, Hq, Dv)`` in q's dtype, or ``(out, lse)`` with ``return_lse``.
+    """
+    _check_bool(return_lse, "return_lse")
+    _check_4d(q, "q", "(B, Lq, Hq, D)")
+    B, Lq, Hq, D = q.shape
+    paged = block_table is not None
+    cache_shape = "(num_pages, page_size, Hkv, D)" if paged else "(B_cache, L_max, Hkv, D)"
+    _check_4d(k_cache, "k_cache", cache_shape)
+    _check_4d(v_cache, "v_cache", cache_shape)
+    for t, name in ((k_cache, "k_cache"), (v_cache, "v_cache")):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    n_rows, row_len, Hkv, Dk = k_cache.shape
+    Dv = v_cache.shape[3]
+    if Dk != D:
+        raise ValueError(f"k_cache must have q's head_dim {D} (last dim), got {Dk}")
+    if tuple(v_cache.shape[:3]) != (n_rows, row_len, Hkv):
+        raise ValueError(f"v_cache must match k_cache in its first three dims {(n_rows, row_len, Hkv)}, "
+                         f"got {tuple(v_cache.shape)}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"q's number of heads ({Hq}) must be a multiple of the cache's ({Hkv}) for GQA/MQA")
+
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (new keys and values to append) or both be None")
+    Lnew = 0
+    if k is not None:
+        _check_4d(k, "k", "(B, Lnew, Hkv, D)")
+        _check_4d(v, "v", "(B, Lnew, Hkv, Dv)")
+        Lnew = k.shape[1]
+        for t, name, dim in ((k, "k", D), (v, "v", Dv)):
+            if tuple(t.shape) != (B, Lnew, Hkv, dim):
+                raise ValueError(f"{name} must have shape (B, Lnew, Hkv, {'D' if name == 'k' else 'Dv'}) = "
+                                 f"{(B, Lnew, Hkv, dim)}, got {tuple(t.shape)}")
+            if t.dtype != q.dtype:
+                raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+            if t.device != q.device:
+                raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+
+    _check_index(cache_seqlens, "cache_seqlens", (B,), q.device)
+    seqlens = cache_seqlens.long()
+    if paged:
+        if cache_batch_idx is not None:
+            raise ValueError("cache_batch_idx applies to a contiguous cache; with block_table, map sequences to "
+                             "pages through block_table instead")
+        _check_tensor(block_table, "block_table")
+        if block_table.dim() != 2 or block_table.shape[0] != B:
+            raise ValueError(f"block_table must have shape (B, max_pages) = ({B}, max_pages), got {tuple(block_table.shape)}")
+        _check_index(block_table, "block_table", tuple(block_table.shape), q.device)
+        page_size = row_len
+        if page_size == 0 or page_size % 16 != 0:
+            raise ValueError(f"the page size (k_cache.shape[1]) must be a positive multiple of 16, got {page_size}")
+        capacity = block_table.shape[1] * page_size
+    else:
+        capacity = row_len
+        if cache_batch_idx is None:
+            if n_rows != B:
+                raise ValueError(f"k_cache has {n_rows} rows but q has batch {B}; pass cache_batch_idx to pick rows")
+            rows = torch.arange(B, device=q.device)
+        else:
+            _check_index(cache_batch_idx, "cache_batch_idx", (B,), q.device)
+            rows = cache_batch_idx.long()
+            if B and (int(rows.min()) < 0 or int(rows.max()) >= n_rows):
+                raise ValueError(f"cache_batch_idx must lie in [0, {n_rows}), got values in "
+                                 f"[{int(rows.min())}, {int(rows.max())}]")
+    lengths = seqlens + Lnew  # (B,) valid keys after the append
+    if B and (int(seqlens.min()) < 0 or int(lengths.max()) > capacity):
+        raise ValueError(f"cache_seqlens + Lnew must lie in [{Lnew}, {capacity}] (the cache holds {capacity} "
+                         f"positions per sequence), got cache_seqlens in [{int(seqlens.min())}, {int(seqlens.max())}] "
+                         f"with Lnew = {Lnew}")
+    max_len = int(lengths.max()) if B else 0
+    if paged:
+        num_used = max(1, -(-max_len // page_size))  # pages of the longest sequence (>= 1, so Lk >= 1)
+        table = block_table[:, :num_used].long()  # (B, num_used)
+        used = torch.arange(num_used, device=q.device) * page_size < lengths[:, None]  # (B, num_used)
+        bad = used & ((table < 0) | (table >= n_rows))
+        if bool(bad.any()):
+            b, p = (int(x) for x in bad.nonzero()[0])
+            raise ValueError(f"block_table[{b}, {p}] = {int(table[b, p])} is not a page of k_cache (it has "
+                             f"{n_rows} pages: valid entries lie in [0, {n_rows}))")
+        table = torch.where(used, table, 0)  # unused entries are never read, but must index something
+
+    if Lnew:
+        positions = seqlens[:, None] + torch.arange(Lnew, device=q.device)  # (B, Lnew)
+        if paged:
+            index = (table.gather(1, positions // page_size), positions % page_size)
+        else:
+            index = (rows[:, None].expand(B, Lnew), positions)
+        k_cache[index] = k
+        v_cache[index] = v
+
+    Lk = max(1, max_len) if capacity else 0
+    if paged:
+        keys = k_cache[table].reshape(B, num_used * page_size, Hkv, D)
+        values = v_cache[table].reshape(B, num_used * page_size, Hkv, Dv)
+    elif cache_batch_idx is None:
+        keys, values = k_cache[:, :Lk], v_cache[:, :Lk]
+    else:
+        keys, values = k_cache[rows, :Lk], v_cache[rows, :Lk]
+    return attention(q, keys, values, layout="blhd", causal=causal, window=window, alibi_slopes=alibi_slopes,
+                     softcap=softcap, scale=scale, return_lse=return_lse, backend=backend,
+                     key_lengths=lengths.to(torch.int32))

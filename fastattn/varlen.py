@@ -1,0 +1,204 @@
+"""Attention over packed variable-length sequences: :func:`varlen_attention` (flash-attn's varlen API).
+
+The packed tokens are attended in one :func:`fastattn.attention` call (batch 1) with a
+:class:`fastattn.BlockMask` built from ``cu_seqlens``: tiles that pair two different sequences are
+empty and never computed, tiles inside one sequence are full (or carry the causal / window element
+mask, bottom-right aligned per sequence), and only the tiles that straddle a sequence boundary carry
+an element mask. No padding is materialised and no ``(total_q, total_k)`` tensor is built.
+
+The mask is built on every call from ``cu_seqlens``, which are read on the host (a device
+synchronisation); ``max_seqlen_q``/``max_seqlen_k`` are checked against them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._inputs import _check_bool, _check_tensor, _check_window
+from .api import attention
+from .block_mask import EMPTY, FULL, PARTIAL, BlockMask, block_extents
+
+# Tile size of the mask: a size every backend takes (Triton: a power of two <= 128, CUDA: a multiple of 64).
+BLOCK_SIZE = 64
+
+
+def _check_cu_seqlens(cu, name: str, total: int, device: torch.device) -> torch.Tensor:
+    _check_tensor(cu, name)
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be an int32 tensor, got {cu.dtype}")
+    if cu.dim() != 1 or cu.shape[0] < 1:
+        raise ValueError(f"{name} must have shape (num_seqs + 1,), got {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} must be on q's device {device}, got {cu.device}")
+    cu = cu.long()
+    if int(cu[0]) != 0 or int(cu[-1]) != total:
+        raise ValueError(f"{name} must start at 0 and end at the number of packed tokens {total}, "
+                         f"got {int(cu[0])} ... {int(cu[-1])}")
+    if bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"{name} must be non-decreasing (sequence lengths >= 0)")
+    return cu
+
+
+def _check_max_seqlen(x, name: str, lengths: torch.Tensor) -> None:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    longest = int(lengths.max()) if lengths.numel() else 0
+    if x < longest:
+        raise ValueError(f"{name} = {x} is shorter than the longest sequence in its cu_seqlens ({longest})")
+
+
+def varlen_block_mask(
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    window: tuple[int | None, int | None] = (None, None),
+    block_size: int = BLOCK_SIZE,
+) -> BlockMask:
+    """The BlockMask ``(1, 1, total_q, total_k)`` of packed sequences, each attending only to itself.
+
+    Packed query ``i`` of sequence ``s`` (rows ``[cu_q[s], cu_q[s+1])``) sees packed key ``j`` iff ``j`` is
+    in the same sequence and, with the per-sequence bottom-right diagonal ``diag = i + d_s`` where
+    ``d_s = cu_k[s+1] - cu_q[s+1]``, ``diag - left <= j <= diag + right`` (``None`` = unbounded).
+
+    Args:
+        cu_seqlens_q: int ``(num_seqs + 1,)``, cumulative query lengths starting at 0.
+        cu_seqlens_k: int ``(num_seqs + 1,)``, cumulative key lengths starting at 0.
+        window: ``(left, right)`` bounds, ints >= 0 or None; ``(None, 0)`` is causal.
+        block_size: the tile size (both sides).
+    """
+    from .masks import _evaluate  # the builders' tile-wise evaluation; imported here so `import fastattn` stays light
+
+    cu_q, cu_k = cu_seqlens_q.long(), cu_seqlens_k.long()
+    device = cu_q.device
+    n = cu_q.shape[0] - 1
+    total_q, total_k = int(cu_q[-1]), int(cu_k[-1])
+    left, right = window
+    seq_q = torch.repeat_interleave(torch.arange(n, device=device), cu_q[1:] - cu_q[:-1])  # (total_q,)
+    seq_k = torch.repeat_interleave(torch.arange(n, device=device), cu_k[1:] - cu_k[:-1])  # (total_k,)
+    offset = cu_k[1:] - cu_q[1:]  # (n,): key index aligned with packed query i of sequence s is i + offset[s]
+
+    # Tile guess from each tile's first and last sequence (the ids are sorted).
+    q0, q1 = block_extents(total_q, block_size, device)  # (nQB,)
+    k0, k1 = block_extents(total_k, block_size, device)  # (nKB,)
+    qmin, qmax = seq_q[q0][:, None], seq_q[q1][:, None]  # (nQB, 1)
+    kmin, kmax = seq_k[k0][None, :], seq_k[k1][None, :]  # (1, nKB)
+    q0, q1, k0, k1 = q0[:, None], q1[:, None], k0[None, :], k1[None, :]
+    nonempty = (qmax >= kmin) & (kmax >= qmin)
+    full = (qmin == qmax) & (kmin == kmax) & (qmin == kmin)
+    # A query tile inside one sequence: its window bounds decide emptiness and fullness exactly.
+    single = qmin == qmax
+    d = offset[qmin]  # (nQB, 1)
+    if left is not None:
+        nonempty &= ~single | (k1 >= q0 + d - left)
+        full &= k0 >= q1 + d - left
+    if right is not None:
+        nonempty &= ~single | (k0 <= q1 + d + right)
+        full &= k1 <= q0 + d + right
+    guess = torch.where(full, FULL, torch.where(nonempty, PARTIAL, EMPTY)).to(torch.int8)
+
+    def predicate(b, h, i, j):
+        s = seq_q[i]
+        visible = s == seq_k[j]
+        diag = i + offset[s]
+        if left is not None:
+            visible = visible & (j >= diag - left)
+        if right is not None:
+            visible = visible & (j <= diag + right)
+        return visible
+
+    return _evaluate(predicate, guess[None, None], (total_q, total_k), (block_size, block_size))
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    window: tuple[int, int] | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    softcap: float = 0.0,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+):
+    """Attention over packed sequences, each attending only to itself (flash-attn's varlen layout).
+
+    Sequence ``s`` owns query rows ``[cu_seqlens_q[s], cu_seqlens_q[s+1])`` and key rows
+    ``[cu_seqlens_k[s], cu_seqlens_k[s+1])``. The result equals :func:`fastattn.attention` run on each
+    sequence alone; a sequence of length 0 contributes nothing, and a query whose sequence has no key
+    returns 0 (lse ``-inf``).
+
+    Args:
+        q: ``(total_q, Hq, D)``.
+        k: ``(total_k, Hkv, D)`` with ``Hq % Hkv == 0``.
+        v: ``(total_k, Hkv, Dv)``.
+        cu_seqlens_q: int32 ``(num_seqs + 1,)``: cumulative query lengths, starting at 0.
+        cu_seqlens_k: int32 ``(num_seqs + 1,)``: cumulative key lengths, starting at 0.
+        max_seqlen_q: an int >= the longest query sequence.
+        max_seqlen_k: an int >= the longest key sequence.
+        causal: bottom-right aligned per sequence: query ``i`` of a sequence sees its key ``j`` iff
+            ``j <= i + (Lk_s - Lq_s)``.
+        window: ``(left, right)``, ``-1`` = unbounded, aligned per sequence as ``causal``.
+        alibi_slopes: float32 ``(Hq,)``; bias ``-slope * |i + (Lk_s - Lq_s) - j|`` per sequence (local
+            indices). One packed call applies one offset, ``total_k - total_q``, so this is supported when
+            every sequence with queries and keys ends at that packed offset,
+            ``cu_seqlens_k[s+1] - cu_seqlens_q[s+1] == total_k - total_q`` (true when ``Lq_s == Lk_s``
+            for all); other packings raise a ValueError rather than give a wrong bias.
+        softcap, dropout_p, scale, backend: as in :func:`fastattn.attention`.
+        return_lse: also return the float32 log-sum-exp ``(Hq, total_q)``.
+
+    Returns:
+        ``out (total_q, Hq, Dv)`` in q's dtype, or ``(out, lse)`` with ``return_lse``.
+    """
+    _check_bool(return_lse, "return_lse")
+    _check_bool(causal, "causal")
+    for t, name, shape in ((q, "q", "(total_q, Hq, D)"), (k, "k", "(total_k, Hkv, D)"), (v, "v", "(total_k, Hkv, Dv)")):
+        _check_tensor(t, name)
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D {shape}, got shape {tuple(t.shape)}")
+    if v.shape[0] != k.shape[0]:
+        raise ValueError(f"v must have k's number of packed tokens {k.shape[0]}, got {v.shape[0]}")
+    cu_q = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], q.device)
+    cu_k = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], q.device)
+    if cu_q.shape != cu_k.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
+                         f"{cu_q.shape[0] - 1} and {cu_k.shape[0] - 1}")
+    len_q, len_k = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
+    _check_max_seqlen(max_seqlen_q, "max_seqlen_q", len_q)
+    _check_max_seqlen(max_seqlen_k, "max_seqlen_k", len_k)
+    left, right = _check_window(window)
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    total_q, total_k = q.shape[0], k.shape[0]
+    if alibi_slopes is not None:
+        _check_tensor(alibi_slopes, "alibi_slopes")
+        if alibi_slopes.dim() != 1:
+            raise ValueError(f"alibi_slopes must have shape (Hq,) = ({q.shape[1]},), got {tuple(alibi_slopes.shape)}")
+        # One call applies one offset (total_k - total_q) to every pair: exact only if each sequence has it.
+        offsets = (cu_k[1:] - cu_q[1:])[(len_q > 0) & (len_k > 0)]
+        if bool((offsets != total_k - total_q).any()):
+            raise ValueError(
+                "alibi_slopes with varlen_attention needs cu_seqlens_k[s+1] - cu_seqlens_q[s+1] == total_k - "
+                f"total_q = {total_k - total_q} for every sequence with queries and keys (true when Lq_s == Lk_s "
+                "for all); these cu_seqlens differ, so their per-sequence ALiBi distances cannot be expressed in "
+                "one packed call"
+            )
+
+    if total_q == 0 or total_k == 0:  # nothing to attend to: zeros (and no kernel call)
+        out = q.new_zeros(total_q, q.shape[1], v.shape[2])
+        lse = torch.full((q.shape[1], total_q), float("-inf"), dtype=torch.float32, device=q.device)
+        return (out, lse) if return_lse else out
+    block_mask = varlen_block_mask(cu_q, cu_k, (left, right))
+    result = attention(q[None], k[None], v[None], layout="blhd", block_mask=block_mask, alibi_slopes=alibi_slopes,
+                       softcap=softcap, dropout_p=dropout_p, scale=scale, return_lse=return_lse, backend=backend)
+    if return_lse:
+        return result[0][0], result[1][0]
+    return result[0]
+
+
+__all__ = ["varlen_attention", "varlen_block_mask"]

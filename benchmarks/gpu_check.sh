@@ -103,8 +103,9 @@ summarize() {
 }
 
 record() {  # record NAME STATUS: one stage's outcome, in the log and the summary
-  STAGES="$STAGES,$1=$2"
-  echo "=== [$1] $2" | tee -a "$LOG"
+  local status=${2//,/;}  # STAGES is comma-separated
+  STAGES="$STAGES,$1=$status"
+  echo "=== [$1] $status" | tee -a "$LOG"
   summarize
 }
 
@@ -161,7 +162,10 @@ run_stage() {
 # describe CMD...: the command as the plan shows it; a shell function shows its body's commands.
 describe() {
   if declare -F "$1" > /dev/null; then
-    declare -f "$1" | sed '1,2d;$d' | sed 's/^ *//; s/"\$PYTHON"/'"$PYTHON"'/g' | paste -sd ' ' | cut -c1-400
+    local body
+    body=$(declare -f "$1" | sed '1,2d;$d' | sed 's/^ *//' | paste -sd ' ')
+    body=${body//\"\$PYTHON\"/$PYTHON}
+    echo "${body:0:400}"
   else
     echo "$*"
   fi
@@ -191,15 +195,15 @@ if [ "${GPU_CHECK_SKIP_BUILD:-0}" = "1" ]; then
   [ $DRY -eq 1 ] && echo "  extension: GPU_CHECK_SKIP_BUILD=1, the extension already in fastattn/ is used"
   [ $DRY -eq 0 ] && skip_stage extension "GPU_CHECK_SKIP_BUILD=1 (extension already built)"
 elif [ $DRY -eq 1 ]; then
-  printf '  +%4ss  %-13s <=%4ss  %s\n' 0 extension 30 "$PYTHON benchmarks/prebuilt.py install  (else the build below)"
-  CLOCK=$((CLOCK + 30))
+  printf '  +%4ss  %-13s <=%4ss  %s\n' 0 extension 60 "$PYTHON benchmarks/prebuilt.py install  (else the build below)"
+  CLOCK=$((CLOCK + 60))
   if [ "$FOCUS" = "" ]; then
     printf '  %-20s <=%4ss  %s\n' "  (background) build" $BUILD_CAP \
       "FASTATTN_CUDA=1 TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST $PYTHON setup.py build_ext --inplace > build.log, only without a usable prebuilt"
   fi
 else
   echo "=== [extension] $PYTHON benchmarks/prebuilt.py install" | tee -a "$LOG"
-  if timeout 30 "$PYTHON" benchmarks/prebuilt.py install 2>&1 | tee -a "$LOG"; then
+  if timeout 60 "$PYTHON" benchmarks/prebuilt.py install 2>&1 | tee -a "$LOG"; then
     EXT_STATUS=prebuilt
     record extension "prebuilt"
   elif [ "$FOCUS" = "triton" ]; then
@@ -229,7 +233,7 @@ env_report() {
   command -v nvcc && nvcc --version | tail -n 2
   "$PYTHON" -m fastattn info
 }
-run_stage env 30 env_report
+run_stage env 45 env_report
 
 smoke() {  # smoke STAGE CAP BACKENDS CASES: correctness of BACKENDS on CASES into smoke.json
   run_stage "$1" "$2" "$PYTHON" "${SMOKE[@]}" correctness --backends "$3" --cases "$4" --out "$OUT/smoke.json"

@@ -76,7 +76,7 @@ def stage_lines(planned: str, stages: str, running: str | None) -> list[str]:
     for name in names:
         status = done.get(name) or ("running (cut off here if this is the last summary)" if name == running
                                     else "not reached")
-        lines.append(f"  stage {name:<14} {status}")
+        lines.append(f"  stage {name:<12} {status}")
     return lines
 
 
@@ -86,7 +86,7 @@ def smoke_lines(doc: dict) -> list[str]:
     lines = ["", "correctness (benchmarks/gpu_smoke.py correctness; forward + backward vs the reference)"]
     for backend in dict.fromkeys(r["backend"] for r in rows):
         mine = [r for r in rows if r["backend"] == backend]
-        counts = {s: sum(r["status"] == s for r in mine) for s in ("ok", "FAIL", "ERROR", "skipped")}
+        counts = {s: sum(r["status"] == s for r in mine) for s in ("ok", "FAIL", "ERROR", "skipped", "not run")}
         lines.append(f"  {backend:<10} " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
                      + f"  ({sum(r.get('seconds', 0) for r in mine):.0f}s)")
         for r in mine:

@@ -26,7 +26,7 @@ cd "$ROOT"
 FORCE=0
 case "${1:-}" in
   --force) FORCE=1 ;;
-  -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+  -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
   "") ;;
   *) echo "build_gpu_extension: unknown argument '$1' (see --help)" >&2; exit 2 ;;
 esac
@@ -86,8 +86,8 @@ EOF
   chmod 755 "$DEST"
 fi
 
-# The check: load it in the target venv and list its ops; a library that fails here is removed.
-if ! "$PY" benchmarks/prebuilt.py check "$DEST"/_C*.so; then
+# The check: load it in the target venv and list its ops, and find Hopper code in it; else it is removed.
+if ! "$PY" benchmarks/prebuilt.py check "$DEST"/_C*.so || ! grep -qa sm_90a "$DEST"/_C*.so; then
   echo "build_gpu_extension: $DEST does not load; removing it" >&2
   rm -rf "$DEST"
   exit 1

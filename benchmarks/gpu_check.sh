@@ -32,7 +32,8 @@
 #
 # $OUT (default ./gpu_out) gets at most 8 files: gpu_check.log, summary.txt, smoke.json, speed.json,
 # build.log (only when it built), bench.json, bench_tflops.png, memory.png. Exits 1 if a stage failed.
-# FASTATTN_AUTOTUNE defaults to 0 (pinned configs). GPU_CHECK_SKIP_BUILD=1 neither installs nor builds the
+# FASTATTN_AUTOTUNE defaults to 0 (pinned configs). A build targets TORCH_CUDA_ARCH_LIST, by default the card's
+# compute capability (9.0a on Hopper). GPU_CHECK_SKIP_BUILD=1 neither installs nor builds the
 # extension; PYTHON picks the interpreter (default python3); RESULTS_DIR replaces benchmarks/results.
 # Never changes clocks, power limits, compute mode or MIG, and never resets the card.
 set -uo pipefail
@@ -60,7 +61,7 @@ while [ $# -gt 0 ]; do
     --budget=*) BUDGET=${1#--budget=} ;;
     --focus) shift; set_focus "${1:-}" ;;
     --focus=*) set_focus "${1#--focus=}" ;;
-    -h|--help) sed -n '2,38p' "$SCRIPT"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$SCRIPT"; exit 0 ;;
     *) echo "gpu_check: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -71,7 +72,11 @@ export PYTHON=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # fastattn from this tree (scripts run from subfolders too)
 export PYTHONUNBUFFERED=1
 export FASTATTN_AUTOTUNE=${FASTATTN_AUTOTUNE:-0}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then  # build for the card at hand (Hopper: 9.0a); 9.0a without one
+  TORCH_CUDA_ARCH_LIST=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' ')
+  case "$TORCH_CUDA_ARCH_LIST" in 9.0|"") TORCH_CUDA_ARCH_LIST=9.0a ;; esac
+fi
+export TORCH_CUDA_ARCH_LIST
 export MAX_JOBS=${MAX_JOBS:-16}
 export FASTATTN_CUDA=${FASTATTN_CUDA:-1}
 if [ $DRY -eq 0 ]; then

@@ -296,20 +296,20 @@ def test_summary_ignores_a_results_file_cut_off_mid_write(tmp_path):
 # --------------------------------------------------------------------------- gpu_smoke.py on the CPU
 
 def test_smoke_correctness_runs_on_cpu_and_extends_its_file(tmp_path):
+    listing = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_smoke.py"), "list"], capture_output=True,
+                             text=True, timeout=300)  # the script runs as a script, from any folder
+    assert listing.returncode == 0 and "d128-bf16-decode" in listing.stdout, listing.stderr
+    gpu_smoke = _load("gpu_smoke")
     out = tmp_path / "smoke.json"
-    smoke = [sys.executable, str(ROOT / "benchmarks" / "gpu_smoke.py"), "correctness", "--device", "cpu", "--tiny",
-             "--out", str(out)]
-    proc = subprocess.run([*smoke, "--backends", "cpu"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    smoke = ["correctness", "--device", "cpu", "--tiny", "--out", str(out)]
+    assert gpu_smoke.main([*smoke, "--backends", "cpu"]) == 0
     rows = json.loads(out.read_text())["results"]
-    assert len(rows) == len(_load("gpu_smoke").CASES) and {r["status"] for r in rows} == {"ok"}
-    proc = subprocess.run([*smoke, "--backends", "reference", "--cases", "decode"], capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert len(rows) == len(gpu_smoke.CASES) and {r["status"] for r in rows} == {"ok"}
+    assert gpu_smoke.main([*smoke, "--backends", "reference", "--cases", "decode"]) == 0
     rows = json.loads(out.read_text())["results"]
     assert {r["backend"] for r in rows} == {"cpu", "reference"}
     assert sorted(r["case"] for r in rows if r["backend"] == "reference") == sorted(
-        c.name for c in _load("gpu_smoke").CASES if "decode" in c.tags)
+        c.name for c in gpu_smoke.CASES if "decode" in c.tags)
 
 
 def test_smoke_catches_a_wrong_answer_and_names_skips_and_lost_contexts(tmp_path, monkeypatch):
@@ -364,18 +364,16 @@ def test_smoke_runs_a_triton_decode_case_in_the_interpreter(tmp_path):
 
 def test_speed_runs_on_cpu(tmp_path):
     out = tmp_path / "speed.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_smoke.py"), "speed", "--device", "cpu",
-                           "--tiny", "--set", "all", "--providers", "cpu,sdpa-math,cudnn", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    gpu_smoke = _load("gpu_smoke")
+    assert gpu_smoke.main(["speed", "--device", "cpu", "--tiny", "--set", "all", "--providers", "cpu,sdpa-math,cudnn",
+                           "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
     ours = [r for r in rows if r["provider"] == "cpu"]
     assert len(ours) == 10 and all(r["status"] == "ok" and r["ms"] > 0 and r["tflops"] >= 0 for r in ours)
     assert all(r["max_abs_diff_vs_fp32"] < 1e-4 for r in ours if r["mode"] == "fwd")
     assert all(r["status"] == "skipped" for r in rows if r["provider"] == "cudnn")  # torch runs cuDNN on CUDA only
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_smoke.py"), "speed", "--device", "cpu",
-                           "--providers", "tirton", "--out", str(out)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "unknown ['tirton']" in proc.stderr
+    with pytest.raises(SystemExit, match=r"unknown \['tirton'\]"):
+        gpu_smoke.main(["speed", "--device", "cpu", "--providers", "tirton", "--out", str(out)])
 
 
 # --------------------------------------------------------------------------- the prebuilt extension

@@ -41,6 +41,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$VENV/bin/pip" install -q "torch==2.11.0" "triton==3.6.0" numpy setuptools wheel ninja
 fi
 PY="$VENV/bin/python"
+export PATH="$VENV/bin:$PATH"  # always the venv's ninja: another ninja's build log makes it start over
 TAG=$("$PY" benchmarks/prebuilt.py tag)
 HASH=$("$PY" benchmarks/prebuilt.py source-hash)
 PREBUILT=${PREBUILT:-prebuilt}

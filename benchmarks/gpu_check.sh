@@ -83,7 +83,8 @@ if [ $DRY -eq 0 ]; then
   mkdir -p "$OUT" || { echo "gpu_check: cannot create OUT=$OUT" >&2; exit 2; }
   LOG="$OUT/gpu_check.log"
   : > "$LOG"
-  rm -f "$OUT/smoke.json" "$OUT/speed.json" "$OUT/summary.txt" "$OUT/build.log"
+  # A fresh start: a file left by an earlier run would read as this run's answer.
+  rm -f "$OUT"/{smoke.json,speed.json,summary.txt,build.log,bench.json,bench_tflops.png,memory.png}
 else
   LOG=/dev/null
   echo "gpu_check --dry-run: budget ${BUDGET}s, focus '${FOCUS:-none (full run)}', OUT=$OUT"

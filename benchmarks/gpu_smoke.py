@@ -144,7 +144,7 @@ def run_case(case: Case, backend: str, device: torch.device) -> dict:
     from tests.helpers import check_against_reference
 
     row = {"backend": backend, "case": case.name, "shape": [case.B, case.Hq, case.Hkv, case.Lq, case.Lk, case.D],
-           "dtype": case.dtype, "options": {k: v for k, v in case.options.items()}}
+           "dtype": case.dtype, "options": dict(case.options)}
     torch.manual_seed(0)
     start = time.perf_counter()
     try:

@@ -249,6 +249,7 @@ smoke() {  # smoke STAGE CAP BACKENDS CASES: correctness of BACKENDS on CASES in
 build_stage() {
   if [ -n "$BUILD_PID" ]; then
     local rc
+    summarize build
     wait "$BUILD_PID"
     rc=$(cat "$WORK/build.rc" 2>/dev/null || echo "?")
     tail -n 20 "$OUT/build.log" >> "$LOG"
@@ -284,8 +285,8 @@ sanitizer() {  # sanitizer STAGE CAP TOOL CMD...: compute-sanitizer TOOL on CMD
   fi
 }
 
-speed() {  # speed STAGE CAP SET PROVIDERS [--no-ceilings]
-  run_stage "$1" "$2" "$PYTHON" "${SMOKE[@]}" speed --set "$3" --providers "$4" --out "$OUT/speed.json" "${@:5}"
+speed() {  # speed STAGE CAP SET PROVIDERS
+  run_stage "$1" "$2" "$PYTHON" "${SMOKE[@]}" speed --set "$3" --providers "$4" --out "$OUT/speed.json"
 }
 
 gpu_tests() {  # gpu_tests FILES...: pytest -m gpu with what is left, less RESERVE seconds
@@ -338,7 +339,7 @@ case "$FOCUS" in
   decode)
     build_stage
     smoke smoke-decode 150 triton,cuda decode
-    speed speed-decode 150 decode triton,cuda,sdpa-flash,cudnn --no-ceilings ;;
+    speed speed-decode 150 decode triton,cuda,sdpa-flash,cudnn ;;
   sanitize)
     build_stage
     sanitizer sanitizer 240 memcheck "$SANITIZE_CASE"

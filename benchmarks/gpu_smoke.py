@@ -388,7 +388,7 @@ def speed(args) -> int:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     results = ResultsFile(args.out, device, ("case", "provider", "mode"))
-    if device.type == "cuda" and not args.no_ceilings:
+    if device.type == "cuda":
         from fastattn.bench.ceilings import measure_ceilings
 
         try:
@@ -425,7 +425,6 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("speed", help="time the headline (and decode) grid and the ceilings")
     s.add_argument("--set", choices=("headline", "decode", "all"), default="headline")
     s.add_argument("--providers", default="triton,cuda,sdpa-flash,cudnn")
-    s.add_argument("--no-ceilings", action="store_true")
     for p in (c, s):
         p.add_argument("--out", type=Path, required=True, help="JSON results file (extended if it exists)")
         p.add_argument("--device", default="cuda")

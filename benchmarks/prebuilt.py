@@ -64,8 +64,6 @@ def install(prebuilt_dir: Path, root: Path = ROOT) -> tuple[bool, str]:
     if manifest.get("source_hash") != sources:
         return False, (f"prebuilt {want} was built from sources {manifest.get('source_hash')}, this tree's are "
                        f"{sources} (csrc/ or setup.py changed since; rebuild with benchmarks/build_gpu_extension.sh)")
-    for stale in (root / "fastattn").glob("_C*.so"):
-        stale.unlink()  # an older build for the same interpreter would shadow nothing, but keep one library
     shutil.copy2(libs[0], root / "fastattn" / libs[0].name)
     return True, (f"using prebuilt {want} ({libs[0].stat().st_size / 2**20:.1f} MiB, sources {sources}, "
                   f"built {manifest.get('built_utc', '?')}, arch {manifest.get('arch_list', '?')})")

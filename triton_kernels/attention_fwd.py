@@ -7,9 +7,11 @@ and its launcher. The split-KV combine kernel is in ``attention_combine.py``.
 Semantics (see ``fastattn/ops.py``): with ``offset = klen - qlen`` (``Lk - Lq`` without lengths),
 query ``i`` sees key ``j`` iff ``i + offset - window_left <= j <= i + offset + window_right`` and
 ``j < klen``. Scores are ``scale * q.k``, then softcap, then ALiBi, then the additive mask; a row
-that sees nothing outputs 0 with ``lse = -inf``. What a row cannot see never reaches it: keys past
-``klen`` are never loaded, hidden scores are selected away (``tl.where``), and a non-finite value
-in a key block is kept out of the rows that cannot see it (``_pv_dot``).
+that sees nothing outputs 0 with ``lse = -inf``. What a row cannot see stays out of it: keys past
+``klen`` (and values no row of a tile can see) are never loaded, and hidden scores are selected
+away (``tl.where``), never multiplied by 0. One gap is left: a value that some rows of a tile see
+and others do not (a causal diagonal, a False in a bool mask) reaches the others as ``0 * value``
+in the tile's ``P @ V``, so a NaN there spreads to them, as it does in the reference.
 
 Scores are kept in log2 units (``s * log2(e)``) so the softmax uses ``exp2``; without softcap,
 ALiBi or an additive mask, ``scale * log2(e)`` is folded into one multiply.
@@ -190,39 +192,13 @@ def _key_block_range(
 
 
 @triton.jit
-def _pv_dot(b_p, b_v, DOT_PRECISION: tl.constexpr):
-    """``P @ V`` where a non-finite value in V reaches only the rows that see its key (P > 0).
-
-    A plain dot multiplies a hidden key's P = 0 by its value, and 0 * NaN is NaN. Blocks whose
-    values are all finite (the normal case) take the plain dot; the others take it on the finite
-    part and put each row's NaN / +-inf back from exact 0/1 counts.
-    """
-    # [BLOCK_M, BLOCK_DV]
-    b_pv = tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
-    # [BLOCK_N, BLOCK_DV]
-    m_finite = tl.abs(b_v) < float("inf")
-    if tl.sum(tl.where(m_finite, 0, 1)) > 0:
-        # [BLOCK_M, BLOCK_N] which keys each row sees
-        b_seen = (b_p > 0.0).to(b_v.dtype)
-        b_pv = tl.dot(b_p.to(b_v.dtype), tl.where(m_finite, b_v, 0.0).to(b_v.dtype), input_precision=DOT_PRECISION)
-        # [BLOCK_M, BLOCK_DV] counts of NaN / +inf / -inf among the values each row sees
-        n_nan = tl.dot(b_seen, (b_v != b_v).to(b_v.dtype), input_precision=DOT_PRECISION)
-        n_pos = tl.dot(b_seen, (b_v == float("inf")).to(b_v.dtype), input_precision=DOT_PRECISION)
-        n_neg = tl.dot(b_seen, (b_v == float("-inf")).to(b_v.dtype), input_precision=DOT_PRECISION)
-        b_pv = tl.where(n_pos > 0.0, float("inf"), b_pv)
-        b_pv = tl.where(n_neg > 0.0, float("-inf"), b_pv)
-        b_pv = tl.where((n_nan > 0.0) | ((n_pos > 0.0) & (n_neg > 0.0)), float("nan"), b_pv)
-    return b_pv
-
-
-@triton.jit
 def _fwd_key_block(
     b_acc, b_l, b_m,  # [BLOCK_M, BLOCK_DV], [BLOCK_M], [BLOCK_M] running state
     b_q,  # [BLOCK_M, BLOCK_D]
     i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
     i_b, i_h, Hq, Lq, Lk, D, DV,
     offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
-    p_mask_bh, stride_mask_m, stride_mask_n,
+    p_mask_bh, stride_mask_m, stride_mask_n, row_lo, row_hi,
     BLOCK_N: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
@@ -230,18 +206,25 @@ def _fwd_key_block(
     APPLY_INDEX_MASK: tl.constexpr, APPLY_ATTN_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """One step of the online softmax over the key block ``i_n``."""
+    """One step of the online softmax over the key block ``i_n`` (``row_lo``, ``row_hi``: the first
+    and last valid query position of the tile)."""
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Keys at or past the logical length are never loaded (an unused KV-cache slot may hold NaN).
     m_n = o_n < klen
     if HAS_LENGTHS:
         m_n = m_n & (o_n < Lk)
+    # Nor are values of keys outside every row's band: P = 0 there, and 0 * NaN would be NaN.
+    m_nv = m_n
+    if APPLY_INDEX_MASK and HAS_WINDOW_LEFT:
+        m_nv = m_nv & (o_n >= row_lo + offset - window_left)
+    if APPLY_INDEX_MASK and HAS_WINDOW_RIGHT:
+        m_nv = m_nv & (o_n <= row_hi + offset + window_right)
     o_n64 = o_n.to(tl.int64)
     # [BLOCK_D, BLOCK_N]
     b_kt = tl.load(k_bh + (o_n64[None, :] * stride_kn + o_d[:, None]), mask=m_n[None, :] & (o_d[:, None] < D),
                    other=0.0)
     # [BLOCK_N, BLOCK_DV]
-    b_v = tl.load(v_bh + (o_n64[:, None] * stride_vn + o_dv[None, :]), mask=m_n[:, None] & (o_dv[None, :] < DV),
+    b_v = tl.load(v_bh + (o_n64[:, None] * stride_vn + o_dv[None, :]), mask=m_nv[:, None] & (o_dv[None, :] < DV),
                   other=0.0)
     if DOT_FP32:
         b_kt = b_kt.to(tl.float32)
@@ -264,12 +247,7 @@ def _fwd_key_block(
     if HAS_DROPOUT:
         b_keep = _dropout_keep(seed, i_b, i_h, o_m, o_n, Hq, Lq, Lk, dropout_p)
         b_p = tl.where(b_keep, b_p * (1.0 / (1.0 - dropout_p)), 0.0)
-    if APPLY_INDEX_MASK or (HAS_MASK and APPLY_ATTN_MASK):
-        # Some rows may not see some keys of this block: keep their values out of those rows.
-        b_pv = _pv_dot(b_p, b_v, DOT_PRECISION)
-    else:
-        b_pv = tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
-    b_acc = b_acc * b_alpha[:, None] + b_pv
+    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
     return b_acc, b_l, b_m_new
 
 
@@ -349,6 +327,8 @@ def attention_fwd_kernel(
     m_m = o_m < qlen
     if HAS_LENGTHS:
         m_m = m_m & (o_m < Lq)
+    row_lo = m0
+    row_hi = tl.max(tl.where(m_m, o_m, -1), 0)
     i_b64 = i_b.to(tl.int64)
     o_h64 = i_h.to(tl.int64)  # scalar, or [BLOCK_M] when packed
     o_m64 = o_m.to(tl.int64)
@@ -404,7 +384,7 @@ def attention_fwd_kernel(
             b_acc, b_l, b_m = _fwd_key_block(
                 b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
                 i_b, i_h_tile, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
-                softcap, dropout_p, seed, p_mask_tile, stride_mask_m, stride_mask_n,
+                softcap, dropout_p, seed, p_mask_tile, stride_mask_m, stride_mask_n, row_lo, row_hi,
                 BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
                 HAS_LENGTHS, HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32,
             )
@@ -413,7 +393,7 @@ def attention_fwd_kernel(
             b_acc, b_l, b_m = _fwd_key_block(
                 b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
                 i_b, i_h_tile, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
-                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n,
+                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, row_lo, row_hi,
                 BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
                 HAS_LENGTHS, HAS_DROPOUT, True, False, DOT_PRECISION, DOT_FP32,
             )
@@ -428,19 +408,20 @@ def attention_fwd_kernel(
         per_split = tl.cdiv(n_hi - n_lo, num_splits)
         s_lo = tl.minimum(n_lo + i_s * per_split, n_hi)
         s_hi = tl.minimum(s_lo + per_split, n_hi)
-        for i_n in range(s_lo, tl.minimum(n_mid_lo, s_hi)):
-            b_acc, b_l, b_m = _fwd_key_block(
-                b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
-                i_b, i_h_tile, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
-                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n,
-                BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
-                HAS_LENGTHS, HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32,
-            )
+        if HAS_WINDOW_LEFT:  # without a left bound the band starts unmasked (n_mid_lo == n_lo)
+            for i_n in range(s_lo, tl.minimum(n_mid_lo, s_hi)):
+                b_acc, b_l, b_m = _fwd_key_block(
+                    b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
+                    i_b, i_h_tile, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
+                    softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, row_lo, row_hi,
+                    BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
+                    HAS_LENGTHS, HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32,
+                )
         for i_n in range(tl.maximum(n_mid_lo, s_lo), tl.minimum(n_mid_hi, s_hi)):
             b_acc, b_l, b_m = _fwd_key_block(
                 b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
                 i_b, i_h_tile, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
-                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n,
+                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, row_lo, row_hi,
                 BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
                 HAS_LENGTHS, HAS_DROPOUT, False, True, DOT_PRECISION, DOT_FP32,
             )
@@ -448,7 +429,7 @@ def attention_fwd_kernel(
             b_acc, b_l, b_m = _fwd_key_block(
                 b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
                 i_b, i_h_tile, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
-                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n,
+                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, row_lo, row_hi,
                 BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
                 HAS_LENGTHS, HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32,
             )

@@ -134,7 +134,9 @@ def test_softcap_is_one_hardware_tanh_per_score_and_no_division(compiled):
     # masked last block): one tanh per score of each.
     assert soft["tanh"] == 2 * soft["elements_per_thread"], soft
     assert plain["tanh"] == 0
-    assert soft["div"] == plain["div"], "softcap must add no division"
+    # The pre-scale sm_scale / softcap is one scalar division per program; the old formula had
+    # two full divisions per score (2 * 2 * elements_per_thread more).
+    assert soft["div"] <= plain["div"] + 1, (soft["div"], plain["div"])
 
 
 # --------------------------------------------------------------------------- past int32, interpreted

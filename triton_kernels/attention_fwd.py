@@ -477,7 +477,7 @@ def dropout_keep_kernel(
         o_n = n0 + tl.arange(0, BLOCK_N)
         # [BLOCK_M, BLOCK_N]
         b_keep = _dropout_keep(seed, i_b, i_h, o_m, o_n, Hq, Lq, Lk, dropout_p)
-        p_tile = p_keep + (i_bh.to(tl.int64) * Lq + o_m[:, None]) * Lk + o_n[None, :]
+        p_tile = p_keep + ((i_bh.to(tl.int64) * Lq + o_m[:, None]) * Lk + o_n[None, :])
         tl.store(p_tile, b_keep.to(tl.int1), mask=(o_m[:, None] < Lq) & (o_n[None, :] < Lk))
 
 

@@ -175,3 +175,18 @@ def test_num_splits_must_be_positive():
     q, k, v = qkv(1, 2, 2, 1, 40)
     with pytest.raises(ValueError, match="num_splits"):
         fwd.attention_fwd(q, k, v, scale=0.25, num_splits=0)
+
+
+def test_automatic_split_when_the_grid_underfills_the_gpu(monkeypatch):
+    # Pretend to be on a 132-SM GPU: 2 programs (one per kv head) fill nothing, so the launcher
+    # splits the 10 key blocks in two (MIN_BLOCKS_PER_SPLIT = 4 each at least).
+    monkeypatch.setattr(fwd, "sm_count", lambda device: 132)
+    q, k, v = qkv(1, 8, 2, 1, 300)
+    block_n = fwd.fwd_tiles(q, v)[1]
+    splits = fwd.choose_num_splits(2, -(-300 // block_n), 132)
+    assert splits > 1
+    fwd_args, _ = op_args(q, k, v, backend="triton")
+    counter = torch.full((64,), -1, dtype=torch.int32, device=DEVICE)
+    launch(fwd_args, None, block_counter=counter)
+    assert int((counter >= 0).sum()) == 2 * splits
+    check_split(q, k, v, None)

@@ -72,9 +72,11 @@ def _dropout_keep(seed, i_b, i_h, o_m, o_n, Hq, Lq, Lk, dropout_p):
     # [BLOCK_M, BLOCK_N // 4]
     o_rand = ((i_b * Hq + i_h).to(tl.int64) * Lq + o_m[:, None].to(tl.int64)) * ((Lk + 3) // 4) + o_c[None, :]
     r0, r1, r2, r3 = tl.randint4x(seed, o_rand)
+    # Keep iff the uint32 draw >= p * 2**32 (compared before the shuffle below: it moves bits, not words).
+    threshold = tl.cast(dropout_p * 4294967296.0, tl.uint32)
     # [BLOCK_M, BLOCK_N // 4, 2, 2] -> [BLOCK_M, BLOCK_N]: column 4c + t holds output t
-    b_r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK_M, BLOCK_N])
-    return tl.uint_to_uniform_float(b_r) >= dropout_p
+    b_keep = tl.join(tl.join(r0 >= threshold, r2 >= threshold), tl.join(r1 >= threshold, r3 >= threshold))
+    return tl.reshape(b_keep, [BLOCK_M, BLOCK_N])
 
 
 @triton.jit

@@ -1,43 +1,82 @@
-"""Fused attention forward: online softmax over key tiles (FlashAttention-2 style).
+"""Fused attention forward: online softmax over key tiles (FlashAttention-2 style), with split-KV.
 
 Read top to bottom: the score tile (every feature applied to one ``[BLOCK_M, BLOCK_N]`` tile of
 ``q @ k^T``), the visible band of key blocks, one key-block step of the online softmax, the kernel,
-and its launcher.
+and its launcher. The split-KV combine kernel is in ``attention_combine.py``.
 
 Semantics (see ``fastattn/ops.py``): with ``offset = klen - qlen`` (``Lk - Lq`` without lengths),
 query ``i`` sees key ``j`` iff ``i + offset - window_left <= j <= i + offset + window_right`` and
 ``j < klen``. Scores are ``scale * q.k``, then softcap, then ALiBi, then the additive mask; a row
-that sees nothing outputs 0 with ``lse = -inf``.
+that sees nothing outputs 0 with ``lse = -inf``. What a row cannot see stays out of it: keys past
+``klen`` (and values no row of a tile can see) are never loaded, and hidden scores are selected
+away (``tl.where``), never multiplied by 0. One gap is left: a value that some rows of a tile see
+and others do not (a causal diagonal, a False in a bool mask) reaches the others as ``0 * value``
+in the tile's ``P @ V``, so a NaN there spreads to them, as it does in the reference.
 
 Scores are kept in log2 units (``s * log2(e)``) so the softmax uses ``exp2``; without softcap,
 ALiBi or an additive mask, ``scale * log2(e)`` is folded into one multiply.
+
+Every pointer offset that grows with a sequence length or a stride is computed in int64, so any
+strides and masks with ``Lq * Lk >= 2**31`` are addressed correctly.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from . import configs
+from .attention_combine import attention_combine
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+# The largest natural-unit score magnitude that stays finite in log2 units: additive masks filled
+# with torch.finfo(dtype).min (Hugging Face's padding) are clamped to it instead of overflowing to
+# -inf, so a fully masked row averages V as the reference does.
+_MAX_NATURAL = tl.constexpr(3.4028234663852886e38 / LOG2E)
+
+# HAS_SOFTCAP values: how tanh is computed (see softcap_flag).
+SOFTCAP_EXACT = tl.constexpr(1)
+SOFTCAP_HW_TANH = tl.constexpr(2)
 
 
 # --------------------------------------------------------------------------- shared device helpers
 @triton.jit
 def _tanh(x):
-    # Portable tanh (no libdevice in the interpreter); saturates to +-1 without NaN.
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    # Portable tanh (no libdevice in the interpreter): one exp2 and one fast (2 ulp) division;
+    # saturates to +-1 without NaN. 2 * log2(e) = 2.885390081777927.
+    return 1.0 - tl.fdiv(tl.full(x.shape, 2.0, tl.float32), tl.exp2(x * 2.885390081777927) + 1.0)
+
+
+@triton.jit
+def _tanh_hw(x):
+    # One MUFU.TANH per element (relative error 2**-11; used for 16-bit inputs on a GPU only).
+    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
 def _dropout_keep(seed, i_b, i_h, o_m, o_n, Hq, Lq, Lk, dropout_p):
-    """Keep pattern of one tile: philox of ``seed`` at ``((b * Hq + h) * Lq + i) * Lk + j``."""
-    # [BLOCK_M, BLOCK_N]
-    o_rand = ((i_b * Hq + i_h).to(tl.int64) * Lq + o_m[:, None].to(tl.int64)) * Lk + o_n[None, :].to(tl.int64)
-    return tl.rand(seed, o_rand) >= dropout_p
+    """Keep pattern of one tile, four keep bits per Philox call.
+
+    Key columns ``4c .. 4c + 3`` of row ``i`` of head ``(b, h)`` take, in order, the four outputs of
+    Philox at counter ``((b * Hq + h) * Lq + i) * ceil(Lk / 4) + c``. ``o_n`` is a run of key
+    positions starting at a multiple of 4; ``i_h`` a scalar or a ``[BLOCK_M, 1]`` column.
+    """
+    BLOCK_M: tl.constexpr = o_m.shape[0]
+    BLOCK_N: tl.constexpr = o_n.shape[0]
+    # [BLOCK_N // 4] the Philox counter column of each group of four keys
+    o_c = tl.min(o_n, 0) // 4 + tl.arange(0, BLOCK_N // 4)
+    # [BLOCK_M, BLOCK_N // 4]
+    o_rand = ((i_b * Hq + i_h).to(tl.int64) * Lq + o_m[:, None].to(tl.int64)) * ((Lk + 3) // 4) + o_c[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, o_rand)
+    # Keep iff the uint32 draw >= p * 2**32 (compared before the shuffle below: it moves bits, not words).
+    threshold = tl.cast(dropout_p * 4294967296.0, tl.uint32)
+    # [BLOCK_M, BLOCK_N // 4, 2, 2] -> [BLOCK_M, BLOCK_N]: column 4c + t holds output t
+    b_keep = tl.join(tl.join(r0 >= threshold, r2 >= threshold), tl.join(r1 >= threshold, r3 >= threshold))
+    return tl.reshape(b_keep, [BLOCK_M, BLOCK_N])
 
 
 @triton.jit
@@ -55,23 +94,35 @@ def _score_tile(
 
     Returns the scores and ``tanh(x / softcap)`` (for the softcap gradient; unused otherwise).
     ``APPLY_INDEX_MASK`` masks sequence ends, lengths and the window; tiles wholly inside the
-    visible band skip it. ``APPLY_ATTN_MASK`` reads ``attn_mask`` for this tile.
+    visible band skip it. ``APPLY_ATTN_MASK`` reads ``attn_mask`` for this tile. ``HAS_SOFTCAP`` is
+    ``SOFTCAP_EXACT`` or ``SOFTCAP_HW_TANH`` (see ``softcap_flag``). ``slope`` and ``p_mask_bh`` are
+    scalars or ``[BLOCK_M, 1]`` columns (one head per row).
     """
     USE_NATURAL: tl.constexpr = HAS_SOFTCAP or HAS_ALIBI or (HAS_MASK and APPLY_ATTN_MASK and not MASK_IS_BOOL)
     # [BLOCK_M, BLOCK_N]
     b_tanh = b_qk
     if USE_NATURAL:
-        b_s = b_qk * sm_scale
         if HAS_SOFTCAP:
-            b_tanh = _tanh(b_s / softcap)
+            # Pre-scaled: one multiply and one tanh per score, no division.
+            if HAS_SOFTCAP == SOFTCAP_HW_TANH:
+                b_tanh = _tanh_hw(b_qk * (sm_scale / softcap))
+            else:
+                b_tanh = _tanh(b_qk * (sm_scale / softcap))
             b_s = softcap * b_tanh
+        else:
+            b_s = b_qk * sm_scale
         if HAS_ALIBI:
             b_dist = tl.abs(o_m[:, None] + offset - o_n[None, :]).to(tl.float32)
             b_s = b_s - slope * b_dist
         if HAS_MASK and APPLY_ATTN_MASK and not MASK_IS_BOOL:
-            p_mask = p_mask_bh + o_m[:, None] * stride_mask_m + o_n[None, :] * stride_mask_n
+            o_mask = o_m[:, None].to(tl.int64) * stride_mask_m + o_n[None, :].to(tl.int64) * stride_mask_n
             m_load = (o_m[:, None] < Lq) & (o_n[None, :] < Lk)
-            b_s = b_s + tl.load(p_mask, mask=m_load, other=0.0).to(tl.float32)
+            # [BLOCK_M, BLOCK_N]
+            b_bias = tl.load(p_mask_bh + o_mask, mask=m_load, other=0.0).to(tl.float32)
+            b_s = b_s + b_bias
+            # A -inf bias hides the key (selected, so a NaN score stays out); finite biases such as
+            # finfo.min are clamped to stay finite in log2 units (a NaN score stays NaN).
+            b_s = tl.where(b_bias == float("-inf"), float("-inf"), tl.where(b_s < -_MAX_NATURAL, -_MAX_NATURAL, b_s))
         b_s = b_s * 1.4426950408889634
     else:
         b_s = b_qk * (sm_scale * 1.4426950408889634)
@@ -85,9 +136,9 @@ def _score_tile(
             m_visible = m_visible & (o_n[None, :] <= o_m[:, None] + offset + window_right)
         b_s = tl.where(m_visible, b_s, float("-inf"))
     if HAS_MASK and APPLY_ATTN_MASK and MASK_IS_BOOL:
-        p_mask = p_mask_bh + o_m[:, None] * stride_mask_m + o_n[None, :] * stride_mask_n
+        o_mask = o_m[:, None].to(tl.int64) * stride_mask_m + o_n[None, :].to(tl.int64) * stride_mask_n
         m_load = (o_m[:, None] < Lq) & (o_n[None, :] < Lk)
-        b_attend = tl.load(p_mask, mask=m_load, other=0) != 0
+        b_attend = tl.load(p_mask_bh + o_mask, mask=m_load, other=0) != 0
         b_s = tl.where(b_attend, b_s, float("-inf"))
     return b_s, b_tanh
 
@@ -149,7 +200,7 @@ def _fwd_key_block(
     i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
     i_b, i_h, Hq, Lq, Lk, D, DV,
     offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
-    p_mask_bh, stride_mask_m, stride_mask_n,
+    p_mask_bh, stride_mask_m, stride_mask_n, row_lo, row_hi,
     BLOCK_N: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
@@ -157,13 +208,26 @@ def _fwd_key_block(
     APPLY_INDEX_MASK: tl.constexpr, APPLY_ATTN_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """One step of the online softmax over the key block ``i_n``."""
+    """One step of the online softmax over the key block ``i_n`` (``row_lo``, ``row_hi``: the first
+    and last valid query position of the tile)."""
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < Lk
+    # Keys at or past the logical length are never loaded (an unused KV-cache slot may hold NaN).
+    m_n = o_n < klen
+    if HAS_LENGTHS:
+        m_n = m_n & (o_n < Lk)
+    # Nor are values of keys outside every row's band: P = 0 there, and 0 * NaN would be NaN.
+    m_nv = m_n
+    if APPLY_INDEX_MASK and HAS_WINDOW_LEFT:
+        m_nv = m_nv & (o_n >= row_lo + offset - window_left)
+    if APPLY_INDEX_MASK and HAS_WINDOW_RIGHT:
+        m_nv = m_nv & (o_n <= row_hi + offset + window_right)
+    o_n64 = o_n.to(tl.int64)
     # [BLOCK_D, BLOCK_N]
-    b_kt = tl.load(k_bh + o_n[None, :] * stride_kn + o_d[:, None], mask=m_n[None, :] & (o_d[:, None] < D), other=0.0)
+    b_kt = tl.load(k_bh + (o_n64[None, :] * stride_kn + o_d[:, None]), mask=m_n[None, :] & (o_d[:, None] < D),
+                   other=0.0)
     # [BLOCK_N, BLOCK_DV]
-    b_v = tl.load(v_bh + o_n[:, None] * stride_vn + o_dv[None, :], mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)
+    b_v = tl.load(v_bh + (o_n64[:, None] * stride_vn + o_dv[None, :]), mask=m_nv[:, None] & (o_dv[None, :] < DV),
+                  other=0.0)
     if DOT_FP32:
         b_kt = b_kt.to(tl.float32)
         b_v = b_v.to(tl.float32)
@@ -197,11 +261,12 @@ def attention_fwd_kernel(
     p_kv_num, p_kv_idx, p_full_num, p_full_idx, p_tile_ids, p_counter,
     # sizes
     Hq, GROUP, Lq, Lk, D, DV,
-    # strides (the last dim of q, k, v, out is contiguous)
+    # strides (the last dim of q, k, v, out is contiguous; lse is (splits, B, Hq, Lq) contiguous)
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_om,
+    stride_os, stride_ob, stride_oh, stride_om,
+    stride_lse_s,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
     stride_alibi_b, stride_alibi_h,
     stride_num_b, stride_num_h, stride_num_m,
@@ -211,23 +276,46 @@ def attention_fwd_kernel(
     sm_scale, softcap, window_left, window_right, dropout_p, seed,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    GQA_PACK: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, USE_BLOCK_MASK: tl.constexpr, MASK_SUB_M: tl.constexpr, MASK_SUB_N: tl.constexpr,
     PARTIAL_MASKS: tl.constexpr, HAS_DROPOUT: tl.constexpr, COUNT_BLOCKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """Grid ``(cdiv(Lq, BLOCK_M), B * Hq)``: one program per query block of one (batch, head).
+    """Grid ``(cdiv(rows, BLOCK_M), B * heads, splits)``: one program per block of query rows of one
+    (batch, head) and one share of its key blocks.
 
-    q ``(B, Hq, Lq, D)``, k ``(B, Hkv, Lk, D)``, v ``(B, Hkv, Lk, DV)``, out ``(B, Hq, Lq, DV)``,
-    lse ``(B, Hq, Lq)`` contiguous float32. Head ``h`` reads kv head ``h // GROUP`` (GQA by index).
+    q ``(B, Hq, Lq, D)``, k ``(B, Hkv, Lk, D)``, v ``(B, Hkv, Lk, DV)``. Head ``h`` reads kv head
+    ``h // GROUP`` (GQA by index). With ``GQA_PACK == GROUP > 1`` (decoding) a program serves one
+    kv head and all GROUP query heads that read it, so K and V are read once per group: row ``r``
+    of the ``GROUP * Lq`` rows is query ``r // GROUP`` of head ``kv_head * GROUP + r % GROUP``, and
+    the rows of a tile span at most ``SPAN_M`` query positions. With one split, out is
+    ``(B, Hq, Lq, DV)`` and lse ``(B, Hq, Lq)``; with S splits, split ``s`` of the key blocks writes
+    its normalised partial result to ``out[s]`` (float32) and ``lse[s]`` for ``attention_combine``.
     ``p_counter`` (with ``COUNT_BLOCKS``) receives the number of key blocks each program visited.
     """
+    tl.static_assert(not (USE_BLOCK_MASK and GQA_PACK > 1), "a BlockMask's lists are per head: no GQA packing")
+    # Query positions a tile's rows span: BLOCK_M, or fewer when GQA_PACK rows share a position.
+    SPAN_M: tl.constexpr = (BLOCK_M - 1) // GQA_PACK + 2 - 1 // GQA_PACK
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
-    i_b = i_bh // Hq
-    i_h = i_bh % Hq
-    i_hk = i_h // GROUP
+    i_s = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+    if GQA_PACK > 1:
+        Hkv = Hq // GQA_PACK
+        i_b = i_bh // Hkv
+        i_hk = i_bh % Hkv
+        o_row = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        o_m = o_row // GQA_PACK  # [BLOCK_M] query positions
+        i_h = i_hk * GQA_PACK + o_row % GQA_PACK  # [BLOCK_M] query heads
+        m0 = (i_m * BLOCK_M) // GQA_PACK
+    else:
+        i_b = i_bh // Hq
+        i_h = i_bh % Hq
+        i_hk = i_h // GROUP
+        o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m0 = i_m * BLOCK_M
 
     qlen = Lq
     klen = Lk
@@ -236,23 +324,38 @@ def attention_fwd_kernel(
         klen = tl.load(p_klen + i_b)
     offset = klen - qlen
 
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
-    m_m = o_m < Lq
+    m_m = o_m < qlen
+    if HAS_LENGTHS:
+        m_m = m_m & (o_m < Lq)
+    row_lo = m0
+    row_hi = tl.max(tl.where(m_m, o_m, -1), 0)
+    i_b64 = i_b.to(tl.int64)
+    o_h64 = i_h.to(tl.int64)  # scalar, or [BLOCK_M] when packed
+    o_m64 = o_m.to(tl.int64)
 
-    q_bh = p_q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-    k_bh = p_k + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
-    v_bh = p_v + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+    k_bh = p_k + i_b64 * stride_kb + i_hk.to(tl.int64) * stride_kh
+    v_bh = p_v + i_b64 * stride_vb + i_hk.to(tl.int64) * stride_vh
+    # Per-head values the score tile reads: scalars, or [BLOCK_M, 1] columns when packed.
     p_mask_bh = p_mask
     if HAS_MASK:
-        p_mask_bh = p_mask + i_b.to(tl.int64) * stride_mask_b + i_h.to(tl.int64) * stride_mask_h
+        if GQA_PACK > 1:
+            p_mask_bh = p_mask + (i_b64 * stride_mask_b + o_h64 * stride_mask_h)[:, None]
+        else:
+            p_mask_bh = p_mask + (i_b64 * stride_mask_b + o_h64 * stride_mask_h)
     slope = 0.0
     if HAS_ALIBI:
-        slope = tl.load(p_alibi + i_b * stride_alibi_b + i_h * stride_alibi_h)
+        slope = tl.load(p_alibi + (i_b64 * stride_alibi_b + o_h64 * stride_alibi_h))
+        if GQA_PACK > 1:
+            slope = slope[:, None]
+    i_h_tile = i_h
+    if GQA_PACK > 1:
+        i_h_tile = i_h[:, None]
 
     # [BLOCK_M, BLOCK_D]
-    b_q = tl.load(q_bh + o_m[:, None] * stride_qm + o_d[None, :], mask=m_m[:, None] & (o_d[None, :] < D), other=0.0)
+    o_q = i_b64 * stride_qb + o_h64 * stride_qh + o_m64 * stride_qm
+    b_q = tl.load(p_q + (o_q[:, None] + o_d[None, :]), mask=m_m[:, None] & (o_d[None, :] < D), other=0.0)
     if DOT_FP32:
         b_q = b_q.to(tl.float32)
     # [BLOCK_M, BLOCK_DV]
@@ -260,16 +363,20 @@ def attention_fwd_kernel(
     # [BLOCK_M]
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    visited = 0
 
     if USE_BLOCK_MASK:
         # Listed tiles only: partial ones with the element mask, full ones without it. A mask block
         # may span MASK_SUB_M x MASK_SUB_N kernel tiles (when it is larger than what fits on chip).
+        # Split s takes its share of the tiles, partial ones first.
         i_qb = i_m // MASK_SUB_M
         p_num = i_b * stride_num_b + i_h * stride_num_h + i_qb * stride_num_m
         p_idx = i_b * stride_idx_b + i_h * stride_idx_h + i_qb * stride_idx_m
-        num_partial = tl.load(p_kv_num + p_num)
-        for t in range(0, num_partial * MASK_SUB_N):
+        num_partial = tl.load(p_kv_num + p_num) * MASK_SUB_N
+        num_full = tl.load(p_full_num + p_num) * MASK_SUB_N
+        per_split = tl.cdiv(num_partial + num_full, num_splits)
+        t_lo = tl.minimum(i_s * per_split, num_partial + num_full)
+        t_hi = tl.minimum(t_lo + per_split, num_partial + num_full)
+        for t in range(t_lo, tl.minimum(t_hi, num_partial)):
             i_kb = tl.load(p_kv_idx + p_idx + t // MASK_SUB_N)
             i_n = i_kb * MASK_SUB_N + t % MASK_SUB_N
             p_mask_tile = _partial_tile_mask(
@@ -278,68 +385,74 @@ def attention_fwd_kernel(
             )
             b_acc, b_l, b_m = _fwd_key_block(
                 b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
-                i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
-                softcap, dropout_p, seed, p_mask_tile, stride_mask_m, stride_mask_n,
+                i_b, i_h_tile, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
+                softcap, dropout_p, seed, p_mask_tile, stride_mask_m, stride_mask_n, row_lo, row_hi,
                 BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
                 HAS_LENGTHS, HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32,
             )
-        num_full = tl.load(p_full_num + p_num)
-        for t in range(0, num_full * MASK_SUB_N):
+        for t in range(tl.maximum(t_lo, num_partial) - num_partial, t_hi - num_partial):
             i_n = tl.load(p_full_idx + p_idx + t // MASK_SUB_N) * MASK_SUB_N + t % MASK_SUB_N
             b_acc, b_l, b_m = _fwd_key_block(
                 b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
-                i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
-                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n,
+                i_b, i_h_tile, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
+                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, row_lo, row_hi,
                 BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
                 HAS_LENGTHS, HAS_DROPOUT, True, False, DOT_PRECISION, DOT_FP32,
             )
-        visited = (num_partial + num_full) * MASK_SUB_N
+        visited = t_hi - t_lo
     else:
-        # The visible band only: masked edge blocks, unmasked interior, masked edge blocks.
+        # The visible band only: masked edge blocks, unmasked interior, masked edge blocks; split s
+        # takes its share [s_lo, s_hi) of the band.
         n_lo, n_mid_lo, n_mid_hi, n_hi = _key_block_range(
-            i_m * BLOCK_M, qlen, klen, offset, window_left, window_right,
-            BLOCK_M, BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
+            m0, qlen, klen, offset, window_left, window_right,
+            SPAN_M, BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
         )
-        for i_n in range(n_lo, n_mid_lo):
+        per_split = tl.cdiv(n_hi - n_lo, num_splits)
+        s_lo = tl.minimum(n_lo + i_s * per_split, n_hi)
+        s_hi = tl.minimum(s_lo + per_split, n_hi)
+        if HAS_WINDOW_LEFT:  # without a left bound the band starts unmasked (n_mid_lo == n_lo)
+            for i_n in range(s_lo, tl.minimum(n_mid_lo, s_hi)):
+                b_acc, b_l, b_m = _fwd_key_block(
+                    b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
+                    i_b, i_h_tile, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
+                    softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, row_lo, row_hi,
+                    BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
+                    HAS_LENGTHS, HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32,
+                )
+        for i_n in range(tl.maximum(n_mid_lo, s_lo), tl.minimum(n_mid_hi, s_hi)):
             b_acc, b_l, b_m = _fwd_key_block(
                 b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
-                i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
-                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n,
-                BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
-                HAS_LENGTHS, HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32,
-            )
-        for i_n in range(n_mid_lo, n_mid_hi):
-            b_acc, b_l, b_m = _fwd_key_block(
-                b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
-                i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
-                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n,
+                i_b, i_h_tile, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
+                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, row_lo, row_hi,
                 BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
                 HAS_LENGTHS, HAS_DROPOUT, False, True, DOT_PRECISION, DOT_FP32,
             )
-        for i_n in range(n_mid_hi, n_hi):
+        for i_n in range(tl.maximum(n_mid_hi, s_lo), s_hi):
             b_acc, b_l, b_m = _fwd_key_block(
                 b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
-                i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
-                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n,
+                i_b, i_h_tile, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
+                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, row_lo, row_hi,
                 BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
                 HAS_LENGTHS, HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32,
             )
-        visited = n_hi - n_lo
+        visited = s_hi - s_lo
 
     if COUNT_BLOCKS:
-        tl.store(p_counter + i_bh * tl.num_programs(0) + i_m, visited)
+        tl.store(p_counter + (i_s * tl.num_programs(1) + i_bh) * tl.num_programs(0) + i_m, visited)
 
     # Rows that saw no key (or lie past qlen) output 0 and lse = -inf.
-    m_row = (b_l > 0.0) & (o_m < qlen)
+    m_row = (b_l > 0.0) & m_m
     # [BLOCK_M, BLOCK_DV]
     b_out = b_acc / tl.where(m_row, b_l, 1.0)[:, None]
     b_out = tl.where(m_row[:, None], b_out, 0.0)
     # [BLOCK_M]
     b_lse = tl.where(m_row, (b_m + tl.log2(tl.where(m_row, b_l, 1.0))) * 0.6931471805599453, float("-inf"))
-    o_bh = p_out + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
-    tl.store(o_bh + o_m[:, None] * stride_om + o_dv[None, :], b_out.to(p_out.dtype.element_ty),
-             mask=m_m[:, None] & (o_dv[None, :] < DV))
-    tl.store(p_lse + i_bh.to(tl.int64) * Lq + o_m, b_lse, mask=m_m)
+    o_out = i_s.to(tl.int64) * stride_os + i_b64 * stride_ob + o_h64 * stride_oh + o_m64 * stride_om
+    m_store = o_m < Lq
+    tl.store(p_out + (o_out[:, None] + o_dv[None, :]), b_out.to(p_out.dtype.element_ty),
+             mask=m_store[:, None] & (o_dv[None, :] < DV))
+    o_lse = i_s.to(tl.int64) * stride_lse_s + (i_b64 * Hq + o_h64) * Lq + o_m64
+    tl.store(p_lse + o_lse, b_lse, mask=m_store)
 
 
 attention_fwd_kernel_tuned = triton.autotune(configs=configs.fwd_configs(), key=configs.FWD_KEY)(attention_fwd_kernel)
@@ -366,7 +479,7 @@ def dropout_keep_kernel(
         o_n = n0 + tl.arange(0, BLOCK_N)
         # [BLOCK_M, BLOCK_N]
         b_keep = _dropout_keep(seed, i_b, i_h, o_m, o_n, Hq, Lq, Lk, dropout_p)
-        p_tile = p_keep + (i_bh.to(tl.int64) * Lq + o_m[:, None]) * Lk + o_n[None, :]
+        p_tile = p_keep + ((i_bh.to(tl.int64) * Lq + o_m[:, None]) * Lk + o_n[None, :])
         tl.store(p_tile, b_keep.to(tl.int1), mask=(o_m[:, None] < Lq) & (o_n[None, :] < Lk))
 
 
@@ -485,6 +598,63 @@ def list_strides(num, idx) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     return broadcast_strides(num, 3), broadcast_strides(idx, 3)
 
 
+# --------------------------------------------------------------------------- split-KV and decoding
+DECODE_MAX_LQ = 16  # query rows per head up to which a launch is decoding (or speculative verification)
+MIN_BLOCKS_PER_SPLIT = 4  # a split's fixed cost (q load, partial write, merge) needs this much work
+MAX_SPLITS = 128
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; 0 off a CUDA GPU (nothing to fill: never split there)."""
+    if device.type != "cuda":
+        return 0
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def choose_num_splits(programs: int, key_blocks: int, sms: int) -> int:
+    """Key-range splits that fill the GPU: about ``2 * sms`` programs in all, each split with at least
+    ``MIN_BLOCKS_PER_SPLIT`` key blocks; 1 when ``programs`` already fill it."""
+    if programs >= 2 * sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, programs), key_blocks // MIN_BLOCKS_PER_SPLIT, MAX_SPLITS))
+
+
+def decode_tile(meta: dict, rows: int) -> dict:
+    """The forward config for few query rows per program: ``BLOCK_M`` shrinks to the rows (at least
+    16, tl.dot's minimum), and small tiles keep 4 warps."""
+    meta = dict(meta)
+    meta["BLOCK_M"] = min(meta["BLOCK_M"], max(16, triton.next_power_of_2(rows)))
+    if meta["BLOCK_M"] < 64:
+        meta["num_warps"] = min(meta["num_warps"], 4)
+    return meta
+
+
+def softcap_flag(softcap: float, dtype: torch.dtype) -> int:
+    """The kernels' ``HAS_SOFTCAP``: 0 without softcap; ``SOFTCAP_HW_TANH`` (one MUFU tanh per score,
+    relative error 2**-11) for 16-bit inputs on a GPU, whose own rounding is coarser;
+    ``SOFTCAP_EXACT`` for float32 inputs and in the interpreter."""
+    if softcap <= 0:
+        return 0
+    if dtype in (torch.float16, torch.bfloat16) and not configs.in_interpreter():
+        return SOFTCAP_HW_TANH.value
+    return SOFTCAP_EXACT.value
+
+
+def empty_in_layout_of(q: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised ``shape`` tensor whose dims are laid out in q's stride order, the last dim
+    innermost: a ``(B, L, H, D).transpose(1, 2)`` q gives an output its caller can transpose back for free."""
+    order = sorted(range(q.dim()), key=lambda d: (-q.stride(d), d))  # outermost first
+    order.remove(q.dim() - 1)
+    order.append(q.dim() - 1)
+    t = torch.empty([shape[d] for d in order], dtype=dtype, device=q.device)
+    return t.permute([order.index(d) for d in range(q.dim())])
+
+
 # --------------------------------------------------------------------------- launcher
 def attention_fwd(
     q: torch.Tensor,
@@ -510,8 +680,9 @@ def attention_fwd(
     dropout_p: float = 0.0,
     seed: int = 0,
     block_counter: torch.Tensor | None = None,
+    num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel.
+    """Launch the forward kernel (and, with key-range splits, the combine kernel).
 
     Args:
         q: ``(B, Hq, Lq, D)``; k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, DV)``; any strides.
@@ -520,30 +691,36 @@ def attention_fwd(
         kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices: BlockMask forward lists.
         partial_masks, partial_tile_ids: the BlockMask's per-tile element masks (instead of attn_mask).
         block_size_q, block_size_k: the BlockMask's tiles (powers of two in [16, 128]); 0 without one.
-        block_counter: optional int32 ``(B * Hq * cdiv(Lq, BLOCK_M),)`` buffer that receives the number
-            of key blocks each program visits (pins the untuned config; for tests).
+        block_counter: optional int32 buffer, one entry per program (``splits * B * heads *
+            row_blocks``), that receives the number of key blocks each program visits (pins the
+            untuned config; for tests).
+        num_splits: key-range splits (split-KV); None chooses from the grid size and the GPU's SMs
+            (more than 1 only when the grid would underfill it).
 
     Returns:
-        ``out (B, Hq, Lq, DV)`` in q's dtype and ``lse (B, Hq, Lq)`` float32.
+        ``out (B, Hq, Lq, DV)`` in q's dtype and dim order, and ``lse (B, Hq, Lq)`` float32.
     """
     check_inputs(q, k, v, block_size_q, block_size_k, kv_num_blocks is not None)
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits must be at least 1 (or None to choose), got {num_splits}")
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     B, Hq, Lq, D = q.shape
     Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
-    out = torch.empty((B, Hq, Lq, DV), dtype=q.dtype, device=q.device)
+    out = empty_in_layout_of(q, (B, Hq, Lq, DV), q.dtype)
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     if B * Hq * Lq == 0:
         return out, lse
     lengths = both_lengths(key_lengths, query_lengths, B, Lq, Lk, q.device)
     element = element_mask_args(attn_mask, partial_masks, partial_tile_ids, block_size_k)
     flags = feature_flags(element["p_mask"], alibi_slopes, lengths, window_left, window_right, softcap, dropout_p)
+    flags["HAS_SOFTCAP"] = softcap_flag(softcap, q.dtype)
     use_block_mask = kv_num_blocks is not None
     block_d, block_dv = head_dim_tile(D), head_dim_tile(DV)
     precision, dot_fp32 = dot_settings(q.dtype)
     bound = Lq + Lk + 1
     num_strides, idx_strides = list_strides(kv_num_blocks, kv_indices)
     args = dict(
-        p_q=q, p_k=k, p_v=v, p_out=out, p_lse=lse, p_alibi=alibi_slopes,
+        p_q=q, p_k=k, p_v=v, p_alibi=alibi_slopes,
         p_klen=lengths[0] if lengths else None, p_qlen=lengths[1] if lengths else None,
         p_kv_num=kv_num_blocks, p_kv_idx=kv_indices, p_full_num=full_kv_num_blocks, p_full_idx=full_kv_indices,
         p_counter=block_counter,
@@ -551,7 +728,6 @@ def attention_fwd(
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qm=q.stride(2),
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
         stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
-        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2),
         **element,
         stride_alibi_b=alibi_slopes.stride(0) if alibi_slopes is not None else 0,
         stride_alibi_h=alibi_slopes.stride(1) if alibi_slopes is not None else 0,
@@ -563,18 +739,53 @@ def attention_fwd(
         BLOCK_D=block_d, BLOCK_DV=block_dv, **flags, USE_BLOCK_MASK=use_block_mask,
         COUNT_BLOCKS=block_counter is not None, DOT_PRECISION=precision, DOT_FP32=dot_fp32,
     )
+    final = dict(
+        p_out=out, p_lse=lse, stride_os=0, stride_ob=out.stride(0), stride_oh=out.stride(1),
+        stride_om=out.stride(2), stride_lse_s=0,
+    )
+
+    # Decoding: a few query rows per head. The tile shrinks to them and, with GQA, one program
+    # serves a whole group of query heads so K and V are read once per group (not with a BlockMask,
+    # whose lists are per head).
+    decoding = Lq <= DECODE_MAX_LQ and not use_block_mask
+    pack = Hq // Hkv if decoding else 1
     sub_m = sub_n = 1
+    head_dim = max(block_d, block_dv)
     if use_block_mask:
-        meta = configs.block_mask_config("fwd", max(block_d, block_dv), block_size_q, block_size_k, q.element_size())
+        meta = configs.block_mask_config("fwd", head_dim, block_size_q, block_size_k, q.element_size())
         sub_m, sub_n = block_size_q // meta["BLOCK_M"], block_size_k // meta["BLOCK_N"]
-    elif configs.autotune_enabled(max(block_d, block_dv), q.element_size()) and block_counter is None:
-        grid = lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * Hq)
-        torch.library.wrap_triton(attention_fwd_kernel_tuned)[grid](**args, MASK_SUB_M=1, MASK_SUB_N=1)
-        return out, lse
     else:
-        meta = configs.pinned_config("fwd", max(block_d, block_dv), q.element_size())
-    grid = (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
-    torch.library.wrap_triton(attention_fwd_kernel)[grid](**args, **meta, MASK_SUB_M=sub_m, MASK_SUB_N=sub_n)
+        meta = configs.pinned_config("fwd", head_dim, q.element_size())
+        if decoding:
+            meta = decode_tile(meta, Lq * pack)
+    rows, heads = Lq * pack, Hq // pack
+    programs = triton.cdiv(rows, meta["BLOCK_M"]) * B * heads
+    splits = num_splits or choose_num_splits(programs, triton.cdiv(Lk, meta["BLOCK_N"]), sm_count(q.device))
+
+    if (splits == 1 and not use_block_mask and not decoding and block_counter is None
+            and configs.autotune_enabled(head_dim, q.element_size())):
+        grid = lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * Hq, 1)
+        torch.library.wrap_triton(attention_fwd_kernel_tuned)[grid](
+            **args, **final, GQA_PACK=1, MASK_SUB_M=1, MASK_SUB_N=1,
+        )
+        return out, lse
+    grid = (triton.cdiv(rows, meta["BLOCK_M"]), B * heads, splits)
+    if splits == 1:
+        torch.library.wrap_triton(attention_fwd_kernel)[grid](
+            **args, **final, **meta, GQA_PACK=pack, MASK_SUB_M=sub_m, MASK_SUB_N=sub_n,
+        )
+        return out, lse
+    # Each split writes its partial result (float32) and lse; the combine kernel merges them.
+    out_part = torch.empty((splits, B, Hq, Lq, DV), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((splits, B, Hq, Lq), dtype=torch.float32, device=q.device)
+    partial = dict(
+        p_out=out_part, p_lse=lse_part, stride_os=out_part.stride(0), stride_ob=out_part.stride(1),
+        stride_oh=out_part.stride(2), stride_om=out_part.stride(3), stride_lse_s=lse_part.stride(0),
+    )
+    torch.library.wrap_triton(attention_fwd_kernel)[grid](
+        **args, **partial, **meta, GQA_PACK=pack, MASK_SUB_M=sub_m, MASK_SUB_N=sub_n,
+    )
+    attention_combine(out_part, lse_part, out, lse)
     return out, lse
 
 

@@ -41,9 +41,11 @@ def rotary_kernel(
     o_r = tl.arange(0, BLOCK_R)  # [BLOCK_R] pair index
     m_tile = (o_l[:, None] < seqlen) & (o_r[None, :] < HALF)  # [BLOCK_L, BLOCK_R]
 
-    position = o_l + tl.load(OFFSETS + i_b)  # [BLOCK_L]
-    p_cos = COS + position[:, None] * stride_cos_l + o_r[None, :]
-    p_sin = SIN + position[:, None] * stride_cos_l + o_r[None, :]
+    # Row offsets in int64: B * L * H * D may pass 2**31 elements (and so may a row's stride times L).
+    position = (o_l + tl.load(OFFSETS + i_b)).to(tl.int64)  # [BLOCK_L]
+    o_cos = position[:, None] * stride_cos_l + o_r[None, :]  # [BLOCK_L, BLOCK_R]
+    p_cos = COS + o_cos
+    p_sin = SIN + o_cos
     b_cos = tl.load(p_cos, mask=m_tile, other=1.0).to(tl.float32)  # [BLOCK_L, BLOCK_R]
     b_sin = tl.load(p_sin, mask=m_tile, other=0.0).to(tl.float32)  # [BLOCK_L, BLOCK_R]
     if CONJUGATE:
@@ -52,15 +54,15 @@ def rotary_kernel(
     # The two features of pair r: (2r, 2r + 1) interleaved, (r, r + HALF) half-split.
     o_first = o_r * 2 if INTERLEAVED else o_r  # [BLOCK_R]
     o_second = o_first + 1 if INTERLEAVED else o_r + HALF  # [BLOCK_R]
-    p_x = X + i_b * stride_xb + i_h * stride_xh + o_l[:, None] * stride_xl
-    b_a = tl.load(p_x + o_first[None, :], mask=m_tile, other=0.0).to(tl.float32)  # [BLOCK_L, BLOCK_R]
-    b_b = tl.load(p_x + o_second[None, :], mask=m_tile, other=0.0).to(tl.float32)  # [BLOCK_L, BLOCK_R]
+    o_x = i_b.to(tl.int64) * stride_xb + i_h.to(tl.int64) * stride_xh + o_l.to(tl.int64) * stride_xl  # [BLOCK_L]
+    b_a = tl.load(X + (o_x[:, None] + o_first[None, :]), mask=m_tile, other=0.0).to(tl.float32)  # [BLOCK_L, BLOCK_R]
+    b_b = tl.load(X + (o_x[:, None] + o_second[None, :]), mask=m_tile, other=0.0).to(tl.float32)  # [BLOCK_L, BLOCK_R]
 
     b_out_a = b_a * b_cos - b_b * b_sin  # [BLOCK_L, BLOCK_R]
     b_out_b = b_b * b_cos + b_a * b_sin  # [BLOCK_L, BLOCK_R]
-    p_out = OUT + i_b * stride_ob + i_h * stride_oh + o_l[:, None] * stride_ol
-    tl.store(p_out + o_first[None, :], b_out_a.to(OUT.dtype.element_ty), mask=m_tile)
-    tl.store(p_out + o_second[None, :], b_out_b.to(OUT.dtype.element_ty), mask=m_tile)
+    o_out = i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh + o_l.to(tl.int64) * stride_ol  # [BLOCK_L]
+    tl.store(OUT + (o_out[:, None] + o_first[None, :]), b_out_a.to(OUT.dtype.element_ty), mask=m_tile)
+    tl.store(OUT + (o_out[:, None] + o_second[None, :]), b_out_b.to(OUT.dtype.element_ty), mask=m_tile)
 
 
 def apply_rotary(

@@ -43,6 +43,7 @@ from .attention_fwd import (
     head_dim_tile,
     last_dim_contiguous,
     list_strides,
+    softcap_flag,
 )
 
 
@@ -662,6 +663,8 @@ def attention_bwd(
     lengths = both_lengths(key_lengths, query_lengths, B, Lq, Lk, q.device)
     element = element_mask_args(attn_mask, partial_masks, partial_tile_ids, block_size_k)
     flags = feature_flags(element["p_mask"], alibi_slopes, lengths, window_left, window_right, softcap, dropout_p)
+    # The same tanh as the forward, so P is recomputed from the very scores its lse came from.
+    flags["HAS_SOFTCAP"] = softcap_flag(softcap, q.dtype)
     use_block_mask = kv_num_blocks is not None
     precision, dot_fp32 = dot_settings(q.dtype)
     bound = Lq + Lk + 1

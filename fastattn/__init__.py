@@ -10,6 +10,7 @@ from .backends import BackendNotSupportedError, get_backend
 from .backends import backends as list_backends
 from .block_mask import BlockMask
 from .info import info
+from .linear import linear_attention
 
 __version__ = "0.1.0"
 
@@ -47,6 +48,7 @@ __all__ = [
     "attention",
     "get_backend",
     "info",
+    "linear_attention",
     "reference",
     "scaled_dot_product_attention",
 ]

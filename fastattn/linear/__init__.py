@@ -1,0 +1,8 @@
+"""Linear attention: :func:`linear_attention`, its feature maps (:class:`PerformerFeatures`, FAVOR+)
+and the plain-PyTorch reference (:mod:`fastattn.linear.naive`: parallel, recurrent, chunked)."""
+
+from . import naive
+from .api import LinearAttentionState, linear_attention
+from .features import PerformerFeatures, elu_plus_one
+
+__all__ = ["LinearAttentionState", "PerformerFeatures", "elu_plus_one", "linear_attention", "naive"]

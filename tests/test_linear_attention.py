@@ -1,0 +1,172 @@
+"""Linear attention: the reference's three forms against each other, the state round-trip, the
+public function (CPU path), the Triton kernels through the interpreter (values and gradients),
+Performer's random features, and validation errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastattn
+from fastattn.linear import LinearAttentionState, PerformerFeatures, linear_attention, naive
+from fastattn.linear.naive import linear_attention_reference
+
+from .tolerance import assert_close_to_reference, high_precision
+
+F16, F32, F64 = torch.float16, torch.float32, torch.float64
+
+
+def _inputs(B, Hq, Hkv, L, D, Dv, dtype=F64, positive=False):
+    make = torch.rand if positive else torch.randn
+    q = make(B, Hq, L, D, dtype=dtype)
+    k = make(B, Hkv, L, D, dtype=dtype)
+    v = torch.randn(B, Hkv, L, Dv, dtype=dtype)
+    return q, k, v
+
+
+def _check(name, run, reference, inputs):
+    """``run(*inputs)`` against ``reference`` (same signature) by the tolerance rule, in values and
+    in the gradients of every floating input under one random cotangent per output."""
+    dtype = inputs[0].dtype
+    hp = high_precision(dtype)
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    leaves_hp = [t.detach().to(hp).requires_grad_() for t in inputs]
+    leaves_lp = [t.detach().clone().requires_grad_() for t in inputs]
+    outs, outs_hp, outs_lp = run(*leaves), reference(*leaves_hp), reference(*leaves_lp)
+    cotangents = [torch.randn(o.shape, dtype=torch.float64) for o in outs]
+    for i, (o, o_hp, o_lp) in enumerate(zip(outs, outs_hp, outs_lp)):
+        assert_close_to_reference(f"{name} output {i}", o, o_hp, o_lp)
+    for os_ in (outs, outs_hp, outs_lp):
+        sum((o.to(torch.float64) * c).sum() for o, c in zip(os_, cotangents)).backward()
+    for i, (a, b, c) in enumerate(zip(leaves, leaves_hp, leaves_lp)):
+        assert_close_to_reference(f"{name} grad {i}", a.grad, b.grad, c.grad)
+
+
+# --------------------------------------------------------------------------- reference forms agree
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize(
+    "B, Hq, Hkv, L, M, Dv, chunk",
+    [
+        pytest.param(2, 2, 2, 1, 8, 8, 1, id="B2-H2-L1-M8-chunk1"),
+        pytest.param(1, 4, 2, 17, 8, 5, 5, id="B1-Hq4-Hkv2-L17-M8-Dv5-chunk5"),
+        pytest.param(1, 3, 1, 97, 6, 7, 16, id="B1-Hq3-Hkv1-L97-M6-Dv7-chunk16"),
+        pytest.param(1, 2, 2, 97, 4, 4, 128, id="B1-H2-L97-M4-chunk128"),
+    ],
+)
+def test_forms_agree(B, Hq, Hkv, L, M, Dv, chunk, causal):
+    q, k, v = _inputs(B, Hq, Hkv, L, M, Dv, positive=True)
+    s0 = torch.randn(B, Hkv, M, Dv, dtype=F64)
+    o_par, s_par = naive.parallel(q, k, v, causal, s0)
+    o_rec, s_rec = naive.recurrent(q, k, v, causal, s0)
+    o_chk, s_chk = naive.chunked(q, k, v, causal, s0, chunk_size=chunk)
+    torch.testing.assert_close(o_rec, o_par, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(o_chk, o_par, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s_rec, s_par, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s_chk, s_par, rtol=1e-12, atol=1e-12)
+
+
+def test_parallel_matches_definition():
+    # causal normalised elu+1 attention, written out for one head: an independent check of the forms
+    q, k, v = _inputs(1, 1, 1, 9, 4, 3)
+    phi = torch.nn.functional.elu
+    fq, fk = phi(q[0, 0]) + 1, phi(k[0, 0]) + 1
+    rows = []
+    for i in range(9):
+        w = fq[i] @ fk[: i + 1].T  # (i + 1,)
+        rows.append((w[:, None] * v[0, 0, : i + 1]).sum(0) / (w.sum() + naive.NORMALIZER_EPS))
+    expected = torch.stack(rows)
+    for form in ("parallel", "recurrent", "chunked"):
+        out, _ = linear_attention_reference(q, k, v, causal=True, form=form, chunk_size=4)
+        torch.testing.assert_close(out[0, 0], expected, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- public function (CPU path)
+@pytest.mark.parametrize(
+    "causal, feature_map, normalize, chunk",
+    [
+        pytest.param(True, "elu+1", True, 7, id="causal-elu-chunk7"),
+        pytest.param(False, "elu+1", True, None, id="full-elu"),
+        pytest.param(True, "relu", False, 16, id="causal-relu-unnormalised"),
+        pytest.param(True, torch.sigmoid, True, 5, id="causal-callable"),
+    ],
+)
+def test_cpu_path_against_reference(causal, feature_map, normalize, chunk):
+    q, k, v = _inputs(1, 4, 2, 17, 8, 6, dtype=F32)
+
+    def run(q, k, v):
+        return (linear_attention(q, k, v, causal=causal, feature_map=feature_map, normalize=normalize,
+                                 chunk_size=chunk),)
+
+    def ref(q, k, v):
+        return (linear_attention_reference(q, k, v, causal=causal, feature_map=feature_map,
+                                           normalize=normalize)[0],)
+
+    _check("cpu linear_attention", run, ref, (q, k, v))
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalised", "unnormalised"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_state_round_trip(causal, normalize):
+    q, k, v = _inputs(2, 4, 2, 23, 8, 5)
+    kwargs = {"causal": causal, "normalize": normalize, "chunk_size": 4}
+    whole, state = linear_attention(q, k, v, return_state=True, **kwargs)
+    first, mid = linear_attention(q[:, :, :10], k[:, :, :10], v[:, :, :10], return_state=True, **kwargs)
+    assert isinstance(mid, LinearAttentionState) and mid.kv.shape == (2, 2, 8, 5)
+    second, end = linear_attention(q[:, :, 10:], k[:, :, 10:], v[:, :, 10:], return_state=True,
+                                   initial_state=mid, **kwargs)
+    torch.testing.assert_close(end.kv, state.kv, rtol=1e-12, atol=1e-12)
+    if normalize:
+        torch.testing.assert_close(end.k_sum, state.k_sum, rtol=1e-12, atol=1e-12)
+    else:
+        assert end.k_sum is None
+    if causal:  # non-causal pieces see different keys than the whole sequence does
+        torch.testing.assert_close(torch.cat([first, second], dim=2), whole, rtol=1e-12, atol=1e-12)
+
+
+def test_decode_token_by_token():
+    q, k, v = _inputs(1, 2, 1, 12, 8, 4)
+    whole = linear_attention(q, k, v, causal=True)
+    state, outs = None, []
+    for t in range(12):
+        out, state = linear_attention(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], causal=True,
+                                      return_state=True, initial_state=state)
+        outs.append(out)
+    assert state.kv.dtype == F64 and state.k_sum.shape == (1, 1, 8)
+    torch.testing.assert_close(torch.cat(outs, dim=2), whole, rtol=1e-12, atol=1e-12)
+
+
+def test_state_is_float32_for_half_inputs():
+    q, k, v = _inputs(1, 2, 2, 9, 8, 8, dtype=torch.bfloat16)
+    out, state = linear_attention(q, k, v, causal=True, return_state=True)
+    assert out.dtype == torch.bfloat16 and state.kv.dtype == F32 and state.k_sum.dtype == F32
+
+
+# --------------------------------------------------------------------------- validation
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        pytest.param({"q": torch.randn(2, 9, 8)}, "q must be 4-D", id="q-3d"),
+        pytest.param({"k": torch.randn(1, 3, 9, 8), "v": torch.randn(1, 3, 9, 4)}, r"multiple of k's heads", id="heads"),
+        pytest.param({"k": torch.randn(1, 2, 10, 8)}, "k must be", id="k-length"),
+        pytest.param({"v": torch.randn(1, 2, 8, 4)}, "v must be", id="v-length"),
+        pytest.param({"v": torch.randn(1, 2, 9, 4, dtype=F64)}, "share a dtype", id="dtype"),
+        pytest.param({"feature_map": "softmax"}, "feature_map", id="feature-map-name"),
+        pytest.param({"feature_map": 3}, "feature_map", id="feature-map-type"),
+        pytest.param({"feature_map": PerformerFeatures(16)}, "head_dim", id="performer-dim"),
+        pytest.param({"chunk_size": 0}, "chunk_size", id="chunk-size"),
+        pytest.param({"scale": -1.0}, "scale", id="scale"),
+        pytest.param({"initial_state": (torch.zeros(1, 2, 8, 5), torch.zeros(1, 2, 8))}, "initial_state.kv",
+                     id="state-kv"),
+        pytest.param({"initial_state": (torch.zeros(1, 2, 8, 4), None)}, "initial_state.k_sum", id="state-k-sum"),
+    ],
+)
+def test_errors_name_the_argument(change, match):
+    args = {"q": torch.randn(1, 4, 9, 8), "k": torch.randn(1, 2, 9, 8), "v": torch.randn(1, 2, 9, 4)}
+    args.update(change)
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    with pytest.raises((ValueError, TypeError), match=match):
+        linear_attention(q, k, v, **args)
+
+
+def test_exported():
+    assert fastattn.linear_attention is linear_attention

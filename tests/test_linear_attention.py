@@ -170,3 +170,71 @@ def test_errors_name_the_argument(change, match):
 
 def test_exported():
     assert fastattn.linear_attention is linear_attention
+
+
+# --------------------------------------------------------------------------- Triton kernels (interpreter on CPU)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def triton_core(monkeypatch):
+    pytest.importorskip("triton")
+    from fastattn.linear.autograd import LinearAttentionCore
+
+    monkeypatch.setenv("FASTATTN_AUTOTUNE", "0")
+    return LinearAttentionCore
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize(
+    "B, Hq, Hkv, L, M, Dv, dtype, causal, chunk, with_state",
+    [
+        pytest.param(1, 2, 2, 1, 16, 16, F32, True, 16, False, id="B1-H2-L1-M16-fp32-causal"),
+        pytest.param(1, 4, 2, 17, 8, 5, F16, True, 16, True, id="B1-Hq4-Hkv2-L17-M8-Dv5-fp16-causal-state"),
+        pytest.param(1, 2, 2, 97, 16, 24, F32, True, 32, True, id="B1-H2-L97-M16-Dv24-fp32-causal-chunk32-state"),
+        pytest.param(1, 3, 1, 97, 8, 8, F16, True, 16, False, id="B1-Hq3-Hkv1-L97-M8-fp16-causal"),
+        pytest.param(2, 2, 1, 97, 8, 8, F16, False, 16, False, id="B2-Hq2-Hkv1-L97-M8-fp16-full"),
+        pytest.param(1, 2, 2, 17, 40, 16, F32, False, 16, True, id="B1-H2-L17-M40-Dv16-fp32-full-state"),
+    ],
+)
+def test_triton_core_against_reference(triton_core, B, Hq, Hkv, L, M, Dv, dtype, causal, chunk, with_state):
+    q, k, v = (t.to(DEVICE) for t in _inputs(B, Hq, Hkv, L, M, Dv, dtype=dtype, positive=True))
+    inputs = (q, k, v, torch.randn(B, Hkv, M, Dv, dtype=dtype, device=DEVICE)) if with_state else (q, k, v)
+
+    def run(q, k, v, s0=None):
+        return triton_core.apply(q, k, v, None if s0 is None else s0.float(), causal, chunk)
+
+    def ref(q, k, v, s0=None):
+        return naive.parallel(q, k, v, causal, s0)
+
+    _check("triton core", run, ref, inputs)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_triton_public_path_performer_state(triton_core, monkeypatch, causal):
+    # the whole public function on the kernels: features, normaliser column, state in and out
+    monkeypatch.setattr("fastattn.linear.api._use_triton", lambda q: True)
+    features = PerformerFeatures(16, num_features=16)
+    q, k, v = (t.to(DEVICE) for t in _inputs(1, 2, 1, 33, 16, 8, dtype=F32))
+    s0 = (torch.rand(1, 1, 16, 8, dtype=F32, device=DEVICE), torch.rand(1, 1, 16, dtype=F32, device=DEVICE))
+    kwargs = {"causal": causal, "feature_map": features, "initial_state": s0}
+
+    def run(q, k, v):
+        out, state = linear_attention(q, k, v, chunk_size=16, return_state=True, **kwargs)
+        return out, state.kv, state.k_sum
+
+    def ref(q, k, v):
+        out, (kv, k_sum) = linear_attention_reference(q, k, v, **kwargs)
+        return out, kv, k_sum
+
+    _check("triton linear_attention", run, ref, (q, k, v))
+
+
+@pytest.mark.interpreter
+def test_triton_chunk_size_must_be_a_tile(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setattr("fastattn.linear.api._use_triton", lambda q: True)
+    q, k, v = _inputs(1, 2, 2, 9, 8, 8, dtype=F32)
+    with pytest.raises(ValueError, match="chunk_size must be a power of two"):
+        linear_attention(q, k, v, chunk_size=24)

@@ -73,7 +73,7 @@ def test_parallel_matches_definition():
     rows = []
     for i in range(9):
         w = fq[i] @ fk[: i + 1].T  # (i + 1,)
-        rows.append((w[:, None] * v[0, 0, : i + 1]).sum(0) / (w.sum() + naive.NORMALIZER_EPS))
+        rows.append((w[:, None] * v[0, 0, : i + 1]).sum(0) / w.sum())
     expected = torch.stack(rows)
     for form in ("parallel", "recurrent", "chunked"):
         out, _ = linear_attention_reference(q, k, v, causal=True, form=form, chunk_size=4)
@@ -238,3 +238,42 @@ def test_triton_chunk_size_must_be_a_tile(monkeypatch):
     q, k, v = _inputs(1, 2, 2, 9, 8, 8, dtype=F32)
     with pytest.raises(ValueError, match="chunk_size must be a power of two"):
         linear_attention(q, k, v, chunk_size=24)
+
+
+# --------------------------------------------------------------------------- Performer (FAVOR+)
+def test_performer_deterministic_and_redraw():
+    torch.manual_seed(3)
+    a = PerformerFeatures(8, 20)
+    torch.manual_seed(3)
+    b = PerformerFeatures(8, 20)
+    assert torch.equal(a.projection, b.projection) and a.projection.shape == (20, 8)
+    before = a.projection.clone()
+    a.redraw()
+    assert not torch.equal(a.projection, before)
+    block = a.projection[:8].double()
+    gram = block @ block.T  # rows of one block are orthogonal
+    torch.testing.assert_close(gram - torch.diag(torch.diagonal(gram)), torch.zeros(8, 8, dtype=F64),
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_performer_stabiliser_is_exact_when_normalised(causal):
+    features = PerformerFeatures(8, 32).double()
+    q, k, v = _inputs(1, 2, 2, 17, 8, 4)
+    v_aug, _ = naive.with_normalizer(v, None)
+    outs = []
+    for stabilize in (True, False):
+        phi_q, phi_k = features(q, True, stabilize), features(k, False, stabilize)
+        outs.append(naive.split_normalizer(*naive.parallel(phi_q, phi_k, v_aug, causal))[0])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-9, atol=1e-12)
+    assert features(q * 30, True).max() <= 1 / 32**0.5 + 1e-12  # large inputs stay bounded
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_performer_error_falls_with_num_features(causal):
+    from fastattn.linear.features import softmax_approximation_error
+
+    errors = [softmax_approximation_error(16, 48, m, seeds=range(3), causal=causal, input_std=0.5)
+              for m in (16, 256, 4096)]
+    assert errors[0] > errors[1] > errors[2], errors
+    assert errors[2] < 0.5 * errors[0], errors

@@ -117,7 +117,7 @@ def linear_attention(
             :class:`PerformerFeatures` draw with ``2 * D`` features per call; pass a
             ``PerformerFeatures`` module to keep one), a ``PerformerFeatures``, or a callable
             ``(..., D) -> (..., M)`` applied to queries and keys.
-        normalize: divide by ``phi(q_i) . z_i`` (+1e-6). Default True. Performer's stabiliser is only
+        normalize: divide by ``phi(q_i) . z_i`` (a query whose normaliser is exactly 0 outputs 0). Default True. Performer's stabiliser is only
             exact with normalisation, so without it Performer features are not stabilised.
         chunk_size: positions per chunk. Default 64. The Triton kernels need a power of two >= 16.
         scale: ``q`` and ``k`` are each multiplied by ``sqrt(scale)`` before the feature map.

@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import torch
 
-# Added to the normaliser: a ReLU feature map can make phi_q . z exactly zero.
-NORMALIZER_EPS = 1e-6
-
 
 def _grouped(phi_q: torch.Tensor, heads_kv: int) -> torch.Tensor:
     B, Hq, L, M = phi_q.shape
@@ -118,7 +115,10 @@ def with_normalizer(v: torch.Tensor, initial_state):
 
 def split_normalizer(o_aug: torch.Tensor, state_aug: torch.Tensor):
     """Inverse of :func:`with_normalizer` on the outputs: ``(o, (kv, k_sum))``."""
-    out = o_aug[..., :-1] / (o_aug[..., -1:] + NORMALIZER_EPS)
+    # A query that sees no feature mass (ReLU features can be all zero) has a zero numerator too: it
+    # outputs 0. An additive epsilon instead would bias Performer, whose normalisers can be tiny.
+    den = o_aug[..., -1:]
+    out = o_aug[..., :-1] / torch.where(den == 0, torch.ones_like(den), den)
     return out, (state_aug[..., :-1], state_aug[..., -1])
 
 

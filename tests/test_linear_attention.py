@@ -277,3 +277,55 @@ def test_performer_error_falls_with_num_features(causal):
               for m in (16, 256, 4096)]
     assert errors[0] > errors[1] > errors[2], errors
     assert errors[2] < 0.5 * errors[0], errors
+
+
+# --------------------------------------------------------------------------- modules
+@pytest.mark.parametrize("module", ["linear", "performer"])
+def test_module_matches_functional_and_decodes(module):
+    from fastattn.nn import LinearAttention, LinearAttentionCache, PerformerAttention
+
+    if module == "linear":
+        attn = LinearAttention(32, 4, num_kv_heads=2, causal=True, chunk_size=4, position="rotary")
+    else:
+        attn = PerformerAttention(32, 4, num_kv_heads=2, causal=True, num_features=12)
+    attn = attn.double()
+    x = torch.randn(2, 11, 32, dtype=F64, requires_grad=True)
+    y = attn(x)
+    assert y.shape == (2, 11, 32)
+    if module == "performer":  # the functional form by hand: projections, features, output projection
+        q, k, v = attn.qkv_proj(x).split([32, 16, 16], dim=-1)
+        q, k, v = (t.unflatten(-1, (-1, 8)).transpose(1, 2) for t in (q, k, v))
+        out = linear_attention(q, k, v, causal=True, feature_map=attn.features)
+        torch.testing.assert_close(y, attn.out_proj(out.transpose(1, 2).reshape(2, 11, 32)))
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    cache = LinearAttentionCache()
+    steps = [attn(x[:, :5].detach(), cache=cache)] + [attn(x[:, t : t + 1].detach(), cache=cache) for t in range(5, 11)]
+    assert cache.length == 11 and cache.state.kv.shape == (2, 2, 12 if module == "performer" else 8, 8)
+    torch.testing.assert_close(torch.cat(steps, dim=1), y.detach(), rtol=1e-10, atol=1e-10)
+
+
+def test_performer_module_state_dict_and_redraw():
+    from fastattn.nn import PerformerAttention
+
+    torch.manual_seed(1)
+    a = PerformerAttention(16, 2, num_features=8)
+    b = PerformerAttention(16, 2, num_features=8)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 5, 16)
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+    b.redraw_features()
+    assert not torch.allclose(a(x), b(x))
+
+
+def test_module_errors():
+    from fastattn.nn import LinearAttention, LinearAttentionCache, PerformerAttention
+
+    with pytest.raises(ValueError, match="position"):
+        LinearAttention(16, 2, position="alibi")
+    with pytest.raises(ValueError, match="feature_map"):
+        PerformerAttention(16, 2, feature_map="relu")
+    with pytest.raises(ValueError, match="cache"):
+        LinearAttention(16, 2)(torch.randn(1, 3, 16), cache=LinearAttentionCache())
+    with pytest.raises(ValueError, match="x must be"):
+        LinearAttention(16, 2)(torch.randn(1, 3, 8))

@@ -12,6 +12,7 @@
 """
 
 from .attention import Attention, KVCache
+from .linear_attention import LinearAttention, LinearAttentionCache, PerformerAttention
 from .multihead import MultiHeadAttention, MultiheadAttention
 from .positional import (
     LearnedPositionalEncoding,
@@ -36,8 +37,11 @@ __all__ = [
     "FeedForward",
     "KVCache",
     "LearnedPositionalEncoding",
+    "LinearAttention",
+    "LinearAttentionCache",
     "MultiHeadAttention",
     "MultiheadAttention",
+    "PerformerAttention",
     "RelativePositionBias",
     "RotaryEmbedding",
     "Seq2SeqTransformer",

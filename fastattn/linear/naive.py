@@ -74,12 +74,15 @@ def recurrent(phi_q, phi_k, v, causal: bool, initial_state=None):
 
 
 def chunked(phi_q, phi_k, v, causal: bool, initial_state=None, chunk_size: int = 64):
-    """Chunked form: per chunk, ``o = phi_q @ S + tril(phi_q phi_k^T) @ v``, then ``S += phi_k^T v``.
+    """Chunked form: per chunk ``c``, ``o_c = phi_q_c @ S_c + tril(phi_q_c phi_k_c^T) @ v_c`` with
+    ``S_c = S0 + sum_{c' < c} phi_k_c'^T v_c'``. All chunks are computed at once (batched matmuls and
+    an exclusive cumulative sum of the per-chunk states, ``(L / chunk_size, M, Dv)`` per head), not
+    in a Python loop.
 
     Computed in float32 (float64 for float64 inputs); returns ``(o, state)`` in that dtype.
     """
     B, Hq, L, M = phi_q.shape
-    Hkv = phi_k.shape[1]
+    Hkv, Dv = phi_k.shape[1], v.shape[-1]
     dtype = _state_dtype(v.dtype)
     state = _initial(phi_k, v, initial_state, dtype)
     q = _grouped(phi_q, Hkv).to(dtype)
@@ -87,17 +90,20 @@ def chunked(phi_q, phi_k, v, causal: bool, initial_state=None, chunk_size: int =
     if not causal:
         state = state + k.transpose(-1, -2) @ vv
         return (q @ state.unsqueeze(2)).reshape(B, Hq, L, -1), state
-    mask = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=v.device).tril()
-    outs = []
-    for start in range(0, L, chunk_size):
-        end = min(start + chunk_size, L)
-        q_c, k_c, v_c = q[:, :, :, start:end], k[:, :, start:end], vv[:, :, start:end]
-        scores = q_c @ k_c.unsqueeze(2).transpose(-1, -2)  # (B, Hkv, G, T, T)
-        scores = scores.masked_fill(~mask[: end - start, : end - start], 0)
-        outs.append(q_c @ state.unsqueeze(2) + scores @ v_c.unsqueeze(2))  # (B, Hkv, G, T, Dv)
-        state = state + k_c.transpose(-1, -2) @ v_c
-    o = torch.cat(outs, dim=3) if outs else q.new_zeros(B, Hkv, Hq // Hkv, 0, v.shape[-1])
-    return o.reshape(B, Hq, L, -1), state
+    T = chunk_size
+    N = -(-L // T)
+    pad = N * T - L  # zero rows add nothing to any state or output
+    q = torch.nn.functional.pad(q, (0, 0, 0, pad)).unflatten(3, (N, T))  # (B, Hkv, G, N, T, M)
+    k = torch.nn.functional.pad(k, (0, 0, 0, pad)).unflatten(2, (N, T))  # (B, Hkv, N, T, M)
+    vv = torch.nn.functional.pad(vv, (0, 0, 0, pad)).unflatten(2, (N, T))  # (B, Hkv, N, T, Dv)
+    chunk_states = k.transpose(-1, -2) @ vv  # (B, Hkv, N, M, Dv)
+    after = state.unsqueeze(2) + chunk_states.cumsum(dim=2)  # state after each chunk
+    before = torch.cat([state.unsqueeze(2), after[:, :, :-1]], dim=2)  # (B, Hkv, N, M, Dv)
+    scores = q @ k.unsqueeze(2).transpose(-1, -2)  # (B, Hkv, G, N, T, T)
+    scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=v.device).tril(), 0)
+    o = q @ before.unsqueeze(2) + scores @ vv.unsqueeze(2)  # (B, Hkv, G, N, T, Dv)
+    o = o.flatten(3, 4)[:, :, :, :L]
+    return o.reshape(B, Hq, L, Dv), after[:, :, -1] if N else state
 
 
 FORMS = {"parallel": parallel, "recurrent": recurrent, "chunked": chunked}

@@ -10,7 +10,7 @@ from .backends import BackendNotSupportedError, get_backend
 from .backends import backends as list_backends
 from .block_mask import BlockMask
 from .info import info
-from .linear import linear_attention
+from .linear import linear_attention, lsh_attention
 
 __version__ = "0.1.0"
 
@@ -49,6 +49,7 @@ __all__ = [
     "get_backend",
     "info",
     "linear_attention",
+    "lsh_attention",
     "reference",
     "scaled_dot_product_attention",
 ]

@@ -329,3 +329,54 @@ def test_module_errors():
         LinearAttention(16, 2)(torch.randn(1, 3, 16), cache=LinearAttentionCache())
     with pytest.raises(ValueError, match="x must be"):
         LinearAttention(16, 2)(torch.randn(1, 3, 8))
+
+
+# --------------------------------------------------------------------------- LSH attention (Reformer)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("shared_qk", [True, False], ids=["shared-qk", "separate-k"])
+def test_lsh_one_bucket_is_exact_attention(causal, shared_qk):
+    q, k, v = _inputs(1, 2, 2, 37, 16, 8, dtype=F32)
+    keys = q / q.norm(dim=-1, keepdim=True) if shared_qk else k
+    out = fastattn.lsh_attention(q, None if shared_qk else k, v, n_buckets=1, chunk_size=64, causal=causal,
+                                 shared_qk=shared_qk)
+    torch.testing.assert_close(out, fastattn.attention(q, keys, v, causal=causal), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "L, n_buckets, n_hashes, chunk, causal",
+    [
+        pytest.param(37, 4, 2, 8, True, id="L37-buckets4-hashes2-chunk8-causal"),
+        pytest.param(17, 2, 1, 16, False, id="L17-buckets2-hashes1-chunk16"),
+        pytest.param(41, 6, 3, 16, False, id="L41-buckets6-hashes3-chunk16"),
+    ],
+)
+def test_lsh_against_reference(L, n_buckets, n_hashes, chunk, causal):
+    from fastattn.linear.lsh import lsh_attention_reference
+
+    q, k, v = _inputs(1, 2, 2, L, 16, 8, dtype=F32)
+    rotations = torch.randn(n_hashes, 16, n_buckets // 2)
+    kwargs = {"n_buckets": n_buckets, "n_hashes": n_hashes, "chunk_size": chunk, "causal": causal,
+              "shared_qk": False, "rotations": rotations}
+
+    def run(q, k, v):
+        return (fastattn.lsh_attention(q, k, v, **kwargs),)
+
+    def ref(q, k, v):
+        return (lsh_attention_reference(q, k, v, **kwargs),)
+
+    _check("lsh_attention", run, ref, (q, k, v))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        pytest.param({"n_buckets": 3}, "n_buckets", id="odd-buckets"),
+        pytest.param({"n_buckets": 2, "n_hashes": 0}, "n_hashes", id="hashes"),
+        pytest.param({"n_buckets": 2, "chunk_size": 0}, "chunk_size", id="chunk"),
+        pytest.param({"n_buckets": 2, "rotations": torch.randn(1, 8, 2)}, "rotations", id="rotations"),
+    ],
+)
+def test_lsh_errors(kwargs, match):
+    q, _, v = _inputs(1, 2, 2, 9, 16, 8, dtype=F32)
+    with pytest.raises(ValueError, match=match):
+        fastattn.lsh_attention(q, None, v, **kwargs)

@@ -380,3 +380,18 @@ def test_lsh_errors(kwargs, match):
     q, _, v = _inputs(1, 2, 2, 9, 16, 8, dtype=F32)
     with pytest.raises(ValueError, match=match):
         fastattn.lsh_attention(q, None, v, **kwargs)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_lsh_module_one_bucket_is_attention_module(causal):
+    from fastattn.nn import Attention, LSHAttention
+
+    lsh = LSHAttention(32, 4, causal=causal, n_buckets=1, chunk_size=64, shared_qk=False)
+    exact = Attention(32, 4, causal=causal)
+    exact.load_state_dict(lsh.state_dict())
+    x = torch.randn(2, 19, 32, requires_grad=True)
+    y = lsh(x)
+    torch.testing.assert_close(y, exact(x), rtol=1e-5, atol=1e-6)
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert LSHAttention(32, 4, n_buckets=4, chunk_size=8)(x).shape == (2, 19, 32)

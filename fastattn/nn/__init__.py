@@ -12,7 +12,7 @@
 """
 
 from .attention import Attention, KVCache
-from .linear_attention import LinearAttention, LinearAttentionCache, PerformerAttention
+from .linear_attention import LinearAttention, LinearAttentionCache, LSHAttention, PerformerAttention
 from .multihead import MultiHeadAttention, MultiheadAttention
 from .positional import (
     LearnedPositionalEncoding,
@@ -39,6 +39,7 @@ __all__ = [
     "LearnedPositionalEncoding",
     "LinearAttention",
     "LinearAttentionCache",
+    "LSHAttention",
     "MultiHeadAttention",
     "MultiheadAttention",
     "PerformerAttention",

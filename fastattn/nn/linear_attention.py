@@ -1,9 +1,12 @@
-"""``LinearAttention`` and ``PerformerAttention``: attention modules whose cost is linear in length,
-with :class:`fastattn.nn.Attention`'s constructor conventions (projections, GQA, rotary)."""
+"""``LinearAttention``, ``PerformerAttention`` and ``LSHAttention``: attention modules whose cost is
+linear (or ``L * chunk``) in length, with :class:`fastattn.nn.Attention`'s constructor conventions
+(projections, GQA, rotary)."""
 
 from __future__ import annotations
 
 import torch
+
+import fastattn
 
 from ..linear import LinearAttentionState, PerformerFeatures, linear_attention
 from .attention import Attention
@@ -150,3 +153,50 @@ class PerformerAttention(LinearAttention):
     def redraw_features(self) -> None:
         """Draw a new random projection (from the global RNG)."""
         self.features.redraw()
+
+
+class LSHAttention(Attention):
+    """Reformer's LSH self-attention (:func:`fastattn.lsh_attention`) on batch-first ``(B, L, E)`` inputs.
+
+    Args:
+        embed_dim, num_heads, head_dim, bias, causal, position, rotary_dim, rotary_base,
+            rotary_interleaved, device, dtype: as :class:`fastattn.nn.Attention` (no GQA:
+            ``num_kv_heads`` equals ``num_heads``).
+        n_buckets: hash buckets (1 or even). Default 8.
+        n_hashes: hash rounds. Default 1.
+        chunk_size: sorted positions per chunk. Default 64.
+        shared_qk: keys are the unit-normalised queries (Reformer; the key projection is then
+            unused). Default True.
+
+    The rotations are drawn afresh on every forward (from the global RNG), as in Reformer.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, head_dim: int | None = None, *, bias: bool = False,
+                 causal: bool = False, n_buckets: int = 8, n_hashes: int = 1, chunk_size: int = 64,
+                 shared_qk: bool = True, position: str | None = None, rotary_dim: int | None = None,
+                 rotary_base: float = 10000.0, rotary_interleaved: bool = False, device=None, dtype=None) -> None:
+        if position not in (None, "rotary"):
+            raise ValueError(f"position must be 'rotary' or None for LSH attention, got {position!r}")
+        super().__init__(
+            embed_dim, num_heads, None, head_dim, bias=bias, causal=causal, position=position,
+            rotary_dim=rotary_dim, rotary_base=rotary_base, rotary_interleaved=rotary_interleaved,
+            fused_qkv=True, device=device, dtype=dtype,
+        )
+        self.n_buckets, self.n_hashes, self.chunk_size, self.shared_qk = n_buckets, n_hashes, chunk_size, shared_qk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Self-attention of ``x (B, L, E)``; returns ``(B, L, E)``."""
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must be (B, L, embed_dim={self.embed_dim}), got shape {tuple(x.shape)}")
+        B, L, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        q, k, v = self.qkv_proj(x).split([H * D, H * D, H * D], dim=-1)
+        q, k, v = (t.unflatten(-1, (H, D)) for t in (q, k, v))  # (B, L, H, D)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, 0)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, D)
+        out = fastattn.lsh_attention(
+            q, None if self.shared_qk else k, v, n_buckets=self.n_buckets, n_hashes=self.n_hashes,
+            chunk_size=self.chunk_size, causal=self.causal, shared_qk=self.shared_qk,
+        )
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, H * D))

@@ -90,7 +90,7 @@ def chunked(phi_q, phi_k, v, causal: bool, initial_state=None, chunk_size: int =
     if not causal:
         state = state + k.transpose(-1, -2) @ vv
         return (q @ state.unsqueeze(2)).reshape(B, Hq, L, -1), state
-    T = chunk_size
+    T = min(chunk_size, max(L, 1))  # a one-token decode step stays O(M * Dv), not O(chunk_size * M * Dv)
     N = -(-L // T)
     pad = N * T - L  # zero rows add nothing to any state or output
     q = torch.nn.functional.pad(q, (0, 0, 0, pad)).unflatten(3, (N, T))  # (B, Hkv, G, N, T, M)

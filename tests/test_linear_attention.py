@@ -395,3 +395,16 @@ def test_lsh_module_one_bucket_is_attention_module(causal):
     y.sum().backward()
     assert torch.isfinite(x.grad).all()
     assert LSHAttention(32, 4, n_buckets=4, chunk_size=8)(x).shape == (2, 19, 32)
+
+
+def test_decode_step_costs_o_of_m_times_dv():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    B, H, M, Dv = 1, 2, 16, 8
+    q, k, v = _inputs(B, H, H, 300, M, Dv, dtype=F32)
+    _, state = linear_attention(q, k, v, causal=True, return_state=True)
+    step = [t[:, :, -1:] for t in (q, k, v)]
+    with FlopCounterMode(display=False) as counter:
+        linear_attention(*step, causal=True, initial_state=state)
+    # q @ S, k^T v and the 1x1 intra-chunk block, each 2 * M * (Dv + 1) per head: independent of the prefix
+    assert 0 < counter.get_total_flops() <= 8 * B * H * M * (Dv + 1)

@@ -12,6 +12,7 @@ from .backends import backends as list_backends
 from .block_mask import BlockMask
 from .info import info
 from .kvcache import attention_with_kvcache
+from .linear import linear_attention, lsh_attention
 from .varlen import varlen_attention
 
 __version__ = "0.1.0"
@@ -53,6 +54,8 @@ __all__ = [
     "attention_with_kvcache",
     "get_backend",
     "info",
+    "linear_attention",
+    "lsh_attention",
     "reference",
     "scaled_dot_product_attention",
     "varlen_attention",

@@ -12,6 +12,7 @@
 """
 
 from .attention import Attention, KVCache
+from .linear_attention import LinearAttention, LinearAttentionCache, LSHAttention, PerformerAttention
 from .multihead import MultiHeadAttention, MultiheadAttention
 from .positional import (
     LearnedPositionalEncoding,
@@ -36,8 +37,12 @@ __all__ = [
     "FeedForward",
     "KVCache",
     "LearnedPositionalEncoding",
+    "LinearAttention",
+    "LinearAttentionCache",
+    "LSHAttention",
     "MultiHeadAttention",
     "MultiheadAttention",
+    "PerformerAttention",
     "RelativePositionBias",
     "RotaryEmbedding",
     "Seq2SeqTransformer",

@@ -1,0 +1,410 @@
+"""Linear attention: the reference's three forms against each other, the state round-trip, the
+public function (CPU path), the Triton kernels through the interpreter (values and gradients),
+Performer's random features, and validation errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastattn
+from fastattn.linear import LinearAttentionState, PerformerFeatures, linear_attention, naive
+from fastattn.linear.naive import linear_attention_reference
+
+from .tolerance import assert_close_to_reference, high_precision
+
+F16, F32, F64 = torch.float16, torch.float32, torch.float64
+
+
+def _inputs(B, Hq, Hkv, L, D, Dv, dtype=F64, positive=False):
+    make = torch.rand if positive else torch.randn
+    q = make(B, Hq, L, D, dtype=dtype)
+    k = make(B, Hkv, L, D, dtype=dtype)
+    v = torch.randn(B, Hkv, L, Dv, dtype=dtype)
+    return q, k, v
+
+
+def _check(name, run, reference, inputs):
+    """``run(*inputs)`` against ``reference`` (same signature) by the tolerance rule, in values and
+    in the gradients of every floating input under one random cotangent per output."""
+    dtype = inputs[0].dtype
+    hp = high_precision(dtype)
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    leaves_hp = [t.detach().to(hp).requires_grad_() for t in inputs]
+    leaves_lp = [t.detach().clone().requires_grad_() for t in inputs]
+    outs, outs_hp, outs_lp = run(*leaves), reference(*leaves_hp), reference(*leaves_lp)
+    cotangents = [torch.randn(o.shape, dtype=torch.float64) for o in outs]
+    for i, (o, o_hp, o_lp) in enumerate(zip(outs, outs_hp, outs_lp)):
+        assert_close_to_reference(f"{name} output {i}", o, o_hp, o_lp)
+    for os_ in (outs, outs_hp, outs_lp):
+        sum((o.to(torch.float64) * c).sum() for o, c in zip(os_, cotangents)).backward()
+    for i, (a, b, c) in enumerate(zip(leaves, leaves_hp, leaves_lp)):
+        assert_close_to_reference(f"{name} grad {i}", a.grad, b.grad, c.grad)
+
+
+# --------------------------------------------------------------------------- reference forms agree
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize(
+    "B, Hq, Hkv, L, M, Dv, chunk",
+    [
+        pytest.param(2, 2, 2, 1, 8, 8, 1, id="B2-H2-L1-M8-chunk1"),
+        pytest.param(1, 4, 2, 17, 8, 5, 5, id="B1-Hq4-Hkv2-L17-M8-Dv5-chunk5"),
+        pytest.param(1, 3, 1, 97, 6, 7, 16, id="B1-Hq3-Hkv1-L97-M6-Dv7-chunk16"),
+        pytest.param(1, 2, 2, 97, 4, 4, 128, id="B1-H2-L97-M4-chunk128"),
+    ],
+)
+def test_forms_agree(B, Hq, Hkv, L, M, Dv, chunk, causal):
+    q, k, v = _inputs(B, Hq, Hkv, L, M, Dv, positive=True)
+    s0 = torch.randn(B, Hkv, M, Dv, dtype=F64)
+    o_par, s_par = naive.parallel(q, k, v, causal, s0)
+    o_rec, s_rec = naive.recurrent(q, k, v, causal, s0)
+    o_chk, s_chk = naive.chunked(q, k, v, causal, s0, chunk_size=chunk)
+    torch.testing.assert_close(o_rec, o_par, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(o_chk, o_par, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s_rec, s_par, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s_chk, s_par, rtol=1e-12, atol=1e-12)
+
+
+def test_parallel_matches_definition():
+    # causal normalised elu+1 attention, written out for one head: an independent check of the forms
+    q, k, v = _inputs(1, 1, 1, 9, 4, 3)
+    phi = torch.nn.functional.elu
+    fq, fk = phi(q[0, 0]) + 1, phi(k[0, 0]) + 1
+    rows = []
+    for i in range(9):
+        w = fq[i] @ fk[: i + 1].T  # (i + 1,)
+        rows.append((w[:, None] * v[0, 0, : i + 1]).sum(0) / w.sum())
+    expected = torch.stack(rows)
+    for form in ("parallel", "recurrent", "chunked"):
+        out, _ = linear_attention_reference(q, k, v, causal=True, form=form, chunk_size=4)
+        torch.testing.assert_close(out[0, 0], expected, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- public function (CPU path)
+@pytest.mark.parametrize(
+    "causal, feature_map, normalize, chunk",
+    [
+        pytest.param(True, "elu+1", True, 7, id="causal-elu-chunk7"),
+        pytest.param(False, "elu+1", True, None, id="full-elu"),
+        pytest.param(True, "relu", False, 16, id="causal-relu-unnormalised"),
+        pytest.param(True, torch.sigmoid, True, 5, id="causal-callable"),
+    ],
+)
+def test_cpu_path_against_reference(causal, feature_map, normalize, chunk):
+    q, k, v = _inputs(1, 4, 2, 17, 8, 6, dtype=F32)
+
+    def run(q, k, v):
+        return (linear_attention(q, k, v, causal=causal, feature_map=feature_map, normalize=normalize,
+                                 chunk_size=chunk),)
+
+    def ref(q, k, v):
+        return (linear_attention_reference(q, k, v, causal=causal, feature_map=feature_map,
+                                           normalize=normalize)[0],)
+
+    _check("cpu linear_attention", run, ref, (q, k, v))
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalised", "unnormalised"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_state_round_trip(causal, normalize):
+    q, k, v = _inputs(2, 4, 2, 23, 8, 5)
+    kwargs = {"causal": causal, "normalize": normalize, "chunk_size": 4}
+    whole, state = linear_attention(q, k, v, return_state=True, **kwargs)
+    first, mid = linear_attention(q[:, :, :10], k[:, :, :10], v[:, :, :10], return_state=True, **kwargs)
+    assert isinstance(mid, LinearAttentionState) and mid.kv.shape == (2, 2, 8, 5)
+    second, end = linear_attention(q[:, :, 10:], k[:, :, 10:], v[:, :, 10:], return_state=True,
+                                   initial_state=mid, **kwargs)
+    torch.testing.assert_close(end.kv, state.kv, rtol=1e-12, atol=1e-12)
+    if normalize:
+        torch.testing.assert_close(end.k_sum, state.k_sum, rtol=1e-12, atol=1e-12)
+    else:
+        assert end.k_sum is None
+    if causal:  # non-causal pieces see different keys than the whole sequence does
+        torch.testing.assert_close(torch.cat([first, second], dim=2), whole, rtol=1e-12, atol=1e-12)
+
+
+def test_decode_token_by_token():
+    q, k, v = _inputs(1, 2, 1, 12, 8, 4)
+    whole = linear_attention(q, k, v, causal=True)
+    state, outs = None, []
+    for t in range(12):
+        out, state = linear_attention(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], causal=True,
+                                      return_state=True, initial_state=state)
+        outs.append(out)
+    assert state.kv.dtype == F64 and state.k_sum.shape == (1, 1, 8)
+    torch.testing.assert_close(torch.cat(outs, dim=2), whole, rtol=1e-12, atol=1e-12)
+
+
+def test_state_is_float32_for_half_inputs():
+    q, k, v = _inputs(1, 2, 2, 9, 8, 8, dtype=torch.bfloat16)
+    out, state = linear_attention(q, k, v, causal=True, return_state=True)
+    assert out.dtype == torch.bfloat16 and state.kv.dtype == F32 and state.k_sum.dtype == F32
+
+
+# --------------------------------------------------------------------------- validation
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        pytest.param({"q": torch.randn(2, 9, 8)}, "q must be 4-D", id="q-3d"),
+        pytest.param({"k": torch.randn(1, 3, 9, 8), "v": torch.randn(1, 3, 9, 4)}, r"multiple of k's heads", id="heads"),
+        pytest.param({"k": torch.randn(1, 2, 10, 8)}, "k must be", id="k-length"),
+        pytest.param({"v": torch.randn(1, 2, 8, 4)}, "v must be", id="v-length"),
+        pytest.param({"v": torch.randn(1, 2, 9, 4, dtype=F64)}, "share a dtype", id="dtype"),
+        pytest.param({"feature_map": "softmax"}, "feature_map", id="feature-map-name"),
+        pytest.param({"feature_map": 3}, "feature_map", id="feature-map-type"),
+        pytest.param({"feature_map": PerformerFeatures(16)}, "head_dim", id="performer-dim"),
+        pytest.param({"chunk_size": 0}, "chunk_size", id="chunk-size"),
+        pytest.param({"scale": -1.0}, "scale", id="scale"),
+        pytest.param({"initial_state": (torch.zeros(1, 2, 8, 5), torch.zeros(1, 2, 8))}, "initial_state.kv",
+                     id="state-kv"),
+        pytest.param({"initial_state": (torch.zeros(1, 2, 8, 4), None)}, "initial_state.k_sum", id="state-k-sum"),
+    ],
+)
+def test_errors_name_the_argument(change, match):
+    args = {"q": torch.randn(1, 4, 9, 8), "k": torch.randn(1, 2, 9, 8), "v": torch.randn(1, 2, 9, 4)}
+    args.update(change)
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    with pytest.raises((ValueError, TypeError), match=match):
+        linear_attention(q, k, v, **args)
+
+
+def test_exported():
+    assert fastattn.linear_attention is linear_attention
+
+
+# --------------------------------------------------------------------------- Triton kernels (interpreter on CPU)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def triton_core(monkeypatch):
+    pytest.importorskip("triton")
+    from fastattn.linear.autograd import LinearAttentionCore
+
+    monkeypatch.setenv("FASTATTN_AUTOTUNE", "0")
+    return LinearAttentionCore
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize(
+    "B, Hq, Hkv, L, M, Dv, dtype, causal, chunk, with_state",
+    [
+        pytest.param(1, 2, 2, 1, 16, 16, F32, True, 16, False, id="B1-H2-L1-M16-fp32-causal"),
+        pytest.param(1, 4, 2, 17, 8, 5, F16, True, 16, True, id="B1-Hq4-Hkv2-L17-M8-Dv5-fp16-causal-state"),
+        pytest.param(1, 2, 2, 97, 16, 24, F32, True, 32, True, id="B1-H2-L97-M16-Dv24-fp32-causal-chunk32-state"),
+        pytest.param(1, 3, 1, 97, 8, 8, F16, True, 16, False, id="B1-Hq3-Hkv1-L97-M8-fp16-causal"),
+        pytest.param(2, 2, 1, 97, 8, 8, F16, False, 16, False, id="B2-Hq2-Hkv1-L97-M8-fp16-full"),
+        pytest.param(1, 2, 2, 17, 40, 16, F32, False, 16, True, id="B1-H2-L17-M40-Dv16-fp32-full-state"),
+    ],
+)
+def test_triton_core_against_reference(triton_core, B, Hq, Hkv, L, M, Dv, dtype, causal, chunk, with_state):
+    q, k, v = (t.to(DEVICE) for t in _inputs(B, Hq, Hkv, L, M, Dv, dtype=dtype, positive=True))
+    inputs = (q, k, v, torch.randn(B, Hkv, M, Dv, dtype=dtype, device=DEVICE)) if with_state else (q, k, v)
+
+    def run(q, k, v, s0=None):
+        return triton_core.apply(q, k, v, None if s0 is None else s0.float(), causal, chunk)
+
+    def ref(q, k, v, s0=None):
+        return naive.parallel(q, k, v, causal, s0)
+
+    _check("triton core", run, ref, inputs)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_triton_public_path_performer_state(triton_core, monkeypatch, causal):
+    # the whole public function on the kernels: features, normaliser column, state in and out
+    monkeypatch.setattr("fastattn.linear.api._use_triton", lambda q: True)
+    features = PerformerFeatures(16, num_features=16)
+    q, k, v = (t.to(DEVICE) for t in _inputs(1, 2, 1, 33, 16, 8, dtype=F32))
+    s0 = (torch.rand(1, 1, 16, 8, dtype=F32, device=DEVICE), torch.rand(1, 1, 16, dtype=F32, device=DEVICE))
+    kwargs = {"causal": causal, "feature_map": features, "initial_state": s0}
+
+    def run(q, k, v):
+        out, state = linear_attention(q, k, v, chunk_size=16, return_state=True, **kwargs)
+        return out, state.kv, state.k_sum
+
+    def ref(q, k, v):
+        out, (kv, k_sum) = linear_attention_reference(q, k, v, **kwargs)
+        return out, kv, k_sum
+
+    _check("triton linear_attention", run, ref, (q, k, v))
+
+
+@pytest.mark.interpreter
+def test_triton_chunk_size_must_be_a_tile(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setattr("fastattn.linear.api._use_triton", lambda q: True)
+    q, k, v = _inputs(1, 2, 2, 9, 8, 8, dtype=F32)
+    with pytest.raises(ValueError, match="chunk_size must be a power of two"):
+        linear_attention(q, k, v, chunk_size=24)
+
+
+# --------------------------------------------------------------------------- Performer (FAVOR+)
+def test_performer_deterministic_and_redraw():
+    torch.manual_seed(3)
+    a = PerformerFeatures(8, 20)
+    torch.manual_seed(3)
+    b = PerformerFeatures(8, 20)
+    assert torch.equal(a.projection, b.projection) and a.projection.shape == (20, 8)
+    before = a.projection.clone()
+    a.redraw()
+    assert not torch.equal(a.projection, before)
+    block = a.projection[:8].double()
+    gram = block @ block.T  # rows of one block are orthogonal
+    torch.testing.assert_close(gram - torch.diag(torch.diagonal(gram)), torch.zeros(8, 8, dtype=F64),
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_performer_stabiliser_is_exact_when_normalised(causal):
+    features = PerformerFeatures(8, 32).double()
+    q, k, v = _inputs(1, 2, 2, 17, 8, 4)
+    v_aug, _ = naive.with_normalizer(v, None)
+    outs = []
+    for stabilize in (True, False):
+        phi_q, phi_k = features(q, True, stabilize), features(k, False, stabilize)
+        outs.append(naive.split_normalizer(*naive.parallel(phi_q, phi_k, v_aug, causal))[0])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-9, atol=1e-12)
+    assert features(q * 30, True).max() <= 1 / 32**0.5 + 1e-12  # large inputs stay bounded
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_performer_error_falls_with_num_features(causal):
+    from fastattn.linear.features import softmax_approximation_error
+
+    errors = [softmax_approximation_error(16, 48, m, seeds=range(3), causal=causal, input_std=0.5)
+              for m in (16, 256, 4096)]
+    assert errors[0] > errors[1] > errors[2], errors
+    assert errors[2] < 0.5 * errors[0], errors
+
+
+# --------------------------------------------------------------------------- modules
+@pytest.mark.parametrize("module", ["linear", "performer"])
+def test_module_matches_functional_and_decodes(module):
+    from fastattn.nn import LinearAttention, LinearAttentionCache, PerformerAttention
+
+    if module == "linear":
+        attn = LinearAttention(32, 4, num_kv_heads=2, causal=True, chunk_size=4, position="rotary")
+    else:
+        attn = PerformerAttention(32, 4, num_kv_heads=2, causal=True, num_features=12)
+    attn = attn.double()
+    x = torch.randn(2, 11, 32, dtype=F64, requires_grad=True)
+    y = attn(x)
+    assert y.shape == (2, 11, 32)
+    if module == "performer":  # the functional form by hand: projections, features, output projection
+        q, k, v = attn.qkv_proj(x).split([32, 16, 16], dim=-1)
+        q, k, v = (t.unflatten(-1, (-1, 8)).transpose(1, 2) for t in (q, k, v))
+        out = linear_attention(q, k, v, causal=True, feature_map=attn.features)
+        torch.testing.assert_close(y, attn.out_proj(out.transpose(1, 2).reshape(2, 11, 32)))
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    cache = LinearAttentionCache()
+    steps = [attn(x[:, :5].detach(), cache=cache)] + [attn(x[:, t : t + 1].detach(), cache=cache) for t in range(5, 11)]
+    assert cache.length == 11 and cache.state.kv.shape == (2, 2, 12 if module == "performer" else 8, 8)
+    torch.testing.assert_close(torch.cat(steps, dim=1), y.detach(), rtol=1e-10, atol=1e-10)
+
+
+def test_performer_module_state_dict_and_redraw():
+    from fastattn.nn import PerformerAttention
+
+    torch.manual_seed(1)
+    a = PerformerAttention(16, 2, num_features=8)
+    b = PerformerAttention(16, 2, num_features=8)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 5, 16)
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+    b.redraw_features()
+    assert not torch.allclose(a(x), b(x))
+
+
+def test_module_errors():
+    from fastattn.nn import LinearAttention, LinearAttentionCache, PerformerAttention
+
+    with pytest.raises(ValueError, match="position"):
+        LinearAttention(16, 2, position="alibi")
+    with pytest.raises(ValueError, match="feature_map"):
+        PerformerAttention(16, 2, feature_map="relu")
+    with pytest.raises(ValueError, match="cache"):
+        LinearAttention(16, 2)(torch.randn(1, 3, 16), cache=LinearAttentionCache())
+    with pytest.raises(ValueError, match="x must be"):
+        LinearAttention(16, 2)(torch.randn(1, 3, 8))
+
+
+# --------------------------------------------------------------------------- LSH attention (Reformer)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("shared_qk", [True, False], ids=["shared-qk", "separate-k"])
+def test_lsh_one_bucket_is_exact_attention(causal, shared_qk):
+    q, k, v = _inputs(1, 2, 2, 37, 16, 8, dtype=F32)
+    keys = q / q.norm(dim=-1, keepdim=True) if shared_qk else k
+    out = fastattn.lsh_attention(q, None if shared_qk else k, v, n_buckets=1, chunk_size=64, causal=causal,
+                                 shared_qk=shared_qk)
+    torch.testing.assert_close(out, fastattn.attention(q, keys, v, causal=causal), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "L, n_buckets, n_hashes, chunk, causal",
+    [
+        pytest.param(37, 4, 2, 8, True, id="L37-buckets4-hashes2-chunk8-causal"),
+        pytest.param(17, 2, 1, 16, False, id="L17-buckets2-hashes1-chunk16"),
+        pytest.param(41, 6, 3, 16, False, id="L41-buckets6-hashes3-chunk16"),
+    ],
+)
+def test_lsh_against_reference(L, n_buckets, n_hashes, chunk, causal):
+    from fastattn.linear.lsh import lsh_attention_reference
+
+    q, k, v = _inputs(1, 2, 2, L, 16, 8, dtype=F32)
+    rotations = torch.randn(n_hashes, 16, n_buckets // 2)
+    kwargs = {"n_buckets": n_buckets, "n_hashes": n_hashes, "chunk_size": chunk, "causal": causal,
+              "shared_qk": False, "rotations": rotations}
+
+    def run(q, k, v):
+        return (fastattn.lsh_attention(q, k, v, **kwargs),)
+
+    def ref(q, k, v):
+        return (lsh_attention_reference(q, k, v, **kwargs),)
+
+    _check("lsh_attention", run, ref, (q, k, v))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        pytest.param({"n_buckets": 3}, "n_buckets", id="odd-buckets"),
+        pytest.param({"n_buckets": 2, "n_hashes": 0}, "n_hashes", id="hashes"),
+        pytest.param({"n_buckets": 2, "chunk_size": 0}, "chunk_size", id="chunk"),
+        pytest.param({"n_buckets": 2, "rotations": torch.randn(1, 8, 2)}, "rotations", id="rotations"),
+    ],
+)
+def test_lsh_errors(kwargs, match):
+    q, _, v = _inputs(1, 2, 2, 9, 16, 8, dtype=F32)
+    with pytest.raises(ValueError, match=match):
+        fastattn.lsh_attention(q, None, v, **kwargs)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_lsh_module_one_bucket_is_attention_module(causal):
+    from fastattn.nn import Attention, LSHAttention
+
+    lsh = LSHAttention(32, 4, causal=causal, n_buckets=1, chunk_size=64, shared_qk=False)
+    exact = Attention(32, 4, causal=causal)
+    exact.load_state_dict(lsh.state_dict())
+    x = torch.randn(2, 19, 32, requires_grad=True)
+    y = lsh(x)
+    torch.testing.assert_close(y, exact(x), rtol=1e-5, atol=1e-6)
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert LSHAttention(32, 4, n_buckets=4, chunk_size=8)(x).shape == (2, 19, 32)
+
+
+def test_decode_step_costs_o_of_m_times_dv():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    B, H, M, Dv = 1, 2, 16, 8
+    q, k, v = _inputs(B, H, H, 300, M, Dv, dtype=F32)
+    _, state = linear_attention(q, k, v, causal=True, return_state=True)
+    step = [t[:, :, -1:] for t in (q, k, v)]
+    with FlopCounterMode(display=False) as counter:
+        linear_attention(*step, causal=True, initial_state=state)
+    # q @ S, k^T v and the 1x1 intra-chunk block, each 2 * M * (Dv + 1) per head: independent of the prefix
+    assert 0 < counter.get_total_flops() <= 8 * B * H * M * (Dv + 1)

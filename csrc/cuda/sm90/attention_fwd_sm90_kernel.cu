@@ -1,7 +1,7 @@
 // The Hopper forward (sm_90a): warp-specialised, TMA loads completing on mbarriers, wgmma on
 // both matmuls, register reallocation between roles. Built on CuTe/CUTLASS headers (the
 // nvidia-cutlass wheel). Free of torch: tests/test_cuda_sm90.py compiles this file alone to read its
-// SASS. Design and what is still to come (ping-pong, intra-warpgroup overlap): docs/cuda-hopper.md.
+// SASS. Design and what is still to come (intra-warpgroup overlap, deeper ring): docs/cuda-hopper.md.
 //
 // One CTA = one (128-row query tile, head, batch); 384 threads in three warpgroups:
 //   warpgroup 0 (producer, 24 registers/thread): one thread issues TMA loads -- the Q tile once, then
@@ -11,7 +11,8 @@
 //     S = Q K^T   (SS-wgmma: both operands in shared memory)       S: (64, kBlockN) fp32 registers
 //     online softmax in base 2, the scale folded into one FFMA before ex2
 //     O += P V    (RS-wgmma: P converted to 16 bits in registers, V^T read from shared memory)
-//   then O / rowsum and lse are stored straight from registers.
+//   then O / rowsum and lse are stored straight from registers. The two consumers take turns at
+//   issuing matmuls (ping-pong on two named barriers), so one's softmax hides under the other's matmul.
 // The key tile that crosses the sequence end or the causal diagonal is masked element-wise; the
 // others are not.
 #include "attention_fwd_sm90.h"
@@ -167,6 +168,9 @@ __device__ __forceinline__ void warpgroup_gemm(Mma& mma, TA const& a, TB const& 
   if constexpr (kRegisterA) warpgroup_fence_operand(const_cast<TA&>(a));
 }
 
+// Named barriers (after CUTLASS's reserved ones) on which consumer warpgroup 0 / 1 waits for its turn.
+constexpr uint32_t kPingPongBarrier = 0;
+
 // Max / sum over the 4 threads (a quad) that share an accumulator row.
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
@@ -271,12 +275,24 @@ __global__ void __launch_bounds__(T::kThreads, 1) attention_fwd_sm90_kernel(CUTE
   const int row0 = m_block * T::kBlockM;
   const int causal_offset = p.seqlen_k - p.seqlen_q;  // query i sees key j iff j <= i + offset
 
+  // Ping-pong: the two consumer warpgroups take turns issuing matmuls, so one's softmax runs while
+  // the other's matmul occupies the tensor cores. A warpgroup waits for its turn on its own named
+  // barrier and, once its matmul is issued, passes the turn on by arriving at the other's.
+  // Warpgroup 1 gives warpgroup 0 the first turn and warpgroup 0 takes back the last hand-over
+  // after its loop, so arrivals and waits balance on both barriers (both issue 2 * n_tiles matmuls).
+  const int consumer = tid / 128;
+  auto wait_turn = [&] { cutlass::arch::NamedBarrier::sync(T::kConsumerThreads, kPingPongBarrier + consumer); };
+  auto pass_turn = [&] { cutlass::arch::NamedBarrier::arrive(T::kConsumerThreads, kPingPongBarrier + 1 - consumer); };
+  if (consumer == 1) pass_turn();
+
   PipelineState state;
   cutlass::arch::ClusterTransactionBarrier::wait(&shared.q_full, 0);
   for (int n = n_tiles - 1; n >= 0; --n) {
     Tensor tSrS = partition_fragment_C(mma_qk, Shape<typename T::BlockM, typename T::BlockN>{});  // fp32
     pipeline_k.consumer_wait(state);
+    wait_turn();
     warpgroup_gemm</*kZeroInit=*/true, /*kRegisterA=*/false>(mma_qk, tSrQ, tSrK(_, _, _, state.index()), tSrS);
+    pass_turn();
     warpgroup_wait<0>();
     pipeline_k.consumer_release(state);
 
@@ -319,11 +335,14 @@ __global__ void __launch_bounds__(T::kThreads, 1) attention_fwd_sm90_kernel(CUTE
     for (int i = 0; i < size(tSrS); ++i) tOrP(i) = static_cast<Element>(tSrS(i));
 
     pipeline_v.consumer_wait(state);
+    wait_turn();
     warpgroup_gemm</*kZeroInit=*/false, /*kRegisterA=*/true>(mma_pv, tOrP, tOrVt(_, _, _, state.index()), tOrO);
+    pass_turn();
     warpgroup_wait<0>();
     pipeline_v.consumer_release(state);
     ++state;
   }
+  if (consumer == 0) wait_turn();  // the hand-over from warpgroup 1's last matmul (or its first turn)
 
   // ---- epilogue: O / rowsum, lse; a row that saw no key gets 0 and lse = -inf ----
   Tensor O_coords = as_rows_cols(tOcO);

@@ -115,7 +115,7 @@ def hopper_reasons(inputs: AttentionInputs) -> list[str]:
 
 def forward_path(inputs: AttentionInputs) -> str:
     """Which CUDA kernel runs this call's forward: ``"sm90"`` (wgmma + TMA) or ``"sm80"`` (mma.sync)."""
-    return "sm80" if hopper_reasons(inputs) else "sm90"
+    return "sm90" if HOPPER_BUILT and not hopper_reasons(inputs) else "sm80"
 
 
 class CudaBackend(Backend):
@@ -171,6 +171,12 @@ class CudaBackend(Backend):
         if inputs.batch > MAX_GRID_DIM or inputs.heads_q > MAX_GRID_DIM:
             reasons.append(f"batch and heads must be at most {MAX_GRID_DIM}, got {inputs.batch} and {inputs.heads_q}")
         return reasons
+
+    def auto_select_reasons(self, inputs: AttentionInputs) -> list[str]:
+        # Until a GPU run proves the Hopper forward, the automatic choice passes over the calls it would serve.
+        if forward_path(inputs) == "sm90":
+            return ["the Hopper (sm_90a) forward is not yet proven on a GPU; backend='cuda' runs it"]
+        return []
 
     def build_ops(self) -> BackendOps:
         if _BUILD_REASON:

@@ -331,6 +331,9 @@ __global__ void __launch_bounds__(T::kThreads, 1) attention_fwd_sm90_kernel(CUTE
     }
     // P in 16 bits, in the register layout of the A operand of P V.
     Tensor tOrP = make_tensor<Element>(acc_as_a_operand(tSrS.layout()));
+    static_assert(std::is_same_v<decltype(shape(tOrP)), decltype(partition_shape_A(
+                                                            mma_pv, Shape<typename T::BlockM, typename T::BlockN>{}))>,
+                  "P must have the shape of the P V matmul's A fragment");
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < size(tSrS); ++i) tOrP(i) = static_cast<Element>(tSrS(i));
 

@@ -81,10 +81,12 @@ def _capability_reason(device: torch.device) -> str | None:
 
 def _hopper_built() -> bool:
     """Whether the extension registers the Hopper forward (built with a 9.0a target and CUTLASS headers)."""
-    if _BUILD_REASON or not hasattr(torch.ops.fastattn, "attention_fwd_sm90"):
-        return False
-    torch.library.register_fake("fastattn::attention_fwd_sm90", fwd_fake)
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fastattn::attention_fwd_sm90", "CUDA")
+    if _extension.load()[0] is None or not hasattr(torch.ops.fastattn, "attention_fwd_sm90"):
+        return False  # no extension, or one built before the op existed
+    torch.library.register_fake("fastattn::attention_fwd_sm90", fwd_fake)  # the schema is in every build
+    return _BUILD_REASON is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fastattn::attention_fwd_sm90", "CUDA"
+    )
 
 
 HOPPER_BUILT = _hopper_built()

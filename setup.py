@@ -6,6 +6,10 @@
   forces them (and fails loudly without nvcc), ``FASTATTN_CUDA=0`` skips them, and a set
   ``TORCH_CUDA_ARCH_LIST`` (the architectures, default ``8.0;9.0a``) also asks for them.
   :func:`cuda_build_choice` is the rule; the build prints what it compiles and why.
+* The Hopper forward (``csrc/cuda/sm90/``, on CUTLASS/CuTe headers) is added when the arch list
+  holds ``9.0a`` and the headers are found: ``FASTATTN_CUTLASS_DIR`` (a folder with ``cute/`` and
+  ``cutlass/``, or a CUTLASS checkout) or the ``nvidia-cutlass`` wheel
+  (``pip install --no-deps nvidia-cutlass``; headers only).
 * ``FASTATTN_SKIP_EXTENSION=1`` builds no extension at all (the Triton and reference paths still work).
 
 Install with ``pip install --no-build-isolation -e .`` after installing torch: the extension
@@ -100,6 +104,42 @@ def _say(text: str) -> None:
     print(f"fastattn build: {text}", flush=True)
 
 
+# ---- Hopper (sm_90a) forward on CuTe: its sources, include folder and the note printed at build ----
+def _cutlass_include() -> str | None:
+    """The folder holding CUTLASS's ``cute/`` and ``cutlass/`` headers, or None."""
+    import importlib.util
+
+    candidates = []
+    if os.environ.get("FASTATTN_CUTLASS_DIR"):
+        root = os.environ["FASTATTN_CUTLASS_DIR"]
+        candidates += [root, os.path.join(root, "include")]
+    spec = importlib.util.find_spec("cutlass_library")  # the nvidia-cutlass wheel; not imported
+    if spec is not None and spec.origin:
+        candidates.append(os.path.join(os.path.dirname(spec.origin), "source", "include"))
+    for path in candidates:
+        if os.path.exists(os.path.join(path, "cute", "tensor.hpp")) and os.path.exists(
+            os.path.join(path, "cutlass", "cutlass.h")
+        ):
+            return path
+    return None
+
+
+def _hopper_build() -> tuple[list[str], str | None, str]:
+    """(sources, CUTLASS include folder, one-line note) of the Hopper forward. Its kernel file's
+    device code is compiled for 9.0a targets only (an arch guard empties it for the others)."""
+    arches = os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(";", " ").split()
+    if "9.0a" not in arches:
+        return [], None, "Hopper forward (csrc/cuda/sm90) skipped: TORCH_CUDA_ARCH_LIST has no 9.0a"
+    include = _cutlass_include()
+    if include is None:
+        return [], None, (
+            "Hopper forward (csrc/cuda/sm90) skipped: CUTLASS headers not found "
+            "(pip install --no-deps nvidia-cutlass, or set FASTATTN_CUTLASS_DIR)"
+        )
+    sources = sorted(glob.glob("csrc/cuda/sm90/*.cu") + glob.glob("csrc/cuda/sm90/*.cpp"))
+    return sources, include, f"Hopper forward (csrc/cuda/sm90) built for sm_90a with CUTLASS headers from {include}"
+
+
 def _extensions():
     if os.environ.get("FASTATTN_SKIP_EXTENSION") == "1":
         _say("FASTATTN_SKIP_EXTENSION=1: no C++/CUDA extension (the Triton and reference backends still work)")
@@ -160,11 +200,18 @@ def _extensions():
         *[f"-Xcompiler={flag}" for flag in idirafter],
         f"--threads={os.environ.get('FASTATTN_NVCC_THREADS', '2')}",
     ]
+    define_macros = [("FASTATTN_WITH_CUDA", "1")]
+    hopper_sources, cutlass_include, hopper_note = _hopper_build()
+    _say(hopper_note)
+    if hopper_sources:
+        cuda_sources += hopper_sources
+        include_dirs.append(cutlass_include)
+        define_macros.append(("FASTATTN_WITH_SM90", "1"))
     ext = CUDAExtension(
         "fastattn._C",
         cpp_sources + cuda_sources,
         include_dirs=include_dirs,
-        define_macros=[("FASTATTN_WITH_CUDA", "1")],
+        define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags + idirafter, "nvcc": [f for f in nvcc_flags if f]},
         extra_link_args=["-fopenmp"],
     )

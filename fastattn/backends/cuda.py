@@ -12,8 +12,8 @@ import torch
 
 from .. import _extension
 from .._inputs import AttentionInputs
-from ..ops import BackendOps
-from .base import Backend, common_reasons
+from ..ops import BackendOps, fwd_fake
+from .base import Backend, common_reasons, used_features
 
 HEAD_DIMS = (64, 128)
 """Head dims instantiated in csrc/cuda (the host dispatch in attention_host.h)."""
@@ -74,9 +74,58 @@ def _capability_reason(device: torch.device) -> str | None:
     return None
 
 
+# ---- Hopper (sm_90a) forward: csrc/cuda/sm90, the op fastattn::attention_fwd_sm90 (docs/cuda-hopper.md) ----
+# It takes attention_fwd's arguments and hands the calls it does not cover on to attention_fwd, so
+# the backend's forward is this op whenever the extension was built with it.
+
+
+def _hopper_built() -> bool:
+    """Whether the extension registers the Hopper forward (built with a 9.0a target and CUTLASS headers)."""
+    if _extension.load()[0] is None or not hasattr(torch.ops.fastattn, "attention_fwd_sm90"):
+        return False  # no extension, or one built before the op existed
+    torch.library.register_fake("fastattn::attention_fwd_sm90", fwd_fake)  # the schema is in every build
+    return _BUILD_REASON is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fastattn::attention_fwd_sm90", "CUDA"
+    )
+
+
+HOPPER_BUILT = _hopper_built()
+
+
+def hopper_reasons(inputs: AttentionInputs) -> list[str]:
+    """Why the Hopper kernel does not serve this forward (empty: it does). The same rule as
+    ``hopper_serves`` in csrc/cuda/sm90/attention_fwd_sm90.cpp; the sm80 kernels serve the rest."""
+    reasons = []
+    if not HOPPER_BUILT:
+        reasons.append("the extension was built without the Hopper kernel (needs a 9.0a target and CUTLASS headers)")
+    if inputs.device.type == "cuda" and torch.cuda.get_device_capability(inputs.device) != (9, 0):
+        reasons.append("the GPU is not sm_90")
+    if inputs.dtype not in _DTYPES:
+        reasons.append("dtype is not float16/bfloat16")
+    if inputs.head_dim not in HEAD_DIMS or inputs.head_dim_v != inputs.head_dim:
+        reasons.append("head_dim is not 64 or 128 (for q, k and v)")
+    if inputs.seqlen_q == 0 or inputs.seqlen_k == 0:
+        reasons.append("an empty sequence")
+    if inputs.scale <= 0:
+        reasons.append("scale <= 0")
+    if inputs.window_left is not None or inputs.window_right not in (None, 0):
+        reasons.append("a window other than bottom-right causal")
+    used = [f for f in ("attn_mask", "block_mask", "alibi", "softcap", "dropout", "lengths") if f in used_features(inputs)]
+    reasons += [f"{f} is not implemented in the Hopper kernel" for f in used]
+    return reasons
+
+
+def forward_path(inputs: AttentionInputs) -> str:
+    """Which CUDA kernel runs this call's forward: ``"sm90"`` (wgmma + TMA) or ``"sm80"`` (mma.sync)."""
+    return "sm90" if HOPPER_BUILT and not hopper_reasons(inputs) else "sm80"
+
+
 class CudaBackend(Backend):
     name = "cuda"
-    description = "CUDA C++ tensor-core kernels (mma.sync, sm_80+): fp16/bf16, head dims 64 and 128"
+    description = "CUDA C++ tensor-core kernels (mma.sync, sm_80+): fp16/bf16, head dims 64 and 128" + (
+        "; on sm_90 the forward of calls without masks/bias/lengths/softcap/dropout runs the Hopper "
+        "wgmma+TMA kernel (cuda.forward_path tells)" if HOPPER_BUILT else ""
+    )
 
     def unavailable_reasons(self) -> list[str]:
         if _BUILD_REASON:
@@ -125,10 +174,17 @@ class CudaBackend(Backend):
             reasons.append(f"batch and heads must be at most {MAX_GRID_DIM}, got {inputs.batch} and {inputs.heads_q}")
         return reasons
 
+    def auto_select_reasons(self, inputs: AttentionInputs) -> list[str]:
+        # Until a GPU run proves the Hopper forward, the automatic choice passes over the calls it would serve.
+        if forward_path(inputs) == "sm90":
+            return ["the Hopper (sm_90a) forward is not yet proven on a GPU; backend='cuda' runs it"]
+        return []
+
     def build_ops(self) -> BackendOps:
         if _BUILD_REASON:
             raise RuntimeError(_BUILD_REASON)
-        return BackendOps(fwd=torch.ops.fastattn.attention_fwd.default, bwd=torch.ops.fastattn.attention_bwd.default)
+        fwd = torch.ops.fastattn.attention_fwd_sm90 if HOPPER_BUILT else torch.ops.fastattn.attention_fwd
+        return BackendOps(fwd=fwd.default, bwd=torch.ops.fastattn.attention_bwd.default)
 
 
 BACKEND = CudaBackend()

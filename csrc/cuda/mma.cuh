@@ -124,5 +124,75 @@ __device__ __forceinline__ void load_tile(T* s, const T* g, int64_t row_stride, 
   }
 }
 
+// ------------------------------------------------------------------------------------------------
+// ldmatrix and cp.async (sm_80+): the pipelined kernels' fragment loads and global-to-shared copies.
+
+__device__ __forceinline__ uint32_t smem_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Four 8 x 8 b16 matrices; lane l gives the address of row l % 8 of matrix l / 8, and register i
+// receives matrix i in the mma fragment layout (thread (g, t) holds row g, elements 2t and 2t + 1).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_address(p)));
+}
+
+// As ldmatrix_x4, each matrix transposed: thread (g, t) holds column g, rows 2t and 2t + 1.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_address(p)));
+}
+
+// 16 bytes global -> shared without a register round trip; `valid == false` writes 16 zero bytes
+// and reads nothing (src-size 0), so rows past a logical length are never read.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(smem)), "l"(gmem),
+               "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Copies tiles of ROWS rows of a (rows, D) global matrix with row stride `row_stride` (elements)
+// into shared tiles with row stride D + 8, with cp.async. Each thread copies the same 16-byte
+// column chunk of every (THREADS / (D / 8))-th row; its addresses are set up once, so a tile costs
+// one 64-bit multiply and a few adds. Rows at or past `num_rows` become zero without being read.
+// Rows must be 16-byte aligned (checked on the host).
+template <typename T, int ROWS, int D, int THREADS>
+struct TileCopier {
+  static constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  static constexpr int kRowsPerPass = THREADS / kChunks;
+  static_assert(THREADS % kChunks == 0 && ROWS % kRowsPerPass == 0, "every thread copies whole passes");
+  const T* base;        // the matrix at (this thread's first row, its chunk)
+  int64_t row_stride;   // elements
+  int first_row, smem_offset;
+
+  __device__ __forceinline__ TileCopier(const T* g, int64_t stride, int tid) : row_stride(stride) {
+    first_row = tid / kChunks;
+    const int col = (tid % kChunks) * 8;
+    base = g + first_row * stride + col;
+    smem_offset = first_row * (D + 8) + col;
+  }
+
+  __device__ __forceinline__ void issue(T* s, int row0, int num_rows) const {
+    const T* src = base + (int64_t)row0 * row_stride;
+    const int64_t pass_stride = kRowsPerPass * row_stride;
+#pragma unroll
+    for (int pass = 0; pass < ROWS / kRowsPerPass; ++pass) {
+      const bool valid = row0 + first_row + pass * kRowsPerPass < num_rows;
+      // An invalid row's address is formed but never read (src-size 0), as CUTLASS's zfill copies do.
+      cp_async_16(s + smem_offset + pass * kRowsPerPass * (D + 8), src + pass * pass_stride, valid);
+    }
+  }
+};
+
 }  // namespace cuda
 }  // namespace fastattn

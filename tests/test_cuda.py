@@ -333,6 +333,15 @@ def test_dbias_of_a_broadcast_mask(D, dtype, shape):
 
 
 @gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("scale", [-0.2, 0.0], ids=["negative", "zero"])
+def test_zero_and_negative_scale(D, dtype, scale):
+    # The plain kernels keep raw q.k units (valid for scale > 0); other scales take the natural-unit kernels.
+    check_against_reference("cuda", *_qkv(1, 2, 2, 97, 150, D, dtype), scale=scale, causal=True)
+
+
+@gpu
 def test_kernel_image_probe_finds_this_gpu():
     index = torch.cuda.current_device()
     assert fastattn._extension.load()[0].cuda_kernel_image_error(index) is None

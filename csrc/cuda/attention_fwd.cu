@@ -7,25 +7,33 @@ namespace fastattn {
 namespace cuda {
 namespace {
 
+// Shared memory of a forward CTA: Q, then two stages of K and V, rows padded to D + 8.
 template <typename T, class Tr>
-void launch_fwd(const AttentionParams& p) {
-  constexpr int D = Tr::kHeadDim;
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.seqlen_q, Tr::kBlockM)), static_cast<unsigned>(p.heads_q),
-                  static_cast<unsigned>(p.batch));
-  const int smem = (Tr::kBlockM + 4 * Tr::kBlockN) * (D + 8) * static_cast<int>(sizeof(T));  // Q + 2 x (K, V)
-  launch(attention_fwd_kernel<T, Tr>, grid, Tr::kThreads, smem, p);
+constexpr int fwd_smem_bytes() {
+  return (Tr::kBlockM + 4 * Tr::kBlockN) * (Tr::kHeadDim + 8) * static_cast<int>(sizeof(T));
 }
 
-// The instantiation for these parameters: features as template flags, 128-row tiles, except for
-// block lists whose blocks are not multiples of those tiles (the one generic 64 x 64 kernel).
+template <typename T, class Tr>
+void launch_fwd(const AttentionParams& p) {
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.seqlen_q, Tr::kBlockM)), static_cast<unsigned>(p.heads_q),
+                  static_cast<unsigned>(p.batch));
+  launch(attention_fwd_kernel<T, Tr>, grid, Tr::kThreads, fwd_smem_bytes<T, Tr>(), p);
+}
+
+// The instantiation for these parameters: features as template flags and 128-row tiles, except
+// (the one generic 64 x 64 kernel) for block lists whose blocks are not multiples of those tiles,
+// and for GPUs whose shared memory per block cannot hold them (sm_86/sm_89: 99 KiB < 102 KiB at D = 128).
 template <typename T, int D>
 void dispatch_fwd(const AttentionParams& p) {
   using Tiled = FwdTraits<D, false, false, false, 128>;
-  if (p.use_block_lists && (p.mask_block_q % Tiled::kBlockM != 0 || p.mask_block_k % Tiled::kBlockN != 0)) {
-    return launch_fwd<T, FwdTraits<D, true, true, true, 64>>(p);
-  }
+  const bool lists_fit = !p.use_block_lists || (p.mask_block_q % Tiled::kBlockM == 0 && p.mask_block_k % Tiled::kBlockN == 0);
+  const bool smem_fits =
+      static_cast<size_t>(fwd_smem_bytes<T, Tiled>()) <= at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  if (!lists_fit || !smem_fits) return launch_fwd<T, FwdTraits<D, true, true, true, 64>>(p);
   const bool window = p.has_window_left || p.has_window_right;
-  const bool bias = p.alibi != nullptr || (p.mask_kind != kNoMask && p.mask_kind != kBoolMask);
+  // Raw dot-product units need scale > 0 (the row max of q.k is then the max of the scores); a
+  // zero or negative scale takes the natural-unit (bias) kernels, as ALiBi and additive masks do.
+  const bool bias = p.alibi != nullptr || (p.mask_kind != kNoMask && p.mask_kind != kBoolMask) || !(p.scale > 0.f);
   FASTATTN_BOOL_SWITCH(window, kWindow, [&] {
     FASTATTN_BOOL_SWITCH(p.softcap > 0.f, kSoftcap, [&] {
       FASTATTN_BOOL_SWITCH(bias, kBias, [&] { launch_fwd<T, FwdTraits<D, kWindow, kSoftcap, kBias, 128>>(p); });

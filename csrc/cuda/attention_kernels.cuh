@@ -302,31 +302,33 @@ struct FwdStep {
   bool masked;   // element-wise visibility is needed (boundary tile or use_mask)
 };
 
+__device__ __forceinline__ int floor_div(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
 template <class Tr>
 struct FwdSchedule {
   TileRange range;
-  int entries, m0, klen, offset;
+  int entries;
+  int inner_lo, inner_hi;  // key tiles every row of the query tile sees entirely (no element checks)
   bool has_mask;
 
-  __device__ __forceinline__ void init(const AttentionParams& p, const HeadContext& c, int b, int hq, int m0_) {
-    range = key_tiles<Tr::kBlockM, Tr::kBlockN>(p, c, b, hq, m0_);
+  __device__ __forceinline__ void init(const AttentionParams& p, const HeadContext& c, int b, int hq, int m0) {
+    constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN;
+    range = key_tiles<BM, BN>(p, c, b, hq, m0);
     entries = range.hi < range.lo ? 0 : (range.lists ? range.num_partial + range.num_full : range.hi - range.lo + 1);
-    m0 = m0_;
-    klen = c.klen;
-    offset = c.offset;
     has_mask = p.mask_kind != kNoMask;
+    // A tile [n0, n0 + BN) is inside every row's band when it ends before key_lengths, before the
+    // right edge of row m0 (the leftmost one), and starts after the left edge of row m0 + BM - 1.
+    inner_lo = 0;
+    inner_hi = c.klen / BN - 1;
+    if constexpr (Tr::kWindow) {
+      if (p.has_window_right) inner_hi = min(inner_hi, floor_div(m0 + c.offset + p.window_right + 1, BN) - 1);
+      if (p.has_window_left) inner_lo = -floor_div(-(m0 + BM - 1 + c.offset - p.window_left), BN);
+    }
   }
 
-  // Does key tile `tile` of this query tile need per-element visibility checks?
-  __device__ __forceinline__ bool crosses_edges(const AttentionParams& p, int tile) const {
-    const int n0 = tile * Tr::kBlockN;
-    if (n0 + Tr::kBlockN > klen) return true;
-    if constexpr (Tr::kWindow) {
-      // Row m0 has the leftmost right edge; row m0 + BM - 1 the rightmost left edge.
-      if (p.has_window_right && n0 + Tr::kBlockN - 1 > m0 + offset + p.window_right) return true;
-      if (p.has_window_left && n0 < m0 + Tr::kBlockM - 1 + offset - p.window_left) return true;
-    }
-    return false;
+  // Does key tile `tile` need per-element visibility checks? (Two compares: the hot loop's only ones.)
+  __device__ __forceinline__ bool crosses_edges(const AttentionParams&, int tile) const {
+    return tile < inner_lo || tile > inner_hi;
   }
 
   // The first position at or after (entry, sub) whose tile is visible and in pass `masked_pass`
@@ -401,7 +403,8 @@ __device__ __forceinline__ float fwd_score(const AttentionParams& p, const HeadC
     if (p.alibi != nullptr) x -= c.slope * fabsf(static_cast<float>(i + c.offset - j));
   }
   if constexpr (kMaskTile) {
-    bool visible = j < c.klen;
+    // Rows past query_lengths (or past Lq in the last tile) must not read the mask out of bounds.
+    bool visible = i < c.qlen && j < c.klen;
     if constexpr (Tr::kWindow) {
       if (p.has_window_left) visible = visible && j >= i + c.offset - p.window_left;
       if (p.has_window_right) visible = visible && j <= i + c.offset + p.window_right;

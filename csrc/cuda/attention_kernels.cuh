@@ -697,15 +697,17 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         uint32_t ak[4], av[4];
-        load_a(ak, sK, kLd, warp * 16, kk * 16, g, t);
-        load_a(av, sV, kLd, warp * 16, kk * 16, g, t);
+        ldsm_a(ak, sK, kLd, warp * 16, kk * 16, lane);
+        ldsm_a(av, sV, kLd, warp * 16, kk * 16, lane);
 #pragma unroll
-        for (int nt = 0; nt < BM / 8; ++nt) {
-          uint32_t bq[2], bdo[2];
-          load_b_k_contiguous(bq, sQ, kLd, nt * 8, kk * 16, g, t);
-          load_b_k_contiguous(bdo, sdO, kLd, nt * 8, kk * 16, g, t);
-          MmaTraits<T>::mma(st[nt], ak, bq);
-          MmaTraits<T>::mma(dpt[nt], av, bdo);
+        for (int np = 0; np < BM / 16; ++np) {
+          uint32_t bq[4], bdo[4];  // queries [16np, 16np + 16) x head dims [16kk, 16kk + 16)
+          ldsm_b_pair(bq, sQ, kLd, np * 16, kk * 16, lane);
+          ldsm_b_pair(bdo, sdO, kLd, np * 16, kk * 16, lane);
+          MmaTraits<T>::mma(st[2 * np], ak, bq);
+          MmaTraits<T>::mma(st[2 * np + 1], ak, bq + 2);
+          MmaTraits<T>::mma(dpt[2 * np], av, bdo);
+          MmaTraits<T>::mma(dpt[2 * np + 1], av, bdo + 2);
         }
       }
       // P^T into st, scale * dX^T into dpt.
@@ -731,12 +733,14 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
         accumulator_to_a<T>(ap, st[2 * kk], st[2 * kk + 1]);
         accumulator_to_a<T>(ads, dpt[2 * kk], dpt[2 * kk + 1]);
 #pragma unroll
-        for (int nt = 0; nt < D / 8; ++nt) {
-          uint32_t bdo[2], bq[2];
-          load_b_n_contiguous(bdo, sdO, kLd, kk * 16, nt * 8, g, t);
-          load_b_n_contiguous(bq, sQ, kLd, kk * 16, nt * 8, g, t);
-          MmaTraits<T>::mma(dv[nt], ap, bdo);
-          MmaTraits<T>::mma(dk[nt], ads, bq);
+        for (int np = 0; np < D / 16; ++np) {
+          uint32_t bdo[4], bq[4];  // queries [16kk, 16kk + 16) x head dims [16np, 16np + 16)
+          ldsm_b_pair_trans(bdo, sdO, kLd, kk * 16, np * 16, lane);
+          ldsm_b_pair_trans(bq, sQ, kLd, kk * 16, np * 16, lane);
+          MmaTraits<T>::mma(dv[2 * np], ap, bdo);
+          MmaTraits<T>::mma(dv[2 * np + 1], ap, bdo + 2);
+          MmaTraits<T>::mma(dk[2 * np], ads, bq);
+          MmaTraits<T>::mma(dk[2 * np + 1], ads, bq + 2);
         }
       }
     }
@@ -821,15 +825,17 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t aq[4], ado[4];
-      load_a(aq, sQ, kLd, warp * 16, kk * 16, g, t);
-      load_a(ado, sdO, kLd, warp * 16, kk * 16, g, t);
+      ldsm_a(aq, sQ, kLd, warp * 16, kk * 16, lane);
+      ldsm_a(ado, sdO, kLd, warp * 16, kk * 16, lane);
 #pragma unroll
-      for (int nt = 0; nt < BN / 8; ++nt) {
-        uint32_t bk[2], bv[2];
-        load_b_k_contiguous(bk, sK, kLd, nt * 8, kk * 16, g, t);
-        load_b_k_contiguous(bv, sV, kLd, nt * 8, kk * 16, g, t);
-        MmaTraits<T>::mma(s[nt], aq, bk);
-        MmaTraits<T>::mma(dp[nt], ado, bv);
+      for (int np = 0; np < BN / 16; ++np) {
+        uint32_t bk[4], bv[4];  // keys [16np, 16np + 16) x head dims [16kk, 16kk + 16)
+        ldsm_b_pair(bk, sK, kLd, np * 16, kk * 16, lane);
+        ldsm_b_pair(bv, sV, kLd, np * 16, kk * 16, lane);
+        MmaTraits<T>::mma(s[2 * np], aq, bk);
+        MmaTraits<T>::mma(s[2 * np + 1], aq, bk + 2);
+        MmaTraits<T>::mma(dp[2 * np], ado, bv);
+        MmaTraits<T>::mma(dp[2 * np + 1], ado, bv + 2);
       }
     }
 #pragma unroll
@@ -850,10 +856,11 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
       uint32_t ads[4];
       accumulator_to_a<T>(ads, dp[2 * kk], dp[2 * kk + 1]);
 #pragma unroll
-      for (int nt = 0; nt < D / 8; ++nt) {
-        uint32_t bk[2];
-        load_b_n_contiguous(bk, sK, kLd, kk * 16, nt * 8, g, t);
-        MmaTraits<T>::mma(dq[nt], ads, bk);
+      for (int np = 0; np < D / 16; ++np) {
+        uint32_t bk[4];  // keys [16kk, 16kk + 16) x head dims [16np, 16np + 16)
+        ldsm_b_pair_trans(bk, sK, kLd, kk * 16, np * 16, lane);
+        MmaTraits<T>::mma(dq[2 * np], ads, bk);
+        MmaTraits<T>::mma(dq[2 * np + 1], ads, bk + 2);
       }
     }
   }

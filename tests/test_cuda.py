@@ -315,9 +315,12 @@ def test_additive_mask_at_the_dtype_minimum(D, dtype):
     mask[0, :, :, 100:] = low  # key padding
     mask[1, :, 5] = low        # one fully masked row
     out, lse = fastattn.attention(q, k, v, attn_mask=mask, return_lse=True, backend="cuda")
-    mean_v = v.detach()[1].float().mean(dim=-2)  # (H, D)
-    torch.testing.assert_close(out[1, :, 5].float(), mean_v, atol=2e-2, rtol=0)
-    assert torch.isfinite(lse).all()
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    if dtype == torch.bfloat16:
+        # -3.39e38 absorbs every score (in float32 too): equal weights, the mean of V. (float16's
+        # minimum, -65504, does not absorb float32 scores: there the reference's float32 softmax decides.)
+        mean_v = v.detach()[1].float().mean(dim=-2)  # (H, D)
+        torch.testing.assert_close(out[1, :, 5].float(), mean_v, atol=2e-2, rtol=0)
     check_against_reference("cuda", q, k, v, attn_mask=mask)
 
 

@@ -122,7 +122,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   if (!compute_dbias) return {dq, dk, dv, dbias};
   // The ops' shared fake (fastattn/ops.py) promises a dense (B, Hq, Lq, Lk) gradient and
   // torch.compile checks it, so the reduced sums are expanded into one in the mask's dtype.
-  return {dq, dk, dv, dbias.to(attn_mask->scalar_type()).expand({s.batch, s.heads_q, s.seqlen_q, s.seqlen_k}).contiguous()};
+  const at::Tensor dense = dbias.to(attn_mask->scalar_type()).expand({s.batch, s.heads_q, s.seqlen_q, s.seqlen_k});
+  return {dq, dk, dv, dense.contiguous()};
 }
 
 }  // namespace

@@ -26,7 +26,8 @@ void launch_fwd(const AttentionParams& p) {
 template <typename T, int D>
 void dispatch_fwd(const AttentionParams& p) {
   using Tiled = FwdTraits<D, false, false, false, 128>;
-  const bool lists_fit = !p.use_block_lists || (p.mask_block_q % Tiled::kBlockM == 0 && p.mask_block_k % Tiled::kBlockN == 0);
+  const bool lists_fit =
+      !p.use_block_lists || (p.mask_block_q % Tiled::kBlockM == 0 && p.mask_block_k % Tiled::kBlockN == 0);
   const bool smem_fits =
       static_cast<size_t>(fwd_smem_bytes<T, Tiled>()) <= at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
   if (!lists_fit || !smem_fits) return launch_fwd<T, FwdTraits<D, true, true, true, 64>>(p);

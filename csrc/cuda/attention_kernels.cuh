@@ -2,9 +2,9 @@
 // backward (delta = rowsum(dO * O), dK/dV per key tile, dQ per query tile). See docs/cuda-kernels.md.
 //
 // Each warp owns 16 rows of the tile it accumulates (query rows in the forward and dQ kernels, key
-// rows in the dK/dV kernel); the forward runs 8 warps (128 query rows), the backward kernels 4. Scores, softmax statistics and
-// accumulators are float32; the probabilities and dS are rounded to the input dtype for the
-// second product, as flash-attention does.
+// rows in the dK/dV kernel); the forward runs 8 warps (128 query rows), the backward kernels 4.
+// Scores, softmax statistics and accumulators are float32; the probabilities and dS are rounded to
+// the input dtype for the second product, as flash-attention does.
 #pragma once
 
 #include <math_constants.h>
@@ -476,7 +476,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
 
   uint32_t qf[D / 16][4];  // A fragments of this warp's [16, D] rows of Q
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(qf[kk], sQ + (warp * 16 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8);
+  for (int kk = 0; kk < D / 16; ++kk) ldsm_a(qf[kk], sQ, kLd, warp * 16, kk * 16, lane);
 
   float acc[D / 8][4];  // [16, D] of this warp's output rows
 #pragma unroll
@@ -485,8 +485,8 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
   float row_sum[2] = {0.f, 0.f};                      // this thread's share of the row sums
   const float kf = Tr::kNaturalUnits ? kLog2e : (Tr::kSoftcap ? 1.f : p.scale * kLog2e);
   int stage = 0;
-  // This lane's ldmatrix addresses in stage 0: K as B of Q K^T (rows n, 8 k apart), V as B of P V
-  // (transposed; rows k, 8 n apart).
+  // This lane's ldmatrix addresses in stage 0: ldsm_b_pair's (K as B of Q K^T) and
+  // ldsm_b_pair_trans's (V as B of P V) with the lane part computed once, outside the loop.
   const T* k_frag = sK + ((lane / 16) * 8 + lane % 8) * kLd + ((lane / 8) % 2) * 8;
   const T* v_frag = sV + (((lane / 8) % 2) * 8 + lane % 8) * kLd + (lane / 16) * 8;
 
@@ -538,7 +538,8 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e / 2;
-        s[nt][e] = Tr::kNaturalUnits ? fast_exp2((s[nt][e] - m_use[r]) * kLog2e) : fast_exp2(fmaf(s[nt][e], kf, neg_m[r]));
+        s[nt][e] = Tr::kNaturalUnits ? fast_exp2((s[nt][e] - m_use[r]) * kLog2e)
+                                     : fast_exp2(fmaf(s[nt][e], kf, neg_m[r]));
         row_sum[r] += s[nt][e];
       }
     }

@@ -42,6 +42,9 @@ _FEATURES = {
     "dropout": False,
     "lengths": True,
     "gqa": True,
+    # A gradient flowing into the returned lse (issue 16 item 15): the CUDA backward does not take
+    # dlse; declined here so such calls go to a backend that does.
+    "lse gradient": False,
 }
 
 

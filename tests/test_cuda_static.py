@@ -11,6 +11,7 @@ rewrite, as issue 15 counted it; counted the way sass_report does, it was 3.8-4.
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -72,3 +73,16 @@ def test_backward_mix_is_reported(report):
     for name, r in report.items():
         if name.startswith("attention_bwd"):
             assert r.hot_loop.hmma > 0 and r.hot_loop.instructions > r.hot_loop.hmma, name
+
+
+def test_forward_tile_schedule_on_the_cpu(tmp_path):
+    # The forward's tile bookkeeping is host-compilable: tests/cuda/schedule_check.cu walks it for
+    # 2,000 random shapes, lengths, windows, element masks and BlockMask lists and checks that every
+    # tile with a visible pair is visited once, and that interior (unchecked) tiles are entirely visible.
+    exe = tmp_path / "schedule_check"
+    cmd = ["nvcc", "-std=c++17", "--expt-relaxed-constexpr", "-O1", f"-I{ROOT / 'csrc' / 'cuda'}",
+           str(ROOT / "tests" / "cuda" / "schedule_check.cu"), "-o", str(exe)]
+    build = subprocess.run(cmd, capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-4000:]
+    result = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("ok"), result.stdout[-4000:]

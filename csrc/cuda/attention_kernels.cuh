@@ -15,6 +15,10 @@
 namespace fastattn {
 namespace cuda {
 
+// The tile bookkeeping (which key tiles a query tile visits, and which need element masks) is
+// plain integer code, also compiled for the host: tests/cuda/schedule_check.cu runs it on the CPU.
+#define FASTATTN_HOST_DEVICE __host__ __device__ __forceinline__
+
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr float kLog2e = 1.4426950408889634f;
@@ -91,7 +95,7 @@ struct HeadContext {
   const unsigned char* mask;  // at (b, hq), in bytes
 };
 
-__device__ __forceinline__ HeadContext head_context(const AttentionParams& p, int b, int hq) {
+FASTATTN_HOST_DEVICE HeadContext head_context(const AttentionParams& p, int b, int hq) {
   HeadContext c;
   c.qlen = p.query_lengths ? p.query_lengths[b] : p.seqlen_q;
   c.klen = p.key_lengths ? p.key_lengths[b] : p.seqlen_k;
@@ -175,13 +179,13 @@ struct TileRange {
   int partial_stride = 1, full_stride = 1;  // along one list (at most Lk / 64 entries)
   int num_partial = 0, num_full = 0, sub = 1;
 
-  __device__ __forceinline__ int count() const {
+  FASTATTN_HOST_DEVICE int count() const {
     if (hi < lo) return 0;
     return lists ? (num_partial + num_full) * sub : hi - lo + 1;
   }
   // The tile of step `it`, or -1 when that step is outside the band; `masked` tells whether the
   // element mask applies to it (always without lists; for the partial-list tiles with them).
-  __device__ __forceinline__ int tile(int it, bool* masked) const {
+  FASTATTN_HOST_DEVICE int tile(int it, bool* masked) const {
     *masked = true;
     if (!lists) return lo + it;
     const int e = it / sub;
@@ -193,7 +197,7 @@ struct TileRange {
 };
 
 // Restricts `r` to the lists of block `row` of (b, h).
-__device__ __forceinline__ void apply_lists(TileRange& r, const BlockLists& l, int b, int h, int row, int sub) {
+FASTATTN_HOST_DEVICE void apply_lists(TileRange& r, const BlockLists& l, int b, int h, int row, int sub) {
   r.lists = true;
   r.sub = sub;
   const int64_t n = b * l.num_stride[0] + h * l.num_stride[1] + row * l.num_stride[2];
@@ -208,7 +212,7 @@ __device__ __forceinline__ void apply_lists(TileRange& r, const BlockLists& l, i
 
 // Key tiles (of BN keys) seen by query rows [m0, m0 + BM) of head (b, hq).
 template <int BM, int BN>
-__device__ __forceinline__ TileRange key_tiles(const AttentionParams& p, const HeadContext& c, int b, int hq, int m0) {
+FASTATTN_HOST_DEVICE TileRange key_tiles(const AttentionParams& p, const HeadContext& c, int b, int hq, int m0) {
   TileRange r;
   const int row_hi = min(m0 + BM, c.qlen) - 1;
   if (row_hi < m0 || c.klen == 0) return r;
@@ -224,7 +228,7 @@ __device__ __forceinline__ TileRange key_tiles(const AttentionParams& p, const H
 
 // Query tiles (of BM queries) that see keys [n0, n0 + BN) of head (b, hq).
 template <int BM, int BN>
-__device__ __forceinline__ TileRange query_tiles(const AttentionParams& p, const HeadContext& c, int b, int hq,
+FASTATTN_HOST_DEVICE TileRange query_tiles(const AttentionParams& p, const HeadContext& c, int b, int hq,
                                                  int n0) {
   TileRange r;
   const int col_hi = min(n0 + BN, c.klen) - 1;
@@ -302,7 +306,7 @@ struct FwdStep {
   bool masked;   // element-wise visibility is needed (boundary tile or use_mask)
 };
 
-__device__ __forceinline__ int floor_div(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+FASTATTN_HOST_DEVICE int floor_div(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
 template <class Tr>
 struct FwdSchedule {
@@ -311,7 +315,7 @@ struct FwdSchedule {
   int inner_lo, inner_hi;  // key tiles every row of the query tile sees entirely (no element checks)
   bool has_mask;
 
-  __device__ __forceinline__ void init(const AttentionParams& p, const HeadContext& c, int b, int hq, int m0) {
+  FASTATTN_HOST_DEVICE void init(const AttentionParams& p, const HeadContext& c, int b, int hq, int m0) {
     constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN;
     range = key_tiles<BM, BN>(p, c, b, hq, m0);
     entries = range.hi < range.lo ? 0 : (range.lists ? range.num_partial + range.num_full : range.hi - range.lo + 1);
@@ -327,13 +331,13 @@ struct FwdSchedule {
   }
 
   // Does key tile `tile` need per-element visibility checks? (Two compares: the hot loop's only ones.)
-  __device__ __forceinline__ bool crosses_edges(const AttentionParams&, int tile) const {
+  FASTATTN_HOST_DEVICE bool crosses_edges(const AttentionParams&, int tile) const {
     return tile < inner_lo || tile > inner_hi;
   }
 
   // The first position at or after (entry, sub) whose tile is visible and in pass `masked_pass`
   // (no division: the position advances one kernel tile at a time).
-  __device__ __forceinline__ FwdStep find(const AttentionParams& p, int entry, int sub, bool masked_pass) const {
+  FASTATTN_HOST_DEVICE FwdStep find(const AttentionParams& p, int entry, int sub, bool masked_pass) const {
     while (entry < entries) {
       int tile;
       bool use_mask;
@@ -359,12 +363,12 @@ struct FwdSchedule {
     return {entries, 0, -1, false, false};
   }
 
-  __device__ __forceinline__ FwdStep after(const AttentionParams& p, const FwdStep& s, bool masked_pass) const {
+  FASTATTN_HOST_DEVICE FwdStep after(const AttentionParams& p, const FwdStep& s, bool masked_pass) const {
     const bool same_block = range.lists && s.sub + 1 < range.sub;
     return find(p, same_block ? s.entry : s.entry + 1, same_block ? s.sub + 1 : 0, masked_pass);
   }
 
-  __device__ __forceinline__ FwdStep first(const AttentionParams& p) const {
+  FASTATTN_HOST_DEVICE FwdStep first(const AttentionParams& p) const {
     const FwdStep s = find(p, 0, 0, true);
     return s.tile >= 0 ? s : find(p, 0, 0, false);
   }
@@ -372,7 +376,7 @@ struct FwdSchedule {
   // The step after `prev`: every masked tile, then every unmasked one. kMaskedPass: `prev` may be
   // a masked tile (in the unmasked pass it never is, which keeps that loop short).
   template <bool kMaskedPass>
-  __device__ __forceinline__ FwdStep next(const AttentionParams& p, const FwdStep& prev) const {
+  FASTATTN_HOST_DEVICE FwdStep next(const AttentionParams& p, const FwdStep& prev) const {
     if (prev.tile < 0) return prev;
     if (kMaskedPass && prev.masked) {
       const FwdStep s = after(p, prev, true);

@@ -25,7 +25,29 @@ TORCH_LIBRARY(fastattn, m) {
         ") -> (Tensor, Tensor)");
 }
 
+#ifdef FASTATTN_WITH_CUDA
+namespace fastattn {
+namespace cuda {
+const char* kernel_image_error(int device);  // csrc/cuda/attention_fwd.cu
+}  // namespace cuda
+}  // namespace fastattn
+#endif
+
 namespace {
+
+// fastattn._C.cuda_kernel_image_error(device: int) -> str | None: why the CUDA kernels have no image
+// for that GPU (an architecture newer than the build's), None when they can run there.
+PyObject* cuda_kernel_image_error(PyObject*, PyObject* args) {
+  int device = 0;
+  if (!PyArg_ParseTuple(args, "i", &device)) return nullptr;
+#ifdef FASTATTN_WITH_CUDA
+  const char* error = fastattn::cuda::kernel_image_error(device);
+  if (error != nullptr) return PyUnicode_FromString(error);
+  Py_RETURN_NONE;
+#else
+  return PyUnicode_FromString("fastattn._C was built without CUDA kernels");
+#endif
+}
 
 PyObject* build_info(PyObject*, PyObject*) {
 #ifdef FASTATTN_WITH_CUDA
@@ -37,6 +59,8 @@ PyObject* build_info(PyObject*, PyObject*) {
 
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS, "How the extension was built: {'cuda': bool}."},
+    {"cuda_kernel_image_error", cuda_kernel_image_error, METH_VARARGS,
+     "cuda_kernel_image_error(device) -> str | None: why the CUDA kernels cannot run on that GPU."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -7,7 +7,7 @@ import platform
 import torch
 
 from . import _extension
-from .backends import status
+from .backends import evidence, status
 
 
 def info_dict() -> dict:
@@ -27,6 +27,7 @@ def info_dict() -> dict:
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "cpu_threads": torch.get_num_threads(),
         "extension": {"built": ext_error is None, "error": ext_error, **_extension.build_info()},
+        "dispatch_evidence": {"summary": evidence.describe(), "sources": list(evidence.SOURCES), "table": evidence.TABLE},
         "backends": [
             {"name": name, "description": description, "usable": not reasons, "reasons": reasons}
             for name, description, reasons in status()
@@ -43,7 +44,8 @@ def info(print_out: bool = True) -> str:
         "extension fastattn._C: "
         + (f"built (CUDA kernels: {'yes' if d['extension'].get('cuda') else 'no'})" if d["extension"]["built"] else d["extension"]["error"]),
         "",
-        "backends (automatic choice tries them in this order):",
+        d["dispatch_evidence"]["summary"],
+        "backends (automatic choice tries them in this order, cuda and triton as the evidence says):",
     ]
     for b in d["backends"]:
         mark = "usable" if b["usable"] else "not usable"

@@ -2,8 +2,8 @@
 
 Kernel tests are marked ``gpu`` (skipped without a CUDA GPU). The tests at the end run anywhere:
 they check that the backend explains why it cannot run and declines what it does not support.
-Run the memory checker on the GPU with
-``compute-sanitizer --tool memcheck python csrc/cuda/sanitize_case.py``.
+Run the sanitizers on the GPU with
+``compute-sanitizer --tool {memcheck,racecheck,synccheck} python csrc/cuda/sanitize_case.py``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import fastattn
+from fastattn.backends import cuda as cuda_backend
 from fastattn.backends.cuda import BACKEND, HEAD_DIMS, CudaBackend
 
 from .helpers import check_against_reference, make_qkv
@@ -256,6 +257,101 @@ def test_backward_is_deterministic(D, dtype):
 
 
 @gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("window", [False, True], ids=["full", "window"])
+@pytest.mark.parametrize("softcap", [0.0, 15.0], ids=["nocap", "softcap"])
+@pytest.mark.parametrize("bias", [None, "alibi", "mask"], ids=["nobias", "alibi", "mask"])
+def test_every_forward_instantiation(D, dtype, window, softcap, bias):
+    # One call per (kWindow, kSoftcap, kBias) template flag combination of the forward, with lengths
+    # spanning several key tiles so both passes (boundary tiles, then interior tiles) and the
+    # cp.async double buffer run: a window open on both sides has boundary tiles at both ends.
+    B, H, Lq, Lk = 2, 2, 300, 777
+    q, k, v = _qkv(B, H, H, Lq, Lk, D, dtype)
+    kwargs = {"softcap": softcap, "window": (200, 100) if window else None}
+    if bias == "alibi":
+        kwargs["alibi_slopes"] = torch.rand(H, device="cuda") * 0.1
+    elif bias == "mask":
+        kwargs["attn_mask"] = torch.randn(B, 1, Lq, Lk, device="cuda", dtype=dtype)
+    check_against_reference("cuda", q, k, v, **kwargs)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_nan_in_cache_slots_past_key_lengths_never_reaches_a_result(D, dtype):
+    # Unused KV-cache slots hold garbage; the kernels never read them (zero-filled tiles), so the
+    # output and every gradient equal those of a clean cache.
+    B, H, Lq, Lk = 2, 2, 37, 300
+    q, k, v = _qkv(B, H, H, Lq, Lk, D, dtype)
+    lengths = torch.tensor([300, 77], dtype=torch.int32, device="cuda")
+    clean = [t.detach().clone() for t in (k, v)]
+    with torch.no_grad():
+        for t in (k, v):
+            t[1, :, 77:] = float("nan")
+        for t in clean:
+            t[1, :, 77:] = 0
+    dout = torch.randn(B, H, Lq, D, device="cuda", dtype=dtype)
+    results = []
+    for kk, vv in ((k, v), [t.requires_grad_() for t in clean]):
+        out = fastattn.attention(q, kk, vv, key_lengths=lengths, causal=True, backend="cuda")
+        results.append((out, *torch.autograd.grad(out, (q, kk, vv), dout)))
+    for name, poisoned, want in zip(("out", "dq", "dk", "dv"), *results):
+        assert torch.isfinite(poisoned).all(), name
+        assert torch.equal(poisoned, want), name
+    assert (results[0][2][1, :, 77:] == 0).all() and (results[0][3][1, :, 77:] == 0).all()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_additive_mask_at_the_dtype_minimum(D, dtype):
+    # Hugging Face pads with torch.finfo(dtype).min; a row masked everywhere at that value is a row
+    # of equal scores (the reference's mean of V), not a row that sees nothing, and nothing overflows.
+    B, H, Lq, Lk = 2, 2, 97, 130
+    q, k, v = _qkv(B, H, H, Lq, Lk, D, dtype)
+    low = torch.finfo(dtype).min
+    mask = torch.zeros(B, 1, Lq, Lk, device="cuda", dtype=dtype)
+    mask[0, :, :, 100:] = low  # key padding
+    mask[1, :, 5] = low        # one fully masked row
+    out, lse = fastattn.attention(q, k, v, attn_mask=mask, return_lse=True, backend="cuda")
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    if dtype == torch.bfloat16:
+        # -3.39e38 absorbs every score (in float32 too): equal weights, the mean of V. (float16's
+        # minimum, -65504, does not absorb float32 scores: there the reference's float32 softmax decides.)
+        mean_v = v.detach()[1].float().mean(dim=-2)  # (H, D)
+        torch.testing.assert_close(out[1, :, 5].float(), mean_v, atol=2e-2, rtol=0)
+    check_against_reference("cuda", q, k, v, attn_mask=mask)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("shape", [(2, 1, 1, 130), (1, 2, 97, 130), (2, 2, 97, 1)], ids=["B11Lk", "1HLqLk", "BHLq1"])
+def test_dbias_of_a_broadcast_mask(D, dtype, shape):
+    # The kernels sum dbias in the mask's own broadcast shape (float atomics where it broadcasts).
+    q, k, v = _qkv(2, 2, 2, 97, 130, D, dtype)
+    mask = (torch.randn(*shape, device="cuda", dtype=torch.float32) * 0.5).requires_grad_()
+    check_against_reference("cuda", q, k, v, attn_mask=mask, causal=True)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("scale", [-0.2, 0.0], ids=["negative", "zero"])
+def test_zero_and_negative_scale(D, dtype, scale):
+    # The plain kernels keep raw q.k units (valid for scale > 0); other scales take the natural-unit kernels.
+    check_against_reference("cuda", *_qkv(1, 2, 2, 97, 150, D, dtype), scale=scale, causal=True)
+
+
+@gpu
+def test_kernel_image_probe_finds_this_gpu():
+    index = torch.cuda.current_device()
+    assert fastattn._extension.load()[0].cuda_kernel_image_error(index) is None
+    assert BACKEND.unavailable_reasons() == []
+
+
+@gpu
 def test_raw_op_rejects_bad_input():
     q, k, v = _qkv(1, 2, 2, 17, 17, 64, torch.float16, requires_grad=False)
     fwd = BACKEND.ops.fwd
@@ -284,10 +380,13 @@ def _compute_sanitizer() -> str | None:
 
 @gpu
 @pytest.mark.skipif(_compute_sanitizer() is None, reason="compute-sanitizer not found (PATH, $CUDA_HOME/bin)")
-def test_memcheck_sanitize_case():
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck", "synccheck"])
+def test_sanitize_case(tool):
+    # memcheck: out-of-bounds and misaligned accesses; racecheck: shared-memory hazards (the
+    # cp.async double buffer and its barriers); synccheck: barriers reached by part of a CTA.
     script = os.path.join(ROOT, "csrc", "cuda", "sanitize_case.py")
     result = subprocess.run(
-        [_compute_sanitizer(), "--tool", "memcheck", "--error-exitcode", "1", sys.executable, script],
+        [_compute_sanitizer(), "--tool", tool, "--error-exitcode", "1", sys.executable, script],
         cwd=ROOT,
         capture_output=True, text=True, timeout=600,
     )
@@ -303,7 +402,8 @@ def test_unavailable_reasons_explain_themselves():
     reasons = CudaBackend().unavailable_reasons()
     if torch.cuda.is_available() and fastattn._extension.build_info().get("cuda"):
         major, _ = torch.cuda.get_device_capability()
-        assert (reasons == []) == (major >= 8)
+        has_image = fastattn._extension.load()[0].cuda_kernel_image_error(torch.cuda.current_device()) is None
+        assert (reasons == []) == (major >= 8 and has_image)
     else:
         assert reasons, "without a GPU or the CUDA build the backend must say why it is unavailable"
         assert any(word in " ".join(reasons) for word in ("not built", "CUDA kernels", "no CUDA GPU")), reasons
@@ -343,3 +443,41 @@ def test_cuda_ops_registered_in_the_cuda_build():
     # The CUDA dispatch key has a kernel for both ops.
     for op in ("attention_fwd", "attention_bwd"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastattn::{op}", "CUDA")
+
+
+class _FakeExtension:
+    def __init__(self, error):
+        self.error = error
+
+    def cuda_kernel_image_error(self, index):
+        return self.error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [None, "cudaErrorNoKernelImageForDevice: no kernel image is available for execution on the device"],
+    ids=["image", "no-image"],
+)
+def test_gpu_newer_than_the_build_is_refused(monkeypatch, error):
+    # An sm_100 GPU with an extension built for 8.0;9.0a: the probe (cudaFuncGetAttributes in
+    # csrc/cuda/attention_fwd.cu) finds no image, and the backend refuses with that reason.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    monkeypatch.setattr(cuda_backend._extension, "load", lambda: (_FakeExtension(error), None))
+    monkeypatch.setattr(cuda_backend, "_IMAGE_REASONS", {})
+    reason = cuda_backend._capability_reason(torch.device("cuda", 0))
+    if error is None:
+        assert reason is None
+    else:
+        assert "no CUDA kernel image for this GPU (sm_100)" in reason and "TORCH_CUDA_ARCH_LIST" in reason
+        assert error in reason
+
+
+@pytest.mark.cuda_build
+def test_kernel_image_probe_without_a_gpu_answers_with_a_reason():
+    module, _ = fastattn._extension.load()
+    if not fastattn._extension.build_info().get("cuda"):
+        pytest.skip("fastattn._C was built without CUDA")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: test_kernel_image_probe_finds_this_gpu covers it")
+    error = module.cuda_kernel_image_error(0)
+    assert isinstance(error, str) and error.startswith("cuda"), error

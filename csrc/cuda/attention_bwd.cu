@@ -71,10 +71,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   at::Tensor dq = at::empty({s.batch, s.heads_q, s.seqlen_q, s.head_dim}, q.options());
   at::Tensor dk = at::empty({s.batch, s.heads_kv, s.seqlen_k, s.head_dim}, q.options());
   at::Tensor dv = at::empty({s.batch, s.heads_kv, s.seqlen_k, s.head_dim}, q.options());
-  // dbias: every (query, key) pair the kernels skip has a zero gradient, hence zeros, not empty.
-  at::Tensor dbias = compute_dbias ? at::zeros({s.batch, s.heads_q, s.seqlen_q, s.seqlen_k}, q.options().dtype(at::kFloat))
-                                   : q.new_empty({0});
-  if (compute_dbias) p.dbias = dbias.data_ptr<float>();
+  // dbias is accumulated in float32 in the mask's own broadcast shape (size 1 where the mask has
+  // stride 0 or size 1): a (B, 1, 1, Lk) padding mask needs B * Lk floats, not B * Hq * Lq * Lk.
+  // Every (query, key) pair the kernels skip has a zero gradient, hence zeros, not empty.
+  at::Tensor dbias = q.new_empty({0});
+  if (compute_dbias) {
+    const int64_t full[4] = {s.batch, s.heads_q, s.seqlen_q, s.seqlen_k};
+    std::vector<int64_t> reduced(4);
+    for (int d = 0; d < 4; ++d) {
+      const bool broadcast = attn_mask->size(d) == 1 || attn_mask->stride(d) == 0;
+      reduced[d] = broadcast ? 1 : full[d];
+      p.dbias_reduced = p.dbias_reduced || reduced[d] != full[d];
+    }
+    dbias = at::zeros(reduced, q.options().dtype(at::kFloat));
+    for (int d = 0; d < 4; ++d) p.dbias_stride[d] = reduced[d] == 1 ? 0 : dbias.stride(d);
+    p.dbias = dbias.data_ptr<float>();
+  }
   p.out = const_cast<void*>(out.data_ptr());
   set_strides(p.out_stride, out);
   p.dout = dout.data_ptr();
@@ -102,12 +114,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     constexpr int kDkdvBlockM = dkdv_block_m(kHeadDim);
     const int dkdv_smem = (2 * kDkdvBlockN + 2 * kDkdvBlockM) * (kHeadDim + 8) * static_cast<int>(sizeof(T)) +
                           2 * kDkdvBlockM * static_cast<int>(sizeof(float));
-    launch(attention_bwd_dkdv_kernel<T, kHeadDim, kDkdvBlockN, kDkdvBlockM>, dkdv_grid, dkdv_smem, p);
+    launch(attention_bwd_dkdv_kernel<T, kHeadDim, kDkdvBlockN, kDkdvBlockM>, dkdv_grid, kThreads, dkdv_smem, p);
     constexpr int kDqBlockN = dq_block_n(kHeadDim);
     const int dq_smem = (2 * kDqBlockM + 2 * kDqBlockN) * (kHeadDim + 8) * static_cast<int>(sizeof(T));
-    launch(attention_bwd_dq_kernel<T, kHeadDim, kDqBlockM, kDqBlockN>, dq_grid, dq_smem, p);
+    launch(attention_bwd_dq_kernel<T, kHeadDim, kDqBlockM, kDqBlockN>, dq_grid, kThreads, dq_smem, p);
   });
-  return {dq, dk, dv, compute_dbias ? dbias.to(attn_mask->scalar_type()) : dbias};
+  if (!compute_dbias) return {dq, dk, dv, dbias};
+  // The ops' shared fake (fastattn/ops.py) promises a dense (B, Hq, Lq, Lk) gradient and
+  // torch.compile checks it, so the reduced sums are expanded into one in the mask's dtype.
+  const at::Tensor dense = dbias.to(attn_mask->scalar_type()).expand({s.batch, s.heads_q, s.seqlen_q, s.seqlen_k});
+  return {dq, dk, dv, dense.contiguous()};
 }
 
 }  // namespace

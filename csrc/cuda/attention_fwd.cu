@@ -1,12 +1,46 @@
-// fastattn::attention_fwd for CUDA tensors: checks, launch of attention_fwd_kernel.
+// fastattn::attention_fwd for CUDA tensors: checks, the choice of kernel instantiation, launch.
+#include <string>
+
 #include "attention_host.h"
 
 namespace fastattn {
 namespace cuda {
 namespace {
 
-constexpr int kFwdBlockM = 64;  // query rows per CTA (16 per warp)
-constexpr int kFwdBlockN = 64;  // keys per tile
+// Shared memory of a forward CTA: Q, then two stages of K and V, rows padded to D + 8.
+template <typename T, class Tr>
+constexpr int fwd_smem_bytes() {
+  return (Tr::kBlockM + 4 * Tr::kBlockN) * (Tr::kHeadDim + 8) * static_cast<int>(sizeof(T));
+}
+
+template <typename T, class Tr>
+void launch_fwd(const AttentionParams& p) {
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.seqlen_q, Tr::kBlockM)), static_cast<unsigned>(p.heads_q),
+                  static_cast<unsigned>(p.batch));
+  launch(attention_fwd_kernel<T, Tr>, grid, Tr::kThreads, fwd_smem_bytes<T, Tr>(), p);
+}
+
+// The instantiation for these parameters: features as template flags and 128-row tiles, except
+// (the one generic 64 x 64 kernel) for block lists whose blocks are not multiples of those tiles,
+// and for GPUs whose shared memory per block cannot hold them (sm_86/sm_89: 99 KiB < 102 KiB at D = 128).
+template <typename T, int D>
+void dispatch_fwd(const AttentionParams& p) {
+  using Tiled = FwdTraits<D, false, false, false, 128>;
+  const bool lists_fit =
+      !p.use_block_lists || (p.mask_block_q % Tiled::kBlockM == 0 && p.mask_block_k % Tiled::kBlockN == 0);
+  const bool smem_fits =
+      static_cast<size_t>(fwd_smem_bytes<T, Tiled>()) <= at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  if (!lists_fit || !smem_fits) return launch_fwd<T, FwdTraits<D, true, true, true, 64>>(p);
+  const bool window = p.has_window_left || p.has_window_right;
+  // Raw dot-product units need scale > 0 (the row max of q.k is then the max of the scores); a
+  // zero or negative scale takes the natural-unit (bias) kernels, as ALiBi and additive masks do.
+  const bool bias = p.alibi != nullptr || (p.mask_kind != kNoMask && p.mask_kind != kBoolMask) || !(p.scale > 0.f);
+  FASTATTN_BOOL_SWITCH(window, kWindow, [&] {
+    FASTATTN_BOOL_SWITCH(p.softcap > 0.f, kSoftcap, [&] {
+      FASTATTN_BOOL_SWITCH(bias, kBias, [&] { launch_fwd<T, FwdTraits<D, kWindow, kSoftcap, kBias, 128>>(p); });
+    });
+  });
+}
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
@@ -34,22 +68,39 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
                 "block lists were given without block_size_q/block_size_k");
   }
 
+  // Contiguous, as the ops' shared fake (fastattn/ops.py) says: torch.compile checks the strides.
   at::Tensor out = at::empty({s.batch, s.heads_q, s.seqlen_q, s.head_dim}, q.options());
   at::Tensor lse = at::empty({s.batch, s.heads_q, s.seqlen_q}, q.options().dtype(at::kFloat));
   p.out = out.data_ptr();
   set_strides(p.out_stride, out);
   p.lse = lse.data_ptr<float>();
 
-  const dim3 grid(static_cast<unsigned>(ceil_div(s.seqlen_q, kFwdBlockM)), static_cast<unsigned>(s.heads_q),
-                  static_cast<unsigned>(s.batch));
-  FASTATTN_CUDA_DISPATCH(q.scalar_type(), s.head_dim, [&] {
-    const int smem = (kFwdBlockM + 2 * kFwdBlockN) * (kHeadDim + 8) * static_cast<int>(sizeof(T));
-    launch(attention_fwd_kernel<T, kHeadDim, kFwdBlockM, kFwdBlockN>, grid, smem, p);
-  });
+  FASTATTN_CUDA_DISPATCH(q.scalar_type(), s.head_dim, [&] { dispatch_fwd<T, kHeadDim>(p); });
   return {out, lse};
 }
 
 }  // namespace
+
+// Why this extension's kernels cannot run on `device` (nullptr when they can): a GPU newer than the
+// architectures it was built for (TORCH_CUDA_ARCH_LIST, default 8.0;9.0a) has no kernel image, and
+// cudaFuncGetAttributes says so before any launch would fail. Called from fastattn._C.
+const char* kernel_image_error(int device) {
+  // Plain runtime calls, no c10 guard: nothing here may throw into the Python C API caller.
+  static thread_local std::string message;
+  int previous = -1;
+  cudaError_t err = cudaGetDevice(&previous);
+  if (err == cudaSuccess) err = cudaSetDevice(device);
+  if (err == cudaSuccess) {
+    cudaFuncAttributes attributes;
+    err = cudaFuncGetAttributes(&attributes, attention_fwd_kernel<__half, FwdTraits<64, false, false, false, 128>>);
+    (void)cudaSetDevice(previous);
+  }
+  if (err == cudaSuccess) return nullptr;
+  (void)cudaGetLastError();  // a non-sticky error: clear it so later calls do not see it
+  message = std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+  return message.c_str();
+}
+
 }  // namespace cuda
 }  // namespace fastattn
 

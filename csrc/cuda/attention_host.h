@@ -45,10 +45,22 @@ constexpr int kMaskTileMultiple = 64;
     }                                                                 \
   }()
 
-// Launches `kernel` with kThreads threads and `smem` bytes of dynamic shared memory on the
+// A runtime bool as a constexpr one (flash-attention's BOOL_SWITCH).
+#define FASTATTN_BOOL_SWITCH(COND, NAME, ...) \
+  [&] {                                       \
+    if (COND) {                               \
+      constexpr bool NAME = true;             \
+      return __VA_ARGS__();                   \
+    } else {                                  \
+      constexpr bool NAME = false;            \
+      return __VA_ARGS__();                   \
+    }                                         \
+  }()
+
+// Launches `kernel` with `threads` threads and `smem` bytes of dynamic shared memory on the
 // current stream, opting in to more than 48 KiB where needed, and checks the launch.
 template <typename Kernel>
-inline void launch(Kernel kernel, dim3 grid, int smem, const AttentionParams& p) {
+inline void launch(Kernel kernel, dim3 grid, int threads, int smem, const AttentionParams& p) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
   if (smem > 48 * 1024) {
     const auto* prop = at::cuda::getCurrentDeviceProperties();
@@ -56,7 +68,7 @@ inline void launch(Kernel kernel, dim3 grid, int smem, const AttentionParams& p)
                 " bytes of shared memory per block, the device offers ", prop->sharedMemPerBlockOptin);
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   }
-  kernel<<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
+  kernel<<<grid, threads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,10 +1,10 @@
 // Tensor-core attention kernels (mma.sync m16n8k16, sm_80+): forward, and the deterministic
 // backward (delta = rowsum(dO * O), dK/dV per key tile, dQ per query tile). See docs/cuda-kernels.md.
 //
-// Every kernel runs 4 warps; each warp owns 16 rows of the tile it accumulates (query rows in the
-// forward and dQ kernels, key rows in the dK/dV kernel). Scores, softmax statistics and
-// accumulators are float32; the probabilities and dS are rounded to the input dtype for the
-// second product, as flash-attention does.
+// Each warp owns 16 rows of the tile it accumulates (query rows in the forward and dQ kernels, key
+// rows in the dK/dV kernel); the forward runs 8 warps (128 query rows), the backward kernels 4.
+// Scores, softmax statistics and accumulators are float32; the probabilities and dS are rounded to
+// the input dtype for the second product, as flash-attention does.
 #pragma once
 
 #include <math_constants.h>
@@ -15,12 +15,26 @@
 namespace fastattn {
 namespace cuda {
 
+// The tile bookkeeping (which key tiles a query tile visits, and which need element masks) is
+// plain integer code, also compiled for the host: tests/cuda/schedule_check.cu runs it on the CPU.
+#define FASTATTN_HOST_DEVICE __host__ __device__ __forceinline__
+
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 enum MaskKind : int { kNoMask = 0, kBoolMask = 1, kHalfMask = 2, kBFloat16Mask = 3, kFloatMask = 4 };
+
+// Scores with an additive mask are floored here, just below float16's minimum (-65504). Hugging
+// Face pads with finfo(dtype).min (-3.4e38 in bfloat16/float32); a row masked everywhere at that
+// value then has lse = m + log(n) with m so large that log(n) is lost in float32, and the backward's
+// P = exp(s - lse) would be 1 instead of 1/n. At the floor float32 still resolves log(n) to 2^-7,
+// and the forward result (equal weights over the masked keys) is the reference's.
+constexpr float kAdditiveMaskFloor = -65536.f;
+
+// A select, not fmaxf: a NaN score stays NaN (fmaxf would turn it into the floor).
+__device__ __forceinline__ float floor_masked_score(float s) { return s < kAdditiveMaskFloor ? kAdditiveMaskFloor : s; }
 
 // One BlockMask's tile lists (fastattn/block_mask.py): counts (B|1, H|1, rows) and indices
 // (B|1, H|1, rows, cols), int32; strides are 0 on broadcast dimensions.
@@ -48,7 +62,9 @@ struct AttentionParams {
   void* dq = nullptr;        // (B, Hq, Lq, D)
   void* dk = nullptr;        // (B, Hkv, Lk, D)
   void* dv = nullptr;        // (B, Hkv, Lk, D)
-  float* dbias = nullptr;    // (B, Hq, Lq, Lk) contiguous: d(loss)/d(additive attn_mask), or null
+  float* dbias = nullptr;    // d(loss)/d(additive attn_mask) in the mask's broadcast shape, or null
+  int64_t dbias_stride[4] = {0, 0, 0, 0};  // 0 on the dimensions the mask broadcasts
+  bool dbias_reduced = false;              // some dimension is summed over (atomics)
   // strides in elements: batch, head, row (the last stride is 1)
   int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3], dout_stride[3], dq_stride[3], dk_stride[3],
       dv_stride[3];
@@ -79,7 +95,7 @@ struct HeadContext {
   const unsigned char* mask;  // at (b, hq), in bytes
 };
 
-__device__ __forceinline__ HeadContext head_context(const AttentionParams& p, int b, int hq) {
+FASTATTN_HOST_DEVICE HeadContext head_context(const AttentionParams& p, int b, int hq) {
   HeadContext c;
   c.qlen = p.query_lengths ? p.query_lengths[b] : p.seqlen_q;
   c.klen = p.key_lengths ? p.key_lengths[b] : p.seqlen_k;
@@ -129,9 +145,28 @@ __device__ __forceinline__ float masked_score(const AttentionParams& p, const He
         s += reinterpret_cast<const float*>(c.mask)[o];
         break;
     }
+    if (p.mask_kind != kBoolMask) s = floor_masked_score(s);
   }
   *dcap = d;
   return visible ? s : -CUDART_INF_F;
+}
+
+// exp(s - lse) for a natural-log score and row lse; 0 where either is -inf. The difference is
+// taken before scaling by log2 e: an additive mask at float32's minimum would overflow otherwise.
+__device__ __forceinline__ float probability(float s, float lse) {
+  return (s == -CUDART_INF_F || lse == -CUDART_INF_F) ? 0.f : exp2f((s - lse) * kLog2e);
+}
+
+// dbias has the attn_mask's own broadcast shape (stride 0 on the dimensions the mask broadcasts):
+// pairs that share an element are summed with float atomics; a full-shape mask is written once.
+__device__ __forceinline__ void write_dbias(const AttentionParams& p, int b, int h, int i, int j, float ds) {
+  float* dst = p.dbias + b * p.dbias_stride[0] + h * p.dbias_stride[1] + (int64_t)i * p.dbias_stride[2] +
+               (int64_t)j * p.dbias_stride[3];
+  if (p.dbias_reduced) {
+    atomicAdd(dst, ds);
+  } else {
+    *dst = ds;
+  }
 }
 
 // The tiles a CTA visits: the visible band [lo, hi] (inclusive), optionally intersected with a
@@ -141,16 +176,16 @@ struct TileRange {
   bool lists = false;
   const int* partial = nullptr;
   const int* full = nullptr;
-  int64_t partial_stride = 1, full_stride = 1;
+  int partial_stride = 1, full_stride = 1;  // along one list (at most Lk / 64 entries)
   int num_partial = 0, num_full = 0, sub = 1;
 
-  __device__ __forceinline__ int count() const {
+  FASTATTN_HOST_DEVICE int count() const {
     if (hi < lo) return 0;
     return lists ? (num_partial + num_full) * sub : hi - lo + 1;
   }
   // The tile of step `it`, or -1 when that step is outside the band; `masked` tells whether the
   // element mask applies to it (always without lists; for the partial-list tiles with them).
-  __device__ __forceinline__ int tile(int it, bool* masked) const {
+  FASTATTN_HOST_DEVICE int tile(int it, bool* masked) const {
     *masked = true;
     if (!lists) return lo + it;
     const int e = it / sub;
@@ -162,7 +197,7 @@ struct TileRange {
 };
 
 // Restricts `r` to the lists of block `row` of (b, h).
-__device__ __forceinline__ void apply_lists(TileRange& r, const BlockLists& l, int b, int h, int row, int sub) {
+FASTATTN_HOST_DEVICE void apply_lists(TileRange& r, const BlockLists& l, int b, int h, int row, int sub) {
   r.lists = true;
   r.sub = sub;
   const int64_t n = b * l.num_stride[0] + h * l.num_stride[1] + row * l.num_stride[2];
@@ -171,13 +206,13 @@ __device__ __forceinline__ void apply_lists(TileRange& r, const BlockLists& l, i
   r.num_full = min(max(l.full_num[fn], 0), l.cols);
   r.partial = l.idx + b * l.idx_stride[0] + h * l.idx_stride[1] + row * l.idx_stride[2];
   r.full = l.full_idx + b * l.full_idx_stride[0] + h * l.full_idx_stride[1] + row * l.full_idx_stride[2];
-  r.partial_stride = l.idx_stride[3];
-  r.full_stride = l.full_idx_stride[3];
+  r.partial_stride = static_cast<int>(l.idx_stride[3]);
+  r.full_stride = static_cast<int>(l.full_idx_stride[3]);
 }
 
 // Key tiles (of BN keys) seen by query rows [m0, m0 + BM) of head (b, hq).
 template <int BM, int BN>
-__device__ __forceinline__ TileRange key_tiles(const AttentionParams& p, const HeadContext& c, int b, int hq, int m0) {
+FASTATTN_HOST_DEVICE TileRange key_tiles(const AttentionParams& p, const HeadContext& c, int b, int hq, int m0) {
   TileRange r;
   const int row_hi = min(m0 + BM, c.qlen) - 1;
   if (row_hi < m0 || c.klen == 0) return r;
@@ -193,7 +228,7 @@ __device__ __forceinline__ TileRange key_tiles(const AttentionParams& p, const H
 
 // Query tiles (of BM queries) that see keys [n0, n0 + BN) of head (b, hq).
 template <int BM, int BN>
-__device__ __forceinline__ TileRange query_tiles(const AttentionParams& p, const HeadContext& c, int b, int hq,
+FASTATTN_HOST_DEVICE TileRange query_tiles(const AttentionParams& p, const HeadContext& c, int b, int hq,
                                                  int n0) {
   TileRange r;
   const int col_hi = min(n0 + BN, c.klen) - 1;
@@ -208,6 +243,11 @@ __device__ __forceinline__ TileRange query_tiles(const AttentionParams& p, const
   return r;
 }
 
+template <bool V>
+struct BoolConstant {
+  static constexpr bool value = V;
+};
+
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
@@ -219,17 +259,192 @@ __device__ __forceinline__ float quad_sum(float x) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Forward. Grid (ceil(Lq / BM), Hq, B); CTA = BM query rows of one head; loops over key tiles.
-// Shared memory: Q (BM, D + 8), K (BN, D + 8), V (BN, D + 8).
-template <typename T, int D, int BM, int BN>
-__global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const AttentionParams p) {
-  static_assert(BM == 16 * kWarps, "one warp per 16 query rows");
+// Forward (FlashAttention-2 on sm_80: ldmatrix fragments, cp.async double buffering, Q in registers).
+//
+// The features a call uses are template flags, so a kernel carries no code for the others:
+//   kWindow   causal or window: band checks on the tiles that cross the band's edges
+//   kSoftcap  softcap * tanh(s / softcap)
+//   kBias     ALiBi and/or an additive attn_mask (each behind a uniform runtime check)
+// kBlockM = 128 query rows (8 warps x 16) is the shipped tile. A BlockMask whose blocks are not
+// multiples of the tiles (64-row query blocks, or 64-key blocks at D = 64) cannot be served by them
+// (a tile would straddle two blocks' lists); it runs the one 64 x 64 instantiation (4 warps) with
+// every flag on, softcap behind a runtime check too.
+template <int kHeadDim_, bool kWindow_, bool kSoftcap_, bool kBias_, int kBlockM_>
+struct FwdTraits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr bool kWindow = kWindow_;
+  static constexpr bool kSoftcap = kSoftcap_;
+  static constexpr bool kBias = kBias_;
+  static constexpr int kBlockM = kBlockM_;
+  static constexpr int kWarps = kBlockM / 16;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr bool kGeneric = kBlockM == 64;  // every feature decided at run time
+  // Key tile: 128 at D = 64 (twice the tensor-core work per tile for the same bookkeeping), 64 at
+  // D = 128 (the float32 scores and output then fit in registers), 64 in the block-list kernel.
+  static constexpr int kBlockN = (kHeadDim <= 64 && !kGeneric) ? 128 : 64;
+  // Score units, chosen so that p = exp2(x * kf - m * kf) is one FFMA before the MUFU.EX2:
+  // raw dot products (kf = scale * log2 e) without transformations; log2 units (kf = 1) after a
+  // softcap; natural units with a bias, where p = exp2((x - m) * log2 e) instead, because an
+  // additive mask at float32's minimum (-3.4e38) would overflow to -inf when multiplied first.
+  static constexpr bool kNaturalUnits = kBias;
+};
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// One query tile's walk over its key tiles: first every tile that needs element masking (it
+// crosses the band's edges or key_lengths, or an element mask applies), then every other one, so
+// the hot loop over interior tiles has no per-element checks at all. Uniform across the CTA.
+struct FwdStep {
+  int entry;     // position in the walk: a key tile of the band, or a BlockMask list entry ...
+  int sub;       // ... and the kernel tile within that mask block (lists only)
+  int tile;      // key tile, -1 when none is left
+  bool use_mask; // the element mask (attn_mask / BlockMask partial tile) applies
+  bool masked;   // element-wise visibility is needed (boundary tile or use_mask)
+};
+
+FASTATTN_HOST_DEVICE int floor_div(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+template <class Tr>
+struct FwdSchedule {
+  TileRange range;
+  int entries;
+  int inner_lo, inner_hi;  // key tiles every row of the query tile sees entirely (no element checks)
+  bool has_mask;
+
+  FASTATTN_HOST_DEVICE void init(const AttentionParams& p, const HeadContext& c, int b, int hq, int m0) {
+    constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN;
+    range = key_tiles<BM, BN>(p, c, b, hq, m0);
+    entries = range.hi < range.lo ? 0 : (range.lists ? range.num_partial + range.num_full : range.hi - range.lo + 1);
+    has_mask = p.mask_kind != kNoMask;
+    // A tile [n0, n0 + BN) is inside every row's band when it ends before key_lengths, before the
+    // right edge of row m0 (the leftmost one), and starts after the left edge of row m0 + BM - 1.
+    inner_lo = 0;
+    inner_hi = c.klen / BN - 1;
+    if constexpr (Tr::kWindow) {
+      if (p.has_window_right) inner_hi = min(inner_hi, floor_div(m0 + c.offset + p.window_right + 1, BN) - 1);
+      if (p.has_window_left) inner_lo = -floor_div(-(m0 + BM - 1 + c.offset - p.window_left), BN);
+    }
+  }
+
+  // Does key tile `tile` need per-element visibility checks? (Two compares: the hot loop's only ones.)
+  FASTATTN_HOST_DEVICE bool crosses_edges(const AttentionParams&, int tile) const {
+    return tile < inner_lo || tile > inner_hi;
+  }
+
+  // The first position at or after (entry, sub) whose tile is visible and in pass `masked_pass`
+  // (no division: the position advances one kernel tile at a time).
+  FASTATTN_HOST_DEVICE FwdStep find(const AttentionParams& p, int entry, int sub, bool masked_pass) const {
+    while (entry < entries) {
+      int tile;
+      bool use_mask;
+      if (range.lists) {
+        use_mask = entry < range.num_partial;
+        const int* list = use_mask ? range.partial + entry * range.partial_stride
+                                   : range.full + (entry - range.num_partial) * range.full_stride;
+        const int block = *list;
+        tile = block * range.sub + sub;
+        if (tile < range.lo || tile > range.hi) tile = -1;
+      } else {
+        tile = range.lo + entry;
+        use_mask = has_mask;
+      }
+      if (tile >= 0) {
+        const bool masked = use_mask || crosses_edges(p, tile);
+        if (masked == masked_pass) return {entry, sub, tile, use_mask, masked};
+      }
+      if (range.lists && ++sub < range.sub) continue;
+      sub = 0;
+      ++entry;
+    }
+    return {entries, 0, -1, false, false};
+  }
+
+  FASTATTN_HOST_DEVICE FwdStep after(const AttentionParams& p, const FwdStep& s, bool masked_pass) const {
+    const bool same_block = range.lists && s.sub + 1 < range.sub;
+    return find(p, same_block ? s.entry : s.entry + 1, same_block ? s.sub + 1 : 0, masked_pass);
+  }
+
+  FASTATTN_HOST_DEVICE FwdStep first(const AttentionParams& p) const {
+    const FwdStep s = find(p, 0, 0, true);
+    return s.tile >= 0 ? s : find(p, 0, 0, false);
+  }
+
+  // The step after `prev`: every masked tile, then every unmasked one. kMaskedPass: `prev` may be
+  // a masked tile (in the unmasked pass it never is, which keeps that loop short).
+  template <bool kMaskedPass>
+  FASTATTN_HOST_DEVICE FwdStep next(const AttentionParams& p, const FwdStep& prev) const {
+    if (prev.tile < 0) return prev;
+    if (kMaskedPass && prev.masked) {
+      const FwdStep s = after(p, prev, true);
+      return s.tile >= 0 ? s : find(p, 0, 0, false);
+    }
+    return after(p, prev, false);
+  }
+};
+
+// The score of query i and key j from the dot product `acc`, in the kernel's units (FwdTraits),
+// in the reference's order: scale, softcap, ALiBi, additive mask; -inf where (i, j) is not visible
+// (checked only on masked tiles: kMaskTile).
+template <class Tr, bool kMaskTile>
+__device__ __forceinline__ float fwd_score(const AttentionParams& p, const HeadContext& c, float acc, int i, int j,
+                                           bool use_mask) {
+  float x = acc;
+  if constexpr (Tr::kSoftcap) {
+    const float cap = Tr::kNaturalUnits ? p.softcap : p.softcap * kLog2e;
+    if (!Tr::kGeneric || p.softcap > 0.f) {
+      x = cap * tanhf(acc * (p.scale * p.inv_softcap));
+    } else {
+      x = acc * p.scale;
+    }
+  } else if constexpr (Tr::kNaturalUnits) {
+    x = acc * p.scale;
+  }
+  if constexpr (Tr::kBias) {
+    if (p.alibi != nullptr) x -= c.slope * fabsf(static_cast<float>(i + c.offset - j));
+  }
+  if constexpr (kMaskTile) {
+    // Rows past query_lengths (or past Lq in the last tile) must not read the mask out of bounds.
+    bool visible = i < c.qlen && j < c.klen;
+    if constexpr (Tr::kWindow) {
+      if (p.has_window_left) visible = visible && j >= i + c.offset - p.window_left;
+      if (p.has_window_right) visible = visible && j <= i + c.offset + p.window_right;
+    }
+    if (use_mask && visible) {
+      const int64_t o = (int64_t)i * p.mask_stride[2] + (int64_t)j * p.mask_stride[3];
+      if (p.mask_kind == kBoolMask) {
+        visible = c.mask[o] != 0;
+      } else if constexpr (Tr::kBias) {
+        if (p.mask_kind == kHalfMask) {
+          x += __half2float(reinterpret_cast<const __half*>(c.mask)[o]);
+        } else if (p.mask_kind == kBFloat16Mask) {
+          x += __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(c.mask)[o]);
+        } else {
+          x += reinterpret_cast<const float*>(c.mask)[o];
+        }
+        x = floor_masked_score(x);
+      }
+    }
+    x = visible ? x : -CUDART_INF_F;  // a select: a NaN in a hidden score never gets through
+  }
+  return x;
+}
+
+// Grid (ceil(Lq / kBlockM), Hq, B); CTA = kBlockM query rows of one head, warp w owns rows
+// [16w, 16w + 16). Shared memory: Q (kBlockM, D + 8), then two stages of K and V (kBlockN, D + 8).
+// Pipeline: the copies of key tile n + 1 are in flight while tile n is multiplied (cp.async groups:
+// one per tile, waited with wait_group 1); Q goes to registers once (ldmatrix) and stays there.
+template <typename T, class Tr>
+__global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const AttentionParams p) {
+  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, kLd = D + 8;
   static_assert(D % 16 == 0 && BN % 16 == 0, "tiles are multiples of the 16 x 16 mma step");
-  constexpr int kLd = D + 8;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);  // [BM, D]
-  T* sK = sQ + BM * kLd;               // [BN, D]
-  T* sV = sK + BN * kLd;               // [BN, D]
+  T* sK = sQ + BM * kLd;               // [2][BN, D]
+  T* sV = sK + 2 * BN * kLd;           // [2][BN, D]
 
   const int m_block = blockIdx.x, hq = blockIdx.y, b = blockIdx.z;
   const int hk = hq / p.group;
@@ -240,60 +455,85 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + hq * p.q_stride[1];
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
-  load_tile<T, BM, D, kThreads>(sQ, q, p.q_stride[2], m0, p.seqlen_q, tid);
 
-  const TileRange range = key_tiles<BM, BN>(p, c, b, hq, m0);
+  FwdSchedule<Tr> sched;
+  sched.init(p, c, b, hq, m0);
+
+  // K and V rows at or past key_lengths are zero-filled, never read: a NaN in an unused cache
+  // slot cannot reach P V (P = 0 there, and 0 * NaN would be NaN).
+  const TileCopier<T, BN, D, Tr::kThreads> k_copier(k, p.k_stride[2], tid), v_copier(v, p.v_stride[2], tid);
+  // Stage s of K / V starts at sK / sV + s * kStage; `stage` holds 0 or kStage and flips with one XOR.
+  constexpr int kStage = BN * kLd;
+  auto load_kv = [&](int stage, int tile) {
+    k_copier.issue(sK + stage, tile * BN, c.klen);
+    v_copier.issue(sV + stage, tile * BN, c.klen);
+  };
+  FwdStep cur = sched.first(p);
+  FwdStep nxt = sched.template next<true>(p, cur);
+  TileCopier<T, BM, D, Tr::kThreads>(q, p.q_stride[2], tid).issue(sQ, m0, c.qlen);
+  if (cur.tile >= 0) load_kv(0, cur.tile);
+  cp_async_commit();
+  if (nxt.tile >= 0) load_kv(kStage, nxt.tile);
+  cp_async_commit();
+  cp_async_wait<1>();  // Q and the first tile
+  __syncthreads();
+
+  uint32_t qf[D / 16][4];  // A fragments of this warp's [16, D] rows of Q
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) ldsm_a(qf[kk], sQ, kLd, warp * 16, kk * 16, lane);
+
   float acc[D / 8][4];  // [16, D] of this warp's output rows
 #pragma unroll
   for (int nt = 0; nt < D / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
-  float row_max[2] = {-CUDART_INF_F, -CUDART_INF_F};  // rows g and g + 8, log2 domain
+  float row_max[2] = {-CUDART_INF_F, -CUDART_INF_F};  // rows g and g + 8, in the kernel's units
   float row_sum[2] = {0.f, 0.f};                      // this thread's share of the row sums
+  const float kf = Tr::kNaturalUnits ? kLog2e : (Tr::kSoftcap ? 1.f : p.scale * kLog2e);
+  int stage = 0;
+  // This lane's ldmatrix addresses in stage 0: ldsm_b_pair's (K as B of Q K^T) and
+  // ldsm_b_pair_trans's (V as B of P V) with the lane part computed once, outside the loop.
+  const T* k_frag = sK + ((lane / 16) * 8 + lane % 8) * kLd + ((lane / 8) % 2) * 8;
+  const T* v_frag = sV + (((lane / 8) % 2) * 8 + lane % 8) * kLd + (lane / 16) * 8;
 
-  const int steps = range.count();
-  for (int it = 0; it < steps; ++it) {
-    bool masked;
-    const int n_block = range.tile(it, &masked);
-    if (n_block < 0) continue;  // uniform across the CTA
-    const int n0 = n_block * BN;
-    __syncthreads();  // the previous tile is consumed
-    load_tile<T, BN, D, kThreads>(sK, k, p.k_stride[2], n0, p.seqlen_k, tid);
-    load_tile<T, BN, D, kThreads>(sV, v, p.v_stride[2], n0, p.seqlen_k, tid);
-    __syncthreads();
-
+  // One key tile: S = Q K^T, scores, online softmax, O += P V.
+  auto tile_body = [&](auto mask_tile, const FwdStep& step) {
+    constexpr bool kMaskTile = decltype(mask_tile)::value;
+    const T* k_s = k_frag + stage;
+    const T* v_s = v_frag + stage;
+    const int n0 = step.tile * BN;
     float s[BN / 8][4];  // [16, BN] scores of this warp's rows
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4];
-      load_a(a, sQ, kLd, warp * 16, kk * 16, g, t);
 #pragma unroll
-      for (int nt = 0; nt < BN / 8; ++nt) {
-        uint32_t bb[2];
-        load_b_k_contiguous(bb, sK, kLd, nt * 8, kk * 16, g, t);
-        MmaTraits<T>::mma(s[nt], a, bb);
+      for (int np = 0; np < BN / 16; ++np) {
+        uint32_t bk[4];  // B fragments of key columns [16np, 16np + 16) x head dims [16kk, 16kk + 16)
+        ldmatrix_x4(bk, k_s + np * 16 * kLd + kk * 16);
+        MmaTraits<T>::mma(s[2 * np], qf[kk], bk);
+        MmaTraits<T>::mma(s[2 * np + 1], qf[kk], bk + 2);
       }
     }
-
     float tile_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int i = m0 + warp * 16 + g + (e / 2) * 8;
-        const int j = n0 + nt * 8 + 2 * t + (e % 2);
-        float dcap;
-        s[nt][e] = masked_score(p, c, s[nt][e], i, j, masked, &dcap) * kLog2e;
+        if constexpr (kMaskTile || Tr::kSoftcap || Tr::kBias || Tr::kNaturalUnits) {
+          const int i = m0 + warp * 16 + g + (e / 2) * 8;
+          const int j = n0 + nt * 8 + 2 * t + (e % 2);
+          s[nt][e] = fwd_score<Tr, kMaskTile>(p, c, s[nt][e], i, j, step.use_mask);
+        }
         tile_max[e / 2] = fmaxf(tile_max[e / 2], s[nt][e]);
       }
     }
-    float base[2], alpha[2];
+    float m_use[2], neg_m[2], alpha[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float new_max = fmaxf(row_max[r], quad_max(tile_max[r]));
-      // A row that has seen nothing yet keeps a finite base, so no -inf - -inf appears.
-      base[r] = new_max == -CUDART_INF_F ? 0.f : new_max;
-      alpha[r] = exp2f(row_max[r] - base[r]);
+      // A row that has seen nothing keeps a finite base, so no -inf - -inf appears.
+      m_use[r] = new_max == -CUDART_INF_F ? 0.f : new_max;
+      alpha[r] = fast_exp2((row_max[r] - m_use[r]) * kf);
+      neg_m[r] = -m_use[r] * kf;
       row_max[r] = new_max;
       row_sum[r] *= alpha[r];
     }
@@ -301,8 +541,10 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
     for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        s[nt][e] = exp2f(s[nt][e] - base[e / 2]);
-        row_sum[e / 2] += s[nt][e];
+        const int r = e / 2;
+        s[nt][e] = Tr::kNaturalUnits ? fast_exp2((s[nt][e] - m_use[r]) * kLog2e)
+                                     : fast_exp2(fmaf(s[nt][e], kf, neg_m[r]));
+        row_sum[r] += s[nt][e];
       }
     }
 #pragma unroll
@@ -317,33 +559,55 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
       uint32_t a[4];
       accumulator_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
-      for (int nt = 0; nt < D / 8; ++nt) {
-        uint32_t bb[2];
-        load_b_n_contiguous(bb, sV, kLd, kk * 16, nt * 8, g, t);
-        MmaTraits<T>::mma(acc[nt], a, bb);
+      for (int np = 0; np < D / 16; ++np) {
+        uint32_t bv[4];  // B fragments of keys [16kk, 16kk + 16) x head dims [16np, 16np + 16)
+        ldmatrix_x4_trans(bv, v_s + kk * 16 * kLd + np * 16);
+        MmaTraits<T>::mma(acc[2 * np], a, bv);
+        MmaTraits<T>::mma(acc[2 * np + 1], a, bv + 2);
       }
     }
+  };
+  // After a tile: refill the stage it used with the tile after next, and wait for the next one.
+  auto advance = [&](auto masked_pass) {
+    const FwdStep after = sched.template next<decltype(masked_pass)::value>(p, nxt);
+    __syncthreads();  // every warp is done with `stage`
+    if (after.tile >= 0) load_kv(stage, after.tile);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    cur = nxt;
+    nxt = after;
+    stage ^= kStage;
+  };
+  while (cur.tile >= 0 && cur.masked) {
+    tile_body(BoolConstant<true>{}, cur);
+    advance(BoolConstant<true>{});
+  }
+  while (cur.tile >= 0) {
+    tile_body(BoolConstant<false>{}, cur);
+    advance(BoolConstant<false>{});
   }
 
   T* out = static_cast<T*>(p.out) + b * p.out_stride[0] + hq * p.out_stride[1];
-  float inv[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    row_sum[r] = quad_sum(row_sum[r]);
-    inv[r] = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;  // rows that see nothing return 0
-  }
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
+    const float sum = quad_sum(row_sum[r]);
     const int i = m0 + warp * 16 + g + r * 8;
     if (i >= p.seqlen_q) continue;
+    // Rows past query_lengths and rows that see nothing return 0 and lse = -inf.
+    const bool live = i < c.qlen && sum > 0.f;
+    const float inv = live ? 1.f / sum : 0.f;
 #pragma unroll
     for (int nt = 0; nt < D / 8; ++nt) {
       *reinterpret_cast<uint32_t*>(out + (int64_t)i * p.out_stride[2] + nt * 8 + 2 * t) =
-          MmaTraits<T>::pack(acc[nt][2 * r] * inv[r], acc[nt][2 * r + 1] * inv[r]);
+          MmaTraits<T>::pack(acc[nt][2 * r] * inv, acc[nt][2 * r + 1] * inv);
     }
     if (t == 0) {
-      p.lse[((int64_t)b * p.heads_q + hq) * p.seqlen_q + i] =
-          row_sum[r] > 0.f ? (row_max[r] + log2f(row_sum[r])) * kLn2 : -CUDART_INF_F;
+      float lse = -CUDART_INF_F;
+      if (live) {
+        lse = Tr::kNaturalUnits ? row_max[r] + log2f(sum) * kLn2 : (row_max[r] * kf + log2f(sum)) * kLn2;
+      }
+      p.lse[((int64_t)b * p.heads_q + hq) * p.seqlen_q + i] = lse;
     }
   }
 }
@@ -386,7 +650,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
   T* sV = sK + BN * kLd;               // [BN, D]
   T* sQ = sV + BN * kLd;               // [BM, D]
   T* sdO = sQ + BM * kLd;              // [BM, D]
-  float* sLse = reinterpret_cast<float*>(sdO + BM * kLd);  // [BM], log2 domain
+  float* sLse = reinterpret_cast<float*>(sdO + BM * kLd);  // [BM], natural log
   float* sDelta = sLse + BM;                               // [BM]
 
   const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
@@ -395,8 +659,10 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
 
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
-  load_tile<T, BN, D, kThreads>(sK, k, p.k_stride[2], n0, p.seqlen_k, tid);
-  load_tile<T, BN, D, kThreads>(sV, v, p.v_stride[2], n0, p.seqlen_k, tid);
+  // Key lengths depend on the batch only; rows at or past them are zero-filled, never read.
+  const int klen = head_context(p, b, hk * p.group).klen;
+  load_tile<T, BN, D, kThreads>(sK, k, p.k_stride[2], n0, klen, tid);
+  load_tile<T, BN, D, kThreads>(sV, v, p.v_stride[2], n0, klen, tid);
 
   float dk[D / 8][4], dv[D / 8][4];  // [16, D] of this warp's keys
 #pragma unroll
@@ -418,11 +684,11 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
       if (m_block < 0) continue;  // uniform across the CTA
       const int m0 = m_block * BM;
       __syncthreads();  // the previous query tile is consumed
-      load_tile<T, BM, D, kThreads>(sQ, q, p.q_stride[2], m0, p.seqlen_q, tid);
-      load_tile<T, BM, D, kThreads>(sdO, dout, p.dout_stride[2], m0, p.seqlen_q, tid);
+      load_tile<T, BM, D, kThreads>(sQ, q, p.q_stride[2], m0, c.qlen, tid);
+      load_tile<T, BM, D, kThreads>(sdO, dout, p.dout_stride[2], m0, c.qlen, tid);
       for (int r = tid; r < BM; r += kThreads) {
-        const bool in = m0 + r < p.seqlen_q;
-        sLse[r] = in ? p.lse[stats + m0 + r] * kLog2e : -CUDART_INF_F;
+        const bool in = m0 + r < c.qlen;
+        sLse[r] = in ? p.lse[stats + m0 + r] : -CUDART_INF_F;
         sDelta[r] = in ? p.delta[stats + m0 + r] : 0.f;
       }
       __syncthreads();
@@ -436,15 +702,17 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         uint32_t ak[4], av[4];
-        load_a(ak, sK, kLd, warp * 16, kk * 16, g, t);
-        load_a(av, sV, kLd, warp * 16, kk * 16, g, t);
+        ldsm_a(ak, sK, kLd, warp * 16, kk * 16, lane);
+        ldsm_a(av, sV, kLd, warp * 16, kk * 16, lane);
 #pragma unroll
-        for (int nt = 0; nt < BM / 8; ++nt) {
-          uint32_t bq[2], bdo[2];
-          load_b_k_contiguous(bq, sQ, kLd, nt * 8, kk * 16, g, t);
-          load_b_k_contiguous(bdo, sdO, kLd, nt * 8, kk * 16, g, t);
-          MmaTraits<T>::mma(st[nt], ak, bq);
-          MmaTraits<T>::mma(dpt[nt], av, bdo);
+        for (int np = 0; np < BM / 16; ++np) {
+          uint32_t bq[4], bdo[4];  // queries [16np, 16np + 16) x head dims [16kk, 16kk + 16)
+          ldsm_b_pair(bq, sQ, kLd, np * 16, kk * 16, lane);
+          ldsm_b_pair(bdo, sdO, kLd, np * 16, kk * 16, lane);
+          MmaTraits<T>::mma(st[2 * np], ak, bq);
+          MmaTraits<T>::mma(st[2 * np + 1], ak, bq + 2);
+          MmaTraits<T>::mma(dpt[2 * np], av, bdo);
+          MmaTraits<T>::mma(dpt[2 * np + 1], av, bdo + 2);
         }
       }
       // P^T into st, scale * dX^T into dpt.
@@ -456,12 +724,10 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
           const int r = nt * 8 + 2 * t + (e % 2);
           float dcap;
           const float s = masked_score(p, c, st[nt][e], m0 + r, j, masked, &dcap);
-          const float lse = sLse[r];
-          const float prob = (s == -CUDART_INF_F || lse == -CUDART_INF_F) ? 0.f : exp2f(s * kLog2e - lse);
-          const float ds = prob * (dpt[nt][e] - sDelta[r]);  // d(loss)/d(score)
-          if (p.dbias != nullptr && m0 + r < p.seqlen_q && j < p.seqlen_k) {
-            p.dbias[(stats + m0 + r) * p.seqlen_k + j] = ds;
-          }
+          const float prob = probability(s, sLse[r]);
+          // A select, so a NaN in a hidden dO or delta row never reaches dK.
+          const float ds = prob > 0.f ? prob * (dpt[nt][e] - sDelta[r]) : 0.f;  // d(loss)/d(score)
+          if (p.dbias != nullptr && m0 + r < p.seqlen_q && j < p.seqlen_k) write_dbias(p, b, hq, m0 + r, j, ds);
           st[nt][e] = prob;
           dpt[nt][e] = ds * dcap * p.scale;
         }
@@ -472,12 +738,14 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
         accumulator_to_a<T>(ap, st[2 * kk], st[2 * kk + 1]);
         accumulator_to_a<T>(ads, dpt[2 * kk], dpt[2 * kk + 1]);
 #pragma unroll
-        for (int nt = 0; nt < D / 8; ++nt) {
-          uint32_t bdo[2], bq[2];
-          load_b_n_contiguous(bdo, sdO, kLd, kk * 16, nt * 8, g, t);
-          load_b_n_contiguous(bq, sQ, kLd, kk * 16, nt * 8, g, t);
-          MmaTraits<T>::mma(dv[nt], ap, bdo);
-          MmaTraits<T>::mma(dk[nt], ads, bq);
+        for (int np = 0; np < D / 16; ++np) {
+          uint32_t bdo[4], bq[4];  // queries [16kk, 16kk + 16) x head dims [16np, 16np + 16)
+          ldsm_b_pair_trans(bdo, sdO, kLd, kk * 16, np * 16, lane);
+          ldsm_b_pair_trans(bq, sQ, kLd, kk * 16, np * 16, lane);
+          MmaTraits<T>::mma(dv[2 * np], ap, bdo);
+          MmaTraits<T>::mma(dv[2 * np + 1], ap, bdo + 2);
+          MmaTraits<T>::mma(dk[2 * np], ads, bq);
+          MmaTraits<T>::mma(dk[2 * np + 1], ads, bq + 2);
         }
       }
     }
@@ -525,16 +793,16 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
   const T* dout = static_cast<const T*>(p.dout) + b * p.dout_stride[0] + hq * p.dout_stride[1];
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
-  load_tile<T, BM, D, kThreads>(sQ, q, p.q_stride[2], m0, p.seqlen_q, tid);
-  load_tile<T, BM, D, kThreads>(sdO, dout, p.dout_stride[2], m0, p.seqlen_q, tid);
+  load_tile<T, BM, D, kThreads>(sQ, q, p.q_stride[2], m0, c.qlen, tid);
+  load_tile<T, BM, D, kThreads>(sdO, dout, p.dout_stride[2], m0, c.qlen, tid);
 
   const int64_t stats = ((int64_t)b * p.heads_q + hq) * p.seqlen_q;
   float lse[2], delta[2];  // rows g and g + 8 of this warp
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int i = m0 + warp * 16 + g + r * 8;
-    lse[r] = i < p.seqlen_q ? p.lse[stats + i] * kLog2e : -CUDART_INF_F;
-    delta[r] = i < p.seqlen_q ? p.delta[stats + i] : 0.f;
+    lse[r] = i < c.qlen ? p.lse[stats + i] : -CUDART_INF_F;
+    delta[r] = i < c.qlen ? p.delta[stats + i] : 0.f;
   }
 
   float dq[D / 8][4];  // [16, D] of this warp's rows
@@ -549,8 +817,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
     if (n_block < 0) continue;  // uniform across the CTA
     const int n0 = n_block * BN;
     __syncthreads();
-    load_tile<T, BN, D, kThreads>(sK, k, p.k_stride[2], n0, p.seqlen_k, tid);
-    load_tile<T, BN, D, kThreads>(sV, v, p.v_stride[2], n0, p.seqlen_k, tid);
+    load_tile<T, BN, D, kThreads>(sK, k, p.k_stride[2], n0, c.klen, tid);
+    load_tile<T, BN, D, kThreads>(sV, v, p.v_stride[2], n0, c.klen, tid);
     __syncthreads();
 
     float s[BN / 8][4], dp[BN / 8][4];  // [16, BN]
@@ -562,15 +830,17 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t aq[4], ado[4];
-      load_a(aq, sQ, kLd, warp * 16, kk * 16, g, t);
-      load_a(ado, sdO, kLd, warp * 16, kk * 16, g, t);
+      ldsm_a(aq, sQ, kLd, warp * 16, kk * 16, lane);
+      ldsm_a(ado, sdO, kLd, warp * 16, kk * 16, lane);
 #pragma unroll
-      for (int nt = 0; nt < BN / 8; ++nt) {
-        uint32_t bk[2], bv[2];
-        load_b_k_contiguous(bk, sK, kLd, nt * 8, kk * 16, g, t);
-        load_b_k_contiguous(bv, sV, kLd, nt * 8, kk * 16, g, t);
-        MmaTraits<T>::mma(s[nt], aq, bk);
-        MmaTraits<T>::mma(dp[nt], ado, bv);
+      for (int np = 0; np < BN / 16; ++np) {
+        uint32_t bk[4], bv[4];  // keys [16np, 16np + 16) x head dims [16kk, 16kk + 16)
+        ldsm_b_pair(bk, sK, kLd, np * 16, kk * 16, lane);
+        ldsm_b_pair(bv, sV, kLd, np * 16, kk * 16, lane);
+        MmaTraits<T>::mma(s[2 * np], aq, bk);
+        MmaTraits<T>::mma(s[2 * np + 1], aq, bk + 2);
+        MmaTraits<T>::mma(dp[2 * np], ado, bv);
+        MmaTraits<T>::mma(dp[2 * np + 1], ado, bv + 2);
       }
     }
 #pragma unroll
@@ -582,8 +852,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
         const int j = n0 + nt * 8 + 2 * t + (e % 2);
         float dcap;
         const float sc = masked_score(p, c, s[nt][e], i, j, masked, &dcap);
-        const float prob = (sc == -CUDART_INF_F || lse[r] == -CUDART_INF_F) ? 0.f : exp2f(sc * kLog2e - lse[r]);
-        dp[nt][e] = prob * (dp[nt][e] - delta[r]) * dcap * p.scale;
+        const float prob = probability(sc, lse[r]);
+        dp[nt][e] = prob > 0.f ? prob * (dp[nt][e] - delta[r]) * dcap * p.scale : 0.f;
       }
     }
 #pragma unroll
@@ -591,10 +861,11 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
       uint32_t ads[4];
       accumulator_to_a<T>(ads, dp[2 * kk], dp[2 * kk + 1]);
 #pragma unroll
-      for (int nt = 0; nt < D / 8; ++nt) {
-        uint32_t bk[2];
-        load_b_n_contiguous(bk, sK, kLd, kk * 16, nt * 8, g, t);
-        MmaTraits<T>::mma(dq[nt], ads, bk);
+      for (int np = 0; np < D / 16; ++np) {
+        uint32_t bk[4];  // keys [16kk, 16kk + 16) x head dims [16np, 16np + 16)
+        ldsm_b_pair_trans(bk, sK, kLd, kk * 16, np * 16, lane);
+        MmaTraits<T>::mma(dq[2 * np], ads, bk);
+        MmaTraits<T>::mma(dq[2 * np + 1], ads, bk + 2);
       }
     }
   }

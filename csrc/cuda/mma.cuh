@@ -1,5 +1,5 @@
-// Warp-level tensor-core helpers for the attention kernels: mma.sync m16n8k16 (sm_80+) and the
-// loads that build its fragments from shared memory.
+// Warp-level tensor-core helpers for the attention kernels: mma.sync m16n8k16 (sm_80+), the
+// ldmatrix loads that build its fragments from shared memory, and cp.async tile copies.
 //
 // Fragment layout of mma.sync.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"), with
 // g = lane / 4 (group) and t = lane % 4 (thread in group):
@@ -14,7 +14,8 @@
 //
 // The element with the lower index sits in the lower 16 bits of a b32 register.
 // Shared-memory tiles are row-major with a row stride of D + 8 elements: the 16-byte pad moves
-// consecutive rows 4 banks apart, so the 8 groups of a warp read 8 distinct bank quadruples.
+// consecutive rows 4 banks apart, so the 8 row addresses of each 8 x 8 matrix an ldmatrix reads
+// (16 bytes each) fall in 8 distinct bank quadruples: no conflicts.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -61,42 +62,6 @@ struct MmaTraits<__nv_bfloat16> {
   }
 };
 
-__device__ __forceinline__ uint32_t load_b32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
-
-__device__ __forceinline__ uint32_t pack_b16(const void* lo, const void* hi) {
-  const uint32_t l = *reinterpret_cast<const uint16_t*>(lo);
-  const uint32_t h = *reinterpret_cast<const uint16_t*>(hi);
-  return l | (h << 16);
-}
-
-// A fragment of the 16 x 16 block at (row0, col0) of a row-major tile s with row stride ld.
-template <typename T>
-__device__ __forceinline__ void load_a(uint32_t a[4], const T* s, int ld, int row0, int col0, int g, int t) {
-  const T* p = s + (row0 + g) * ld + col0 + 2 * t;
-  a[0] = load_b32(p);
-  a[1] = load_b32(p + 8 * ld);
-  a[2] = load_b32(p + 8);
-  a[3] = load_b32(p + 8 * ld + 8);
-}
-
-// B fragment (k x n = 16 x 8) with B[k][n] = s[n0 + n][k0 + k]: the tile holds B transposed
-// (keys by head dim for Q K^T), so the pairs along k are consecutive in memory.
-template <typename T>
-__device__ __forceinline__ void load_b_k_contiguous(uint32_t b[2], const T* s, int ld, int n0, int k0, int g, int t) {
-  const T* p = s + (n0 + g) * ld + k0 + 2 * t;
-  b[0] = load_b32(p);
-  b[1] = load_b32(p + 8);
-}
-
-// B fragment (k x n = 16 x 8) with B[k][n] = s[k0 + k][n0 + n] (V in P V): the pairs along k
-// are one row apart, so each register is packed from two 16-bit loads.
-template <typename T>
-__device__ __forceinline__ void load_b_n_contiguous(uint32_t b[2], const T* s, int ld, int k0, int n0, int g, int t) {
-  const T* p = s + (k0 + 2 * t) * ld + n0 + g;
-  b[0] = pack_b16(p, p + ld);
-  b[1] = pack_b16(p + 8 * ld, p + 9 * ld);
-}
-
 // The A fragment of the 16 x 16 block made of accumulator tiles c[2kk] and c[2kk + 1]
 // (columns 16kk .. 16kk+15 of a 16-row accumulator), rounded to T.
 template <typename T>
@@ -123,6 +88,96 @@ __device__ __forceinline__ void load_tile(T* s, const T* g, int64_t row_stride, 
     *reinterpret_cast<uint4*>(s + r * kLd + col) = value;
   }
 }
+
+// ------------------------------------------------------------------------------------------------
+// ldmatrix and cp.async (sm_80+): the pipelined kernels' fragment loads and global-to-shared copies.
+
+__device__ __forceinline__ uint32_t smem_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Four 8 x 8 b16 matrices; lane l gives the address of row l % 8 of matrix l / 8, and register i
+// receives matrix i in the mma fragment layout (thread (g, t) holds row g, elements 2t and 2t + 1).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_address(p)));
+}
+
+// As ldmatrix_x4, each matrix transposed: thread (g, t) holds column g, rows 2t and 2t + 1.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_address(p)));
+}
+
+// 16 bytes global -> shared without a register round trip; `valid == false` writes 16 zero bytes
+// and reads nothing (src-size 0), so rows past a logical length are never read.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(smem)), "l"(gmem),
+               "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Fragments of row-major shared tiles with row stride `ld` (elements), by ldmatrix:
+// the A fragment of the 16 x 16 block at (row0, col0);
+template <typename T>
+__device__ __forceinline__ void ldsm_a(uint32_t a[4], const T* s, int ld, int row0, int col0, int lane) {
+  ldmatrix_x4(a, s + (row0 + lane % 16) * ld + col0 + (lane / 16) * 8);
+}
+
+// the B fragments (k x n = 16 x 8) of n-tiles n0 (b[0..1]) and n0 + 8 (b[2..3]) when the tile holds
+// B transposed, B[k][n] = s[n0 + n][k0 + k] (K in Q K^T: rows are n, k is contiguous);
+template <typename T>
+__device__ __forceinline__ void ldsm_b_pair(uint32_t b[4], const T* s, int ld, int n0, int k0, int lane) {
+  ldmatrix_x4(b, s + (n0 + (lane / 16) * 8 + lane % 8) * ld + k0 + ((lane / 8) % 2) * 8);
+}
+
+// the same when the tile holds B itself, B[k][n] = s[k0 + k][n0 + n] (V in P V: n is contiguous).
+template <typename T>
+__device__ __forceinline__ void ldsm_b_pair_trans(uint32_t b[4], const T* s, int ld, int k0, int n0, int lane) {
+  ldmatrix_x4_trans(b, s + (k0 + ((lane / 8) % 2) * 8 + lane % 8) * ld + n0 + (lane / 16) * 8);
+}
+
+// Copies tiles of ROWS rows of a (rows, D) global matrix with row stride `row_stride` (elements)
+// into shared tiles with row stride D + 8, with cp.async. Each thread copies the same 16-byte
+// column chunk of every (THREADS / (D / 8))-th row; its addresses are set up once, so a tile costs
+// one 64-bit multiply and a few adds. Rows at or past `num_rows` become zero without being read.
+// Rows must be 16-byte aligned (checked on the host).
+template <typename T, int ROWS, int D, int THREADS>
+struct TileCopier {
+  static constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  static constexpr int kRowsPerPass = THREADS / kChunks;
+  static_assert(THREADS % kChunks == 0 && ROWS % kRowsPerPass == 0, "every thread copies whole passes");
+  const T* base;        // the matrix at (this thread's first row, its chunk)
+  int64_t row_stride;   // elements
+  int first_row, smem_offset;
+
+  __device__ __forceinline__ TileCopier(const T* g, int64_t stride, int tid) : row_stride(stride) {
+    first_row = tid / kChunks;
+    const int col = (tid % kChunks) * 8;
+    base = g + first_row * stride + col;
+    smem_offset = first_row * (D + 8) + col;
+  }
+
+  __device__ __forceinline__ void issue(T* s, int row0, int num_rows) const {
+    const T* src = base + (int64_t)row0 * row_stride;
+    const int64_t pass_stride = kRowsPerPass * row_stride;
+#pragma unroll
+    for (int pass = 0; pass < ROWS / kRowsPerPass; ++pass) {
+      const bool valid = row0 + first_row + pass * kRowsPerPass < num_rows;
+      // An invalid row's address is formed but never read (src-size 0), as CUTLASS's zfill copies do.
+      cp_async_16(s + smem_offset + pass * kRowsPerPass * (D + 8), src + pass * pass_stride, valid);
+    }
+  }
+};
 
 }  // namespace cuda
 }  // namespace fastattn

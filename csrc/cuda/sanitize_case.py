@@ -1,10 +1,13 @@
-"""A small CUDA-backend workload for the memory checker: forward and backward over the edge cases
-(odd lengths below and across a tile, Lq != Lk, GQA, padding lengths, windows with empty rows,
-block lists, a strided mask, an offset input). Exits non-zero on a wrong result.
+"""A small CUDA-backend workload for the sanitizers: forward and backward over the edge cases
+(odd lengths below and across a tile, Lq != Lk, GQA, padding lengths, windows with empty rows and
+boundary tiles at both ends, block lists on the 128-row and the generic 64-row kernels, additive
+masks with a broadcast gradient, a strided mask, an offset input). Exits non-zero on a wrong result.
 
-Run on a GPU from the repository root::
+Run on a GPU from the repository root, once per tool::
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python csrc/cuda/sanitize_case.py
+    compute-sanitizer --tool racecheck --error-exitcode 1 python csrc/cuda/sanitize_case.py
+    compute-sanitizer --tool synccheck --error-exitcode 1 python csrc/cuda/sanitize_case.py
 """
 
 from __future__ import annotations
@@ -48,7 +51,12 @@ def main() -> None:
             run_case(f"{tag} bool mask broadcast", *qkv(1, 2, 2, 130, 70), attn_mask=mask)
             layout = torch.tensor([[True, False], [True, True], [False, True]], device="cuda")
             block_mask = fastattn.BlockMask.from_layout(layout, block_size=64, seq_lens=(150, 100))
-            run_case(f"{tag} block mask", *qkv(1, 2, 1, 150, 100), block_mask=block_mask)
+            run_case(f"{tag} block mask 64 (generic kernel)", *qkv(1, 2, 1, 150, 100), block_mask=block_mask)
+            block_mask = fastattn.BlockMask.from_layout(layout, block_size=128, seq_lens=(300, 200))
+            run_case(f"{tag} block mask 128", *qkv(1, 2, 1, 300, 200), block_mask=block_mask)
+            run_case(f"{tag} window both edges", *qkv(1, 2, 2, 300, 700), window=(200, 100))
+            bias = torch.randn(1, 1, 1, 300, device="cuda", dtype=dtype).requires_grad_()
+            run_case(f"{tag} additive mask with gradient", *qkv(2, 2, 1, 97, 300), attn_mask=bias)
             base = torch.randn(2 * 33 * D + 1, device="cuda", dtype=dtype)
             q = base[1:].view(1, 2, 33, D).detach().requires_grad_()
             _, k, v = qkv(1, 2, 2, 33, 33)

@@ -1,7 +1,9 @@
 """Backend registry and dispatch.
 
-Backends are tried in priority order ``cuda > triton > cpu > reference``; the first whose
-:meth:`~fastattn.backends.base.Backend.reasons` list is empty serves the call. An explicitly
+Backends are tried in priority order ``cuda > triton > cpu > reference``, except that ``cuda`` and
+``triton`` are ordered by measured evidence (:mod:`fastattn.backends.evidence`: triton first
+unless a committed GPU results file shows cuda faster for that kind of call on that GPU); the
+first whose :meth:`~fastattn.backends.base.Backend.reasons` list is empty serves the call. An explicitly
 requested backend that cannot serve raises one :class:`BackendNotSupportedError` listing why.
 ``FASTATTN_BACKEND=<name>`` replaces the automatic choice (an explicit ``backend=`` still wins).
 """
@@ -12,6 +14,7 @@ import importlib
 import os
 
 from .._inputs import AttentionInputs
+from . import evidence
 from .base import Backend
 
 PRIORITY = ("cuda", "triton", "cpu", "reference")
@@ -92,7 +95,9 @@ def select_backend(inputs: AttentionInputs, requested: str | None = None) -> Bac
             )
         return backend
     refused = []
-    for name, backend in backends().items():
+    available = backends()
+    for name in evidence.order(available, inputs):
+        backend = available[name]
         reasons = backend.reasons(inputs) or backend.auto_select_reasons(inputs)
         if not reasons:
             return backend

@@ -1,9 +1,12 @@
 """The CUDA backend: tensor-core C++ kernels (``csrc/cuda/``) behind ``torch.ops.fastattn.attention_fwd/bwd``.
 
-The kernels use ``mma.sync`` m16n8k16 (sm_80 and newer), float16 and bfloat16, head dims 64 and
-128. The forward is FlashAttention-2 style (online softmax over the visible band of key tiles);
-the backward is deterministic (dK/dV per key tile looping over the GQA group, dQ in its own kernel,
-no atomics). Design notes: ``docs/cuda-kernels.md``.
+The kernels use ``mma.sync`` m16n8k16 (sm_80 and newer, for the architectures the extension was
+built for), float16 and bfloat16, head dims 64 and 128. The forward is FlashAttention-2 style
+(128-row query tiles, Q in registers, ``ldmatrix`` fragments, ``cp.async`` double-buffered K/V,
+features as template flags); the backward is deterministic (dK/dV per key tile looping over the
+GQA group, dQ in its own kernel, no atomics). The automatic choice puts these kernels before
+Triton only where measured evidence says so (:mod:`fastattn.backends.evidence`). Design notes:
+``docs/cuda-kernels.md``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ _FEATURES = {
     "dropout": False,
     "lengths": True,
     "gqa": True,
+    # A gradient flowing into the returned lse (issue 16 item 15): the CUDA backward does not take
+    # dlse; declined here so such calls go to a backend that does.
+    "lse gradient": False,
 }
 
 
@@ -66,12 +72,36 @@ def _build_reason() -> str | None:
 _BUILD_REASON = _build_reason()
 
 
+_IMAGE_REASONS: dict[int, str | None] = {}
+
+
+def _kernel_image_reason(index: int) -> str | None:
+    """Why the built kernels have no image for GPU ``index`` (None when they have one), asked once.
+
+    sm_XY code runs only on GPUs of major version X (and sm_90a only on sm_90), so a GPU newer than
+    the build's ``TORCH_CUDA_ARCH_LIST`` (default ``8.0;9.0a``) cannot launch them; the extension
+    asks the CUDA runtime (``cudaFuncGetAttributes``) instead of failing at the first launch.
+    """
+    if index not in _IMAGE_REASONS:
+        module, _ = _extension.load()
+        error = module.cuda_kernel_image_error(index) if hasattr(module, "cuda_kernel_image_error") else None
+        if error is not None:
+            major, minor = torch.cuda.get_device_capability(index)
+            error = (
+                f"fastattn._C has no CUDA kernel image for this GPU (sm_{major}{minor}): {error}; rebuild with "
+                f"TORCH_CUDA_ARCH_LIST including {major}.{minor}"
+            )
+        _IMAGE_REASONS[index] = error
+    return _IMAGE_REASONS[index]
+
+
 def _capability_reason(device: torch.device) -> str | None:
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < MIN_CAPABILITY:
         name = torch.cuda.get_device_name(device)
         return f"GPU {name} is sm_{major}{minor}; the CUDA kernels need sm_{MIN_CAPABILITY[0]}{MIN_CAPABILITY[1]} or newer"
-    return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _kernel_image_reason(index)
 
 
 # ---- Hopper (sm_90a) forward: csrc/cuda/sm90, the op fastattn::attention_fwd_sm90 (docs/cuda-hopper.md) ----

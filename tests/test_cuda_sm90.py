@@ -115,14 +115,6 @@ def test_hopper_reasons_accept_plain_and_causal_apart_from_the_machine():
         assert all(any(m in r for m in machine) for r in reasons), reasons
 
 
-@pytest.mark.parametrize("path, passed_over", [("sm90", True), ("sm80", False)])
-def test_automatic_choice_passes_over_the_unproven_hopper_path(path, passed_over, monkeypatch):
-    monkeypatch.setattr(cuda_backend, "forward_path", lambda inputs: path)
-    reasons = cuda_backend.BACKEND.auto_select_reasons(_inputs_for())
-    assert bool(reasons) == passed_over
-    assert all("not yet proven on a GPU" in r for r in reasons)
-
-
 # ---------------------------------------------------------------- on an sm_90 GPU ----
 
 

@@ -204,12 +204,6 @@ class CudaBackend(Backend):
             reasons.append(f"batch and heads must be at most {MAX_GRID_DIM}, got {inputs.batch} and {inputs.heads_q}")
         return reasons
 
-    def auto_select_reasons(self, inputs: AttentionInputs) -> list[str]:
-        # Until a GPU run proves the Hopper forward, the automatic choice passes over the calls it would serve.
-        if forward_path(inputs) == "sm90":
-            return ["the Hopper (sm_90a) forward is not yet proven on a GPU; backend='cuda' runs it"]
-        return []
-
     def build_ops(self) -> BackendOps:
         if _BUILD_REASON:
             raise RuntimeError(_BUILD_REASON)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
+from torch.nn.attention.bias import CausalBias, CausalVariant
 
-from ._inputs import _check_bool, _check_tensor, normalize
+from ._inputs import InputValueError, _check_bool, _check_tensor, normalize
 from .autograd import run
 from .backends import select_backend
 
@@ -68,7 +69,7 @@ def attention(
     inputs = normalize(
         q, k, v, causal=causal, window=window, block_mask=block_mask, attn_mask=attn_mask,
         alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, scale=scale,
-        key_lengths=key_lengths, query_lengths=query_lengths,
+        key_lengths=key_lengths, query_lengths=query_lengths, return_lse=return_lse,
     )
     chosen = select_backend(inputs, backend)
     return run(inputs, chosen.name, return_lse)
@@ -94,15 +95,24 @@ def scaled_dot_product_attention(
     for t, name in ((query, "query"), (key, "key"), (value, "value")):
         _check_tensor(t, name)
         if t.dim() < 2:
-            raise ValueError(f"{name} must have at least 2 dimensions (..., L, E), got shape {tuple(t.shape)}")
+            raise InputValueError(f"{name} must have at least 2 dimensions (..., L, E), got shape {tuple(t.shape)}")
     _check_bool(is_causal, "is_causal")
     _check_bool(enable_gqa, "enable_gqa")
     if is_causal and attn_mask is not None:
-        raise ValueError("attn_mask must be None when is_causal=True (as in torch's scaled_dot_product_attention)")
+        raise InputValueError("attn_mask must be None when is_causal=True (as in torch's scaled_dot_product_attention)")
     if query.dim() != key.dim() or query.dim() != value.dim():
-        raise ValueError(
+        raise InputValueError(
             f"query, key and value must have the same number of dimensions, got {query.dim()}, {key.dim()}, {value.dim()}"
         )
+    # torch's CausalBias masks (torch.nn.attention.bias.causal_upper_left / causal_lower_right) stand for a
+    # causal alignment: used as such, never materialised.
+    bottom_right_causal = False
+    if isinstance(attn_mask, CausalBias):
+        if attn_mask.variant == CausalVariant.UPPER_LEFT:
+            is_causal = True
+        else:
+            bottom_right_causal = True
+        attn_mask = None
 
     # Bring (..., H, L, E) to (B, H, L, E): leading dims fold into the batch, a missing head dim becomes 1.
     out_shape = (*query.shape[:-1], value.shape[-1])
@@ -111,24 +121,24 @@ def scaled_dot_product_attention(
     elif query.dim() > 4:
         batch_shape = query.shape[:-3]
         if key.shape[:-3] != batch_shape or value.shape[:-3] != batch_shape:
-            raise ValueError(f"key and value must have query's batch dimensions {tuple(batch_shape)}")
+            raise InputValueError(f"key and value must have query's batch dimensions {tuple(batch_shape)}")
         if attn_mask is not None:
             _check_tensor(attn_mask, "attn_mask")
             try:
                 attn_mask = attn_mask.expand(*query.shape[:-1], key.shape[-2])
             except RuntimeError as exc:
-                raise ValueError(
+                raise InputValueError(
                     f"attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to "
                     f"{(*query.shape[:-1], key.shape[-2])}"
                 ) from exc
             attn_mask = attn_mask.reshape(-1, *attn_mask.shape[-3:])
         query, key, value = (t.reshape(-1, *t.shape[-3:]) for t in (query, key, value))
     if key.shape[1] != query.shape[1] and not enable_gqa:
-        raise ValueError(
+        raise InputValueError(
             f"query has {query.shape[1]} heads but key/value have {key.shape[1]}; pass enable_gqa=True for GQA"
         )
 
-    window = None
+    window = (None, 0) if bottom_right_causal else None
     if is_causal:  # top-left: j <= i, i.e. a right bound of -(Lk - Lq) in bottom-right terms
         window = (None, query.shape[-2] - key.shape[-2])
     inputs = normalize(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale, window_override=window)

@@ -24,6 +24,9 @@ Conventions of the op level (the public API normalises to them, see ``_inputs.py
   ``-inf`` for rows that see no key). The backward returns ``dq, dk, dv`` and ``dbias``, the
   gradient of the scores w.r.t. an additive ``attn_mask`` ``(B, Hq, Lq, Lk)`` when
   ``compute_dbias`` (an empty tensor otherwise).
+* ``dlse`` (backward, optional): float32 ``(B, Hq, Lq)``, the gradient w.r.t. the returned ``lse``.
+  Since ``d lse_i / d s_ij = P_ij``, it enters as ``delta = rowsum(dout * out) - dlse``
+  (``dS = P * (dP - delta)``).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ BWD_SCHEMA = (
     "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask, "
     "Tensor? alibi_slopes, Tensor? key_lengths, Tensor? query_lengths, " + _BLOCK_ARGS
     + "Tensor? q_num_blocks, Tensor? q_indices, Tensor? full_q_num_blocks, Tensor? full_q_indices, "
-    + _PARTIAL_ARGS + _COMMON_TAIL + ", bool compute_dbias) -> (Tensor, Tensor, Tensor, Tensor)"
+    + _PARTIAL_ARGS + _COMMON_TAIL + ", bool compute_dbias, Tensor? dlse=None) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -60,8 +63,12 @@ def fwd_fake(q, k, v, *args, **kwargs):
     return out, lse
 
 
-def bwd_fake(dout, q, k, v, out, lse, *args):
-    compute_dbias = args[-1]
+# Position of compute_dbias among the backward's arguments after lse (attn_mask ... seed come first).
+_COMPUTE_DBIAS_INDEX = 22
+
+
+def bwd_fake(dout, q, k, v, out, lse, *args, dlse=None):
+    compute_dbias = args[_COMPUTE_DBIAS_INDEX]
     B, Hq, Lq, _ = q.shape
     dbias = q.new_empty((B, Hq, Lq, k.shape[2])) if compute_dbias else q.new_empty((0,))
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias

@@ -557,11 +557,13 @@ def attention_bwd(
     dropout_p: float = 0.0,
     seed: int = 0,
     compute_dbias: bool = False,
+    dlse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the three backward kernels.
 
     Args: as :func:`attention_fwd`, plus ``dout (B, Hq, Lq, DV)``, the forward's ``out`` and ``lse``,
-    the BlockMask's transposed lists, and ``compute_dbias`` (gradient w.r.t. an additive attn_mask).
+    the BlockMask's transposed lists, ``compute_dbias`` (gradient w.r.t. an additive attn_mask) and
+    ``dlse`` (float32 ``(B, Hq, Lq)``, the gradient w.r.t. ``lse``, or None).
 
     Returns:
         ``dq``, ``dk``, ``dv`` (dtypes and shapes of q, k, v) and ``dbias (B, Hq, Lq, Lk)`` in the
@@ -591,6 +593,8 @@ def attention_bwd(
         stride_dob=dout.stride(0), stride_doh=dout.stride(1), stride_dom=dout.stride(2),
         BLOCK_M=64, BLOCK_DV=block_dv,
     )
+    if dlse is not None:  # d lse / d S = P, so the lse gradient enters as delta - dlse (fastattn/ops.py)
+        delta = delta - dlse
 
     lengths = both_lengths(key_lengths, query_lengths, B, Lq, Lk, q.device)
     element = element_mask_args(attn_mask, partial_masks, partial_tile_ids, block_size_k)

@@ -1,10 +1,10 @@
 // Fused attention backward on the CPU: probabilities recomputed from lse, no (Lq, Lk) buffer.
 //
-//   delta = rowsum(dO * O)                                  # (B, Hq, Lq), first pass
+//   delta = rowsum(dO * O) - dlse                           # (B, Hq, Lq), first pass
 //   per (query tile, key tile) pair that is visible:
 //     P  = exp(transform(scale * Q K^T) - lse)              # [rows, n]
 //     dV += P^T dO                                          # [n, Dv]
-//     dP = dO V^T;  dS = P * (dP - delta)                   # [rows, n]   (dS is also dbias)
+//     dP = dO V^T;  dS = P * (dP - delta), 0 where P = 0    # [rows, n]   (dS is also dbias)
 //     dX = dS * (1 - tanh^2)  with softcap, else dS
 //     dK += scale * dX^T Q;  dQ += scale * dX K
 //
@@ -66,13 +66,16 @@ std::vector<double> recompute_lse_double(const Params& p, const scalar_t* q_data
         transform_scores<double>(p, g, b, h, q0, q1, kr.begin, kr.end, S.data(), n, nullptr);
         for (int64_t r = 0; r < rows; ++r) {
           double* s = S.data() + r * n;
+          if (row_has_nonfinite(s, n)) m[r] = std::numeric_limits<double>::quiet_NaN();
+          if (std::isnan(m[r])) continue;  // a row with a non-finite visible score: lse NaN
           const double m_new = std::max(m[r], row_max(s, n));
           if (m_new == neg_inf) continue;
           l[r] = l[r] * (m[r] == neg_inf ? 0.0 : std::exp(m[r] - m_new)) + exp_shift_sum(s, n, m_new);
           m[r] = m_new;
         }
       }
-      for (int64_t r = 0; r < rows; ++r) lse[(b * p.Hq + h) * p.Lq + q0 + r] = l[r] > 0 ? m[r] + std::log(l[r]) : neg_inf;
+      for (int64_t r = 0; r < rows; ++r)
+        lse[(b * p.Hq + h) * p.Lq + q0 + r] = std::isnan(m[r]) ? m[r] : l[r] > 0 ? m[r] + std::log(l[r]) : neg_inf;
     }
   });
   return lse;
@@ -82,8 +85,9 @@ std::vector<double> recompute_lse_double(const Params& p, const scalar_t* q_data
 
 template <typename scalar_t>
 void attention_backward(const Params& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
-                        at::Tensor& dk, at::Tensor& dv, at::Tensor* dbias, int64_t block_q, int64_t block_k) {
+                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor* dlse,
+                        at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor* dbias, int64_t block_q,
+                        int64_t block_k) {
   using acc_t = typename AccType<scalar_t>::type;
   const bool block_mask = p.has_block_mask();
   const int64_t tile_q = block_mask ? std::max(block_q, p.block_q) : block_q;
@@ -101,8 +105,12 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
   std::vector<double> lse_double;
   if constexpr (std::is_same_v<scalar_t, double>) lse_double = recompute_lse_double<scalar_t>(p, q_data, k_data, block_q, block_k);
 
-  // delta = rowsum(dO * O) in acc_t, (B, Hq, Lq) contiguous.
+  // delta = rowsum(dO * O) - dlse in acc_t, (B, Hq, Lq) contiguous (d lse / d S = P, so the lse
+  // gradient enters as dS = P * (dP - rowsum(dO * O) + dlse)).
   std::vector<acc_t> delta(B * Hq * Lq);
+  const float* dlse_data = dlse ? dlse->const_data_ptr<float>() : nullptr;
+  const int64_t dlse_sb = dlse ? dlse->stride(0) : 0, dlse_sh = dlse ? dlse->stride(1) : 0,
+                dlse_sr = dlse ? dlse->stride(2) : 0;
   {
     const scalar_t* out_data = out.const_data_ptr<scalar_t>();
     const int64_t o_sb = out.stride(0), o_sh = out.stride(1), o_sr = out.stride(2);
@@ -114,6 +122,7 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
           const scalar_t* d = dout_data + b * do_sb + h * do_sh + i * do_sr;
           acc_t sum = 0;
           for (int64_t c = 0; c < Dv; ++c) sum += static_cast<acc_t>(o[c]) * static_cast<acc_t>(d[c]);
+          if (dlse_data) sum -= static_cast<acc_t>(dlse_data[b * dlse_sb + h * dlse_sh + i * dlse_sr]);
           delta[bh * Lq + i] = sum;
         }
       }
@@ -153,6 +162,7 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
       k_buf.resize(tile_k * D);
       v_buf.resize(tile_k * Dv);
     }
+    std::vector<acc_t> k_clean(tile_k * D);  // a K tile without the keys no row uses (non-finite tiles only)
     std::vector<int32_t> list_scratch;
     std::vector<Range> query_tiles;
 
@@ -168,6 +178,7 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
                                                       k_buf.data(), &ldk);
         const acc_t* V = tile_as_acc<scalar_t, acc_t>(v_data + b * p.v_sb + hk * p.v_sh + k0 * p.v_sr, n, Dv, p.v_sr,
                                                       v_buf.data(), &ldv);
+        const bool k_finite = tile_finite(K, n, D, ldk);
         std::fill(dk_acc.begin(), dk_acc.begin() + n * D, acc_t(0));
         std::fill(dv_acc.begin(), dv_acc.begin() + n * Dv, acc_t(0));
 
@@ -192,9 +203,19 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
               acc_t* s = S.data() + r * n;
               if (row_lse == -std::numeric_limits<acc_t>::infinity()) {
                 std::fill(s, s + n, acc_t(0));
+              } else if (std::isnan(row_lse)) {  // a NaN row (non-finite visible input): NaN where it sees
+                for (int64_t j = 0; j < n; ++j)
+                  s[j] = s[j] == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
               } else {
                 exp_shift(s, n, row_lse);
               }
+            }
+            // dQ = dS K must not meet a non-finite key that no row of this tile sees (0 * NaN = NaN).
+            const acc_t* K_dq = K;
+            int64_t ldk_dq = ldk;
+            if (!k_finite) {
+              K_dq = without_unused_keys(S.data(), rows, n, K, D, ldk, k_clean.data());
+              ldk_dq = D;
             }
             const acc_t* P_for_dv = S.data();
             if (p.dropout_threshold) {
@@ -214,7 +235,8 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
               const acc_t row_delta = delta[(b * Hq + h) * Lq + q0 + r];
               const acc_t* pr = S.data() + r * n;
               acc_t* ds = dP.data() + r * n;
-              for (int64_t j = 0; j < n; ++j) ds[j] = pr[j] * (ds[j] - row_delta);
+              // A selection, not a product: P = 0 (a hidden key) gives 0 even where dP is NaN.
+              for (int64_t j = 0; j < n; ++j) ds[j] = pr[j] == acc_t(0) ? acc_t(0) : pr[j] * (ds[j] - row_delta);
             }
             if (dbias != nullptr) write_dbias(*dbias, b, h, q0, rows, k0, n, dP.data());
             if (p.softcap > 0) {
@@ -223,8 +245,8 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
             // dK += scale dS^T Q  # [n, D];  dQ += scale dS K  # [rows, D]
             gemm(Trans::kYes, Trans::kNo, n, D, rows, static_cast<acc_t>(p.scale), dP.data(), n, Q, ldq, acc_t(1),
                  dk_acc.data(), D);
-            gemm(Trans::kNo, Trans::kNo, rows, D, n, static_cast<acc_t>(p.scale), dP.data(), n, K, ldk, acc_t(1),
-                 dq_rows + q0 * D, D);
+            gemm(Trans::kNo, Trans::kNo, rows, D, n, static_cast<acc_t>(p.scale), dP.data(), n, K_dq, ldk_dq,
+                 acc_t(1), dq_rows + q0 * D, D);
           }
         }
         for (int64_t j = 0; j < n; ++j) {
@@ -256,10 +278,11 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
 }
 
 void attention_backward_dispatch(const Params& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
-                                 at::Tensor& dk, at::Tensor& dv, at::Tensor* dbias, int64_t block_q, int64_t block_k) {
+                                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                 const at::Tensor* dlse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                                 at::Tensor* dbias, int64_t block_q, int64_t block_k) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fastattn_attention_bwd_cpu", [&] {
-    attention_backward<scalar_t>(p, dout, q, k, v, out, lse, dq, dk, dv, dbias, block_q, block_k);
+    attention_backward<scalar_t>(p, dout, q, k, v, out, lse, dlse, dq, dk, dv, dbias, block_q, block_k);
   });
 }
 

@@ -39,6 +39,7 @@ _FEATURES = {
     "dropout": False,
     "lengths": True,
     "gqa": True,
+    "lse gradient": False,
 }
 
 

@@ -316,3 +316,318 @@ def test_fuzz_against_reference(backend):
         check_case(backend, case)
 
     run()
+
+
+# ----------------------------------------------------------------------------- named regression tests
+# One per finding of issue 16 (numbered as there), on the backends this machine runs.
+
+BACKENDS = ["reference", "cpu", pytest.param("triton", marks=pytest.mark.interpreter)]
+
+
+def _usable(backend: str) -> None:
+    reasons = fastattn.get_backend(backend).unavailable_reasons()
+    if reasons:
+        pytest.skip(f"{backend}: {reasons}")
+
+
+def test_1_sdpa_accepts_a_key_with_non_unit_last_stride():
+    q = v = torch.randn(1, 2, 8, 16)
+    k = torch.randn(1, 2, 16, 8).transpose(-1, -2)  # k.stride(-1) == 8
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(fastattn.scaled_dot_product_attention(q, k, v), want)
+    for backend in ("reference", "cpu"):
+        torch.testing.assert_close(fastattn.attention(q, k, v, backend=backend), want)
+
+
+@pytest.mark.parametrize("Lq", [0, 3])
+def test_2_reference_backend_without_keys_returns_zeros_and_minus_inf_lse(Lq):
+    q = torch.randn(1, 2, Lq, 8, requires_grad=True)
+    k = torch.randn(1, 2, 0, 8, requires_grad=True)
+    v = torch.randn(1, 2, 0, 8, requires_grad=True)
+    for backend in ("reference", "cpu"):
+        out, lse = fastattn.attention(q, k, v, backend=backend, return_lse=True)
+        assert torch.equal(out, torch.zeros(1, 2, Lq, 8))
+        assert torch.equal(lse, torch.full((1, 2, Lq), float("-inf")))
+        dq, = torch.autograd.grad(out.sum(), q)
+        assert torch.equal(dq, torch.zeros_like(q))
+
+
+def test_3_reference_float16_large_inputs_do_not_overflow():
+    q = k = torch.full((1, 1, 4, 128), 24.0, dtype=torch.float16)
+    v = torch.randn(1, 1, 4, 128, dtype=torch.float16)
+    out, lse = fastattn.attention(q, k, v, backend="reference", return_lse=True)
+    want, want_lse = fastattn.attention(q.float(), k.float(), v.float(), backend="reference", return_lse=True)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    torch.testing.assert_close(out.float(), want, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(lse, want_lse)
+    torch.testing.assert_close(reference.attention(q, k, v).float(), want, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_4_attn_mask_together_with_block_mask(backend, kind):
+    _usable(backend)
+    q, k, v = (torch.randn(1, 2, 40, 16, requires_grad=True) for _ in range(3))
+    bm = masks.causal(40, 40, block_size=16)
+    mask = torch.rand(1, 2, 40, 40) < 0.7 if kind == "bool" else torch.randn(1, 2, 40, 40)
+    inputs = normalize(q, k, v, attn_mask=mask, block_mask=bm)
+    assert not fastattn.get_backend(backend).not_supported_reasons(inputs)
+    for name in ("triton", "cuda"):  # no backend refuses the combination any more
+        assert not any("together" in r for r in fastattn.get_backend(name).not_supported_reasons(inputs))
+    dense = bm.to_dense()
+    combined = mask & dense if kind == "bool" else mask.masked_fill(~dense, float("-inf"))
+    out = fastattn.attention(q, k, v, attn_mask=mask, block_mask=bm, backend=backend)
+    want = reference.attention(q, k, v, attn_mask=combined)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+    got = torch.autograd.grad(out.sum(), (q, k, v))
+    expected = torch.autograd.grad(want.sum(), (q, k, v))
+    for g_, w in zip(got, expected):
+        torch.testing.assert_close(g_, w, atol=2e-5, rtol=2e-5)
+
+
+def _poison_check(backend, q, k, v, poison_k, poison_v, rows=None, **kwargs):
+    """Run with NaN in ``k[poison_k]`` and Inf/NaN in ``v[poison_v]``: every result of ``rows``
+    (all rows by default) must equal the clean run's, with no NaN."""
+    kp, vp = k.detach().clone(), v.detach().clone()
+    kp[poison_k] = float("nan")
+    vp[poison_v] = float("inf")
+    vp[..., :1][poison_v] = float("nan")
+    leaves = [t.detach().clone().requires_grad_() for t in (q, kp, vp)]
+    clean = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, lse = fastattn.attention(*leaves, backend=backend, return_lse=True, **kwargs)
+    want, want_lse = fastattn.attention(*clean, backend=backend, return_lse=True, **kwargs)
+    sel = (lambda t: t) if rows is None else (lambda t: t[:, :, rows])
+    assert not torch.isnan(sel(out)).any(), "a hidden NaN reached the output"
+    torch.testing.assert_close(sel(out), sel(want))
+    torch.testing.assert_close(sel(lse), sel(want_lse))
+    dout = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad((out * dout).sum(), leaves)
+    wq, wk, wv = torch.autograd.grad((want * dout).sum(), clean)
+    torch.testing.assert_close(sel(dq), sel(wq))
+    if rows is None:
+        torch.testing.assert_close(dk, wk)
+        torch.testing.assert_close(dv, wv)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_5_nan_past_key_lengths_never_reaches_a_row(backend):
+    _usable(backend)
+    q, k, v = torch.randn(2, 2, 5, 16), torch.randn(2, 1, 37, 16), torch.randn(2, 1, 37, 16)
+    lengths = torch.tensor([20, 33])
+    hidden = torch.arange(37)[None, :] >= lengths[:, None]  # (B, Lk)
+    poison = hidden[:, None, :].expand(2, 1, 37)
+    _poison_check(backend, q, k, v, poison, poison, key_lengths=lengths, causal=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_5_nan_under_a_padding_column_of_a_bool_mask_never_reaches_a_row(backend):
+    _usable(backend)
+    q, k, v = torch.randn(2, 2, 9, 16), torch.randn(2, 2, 23, 16), torch.randn(2, 2, 23, 16)
+    keep = torch.rand(2, 1, 1, 23) < 0.6
+    keep[..., 0] = True
+    poison = (~keep[:, 0, 0, :])[:, None, :].expand(2, 2, 23)
+    _poison_check(backend, q, k, v, poison, poison, attn_mask=keep)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_5_nan_outside_every_rows_window_never_reaches_a_row(backend):
+    _usable(backend)
+    q, k, v = torch.randn(1, 2, 4, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    # Rows sit at keys 36..39: a left window of 5 hides keys 0..30 from every row.
+    poison = (torch.arange(40) < 31)[None, None, :].expand(1, 2, 40)
+    _poison_check(backend, q, k, v, poison, poison, window=(5, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_5_nan_in_an_empty_block_mask_tile_never_reaches_its_rows(backend):
+    _usable(backend)
+    q, k, v = torch.randn(1, 1, 64, 16), torch.randn(1, 1, 64, 16), torch.randn(1, 1, 64, 16)
+    layout = torch.tensor([[True, False, False, False], [True, True, False, False],
+                           [True, True, True, False], [True, True, True, True]])
+    bm = fastattn.BlockMask.from_layout(layout, block_size=16)
+    poison = torch.zeros(1, 1, 64, dtype=torch.bool)
+    poison[..., 48:] = True  # key block 3: empty for query blocks 0-2, full for block 3
+    _poison_check(backend, q, k, v, poison, poison, rows=slice(0, 48), block_mask=bm)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_5_reference_and_cpu_keep_a_bool_masked_nan_out_of_rows_that_cannot_see_it(backend):
+    # A key hidden from some rows only (its column is mixed): exact per row on these two backends.
+    q, k, v = torch.randn(1, 1, 6, 8), torch.randn(1, 1, 6, 8), torch.randn(1, 1, 6, 8)
+    v = v.clone()
+    v[0, 0, 5] = float("nan")
+    out = fastattn.attention(q, k, v, causal=True, backend=backend)
+    assert torch.isnan(out[0, 0, 5]).all()
+    if backend == "reference":
+        assert torch.isfinite(out[0, 0, :5]).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_6_a_nan_or_inf_query_row_is_nan_not_zero(backend, dtype):
+    q, k, v = (torch.randn(1, 1, 4, 8, dtype=dtype) for _ in range(3))
+    q, k = q.clone(), k.clone()
+    q[0, 0, 1, 3] = float("nan")
+    q[0, 0, 2, 0] = float("inf")
+    k[..., 0] = k[..., 0].abs() + 0.1  # so that row's scores are +inf (an all -inf row would just see nothing)
+    out, lse = fastattn.attention(q, k, v, backend=backend, return_lse=True)
+    assert torch.isnan(out[0, 0, 1:3]).all() and torch.isnan(lse[0, 0, 1:3]).all()
+    assert torch.isfinite(out[0, 0, [0, 3]]).all() and torch.isfinite(lse[0, 0, [0, 3]]).all()
+
+
+def test_6_nan_alibi_slopes_are_refused():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="alibi_slopes must be finite"):
+        fastattn.attention(q, q, q, alibi_slopes=torch.tensor([0.5, float("nan")]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_7_fully_masked_row_at_the_dtype_minimum_returns_the_mean_of_v(backend, dtype):
+    _usable(backend)
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter has no bf16 dot (bf16 is covered on the GPU)")
+    q, k, v = (torch.randn(1, 2, 5, 16, dtype=dtype) for _ in range(3))
+    mask = torch.zeros(1, 1, 5, 5, dtype=dtype)
+    mask[..., 1, :] = torch.finfo(dtype).min  # row 1 sees every key at the minimum
+    mask[..., 3, 2:] = torch.finfo(dtype).min
+    out = fastattn.attention(q, k, v, attn_mask=mask, backend=backend)
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.float())
+    # float32's minimum swallows the scores (the row is the mean of V); float16's and bfloat16's do not
+    # in float32 arithmetic, where torch and the reference compute (the row is its unmasked softmax).
+    if dtype == torch.float32:
+        torch.testing.assert_close(out[0, :, 1], v.mean(dim=2)[0])
+    torch.testing.assert_close(out.float(), want, atol=1e-2, rtol=1e-2)
+
+
+def test_8_block_mask_builders_say_they_need_a_real_device():
+    with pytest.raises(ValueError, match="meta"):
+        masks.causal(8, 8, block_size=16, device="meta")
+
+
+@pytest.mark.parametrize("variant", ["upper_left", "lower_right"])
+@pytest.mark.parametrize("Lq, Lk", [(64, 64), (5, 9), (9, 5)])
+def test_9_torch_causal_bias_is_the_matching_causal_alignment(variant, Lq, Lk):
+    from torch.nn.attention import bias
+
+    q = torch.randn(2, 3, Lq, 16)
+    k, v = torch.randn(2, 3, Lk, 16), torch.randn(2, 3, Lk, 16)
+    mask = getattr(bias, f"causal_{variant}")(Lq, Lk)
+    out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert type(out) is torch.Tensor
+    repr(out)
+    dense = mask._materialize()
+    want = reference.attention(q, k, v, attn_mask=dense)  # 0 where a row sees nothing (torch gives NaN)
+    torch.testing.assert_close(out, want)
+
+
+def test_10_compile_fullgraph_with_a_block_mask_not_used_eagerly():
+    bm = masks.causal(32, 32, block_size=16)
+    q, k, v = (torch.randn(1, 2, 32, 16) for _ in range(3))
+    compiled = torch.compile(lambda q, k, v: fastattn.attention(q, k, v, block_mask=bm), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(q, k, v), reference.attention(q, k, v, causal=True))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda q: fastattn.scaled_dot_product_attention(q, q, q, attn_mask=q[..., 0], is_causal=True), id="causal-and-mask"),
+        pytest.param(lambda q: fastattn.scaled_dot_product_attention(q, q.double(), q), id="dtypes"),
+        pytest.param(lambda q: fastattn.scaled_dot_product_attention(q[0, 0, 0], q[0, 0, 0], q[0, 0, 0]), id="1-D"),
+        pytest.param(lambda q: fastattn.scaled_dot_product_attention(q, q[:, :1], q[:, :1]), id="gqa-without-flag"),
+    ],
+)
+def test_11_sdpa_drop_in_raises_what_torch_raises(call):
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(RuntimeError):
+        call(q)
+
+
+def test_11_multihead_attention_raises_assertion_errors_like_torch():
+    with pytest.raises(AssertionError):
+        fastattn.nn.MultiheadAttention(10, 3)
+    mha = fastattn.nn.MultiheadAttention(8, 2)
+    with pytest.raises(AssertionError):
+        mha(torch.randn(3, 1, 6), torch.randn(3, 1, 8), torch.randn(3, 1, 8))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_15_lse_gradient_gradcheck_float64(backend):
+    q = torch.randn(1, 2, 5, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 1, 7, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 1, 7, 8, dtype=torch.float64, requires_grad=True)
+    slopes = torch.rand(2)
+
+    def f(q, k, v):
+        out, lse = fastattn.attention(q, k, v, causal=True, alibi_slopes=slopes, softcap=3.0, backend=backend,
+                                      return_lse=True)
+        return out, lse
+
+    def out_only(q, k, v):
+        return f(q, k, v)[0]
+
+    def lse_only(q, k, v):
+        return f(q, k, v)[1]
+
+    torch.autograd.gradcheck(out_only, (q, k, v))
+    # lse is float32 by contract, so finite differences need a larger step and tolerance ...
+    torch.autograd.gradcheck(lse_only, (q, k, v), eps=1e-3, atol=2e-3, rtol=1e-3)
+    # ... and the exact check is against the float64 reference's autograd, with lse and out together.
+    dout, dlse = torch.randn(1, 2, 5, 8, dtype=torch.float64), torch.randn(1, 2, 5, dtype=torch.float64)
+    out, lse = f(q, k, v)
+    got = torch.autograd.grad((out * dout).sum() + (lse * dlse).sum(), (q, k, v))
+    out64, lse64 = reference.attention(q, k, v, causal=True, alibi_slopes=slopes, softcap=3.0, return_lse=True)
+    want = torch.autograd.grad((out64 * dout).sum() + (lse64 * dlse).sum(), (q, k, v))
+    for g_, w in zip(got, want):  # dlse reaches the op as float32 (the op contract), hence 1e-6
+        torch.testing.assert_close(g_, w, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.interpreter
+def test_15_triton_lse_gradient_matches_reference():
+    _usable("triton")
+    q, k, v = (torch.randn(1, 2, 17, 16, requires_grad=True) for _ in range(3))
+    dlse = torch.randn(1, 2, 17)
+    out, lse = fastattn.attention(q, k, v, causal=True, backend="triton", return_lse=True)
+    got = torch.autograd.grad((lse * dlse).sum() + out.sum(), (q, k, v))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out64, lse64 = reference.attention(q64, k64, v64, causal=True, return_lse=True)
+    want = torch.autograd.grad((lse64 * dlse.double()).sum() + out64.sum(), (q64, k64, v64))
+    for g_, w in zip(got, want):
+        torch.testing.assert_close(g_.double(), w, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_13_output_is_written_in_qs_layout(backend):
+    B, L, H, D = 2, 7, 3, 8
+    q, k, v = (torch.randn(B, L, H, D).transpose(1, 2) for _ in range(3))
+    out = fastattn.attention(q, k, v, backend=backend)
+    assert out.transpose(1, 2).is_contiguous()  # (B, L, H, D) memory: no copy to get back there
+    torch.testing.assert_close(out, reference.attention(q.contiguous(), k.contiguous(), v.contiguous()))
+    out = fastattn.attention(q.contiguous(), k, v, backend=backend)
+    assert out.is_contiguous()
+
+
+# Bugs the fuzzer found (each fixed; the case that found it is kept here).
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fuzz_found_cpu_gradients_of_a_row_masked_entirely_at_the_dtype_minimum(dtype):
+    # lse = min + log(n) rounds to min, so exp(S - lse) was 1 on every key instead of 1/n: dq was n times too big.
+    q, k, v = (torch.randn(1, 2, 3, 8, dtype=dtype, requires_grad=True) for _ in range(3))
+    mask = torch.zeros(1, 1, 3, 3, dtype=dtype)
+    mask[..., 1, :] = torch.finfo(dtype).min
+    slopes = torch.rand(2)
+    out = fastattn.attention(q, k, v, attn_mask=mask, alibi_slopes=slopes, backend="cpu")
+    want = reference.attention(q, k, v, attn_mask=mask, alibi_slopes=slopes)
+    torch.testing.assert_close(out, want)
+    dout = torch.randn_like(out)
+    for g_, w in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(want, (q, k, v), dout)):
+        torch.testing.assert_close(g_, w)
+
+
+def test_fuzz_found_cpu_softcap_gradient_with_a_nan_key_past_key_lengths():
+    # The softcap factor 1 - tanh^2 was NaN on the hidden key and multiplied into dS = 0.
+    q, k, v = torch.randn(1, 1, 1, 4), torch.randn(1, 1, 11, 4), torch.randn(1, 1, 11, 4)
+    poison = torch.zeros(1, 1, 11, dtype=torch.bool)
+    poison[..., 6:] = True
+    _poison_check("cpu", q, k, v, poison, poison, softcap=2.5, key_lengths=torch.tensor([6]))

@@ -33,7 +33,8 @@ void attention_forward(const Params& p, const at::Tensor& q, const at::Tensor& k
   const scalar_t* q_data = q.const_data_ptr<scalar_t>();
   const scalar_t* k_data = k.const_data_ptr<scalar_t>();
   const scalar_t* v_data = v.const_data_ptr<scalar_t>();
-  scalar_t* out_data = out.mutable_data_ptr<scalar_t>();  // contiguous (B, Hq, Lq, Dv)
+  scalar_t* out_data = out.mutable_data_ptr<scalar_t>();  // (B, Hq, Lq, Dv), unit last stride
+  const int64_t o_sb = out.stride(0), o_sh = out.stride(1), o_sr = out.stride(2);
   float* lse_data = lse.mutable_data_ptr<float>();        // contiguous (B, Hq, Lq)
 
   at::parallel_for(0, p.B * p.Hq * num_q_tiles, 1, [&](int64_t begin, int64_t end) {
@@ -110,16 +111,16 @@ void attention_forward(const Params& p, const at::Tensor& q, const at::Tensor& k
         }
       }
 
-      scalar_t* o = out_data + ((b * p.Hq + h) * p.Lq + q0) * Dv;
+      scalar_t* o = out_data + b * o_sb + h * o_sh + q0 * o_sr;
       float* row_lse = lse_data + (b * p.Hq + h) * p.Lq + q0;
       for (int64_t r = 0; r < rows; ++r) {
         const bool seen = l[r] > acc_t(0);
         const acc_t inv = seen ? acc_t(1) / l[r] : acc_t(0);
         const acc_t* a = acc.data() + r * Dv;
-        for (int64_t c = 0; c < Dv; ++c) o[r * Dv + c] = static_cast<scalar_t>(a[c] * inv);
+        for (int64_t c = 0; c < Dv; ++c) o[r * o_sr + c] = static_cast<scalar_t>(a[c] * inv);
         row_lse[r] = seen ? static_cast<float>(m[r] + std::log(l[r])) : -std::numeric_limits<float>::infinity();
         if (bad[r]) {
-          for (int64_t c = 0; c < Dv; ++c) o[r * Dv + c] = static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN());
+          for (int64_t c = 0; c < Dv; ++c) o[r * o_sr + c] = static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN());
           row_lse[r] = std::numeric_limits<float>::quiet_NaN();
         }
       }

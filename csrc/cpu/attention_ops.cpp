@@ -147,7 +147,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
                                kv_indices, full_kv_num_blocks, full_kv_indices, std::nullopt, std::nullopt,
                                std::nullopt, std::nullopt, partial_masks, partial_tile_ids, block_size_q,
                                block_size_k, scale, window_left, window_right, softcap, dropout_p, seed);
-  at::Tensor out = at::empty({s.batch, s.heads_q, s.seqlen_q, s.head_dim_v}, q.options());
+  // out in q's layout (fastattn/ops.py output_like_q): a transposed (B, L, H, D) view gets (B, L, H, Dv)
+  // memory, so a caller holding that layout needs no copy back.
+  const bool bshd = s.heads_q > 1 && s.seqlen_q > 1 && q.stride(1) < q.stride(2);
+  at::Tensor out = bshd ? at::empty({s.batch, s.seqlen_q, s.heads_q, s.head_dim_v}, q.options()).transpose(1, 2)
+                        : at::empty({s.batch, s.heads_q, s.seqlen_q, s.head_dim_v}, q.options());
   at::Tensor lse = at::empty({s.batch, s.heads_q, s.seqlen_q}, q.options().dtype(at::kFloat));
   attention_forward_dispatch(p, q, k, v, out, lse, kBlockQ, kBlockK);
   return {out, lse};

@@ -7,7 +7,7 @@ import torch
 from .. import reference
 from .._inputs import AttentionInputs
 from ..block_mask import FULL, PARTIAL, BlockMask, layout_from_kv_lists
-from ..ops import BackendOps, define_ops
+from ..ops import BackendOps, define_ops, output_like_q
 from .base import Backend
 
 
@@ -52,7 +52,7 @@ def _fwd(q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_bl
         window_left, window_right, softcap, dropout_p,
     )
     out, lse = reference.attention_from_inputs(inputs, _keep_mask(inputs, seed), upcast=True)
-    return out.contiguous(), lse.to(torch.float32).contiguous()
+    return output_like_q(q, v.shape[-1]).copy_(out), lse.to(torch.float32).contiguous()
 
 
 def _bwd(dout, q, k, v, out, lse, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_blocks, kv_indices,
@@ -77,7 +77,7 @@ class ReferenceBackend(Backend):
         return []
 
     def build_ops(self) -> BackendOps:
-        return define_ops("reference", _fwd, _bwd)
+        return define_ops("reference", _fwd, _bwd, out_in_q_layout=True)
 
     def dropout_keep_mask(self, inputs: AttentionInputs, seed: int) -> torch.Tensor:
         return _keep_mask(inputs, seed)

@@ -130,10 +130,6 @@ class TritonBackend(Backend):
                     f"block_mask block_size {(bq, bk)} is not supported: the kernels' tiles are the mask's "
                     f"blocks, each a power of two in {list(_BLOCK_SIZES)}"
                 )
-            if inputs.attn_mask is not None:
-                # Ops see one element mask and apply it to partial tiles only; a caller's attn_mask
-                # must also apply to full tiles, which the op arguments cannot express.
-                reasons.append("attn_mask together with block_mask is not supported (fold it into the BlockMask)")
         return reasons
 
     def build_ops(self) -> BackendOps:

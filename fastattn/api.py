@@ -54,6 +54,7 @@ def attention(
         dropout_p: dropout probability on the attention probabilities; reproducible under ``torch.manual_seed``.
         scale: score scale, default ``1 / sqrt(D)``.
         return_lse: also return the float32 row log-sum-exp ``(B, Hq, Lq)`` (``-inf`` where a row sees no key).
+            It carries a gradient (``d lse_i / d s_ij`` is the probability ``p_ij``).
         backend: ``"cuda"``, ``"triton"``, ``"cpu"``, ``"reference"`` or ``None`` (the first that fits;
             ``FASTATTN_BACKEND`` overrides that choice). An explicit backend that cannot serve raises
             :class:`fastattn.BackendNotSupportedError` listing why.
@@ -62,8 +63,11 @@ def attention(
         query_lengths: int ``(B,)``: query rows ``i >= query_lengths[b]`` are padding and return 0.
 
     Returns:
-        ``out (B, Hq, Lq, Dv)`` in q's dtype, or ``(out, lse)`` with ``return_lse``. A query row that
-        can see no key returns 0 -- never NaN, in the output or any gradient.
+        ``out (B, Hq, Lq, Dv)`` in q's dtype (in q's memory layout on the cpu and reference backends:
+        a transposed ``(B, L, H, D)`` q gives a transposed ``(B, L, H, Dv)`` out), or ``(out, lse)``
+        with ``return_lse``. A query row that can see no key returns 0 -- never NaN, in the output or
+        any gradient. NaN/Inf in keys or values a row cannot see never reaches it; a NaN the row does
+        see makes it NaN (docs/design.md, "Non-finite inputs").
     """
     _check_bool(return_lse, "return_lse")
     inputs = normalize(
@@ -90,7 +94,10 @@ def scaled_dot_product_attention(
     Same signature and semantics: inputs ``(..., H, L, E)`` with any number of leading batch
     dimensions (or ``(..., L, E)``), ``is_causal`` is top-left aligned (query ``i`` sees keys
     ``j <= i``) as in torch, bool masks are True = attend. The one documented difference: a
-    query row that sees no key returns 0 instead of NaN.
+    query row that sees no key returns 0 instead of NaN. Bad arguments raise exceptions that are
+    also ``RuntimeError`` (what torch raises), and torch's ``CausalBias`` masks
+    (``torch.nn.attention.bias.causal_upper_left`` / ``causal_lower_right``) are applied as the
+    matching causal alignment, without building a mask.
     """
     for t, name in ((query, "query"), (key, "key"), (value, "value")):
         _check_tensor(t, name)

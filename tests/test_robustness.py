@@ -308,12 +308,24 @@ def test_fuzz_against_reference(backend):
     if fastattn.get_backend(backend).unavailable_reasons():
         pytest.skip(f"{backend}: {fastattn.get_backend(backend).unavailable_reasons()}")
 
+    log = os.environ.get("FASTATTN_FUZZ_LOG")  # one line per configuration, for the long runs' counts
+
     @_fuzz_settings(backend)
     @given(case=cases(backend))
     def run(case):
-        if fastattn.get_backend(backend).not_supported_reasons(normalize(*build(case)[:3], **build(case)[3])):
+        q, k, v, kwargs = build(case)
+        if fastattn.get_backend(backend).not_supported_reasons(normalize(q, k, v, **kwargs)):
             return
-        check_case(backend, case)
+        try:
+            check_case(backend, case)
+        except Exception as error:
+            if log:
+                with open(log, "a") as f:
+                    f.write(f"{backend} FAIL {case} {type(error).__name__}: {str(error)[:300]!r}\n")
+            raise
+        if log:
+            with open(log, "a") as f:
+                f.write(f"{backend} ok\n")
 
     run()
 

@@ -85,19 +85,17 @@ def _expand_heads(t: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
 
 
 def scores(inputs: AttentionInputs, *, upcast: bool = False, visible: torch.Tensor | None = None) -> torch.Tensor:
-    """Scores after softcap, ALiBi, additive mask and masking: ``(B, Hq, Lq, Lk)`` in float32
-    (float64 for float64 inputs); -inf where not visible.
+    """Scores after softcap, ALiBi, additive mask and masking: ``(B, Hq, Lq, Lk)``; -inf where not visible.
 
-    The product ``(scale * q) @ k^T`` runs in q's dtype (the low-precision reference the tolerance
-    rule compares with; the scale is folded in first, so large inputs do not overflow float16) or,
-    with ``upcast``, in the compute dtype. Everything after it runs in the compute dtype. A
-    non-finite key only reaches the rows that see it: its scores are NaN there and -inf elsewhere.
+    Computed in q's dtype -- the low-precision reference the tolerance rule compares with; the scale
+    is folded into q first, so large float16 inputs do not overflow -- or, with ``upcast``, in float32
+    (float64 for float64 inputs). A non-finite key only reaches the rows that see it: its scores are
+    NaN there and -inf elsewhere.
     """
-    compute = compute_dtype(inputs.dtype)
-    product_dtype = compute if upcast else inputs.dtype
-    q = inputs.q.to(product_dtype) * inputs.scale
-    k = _expand_heads(inputs.k, inputs).to(product_dtype)
-    s = torch.matmul(q, _finite_or_zero(k).transpose(-1, -2)).to(compute)
+    compute = compute_dtype(inputs.dtype) if upcast else inputs.dtype
+    q = inputs.q.to(compute) * inputs.scale
+    k = _expand_heads(inputs.k, inputs).to(compute)
+    s = torch.matmul(q, _finite_or_zero(k).transpose(-1, -2))
     s = s.masked_fill(~torch.isfinite(k.detach()).all(dim=-1).unsqueeze(-2), float("nan"))
     if inputs.softcap > 0:
         s = inputs.softcap * torch.tanh(s / inputs.softcap)
@@ -121,7 +119,7 @@ def probabilities(inputs: AttentionInputs, *, upcast: bool = False) -> tuple[tor
     its visible keys, 0 elsewhere, and its lse is NaN.
     """
     visible = visible_mask(inputs)
-    s = scores(inputs, upcast=upcast, visible=visible)
+    s = scores(inputs, upcast=upcast, visible=visible).to(compute_dtype(inputs.dtype))
     # Softmax is shift invariant, so the detached row max changes no gradient; rows that see
     # nothing get a max of 0 and a sum of 0, which yields p = 0 and lse = -inf without NaN.
     if s.shape[-1] == 0:

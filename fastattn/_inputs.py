@@ -244,7 +244,11 @@ def normalize(
     _check_qkv(q, k, v)
     # Kernels read rows with a unit stride; a tensor whose last dimension is strided (a transposed
     # (B, H, D, L) key, say) is the one case that needs a copy, made once here, before any op.
-    q, k, v = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    # (clone, not contiguous(): torch calls an empty tensor contiguous whatever its strides.)
+    q, k, v = (
+        t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.clone(memory_format=torch.contiguous_format)
+        for t in (q, k, v)
+    )
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
 

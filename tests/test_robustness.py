@@ -643,3 +643,27 @@ def test_fuzz_found_cpu_softcap_gradient_with_a_nan_key_past_key_lengths():
     poison = torch.zeros(1, 1, 11, dtype=torch.bool)
     poison[..., 6:] = True
     _poison_check("cpu", q, k, v, poison, poison, softcap=2.5, key_lengths=torch.tensor([6]))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_fuzz_found_empty_tensors_with_a_non_unit_last_stride(backend):
+    # torch calls an empty tensor contiguous whatever its strides, so .contiguous() kept stride 2.
+    q = torch.randn(1, 1, 0, 3)
+    k = torch.randn(1, 1, 0, 3)
+    v = torch.randn(1, 1, 0, 5)[..., ::2].requires_grad_()
+    out = fastattn.attention(q, k, v, backend=backend)
+    assert out.shape == (1, 1, 0, 3)
+    out.sum().backward()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 16 item 14, not fixed: the CPU backward takes delta = rowsum(dO * O) from the bf16-rounded "
+    "output, so a row with one visible key (dS exactly 0) gets dq ~1e-2 instead of 0",
+)
+def test_fuzz_found_cpu_bf16_dq_of_a_row_with_one_visible_key():
+    case = Case(dtype=torch.bfloat16, B=2, Hkv=1, group=2, Lq=38, Lk=6, D=40, Dv=40, layout="contiguous",
+                band="window", window=(0, 0), alibi=True, softcap=0.0, mask="additive_inf", mask_shape="full",
+                mask_grad=True, block="none", block_size=(0, 0), key_lengths=True, query_lengths=True,
+                dropout_p=0.3, lse_grad=False, poison="none", seed=0)
+    check_case("cpu", case)

@@ -17,7 +17,7 @@ TORCH_LIBRARY(fastattn, m) {
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask, "
         "Tensor? alibi_slopes, Tensor? key_lengths, Tensor? query_lengths, " FASTATTN_BLOCK_ARGS
         "Tensor? q_num_blocks, Tensor? q_indices, Tensor? full_q_num_blocks, Tensor? full_q_indices, "
-        FASTATTN_PARTIAL_ARGS FASTATTN_COMMON_TAIL ", bool compute_dbias) -> (Tensor, Tensor, Tensor, Tensor)");
+        FASTATTN_PARTIAL_ARGS FASTATTN_COMMON_TAIL ", bool compute_dbias, Tensor? dlse=None) -> (Tensor, Tensor, Tensor, Tensor)");
   // The Hopper forward (csrc/cuda/sm90): attention_fwd's schema; calls it does not cover go on to
   // attention_fwd. Has a CUDA kernel only in builds with FASTATTN_WITH_SM90.
   m.def("attention_fwd_sm90(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? alibi_slopes, "

@@ -213,4 +213,14 @@ inline void check_backward_tensors(const AttentionShape& s, const at::Tensor& q,
               lse.sizes());
 }
 
+// The backward's optional lse gradient: float32 (B, Hq, Lq) on q's device, any strides.
+inline void check_dlse(const AttentionShape& s, const at::Tensor& q, const std::optional<at::Tensor>& dlse) {
+  if (!dlse.has_value()) return;
+  check_same_device(*dlse, q, "dlse");
+  TORCH_CHECK(dlse->scalar_type() == at::kFloat, "dlse must be float32, got ", dlse->scalar_type());
+  TORCH_CHECK(dlse->dim() == 3 && dlse->size(0) == s.batch && dlse->size(1) == s.heads_q && dlse->size(2) == s.seqlen_q,
+              "dlse must have shape (B, Hq, Lq) = (", s.batch, ", ", s.heads_q, ", ", s.seqlen_q, "), got ",
+              dlse->sizes());
+}
+
 }  // namespace fastattn

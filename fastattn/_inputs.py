@@ -22,6 +22,15 @@ from .block_mask import BlockMask
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+class InputValueError(ValueError, RuntimeError):
+    """A bad argument value. Also a ``RuntimeError``, which torch's SDPA raises for the same
+    mistakes, so code written against torch catches it."""
+
+
+class InputTypeError(TypeError, RuntimeError):
+    """A bad argument type (also a ``RuntimeError``, as torch's SDPA raises)."""
+
+
 @dataclass(frozen=True, eq=False)
 class AttentionInputs:
     """Checked, normalised arguments of one attention call.
@@ -45,6 +54,7 @@ class AttentionInputs:
     dropout_p: float = 0.0
     key_lengths: torch.Tensor | None = None
     query_lengths: torch.Tensor | None = None
+    return_lse: bool = False  # the caller receives lse, which then carries a gradient
 
     @property
     def batch(self) -> int:
@@ -96,25 +106,25 @@ class AttentionInputs:
 
 def _check_tensor(t, name: str) -> None:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise InputTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
 def _check_number(x, name: str, *, minimum: float | None = None, below: float | None = None) -> float:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(x).__name__}")
+        raise InputTypeError(f"{name} must be a float, got {type(x).__name__}")
     x = float(x)
     if not math.isfinite(x):
-        raise ValueError(f"{name} must be finite, got {x}")
+        raise InputValueError(f"{name} must be finite, got {x}")
     if minimum is not None and x < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {x}")
+        raise InputValueError(f"{name} must be >= {minimum}, got {x}")
     if below is not None and x >= below:
-        raise ValueError(f"{name} must be < {below}, got {x}")
+        raise InputValueError(f"{name} must be < {below}, got {x}")
     return x
 
 
 def _check_bool(x, name: str) -> bool:
     if not isinstance(x, bool):
-        raise TypeError(f"{name} must be a bool, got {type(x).__name__}")
+        raise InputTypeError(f"{name} must be a bool, got {type(x).__name__}")
     return x
 
 
@@ -122,44 +132,44 @@ def _check_qkv(q, k, v) -> None:
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
         _check_tensor(t, name)
         if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (batch, heads, seqlen, head_dim), got shape {tuple(t.shape)}")
+            raise InputValueError(f"{name} must be 4-D (batch, heads, seqlen, head_dim), got shape {tuple(t.shape)}")
         if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+            raise InputTypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     for t, name in ((k, "k"), (v, "v")):
         if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+            raise InputTypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
         if t.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+            raise InputValueError(f"{name} must be on q's device {q.device}, got {t.device}")
     B, Hq, Lq, D = q.shape
     Bk, Hkv, Lk, Dk = k.shape
     if Bk != B or v.shape[0] != B:
-        raise ValueError(f"k and v must have q's batch size {B}, got k {Bk} and v {v.shape[0]}")
+        raise InputValueError(f"k and v must have q's batch size {B}, got k {Bk} and v {v.shape[0]}")
     if Dk != D:
-        raise ValueError(f"k must have q's head_dim {D} (last dim), got {Dk}")
+        raise InputValueError(f"k must have q's head_dim {D} (last dim), got {Dk}")
     if v.shape[1] != Hkv or v.shape[2] != Lk:
-        raise ValueError(
+        raise InputValueError(
             f"v must match k in heads and seqlen (k: {Hkv} heads, {Lk} keys), got v shape {tuple(v.shape)}"
         )
     if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(
+        raise InputValueError(
             f"the number of query heads ({Hq}, q.shape[1]) must be a multiple of the number of key/value heads "
             f"({Hkv}, k.shape[1]) for GQA/MQA"
         )
     if D == 0:
-        raise ValueError("q must have a non-zero head_dim")
+        raise InputValueError("q must have a non-zero head_dim")
 
 
 def _check_window(window) -> tuple[int | None, int | None]:
     if window is None:
         return None, None
     if not isinstance(window, (tuple, list)) or len(window) != 2:
-        raise TypeError(f"window must be a pair (left, right) of ints, got {window!r}")
+        raise InputTypeError(f"window must be a pair (left, right) of ints, got {window!r}")
     out = []
     for side, w in zip(("left", "right"), window):
         if isinstance(w, bool) or not isinstance(w, int):
-            raise TypeError(f"window {side} must be an int (-1 = unbounded), got {w!r}")
+            raise InputTypeError(f"window {side} must be an int (-1 = unbounded), got {w!r}")
         if w < -1:
-            raise ValueError(f"window {side} must be >= -1 (-1 = unbounded), got {w}")
+            raise InputValueError(f"window {side} must be >= -1 (-1 = unbounded), got {w}")
         out.append(None if w == -1 else w)
     return out[0], out[1]
 
@@ -167,12 +177,12 @@ def _check_window(window) -> tuple[int | None, int | None]:
 def _broadcast_mask(mask, B: int, H: int, Lq: int, Lk: int, q: torch.Tensor, name: str) -> torch.Tensor:
     _check_tensor(mask, name)
     if mask.dtype != torch.bool and not mask.is_floating_point():
-        raise TypeError(f"{name} must be bool (True = attend) or a floating additive mask, got {mask.dtype}")
+        raise InputTypeError(f"{name} must be bool (True = attend) or a floating additive mask, got {mask.dtype}")
     if mask.device != q.device:
-        raise ValueError(f"{name} must be on q's device {q.device}, got {mask.device}")
+        raise InputValueError(f"{name} must be on q's device {q.device}, got {mask.device}")
     target = (B, H, Lq, Lk)
     if mask.dim() > 4 or any(s not in (1, t) for s, t in zip(mask.shape[::-1], target[::-1])):
-        raise ValueError(f"{name} of shape {tuple(mask.shape)} is not broadcastable to (B, Hq, Lq, Lk) = {target}")
+        raise InputValueError(f"{name} of shape {tuple(mask.shape)} is not broadcastable to (B, Hq, Lq, Lk) = {target}")
     return mask.expand(target)
 
 
@@ -181,13 +191,13 @@ def _check_lengths(lengths, name: str, B: int, max_len: int, q: torch.Tensor) ->
         return None
     _check_tensor(lengths, name)
     if lengths.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name} must be an int32 or int64 tensor, got {lengths.dtype}")
+        raise InputTypeError(f"{name} must be an int32 or int64 tensor, got {lengths.dtype}")
     if lengths.shape != (B,):
-        raise ValueError(f"{name} must have shape (batch,) = ({B},), got {tuple(lengths.shape)}")
+        raise InputValueError(f"{name} must have shape (batch,) = ({B},), got {tuple(lengths.shape)}")
     if lengths.device != q.device:
-        raise ValueError(f"{name} must be on q's device {q.device}, got {lengths.device}")
+        raise InputValueError(f"{name} must be on q's device {q.device}, got {lengths.device}")
     if B and (int(lengths.min()) < 0 or int(lengths.max()) > max_len):
-        raise ValueError(f"{name} must lie in [0, {max_len}], got values in [{int(lengths.min())}, {int(lengths.max())}]")
+        raise InputValueError(f"{name} must lie in [0, {max_len}], got values in [{int(lengths.min())}, {int(lengths.max())}]")
     return lengths.to(torch.int32)
 
 
@@ -224,6 +234,7 @@ def normalize(
     key_lengths=None,
     query_lengths=None,
     window_override: tuple[int | None, int | None] | None = None,
+    return_lse: bool = False,
 ) -> AttentionInputs:
     """Check the public arguments of :func:`fastattn.attention` and normalise them.
 
@@ -231,6 +242,13 @@ def normalize(
     ``is_causal`` is a window whose right bound may be negative (``Lq - Lk``).
     """
     _check_qkv(q, k, v)
+    # Kernels read rows with a unit stride; a tensor whose last dimension is strided (a transposed
+    # (B, H, D, L) key, say) is the one case that needs a copy, made once here, before any op.
+    # (clone, not contiguous(): torch calls an empty tensor contiguous whatever its strides.)
+    q, k, v = (
+        t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.clone(memory_format=torch.contiguous_format)
+        for t in (q, k, v)
+    )
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
 
@@ -251,23 +269,25 @@ def normalize(
 
     if block_mask is not None:
         if not isinstance(block_mask, BlockMask):
-            raise TypeError(f"block_mask must be a fastattn.BlockMask, got {type(block_mask).__name__}")
+            raise InputTypeError(f"block_mask must be a fastattn.BlockMask, got {type(block_mask).__name__}")
         if block_mask.seq_lens != (Lq, Lk):
-            raise ValueError(f"block_mask was built for seq_lens {block_mask.seq_lens}, but (Lq, Lk) = {(Lq, Lk)}")
+            raise InputValueError(f"block_mask was built for seq_lens {block_mask.seq_lens}, but (Lq, Lk) = {(Lq, Lk)}")
         mb, mh = block_mask.layout.shape[:2]
         if mb not in (1, B) or mh not in (1, Hq):
-            raise ValueError(f"block_mask has (B, H) = {(mb, mh)}, not broadcastable to (B, Hq) = {(B, Hq)}")
+            raise InputValueError(f"block_mask has (B, H) = {(mb, mh)}, not broadcastable to (B, Hq) = {(B, Hq)}")
         if block_mask.device != q.device:
-            raise ValueError(f"block_mask must be on q's device {q.device}, got {block_mask.device}")
+            raise InputValueError(f"block_mask must be on q's device {q.device}, got {block_mask.device}")
 
     if alibi_slopes is not None:
         _check_tensor(alibi_slopes, "alibi_slopes")
         if alibi_slopes.dtype != torch.float32:
-            raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+            raise InputTypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
         if alibi_slopes.shape not in ((Hq,), (B, Hq)):
-            raise ValueError(f"alibi_slopes must have shape (Hq,) = ({Hq},) or (B, Hq) = ({B}, {Hq}), got {tuple(alibi_slopes.shape)}")
+            raise InputValueError(f"alibi_slopes must have shape (Hq,) = ({Hq},) or (B, Hq) = ({B}, {Hq}), got {tuple(alibi_slopes.shape)}")
         if alibi_slopes.device != q.device:
-            raise ValueError(f"alibi_slopes must be on q's device {q.device}, got {alibi_slopes.device}")
+            raise InputValueError(f"alibi_slopes must be on q's device {q.device}, got {alibi_slopes.device}")
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(alibi_slopes).all()):
+            raise InputValueError("alibi_slopes must be finite, got NaN or Inf values")
         alibi_slopes = alibi_slopes.expand(B, Hq)
 
     key_lengths = _check_lengths(key_lengths, "key_lengths", B, Lk, q)
@@ -294,4 +314,5 @@ def normalize(
         dropout_p=dropout_p,
         key_lengths=key_lengths,
         query_lengths=query_lengths,
+        return_lse=return_lse,
     )

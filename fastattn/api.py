@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
+from torch.nn.attention.bias import CausalBias, CausalVariant
 
-from ._inputs import _check_bool, _check_tensor, normalize
+from ._inputs import InputValueError, _check_bool, _check_tensor, normalize
 from .autograd import run
 from .backends import select_backend
 
@@ -54,6 +55,7 @@ def attention(
         dropout_p: dropout probability on the attention probabilities; reproducible under ``torch.manual_seed``.
         scale: score scale, default ``1 / sqrt(D)``.
         return_lse: also return the float32 row log-sum-exp ``(B, Hq, Lq)`` (``-inf`` where a row sees no key).
+            It carries a gradient (``d lse_i / d s_ij`` is the probability ``p_ij``).
         backend: ``"cuda"``, ``"triton"``, ``"cpu"``, ``"reference"`` or ``None`` (the first that fits;
             ``FASTATTN_BACKEND`` overrides that choice). An explicit backend that cannot serve raises
             :class:`fastattn.BackendNotSupportedError` listing why.
@@ -65,8 +67,11 @@ def attention(
             ``(B, Lq, Hq, Dv)`` (a transposed view). Masks, lengths and ``lse`` keep their shapes.
 
     Returns:
-        ``out (B, Hq, Lq, Dv)`` in q's dtype, or ``(out, lse)`` with ``return_lse``. A query row that
-        can see no key returns 0 -- never NaN, in the output or any gradient.
+        ``out (B, Hq, Lq, Dv)`` in q's dtype (in q's memory layout on the cpu and reference backends:
+        a transposed ``(B, L, H, D)`` q gives a transposed ``(B, L, H, Dv)`` out), or ``(out, lse)``
+        with ``return_lse``. A query row that can see no key returns 0 -- never NaN, in the output or
+        any gradient. NaN/Inf in keys or values a row cannot see never reaches it; a NaN the row does
+        see makes it NaN (docs/design.md, "Non-finite inputs").
     """
     _check_bool(return_lse, "return_lse")
     if layout not in ("bhld", "blhd"):
@@ -84,7 +89,7 @@ def attention(
     inputs = normalize(
         q, k, v, causal=causal, window=window, block_mask=block_mask, attn_mask=attn_mask,
         alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, scale=scale,
-        key_lengths=key_lengths, query_lengths=query_lengths,
+        key_lengths=key_lengths, query_lengths=query_lengths, return_lse=return_lse,
     )
     chosen = select_backend(inputs, backend)
     return run(inputs, chosen.name, return_lse)
@@ -105,20 +110,32 @@ def scaled_dot_product_attention(
     Same signature and semantics: inputs ``(..., H, L, E)`` with any number of leading batch
     dimensions (or ``(..., L, E)``), ``is_causal`` is top-left aligned (query ``i`` sees keys
     ``j <= i``) as in torch, bool masks are True = attend. The one documented difference: a
-    query row that sees no key returns 0 instead of NaN.
+    query row that sees no key returns 0 instead of NaN. Bad arguments raise exceptions that are
+    also ``RuntimeError`` (what torch raises), and torch's ``CausalBias`` masks
+    (``torch.nn.attention.bias.causal_upper_left`` / ``causal_lower_right``) are applied as the
+    matching causal alignment, without building a mask.
     """
     for t, name in ((query, "query"), (key, "key"), (value, "value")):
         _check_tensor(t, name)
         if t.dim() < 2:
-            raise ValueError(f"{name} must have at least 2 dimensions (..., L, E), got shape {tuple(t.shape)}")
+            raise InputValueError(f"{name} must have at least 2 dimensions (..., L, E), got shape {tuple(t.shape)}")
     _check_bool(is_causal, "is_causal")
     _check_bool(enable_gqa, "enable_gqa")
     if is_causal and attn_mask is not None:
-        raise ValueError("attn_mask must be None when is_causal=True (as in torch's scaled_dot_product_attention)")
+        raise InputValueError("attn_mask must be None when is_causal=True (as in torch's scaled_dot_product_attention)")
     if query.dim() != key.dim() or query.dim() != value.dim():
-        raise ValueError(
+        raise InputValueError(
             f"query, key and value must have the same number of dimensions, got {query.dim()}, {key.dim()}, {value.dim()}"
         )
+    # torch's CausalBias masks (torch.nn.attention.bias.causal_upper_left / causal_lower_right) stand for a
+    # causal alignment: used as such, never materialised.
+    bottom_right_causal = False
+    if isinstance(attn_mask, CausalBias):
+        if attn_mask.variant == CausalVariant.UPPER_LEFT:
+            is_causal = True
+        else:
+            bottom_right_causal = True
+        attn_mask = None
 
     # Bring (..., H, L, E) to (B, H, L, E): leading dims fold into the batch, a missing head dim becomes 1.
     out_shape = (*query.shape[:-1], value.shape[-1])
@@ -127,24 +144,24 @@ def scaled_dot_product_attention(
     elif query.dim() > 4:
         batch_shape = query.shape[:-3]
         if key.shape[:-3] != batch_shape or value.shape[:-3] != batch_shape:
-            raise ValueError(f"key and value must have query's batch dimensions {tuple(batch_shape)}")
+            raise InputValueError(f"key and value must have query's batch dimensions {tuple(batch_shape)}")
         if attn_mask is not None:
             _check_tensor(attn_mask, "attn_mask")
             try:
                 attn_mask = attn_mask.expand(*query.shape[:-1], key.shape[-2])
             except RuntimeError as exc:
-                raise ValueError(
+                raise InputValueError(
                     f"attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to "
                     f"{(*query.shape[:-1], key.shape[-2])}"
                 ) from exc
             attn_mask = attn_mask.reshape(-1, *attn_mask.shape[-3:])
         query, key, value = (t.reshape(-1, *t.shape[-3:]) for t in (query, key, value))
     if key.shape[1] != query.shape[1] and not enable_gqa:
-        raise ValueError(
+        raise InputValueError(
             f"query has {query.shape[1]} heads but key/value have {key.shape[1]}; pass enable_gqa=True for GQA"
         )
 
-    window = None
+    window = (None, 0) if bottom_right_causal else None
     if is_causal:  # top-left: j <= i, i.e. a right bound of -(Lk - Lq) in bottom-right terms
         window = (None, query.shape[-2] - key.shape[-2])
     inputs = normalize(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale, window_override=window)

@@ -70,13 +70,18 @@ def block_args(inputs: AttentionInputs, backend_name: str | None = None) -> tupl
     if block_mask is None:
         return [None] * _NUM_BLOCK_LISTS, 0, 0
     bq, bk = block_mask.block_size
+    if inputs.attn_mask is not None and inputs.block_mask is not None:
+        # Ops apply their element mask on partial tiles only, and the caller's attn_mask must reach
+        # every tile the block mask lets through: so every such tile is passed as partial.
+        return [*block_mask.all_partial_lists, None, None], bq, bk
     partial = partial_mask_args(inputs, backend_name) or (None, None)
     return [*block_mask.kv_lists, *block_mask.q_lists, *partial], bq, bk
 
 
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, backend_name, q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, *rest):
+    def forward(ctx, backend_name, lse_differentiable, q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths,
+                *rest):
         lists, (block_size_q, block_size_k, scale, window_left, window_right, softcap, dropout_p, seed) = (
             rest[:_NUM_BLOCK_LISTS],
             rest[_NUM_BLOCK_LISTS:],
@@ -89,20 +94,24 @@ class AttentionFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse, attn_mask, alibi_slopes, key_lengths, query_lengths, *lists)
         ctx.backend_name = backend_name
         ctx.scalars = scalars
-        ctx.mark_non_differentiable(lse)
+        ctx.lse_differentiable = lse_differentiable
+        if not lse_differentiable:
+            ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
-    def backward(ctx, dout, _dlse):
+    def backward(ctx, dout, dlse):
         q, k, v, out, lse, attn_mask, alibi_slopes, key_lengths, query_lengths, *lists = ctx.saved_tensors
-        compute_dbias = bool(ctx.needs_input_grad[4])
+        compute_dbias = bool(ctx.needs_input_grad[5])
+        # The lse gradient only reaches the op when the caller holds lse (return_lse=True).
+        dlse = dlse.float().contiguous() if ctx.lse_differentiable and dlse is not None else None
         dq, dk, dv, dbias = get_backend(ctx.backend_name).ops.bwd(
             dout, q, k, v, out, lse, attn_mask, alibi_slopes, key_lengths, query_lengths, *lists,
-            *ctx.scalars, compute_dbias,
+            *ctx.scalars, compute_dbias, dlse,
         )
-        # One gradient per forward input: backend_name, q, k, v, attn_mask, then none for the rest.
+        # One gradient per forward input: backend_name, lse_differentiable, q, k, v, attn_mask, then none.
         no_grads = (None,) * (3 + _NUM_BLOCK_LISTS + len(ctx.scalars))
-        return (None, dq, dk, dv, dbias if compute_dbias else None, *no_grads)
+        return (None, None, dq, dk, dv, dbias if compute_dbias else None, *no_grads)
 
 
 def run(inputs: AttentionInputs, backend_name: str, return_lse: bool):
@@ -110,7 +119,7 @@ def run(inputs: AttentionInputs, backend_name: str, return_lse: bool):
     lists, block_size_q, block_size_k = block_args(inputs, backend_name)
     seed = draw_seed() if inputs.dropout_p > 0 else 0
     out, lse = AttentionFunction.apply(
-        backend_name, inputs.q, inputs.k, inputs.v, effective_attn_mask(inputs, backend_name), inputs.alibi_slopes,
+        backend_name, return_lse, inputs.q, inputs.k, inputs.v, effective_attn_mask(inputs, backend_name), inputs.alibi_slopes,
         inputs.key_lengths, inputs.query_lengths, *lists, block_size_q, block_size_k, inputs.scale,
         inputs.window_left, inputs.window_right, inputs.softcap, inputs.dropout_p, seed,
     )

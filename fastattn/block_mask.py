@@ -45,7 +45,6 @@ everywhere is harmless. BlockMasks combine with ``&`` (intersection) and ``|`` (
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -54,6 +53,26 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 
 # Tiles classified per chunk in from_dense, so temporaries stay near this many elements.
 _CHUNK_ELEMENTS = 1 << 22
+
+
+class _cached_property:
+    """``functools.cached_property`` without its lock: Python < 3.12 takes an RLock there, which
+    ``torch.compile(fullgraph=True)`` cannot trace (a BlockMask first used inside a compiled function)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.name = fn.__name__
+        self.__doc__ = fn.__doc__
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            return self
+        value = self.fn(obj)
+        obj.__dict__[self.name] = value  # an instance attribute shadows this non-data descriptor from now on
+        return value
 
 
 def _pair(block_size: int | tuple[int, int], name: str = "block_size") -> tuple[int, int]:
@@ -236,6 +255,8 @@ class BlockMask:
             raise TypeError(f"layout must be an int8 tensor of EMPTY / PARTIAL / FULL codes, got dtype {layout.dtype}")
         if layout.dim() != 4:
             raise ValueError(f"layout must be 4-D (B, H, nQB, nKB), got shape {tuple(layout.shape)}")
+        if layout.device.type == "meta":
+            raise ValueError("a BlockMask needs a real device: its tile lists are computed from values, got meta")
         if layout.numel() and (int(layout.min()) < EMPTY or int(layout.max()) > FULL):
             raise ValueError(f"layout codes must be EMPTY ({EMPTY}), PARTIAL ({PARTIAL}) or FULL ({FULL})")
         Lq, Lk = _check_seq_lens(seq_lens)
@@ -343,7 +364,7 @@ class BlockMask:
         indexed by :attr:`partial_tile_ids`), else None."""
         return self._partial_masks
 
-    @functools.cached_property
+    @_cached_property
     def element_mask(self) -> torch.Tensor | None:
         """The dense element mask, bool broadcastable to ``(B, H, Lq, Lk)``; None when no tile is partial
         and none was given. A window or per-tile mask is materialised here, on first use only."""
@@ -437,18 +458,27 @@ class BlockMask:
         """Fraction of tiles that are not empty (what the kernels visit)."""
         return float((self.layout != EMPTY).float().mean()) if self.layout.numel() else 0.0
 
-    @functools.cached_property
+    @_cached_property
     def kv_lists(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Forward lists ``(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)``."""
         return (*_sorted_lists(self.layout == PARTIAL), *_sorted_lists(self.layout == FULL))
 
-    @functools.cached_property
+    @_cached_property
     def q_lists(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Transposed lists ``(q_num_blocks, q_indices, full_q_num_blocks, full_q_indices)`` for the backward."""
         t = self.layout.transpose(-1, -2)
         return (*_sorted_lists(t == PARTIAL), *_sorted_lists(t == FULL))
 
-    @functools.cached_property
+    @_cached_property
+    def all_partial_lists(self) -> tuple[torch.Tensor, ...]:
+        """The eight forward and transposed lists with every non-empty tile listed as partial (none full):
+        for a call that also has an ``attn_mask``, which must apply on every tile the kernels visit."""
+        visible = self.layout != EMPTY
+        none = torch.zeros_like(visible)
+        t = visible.transpose(-1, -2)
+        return (*_sorted_lists(visible), *_sorted_lists(none), *_sorted_lists(t), *_sorted_lists(none.transpose(-1, -2)))
+
+    @_cached_property
     def partial_tile_ids(self) -> torch.Tensor:
         """int32 ``(B, H, nQB, nKB)``: for a partial tile its row in :attr:`partial_masks`, -1 elsewhere."""
         ids = torch.full(self.layout.shape, -1, dtype=torch.int32, device=self.device)

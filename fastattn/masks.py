@@ -77,9 +77,15 @@ def _check_bound(x, name: str) -> int | None:
 
 def _check_device(device) -> torch.device:
     try:
-        return torch.device("cpu" if device is None else device)
+        device = torch.device("cpu" if device is None else device)
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"device must be a torch.device or a device string, got {device!r}") from error
+    if device.type == "meta":
+        raise ValueError(
+            "device='meta' is not supported: a BlockMask's tile lists are computed from values, so build it "
+            "on a real device (the CPU is cheap: the layout has one entry per tile)"
+        )
+    return device
 
 
 def _check_index_tensor(t, name: str, dims: tuple[int, ...]) -> torch.Tensor:

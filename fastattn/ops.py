@@ -20,10 +20,14 @@ Conventions of the op level (the public API normalises to them, see ``_inputs.py
   others receive the same mask as a dense ``attn_mask``.
 * ``window_left``/``window_right``: ``None`` = unbounded (bottom-right aligned offsets).
 * ``seed``: dropout seed drawn from torch's generator (ignored when ``dropout_p == 0``).
-* outputs: ``out (B, Hq, Lq, Dv)`` in q's dtype and ``lse (B, Hq, Lq)`` float32 (natural log;
+* outputs: ``out (B, Hq, Lq, Dv)`` in q's dtype (in q's memory layout on cpu and reference, see
+  :func:`output_like_q`; contiguous elsewhere) and ``lse (B, Hq, Lq)`` float32 (natural log;
   ``-inf`` for rows that see no key). The backward returns ``dq, dk, dv`` and ``dbias``, the
   gradient of the scores w.r.t. an additive ``attn_mask`` ``(B, Hq, Lq, Lk)`` when
   ``compute_dbias`` (an empty tensor otherwise).
+* ``dlse`` (backward, optional): float32 ``(B, Hq, Lq)``, the gradient w.r.t. the returned ``lse``.
+  Since ``d lse_i / d s_ij = P_ij``, it enters as ``delta = rowsum(dout * out) - dlse``
+  (``dS = P * (dP - delta)``).
 """
 
 from __future__ import annotations
@@ -49,19 +53,48 @@ BWD_SCHEMA = (
     "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask, "
     "Tensor? alibi_slopes, Tensor? key_lengths, Tensor? query_lengths, " + _BLOCK_ARGS
     + "Tensor? q_num_blocks, Tensor? q_indices, Tensor? full_q_num_blocks, Tensor? full_q_indices, "
-    + _PARTIAL_ARGS + _COMMON_TAIL + ", bool compute_dbias) -> (Tensor, Tensor, Tensor, Tensor)"
+    + _PARTIAL_ARGS + _COMMON_TAIL + ", bool compute_dbias, Tensor? dlse=None) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 
 
-def fwd_fake(q, k, v, *args, **kwargs):
+def output_like_q(q: torch.Tensor, head_dim_v: int) -> torch.Tensor:
+    """An empty ``out (B, Hq, Lq, Dv)`` in q's memory layout: ``(B, L, H, Dv)`` memory when q is a
+    transposed ``(B, L, H, D)`` view (so a caller holding that layout needs no copy back), else contiguous.
+    ``csrc/cpu/attention_ops.cpp`` applies the same rule."""
     B, Hq, Lq, _ = q.shape
-    out = q.new_empty((B, Hq, Lq, v.shape[-1]))
+    if Hq > 1 and Lq > 1 and q.stride(1) < q.stride(2):
+        return q.new_empty((B, Lq, Hq, head_dim_v)).transpose(1, 2)
+    return q.new_empty((B, Hq, Lq, head_dim_v))
+
+
+def _fwd_fake(q, k, v, out_in_q_layout: bool):
+    B, Hq, Lq, _ = q.shape
+    out = output_like_q(q, v.shape[-1]) if out_in_q_layout else q.new_empty((B, Hq, Lq, v.shape[-1]))
     lse = q.new_empty((B, Hq, Lq), dtype=torch.float32)
     return out, lse
 
 
-def bwd_fake(dout, q, k, v, out, lse, *args):
-    compute_dbias = args[-1]
+def fwd_fake(q, k, v, *args, **kwargs):
+    """Outputs of a backend whose ``out`` is contiguous."""
+    return _fwd_fake(q, k, v, False)
+
+
+def fwd_fake_q_layout(q, k, v, *args, **kwargs):
+    """Outputs of a backend that writes ``out`` in q's layout (:func:`output_like_q`)."""
+    return _fwd_fake(q, k, v, True)
+
+
+def extension_fwd_fake(q, k, v, *args, **kwargs):
+    """The C++ op's outputs: its CPU kernels write ``out`` in q's layout, its CUDA kernels contiguously."""
+    return _fwd_fake(q, k, v, q.device.type == "cpu")
+
+
+# Position of compute_dbias among the backward's arguments after lse (attn_mask ... seed come first).
+_COMPUTE_DBIAS_INDEX = 22
+
+
+def bwd_fake(dout, q, k, v, out, lse, *args, dlse=None):
+    compute_dbias = args[_COMPUTE_DBIAS_INDEX]
     B, Hq, Lq, _ = q.shape
     dbias = q.new_empty((B, Hq, Lq, k.shape[2])) if compute_dbias else q.new_empty((0,))
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
@@ -75,22 +108,25 @@ class BackendOps:
     bwd: Callable
 
 
-def define_ops(name: str, fwd_impl: Callable, bwd_impl: Callable, *, use_triton_op: bool = False) -> BackendOps:
+def define_ops(
+    name: str, fwd_impl: Callable, bwd_impl: Callable, *, use_triton_op: bool = False, out_in_q_layout: bool = False
+) -> BackendOps:
     """Register ``fastattn::{name}_fwd`` and ``fastattn::{name}_bwd`` with the shared schemas and fakes.
 
     ``use_triton_op`` registers them with ``torch.library.triton_op``, whose implementations launch
     kernels through ``torch.library.wrap_triton`` so torch.compile sees the Triton kernels themselves.
+    ``out_in_q_layout``: the forward writes ``out`` in q's layout (:func:`output_like_q`).
     """
     register = torch.library.triton_op if use_triton_op else torch.library.custom_op
     fwd = register(f"fastattn::{name}_fwd", fwd_impl, mutates_args=(), schema=FWD_SCHEMA)
     bwd = register(f"fastattn::{name}_bwd", bwd_impl, mutates_args=(), schema=BWD_SCHEMA)
     if not use_triton_op:  # triton_op traces its implementation for fake tensors itself
-        fwd.register_fake(fwd_fake)
+        fwd.register_fake(fwd_fake_q_layout if out_in_q_layout else fwd_fake)
         bwd.register_fake(bwd_fake)
     return BackendOps(fwd=fwd, bwd=bwd)
 
 
 def register_extension_fakes() -> None:
     """Fakes for the C++ ops ``fastattn::attention_fwd``/``attention_bwd`` (declared in csrc/bindings.cpp)."""
-    torch.library.register_fake("fastattn::attention_fwd", fwd_fake)
+    torch.library.register_fake("fastattn::attention_fwd", extension_fwd_fake)
     torch.library.register_fake("fastattn::attention_bwd", bwd_fake)

@@ -630,11 +630,13 @@ def attention_bwd(
     dropout_p: float = 0.0,
     seed: int = 0,
     compute_dbias: bool = False,
+    dlse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the three backward kernels.
 
     Args: as :func:`attention_fwd`, plus ``dout (B, Hq, Lq, DV)``, the forward's ``out`` and ``lse``,
-    the BlockMask's transposed lists, and ``compute_dbias`` (gradient w.r.t. an additive attn_mask).
+    the BlockMask's transposed lists, ``compute_dbias`` (gradient w.r.t. an additive attn_mask) and
+    ``dlse`` (float32 ``(B, Hq, Lq)``, the gradient w.r.t. ``lse``, or None).
 
     Returns:
         ``dq``, ``dk``, ``dv`` (dtypes and shapes of q, k, v) and ``dbias (B, Hq, Lq, Lk)`` in the
@@ -659,6 +661,8 @@ def attention_bwd(
     block_d, block_dv = head_dim_tile(D), head_dim_tile(DV)
     # delta = rowsum(dO * O) per query row, float32 (B, Hq, Lq); the dK/dV and dQ kernels read it.
     delta = row_delta(out, dout)
+    if dlse is not None:  # d lse / d S = P, so the lse gradient enters as delta - dlse (fastattn/ops.py)
+        delta = delta - dlse
 
     lengths = both_lengths(key_lengths, query_lengths, B, Lq, Lk, q.device)
     element = element_mask_args(attn_mask, partial_masks, partial_tile_ids, block_size_k)

@@ -645,14 +645,14 @@ def softcap_flag(softcap: float, dtype: torch.dtype) -> int:
     return SOFTCAP_EXACT.value
 
 
-def empty_in_layout_of(q: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised ``shape`` tensor whose dims are laid out in q's stride order, the last dim
-    innermost: a ``(B, L, H, D).transpose(1, 2)`` q gives an output its caller can transpose back for free."""
-    order = sorted(range(q.dim()), key=lambda d: (-q.stride(d), d))  # outermost first
-    order.remove(q.dim() - 1)
-    order.append(q.dim() - 1)
-    t = torch.empty([shape[d] for d in order], dtype=dtype, device=q.device)
-    return t.permute([order.index(d) for d in range(q.dim())])
+def empty_output(q: torch.Tensor, head_dim_v: int) -> torch.Tensor:
+    """An empty ``out (B, Hq, Lq, Dv)`` in q's memory layout: ``(B, L, H, Dv)`` memory when q is a
+    transposed ``(B, L, H, D)`` view (its caller can transpose back for free), else contiguous. The
+    same rule as ``fastattn.ops.output_like_q`` (the op's fake) and ``csrc/cpu/attention_ops.cpp``."""
+    B, Hq, Lq, _ = q.shape
+    if Hq > 1 and Lq > 1 and q.stride(1) < q.stride(2):
+        return q.new_empty((B, Lq, Hq, head_dim_v)).transpose(1, 2)
+    return q.new_empty((B, Hq, Lq, head_dim_v))
 
 
 # --------------------------------------------------------------------------- launcher
@@ -706,7 +706,7 @@ def attention_fwd(
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     B, Hq, Lq, D = q.shape
     Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
-    out = empty_in_layout_of(q, (B, Hq, Lq, DV), q.dtype)
+    out = empty_output(q, DV)
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     if B * Hq * Lq == 0:
         return out, lse

@@ -1,10 +1,10 @@
 // Fused attention backward on the CPU: probabilities recomputed from lse, no (Lq, Lk) buffer.
 //
-//   delta = rowsum(dO * O)                                  # (B, Hq, Lq), first pass
+//   delta = rowsum(dO * O) - dlse                           # (B, Hq, Lq), first pass
 //   per (query tile, key tile) pair that is visible:
 //     P  = exp(transform(scale * Q K^T) - lse)              # [rows, n]
 //     dV += P^T dO                                          # [n, Dv]
-//     dP = dO V^T;  dS = P * (dP - delta)                   # [rows, n]   (dS is also dbias)
+//     dP = dO V^T;  dS = P * (dP - delta), 0 where P = 0    # [rows, n]   (dS is also dbias)
 //     dX = dS * (1 - tanh^2)  with softcap, else dS
 //     dK += scale * dX^T Q;  dQ += scale * dX K
 //
@@ -32,58 +32,85 @@ void write_dbias(at::Tensor& dbias, int64_t b, int64_t h, int64_t q0, int64_t ro
   });
 }
 
-// The row log-sum-exp in double, recomputed from Q and K: the op's lse is float32, whose rounding
-// (1e-7 relative) would show in float64 gradients (gradcheck runs on this kernel). (B, Hq, Lq) contiguous.
-template <typename scalar_t>
-std::vector<double> recompute_lse_double(const Params& p, const scalar_t* q_data, const scalar_t* k_data,
-                                         int64_t block_q, int64_t block_k) {
+// Each row's softmax statistics, max m and sum l (P = exp(S - m) / l), recomputed from Q and K in
+// acc_t, (B, Hq, Lq) contiguous; m is NaN for a row with a non-finite visible score, l is 0 for a row
+// that sees nothing. The backward uses them instead of the op's float32 lse when that lse cannot give
+// P: for float64 inputs (its rounding, 1e-7 relative, would show in float64 gradients: gradcheck runs
+// on this kernel), and when an lse is so large (a row masked entirely at the dtype's minimum) that
+// m + log(l) has lost log(l) -- then exp(S - lse) would be 1 on every key instead of 1 / n.
+template <typename acc_t>
+struct RowStats {
+  std::vector<acc_t> m, l;
+};
+
+template <typename scalar_t, typename acc_t>
+RowStats<acc_t> recompute_row_stats(const Params& p, const scalar_t* q_data, const scalar_t* k_data, int64_t block_q,
+                                    int64_t block_k) {
   const bool block_mask = p.has_block_mask();
   const int64_t tile_q = block_mask ? p.block_q : block_q;
   const int64_t tile_k = block_mask ? std::max(block_k, p.block_k) : block_k;
   const int64_t num_q_tiles = ceil_div_i64(p.Lq, tile_q);
-  std::vector<double> lse(p.B * p.Hq * p.Lq);
+  RowStats<acc_t> stats{std::vector<acc_t>(p.B * p.Hq * p.Lq), std::vector<acc_t>(p.B * p.Hq * p.Lq)};
   at::parallel_for(0, p.B * p.Hq * num_q_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> S(tile_q * tile_k), m(tile_q), l(tile_q), q_buf(tile_q * p.D), k_buf(tile_k * p.D);
+    std::vector<acc_t> S(tile_q * tile_k), m(tile_q), l(tile_q);
+    std::vector<acc_t> q_buf, k_buf;  // converted tiles (bfloat16/half inputs only)
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+      q_buf.resize(tile_q * p.D);
+      k_buf.resize(tile_k * p.D);
+    }
     std::vector<int32_t> list_scratch;
     std::vector<Range> key_tiles;
-    const double neg_inf = -std::numeric_limits<double>::infinity();
+    const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (p.Hq * num_q_tiles), h = (task / num_q_tiles) % p.Hq;
       const int64_t q0 = (task % num_q_tiles) * tile_q, q1 = std::min(p.Lq, q0 + tile_q), rows = q1 - q0;
       const int64_t hk = h / p.group;
       const BatchGeometry g = batch_geometry(p, b);
       std::fill(m.begin(), m.end(), neg_inf);
-      std::fill(l.begin(), l.end(), 0.0);
+      std::fill(l.begin(), l.end(), acc_t(0));
       forward_key_tiles(p, g, b, h, q0, q1, tile_k, list_scratch, key_tiles);
       int64_t ldq, ldk;
-      const double* Q = tile_as_acc<scalar_t, double>(q_data + b * p.q_sb + h * p.q_sh + q0 * p.q_sr, rows, p.D, p.q_sr,
-                                                      q_buf.data(), &ldq);
+      const acc_t* Q = tile_as_acc<scalar_t, acc_t>(q_data + b * p.q_sb + h * p.q_sh + q0 * p.q_sr, rows, p.D, p.q_sr,
+                                                    q_buf.data(), &ldq);
       for (const Range& kr : key_tiles) {
         const int64_t n = kr.end - kr.begin;
-        const double* K = tile_as_acc<scalar_t, double>(k_data + b * p.k_sb + hk * p.k_sh + kr.begin * p.k_sr, n, p.D,
-                                                        p.k_sr, k_buf.data(), &ldk);
-        gemm(Trans::kNo, Trans::kYes, rows, n, p.D, p.scale, Q, ldq, K, ldk, 0.0, S.data(), n);
-        transform_scores<double>(p, g, b, h, q0, q1, kr.begin, kr.end, S.data(), n, nullptr);
+        const acc_t* K = tile_as_acc<scalar_t, acc_t>(k_data + b * p.k_sb + hk * p.k_sh + kr.begin * p.k_sr, n, p.D,
+                                                      p.k_sr, k_buf.data(), &ldk);
+        gemm(Trans::kNo, Trans::kYes, rows, n, p.D, static_cast<acc_t>(p.scale), Q, ldq, K, ldk, acc_t(0), S.data(), n);
+        transform_scores<acc_t>(p, g, b, h, q0, q1, kr.begin, kr.end, S.data(), n, nullptr);
         for (int64_t r = 0; r < rows; ++r) {
-          double* s = S.data() + r * n;
-          const double m_new = std::max(m[r], row_max(s, n));
+          acc_t* s = S.data() + r * n;
+          if (row_has_nonfinite(s, n)) m[r] = std::numeric_limits<acc_t>::quiet_NaN();
+          if (std::isnan(m[r])) continue;
+          const acc_t m_new = std::max(m[r], row_max(s, n));
           if (m_new == neg_inf) continue;
-          l[r] = l[r] * (m[r] == neg_inf ? 0.0 : std::exp(m[r] - m_new)) + exp_shift_sum(s, n, m_new);
+          l[r] = l[r] * (m[r] == neg_inf ? acc_t(0) : std::exp(m[r] - m_new)) + exp_shift_sum(s, n, m_new);
           m[r] = m_new;
         }
       }
-      for (int64_t r = 0; r < rows; ++r) lse[(b * p.Hq + h) * p.Lq + q0 + r] = l[r] > 0 ? m[r] + std::log(l[r]) : neg_inf;
+      for (int64_t r = 0; r < rows; ++r) {
+        stats.m[(b * p.Hq + h) * p.Lq + q0 + r] = m[r];
+        stats.l[(b * p.Hq + h) * p.Lq + q0 + r] = l[r];
+      }
     }
   });
-  return lse;
+  return stats;
+}
+
+// True when some finite lse is too large for exp(S - lse) to resolve log(l) (see recompute_row_stats).
+inline bool lse_too_large(const at::Tensor& lse) {
+  if (lse.numel() == 0) return false;
+  const at::Tensor finite = lse.masked_select(lse.isfinite());
+  return finite.numel() > 0 && finite.abs().max().item<float>() > 65536.0f;
 }
 
 }  // namespace
 
 template <typename scalar_t>
 void attention_backward(const Params& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
-                        at::Tensor& dk, at::Tensor& dv, at::Tensor* dbias, int64_t block_q, int64_t block_k) {
+                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor* dlse,
+                        at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor* dbias, int64_t block_q,
+                        int64_t block_k) {
   using acc_t = typename AccType<scalar_t>::type;
   const bool block_mask = p.has_block_mask();
   const int64_t tile_q = block_mask ? std::max(block_q, p.block_q) : block_q;
@@ -98,11 +125,17 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
   const int64_t lse_sb = lse.stride(0), lse_sh = lse.stride(1), lse_sr = lse.stride(2);
   const int64_t do_sb = dout.stride(0), do_sh = dout.stride(1), do_sr = dout.stride(2);
 
-  std::vector<double> lse_double;
-  if constexpr (std::is_same_v<scalar_t, double>) lse_double = recompute_lse_double<scalar_t>(p, q_data, k_data, block_q, block_k);
+  RowStats<acc_t> stats;
+  if (std::is_same_v<scalar_t, double> || lse_too_large(lse))
+    stats = recompute_row_stats<scalar_t, acc_t>(p, q_data, k_data, block_q, block_k);
+  const bool use_stats = !stats.m.empty();
 
-  // delta = rowsum(dO * O) in acc_t, (B, Hq, Lq) contiguous.
+  // delta = rowsum(dO * O) - dlse in acc_t, (B, Hq, Lq) contiguous (d lse / d S = P, so the lse
+  // gradient enters as dS = P * (dP - rowsum(dO * O) + dlse)).
   std::vector<acc_t> delta(B * Hq * Lq);
+  const float* dlse_data = dlse ? dlse->const_data_ptr<float>() : nullptr;
+  const int64_t dlse_sb = dlse ? dlse->stride(0) : 0, dlse_sh = dlse ? dlse->stride(1) : 0,
+                dlse_sr = dlse ? dlse->stride(2) : 0;
   {
     const scalar_t* out_data = out.const_data_ptr<scalar_t>();
     const int64_t o_sb = out.stride(0), o_sh = out.stride(1), o_sr = out.stride(2);
@@ -114,6 +147,7 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
           const scalar_t* d = dout_data + b * do_sb + h * do_sh + i * do_sr;
           acc_t sum = 0;
           for (int64_t c = 0; c < Dv; ++c) sum += static_cast<acc_t>(o[c]) * static_cast<acc_t>(d[c]);
+          if (dlse_data) sum -= static_cast<acc_t>(dlse_data[b * dlse_sb + h * dlse_sh + i * dlse_sr]);
           delta[bh * Lq + i] = sum;
         }
       }
@@ -153,6 +187,7 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
       k_buf.resize(tile_k * D);
       v_buf.resize(tile_k * Dv);
     }
+    std::vector<acc_t> k_clean(tile_k * D);  // a K tile without the keys no row uses (non-finite tiles only)
     std::vector<int32_t> list_scratch;
     std::vector<Range> query_tiles;
 
@@ -168,6 +203,7 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
                                                       k_buf.data(), &ldk);
         const acc_t* V = tile_as_acc<scalar_t, acc_t>(v_data + b * p.v_sb + hk * p.v_sh + k0 * p.v_sr, n, Dv, p.v_sr,
                                                       v_buf.data(), &ldv);
+        const bool k_finite = tile_finite(K, n, D, ldk);
         std::fill(dk_acc.begin(), dk_acc.begin() + n * D, acc_t(0));
         std::fill(dv_acc.begin(), dv_acc.begin() + n * Dv, acc_t(0));
 
@@ -186,15 +222,31 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
                  n);
             transform_scores<acc_t>(p, g, b, h, q0, q1, k0, k1, S.data(), n, p.softcap > 0 ? dT.data() : nullptr);
             for (int64_t r = 0; r < rows; ++r) {
-              const acc_t row_lse = lse_double.empty()
-                                        ? static_cast<acc_t>(lse_data[b * lse_sb + h * lse_sh + (q0 + r) * lse_sr])
-                                        : static_cast<acc_t>(lse_double[(b * Hq + h) * Lq + q0 + r]);
               acc_t* s = S.data() + r * n;
-              if (row_lse == -std::numeric_limits<acc_t>::infinity()) {
+              const int64_t row = (b * Hq + h) * Lq + q0 + r;
+              const acc_t row_shift = use_stats ? stats.m[row]
+                                                : static_cast<acc_t>(lse_data[b * lse_sb + h * lse_sh + (q0 + r) * lse_sr]);
+              const bool unseen = use_stats ? stats.l[row] == acc_t(0)
+                                            : row_shift == -std::numeric_limits<acc_t>::infinity();
+              if (std::isnan(row_shift)) {  // a NaN row (non-finite visible input): NaN where it sees
+                for (int64_t j = 0; j < n; ++j)
+                  s[j] = s[j] == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
+              } else if (unseen) {
                 std::fill(s, s + n, acc_t(0));
               } else {
-                exp_shift(s, n, row_lse);
+                exp_shift(s, n, row_shift);
+                if (use_stats) {
+                  const acc_t inv = acc_t(1) / stats.l[row];
+                  for (int64_t j = 0; j < n; ++j) s[j] *= inv;
+                }
               }
+            }
+            // dQ = dS K must not meet a non-finite key that no row of this tile sees (0 * NaN = NaN).
+            const acc_t* K_dq = K;
+            int64_t ldk_dq = ldk;
+            if (!k_finite) {
+              K_dq = without_unused_keys(S.data(), rows, n, K, D, ldk, k_clean.data());
+              ldk_dq = D;
             }
             const acc_t* P_for_dv = S.data();
             if (p.dropout_threshold) {
@@ -214,17 +266,18 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
               const acc_t row_delta = delta[(b * Hq + h) * Lq + q0 + r];
               const acc_t* pr = S.data() + r * n;
               acc_t* ds = dP.data() + r * n;
-              for (int64_t j = 0; j < n; ++j) ds[j] = pr[j] * (ds[j] - row_delta);
+              // A selection, not a product: P = 0 (a hidden key) gives 0 even where dP is NaN.
+              for (int64_t j = 0; j < n; ++j) ds[j] = pr[j] == acc_t(0) ? acc_t(0) : pr[j] * (ds[j] - row_delta);
             }
             if (dbias != nullptr) write_dbias(*dbias, b, h, q0, rows, k0, n, dP.data());
-            if (p.softcap > 0) {
-              for (int64_t e = 0; e < rows * n; ++e) dP[e] *= dT[e];
+            if (p.softcap > 0) {  // selection again: dT is NaN on hidden keys holding NaN
+              for (int64_t e = 0; e < rows * n; ++e) dP[e] = dP[e] == acc_t(0) ? acc_t(0) : dP[e] * dT[e];
             }
             // dK += scale dS^T Q  # [n, D];  dQ += scale dS K  # [rows, D]
             gemm(Trans::kYes, Trans::kNo, n, D, rows, static_cast<acc_t>(p.scale), dP.data(), n, Q, ldq, acc_t(1),
                  dk_acc.data(), D);
-            gemm(Trans::kNo, Trans::kNo, rows, D, n, static_cast<acc_t>(p.scale), dP.data(), n, K, ldk, acc_t(1),
-                 dq_rows + q0 * D, D);
+            gemm(Trans::kNo, Trans::kNo, rows, D, n, static_cast<acc_t>(p.scale), dP.data(), n, K_dq, ldk_dq,
+                 acc_t(1), dq_rows + q0 * D, D);
           }
         }
         for (int64_t j = 0; j < n; ++j) {
@@ -256,10 +309,11 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
 }
 
 void attention_backward_dispatch(const Params& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
-                                 at::Tensor& dk, at::Tensor& dv, at::Tensor* dbias, int64_t block_q, int64_t block_k) {
+                                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                 const at::Tensor* dlse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                                 at::Tensor* dbias, int64_t block_q, int64_t block_k) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fastattn_attention_bwd_cpu", [&] {
-    attention_backward<scalar_t>(p, dout, q, k, v, out, lse, dq, dk, dv, dbias, block_q, block_k);
+    attention_backward<scalar_t>(p, dout, q, k, v, out, lse, dlse, dq, dk, dv, dbias, block_q, block_k);
   });
 }
 

@@ -296,6 +296,45 @@ inline const acc_t* tile_as_acc(const scalar_t* base, int64_t rows, int64_t cols
   }
 }
 
+// Score + additive mask entry, where an entry of -inf hides the key by selection (a NaN score from a
+// non-finite hidden key must not survive as NaN + -inf).
+template <typename acc_t>
+inline acc_t add_bias(acc_t s, acc_t bias) {
+  return bias == -std::numeric_limits<acc_t>::infinity() ? bias : s + bias;
+}
+
+// True when a visible score of the row is NaN or +inf (a non-finite input the row sees): the
+// contract makes such a row NaN rather than letting the online softmax silently drop it.
+template <typename acc_t>
+inline bool row_has_nonfinite(const acc_t* s, int64_t n) {
+  bool bad = false;
+  for (int64_t j = 0; j < n; ++j) bad |= !(s[j] < std::numeric_limits<acc_t>::infinity());
+  return bad;
+}
+
+// True when every entry of a (rows, cols) tile (row stride ld) is finite.
+template <typename acc_t>
+inline bool tile_finite(const acc_t* x, int64_t rows, int64_t cols, int64_t ld) {
+  bool ok = true;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) ok &= std::isfinite(x[r * ld + c]);
+  return ok;
+}
+
+// A key (K or V) tile of n rows with the rows of keys no row of P (rows x n, row stride n) uses set
+// to 0, copied to out (row stride cols): hidden keys holding NaN/Inf then cannot reach any result
+// through a zero probability (0 * NaN = NaN). Only called for tiles that hold a non-finite value.
+template <typename acc_t>
+inline const acc_t* without_unused_keys(const acc_t* P, int64_t rows, int64_t n, const acc_t* x, int64_t cols,
+                                        int64_t ld, acc_t* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    bool used = false;
+    for (int64_t r = 0; r < rows; ++r) used |= P[r * n + j] != acc_t(0);
+    for (int64_t c = 0; c < cols; ++c) out[j * cols + c] = used ? x[j * ld + c] : acc_t(0);
+  }
+  return out;
+}
+
 // Applies softcap, ALiBi, the additive or bool attn_mask and the key-range band to a score tile
 // S (rows [q0, q1), keys [k0, k1), row stride ld): masked scores become -inf. With softcap, the
 // factor 1 - tanh^2 of each score is written to dtanh (same layout) when dtanh is non-null.
@@ -331,22 +370,22 @@ void transform_scores(const Params& p, const BatchGeometry& g, int64_t b, int64_
         }
         case MaskKind::kFloat: {
           const float* m = static_cast<const float*>(p.mask) + base;
-          for (int64_t j = 0; j < n; ++j) s[j] += static_cast<acc_t>(m[j * sk]);
+          for (int64_t j = 0; j < n; ++j) s[j] = add_bias(s[j], static_cast<acc_t>(m[j * sk]));
           break;
         }
         case MaskKind::kDouble: {
           const double* m = static_cast<const double*>(p.mask) + base;
-          for (int64_t j = 0; j < n; ++j) s[j] += static_cast<acc_t>(m[j * sk]);
+          for (int64_t j = 0; j < n; ++j) s[j] = add_bias(s[j], static_cast<acc_t>(m[j * sk]));
           break;
         }
         case MaskKind::kBFloat16: {
           const at::BFloat16* m = static_cast<const at::BFloat16*>(p.mask) + base;
-          for (int64_t j = 0; j < n; ++j) s[j] += static_cast<acc_t>(static_cast<float>(m[j * sk]));
+          for (int64_t j = 0; j < n; ++j) s[j] = add_bias(s[j], static_cast<acc_t>(static_cast<float>(m[j * sk])));
           break;
         }
         case MaskKind::kHalf: {
           const at::Half* m = static_cast<const at::Half*>(p.mask) + base;
-          for (int64_t j = 0; j < n; ++j) s[j] += static_cast<acc_t>(static_cast<float>(m[j * sk]));
+          for (int64_t j = 0; j < n; ++j) s[j] = add_bias(s[j], static_cast<acc_t>(static_cast<float>(m[j * sk])));
           break;
         }
         case MaskKind::kNone:
@@ -383,8 +422,10 @@ void transform_scores(const Params& p, const BatchGeometry& g, int64_t b, int64_
 // bfloat16 and half. Tile sizes apply without a BlockMask (with one, its block sizes set the tiles).
 void attention_forward_dispatch(const Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 at::Tensor& out, at::Tensor& lse, int64_t block_q, int64_t block_k);
+// dlse (B, Hq, Lq) float32, the gradient w.r.t. lse, may be null.
 void attention_backward_dispatch(const Params& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
-                                 at::Tensor& dk, at::Tensor& dv, at::Tensor* dbias, int64_t block_q, int64_t block_k);
+                                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                 const at::Tensor* dlse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                                 at::Tensor* dbias, int64_t block_q, int64_t block_k);
 
 }  // namespace fastattn::cpu

@@ -11,7 +11,9 @@
 //   l   = l * exp(m - m') + rowsum P
 //   acc = acc * exp(m - m') + P V             # [rows, Dv]  (BLAS)
 //
-// and finally out = acc / l, lse = m + log l (out 0 and lse -inf for a row that saw nothing).
+// and finally out = acc / l, lse = m + log l (out 0 and lse -inf for a row that saw nothing; NaN
+// for a row with a NaN or +inf visible score). A V tile holding NaN/Inf has the keys no row of the
+// tile uses zeroed first, so a hidden non-finite value never reaches a row through P = 0.
 #include "cpu/attention_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -31,12 +33,15 @@ void attention_forward(const Params& p, const at::Tensor& q, const at::Tensor& k
   const scalar_t* q_data = q.const_data_ptr<scalar_t>();
   const scalar_t* k_data = k.const_data_ptr<scalar_t>();
   const scalar_t* v_data = v.const_data_ptr<scalar_t>();
-  scalar_t* out_data = out.mutable_data_ptr<scalar_t>();  // contiguous (B, Hq, Lq, Dv)
+  scalar_t* out_data = out.mutable_data_ptr<scalar_t>();  // (B, Hq, Lq, Dv), unit last stride
+  const int64_t o_sb = out.stride(0), o_sh = out.stride(1), o_sr = out.stride(2);
   float* lse_data = lse.mutable_data_ptr<float>();        // contiguous (B, Hq, Lq)
 
   at::parallel_for(0, p.B * p.Hq * num_q_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> S(tile_q * tile_k), acc(tile_q * Dv), m(tile_q), l(tile_q);
     std::vector<acc_t> drop(p.dropout_threshold ? tile_q * tile_k : 0);  // dropout factors of a tile
+    std::vector<acc_t> v_clean(tile_k * Dv);  // a V tile without the keys no row uses (non-finite tiles only)
+    std::vector<char> bad(tile_q);            // rows with a non-finite visible score: NaN out and lse
     std::vector<acc_t> q_buf, k_buf, v_buf;  // converted tiles (bfloat16/half inputs only)
     if constexpr (!std::is_same_v<scalar_t, acc_t>) {
       q_buf.resize(tile_q * D);
@@ -57,6 +62,7 @@ void attention_forward(const Params& p, const at::Tensor& q, const at::Tensor& k
       std::fill(m.begin(), m.begin() + rows, neg_inf);
       std::fill(l.begin(), l.begin() + rows, acc_t(0));
       std::fill(acc.begin(), acc.begin() + rows * Dv, acc_t(0));
+      std::fill(bad.begin(), bad.begin() + rows, 0);
 
       forward_key_tiles(p, g, b, h, q0, q1, tile_k, list_scratch, key_tiles);
       if (!key_tiles.empty()) {
@@ -72,6 +78,11 @@ void attention_forward(const Params& p, const at::Tensor& q, const at::Tensor& k
           transform_scores<acc_t>(p, g, b, h, q0, q1, k0, kr.end, S.data(), n, nullptr);
           for (int64_t r = 0; r < rows; ++r) {
             acc_t* s = S.data() + r * n;
+            if (bad[r] || row_has_nonfinite(s, n)) {  // the row will be NaN; it uses nothing more
+              bad[r] = 1;
+              std::fill(s, s + n, acc_t(0));
+              continue;
+            }
             const acc_t m_new = std::max(m[r], row_max(s, n));
             if (m_new == neg_inf) {  // nothing visible in this row yet: P = 0
               std::fill(s, s + n, acc_t(0));
@@ -92,18 +103,26 @@ void attention_forward(const Params& p, const at::Tensor& q, const at::Tensor& k
           }
           const acc_t* V = tile_as_acc<scalar_t, acc_t>(v_data + b * p.v_sb + hk * p.v_sh + k0 * p.v_sr, n, Dv, p.v_sr,
                                                         v_buf.data(), &ldv);
+          if (!tile_finite(V, n, Dv, ldv)) {  // keep non-finite values of keys no row uses out of P V
+            V = without_unused_keys(S.data(), rows, n, V, Dv, ldv, v_clean.data());
+            ldv = Dv;
+          }
           gemm(Trans::kNo, Trans::kNo, rows, Dv, n, acc_t(1), S.data(), n, V, ldv, acc_t(1), acc.data(), Dv);
         }
       }
 
-      scalar_t* o = out_data + ((b * p.Hq + h) * p.Lq + q0) * Dv;
+      scalar_t* o = out_data + b * o_sb + h * o_sh + q0 * o_sr;
       float* row_lse = lse_data + (b * p.Hq + h) * p.Lq + q0;
       for (int64_t r = 0; r < rows; ++r) {
         const bool seen = l[r] > acc_t(0);
         const acc_t inv = seen ? acc_t(1) / l[r] : acc_t(0);
         const acc_t* a = acc.data() + r * Dv;
-        for (int64_t c = 0; c < Dv; ++c) o[r * Dv + c] = static_cast<scalar_t>(a[c] * inv);
+        for (int64_t c = 0; c < Dv; ++c) o[r * o_sr + c] = static_cast<scalar_t>(a[c] * inv);
         row_lse[r] = seen ? static_cast<float>(m[r] + std::log(l[r])) : -std::numeric_limits<float>::infinity();
+        if (bad[r]) {
+          for (int64_t c = 0; c < Dv; ++c) o[r * o_sr + c] = static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN());
+          row_lse[r] = std::numeric_limits<float>::quiet_NaN();
+        }
       }
     }
   });

@@ -147,7 +147,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
                                kv_indices, full_kv_num_blocks, full_kv_indices, std::nullopt, std::nullopt,
                                std::nullopt, std::nullopt, partial_masks, partial_tile_ids, block_size_q,
                                block_size_k, scale, window_left, window_right, softcap, dropout_p, seed);
-  at::Tensor out = at::empty({s.batch, s.heads_q, s.seqlen_q, s.head_dim_v}, q.options());
+  // out in q's layout (fastattn/ops.py output_like_q): a transposed (B, L, H, D) view gets (B, L, H, Dv)
+  // memory, so a caller holding that layout needs no copy back.
+  const bool bshd = s.heads_q > 1 && s.seqlen_q > 1 && q.stride(1) < q.stride(2);
+  at::Tensor out = bshd ? at::empty({s.batch, s.seqlen_q, s.heads_q, s.head_dim_v}, q.options()).transpose(1, 2)
+                        : at::empty({s.batch, s.heads_q, s.seqlen_q, s.head_dim_v}, q.options());
   at::Tensor lse = at::empty({s.batch, s.heads_q, s.seqlen_q}, q.options().dtype(at::kFloat));
   attention_forward_dispatch(p, q, k, v, out, lse, kBlockQ, kBlockK);
   return {out, lse};
@@ -161,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const OptTensor& q_indices, const OptTensor& full_q_num_blocks, const OptTensor& full_q_indices,
     const OptTensor& partial_masks, const OptTensor& partial_tile_ids, int64_t block_size_q, int64_t block_size_k,
     double scale, std::optional<int64_t> window_left, std::optional<int64_t> window_right, double softcap,
-    double dropout_p, int64_t seed, bool compute_dbias) {
+    double dropout_p, int64_t seed, bool compute_dbias, const OptTensor& dlse) {
   const AttentionShape s = check_qkv(q, k, v);
   check_cpu_inputs(q, attn_mask);
   TORCH_CHECK(s.head_dim > 0, "q must have a non-zero head_dim");
@@ -181,6 +185,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
               "compute_dbias needs a floating (additive) attn_mask");
   check_partial_masks(s, q, attn_mask, partial_masks, partial_tile_ids, forward_lists, block_size_q, block_size_k);
 
+  check_dlse(s, q, dlse);
+
   const at::Tensor dout_r = rows_readable(dout);
   const Params p = make_params(s, q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_blocks,
                                kv_indices, full_kv_num_blocks, full_kv_indices, q_num_blocks, q_indices,
@@ -189,8 +195,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   at::Tensor dbias = compute_dbias ? at::zeros({s.batch, s.heads_q, s.seqlen_q, s.seqlen_k}, attn_mask->options())
                                    : at::empty({0}, q.options());
-  attention_backward_dispatch(p, dout_r, q, k, v, out, lse, dq, dk, dv, compute_dbias ? &dbias : nullptr, kBlockQ,
-                              kBlockK);
+  attention_backward_dispatch(p, dout_r, q, k, v, out, lse, dlse.has_value() ? &*dlse : nullptr, dq, dk, dv,
+                              compute_dbias ? &dbias : nullptr, kBlockQ, kBlockK);
   return {dq, dk, dv, dbias};
 }
 

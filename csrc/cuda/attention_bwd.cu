@@ -25,8 +25,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const std::optional<at::Tensor>& full_q_num_blocks, const std::optional<at::Tensor>& full_q_indices,
     const std::optional<at::Tensor>& partial_masks, const std::optional<at::Tensor>& partial_tile_ids,
     int64_t block_size_q, int64_t block_size_k, double scale, std::optional<int64_t> window_left,
-    std::optional<int64_t> window_right, double softcap, double dropout_p, int64_t seed, bool compute_dbias) {
+    std::optional<int64_t> window_right, double softcap, double dropout_p, int64_t seed, bool compute_dbias,
+    const std::optional<at::Tensor>& dlse) {
   (void)seed;  // dropout is refused in prepare()
+  TORCH_CHECK(!dlse.has_value(), "dlse (a gradient of lse) is not supported by the CUDA kernels");
   TORCH_CHECK(!partial_masks.has_value() && !partial_tile_ids.has_value(),
               "partial_masks is not supported by the CUDA kernels: pass the element mask as attn_mask");
   const at::cuda::CUDAGuard device_guard(q.device());

@@ -107,4 +107,6 @@ def used_features(inputs: AttentionInputs) -> list[str]:
         used.append("lengths")
     if inputs.heads_q != inputs.heads_kv:
         used.append("gqa")
+    if inputs.return_lse and inputs.requires_grad:
+        used.append("lse gradient")
     return used

@@ -34,6 +34,7 @@ FEATURES = {
     "dropout": True,
     "lengths": True,
     "gqa": True,
+    "lse gradient": True,
 }
 
 

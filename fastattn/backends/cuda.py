@@ -194,10 +194,6 @@ class CudaBackend(Backend):
                     f"block_mask block_size {(bq, bk)} is not supported: the CUDA kernels need multiples of "
                     f"{MASK_TILE_MULTIPLE} (their tile size)"
                 )
-            if inputs.attn_mask is not None:
-                # The op applies its one element mask to partial tiles only, so a caller's attn_mask
-                # would be ignored on full tiles.
-                reasons.append("attn_mask together with block_mask is not supported (fold it into the BlockMask)")
         if inputs.seqlen_q >= MAX_SEQLEN or inputs.seqlen_k >= MAX_SEQLEN:
             reasons.append(f"sequence lengths must be below {MAX_SEQLEN}, got Lq={inputs.seqlen_q}, Lk={inputs.seqlen_k}")
         if inputs.batch > MAX_GRID_DIM or inputs.heads_q > MAX_GRID_DIM:

@@ -7,7 +7,7 @@ import torch
 from .. import reference
 from .._inputs import AttentionInputs
 from ..block_mask import FULL, PARTIAL, BlockMask, layout_from_kv_lists
-from ..ops import BackendOps, define_ops
+from ..ops import BackendOps, define_ops, output_like_q
 from .base import Backend
 
 
@@ -51,20 +51,20 @@ def _fwd(q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_bl
         full_kv_num_blocks, full_kv_indices, partial_masks, partial_tile_ids, block_size_q, block_size_k, scale,
         window_left, window_right, softcap, dropout_p,
     )
-    out, lse = reference.attention_from_inputs(inputs, _keep_mask(inputs, seed))
-    return out.contiguous(), lse.to(torch.float32).contiguous()
+    out, lse = reference.attention_from_inputs(inputs, _keep_mask(inputs, seed), upcast=True)
+    return output_like_q(q, v.shape[-1]).copy_(out), lse.to(torch.float32).contiguous()
 
 
 def _bwd(dout, q, k, v, out, lse, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_blocks, kv_indices,
          full_kv_num_blocks, full_kv_indices, q_num_blocks, q_indices, full_q_num_blocks, full_q_indices,
          partial_masks, partial_tile_ids, block_size_q, block_size_k, scale, window_left, window_right, softcap,
-         dropout_p, seed, compute_dbias):
+         dropout_p, seed, compute_dbias, dlse=None):
     inputs = inputs_from_op_args(
         q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_blocks, kv_indices,
         full_kv_num_blocks, full_kv_indices, partial_masks, partial_tile_ids, block_size_q, block_size_k, scale,
         window_left, window_right, softcap, dropout_p,
     )
-    dq, dk, dv, dscores = reference.attention_backward_from_inputs(inputs, dout, _keep_mask(inputs, seed))
+    dq, dk, dv, dscores = reference.attention_backward_from_inputs(inputs, dout, _keep_mask(inputs, seed), dlse)
     dbias = dscores.to(attn_mask.dtype).contiguous() if compute_dbias else q.new_empty((0,))
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias
 
@@ -77,7 +77,7 @@ class ReferenceBackend(Backend):
         return []
 
     def build_ops(self) -> BackendOps:
-        return define_ops("reference", _fwd, _bwd)
+        return define_ops("reference", _fwd, _bwd, out_in_q_layout=True)
 
     def dropout_keep_mask(self, inputs: AttentionInputs, seed: int) -> torch.Tensor:
         return _keep_mask(inputs, seed)

@@ -32,6 +32,7 @@ _FEATURES = {
     "dropout": True,
     "lengths": True,
     "gqa": True,
+    "lse gradient": True,
 }
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
@@ -85,7 +86,7 @@ def _fwd(q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_bl
 def _bwd(dout, q, k, v, out, lse, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_blocks, kv_indices,
          full_kv_num_blocks, full_kv_indices, q_num_blocks, q_indices, full_q_num_blocks, full_q_indices,
          partial_masks, partial_tile_ids, block_size_q, block_size_k, scale, window_left, window_right, softcap,
-         dropout_p, seed, compute_dbias):
+         dropout_p, seed, compute_dbias, dlse=None):
     from ..triton_kernels.attention_bwd import attention_bwd
 
     return attention_bwd(
@@ -95,7 +96,7 @@ def _bwd(dout, q, k, v, out, lse, attn_mask, alibi_slopes, key_lengths, query_le
         q_indices=q_indices, full_q_num_blocks=full_q_num_blocks, full_q_indices=full_q_indices,
         partial_masks=partial_masks, partial_tile_ids=partial_tile_ids, block_size_q=block_size_q,
         block_size_k=block_size_k, scale=scale, window_left=window_left, window_right=window_right,
-        softcap=softcap, dropout_p=dropout_p, seed=seed, compute_dbias=compute_dbias,
+        softcap=softcap, dropout_p=dropout_p, seed=seed, compute_dbias=compute_dbias, dlse=dlse,
     )
 
 
@@ -129,16 +130,12 @@ class TritonBackend(Backend):
                     f"block_mask block_size {(bq, bk)} is not supported: the kernels' tiles are the mask's "
                     f"blocks, each a power of two in {list(_BLOCK_SIZES)}"
                 )
-            if inputs.attn_mask is not None:
-                # Ops see one element mask and apply it to partial tiles only; a caller's attn_mask
-                # must also apply to full tiles, which the op arguments cannot express.
-                reasons.append("attn_mask together with block_mask is not supported (fold it into the BlockMask)")
         return reasons
 
     def build_ops(self) -> BackendOps:
         # torch.compile traces a triton_op into its wrap_triton launches; interpreted kernels cannot
         # be traced (wrap_triton hands them back as they are), so there the ops are opaque custom ops.
-        return define_ops("triton", _fwd, _bwd, use_triton_op=not _in_interpreter())
+        return define_ops("triton", _fwd, _bwd, use_triton_op=not _in_interpreter(), out_in_q_layout=True)
 
     def dropout_keep_mask(self, inputs: AttentionInputs, seed: int) -> torch.Tensor:
         from ..triton_kernels.attention_fwd import dropout_keep_mask

@@ -30,6 +30,12 @@ def padding_to_lengths(key_padding_mask: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
+class MultiheadAttentionError(ValueError, AssertionError, RuntimeError):
+    """Bad arguments of :class:`MultiheadAttention`: also an ``AssertionError`` and a ``RuntimeError``,
+    the types torch's ``nn.MultiheadAttention`` raises for the same mistakes, so code written against
+    torch catches it."""
+
+
 def _to_fastattn_mask(mask: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
     """torch polarity (bool True = masked out, float additive) to fastattn's (bool True = attend, float additive)."""
     if mask.dtype == torch.bool:
@@ -90,7 +96,7 @@ class MultiheadAttention(nn.Module):
         if embed_dim <= 0 or num_heads <= 0:
             raise ValueError(f"embed_dim and num_heads must be > 0, got embed_dim={embed_dim}, num_heads={num_heads}")
         if embed_dim % num_heads != 0:
-            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+            raise MultiheadAttentionError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         factory = {"device": device, "dtype": dtype}
@@ -211,7 +217,7 @@ class MultiheadAttention(nn.Module):
         """
         is_batched = query.dim() == 3
         if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
-            raise ValueError(
+            raise MultiheadAttentionError(
                 "query, key and value must all be 3-D (batched) or 2-D (unbatched), got shapes "
                 f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
             )
@@ -225,14 +231,14 @@ class MultiheadAttention(nn.Module):
         N, L, E = query.shape
         S = key.shape[1]
         if E != self.embed_dim:
-            raise ValueError(f"query must have embed_dim={self.embed_dim} features, got {E}")
+            raise MultiheadAttentionError(f"query must have embed_dim={self.embed_dim} features, got {E}")
         if key.shape[-1] != self.kdim or value.shape[-1] != self.vdim:
-            raise ValueError(
+            raise MultiheadAttentionError(
                 f"key and value must have kdim={self.kdim} and vdim={self.vdim} features, "
                 f"got {key.shape[-1]} and {value.shape[-1]}"
             )
         if key.shape[:2] != value.shape[:2] or key.shape[0] != N:
-            raise ValueError(
+            raise MultiheadAttentionError(
                 f"key and value must share batch size {N} and length, got {tuple(key.shape)} and {tuple(value.shape)}"
             )
 
@@ -247,17 +253,17 @@ class MultiheadAttention(nn.Module):
             mask = _to_fastattn_mask(attn_mask, "attn_mask", query.dtype)
             if mask.dim() == 3:
                 if mask.shape != (N * self.num_heads, L, S):
-                    raise ValueError(
+                    raise MultiheadAttentionError(
                         f"3-D attn_mask must have shape (N * num_heads, L, S) = {(N * self.num_heads, L, S)}, "
                         f"got {tuple(mask.shape)}"
                     )
                 mask = mask.view(N, self.num_heads, L, S)
             elif mask.shape != (L, S):
-                raise ValueError(f"2-D attn_mask must have shape (L, S) = {(L, S)}, got {tuple(mask.shape)}")
+                raise MultiheadAttentionError(f"2-D attn_mask must have shape (L, S) = {(L, S)}, got {tuple(mask.shape)}")
         padding = None
         if key_padding_mask is not None:
             if key_padding_mask.shape != (N, S):
-                raise ValueError(
+                raise MultiheadAttentionError(
                     f"key_padding_mask must have shape (N, S) = {(N, S)}, got {tuple(key_padding_mask.shape)}"
                 )
             padding = _to_fastattn_mask(key_padding_mask, "key_padding_mask", query.dtype)

@@ -429,6 +429,11 @@ def _dq_key_block(
     _, _, b_dx = _grad_scores(
         b_s, b_tanh, b_dp, b_lse2[:, None], b_delta[:, None], b_keep, dropout_p, HAS_SOFTCAP, HAS_DROPOUT
     )
+    if HAS_MASK and APPLY_ATTN_MASK:
+        # Keys the mask hides from every row of the tile are selected away (0 * NaN is NaN).
+        # [BLOCK_N]
+        m_seen = tl.max(tl.where(b_s == float("-inf"), 0, 1), 0) > 0
+        b_k = tl.where(m_seen[:, None], b_k, 0.0)
     b_dq += tl.dot(b_dx.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
     return b_dq
 

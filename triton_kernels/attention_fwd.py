@@ -246,6 +246,11 @@ def _fwd_key_block(
     # [BLOCK_M, BLOCK_N]
     b_p = tl.exp2(b_s - b_m_safe[:, None])
     b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    if HAS_MASK and APPLY_ATTN_MASK:
+        # Values of keys the mask hides from every row of the tile are selected away (0 * NaN is NaN).
+        # [BLOCK_N]
+        m_seen = tl.max(tl.where(b_s == float("-inf"), 0, 1), 0) > 0
+        b_v = tl.where(m_seen[:, None], b_v, 0.0)
     if HAS_DROPOUT:
         b_keep = _dropout_keep(seed, i_b, i_h, o_m, o_n, Hq, Lq, Lk, dropout_p)
         b_p = tl.where(b_keep, b_p * (1.0 / (1.0 - dropout_p)), 0.0)

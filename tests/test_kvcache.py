@@ -129,10 +129,7 @@ def test_matches_reference(backend, paged, Lq, Lnew, kwargs):
 
 @pytest.mark.parametrize(
     "backend",
-    [pytest.param("reference", marks=pytest.mark.xfail(
-        strict=True, reason="the reference backend multiplies p = 0 by NaN values past key_lengths (0 * NaN = NaN); "
-                            "remove this mark once fastattn/reference.py zeroes those values")),
-     "cpu"],
+    ["reference", "cpu"],
 )
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 def test_nan_poison_never_reaches_output(backend, paged):

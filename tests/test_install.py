@@ -111,7 +111,12 @@ def _editable_site(tmp_path: Path, mode: str | None) -> tuple[Path, Path]:
 
 def _import_from(parent: Path, site: Path) -> subprocess.CompletedProcess:
     """``import fastattn`` with the working directory at the clone's parent and ``site`` as a site dir."""
-    code = (f"import site; site.addsitedir({str(site)!r}); import fastattn; "
+    # Forget a fastattn this Python already has installed (CI runs the tests from an editable install),
+    # whether as a path entry or as an import hook, so only ``site`` and the working directory compete.
+    forget = ("import os, sys; "
+              "sys.path[:] = [p for p in sys.path if not p or not os.path.isfile(os.path.join(p, 'fastattn', '__init__.py'))]; "
+              "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]; ")
+    code = (forget + f"import site; site.addsitedir({str(site)!r}); import fastattn; "
             "print(fastattn.__file__); print(fastattn.attention.__name__)")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     return subprocess.run([sys.executable, "-c", code], cwd=parent, env=env, capture_output=True, text=True, timeout=300)

@@ -6,7 +6,7 @@ import torch
 
 from ._inputs import AttentionInputs, block_mask_window
 from .backends import get_backend
-from .reference import draw_seed
+from .reference import attention_from_inputs, draw_seed, dropout_keep_mask
 
 # kv_num_blocks, kv_indices, full_kv_*, q_num_blocks, q_indices, full_q_*, partial_masks, partial_tile_ids
 _NUM_BLOCK_LISTS = 10
@@ -114,13 +114,66 @@ class AttentionFunction(torch.autograd.Function):
         return (None, None, dq, dk, dv, dbias if compute_dbias else None, *no_grads)
 
 
+def fold_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add per-head sink logits to the softmax denominator of a finished attention result.
+
+    A sink adds ``exp(sinks[h])`` to every row's denominator and has no value, so it only rescales
+    the row: with ``lse`` the sink-free log-sum-exp, ``lse' = log(exp(lse) + exp(sinks[h]))`` and
+    ``out' = out * exp(lse - lse')``. This is exact, and plain differentiable torch: the gradient
+    reaches the kernels as a gradient of their own ``(out, lse)`` (``d lse`` included), and the sink's
+    own gradient is ``d sinks[h] = -sum over rows of exp(sinks[h] - lse') * (rowsum(dout' * out') - dlse')``.
+    Rows with ``lse = -inf`` (no visible key) get ``out' = 0`` and ``lse' = sinks[h]``; a ``-inf`` sink
+    changes nothing. No NaN reaches a value or a gradient.
+
+    Args:
+        out: ``(B, Hq, Lq, Dv)`` in any dtype.
+        lse: float32 ``(B, Hq, Lq)``, natural log, ``-inf`` for rows that see no key.
+        sinks: floating ``(Hq,)``; computed in float32 (float64 when ``lse`` or ``sinks`` is float64).
+
+    Returns:
+        ``(out', lse')`` of the same shapes and dtypes.
+    """
+    lse_dtype = lse.dtype
+    compute = torch.promote_types(torch.promote_types(lse.dtype, sinks.dtype), torch.float32)
+    lse = lse.to(compute)
+    sink = sinks.to(compute).view(1, -1, 1)  # (1, Hq, 1)
+    # logaddexp with a detached shift m, written so that (-inf, -inf) gives -inf and no NaN gradient.
+    m = torch.maximum(lse, sink).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    total = torch.exp(lse - m) + torch.exp(sink - m)
+    seen = total != 0  # False only where both terms are 0; a NaN row stays NaN
+    log_total = torch.log(torch.where(seen, total, torch.ones_like(total)))
+    lse_new = torch.where(seen, m + log_total, torch.full_like(total, float("-inf")))
+    factor = torch.where(seen, torch.exp(lse - torch.where(seen, lse_new, torch.zeros_like(lse_new))),
+                         torch.zeros_like(total))  # (B, Hq, Lq), in [0, 1]
+    out_new = (out.to(compute) * factor.unsqueeze(-1)).to(out.dtype)
+    return out_new, lse_new.to(lse_dtype)
+
+
+def _reference_with_sinks(inputs: AttentionInputs, return_lse: bool):
+    """The reference backend with sinks: the reference math itself, differentiated by autograd (exact
+    in float64, where :func:`fold_sinks` on the op's float32 lse would not be)."""
+    keep = None
+    if inputs.dropout_p > 0:
+        shape = (inputs.batch, inputs.heads_q, inputs.seqlen_q, inputs.seqlen_k)
+        keep = dropout_keep_mask(draw_seed(), shape, inputs.dropout_p, inputs.device)
+    out, lse = attention_from_inputs(inputs, keep, upcast=True)
+    return (out, lse.to(torch.float32)) if return_lse else out
+
+
 def run(inputs: AttentionInputs, backend_name: str, return_lse: bool):
-    """Run attention on ``backend_name`` through the autograd Function."""
+    """Run attention on ``backend_name`` through the autograd Function (then :func:`fold_sinks`)."""
+    if inputs.sinks is not None and backend_name == "reference":
+        return _reference_with_sinks(inputs, return_lse)
     lists, block_size_q, block_size_k = block_args(inputs, backend_name)
     seed = draw_seed() if inputs.dropout_p > 0 else 0
+    # With sinks the kernels' lse feeds the result, so its gradient must reach their backward.
+    lse_differentiable = return_lse or inputs.sinks is not None
     out, lse = AttentionFunction.apply(
-        backend_name, return_lse, inputs.q, inputs.k, inputs.v, effective_attn_mask(inputs, backend_name), inputs.alibi_slopes,
+        backend_name, lse_differentiable, inputs.q, inputs.k, inputs.v, effective_attn_mask(inputs, backend_name), inputs.alibi_slopes,
         inputs.key_lengths, inputs.query_lengths, *lists, block_size_q, block_size_k, inputs.scale,
         inputs.window_left, inputs.window_right, inputs.softcap, inputs.dropout_p, seed,
     )
+    if inputs.sinks is not None:
+        out, lse = fold_sinks(out, lse, inputs.sinks)
     return (out, lse) if return_lse else out

@@ -300,3 +300,62 @@ def test_triton_matches_reference(B, Hq, Hkv, Lq, Lk, D, dtype, spec, monkeypatc
               for key, val in _kwargs(B, Hq, Lq, Lk, spec, dtype).items()}
     sinks = make_sinks(Hq).detach().to(device).requires_grad_()
     check_sinks("triton", q, k, v, sinks, **kwargs)
+
+
+# --------------------------------------------------------------------------- Hugging Face gpt-oss (s_aux)
+def _gpt_oss(implementation: str, dtype=torch.float32):
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "GptOssConfig"):
+        pytest.skip("this transformers has no gpt-oss")
+    from fastattn.integrations import transformers as fastattn_hf
+
+    fastattn_hf.register()
+    config = transformers.GptOssConfig(
+        vocab_size=101, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=64, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=implementation, dtype=dtype,
+                                                          experts_implementation="eager")  # float64 too
+    with torch.no_grad():
+        for layer in model.model.layers:  # sinks large enough to take a real share of each row
+            layer.self_attn.sinks.copy_(torch.randn(4, dtype=dtype) + 1.0)
+    return model.eval()
+
+
+def test_gpt_oss_logits_match_eager(monkeypatch):
+    """gpt-oss passes its sinks as ``s_aux``: fastattn's logits (float32) against the eager attention in
+    float64, within twice the eager float32 error; left padding included."""
+    ids = torch.randint(3, 101, (2, 13))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+
+    def logits(model):
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask).logits
+
+    ref64 = logits(_gpt_oss("eager", torch.float64))
+    model = _gpt_oss("eager")
+    eager = logits(model)
+    calls = []
+    real = fastattn.attention
+    monkeypatch.setattr(fastattn, "attention", lambda *a, **kw: calls.append(kw.get("sinks")) or real(*a, **kw))
+    model.set_attn_implementation("fastattn")
+    ours = logits(model)
+    assert calls and all(s is not None for s in calls), "gpt-oss did not reach fastattn with its sinks"
+    keep = mask.bool()  # padded query rows see nothing: fastattn returns 0 there, eager does not
+    assert_close_to_reference("logits", ours[keep], ref64[keep], eager[keep])
+
+
+def test_gpt_oss_sink_gradient_matches_eager():
+    """A training step's gradients of the sinks parameters equal the eager model's."""
+    ids = torch.randint(3, 101, (2, 11))
+    grads = []
+    for implementation in ("eager", "fastattn"):
+        model = _gpt_oss(implementation)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append(torch.stack([layer.self_attn.sinks.grad for layer in model.model.layers]))
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+    assert grads[0].abs().max() > 0

@@ -359,3 +359,81 @@ def test_gpt_oss_sink_gradient_matches_eager():
         grads.append(torch.stack([layer.self_attn.sinks.grad for layer in model.model.layers]))
     torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
     assert grads[0].abs().max() > 0
+
+
+# --------------------------------------------------------------------------- varlen and KV cache
+def _cu(lengths) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_varlen_sinks_match_per_sequence_reference(backend):
+    """Packed sequences (lengths 0 and 1, Lq_s != Lk_s, a sequence with queries but no keys) with
+    sinks equal the reference on each sequence alone, in out, lse and the sink gradient."""
+    lens_q, lens_k = [1, 0, 17, 9, 4], [1, 3, 20, 9, 0]
+    Hq, Hkv, D = 4, 2, 16
+    q, k, v = (torch.randn(sum(n), h, D) for n, h in ((lens_q, Hq), (lens_k, Hkv), (lens_k, Hkv)))
+    sinks = make_sinks(Hq)
+    out, lse = fastattn.varlen_attention(q, k, v, _cu(lens_q), _cu(lens_k), max(lens_q), max(lens_k), causal=True,
+                                         sinks=sinks, return_lse=True, backend=backend)
+    sinks64 = sinks.detach().double().requires_grad_()
+    outs, lses = [], []
+    sq = sk = 0
+    for lq, lk in zip(lens_q, lens_k):
+        qs, ks, vs = (t.double().transpose(0, 1)[None] for t in (q[sq:sq + lq], k[sk:sk + lk], v[sk:sk + lk]))
+        sq, sk = sq + lq, sk + lk
+        if lq == 0:
+            continue
+        if lk == 0:  # the reference of a sequence without keys: zeros, lse = sink
+            outs.append(torch.zeros(lq, Hq, D, dtype=torch.float64))
+            lses.append(sinks64[:, None].expand(Hq, lq))
+            continue
+        o, s = reference.attention(qs, ks, vs, causal=True, sinks=sinks64, return_lse=True)
+        outs.append(o[0].transpose(0, 1))
+        lses.append(s[0])
+    want, want_lse = torch.cat(outs), torch.cat(lses, dim=1)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    (got,) = torch.autograd.grad((out * dout).sum() + (lse * dlse).sum(), sinks)
+    (ref,) = torch.autograd.grad((want * dout.double()).sum() + (want_lse * dlse.double()).sum(), sinks64)
+    torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_varlen_without_keys_gives_the_sink_as_lse():
+    q, k = torch.randn(3, 2, 8), torch.zeros(0, 2, 8)
+    sinks = torch.tensor([0.25, -1.0])
+    out, lse = fastattn.varlen_attention(q, k, k, _cu([3]), _cu([0]), 3, 0, sinks=sinks, return_lse=True)
+    assert torch.equal(out, torch.zeros(3, 2, 8))
+    assert torch.equal(lse, sinks[:, None].expand(2, 3))
+    with pytest.raises(ValueError, match="sinks must have shape"):
+        fastattn.varlen_attention(q, k, k, _cu([3]), _cu([0]), 3, 0, sinks=torch.zeros(3))
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_kvcache_sinks_match_reference(paged):
+    """Decoding two tokens against a cache with sinks equals the reference on the valid cache slots."""
+    B, Hq, Hkv, D, Lnew = 2, 4, 2, 16, 2
+    seqlens = torch.tensor([5, 30], dtype=torch.int32)
+    if paged:
+        k_cache, v_cache = torch.randn(6, 16, Hkv, D), torch.randn(6, 16, Hkv, D)
+        block_table = torch.tensor([[4, 1, 0], [2, 5, 3]], dtype=torch.int32)
+    else:
+        k_cache, v_cache = torch.randn(B, 40, Hkv, D), torch.randn(B, 40, Hkv, D)
+        block_table = None
+    q, k, v = torch.randn(B, Lnew, Hq, D), torch.randn(B, Lnew, Hkv, D), torch.randn(B, Lnew, Hkv, D)
+    sinks = make_sinks(Hq)
+    out, lse = fastattn.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens,
+                                               block_table=block_table, causal=True, sinks=sinks, return_lse=True,
+                                               backend="cpu")
+    for b in range(B):
+        n = int(seqlens[b]) + Lnew
+        if paged:
+            keys = k_cache[block_table[b]].reshape(-1, Hkv, D)[:n]
+            values = v_cache[block_table[b]].reshape(-1, Hkv, D)[:n]
+        else:
+            keys, values = k_cache[b, :n], v_cache[b, :n]
+        want, want_lse = reference.attention(q[b:b + 1].transpose(1, 2), keys[None].transpose(1, 2),
+                                             values[None].transpose(1, 2), causal=True, sinks=sinks, return_lse=True)
+        torch.testing.assert_close(out[b], want[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse[b], want_lse[0], atol=1e-5, rtol=1e-5)

@@ -137,16 +137,16 @@ def fold_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tup
     compute = torch.promote_types(torch.promote_types(lse.dtype, sinks.dtype), torch.float32)
     lse = lse.to(compute)
     sink = sinks.to(compute).view(1, -1, 1)  # (1, Hq, 1)
-    # logaddexp with a detached shift m, written so that (-inf, -inf) gives -inf and no NaN gradient.
-    m = torch.maximum(lse, sink).detach()
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    total = torch.exp(lse - m) + torch.exp(sink - m)
+    # lse' = m + log(exp(lse - m) + exp(sink - m)) with a detached shift m, and out' = out * exp(lse - lse');
+    # written so that (-inf, -inf) gives lse' = -inf, out' = 0 and no NaN gradient.
+    m = torch.maximum(lse, sink).detach().nan_to_num(nan=0.0, neginf=0.0)
+    share = torch.exp(lse - m)  # exp(lse - m), 0 for rows that see no key
+    total = share + torch.exp(sink - m)
     seen = total != 0  # False only where both terms are 0; a NaN row stays NaN
-    log_total = torch.log(torch.where(seen, total, torch.ones_like(total)))
-    lse_new = torch.where(seen, m + log_total, torch.full_like(total, float("-inf")))
-    factor = torch.where(seen, torch.exp(lse - torch.where(seen, lse_new, torch.zeros_like(lse_new))),
-                         torch.zeros_like(total))  # (B, Hq, Lq), in [0, 1]
-    out_new = (out.to(compute) * factor.unsqueeze(-1)).to(out.dtype)
+    total = total.masked_fill(~seen, 1.0)
+    lse_new = (m + torch.log(total)).masked_fill(~seen, float("-inf"))
+    factor = (share / total).unsqueeze(-1)  # (B, Hq, Lq, 1) in [0, 1]: exp(lse - lse')
+    out_new = (out * factor).to(out.dtype)  # the product in the compute dtype, rounded once
     return out_new, lse_new.to(lse_dtype)
 
 

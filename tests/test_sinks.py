@@ -460,3 +460,17 @@ def test_triton_split_kv_decode(Lq, monkeypatch):
     lengths = torch.tensor([70, 9], dtype=torch.int32, device=device)  # the short one leaves splits empty
     check_sinks("triton", q, k, v, sinks, causal=True, key_lengths=lengths)
     assert calls, "the forward did not take the split-KV path"
+
+
+def test_compile_fullgraph_with_sinks():
+    q, k, v = make_qkv(2, 4, 2, 9, 11, 8)
+    sinks = make_sinks(4)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(q, k, v, sinks):
+        return fastattn.attention(q, k, v, causal=True, sinks=sinks, backend="cpu")
+
+    out = f(q, k, v, sinks)
+    torch.testing.assert_close(out, reference.attention(q, k, v, causal=True, sinks=sinks))
+    out.sum().backward()
+    assert sinks.grad is not None and torch.isfinite(sinks.grad).all()

@@ -474,3 +474,13 @@ def test_compile_fullgraph_with_sinks():
     torch.testing.assert_close(out, reference.attention(q, k, v, causal=True, sinks=sinks))
     out.sum().backward()
     assert sinks.grad is not None and torch.isfinite(sinks.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_nan_reaches_only_the_rows_that_see_it(backend):
+    """A NaN key makes the rows that see it NaN (sink or not) and no other row."""
+    q, k, v = make_qkv(1, 2, 2, 6, 6, 8, requires_grad=False)
+    k[0, :, 3] = float("nan")  # seen by causal rows 3..5 only
+    out, lse = fastattn.attention(q, k, v, causal=True, sinks=make_sinks(2, False), return_lse=True, backend=backend)
+    assert torch.isnan(out[0, :, 3:]).all() and torch.isnan(lse[0, :, 3:]).all()
+    assert torch.isfinite(out[0, :, :3]).all() and torch.isfinite(lse[0, :, :3]).all()

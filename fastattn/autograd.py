@@ -6,6 +6,7 @@ import torch
 
 from ._inputs import AttentionInputs, block_mask_window
 from .backends import get_backend
+from .ops import output_like_q
 from .reference import attention_from_inputs, draw_seed, dropout_keep_mask
 
 # kv_num_blocks, kv_indices, full_kv_*, q_num_blocks, q_indices, full_q_*, partial_masks, partial_tile_ids
@@ -158,6 +159,7 @@ def _reference_with_sinks(inputs: AttentionInputs, return_lse: bool):
         shape = (inputs.batch, inputs.heads_q, inputs.seqlen_q, inputs.seqlen_k)
         keep = dropout_keep_mask(draw_seed(), shape, inputs.dropout_p, inputs.device)
     out, lse = attention_from_inputs(inputs, keep, upcast=True)
+    out = output_like_q(inputs.q, inputs.head_dim_v).copy_(out)  # the reference op's layout rule
     return (out, lse.to(torch.float32)) if return_lse else out
 
 

@@ -350,6 +350,20 @@ def test_gpt_oss_logits_match_eager(monkeypatch):
     assert_close_to_reference("logits", ours[keep], ref64[keep], eager[keep])
 
 
+def test_gpt_oss_greedy_generate_matches_eager():
+    """Decoding with the cache (one query row per step, sliding-window layers) picks eager's tokens,
+    with eager's per-step logits."""
+    ids = torch.randint(3, 101, (2, 7))
+    model = _gpt_oss("eager")
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        want = model.generate(ids, **kwargs)
+        model.set_attn_implementation("fastattn")
+        got = model.generate(ids, **kwargs)
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=1e-4, rtol=1e-4)
+
+
 def test_gpt_oss_sink_gradient_matches_eager():
     """A training step's gradients of the sinks parameters equal the eager model's."""
     ids = torch.randint(3, 101, (2, 11))

@@ -115,16 +115,58 @@ class AttentionFunction(torch.autograd.Function):
         return (None, None, dq, dk, dv, dbias if compute_dbias else None, *no_grads)
 
 
+class FoldSinksFunction(torch.autograd.Function):
+    """:func:`fold_sinks` with its gradient written out (a few row-sized operations each way).
+
+    With ``f = exp(lse - lse')`` (the share the keys keep), ``s = exp(sink - lse')`` (the sink's share,
+    ``f + s = 1``) and ``D' = rowsum(dout' * out') - dlse'`` per row::
+
+        d sinks[h] = -sum over batch and rows of s * D'
+        d out      = f * dout'
+        d lse      = s * rowsum(dout' * out') + f * dlse'
+
+    (the sink is one more softmax column with score ``sinks[h]`` and no value, so its ``dP`` is 0 and
+    its score gradient is ``s * (0 - D')``; ``d lse`` follows from ``lse' = logaddexp(lse, sink)`` and
+    ``out' = f * out``). Rows where both ``lse`` and the sink are ``-inf`` have ``f = s = 0``.
+    """
+
+    @staticmethod
+    def forward(ctx, out, lse, sinks):
+        compute = torch.promote_types(torch.promote_types(lse.dtype, sinks.dtype), torch.float32)
+        lse_c = lse.to(compute)
+        sink = sinks.to(compute).view(1, -1, 1)  # (1, Hq, 1)
+        lse_new = torch.logaddexp(lse_c, sink)  # (B, Hq, Lq); -inf only where both are -inf
+        # A finite stand-in for lse' = -inf, so that both shares are exp(-inf) = 0 there, not NaN.
+        floor = lse_new.clamp(min=torch.finfo(compute).min)
+        keys_share = torch.exp(lse_c - floor)  # f, (B, Hq, Lq) in [0, 1]
+        sink_share = torch.exp(sink - floor)  # s = 1 - f
+        out_new = (out * keys_share.unsqueeze(-1)).to(out.dtype)  # the product in the compute dtype, rounded once
+        ctx.save_for_backward(out_new, keys_share, sink_share)
+        ctx.dtypes = (out.dtype, lse.dtype, sinks.dtype)
+        return out_new, lse_new.to(lse.dtype)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        out_new, keys_share, sink_share = ctx.saved_tensors
+        out_dtype, lse_dtype, sinks_dtype = ctx.dtypes
+        compute = keys_share.dtype
+        dlse = dlse.to(compute)
+        row_dot = (dout.to(compute) * out_new.to(compute)).sum(-1)  # rowsum(dout' * out'), (B, Hq, Lq)
+        dsinks = -(sink_share * (row_dot - dlse)).sum(dim=(0, 2))  # (Hq,)
+        dout_in = (dout * keys_share.unsqueeze(-1)).to(out_dtype)
+        dlse_in = sink_share * row_dot + keys_share * dlse
+        return dout_in, dlse_in.to(lse_dtype), dsinks.to(sinks_dtype)
+
+
 def fold_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Add per-head sink logits to the softmax denominator of a finished attention result.
 
     A sink adds ``exp(sinks[h])`` to every row's denominator and has no value, so it only rescales
     the row: with ``lse`` the sink-free log-sum-exp, ``lse' = log(exp(lse) + exp(sinks[h]))`` and
-    ``out' = out * exp(lse - lse')``. This is exact, and plain differentiable torch: the gradient
-    reaches the kernels as a gradient of their own ``(out, lse)`` (``d lse`` included), and the sink's
-    own gradient is ``d sinks[h] = -sum over rows of exp(sinks[h] - lse') * (rowsum(dout' * out') - dlse')``.
-    Rows with ``lse = -inf`` (no visible key) get ``out' = 0`` and ``lse' = sinks[h]``; a ``-inf`` sink
-    changes nothing. No NaN reaches a value or a gradient.
+    ``out' = out * exp(lse - lse')``. This is exact; the gradient reaches the kernels as a gradient of
+    their own ``(out, lse)`` (``d lse`` included), and the sinks get theirs
+    (:class:`FoldSinksFunction`). Rows with ``lse = -inf`` (no visible key) get ``out' = 0`` and
+    ``lse' = sinks[h]``; a ``-inf`` sink changes nothing. No NaN reaches a value or a gradient.
 
     Args:
         out: ``(B, Hq, Lq, Dv)`` in any dtype.
@@ -134,21 +176,7 @@ def fold_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tup
     Returns:
         ``(out', lse')`` of the same shapes and dtypes.
     """
-    lse_dtype = lse.dtype
-    compute = torch.promote_types(torch.promote_types(lse.dtype, sinks.dtype), torch.float32)
-    lse = lse.to(compute)
-    sink = sinks.to(compute).view(1, -1, 1)  # (1, Hq, 1)
-    # lse' = m + log(exp(lse - m) + exp(sink - m)) with a detached shift m, and out' = out * exp(lse - lse');
-    # written so that (-inf, -inf) gives lse' = -inf, out' = 0 and no NaN gradient.
-    m = torch.maximum(lse, sink).detach().nan_to_num(nan=0.0, neginf=0.0)
-    share = torch.exp(lse - m)  # exp(lse - m), 0 for rows that see no key
-    total = share + torch.exp(sink - m)
-    seen = total != 0  # False only where both terms are 0; a NaN row stays NaN
-    total = total.masked_fill(~seen, 1.0)
-    lse_new = (m + torch.log(total)).masked_fill(~seen, float("-inf"))
-    factor = (share / total).unsqueeze(-1)  # (B, Hq, Lq, 1) in [0, 1]: exp(lse - lse')
-    out_new = (out * factor).to(out.dtype)  # the product in the compute dtype, rounded once
-    return out_new, lse_new.to(lse_dtype)
+    return FoldSinksFunction.apply(out, lse, sinks)
 
 
 def _reference_with_sinks(inputs: AttentionInputs, return_lse: bool):

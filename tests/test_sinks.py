@@ -16,6 +16,7 @@ import torch
 import fastattn
 from fastattn import reference
 from fastattn._inputs import normalize
+from fastattn.autograd import fold_sinks
 from fastattn.backends import BackendNotSupportedError, get_backend
 
 from .helpers import make_qkv
@@ -166,6 +167,23 @@ def test_gradcheck_reference_float64():
         return out, torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
 
     assert torch.autograd.gradcheck(f, (q, k, v, sinks))
+
+
+def test_gradcheck_fold_float64():
+    """The fold's hand-written backward (fastattn.autograd.FoldSinksFunction) against finite
+    differences, with rows of lse = -inf and a -inf sink."""
+    out = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    lse = torch.randn(2, 3, 5, dtype=torch.float64)
+    lse[0, 1, 2] = float("-inf")
+    lse[1, 2] = float("-inf")  # meets the -inf sink of head 2: lse' = -inf there
+    lse.requires_grad_()
+    sinks = torch.tensor([0.3, -0.5, float("-inf")], dtype=torch.float64, requires_grad=True)
+
+    def f(out, lse, sinks):
+        out_new, lse_new = fold_sinks(out, lse, sinks)
+        return out_new, torch.where(torch.isfinite(lse_new), lse_new, torch.zeros_like(lse_new))
+
+    assert torch.autograd.gradcheck(f, (out, lse, sinks))
 
 
 def test_sink_gradient_formula():

@@ -516,3 +516,21 @@ def test_nan_reaches_only_the_rows_that_see_it(backend):
     out, lse = fastattn.attention(q, k, v, causal=True, sinks=make_sinks(2, False), return_lse=True, backend=backend)
     assert torch.isnan(out[0, :, 3:]).all() and torch.isnan(lse[0, :, 3:]).all()
     assert torch.isfinite(out[0, :, :3]).all() and torch.isfinite(lse[0, :, :3]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "B, Hq, Hkv, Lq, Lk, D, kwargs",
+    [
+        pytest.param(2, 8, 2, 1000, 1000, 128, {"causal": True}, id="prefill-L1000-D128-causal"),
+        pytest.param(4, 32, 8, 1, 4096, 64, {"lengths": True}, id="decode-Lk4096-split-kv"),
+    ],
+)
+def test_gpu_triton_realistic(B, Hq, Hkv, Lq, Lk, D, kwargs):
+    q, k, v = make_qkv(B, Hq, Hkv, Lq, Lk, D, dtype=BF16, device="cuda")
+    sinks = make_sinks(Hq).detach().cuda().requires_grad_()
+    kwargs = dict(kwargs)
+    if kwargs.pop("lengths", False):
+        kwargs["key_lengths"] = torch.tensor([Lk, 1000, 17, 3000], dtype=torch.int32, device="cuda")
+    check_sinks("triton", q, k, v, sinks, **kwargs)
+    torch.cuda.empty_cache()

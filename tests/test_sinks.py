@@ -331,10 +331,10 @@ def _gpt_oss(implementation: str, dtype=torch.float32):
         vocab_size=101, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
         layer_types=["sliding_attention", "full_attention"], max_position_embeddings=64, pad_token_id=0,
+        experts_implementation="eager",  # a loop over experts, which runs in float64 too
     )
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=implementation, dtype=dtype,
-                                                          experts_implementation="eager")  # float64 too
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=implementation, dtype=dtype)
     with torch.no_grad():
         for layer in model.model.layers:  # sinks large enough to take a real share of each row
             layer.self_attn.sinks.copy_(torch.randn(4, dtype=dtype) + 1.0)

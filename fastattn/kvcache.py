@@ -58,6 +58,7 @@ def attention_with_kvcache(
     scale: float | None = None,
     return_lse: bool = False,
     backend: str | None = None,
+    sinks: torch.Tensor | None = None,
 ):
     """Append ``k``/``v`` to a KV cache in place, then attend to the cache (flash-attn's layout).
 
@@ -81,7 +82,7 @@ def attention_with_kvcache(
             the pages a sequence uses are not read.
         cache_batch_idx: int32/int64 ``(B,)`` (contiguous cache only): sequence ``b`` lives in cache
             row ``cache_batch_idx[b]``; default row ``b`` (then ``B_cache`` must equal ``B``).
-        causal, window, alibi_slopes, softcap, scale, backend: as in :func:`fastattn.attention`.
+        causal, window, alibi_slopes, softcap, scale, backend, sinks: as in :func:`fastattn.attention`.
         return_lse: also return the float32 log-sum-exp ``(B, Hq, Lq)``.
 
     Returns:
@@ -187,4 +188,4 @@ def attention_with_kvcache(
         keys, values = k_cache[rows, :Lk], v_cache[rows, :Lk]
     return attention(q, keys, values, layout="blhd", causal=causal, window=window, alibi_slopes=alibi_slopes,
                      softcap=softcap, scale=scale, return_lse=return_lse, backend=backend,
-                     key_lengths=lengths.to(torch.int32))
+                     key_lengths=lengths.to(torch.int32), sinks=sinks)

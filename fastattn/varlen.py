@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ._inputs import _check_bool, _check_tensor, _check_window
+from ._inputs import _check_bool, _check_sinks, _check_tensor, _check_window
 from .api import attention
 from .block_mask import EMPTY, FULL, PARTIAL, BlockMask, block_extents
 
@@ -125,6 +125,7 @@ def varlen_attention(
     scale: float | None = None,
     return_lse: bool = False,
     backend: str | None = None,
+    sinks: torch.Tensor | None = None,
 ):
     """Attention over packed sequences, each attending only to itself (flash-attn's varlen layout).
 
@@ -151,6 +152,8 @@ def varlen_attention(
             for all); other packings raise a ValueError rather than give a wrong bias.
         softcap, dropout_p, scale, backend: as in :func:`fastattn.attention`.
         return_lse: also return the float32 log-sum-exp ``(Hq, total_q)``.
+        sinks: float32 ``(Hq,)`` attention-sink logits, as in :func:`fastattn.attention` (every row's
+            denominator; ``lse`` then includes the sink).
 
     Returns:
         ``out (total_q, Hq, Dv)`` in q's dtype, or ``(out, lse)`` with ``return_lse``.
@@ -192,10 +195,13 @@ def varlen_attention(
     if total_q == 0 or total_k == 0:  # nothing to attend to: zeros (and no kernel call)
         out = q.new_zeros(total_q, q.shape[1], v.shape[2])
         lse = torch.full((q.shape[1], total_q), float("-inf"), dtype=torch.float32, device=q.device)
+        if _check_sinks(sinks, q.shape[1], q) is not None:  # rows that see no key: lse is the sink
+            lse = sinks.float()[:, None].expand(q.shape[1], total_q)
         return (out, lse) if return_lse else out
     block_mask = varlen_block_mask(cu_q, cu_k, (left, right))
     result = attention(q[None], k[None], v[None], layout="blhd", block_mask=block_mask, alibi_slopes=alibi_slopes,
-                       softcap=softcap, dropout_p=dropout_p, scale=scale, return_lse=return_lse, backend=backend)
+                       softcap=softcap, dropout_p=dropout_p, scale=scale, return_lse=return_lse, backend=backend,
+                       sinks=sinks)
     if return_lse:
         return result[0][0], result[1][0]
     return result[0]

@@ -45,6 +45,9 @@ _FEATURES = {
     # A gradient flowing into the returned lse (issue 16 item 15): the CUDA backward does not take
     # dlse; declined here so such calls go to a backend that does.
     "lse gradient": False,
+    # Attention sinks (fastattn.autograd.fold_sinks) are not validated on the CUDA kernels: calls with
+    # sinks go to triton/cpu/reference, and backend="cuda" with sinks raises naming "sinks".
+    "sinks": False,
 }
 
 

@@ -33,6 +33,7 @@ _FEATURES = {
     "lengths": True,
     "gqa": True,
     "lse gradient": True,
+    "sinks": True,  # applied to the kernels' (out, lse) by fastattn.autograd.fold_sinks
 }
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256

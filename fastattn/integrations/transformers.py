@@ -24,7 +24,8 @@ Hugging Face models do not use, and says so.)
 Which architectures work. Every model whose attention goes through transformers' attention
 interface (``ALL_ATTENTION_FUNCTIONS``; the model class sets ``_supports_attention_backend``) --
 most current ones: Llama, Mistral (with sliding windows), Qwen2/3, Gemma 2 (softcap), Phi, GPT-2,
-BERT and many more; Llama, Mistral, GPT-2 and BERT are checked against SDPA in fastattn's tests.
+BERT, gpt-oss (attention sinks, ``s_aux``) and many more; Llama, Mistral, GPT-2 and BERT are checked
+against SDPA in fastattn's tests, gpt-oss against its eager attention (tests/test_sinks.py).
 Which cannot: models that pick their attention class from their own table keyed by the
 implementation name, so an added name is unknown to them. With transformers 5.24 these are Falcon
 (``KeyError: 'fastattn'``), GPT-Neo, Bark, GIT, Data2Vec-Vision, SAM / SAM-HQ vision, SuperGlue and
@@ -69,14 +70,12 @@ def attention_forward(
             ``Lq > 1``, as in transformers' SDPA path.
         softcap: score soft-capping (Gemma 2), fused in the kernel.
         position_bias: additive bias (T5-style models), folded into the mask.
-        kwargs: the rest of transformers' keywords (``sliding_window`` is already in the mask);
-            ``s_aux`` (attention sinks) is not supported and raises.
+        kwargs: the rest of transformers' keywords (``sliding_window`` is already in the mask).
+            ``s_aux``: gpt-oss's per-head attention sinks ``(Hq,)``, passed as ``sinks``.
 
     Returns:
         ``(out (B, Lq, Hq, D), None)``: attention weights are never materialised.
     """
-    if kwargs.get("s_aux") is not None:
-        raise ValueError("attention sinks (s_aux) are not supported by the fastattn attention implementation")
     q_len, kv_len = query.shape[2], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = bool(causal) and q_len > 1 and attention_mask is None
@@ -102,6 +101,7 @@ def attention_forward(
         dropout_p=dropout,
         scale=scaling,
         softcap=softcap or 0.0,
+        sinks=kwargs.get("s_aux"),  # gpt-oss attention sinks
     )  # (B, Hq, Lq, D)
     return out.transpose(1, 2).contiguous(), None
 

@@ -100,10 +100,16 @@ def test_alibi_with_equal_offsets(backend):
     _check(backend, [0, 50, 2], [4, 50, 2], alibi_slopes=slopes, window=(3, 3))
 
 
-def test_alibi_with_different_offsets_raises():
+def test_alibi_per_sequence_offsets_on_the_varlen_kernel():
+    # Lk_s - Lq_s differs between sequences: exact per sequence on the cpu varlen kernel.
+    _check("cpu", [2, 30, 9, 1], [3, 20, 9, 40], alibi_slopes=torch.rand(4) * 0.3, causal=True)
+
+
+def test_alibi_with_different_offsets_raises_on_the_block_mask_path():
     q, k = torch.randn(4, 2, 8), torch.randn(6, 2, 8)
     with pytest.raises(ValueError, match="alibi_slopes with varlen_attention"):
-        fastattn.varlen_attention(q, k, k, _cu([2, 2]), _cu([3, 3]), 2, 3, alibi_slopes=torch.ones(2))
+        fastattn.varlen_attention(q, k, k, _cu([2, 2]), _cu([3, 3]), 2, 3, alibi_slopes=torch.ones(2),
+                                  backend="reference")
 
 
 def test_mqa_and_value_head_dim():

@@ -9,7 +9,7 @@ import fastattn
 from fastattn.block_mask import EMPTY
 from fastattn.varlen import varlen_block_mask
 
-from .tolerance import assert_close_to_reference
+from .tolerance import assert_close_to_reference, high_precision
 
 BACKENDS = ["reference", "cpu"]
 
@@ -38,31 +38,44 @@ def _loop(q, k, v, lens_q, lens_k, **kwargs):
     return torch.cat(outs), torch.cat(lses, dim=1)
 
 
-def _check(backend, lens_q, lens_k, *, Hq=4, Hkv=2, D=16, Dv=16, seed=0, device="cpu", **kwargs):
+def _check(backend, lens_q, lens_k, *, Hq=4, Hkv=2, D=16, Dv=16, seed=0, device="cpu", dtype=torch.float32,
+           lse_grad=False, **kwargs):
+    """varlen_attention on ``backend`` against the per-sequence reference loop: out, lse and the
+    gradients of q, k, v (and through lse too with ``lse_grad``), by the tolerance rule."""
     g = torch.Generator().manual_seed(seed)
     tq, tk = sum(lens_q), sum(lens_k)
-    q, k, v = (torch.randn(*shape, generator=g) for shape in ((tq, Hq, D), (tk, Hkv, D), (tk, Hkv, Dv)))
-    dout = torch.randn(tq, Hq, Dv, generator=g)
+    q, k, v = (torch.randn(*shape, generator=g).to(dtype) for shape in ((tq, Hq, D), (tk, Hkv, D), (tk, Hkv, Dv)))
+    dout = torch.randn(tq, Hq, Dv, generator=g).to(dtype)
+    dlse = torch.randn(Hq, tq, generator=g)
+
+    def loss(out, lse):
+        total = (out * dout.to(out.dtype)).sum()
+        if lse_grad:  # rows that see no key have lse -inf: no gradient flows there
+            total = total + torch.where(torch.isfinite(lse), lse * dlse.to(lse.dtype), 0).sum()
+        return total
+
     leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
     device_kwargs = {name: x.to(device) if isinstance(x, torch.Tensor) else x for name, x in kwargs.items()}
     out, lse = fastattn.varlen_attention(*leaves, _cu(lens_q).to(device), _cu(lens_k).to(device), max(lens_q),
                                          max(lens_k), backend=backend, return_lse=True, **device_kwargs)
-    grads = torch.autograd.grad((out * dout.to(device)).sum(), leaves)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    grads = torch.autograd.grad(loss(out, lse), leaves)
     out, lse = out.cpu(), lse.cpu()
     results = {}
-    for dtype in (torch.float64, torch.float32):
-        ref_leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    for ref_dtype in (high_precision(dtype), dtype):
+        ref_leaves = [t.to(ref_dtype).requires_grad_() for t in (q, k, v)]
         ref, ref_lse = _loop(*ref_leaves, lens_q, lens_k, **kwargs)
-        ref_grads = torch.autograd.grad((ref * dout.to(dtype)).sum(), ref_leaves)
-        results[dtype] = (ref, ref_lse, ref_grads)
-    (ref64, lse64, grads64), (ref32, _, grads32) = results[torch.float64], results[torch.float32]
-    assert out.shape == (tq, Hq, Dv) and lse.shape == (Hq, tq) and lse.dtype == torch.float32
-    assert_close_to_reference("out", out, ref64, ref32)
-    finite = torch.isfinite(lse64)
+        ref_grads = torch.autograd.grad(loss(ref, ref_lse.to(ref_dtype)), ref_leaves)
+        results[ref_dtype] = (ref, ref_lse, ref_grads)
+    (ref_hi, lse_hi, grads_hi), (ref_lp, _, grads_lp) = results[high_precision(dtype)], results[dtype]
+    assert out.shape == (tq, Hq, Dv) and lse.shape == (Hq, tq)
+    assert_close_to_reference("out", out, ref_hi, ref_lp)
+    finite = torch.isfinite(lse_hi)
     assert torch.equal(torch.isfinite(lse), finite)
-    torch.testing.assert_close(lse[finite].double(), lse64[finite].double(), atol=1e-4, rtol=1e-4)
-    for name, grad, g64, g32 in zip(("dq", "dk", "dv"), grads, grads64, grads32):
-        assert_close_to_reference(name, grad, g64, g32)
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+    torch.testing.assert_close(lse[finite].double(), lse_hi[finite].double(), atol=tol, rtol=tol)
+    for name, grad, g_hi, g_lp in zip(("dq", "dk", "dv"), grads, grads_hi, grads_lp):
+        assert_close_to_reference(name, grad, g_hi, g_lp)
 
 
 # Lengths: 0 and 1, Lq_s > Lk_s and Lq_s < Lk_s, sequences that straddle the 64-token tiles.
@@ -114,6 +127,75 @@ def test_alibi_with_different_offsets_raises_on_the_block_mask_path():
 
 def test_mqa_and_value_head_dim():
     _check("cpu", [17, 2, 97], [5, 40, 97], Hq=3, Hkv=1, D=8, Dv=24, causal=True, seed=1)
+
+
+def _random_lengths(seed: int, n: int, longest: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, longest + 1, (n,), generator=g).tolist()
+    return [*lengths[:-2], 0, 1]  # always a sequence of 0 and one of 1
+
+
+# The cpu varlen kernel on random packings and odd shapes: head dims 40/72/24 (value 24/40), GQA 6:2 and
+# 3:1, every feature; one long sequence whose key tiles the backward splits into several runs.
+KERNEL_CASES = [
+    pytest.param(dict(lens=(_random_lengths(1, 9, 90), _random_lengths(2, 9, 90)), Hq=6, Hkv=2, D=40, Dv=24,
+                      causal=True), id="random-Hq6-Hkv2-D40-Dv24-causal"),
+    pytest.param(dict(lens=(_random_lengths(3, 7, 120), _random_lengths(3, 7, 120)), Hq=3, Hkv=1, D=72, Dv=40,
+                      window=(17, 5), softcap=3.0), id="random-Hq3-Hkv1-D72-window-softcap"),
+    pytest.param(dict(lens=([97, 1, 0, 17], [97, 300, 3, 17]), Hq=2, Hkv=2, D=24, Dv=24, causal=True,
+                      alibi_slopes=torch.tensor([0.5, 0.05])), id="Lq<Lk-H2-D24-causal-alibi"),
+    pytest.param(dict(lens=([600, 3], [600, 3]), Hq=2, Hkv=1, D=16, Dv=16, causal=True),
+                 id="long-sequence-split-backward"),
+    pytest.param(dict(lens=([260, 5], [40, 5]), Hq=2, Hkv=1, D=16, Dv=16, causal=True, softcap=2.0),
+                 id="Lq>Lk-rows-without-keys"),
+]
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES)
+def test_cpu_varlen_kernel(case):
+    case = dict(case)
+    lens_q, lens_k = case.pop("lens")
+    _check("cpu", lens_q, lens_k, **case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_cpu_varlen_kernel_dtypes(dtype):
+    _check("cpu", [33, 0, 70], [40, 2, 70], Hq=4, Hkv=2, D=40, causal=True, dtype=dtype)
+
+
+def test_cpu_varlen_kernel_lse_gradient():
+    _check("cpu", [5, 70, 0, 1], [9, 70, 3, 0], window=(8, 2), lse_grad=True)
+
+
+def test_varlen_kernel_op_checks_cu_seqlens():
+    q = torch.randn(6, 2, 8)
+    bad = torch.tensor([0, 2, 5], dtype=torch.int32)  # ends at 5, not at the 6 packed tokens
+    good = torch.tensor([0, 2, 6], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="cu_seqlens_q must start at 0 and end at the number of packed tokens 6"):
+        torch.ops.fastattn.varlen_fwd(q, q, q, bad, good, 4, 4, None, 1.0, None, None, 0.0)
+    with pytest.raises(RuntimeError, match="max_seqlen_k = 3 is shorter"):
+        torch.ops.fastattn.varlen_fwd(q, q, q, good, good, 4, 3, None, 1.0, None, None, 0.0)
+
+
+def test_varlen_kernel_opcheck():
+    q, k, v = torch.randn(9, 4, 8), torch.randn(11, 2, 8), torch.randn(11, 2, 8)
+    cu_q, cu_k = _cu([4, 0, 5]), _cu([2, 3, 6])
+    args = (q, k, v, cu_q, cu_k, 5, 6, torch.rand(4), 0.3, None, 0, 0.0)
+    torch.library.opcheck(torch.ops.fastattn.varlen_fwd.default, args)
+    out, lse = torch.ops.fastattn.varlen_fwd(*args)
+    torch.library.opcheck(torch.ops.fastattn.varlen_bwd.default,
+                          (torch.randn_like(out), q, k, v, out, lse, *args[3:], torch.randn(4, 9)))
+
+
+def test_dropout_runs_on_the_block_mask_path():
+    q = torch.randn(20, 2, 8, requires_grad=True)
+    cu = _cu([12, 8])
+    torch.manual_seed(0)
+    out = fastattn.varlen_attention(q, q, q, cu, cu, 12, 12, causal=True, dropout_p=0.5, backend="cpu")
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
+    no_dropout = fastattn.varlen_attention(q, q, q, cu, cu, 12, 12, causal=True, backend="cpu")
+    assert not torch.allclose(out, no_dropout)
 
 
 def test_block_mask_skips_other_sequences_tiles():

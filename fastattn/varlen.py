@@ -117,12 +117,16 @@ def varlen_block_mask(
 
 def varlen_kernel_ops(backend_name: str) -> BackendOps | None:
     """The varlen forward/backward ops (``VARLEN_FWD_SCHEMA``/``VARLEN_BWD_SCHEMA`` of fastattn/ops.py)
-    of a backend that has a varlen kernel, else None."""
+    of a backend that has a varlen kernel, else None; ``bwd`` is None for a forward-only kernel."""
     if backend_name == "cpu":
         ops = torch.ops.fastattn
         if not hasattr(ops, "varlen_fwd"):  # an extension built before the varlen kernels
             return None
         return BackendOps(fwd=ops.varlen_fwd.default, bwd=ops.varlen_bwd.default)
+    if backend_name == "triton":
+        from .backends.triton import varlen_ops
+
+        return varlen_ops()
     return None
 
 
@@ -235,7 +239,9 @@ def varlen_attention(
                        window=window, alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, scale=scale,
                        return_lse=return_lse)
     chosen = select_backend(inputs, backend).name
-    if dropout_p == 0 and varlen_kernel_ops(chosen) is not None:
+    kernel = varlen_kernel_ops(chosen)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if dropout_p == 0 and kernel is not None and (kernel.bwd is not None or not needs_grad):
         slopes = None if inputs.alibi_slopes is None else inputs.alibi_slopes[0]
         out, lse = VarlenFunction.apply(chosen, inputs.q[0].transpose(0, 1), inputs.k[0].transpose(0, 1),
                                         inputs.v[0].transpose(0, 1), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -243,7 +249,7 @@ def varlen_attention(
                                         inputs.softcap)
         return (out, lse) if return_lse else out
 
-    # The block-mask path (dropout, or a backend without a varlen kernel).
+    # The block-mask path (dropout, a backend without a varlen kernel, or gradients from a forward-only one).
     if alibi_slopes is not None:
         # One call applies one offset (total_k - total_q) to every pair: exact only if each sequence has it.
         offsets = (cu_k[1:] - cu_q[1:])[(len_q > 0) & (len_k > 0)]

@@ -8,6 +8,7 @@ sees the kernels themselves; in the interpreter they are opaque custom ops with 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .._inputs import AttentionInputs
-from ..ops import BackendOps, define_ops
+from ..ops import VARLEN_FWD_SCHEMA, BackendOps, define_ops, varlen_fwd_fake
 from .base import Backend, common_reasons
 
 _FEATURES = {
@@ -147,3 +148,26 @@ class TritonBackend(Backend):
 
 ensure_kernels_importable()
 BACKEND = TritonBackend()
+
+
+# ---- Packed variable-length sequences (fastattn.varlen_attention) ----
+def _varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, scale, window_left,
+                window_right, softcap):
+    from ..triton_kernels.attention_varlen import attention_varlen_fwd
+
+    return attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, scale,
+                                window_left, window_right, softcap)
+
+
+@functools.cache
+def varlen_ops() -> BackendOps:
+    """The Triton varlen op ``fastattn::triton_varlen_fwd`` (VARLEN_FWD_SCHEMA). Forward only: ``bwd`` is
+    None, so :func:`fastattn.varlen_attention` sends calls that need gradients to the block-mask path."""
+    if _in_interpreter():
+        fwd = torch.library.custom_op("fastattn::triton_varlen_fwd", _varlen_fwd, mutates_args=(),
+                                      schema=VARLEN_FWD_SCHEMA)
+        fwd.register_fake(varlen_fwd_fake)
+    else:
+        fwd = torch.library.triton_op("fastattn::triton_varlen_fwd", _varlen_fwd, mutates_args=(),
+                                      schema=VARLEN_FWD_SCHEMA)
+    return BackendOps(fwd=fwd, bwd=None)

@@ -4,8 +4,8 @@ All run in this process on the same data: the padded batch is ``fastattn.attenti
 ``(num_docs, H, max_len, D)``, once computing the padding (right padding under a causal mask: the
 real tokens' outputs are still exact) and once with ``query_lengths``/``key_lengths`` (the kernels
 then skip the tiles past each length); varlen packs the same documents
-into ``(total, H, D)``. The varlen time includes building its BlockMask from ``cu_seqlens`` (done on
-every call). Reported: the median of ``--repeats`` timed calls after one warm-up call.
+into ``(total, H, D)`` and runs the cpu backend's varlen kernel, which walks ``cu_seqlens`` itself.
+Reported: the median of ``--repeats`` timed calls after one warm-up call.
 
     PYTHONPATH=$PWD python benchmarks/varlen_cpu.py [--repeats 5] [--backward] [--threads 1]
 """
@@ -89,7 +89,7 @@ def main() -> None:
           f"threads={torch.get_num_threads()}, median of {args.repeats}")
     print(f"padded batch, no lengths (padding computed)  : {1e3 * dense_s:8.1f} ms")
     print(f"padded batch, query/key lengths (tiles skipped): {1e3 * padded_s:8.1f} ms")
-    print(f"varlen packed (BlockMask built per call)        : {1e3 * varlen_s:8.1f} ms  "
+    print(f"varlen packed (varlen kernel)                   : {1e3 * varlen_s:8.1f} ms  "
           f"({dense_s / varlen_s:.2f}x / {padded_s / varlen_s:.2f}x the two padded runs)")
 
 

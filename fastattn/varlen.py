@@ -3,7 +3,8 @@
 Two ways to run, chosen per call:
 
 * **a varlen kernel** (the ``cpu`` backend's ``fastattn::varlen_fwd``/``varlen_bwd`` in
-  csrc/cpu/varlen.cpp, the ``triton`` backend's in triton_kernels/attention_varlen.py): the kernels
+  csrc/cpu/varlen.cpp, the ``triton`` backend's ``fastattn::triton_varlen_fwd``/``_bwd`` in
+  triton_kernels/attention_varlen.py): the kernels
   read ``cu_seqlens`` themselves and walk each sequence's own tiles, so nothing is padded and no mask
   exists; causal, window and ALiBi are aligned per sequence inside the kernel;
 * **the block-mask path**, for what no varlen kernel takes (dropout, the other backends): one
@@ -117,7 +118,7 @@ def varlen_block_mask(
 
 def varlen_kernel_ops(backend_name: str) -> BackendOps | None:
     """The varlen forward/backward ops (``VARLEN_FWD_SCHEMA``/``VARLEN_BWD_SCHEMA`` of fastattn/ops.py)
-    of a backend that has a varlen kernel, else None; ``bwd`` is None for a forward-only kernel."""
+    of a backend that has a varlen kernel, else None."""
     if backend_name == "cpu":
         ops = torch.ops.fastattn
         if not hasattr(ops, "varlen_fwd"):  # an extension built before the varlen kernels
@@ -239,9 +240,7 @@ def varlen_attention(
                        window=window, alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, scale=scale,
                        return_lse=return_lse)
     chosen = select_backend(inputs, backend).name
-    kernel = varlen_kernel_ops(chosen)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if dropout_p == 0 and kernel is not None and (kernel.bwd is not None or not needs_grad):
+    if dropout_p == 0 and varlen_kernel_ops(chosen) is not None:
         slopes = None if inputs.alibi_slopes is None else inputs.alibi_slopes[0]
         out, lse = VarlenFunction.apply(chosen, inputs.q[0].transpose(0, 1), inputs.k[0].transpose(0, 1),
                                         inputs.v[0].transpose(0, 1), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -249,7 +248,7 @@ def varlen_attention(
                                         inputs.softcap)
         return (out, lse) if return_lse else out
 
-    # The block-mask path (dropout, a backend without a varlen kernel, or gradients from a forward-only one).
+    # The block-mask path (dropout, or a backend without a varlen kernel).
     if alibi_slopes is not None:
         # One call applies one offset (total_k - total_q) to every pair: exact only if each sequence has it.
         offsets = (cu_k[1:] - cu_q[1:])[(len_q > 0) & (len_k > 0)]

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .._inputs import AttentionInputs
-from ..ops import VARLEN_FWD_SCHEMA, BackendOps, define_ops, varlen_fwd_fake
+from ..ops import VARLEN_BWD_SCHEMA, VARLEN_FWD_SCHEMA, BackendOps, define_ops, varlen_bwd_fake, varlen_fwd_fake
 from .base import Backend, common_reasons
 
 _FEATURES = {
@@ -159,15 +159,28 @@ def _varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                 window_left, window_right, softcap)
 
 
+def _varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, scale,
+                window_left, window_right, softcap, dlse=None):
+    from ..triton_kernels.attention_varlen import attention_varlen_bwd
+
+    return attention_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                alibi_slopes, scale, window_left, window_right, softcap, dlse)
+
+
 @functools.cache
 def varlen_ops() -> BackendOps:
-    """The Triton varlen op ``fastattn::triton_varlen_fwd`` (VARLEN_FWD_SCHEMA). Forward only: ``bwd`` is
-    None, so :func:`fastattn.varlen_attention` sends calls that need gradients to the block-mask path."""
+    """The Triton varlen ops ``fastattn::triton_varlen_fwd``/``_bwd`` (VARLEN_FWD_SCHEMA/VARLEN_BWD_SCHEMA),
+    registered on first use; opaque custom ops in the interpreter, as :meth:`TritonBackend.build_ops`."""
     if _in_interpreter():
         fwd = torch.library.custom_op("fastattn::triton_varlen_fwd", _varlen_fwd, mutates_args=(),
                                       schema=VARLEN_FWD_SCHEMA)
+        bwd = torch.library.custom_op("fastattn::triton_varlen_bwd", _varlen_bwd, mutates_args=(),
+                                      schema=VARLEN_BWD_SCHEMA)
         fwd.register_fake(varlen_fwd_fake)
+        bwd.register_fake(varlen_bwd_fake)
     else:
         fwd = torch.library.triton_op("fastattn::triton_varlen_fwd", _varlen_fwd, mutates_args=(),
                                       schema=VARLEN_FWD_SCHEMA)
-    return BackendOps(fwd=fwd, bwd=None)
+        bwd = torch.library.triton_op("fastattn::triton_varlen_bwd", _varlen_bwd, mutates_args=(),
+                                      schema=VARLEN_BWD_SCHEMA)
+    return BackendOps(fwd=fwd, bwd=bwd)

@@ -332,8 +332,9 @@ def preset(name: str, device: str) -> Preset:
     if name == "quick" and not on_gpu:
         return Preset(
             "quick",
-            _sweep(all_kinds, (128, 256, 512), (64,), batch=1, heads=4, window=(64, 0),
-                   densities=(0.1, 0.25, 0.5), density_seqlen=512, block_size=64),
+            _sweep([k for k in all_kinds if k != "varlen"], (128, 256, 512), (64,), batch=1, heads=4, window=(64, 0),
+                   densities=(0.1, 0.25, 0.5), density_seqlen=512, block_size=64)
+            + [varlen_workload(256, 4, 64)],
             ("fwd", "fwd+bwd"), ("fp32",), min_repeats=3, max_repeats=5, time_budget_s=0.1,
         )
     if name == "full" and not on_gpu:

@@ -193,8 +193,9 @@ def test_cpu_varlen_kernel_dtypes(dtype):
     _check("cpu", [33, 0, 70], [40, 2, 70], Hq=4, Hkv=2, D=40, causal=True, dtype=dtype)
 
 
-def test_cpu_varlen_kernel_lse_gradient():
-    _check("cpu", [5, 70, 0, 1], [9, 70, 3, 0], window=(8, 2), lse_grad=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cpu_varlen_kernel_lse_gradient(dtype):
+    _check("cpu", [5, 70, 0, 1], [9, 70, 3, 0], window=(8, 2), lse_grad=True, dtype=dtype)
 
 
 def test_varlen_kernel_op_checks_cu_seqlens():
@@ -268,3 +269,19 @@ def test_bad_arguments_name_the_argument(args, error, match):
     window = kwargs.pop("window", None)
     with pytest.raises(error, match=match):
         fastattn.varlen_attention(**kwargs, window=window)
+
+
+def test_cpu_varlen_kernel_gradcheck():
+    # float64 end to end (the kernel keeps a float64 lse for float64 inputs), causal + window + softcap + ALiBi.
+    g = torch.Generator().manual_seed(3)
+    lens_q, lens_k = [3, 0, 4], [2, 1, 5]
+    q = torch.randn(7, 2, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(8, 1, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(8, 1, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    slopes = torch.tensor([0.4, 0.1])
+
+    def fn(q, k, v):  # out only: the returned lse is float32, too coarse for finite differences
+        return fastattn.varlen_attention(q, k, v, _cu(lens_q), _cu(lens_k), 4, 5, causal=True, window=(2, -1),
+                                         softcap=3.0, alibi_slopes=slopes, backend="cpu")
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))

@@ -13,7 +13,8 @@ Two ways to run, chosen per call:
   sequence are full (or carry the causal / window element mask, bottom-right aligned per sequence),
   and only the tiles that straddle a sequence boundary carry an element mask.
 
-The arguments, ``cu_seqlens`` values included, are checked on the host on every call.
+The arguments are checked on every call, the ``cu_seqlens`` values on one host copy of both (one
+device synchronisation per call; the kernels themselves need none).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .ops import BackendOps
 BLOCK_SIZE = 64
 
 
-def _check_cu_seqlens(cu, name: str, total: int, device: torch.device) -> torch.Tensor:
+def _check_cu_seqlens(cu, name: str, device: torch.device) -> None:
     _check_tensor(cu, name)
     if cu.dtype != torch.int32:
         raise TypeError(f"{name} must be an int32 tensor, got {cu.dtype}")
@@ -38,13 +39,15 @@ def _check_cu_seqlens(cu, name: str, total: int, device: torch.device) -> torch.
         raise ValueError(f"{name} must have shape (num_seqs + 1,), got {tuple(cu.shape)}")
     if cu.device != device:
         raise ValueError(f"{name} must be on q's device {device}, got {cu.device}")
-    cu = cu.long()
+
+
+def _check_cu_values(cu: torch.Tensor, name: str, total: int) -> None:
+    """``cu`` (a host copy, int64) starts at 0, ends at ``total`` and never decreases."""
     if int(cu[0]) != 0 or int(cu[-1]) != total:
         raise ValueError(f"{name} must start at 0 and end at the number of packed tokens {total}, "
                          f"got {int(cu[0])} ... {int(cu[-1])}")
     if bool((cu[1:] < cu[:-1]).any()):
         raise ValueError(f"{name} must be non-decreasing (sequence lengths >= 0)")
-    return cu
 
 
 def _check_max_seqlen(x, name: str, lengths: torch.Tensor) -> None:
@@ -216,11 +219,15 @@ def varlen_attention(
             raise ValueError(f"{name} must be 3-D {shape}, got shape {tuple(t.shape)}")
     if v.shape[0] != k.shape[0]:
         raise ValueError(f"v must have k's number of packed tokens {k.shape[0]}, got {v.shape[0]}")
-    cu_q = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], q.device)
-    cu_k = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], q.device)
-    if cu_q.shape != cu_k.shape:
+    _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.device)
+    _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q.device)
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
-                         f"{cu_q.shape[0] - 1} and {cu_k.shape[0] - 1}")
+                         f"{cu_seqlens_q.shape[0] - 1} and {cu_seqlens_k.shape[0] - 1}")
+    # The values are checked on one host copy of both (the call's one device synchronisation).
+    cu_q, cu_k = torch.stack([cu_seqlens_q, cu_seqlens_k]).to("cpu", torch.int64)
+    _check_cu_values(cu_q, "cu_seqlens_q", q.shape[0])
+    _check_cu_values(cu_k, "cu_seqlens_k", k.shape[0])
     len_q, len_k = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
     _check_max_seqlen(max_seqlen_q, "max_seqlen_q", len_q)
     _check_max_seqlen(max_seqlen_k, "max_seqlen_k", len_k)
@@ -259,7 +266,7 @@ def varlen_attention(
                 f"{total_k - total_q} for every sequence with queries and keys (true when Lq_s == Lk_s for all); "
                 "these cu_seqlens differ, so their per-sequence ALiBi distances cannot be expressed in one packed call"
             )
-    block_mask = varlen_block_mask(cu_q, cu_k, (inputs.window_left, inputs.window_right))
+    block_mask = varlen_block_mask(cu_seqlens_q, cu_seqlens_k, (inputs.window_left, inputs.window_right))
     result = attention(q[None], k[None], v[None], layout="blhd", block_mask=block_mask, alibi_slopes=alibi_slopes,
                        softcap=softcap, dropout_p=dropout_p, scale=scale, return_lse=return_lse, backend=backend)
     if return_lse:

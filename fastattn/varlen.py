@@ -138,27 +138,32 @@ class VarlenFunction(torch.autograd.Function):
     """Autograd of the varlen kernels: the chosen backend's varlen forward and backward ops."""
 
     @staticmethod
-    def forward(ctx, backend_name, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
-                scale, window_left, window_right, softcap):
+    def forward(ctx, backend_name, lse_differentiable, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                max_seqlen_k, alibi_slopes, scale, window_left, window_right, softcap):
         ops = varlen_kernel_ops(backend_name)
         scalars = (max_seqlen_q, max_seqlen_k, alibi_slopes, scale, window_left, window_right, softcap)
         out, lse = ops.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, *scalars)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
         ctx.backend_name = backend_name
         ctx.scalars = scalars[:2] + scalars[3:]
+        ctx.lse_differentiable = lse_differentiable
         # The ops' lse is in the accumulation dtype (float64 for float64 inputs); callers get float32.
-        return out, lse.float()
+        lse_out = lse.float()
+        if not lse_differentiable:
+            ctx.mark_non_differentiable(lse_out)
+        return out, lse_out
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
         max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap = ctx.scalars
-        dlse = dlse.float().contiguous() if dlse is not None else None
+        # The lse gradient only reaches the op when the caller holds lse (return_lse=True).
+        dlse = dlse.float().contiguous() if ctx.lse_differentiable and dlse is not None else None
         dq, dk, dv = varlen_kernel_ops(ctx.backend_name).bwd(
             dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, scale,
             window_left, window_right, softcap, dlse,
         )
-        return None, dq, dk, dv, *(None,) * 9
+        return None, None, dq, dk, dv, *(None,) * 9
 
 
 def varlen_attention(
@@ -249,7 +254,7 @@ def varlen_attention(
     chosen = select_backend(inputs, backend).name
     if dropout_p == 0 and varlen_kernel_ops(chosen) is not None:
         slopes = None if inputs.alibi_slopes is None else inputs.alibi_slopes[0]
-        out, lse = VarlenFunction.apply(chosen, inputs.q[0].transpose(0, 1), inputs.k[0].transpose(0, 1),
+        out, lse = VarlenFunction.apply(chosen, return_lse, inputs.q[0].transpose(0, 1), inputs.k[0].transpose(0, 1),
                                         inputs.v[0].transpose(0, 1), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                         max_seqlen_k, slopes, inputs.scale, inputs.window_left, inputs.window_right,
                                         inputs.softcap)

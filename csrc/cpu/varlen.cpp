@@ -350,7 +350,9 @@ void varlen_backward(const Params& p, const Packing& pk, const at::Tensor& dout,
   // rows of dq_acc: sequence s holds (Hkv, runs_s, group, Lq_s) rows of D from row seq_slot[s].
   const int64_t threads = at::get_num_threads();
   struct Task {
-    int64_t seq, hk, t0, t1, slot;  // key tiles [t0, t1) of the sequence (tiles of tile_k keys)
+    // key tiles [t0, t1) of the sequence (tiles of tile_k keys); slot: the run's first dq_acc row,
+    // counted from the sequence's seq_slot
+    int64_t seq, hk, t0, t1, slot;
   };
   std::vector<Task> tasks;
   std::vector<double> task_cost;

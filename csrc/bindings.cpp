@@ -23,6 +23,15 @@ TORCH_LIBRARY(fastattn, m) {
   m.def("attention_fwd_sm90(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? alibi_slopes, "
         "Tensor? key_lengths, Tensor? query_lengths, " FASTATTN_BLOCK_ARGS FASTATTN_PARTIAL_ARGS FASTATTN_COMMON_TAIL
         ") -> (Tensor, Tensor)");
+  // Packed variable-length sequences (csrc/cpu/varlen.cpp): q (total_q, Hq, D), k/v (total_k, Hkv, D),
+  // cu_seqlens int32 (num_seqs + 1,); out (total_q, Hq, Dv) and lse (Hq, total_q) in the accumulation
+  // dtype. Must stay equal to VARLEN_FWD_SCHEMA/VARLEN_BWD_SCHEMA in fastattn/ops.py.
+  m.def("varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+        "int max_seqlen_k, Tensor? alibi_slopes, float scale, int? window_left, int? window_right, float softcap) "
+        "-> (Tensor, Tensor)");
+  m.def("varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
+        "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor? alibi_slopes, float scale, "
+        "int? window_left, int? window_right, float softcap, Tensor? dlse=None) -> (Tensor, Tensor, Tensor)");
 }
 
 #ifdef FASTATTN_WITH_CUDA

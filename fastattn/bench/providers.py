@@ -15,6 +15,8 @@ dense / gqa               --                       -- (``enable_gqa=True``)     
 causal                    ``causal=True``          ``is_causal=True``               ``mask_mod`` q >= kv
 window (left, right)      ``window=``              dense bool ``attn_mask``         ``mask_mod``
 block_sparse              ``BlockMask``            dense bool ``attn_mask``         ``BlockMask`` of tiles
+varlen (documents)        ``varlen_attention``     padded batch, ``is_causal=True``  -- (not wired)
+                          on the packed tokens
 ========================  =======================  ===============================  =====================
 """
 
@@ -116,6 +118,13 @@ class FastattnProvider(Provider):
         if reasons:
             raise Unsupported(reasons)
         name = self.backend_name
+        if case.workload.kind == "varlen":  # the documents packed, against the others' padded batch
+            from .. import varlen_attention
+
+            packed = tuple(case.packed(t.detach()).requires_grad_() for t in (q, k, v))
+            cu, longest = case.cu_seqlens(), max(case.workload.doc_lengths)
+            return Run(lambda: varlen_attention(*packed, cu, cu, longest, longest, causal=True, backend=name),
+                       packed, case.packed(case.dout))
         return Run(lambda: attention(q, k, v, backend=name, **kwargs), (q, k, v), case.dout)
 
 
@@ -214,6 +223,8 @@ class FlexProvider(Provider):
         from torch.nn.attention.flex_attention import create_block_mask
 
         w = case.workload
+        if w.kind == "varlen":
+            raise Unsupported(["the varlen workload is not wired for FlexAttention"])
         # FlexAttention refuses inputs that require grad on CPU (it has no CPU backward), even under no_grad.
         no_backward = [] if case.device.type == "cuda" else ["FlexAttention has no backward on CPU"]
         q, k, v = _leaves(case, requires_grad=not no_backward)
@@ -268,6 +279,8 @@ class FlashAttnProvider(Provider):
             reasons.append(f"flash-attn takes fp16/bf16, not {case.dtype}")
         if w.kind == "block_sparse":
             reasons.append("flash-attn has no block-sparse mask")
+        if w.kind == "varlen":
+            reasons.append("the varlen workload is not wired for flash-attn (flash_attn_varlen_func)")
         if reasons:
             raise Unsupported(reasons)
         q, k, v = _leaves(case, "BLHD")

@@ -23,6 +23,11 @@ TORCH_LIBRARY(fastattn, m) {
   m.def("attention_fwd_sm90(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? alibi_slopes, "
         "Tensor? key_lengths, Tensor? query_lengths, " FASTATTN_BLOCK_ARGS FASTATTN_PARTIAL_ARGS FASTATTN_COMMON_TAIL
         ") -> (Tensor, Tensor)");
+  // Linear attention's core (csrc/cpu/linear_attention.cpp); schemas equal to fastattn/linear/ops.py.
+  m.def("linear_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? initial_state, bool causal, int chunk_size) "
+        "-> (Tensor, Tensor)");
+  m.def("linear_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? initial_state, Tensor? dstate, "
+        "bool causal, int chunk_size) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 #ifdef FASTATTN_WITH_CUDA

@@ -10,6 +10,7 @@ import torch
 import fastattn
 from fastattn.linear import LinearAttentionState, PerformerFeatures, linear_attention, naive
 from fastattn.linear.naive import linear_attention_reference
+from fastattn.linear.ops import CPU_KERNELS_BUILT
 
 from .tolerance import assert_close_to_reference, high_precision
 
@@ -90,12 +91,15 @@ def test_parallel_matches_definition():
         pytest.param(True, torch.sigmoid, True, 5, id="causal-callable"),
     ],
 )
-def test_cpu_path_against_reference(causal, feature_map, normalize, chunk):
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_cpu_path_against_reference(backend, causal, feature_map, normalize, chunk):
+    if backend == "cpu" and not CPU_KERNELS_BUILT:
+        pytest.skip("fastattn._C was built without the linear kernels")
     q, k, v = _inputs(1, 4, 2, 17, 8, 6, dtype=F32)
 
     def run(q, k, v):
         return (linear_attention(q, k, v, causal=causal, feature_map=feature_map, normalize=normalize,
-                                 chunk_size=chunk),)
+                                 chunk_size=chunk, backend=backend),)
 
     def ref(q, k, v):
         return (linear_attention_reference(q, k, v, causal=causal, feature_map=feature_map,
@@ -202,7 +206,7 @@ def test_triton_core_against_reference(triton_core, B, Hq, Hkv, L, M, Dv, dtype,
     inputs = (q, k, v, torch.randn(B, Hkv, M, Dv, dtype=dtype, device=DEVICE)) if with_state else (q, k, v)
 
     def run(q, k, v, s0=None):
-        return triton_core.apply(q, k, v, None if s0 is None else s0.float(), causal, chunk)
+        return triton_core.apply(q, k, v, None if s0 is None else s0.float(), causal, chunk, "triton")
 
     def ref(q, k, v, s0=None):
         return naive.parallel(q, k, v, causal, s0)
@@ -212,16 +216,15 @@ def test_triton_core_against_reference(triton_core, B, Hq, Hkv, L, M, Dv, dtype,
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_triton_public_path_performer_state(triton_core, monkeypatch, causal):
+def test_triton_public_path_performer_state(triton_core, causal):
     # the whole public function on the kernels: features, normaliser column, state in and out
-    monkeypatch.setattr("fastattn.linear.api._use_triton", lambda q: True)
     features = PerformerFeatures(16, num_features=16)
     q, k, v = (t.to(DEVICE) for t in _inputs(1, 2, 1, 33, 16, 8, dtype=F32))
     s0 = (torch.rand(1, 1, 16, 8, dtype=F32, device=DEVICE), torch.rand(1, 1, 16, dtype=F32, device=DEVICE))
     kwargs = {"causal": causal, "feature_map": features, "initial_state": s0}
 
     def run(q, k, v):
-        out, state = linear_attention(q, k, v, chunk_size=16, return_state=True, **kwargs)
+        out, state = linear_attention(q, k, v, chunk_size=16, return_state=True, backend="triton", **kwargs)
         return out, state.kv, state.k_sum
 
     def ref(q, k, v):
@@ -232,12 +235,107 @@ def test_triton_public_path_performer_state(triton_core, monkeypatch, causal):
 
 
 @pytest.mark.interpreter
-def test_triton_chunk_size_must_be_a_tile(monkeypatch):
+def test_triton_chunk_size_must_be_a_tile():
     pytest.importorskip("triton")
-    monkeypatch.setattr("fastattn.linear.api._use_triton", lambda q: True)
-    q, k, v = _inputs(1, 2, 2, 9, 8, 8, dtype=F32)
+    q, k, v = (t.to(DEVICE) for t in _inputs(1, 2, 2, 9, 8, 8, dtype=F32))
     with pytest.raises(ValueError, match="chunk_size must be a power of two"):
-        linear_attention(q, k, v, chunk_size=24)
+        linear_attention(q, k, v, chunk_size=24, backend="triton")
+
+
+# --------------------------------------------------------------------------- C++ CPU kernels
+cpu_kernels = pytest.mark.skipif(not CPU_KERNELS_BUILT, reason="fastattn._C was built without the linear kernels")
+BF16 = torch.bfloat16
+
+
+@cpu_kernels
+@pytest.mark.parametrize(
+    "B, Hq, Hkv, L, M, Dv, dtype, causal, chunk, with_state",
+    [
+        pytest.param(1, 2, 2, 1, 16, 16, F32, True, 64, False, id="B1-H2-L1-M16-fp32-causal"),
+        pytest.param(1, 4, 2, 17, 8, 5, F32, True, 5, True, id="B1-Hq4-Hkv2-L17-M8-Dv5-fp32-causal-chunk5-state"),
+        pytest.param(2, 3, 1, 97, 6, 7, F64, True, 16, True, id="B2-Hq3-Hkv1-L97-M6-Dv7-fp64-causal-chunk16-state"),
+        pytest.param(1, 2, 2, 97, 40, 24, F16, True, 32, False, id="B1-H2-L97-M40-Dv24-fp16-causal-chunk32"),
+        pytest.param(1, 4, 1, 33, 16, 9, BF16, True, 8, True, id="B1-Hq4-Hkv1-L33-M16-Dv9-bf16-causal-chunk8-state"),
+        pytest.param(2, 2, 1, 97, 8, 8, F32, False, 16, False, id="B2-Hq2-Hkv1-L97-M8-fp32-full"),
+        pytest.param(1, 2, 2, 17, 40, 16, F64, False, 7, True, id="B1-H2-L17-M40-Dv16-fp64-full-chunk7-state"),
+        pytest.param(1, 2, 1, 23, 12, 5, BF16, False, 64, True, id="B1-Hq2-Hkv1-L23-M12-Dv5-bf16-full-state"),
+    ],
+)
+def test_cpu_core_against_reference(B, Hq, Hkv, L, M, Dv, dtype, causal, chunk, with_state):
+    from fastattn.linear.autograd import LinearAttentionCore
+
+    q, k, v = _inputs(B, Hq, Hkv, L, M, Dv, dtype=dtype, positive=True)
+    inputs = (q, k, v, torch.randn(B, Hkv, M, Dv, dtype=dtype)) if with_state else (q, k, v)
+    state_dtype = torch.promote_types(dtype, F32)
+
+    def run(q, k, v, s0=None):
+        return LinearAttentionCore.apply(q, k, v, None if s0 is None else s0.to(state_dtype), causal, chunk, "cpu")
+
+    def ref(q, k, v, s0=None):
+        return naive.parallel(q, k, v, causal, s0)
+
+    _check("cpu core", run, ref, inputs)
+
+
+@cpu_kernels
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_cpu_public_path_performer_state_strided(causal):
+    # the whole public function on the C++ kernels, on (B, L, H, D) memory seen as (B, H, L, D)
+    features = PerformerFeatures(16, num_features=24)
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in _inputs(1, 2, 1, 33, 16, 8, dtype=F32))
+    s0 = (torch.rand(1, 1, 24, 8, dtype=F32), torch.rand(1, 1, 24, dtype=F32))
+    kwargs = {"causal": causal, "feature_map": features, "initial_state": s0}
+
+    def run(q, k, v):
+        out, state = linear_attention(q, k, v, chunk_size=8, return_state=True, backend="cpu", **kwargs)
+        return out, state.kv, state.k_sum
+
+    def ref(q, k, v):
+        out, (kv, k_sum) = linear_attention_reference(q, k, v, **kwargs)
+        return out, kv, k_sum
+
+    _check("cpu linear_attention", run, ref, (q, k, v))
+
+
+@cpu_kernels
+def test_cpu_kernels_empty_sequence_keeps_the_state():
+    q, k, v = _inputs(1, 2, 1, 0, 8, 4, dtype=F32)
+    s0 = torch.randn(1, 1, 8, 4)
+    out, state = torch.ops.fastattn.linear_attention_fwd(q, k, v, s0, True, 64)
+    assert out.shape == (1, 2, 0, 4)
+    torch.testing.assert_close(state, s0, rtol=0, atol=0)
+
+
+@cpu_kernels
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        pytest.param({"k": torch.randn(1, 2, 10, 8)}, "k must be", id="k-length"),
+        pytest.param({"v": torch.randn(1, 3, 9, 4)}, "v must be", id="v-heads"),
+        pytest.param({"v": torch.randn(1, 2, 9, 4, dtype=F64)}, "v must have q's dtype", id="dtype"),
+        pytest.param({"initial_state": torch.zeros(1, 2, 8, 5)}, "initial_state must have shape", id="state"),
+        pytest.param({"chunk_size": 0}, "chunk_size", id="chunk"),
+    ],
+)
+def test_cpu_op_errors_name_the_argument(change, match):
+    args = {"q": torch.randn(1, 4, 9, 8), "k": torch.randn(1, 2, 9, 8), "v": torch.randn(1, 2, 9, 4),
+            "initial_state": None, "causal": True, "chunk_size": 4}
+    args.update(change)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.fastattn.linear_attention_fwd(*args.values())
+
+
+def test_backend_choice():
+    from fastattn.linear.api import choose_backend
+
+    q = torch.randn(1, 2, 5, 8)
+    assert choose_backend(q, None) == ("cpu" if CPU_KERNELS_BUILT else "reference")
+    assert choose_backend(q, "reference") == "reference"
+    with pytest.raises(ValueError, match="backend must be"):
+        linear_attention(q, q, q, backend="cuda")
+    if not CPU_KERNELS_BUILT:
+        with pytest.raises(ValueError, match="backend='cpu' cannot run"):
+            linear_attention(q, q, q, backend="cpu")
 
 
 # --------------------------------------------------------------------------- Performer (FAVOR+)
@@ -402,9 +500,10 @@ def test_decode_step_costs_o_of_m_times_dv():
 
     B, H, M, Dv = 1, 2, 16, 8
     q, k, v = _inputs(B, H, H, 300, M, Dv, dtype=F32)
-    _, state = linear_attention(q, k, v, causal=True, return_state=True)
+    # the reference backend: FlopCounterMode counts torch's matmuls, not the C++ kernels' BLAS calls
+    _, state = linear_attention(q, k, v, causal=True, return_state=True, backend="reference")
     step = [t[:, :, -1:] for t in (q, k, v)]
     with FlopCounterMode(display=False) as counter:
-        linear_attention(*step, causal=True, initial_state=state)
+        linear_attention(*step, causal=True, initial_state=state, backend="reference")
     # q @ S, k^T v and the 1x1 intra-chunk block, each 2 * M * (Dv + 1) per head: independent of the prefix
     assert 0 < counter.get_total_flops() <= 8 * B * H * M * (Dv + 1)

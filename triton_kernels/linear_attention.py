@@ -266,7 +266,7 @@ def linear_attention_fwd(
     o = torch.empty(B, Hq, L, Dv, dtype=v.dtype, device=v.device)
     state = torch.empty(B, Hkv, M, Dv, dtype=torch.float32, device=v.device)
     s0 = None if initial_state is None else initial_state.float().contiguous()  # the kernel indexes it densely
-    linear_attention_fwd_kernel[(B * Hq,)](
+    torch.library.wrap_triton(linear_attention_fwd_kernel)[(B * Hq,)](
         q, k, v, s0 if s0 is not None else state, o, state,
         L, M, Dv, Hq, Hkv,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
@@ -289,13 +289,13 @@ def linear_attention_bwd(
     s0 = None if initial_state is None else initial_state.float().contiguous()  # indexed densely
     dst = None if d_state is None else d_state.float().contiguous()  # indexed densely
     tiles = _tiles(q, v, chunk_size)
-    linear_attention_bwd_dq_kernel[(B * Hq,)](
+    torch.library.wrap_triton(linear_attention_bwd_dq_kernel)[(B * Hq,)](
         k, v, s0 if s0 is not None else ds0, do, dq,
         L, M, Dv, Hq, Hkv,
         *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         IS_CAUSAL=causal, HAS_INITIAL_STATE=s0 is not None, **tiles, num_warps=4,
     )
-    linear_attention_bwd_dkv_kernel[(B * Hkv,)](
+    torch.library.wrap_triton(linear_attention_bwd_dkv_kernel)[(B * Hkv,)](
         q, k, v, do, dst if dst is not None else ds0, dk, dv, ds0,
         L, M, Dv, Hq, Hkv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),

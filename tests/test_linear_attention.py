@@ -325,6 +325,56 @@ def test_cpu_op_errors_name_the_argument(change, match):
         torch.ops.fastattn.linear_attention_fwd(*args.values())
 
 
+@cpu_kernels
+def test_cpu_schemas_equal_python_schemas():
+    from fastattn.linear.ops import BWD_SCHEMA, FWD_SCHEMA
+
+    assert str(torch.ops.fastattn.linear_attention_fwd.default._schema) == "fastattn::linear_attention_fwd" + FWD_SCHEMA
+    assert str(torch.ops.fastattn.linear_attention_bwd.default._schema) == "fastattn::linear_attention_bwd" + BWD_SCHEMA
+
+
+@cpu_kernels
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_cpu_opcheck(causal, dtype):
+    # the fakes (shapes, dtypes, strides) against the kernels, and the ops' registration
+    from fastattn.linear.ops import linear_ops
+
+    ops = linear_ops("cpu")
+    q, k, v = _inputs(1, 4, 2, 11, 8, 5, dtype=dtype, positive=True)
+    s0 = torch.randn(1, 2, 8, 5)
+    torch.library.opcheck(ops.fwd, (q, k, v, s0, causal, 4))
+    do = torch.randn(1, 4, 11, 5, dtype=dtype)
+    torch.library.opcheck(ops.bwd, (do, q, k, v, s0, torch.randn(1, 2, 8, 5), causal, 4))
+    torch.library.opcheck(ops.bwd, (do, q, k, v, None, None, causal, 4))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_compile_fullgraph_matches_eager(backend):
+    # aot_eager: dynamo and AOT autograd trace through the public function (fakes of the C++ ops
+    # included) without inductor's slow C++ code generation
+    if backend == "cpu" and not CPU_KERNELS_BUILT:
+        pytest.skip("fastattn._C was built without the linear kernels")
+
+    def f(q, k, v, kv, k_sum):
+        out, state = linear_attention(q, k, v, causal=True, chunk_size=8, return_state=True,
+                                      initial_state=(kv, k_sum), backend=backend)
+        return out, state.kv
+
+    q, k, v = _inputs(1, 4, 2, 19, 8, 5, dtype=F32)
+    state = (torch.rand(1, 2, 8, 5), torch.rand(1, 2, 8))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    leaves_c = [t.clone().requires_grad_() for t in (q, k, v)]
+    eager = f(*leaves, *state)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves_c, *state)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    sum(o.sum() for o in eager).backward()
+    sum(o.sum() for o in compiled).backward()
+    for a, b in zip(leaves_c, leaves):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_backend_choice():
     from fastattn.linear.api import choose_backend
 

@@ -545,6 +545,105 @@ def test_lsh_module_one_bucket_is_attention_module(causal):
     assert LSHAttention(32, 4, n_buckets=4, chunk_size=8)(x).shape == (2, 19, 32)
 
 
+@pytest.mark.parametrize("shared_qk", [True, False], ids=["shared-qk", "separate-k"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_lsh_gqa_against_reference_on_repeated_heads(causal, shared_qk):
+    # GQA (Hq = 6, Hkv = 2) against the reference given every query head its own copy of k and v
+    from fastattn.linear.lsh import lsh_attention_reference
+
+    q, k, v = _inputs(1, 6, 2, 29, 16, 8, dtype=F32)
+    kwargs = {"n_buckets": 4, "n_hashes": 2, "chunk_size": 8, "causal": causal, "shared_qk": shared_qk,
+              "rotations": torch.randn(2, 16, 2)}
+
+    def run(q, v, k=None):
+        return (fastattn.lsh_attention(q, k, v, **kwargs),)
+
+    def ref(q, v, k=None):
+        k_rep = None if k is None else k.repeat_interleave(3, dim=1)
+        return (lsh_attention_reference(q, k_rep, v.repeat_interleave(3, dim=1), **kwargs),)
+
+    _check("lsh_attention gqa", run, ref, (q, v) if shared_qk else (q, v, k))
+
+
+def test_lsh_gqa_errors():
+    q, k, v = _inputs(1, 6, 4, 9, 16, 8, dtype=F32)
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        fastattn.lsh_attention(q, k, v, n_buckets=2, shared_qk=False)
+    with pytest.raises(ValueError, match="same heads"):
+        fastattn.lsh_attention(q, k[:, :2], v[:, :3], n_buckets=2, shared_qk=False)
+
+
+def test_lsh_module_gqa_one_bucket_is_attention_module():
+    from fastattn.nn import Attention, LSHAttention
+
+    lsh = LSHAttention(32, 4, 2, causal=True, n_buckets=1, chunk_size=64, shared_qk=False)
+    exact = Attention(32, 4, 2, causal=True)
+    exact.load_state_dict(lsh.state_dict())
+    x = torch.randn(2, 19, 32)
+    torch.testing.assert_close(lsh(x), exact(x), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- Transformer blocks: attention=
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
+@pytest.mark.parametrize("attention", ["linear", "performer", "lsh"])
+def test_transformer_layers_attention_kind(attention, batch_first):
+    from fastattn.nn import LinearAttention, LSHAttention, TransformerDecoderLayer, TransformerEncoderLayer
+    from fastattn.nn.transformer import EfficientSelfAttention
+
+    torch.manual_seed(0)
+    kwargs = {"n_buckets": 1, "chunk_size": 64, "shared_qk": False} if attention == "lsh" else {}
+    enc = TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=batch_first, attention=attention,
+                                  attention_kwargs=kwargs)
+    assert isinstance(enc.self_attn, EfficientSelfAttention)
+    assert isinstance(enc.self_attn.attn, LSHAttention if attention == "lsh" else LinearAttention)
+    x = torch.randn(2, 13, 32) if batch_first else torch.randn(13, 2, 32)
+    for is_causal in (False, True):
+        y = enc(x, is_causal=is_causal)
+        # the layer by hand: post-norm, the attention module on (B, L, E), the feed-forward
+        xb = x if batch_first else x.transpose(0, 1)
+        h = enc.norm1(xb + enc.self_attn.attn(xb, causal=is_causal))
+        expected = enc.norm2(h + enc.linear2(torch.relu(enc.linear1(h))))
+        torch.testing.assert_close(y, expected if batch_first else expected.transpose(0, 1))
+    if attention == "lsh":  # one bucket: exact attention, so the causal flag must reach the kernel
+        assert not torch.allclose(enc(x, is_causal=True), enc(x, is_causal=False))
+    dec = TransformerDecoderLayer(32, 4, 64, dropout=0.0, batch_first=batch_first, attention=attention,
+                                  attention_kwargs=kwargs)
+    memory = torch.randn(2, 7, 32) if batch_first else torch.randn(7, 2, 32)
+    out = dec(x, memory, tgt_is_causal=True)
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert all(p.grad is not None for p in dec.self_attn.parameters())
+
+
+def test_transformer_linear_attention_is_causal_in_the_decoder():
+    from fastattn.nn import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(32, 4, 1, 1, 64, dropout=0.0, batch_first=True, attention="linear")
+    src, tgt = torch.randn(2, 9, 32), torch.randn(2, 11, 32)
+    out = model(src, tgt, tgt_is_causal=True)
+    changed = tgt.clone()
+    changed[:, 6:] += 1.0  # a causal decoder's first 6 positions cannot see this
+    out2 = model(src, changed, tgt_is_causal=True)
+    torch.testing.assert_close(out[:, :6], out2[:, :6])
+    assert not torch.allclose(out[:, 6:], out2[:, 6:])
+
+
+def test_transformer_attention_errors():
+    from fastattn.nn import TransformerEncoderLayer
+
+    with pytest.raises(ValueError, match="attention must be one of"):
+        TransformerEncoderLayer(32, 4, attention="flash")
+    with pytest.raises(ValueError, match="attention_kwargs"):
+        TransformerEncoderLayer(32, 4, attention_kwargs={"num_features": 8})
+    layer = TransformerEncoderLayer(32, 4, batch_first=True, attention="linear")
+    x = torch.randn(2, 5, 32)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        layer(x, src_key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attn_mask"):
+        layer(x, src_mask=torch.zeros(5, 5, dtype=torch.bool))
+
+
 def test_decode_step_costs_o_of_m_times_dv():
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -388,6 +388,62 @@ def test_backend_choice():
             linear_attention(q, q, q, backend="cpu")
 
 
+# --------------------------------------------------------------------------- benchmarks
+def test_bench_linear_providers_compute_linear_attention():
+    from fastattn.bench.providers import LinearProvider, Unsupported
+    from fastattn.bench.workloads import Workload, make_case, preset
+
+    p = preset("linear", "cpu")
+    assert [w.seqlen for w in p.workloads] == [4096, 8192, 16384, 32768, 65536]
+    assert all(w.kind == "linear" and w.causal for w in p.workloads)
+    case = make_case(Workload("linear", 1, 2, 2, 33, 8), F32, "cpu")
+    expected, _ = linear_attention_reference(case.q.double(), case.k.double(), case.v.double(), causal=True)
+    for backend in (["cpu"] if CPU_KERNELS_BUILT else []) + ["reference", "naive"]:
+        run = LinearProvider(backend).build(case, explicit=True)
+        torch.testing.assert_close(run.fn().double(), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(Unsupported, match="linear"):
+        LinearProvider("reference").build(make_case(Workload("causal", 1, 2, 2, 33, 8), F32, "cpu"))
+
+
+def _linear_scaling_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "linear_scaling.py"
+    spec = importlib.util.spec_from_file_location("linear_scaling", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_linear_scaling_summary():
+    script = _linear_scaling_script()
+    rows = []
+    for L in (4096, 8192, 32768):
+        for provider, time_ms, memory in (("linear-cpu", 1e-3 * L, 10 * L), ("sdpa", 1e-6 * L * L, 3 * L)):
+            rows.append({"workload": "linear", "mode": "fwd", "status": "ok", "provider": provider, "seqlen": L,
+                         "time_ms": time_ms, "peak_mem_bytes": memory})
+    rows.append({"workload": "causal", "mode": "fwd", "status": "ok", "provider": "sdpa", "seqlen": 4096,
+                 "time_ms": 1.0, "peak_mem_bytes": 1})  # another workload: ignored
+    s = script.summary({"results": rows})
+    assert s["exponents"]["linear-cpu"]["time"] == pytest.approx(1.0)
+    assert s["exponents"]["sdpa"]["time"] == pytest.approx(2.0)
+    assert s["exponents"]["linear-cpu"]["memory"] == pytest.approx(1.0)
+    assert s["speedup_at"]["linear-cpu"]["sdpa"] == pytest.approx(32.768)
+    with pytest.raises(ValueError, match="two lengths"):
+        script.fit_exponent([4096], [1.0])
+
+
+def test_bench_linear_preset_runs():
+    # the runner end to end on tiny lengths: every provider of the preset measured
+    from fastattn.bench import bench_config, run_bench
+
+    doc = run_bench(bench_config("linear", "cpu", seq_lens=[64, 128]), progress=False)
+    ok = {(r["provider"], r["seqlen"]) for r in doc["results"] if r["status"] == "ok"}
+    providers = (["linear-cpu"] if CPU_KERNELS_BUILT else []) + ["linear-reference", "sdpa"]
+    assert ok == {(p, L) for p in providers for L in (64, 128)}, doc["results"]
+
+
 # --------------------------------------------------------------------------- Performer (FAVOR+)
 def test_performer_deterministic_and_redraw():
     torch.manual_seed(3)

@@ -376,11 +376,13 @@ def test_compile_fullgraph_matches_eager(backend):
 
 
 def test_backend_choice():
-    from fastattn.linear.api import choose_backend
+    from fastattn.linear.api import choose_backend, default_chunk_size
 
     q = torch.randn(1, 2, 5, 8)
     assert choose_backend(q, None) == ("cpu" if CPU_KERNELS_BUILT else "reference")
     assert choose_backend(q, "reference") == "reference"
+    assert default_chunk_size(F32, "triton") == 32 and default_chunk_size(F16, "triton") == 64
+    assert default_chunk_size(F32, "cpu") == 64
     with pytest.raises(ValueError, match="backend must be"):
         linear_attention(q, q, q, backend="cuda")
     if not CPU_KERNELS_BUILT:

@@ -99,9 +99,16 @@ def choose_backend(q: torch.Tensor, backend: str | None) -> str:
     return "cpu" if not backend_reasons("cpu", q) else "reference"
 
 
+def default_chunk_size(dtype: torch.dtype, backend: str) -> int:
+    """64 positions, or 32 for float32 on the Triton kernels: compiled for sm_90, their float32
+    backward at 64 positions with D = 64 (plus the normaliser column) needs 256 KiB of shared
+    memory, more than an SM has; at 32 it needs at most 192 KiB."""
+    return 32 if backend == "triton" and dtype == torch.float32 else DEFAULT_CHUNK_SIZE
+
+
 def core(phi_q, phi_k, v, causal: bool, initial_state, chunk_size: int | None, backend: str):
     """Unnormalised linear attention on features: a kernel backend's ops or the chunked torch form."""
-    chunk = chunk_size or DEFAULT_CHUNK_SIZE
+    chunk = chunk_size or default_chunk_size(v.dtype, backend)
     if backend == "reference":
         o, state = naive.chunked(phi_q, phi_k, v, causal, initial_state, chunk)
         return o.to(v.dtype), state.to(torch.promote_types(v.dtype, torch.float32))
@@ -144,7 +151,8 @@ def linear_attention(
             ``(..., D) -> (..., M)`` applied to queries and keys.
         normalize: divide by ``phi(q_i) . z_i`` (a query whose normaliser is exactly 0 outputs 0). Default True. Performer's stabiliser is only
             exact with normalisation, so without it Performer features are not stabilised.
-        chunk_size: positions per chunk. Default 64. The Triton kernels need a power of two >= 16.
+        chunk_size: positions per chunk. Default 64 (32 for float32 on the Triton kernels). The
+            Triton kernels need a power of two >= 16, and wide features in float32 may need 16.
         scale: ``q`` and ``k`` are each multiplied by ``sqrt(scale)`` before the feature map.
             Default ``D ** -0.5`` for Performer (softmax's temperature), 1 otherwise.
         return_state: also return the :class:`LinearAttentionState` after the last position.

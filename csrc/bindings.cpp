@@ -32,6 +32,11 @@ TORCH_LIBRARY(fastattn, m) {
   m.def("varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
         "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor? alibi_slopes, float scale, "
         "int? window_left, int? window_right, float softcap, Tensor? dlse=None) -> (Tensor, Tensor, Tensor)");
+  // Linear attention's core (csrc/cpu/linear_attention.cpp); schemas equal to fastattn/linear/ops.py.
+  m.def("linear_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? initial_state, bool causal, int chunk_size) "
+        "-> (Tensor, Tensor)");
+  m.def("linear_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? initial_state, Tensor? dstate, "
+        "bool causal, int chunk_size) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 #ifdef FASTATTN_WITH_CUDA

@@ -21,7 +21,7 @@ import torch
 
 from ..block_mask import BlockMask
 
-WORKLOAD_KINDS = ("dense", "causal", "window", "block_sparse", "gqa", "varlen")
+WORKLOAD_KINDS = ("dense", "causal", "window", "block_sparse", "gqa", "varlen", "linear")
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -35,6 +35,9 @@ class Workload:
 
     Attributes:
         kind: one of :data:`WORKLOAD_KINDS`. ``gqa`` is dense attention with ``heads_kv < heads_q``.
+            ``linear`` is causal attention done by linear attention (the ``linear-*`` providers); the
+            softmax providers compute the exact causal attention it replaces (so FLOPs and ratios
+            are those of exact causal attention).
         batch, heads_q, heads_kv, seqlen, head_dim: ``q (B, Hq, L, D)``, ``k``/``v (B, Hkv, L, D)``.
         window: ``(left, right)`` for ``kind="window"`` (``-1`` = unbounded), else None.
         density: fraction of visible tiles for ``kind="block_sparse"``, else None.
@@ -77,7 +80,7 @@ class Workload:
 
     @property
     def causal(self) -> bool:
-        return self.kind in ("causal", "varlen")
+        return self.kind in ("causal", "varlen", "linear")
 
     @property
     def name(self) -> str:
@@ -316,7 +319,7 @@ def _sweep(kinds, seq_lens, head_dims, *, tokens=None, batch=1, heads=4, heads_k
 
 
 def preset(name: str, device: str) -> Preset:
-    """The named preset (``quick``, ``full``, ``cpu`` or ``gpu``) for ``device`` (``cpu`` or ``cuda``).
+    """The named preset (``quick``, ``full``, ``cpu``, ``gpu`` or ``linear``) for ``device`` (``cpu`` or ``cuda``).
 
     * ``quick`` -- under two minutes on a 2-core CPU: tiny shapes (fp32, L 128..512, D 64, modes
       fwd and fwd+bwd); on a GPU a small slice of the ``gpu`` preset.
@@ -326,8 +329,10 @@ def preset(name: str, device: str) -> Preset:
       (H=1, so SDPA's dense mask fits in memory); block-sparse at densities 50/25/10% at L=2k, D=64.
     * ``gpu``   -- the speed targets: bf16, ``B * L = 16k`` tokens, hidden 2048 (D=128, H=16),
       L 2k..16k dense and causal, sliding window (1024, 0) and block-sparse 5..50% at L=16k, GQA.
+    * ``linear`` -- causal linear attention (elu+1) against exact causal attention, fp32 forward,
+      B=1, H=1, D=32, L 4k..64k (on CPU: linear-cpu, linear-reference and SDPA, the exact baseline).
     """
-    all_kinds = WORKLOAD_KINDS
+    all_kinds = tuple(kind for kind in WORKLOAD_KINDS if kind != "linear")  # linear has its own preset
     on_gpu = device.startswith("cuda")
     if name == "quick" and not on_gpu:
         return Preset(
@@ -354,6 +359,17 @@ def preset(name: str, device: str) -> Preset:
         workloads.append(varlen_workload(1024, 4, 64))
         return Preset("cpu", workloads, ("fwd", "fwd+bwd"), ("fp32",), min_repeats=3, max_repeats=5,
                       time_budget_s=2.0, noisy_max_repeats=10, providers=("fastattn-cpu", "sdpa"))
+    if name == "linear":
+        # linear attention's scaling from 4k to 64k, and exact causal attention of the same shapes. One
+        # head, so the exact attention at 64k stays seconds on 2 cores; a cell slower than the time
+        # budget is timed once after its warm-up.
+        from ..linear.ops import CPU_KERNELS_BUILT
+
+        workloads = [Workload("linear", 1, 1, 1, L, 32) for L in (4096, 8192, 16384, 32768, 65536)]
+        cpu_providers = ("linear-cpu", "linear-reference") if CPU_KERNELS_BUILT else ("linear-reference",)
+        return Preset("linear", workloads, ("fwd",), ("fp32",), min_repeats=1, max_repeats=9, time_budget_s=2.0,
+                      noisy_max_repeats=10,
+                      providers=("linear-triton",) if on_gpu else cpu_providers)
     if name == "gpu" and not on_gpu:
         raise ValueError("the gpu preset (--gpu) needs a CUDA device: its 16k-token shapes are for GPUs")
     hidden = 2048
@@ -375,4 +391,4 @@ def preset(name: str, device: str) -> Preset:
         workloads = _sweep(all_kinds, (1024, 2048, 4096, 8192, 16384), (64, 128), densities=(0.05, 0.1, 0.2, 0.5),
                            density_seqlen=16384, **gpu_kw)
         return Preset("full", workloads, MODES, ("fp16", "bf16"))
-    raise ValueError(f"preset must be 'quick', 'full', 'cpu' or 'gpu', got {name!r}")
+    raise ValueError(f"preset must be 'quick', 'full', 'cpu', 'gpu' or 'linear', got {name!r}")

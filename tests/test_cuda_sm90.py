@@ -56,7 +56,9 @@ def sass_rows(tmp_path_factory):
 def test_sass_has_the_design(sass_rows):
     """Every instantiation holds HGMMA in whole matmuls (2 x the ideal per tile: each matmul at two
     issue sites), UTMALDG, setmaxnreg to the declared split, one MUFU.TANH per score only with
-    softcap, no LDG without lengths / lists / ALiBi, and no spills or serialized wgmma."""
+    softcap, no LDG without lengths / lists / ALiBi, the whole softmax between the waits for S and
+    for P V (intra-warpgroup overlap), no register above the consumers' ceiling, no spills and no
+    serialized wgmma."""
     assert sass_report.failures(sass_rows) == []
 
 
@@ -92,12 +94,14 @@ def test_sass_analysis_catches_departures_from_the_design():
     """The checker fails a kernel whose SASS lacks wgmma or TMA, splits a matmul, reallocates to
     other counts, spills, or carries tanh / global loads it should not."""
     good = {"head_dim": 64, "features": 0, "HGMMA": 24, "batches": [4, 4, 8, 8], "UTMALDG": 3, "TANH": 0, "LDG": 0,
-            "dealloc": [24], "alloc": [240], "spill": 0, "registers": 168, "serialized": False}
+            "EX2_overlapped": 66, "registers_touched": 163, "dealloc": [24], "alloc": [240], "spill": 0,
+            "registers": 168, "serialized": False}
     rows = [
         {**good, "kernel": "k", "HGMMA": 0, "batches": []},
         {**good, "kernel": "k2", "UTMALDG": 0, "dealloc": [40], "alloc": [232], "spill": 8},
         {**good, "kernel": "k3", "HGMMA": 28, "batches": [4, 4, 4, 8, 8]},
         {**good, "kernel": "k4", "TANH": 128, "LDG": 2, "serialized": True},
+        {**good, "kernel": "k5", "EX2_overlapped": 0, "registers_touched": 250},
         {**good, "kernel": "ok"},
     ]
     problems = "\n".join(sass_report.failures(rows))
@@ -105,6 +109,7 @@ def test_sass_analysis_catches_departures_from_the_design():
     assert "k2: setmaxnreg [40] / [232]" in problems and "k2: ptxas spills 8" in problems
     assert "k3: HGMMA 28" in problems
     assert "k4: 128 MUFU.TANH" in problems and "k4: 2 LDG" in problems and "k4: ptxas serialized" in problems
+    assert "k5: 0 of 66 EX2 overlap" in problems and "k5: touches 250 registers" in problems
     assert not any(line.startswith("ok:") for line in problems.splitlines())
 
 

@@ -111,6 +111,7 @@ struct SharedStorage {
   typename T::Pipeline::SharedStorage pipeline_k;
   typename T::Pipeline::SharedStorage pipeline_v;
   uint64_t q_full;  // mbarrier: the Q tile has landed
+  float softmax_done[T::kConsumerThreads];  // written, never read: see pin_before_wait
 };
 
 template <class T>
@@ -260,6 +261,15 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffff, x, 2);
 }
 
+// ptxas schedules a wgmma wait as early as its basic block allows, which would put the wait for
+// P V above the softmax meant to run under it. It keeps shared-memory stores on their side of the
+// wait, so storing a value that depends on every exponential (the row sums) just before the wait
+// pins the whole softmax above it. One 4-byte store per thread per tile.
+__device__ __forceinline__ void pin_before_wait(float* slot, float value) {
+  asm volatile("st.shared.f32 [%0], %1;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(slot))), "f"(value)
+               : "memory");
+}
+
 // One MUFU.TANH (tanh.approx.f32, sm_75+): the softcap's one transcendental per score.
 __device__ __forceinline__ float fast_tanh(float x) {
   float y;
@@ -360,6 +370,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) attention_fwd_sm90_kernel(CUTE
   Tensor S_coords = as_rows_cols(tScS);
   Tensor O = as_rows_cols(tOrO);
   constexpr int kRows = decltype(size<0>(O))::value;  // 2: rows r and r + 8 of the warp's 16
+  static_assert(kRows == 2, "a thread holds rows r and r + 8 of its warp's 16");
   float row_max[kRows];
   float row_sum[kRows];
   float correction[kRows];
@@ -484,7 +495,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) attention_fwd_sm90_kernel(CUTE
       warpgroup_wait<1>();  // S(n) is in (the older batch); P(n') V(n') may still run
       pipeline_k.consumer_release(state);
       softmax_tile(n);
-      warpgroup_fence_operand(tSrS);  // the softmax stays before the wait
+      pin_before_wait(&shared.softmax_done[tid], row_sum[0] + row_sum[1]);
       warpgroup_wait<0>();
       pipeline_v.consumer_release(v_state);
       convert_p();  // P(n) over P(n'), whose matmul has completed
@@ -518,7 +529,9 @@ __global__ void __launch_bounds__(T::kThreads, 1) attention_fwd_sm90_kernel(CUTE
       // Columns c and c + 1 of a row are adjacent in memory: one 4-byte store.
       if (row < p.seqlen_q) {
         const int col = get<1>(O_coords(r, c));
-        cute::array<Element, 2> pair{static_cast<Element>(O(r, c) * inv), static_cast<Element>(O(r, c + 1) * inv)};
+        // A select, not O * 0: a row past query_lengths may hold NaN from padding it never shows.
+        cute::array<Element, 2> pair{static_cast<Element>(sum > 0.f ? O(r, c) * inv : 0.f),
+                                     static_cast<Element>(sum > 0.f ? O(r, c + 1) * inv : 0.f)};
         *reinterpret_cast<cute::array<Element, 2>*>(out + row * p.out_stride[2] + col) = pair;
       }
     }

@@ -168,6 +168,21 @@ def _ex2_between_waits(chunk: str) -> int:
     return count
 
 
+def _registers_touched(chunk: str) -> int:
+    """Highest register any instruction touches, + 1: the consumers' real footprint under their
+    setmaxnreg ceiling (ptxas reports only the launch allocation). An HGMMA 64xNx16 accumulator
+    spans N / 2 registers from the one named, a register A operand 4."""
+    top = 0
+    for line in chunk.splitlines():
+        for r in re.findall(r"\bR(\d+)\b", line):
+            top = max(top, int(r) + 1)
+        if m := re.search(r"HGMMA\.64x(\d+)x16\.F32\S* R(\d+), (?:R(\d+))?", line):
+            top = max(top, int(m.group(2)) + int(m.group(1)) // 2)
+            if m.group(3):
+                top = max(top, int(m.group(3)) + 4)
+    return top
+
+
 def analyse(sass: str, ptxas: str) -> list[dict]:
     """One row per kernel: instruction counts, setmaxnreg targets, registers and spills."""
     rows = {}
@@ -188,6 +203,7 @@ def analyse(sass: str, ptxas: str) -> list[dict]:
             "TANH": len(re.findall(r"\bMUFU\.TANH\b", chunk)),
             "LDG": len(re.findall(r"\bLDG\.", chunk)),
             "EX2_overlapped": _ex2_between_waits(chunk),
+            "registers_touched": _registers_touched(chunk),
             "dealloc": sorted({int(v, 16) for v in re.findall(r"USETMAXREG\.DEALLOC\S*\s+(0x[0-9a-f]+)", chunk)}),
             "alloc": sorted({int(v, 16) for v in re.findall(r"USETMAXREG\.TRY_ALLOC\S*\s+\S+\s+(0x[0-9a-f]+)", chunk)}),
             "serialized": False,
@@ -239,6 +255,13 @@ def failures(rows: list[dict]) -> list[str]:
             problems.append(f"{k}: ptxas spills {r.get('spill')} bytes")
         if r.get("serialized"):
             problems.append(f"{k}: ptxas serialized the wgmma instructions")
+        # Intra-warpgroup overlap: the whole softmax (one EX2 per score and one per row correction)
+        # sits between the wait for S (wait_group 1) and the wait for P V (wait_group 0).
+        exps = ROWS_PER_WARPGROUP * BLOCK_N // 128 + 2
+        if "EX2_overlapped" in r and r["EX2_overlapped"] != exps:
+            problems.append(f"{k}: {r['EX2_overlapped']} of {exps} EX2 overlap the warpgroup's own P V")
+        if r.get("registers_touched", 0) > consumer:
+            problems.append(f"{k}: touches {r['registers_touched']} registers, above the consumers' {consumer}")
         # __launch_bounds__(threads, 1): ptxas must fit every thread's start in an even share.
         if r.get("registers", REGISTER_FILE) * threads > REGISTER_FILE:
             problems.append(f"{k}: {r.get('registers')} registers x {threads} threads overflow the register file")
@@ -264,12 +287,12 @@ def main() -> None:
           f"{groups} consumer warpgroups {consumer}; total {128 * producer + 128 * groups * consumer} of {REGISTER_FILE}")
     print()
     print("| kernel | HGMMA (ideal per tile) | issue batches | UTMALDG | TANH | LDG | EX2 under own P V "
-          "| setmaxnreg dealloc / alloc | registers at launch | spill bytes |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| setmaxnreg dealloc / alloc | registers at launch / touched | spill bytes | instructions |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| `{r['kernel']}` | {r['HGMMA']} ({ideal_hgmma_per_tile(r['head_dim'])}) | {r['batches']} | "
               f"{r['UTMALDG']} | {r['TANH']} | {r['LDG']} | {r['EX2_overlapped']} | {r['dealloc']} / {r['alloc']} | "
-              f"{r.get('registers', '?')} | {r.get('spill', '?')} |")
+              f"{r.get('registers', '?')} / {r['registers_touched']} | {r.get('spill', '?')} | {r['instructions']} |")
     problems = failures(rows)
     for p in problems:
         print(f"FAIL: {p}")

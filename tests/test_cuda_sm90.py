@@ -244,20 +244,20 @@ def _lengths(B, L, seed):
     return torch.randint(0, L + 1, (B,), generator=g, dtype=torch.int32).clamp_(min=1).to("cuda")
 
 
-def _layout_mask(B, Hq, Lq, Lk, block=128, seed=0):
+def _layout_mask(B, Hq, Lq, Lk, block=(128, 128), seed=0):
     g = torch.Generator().manual_seed(seed)
-    layout = torch.rand(B, Hq, -(-Lq // block), -(-Lk // block), generator=g) > 0.4
+    layout = torch.rand(B, Hq, -(-Lq // block[0]), -(-Lk // block[1]), generator=g) > 0.4
     return fastattn.BlockMask.from_layout(layout.to("cuda"), block, seq_lens=(Lq, Lk))
 
 
 # Every compile-time feature of the kernel alone, and combined (keyword arguments of attention()
 # as a function of the shape). Windows: both edges, the left only (sliding window), a right edge
-# ahead of the diagonal, and rows whose band is empty.
+# ahead of the diagonal, and the diagonal alone (with Lq > Lk, rows whose band is empty).
 FEATURES = {
     "window": lambda B, Hq, Lq, Lk: {"window": (40, 3)},
     "window-left": lambda B, Hq, Lq, Lk: {"window": (70, -1)},
     "window-right-only": lambda B, Hq, Lq, Lk: {"window": (-1, 130)},
-    "window-empty-rows": lambda B, Hq, Lq, Lk: {"window": (5, -20)},
+    "window-diagonal": lambda B, Hq, Lq, Lk: {"window": (0, 0)},
     "alibi": lambda B, Hq, Lq, Lk: {"alibi_slopes": torch.rand(B, Hq, device="cuda")},
     "softcap": lambda B, Hq, Lq, Lk: {"softcap": 20.0},
     "lengths": lambda B, Hq, Lq, Lk: {"key_lengths": _lengths(B, Lk, 1), "query_lengths": _lengths(B, Lq, 2)},
@@ -305,7 +305,7 @@ def test_uncovered_calls_fall_back_to_sm80(kwargs):
     """The op hands calls the Hopper kernel lacks to the sm80 kernels, with the same results."""
     q, k, v = make_qkv(1, 2, 1, 150, 150, 64, dtype=torch.float16, device="cuda")
     if kwargs.get("block_mask") == "64":
-        kwargs = {"block_mask": _layout_mask(1, 2, 150, 150, block=64)}
+        kwargs = {"block_mask": _layout_mask(1, 2, 150, 150, block=(64, 64))}
     kwargs = {key: val.to("cuda") if isinstance(val, torch.Tensor) else val for key, val in kwargs.items()}
     assert cuda_backend.forward_path(_inputs.normalize(q, k, v, **kwargs)) == "sm80"
     check_against_reference("cuda", q, k, v, **kwargs)

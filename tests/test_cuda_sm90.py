@@ -1,8 +1,10 @@
 """The Hopper forward (csrc/cuda/sm90): static proof without a GPU, values on one.
 
 * Static proof (runs where nvcc, cuobjdump and the CUTLASS headers are, no GPU needed): the kernel
-  file compiled alone for sm_90a has, in every instantiation, wgmma (HGMMA), TMA loads (UTMALDG)
-  and register reallocation to the design's split (USETMAXREG), and ptxas spills nothing.
+  file compiled alone for sm_90a has, in every instantiation, wgmma (HGMMA) in whole matmuls, TMA
+  loads (UTMALDG), register reallocation to the design's split (USETMAXREG), the softmax between
+  the two matmul waits, and ptxas spills nothing; the tile schedule runs on the CPU against a
+  brute force.
 * ``gpu`` tests (an sm_90 GPU and an extension built with the Hopper kernel): every compile-time
   feature (window, ALiBi, softcap, lengths, BlockMask tile lists) alone and combined, against the
   reference, values and gradients (the backward is the sm80
@@ -82,6 +84,25 @@ def test_plain_instantiation_carries_no_feature_code(sass_rows):
             general = by_features[max(by_features)]
             assert plain["instructions"] < window["instructions"] < general["instructions"]
             assert plain["HGMMA"] == general["HGMMA"]  # the matmuls are the same code in every kernel
+
+
+def test_tile_schedule_on_the_cpu(tmp_path):
+    """The kernel's schedule and masking decisions (csrc/cuda/sm90/schedule.h), run on the CPU by
+    tests/cuda/sm90_schedule_check.cu for random shapes, lengths, windows and BlockMask lists: every
+    tile with a visible pair visited once, no tile without one loaded, tiles taken without element
+    checks entirely visible, and the element check equal to the brute force elsewhere."""
+    nvcc = sass_report.find_tool("nvcc")
+    if nvcc is None:
+        pytest.skip("no nvcc")
+    exe = tmp_path / "sm90_schedule_check"
+    build = subprocess.run(
+        [nvcc, "-std=c++17", "--expt-relaxed-constexpr", "-O1", f"-I{ROOT}/csrc/cuda",
+         f"{ROOT}/tests/cuda/sm90_schedule_check.cu", "-o", str(exe)],
+        capture_output=True, text=True,
+    )
+    assert build.returncode == 0, build.stderr[-4000:]
+    result = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("ok"), result.stdout[-4000:]
 
 
 def test_register_split_fits_the_register_file():

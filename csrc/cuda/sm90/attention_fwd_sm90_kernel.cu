@@ -17,6 +17,7 @@
 //   matmuls; within a consumer, S of the next tile is issued with P V of the current one.
 // Features (window, softcap, ALiBi, lengths, BlockMask lists) are template flags: Traits::kFeatures.
 #include "attention_fwd_sm90.h"
+#include "schedule.h"
 
 #include <cute/tensor.hpp>  // first: the atom headers below assume it
 #include <cute/arch/copy_sm90_tma.hpp>
@@ -137,75 +138,6 @@ struct Params {
   TileLists lists;
 };
 
-// The key tiles one CTA (query tile m_block of (batch, head)) visits: the band [lo, hi] of tiles
-// that hold a visible key -- causal and window edges and the key length bound the loop, so no
-// tile outside it is loaded -- walked from hi down, or, with a BlockMask, the listed key blocks
-// (each spans `sub` tiles) that fall inside the band. Producer and consumers build the same
-// schedule and step through it with next(), so they agree on every tile.
-struct Schedule {
-  int qlen, klen, offset;  // valid lengths of this batch, offset = klen - qlen (the diagonal)
-  int lo = 0, hi = -1;     // band of key tiles; empty when hi < lo
-  int steps = 0;           // positions to walk: hi - lo + 1, or list entries * sub
-  const int* partial = nullptr;
-  const int* full = nullptr;
-  int partial_stride = 1, full_stride = 1, num_partial = 0, sub = 1;
-
-  // The next key tile at or after position `it` (advanced past it), or -1 when none is left.
-  __device__ __forceinline__ int next(int& it) const {
-    while (it < steps) {
-      const int step = it++;
-      if (partial == nullptr) return hi - step;
-      const int e = step / sub;
-      const int block = e < num_partial ? partial[e * partial_stride] : full[(e - num_partial) * full_stride];
-      const int tile = block * sub + step % sub;
-      if (tile >= lo && tile <= hi) return tile;
-    }
-    return -1;
-  }
-};
-
-template <class T>
-__device__ __forceinline__ Schedule make_schedule(const Params<T>& p, int batch, int head, int m_block) {
-  Schedule s;
-  s.qlen = p.seqlen_q;
-  s.klen = p.seqlen_k;
-  if constexpr (T::kLengths) {
-    // The Python API range-checks the lengths; clamping keeps a raw op call in bounds anyway.
-    if (p.query_lengths) s.qlen = min(max(p.query_lengths[batch], 0), p.seqlen_q);
-    if (p.key_lengths) s.klen = min(max(p.key_lengths[batch], 0), p.seqlen_k);
-  }
-  s.offset = s.klen - s.qlen;
-  const int row0 = m_block * T::kBlockM;
-  const int row_hi = min(row0 + T::kBlockM, s.qlen) - 1;
-  if (row_hi < row0 || s.klen == 0) return s;
-  int key_lo = 0, key_hi = s.klen - 1;
-  if constexpr (T::kWindow) {
-    if (p.has_window_left) key_lo = max(key_lo, row0 + s.offset - p.window_left);
-    if (p.has_window_right) key_hi = min(key_hi, row_hi + s.offset + p.window_right);
-  }
-  if (key_hi < key_lo) return s;
-  s.lo = key_lo / T::kBlockN;
-  s.hi = key_hi / T::kBlockN;
-  s.steps = s.hi - s.lo + 1;
-  if constexpr (T::kBlockLists) {
-    const TileLists& l = p.lists;
-    if (l.num != nullptr) {
-      const int row = row0 / l.block_q;
-      const int64_t n = batch * l.num_stride[0] + head * l.num_stride[1] + row * l.num_stride[2];
-      const int64_t fn = batch * l.full_num_stride[0] + head * l.full_num_stride[1] + row * l.full_num_stride[2];
-      s.num_partial = min(max(l.num[n], 0), l.cols);
-      const int num_full = min(max(l.full_num[fn], 0), l.cols);
-      s.partial = l.idx + batch * l.idx_stride[0] + head * l.idx_stride[1] + row * l.idx_stride[2];
-      s.full = l.full_idx + batch * l.full_idx_stride[0] + head * l.full_idx_stride[1] + row * l.full_idx_stride[2];
-      s.partial_stride = static_cast<int>(l.idx_stride[3]);
-      s.full_stride = static_cast<int>(l.full_idx_stride[3]);
-      s.sub = l.block_k / T::kBlockN;
-      s.steps = (s.num_partial + num_full) * s.sub;
-    }
-  }
-  return s;
-}
-
 // An accumulator fragment ((2 cols, 2 rows, V col groups), MMA_M, MMA_N) of a 64-row wgmma seen
 // as (rows, cols): each thread holds 2 rows (r, r + 8) and pairs of adjacent columns.
 template <class Engine, class Layout>
@@ -290,7 +222,8 @@ __global__ void __launch_bounds__(T::kThreads, 1) attention_fwd_sm90_kernel(CUTE
   const int m_block = gridDim.x - 1 - blockIdx.x;  // the longest causal rows start first
   const int head = blockIdx.y;
   const int batch = blockIdx.z;
-  const Schedule sched = make_schedule<T>(p, batch, head, m_block);
+  const Schedule sched =
+      make_schedule<T::kBlockM, T::kBlockN, T::kWindow, T::kLengths, T::kBlockLists>(p, batch, head, m_block);
 
   typename Pipeline::Params pipe_params;
   pipe_params.transaction_bytes = T::kTmaBytesKV;
@@ -404,23 +337,11 @@ __global__ void __launch_bounds__(T::kThreads, 1) attention_fwd_sm90_kernel(CUTE
         S(i) = s;
       }
     }
-    bool edge = key0 + T::kBlockN > sched.klen;
-    if constexpr (T::kWindow) {
-      const int diag0 = wg_row0 + sched.offset;  // the key aligned with the warpgroup's first row
-      if (p.has_window_right) edge = edge || key0 + T::kBlockN - 1 > diag0 + p.window_right;
-      if (p.has_window_left) edge = edge || key0 < diag0 + 63 - p.window_left;
-    }
-    if (edge) {
+    if (tile_needs_mask<T::kBlockN, 64, T::kWindow>(sched, p, n, wg_row0)) {
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < size(S); ++i) {
-        const int diag = row0 + get<0>(S_coords(i)) + sched.offset;
-        const int key = key0 + get<1>(S_coords(i));
-        bool visible = key < sched.klen;
-        if constexpr (T::kWindow) {
-          if (p.has_window_right) visible = visible && key <= diag + p.window_right;
-          if (p.has_window_left) visible = visible && key >= diag - p.window_left;
-        }
-        if (!visible) S(i) = -INFINITY;
+        const int row = row0 + get<0>(S_coords(i));
+        if (!key_visible<T::kWindow>(sched, p, row, key0 + get<1>(S_coords(i)))) S(i) = -INFINITY;
       }
     }
     CUTLASS_PRAGMA_UNROLL

@@ -5,6 +5,7 @@
 //     every visited tile holds one (no masked-out tile is loaded);
 //   * a tile a 64-row warpgroup takes without element checks is entirely visible for its live
 //     rows, and on the other tiles the element check agrees with the brute force.
+// And every feature combination maps to an instantiation that serves it (instantiation_for).
 // Built and run by tests/test_cuda_sm90.py (nvcc, host code only: no GPU needed).
 // Prints "ok <query tiles checked>" or the first failure, and exits non-zero on a failure.
 #include <cstdio>
@@ -147,7 +148,23 @@ bool run(std::mt19937& rng, int trials, int* checked) {
   return true;
 }
 
+// Every subset of the features is served by an instantiation that holds it, with softcap exactly.
+bool check_instantiations() {
+  constexpr int kAll = kWindow | kSoftcap | kAlibi | kLengths | kBlockLists;
+  for (int features = 0; features <= kAll; ++features) {
+    const int flags = instantiation_for(features);
+    if (flags < 0 || (flags & features) != features || (flags & kSoftcap) != (features & kSoftcap)) {
+      std::printf("FAIL features %d served by instantiation %d\n", features, flags);
+      return false;
+    }
+  }
+  static_assert(instantiation_for(0) == 0, "the plain call runs the feature-free kernel");
+  static_assert(instantiation_for(kWindow) == kWindow, "causal / window runs the window kernel");
+  return true;
+}
+
 int main() {
+  if (!check_instantiations()) return 1;
   std::mt19937 rng(4321);
   int checked = 0;
   const int trials = 300;

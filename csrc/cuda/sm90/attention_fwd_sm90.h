@@ -79,9 +79,22 @@ enum class DType { kFloat16, kBFloat16 };
 // device's opt-in limit before launching.
 int fwd_smem_bytes(int head_dim);
 
-// The feature set of the instantiation that serves a call using `features` (a superset of it;
-// see kInstantiated in the kernel file).
-int instantiation_for(int features);
+// The feature sets compiled, per dtype and head dim. A call runs the first one that holds all its
+// features: a flag that is on while its feature is off costs a little time, never a wrong result
+// (no window edge, no lengths, no lists and a zero ALiBi slope are each the identity), except
+// softcap, which is matched exactly. The plain and the window (causal) kernels are the lean ones;
+// every other call runs the all-features kernel, with or without softcap. 16 kernels in all: each
+// entry adds ~5 s of CPU to the sm_90a compile (docs/cuda-hopper.md).
+constexpr int kGeneral = kWindow | kAlibi | kLengths | kBlockLists;
+constexpr int kInstantiated[] = {0, kWindow, kGeneral, kGeneral | kSoftcap};
+
+// The feature set of the instantiation that serves a call using `features`, -1 if none does.
+constexpr int instantiation_for(int features) {
+  for (int flags : kInstantiated) {
+    if ((flags & features) == features && (flags & kSoftcap) == (features & kSoftcap)) return flags;
+  }
+  return -1;
+}
 
 // Encodes the TMA descriptors and launches the kernel on `stream`; returns the launch's error
 // (cudaErrorInvalidValue for a head dim that is not instantiated: 64 and 128 are).

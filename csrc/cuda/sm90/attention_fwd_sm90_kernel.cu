@@ -514,15 +514,6 @@ cudaError_t launch(const FwdArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// The feature sets compiled, per dtype and head dim. A call runs the first one that holds all its
-// features: a flag that is on while its feature is off costs a little time, never a wrong result
-// (no window edge, no lengths, no lists and a zero ALiBi slope are each the identity), except
-// softcap, which is matched exactly. The plain and the window (causal) kernels are the lean ones;
-// every other call runs the all-features kernel, with or without softcap. 16 kernels in all: each
-// entry adds ~5 s of CPU to the sm_90a compile (docs/cuda-hopper.md).
-constexpr int kGeneral = kWindow | kAlibi | kLengths | kBlockLists;
-constexpr int kInstantiated[] = {0, kWindow, kGeneral, kGeneral | kSoftcap};
-
 template <class Fn, int... kIndex>
 cudaError_t with_instantiation(int features, std::integer_sequence<int, kIndex...>, Fn&& fn) {
   cudaError_t err = cudaErrorInvalidValue;
@@ -557,13 +548,6 @@ cudaError_t dispatch(DType dtype, int head_dim, int features, Fn&& fn) {
 }
 
 }  // namespace
-
-int instantiation_for(int features) {
-  for (int flags : kInstantiated) {
-    if ((flags & features) == features && (flags & kSoftcap) == (features & kSoftcap)) return flags;
-  }
-  return -1;
-}
 
 int fwd_smem_bytes(int head_dim) {
   // Shared memory does not depend on dtype (both 16 bits) or features.

@@ -61,6 +61,7 @@ struct Traits {
   static constexpr int kStages = 2;    // K/V ring depth
   static constexpr int kConsumerWarpgroups = 2;
   static constexpr int kConsumerThreads = 128 * kConsumerWarpgroups;
+  static constexpr int kWarpgroupRows = kBlockM / kConsumerWarpgroups;  // 64: one wgmma is 64 rows tall
   static constexpr int kThreads = 128 + kConsumerThreads;
   // setmaxnreg targets: the producer only computes addresses; the consumers hold O (kHeadDim / 2
   // fp32 per thread), S (kBlockN / 2) and P. 65536 registers per SM must cover all three groups.
@@ -313,7 +314,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) attention_fwd_sm90_kernel(CUTE
     row_sum[r] = 0.f;
   }
   const int row0 = m_block * T::kBlockM;
-  const int wg_row0 = row0 + 64 * consumer;  // this warpgroup's first row
+  const int wg_row0 = row0 + T::kWarpgroupRows * consumer;  // this warpgroup's first row
   float slope_log2 = 0.f;
   if constexpr (T::kAlibi) {
     if (p.alibi) slope_log2 = p.alibi[batch * p.alibi_stride[0] + head * p.alibi_stride[1]] * float(M_LOG2E);
@@ -337,7 +338,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) attention_fwd_sm90_kernel(CUTE
         S(i) = s;
       }
     }
-    if (tile_needs_mask<T::kBlockN, 64, T::kWindow>(sched, p, n, wg_row0)) {
+    if (tile_needs_mask<T::kBlockN, T::kWarpgroupRows, T::kWindow>(sched, p, n, wg_row0)) {
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < size(S); ++i) {
         const int row = row0 + get<0>(S_coords(i));

@@ -1,5 +1,8 @@
-// fastattn::attention_bwd for CUDA tensors: delta = rowsum(dO * O), then dK/dV per key tile and
-// dQ per query tile (two kernels, no atomics: deterministic).
+// fastattn::attention_bwd for CUDA tensors: delta = rowsum(dO * O), then one kernel per key block
+// doing the five products with dQ summed by float atomics (FlashAttention-2); under
+// torch.use_deterministic_algorithms(True), dK/dV in that kernel and dQ in its own pass (no atomics).
+#include <ATen/Context.h>
+
 #include <vector>
 
 #include "attention_host.h"
@@ -8,12 +11,39 @@ namespace fastattn {
 namespace cuda {
 namespace {
 
-constexpr int kDkdvBlockN = 64;  // keys per CTA (16 per warp)
-constexpr int kDqBlockM = 64;    // query rows per CTA (16 per warp)
-
-// The inner tile shrinks at head dim 128 to keep the float32 accumulators in registers.
-constexpr int dkdv_block_m(int head_dim) { return head_dim <= 64 ? 64 : 32; }
+constexpr int kDqBlockM = 64;  // query rows per CTA of the deterministic dQ kernel (16 per warp)
 constexpr int dq_block_n(int head_dim) { return head_dim <= 64 ? 64 : 32; }
+
+template <typename T, class Tr>
+void launch_bwd(const AttentionParams& p) {
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.seqlen_k, Tr::kBlockN)), static_cast<unsigned>(p.heads_q),
+                  static_cast<unsigned>(p.batch));
+  launch(attention_bwd_kernel<T, Tr>, grid, Tr::kThreads, bwd_smem_bytes<T, Tr>(), p);
+}
+
+// The instantiation for these parameters: the forward's feature flags and dQ by atomics, or the
+// generic four-product kernel and the dQ pass when `deterministic`.
+template <typename T, int D>
+void dispatch_bwd(const AttentionParams& p, bool deterministic) {
+  if (deterministic) {
+    launch_bwd<T, BwdTraits<D, true, true, true, false>>(p);
+    constexpr int kDqBlockN = dq_block_n(D);
+    const dim3 grid(static_cast<unsigned>(ceil_div(p.seqlen_q, kDqBlockM)), static_cast<unsigned>(p.heads_q),
+                    static_cast<unsigned>(p.batch));
+    const int smem = (2 * kDqBlockM + 2 * kDqBlockN) * (D + 8) * static_cast<int>(sizeof(T));
+    launch(attention_bwd_dq_kernel<T, D, kDqBlockM, kDqBlockN>, grid, kThreads, smem, p);
+    return;
+  }
+  const bool window = p.has_window_left || p.has_window_right;
+  // As in the forward: raw dot-product units need scale > 0 (a masked -inf times a negative or zero
+  // scale would be +inf or NaN), so scale <= 0 takes the natural-unit (bias) kernels.
+  const bool bias = p.alibi != nullptr || (p.mask_kind != kNoMask && p.mask_kind != kBoolMask) || !(p.scale > 0.f);
+  FASTATTN_BOOL_SWITCH(window, kWindow, [&] {
+    FASTATTN_BOOL_SWITCH(p.softcap > 0.f, kSoftcap, [&] {
+      FASTATTN_BOOL_SWITCH(bias, kBias, [&] { launch_bwd<T, BwdTraits<D, kWindow, kSoftcap, kBias, true>>(p); });
+    });
+  });
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& dout_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
@@ -69,10 +99,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   // dout is read with 16-byte row loads; lse and delta are indexed densely (B * Hq * Lq floats).
   const at::Tensor dout = rows_aligned(dout_in);
   const at::Tensor lse = lse_in.contiguous();
-  at::Tensor delta = at::empty({s.batch, s.heads_q, s.seqlen_q}, q.options().dtype(at::kFloat));
-  at::Tensor dq = at::empty({s.batch, s.heads_q, s.seqlen_q, s.head_dim}, q.options());
-  at::Tensor dk = at::empty({s.batch, s.heads_kv, s.seqlen_k, s.head_dim}, q.options());
-  at::Tensor dv = at::empty({s.batch, s.heads_kv, s.seqlen_k, s.head_dim}, q.options());
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor delta = at::empty({s.batch, s.heads_q, s.seqlen_q}, f32);
+  // dQ: float32 atomics into an accumulator the delta kernel zeroes, or the dQ kernel's own output.
+  at::Tensor dq_accum = deterministic ? at::Tensor() : at::empty({s.batch, s.heads_q, s.seqlen_q, s.head_dim}, f32);
+  at::Tensor dq = deterministic ? at::empty({s.batch, s.heads_q, s.seqlen_q, s.head_dim}, q.options()) : at::Tensor();
+  // dK, dV: one slice per query head (a CTA per key block and query head); a GQA group's slices
+  // are summed below, in float32 and a fixed order.
+  at::Tensor dk = at::empty({s.batch, s.heads_q, s.seqlen_k, s.head_dim}, q.options());
+  at::Tensor dv = at::empty({s.batch, s.heads_q, s.seqlen_k, s.head_dim}, q.options());
   // dbias is accumulated in float32 in the mask's own broadcast shape (size 1 where the mask has
   // stride 0 or size 1): a (B, 1, 1, Lk) padding mask needs B * Lk floats, not B * Hq * Lq * Lk.
   // Every (query, key) pair the kernels skip has a zero gradient, hence zeros, not empty.
@@ -85,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
       reduced[d] = broadcast ? 1 : full[d];
       p.dbias_reduced = p.dbias_reduced || reduced[d] != full[d];
     }
-    dbias = at::zeros(reduced, q.options().dtype(at::kFloat));
+    dbias = at::zeros(reduced, f32);
     for (int d = 0; d < 4; ++d) p.dbias_stride[d] = reduced[d] == 1 ? 0 : dbias.stride(d);
     p.dbias = dbias.data_ptr<float>();
   }
@@ -95,32 +131,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   set_strides(p.dout_stride, dout);
   p.lse = const_cast<float*>(lse.data_ptr<float>());
   p.delta = delta.data_ptr<float>();
-  p.dq = dq.data_ptr();
+  if (deterministic) {
+    p.dq = dq.data_ptr();
+    set_strides(p.dq_stride, dq);
+  } else {
+    p.dq_accum = dq_accum.data_ptr<float>();
+  }
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
-  set_strides(p.dq_stride, dq);
   set_strides(p.dk_stride, dk);
   set_strides(p.dv_stride, dv);
 
   const int64_t rows = s.batch * s.heads_q * s.seqlen_q;
   const dim3 delta_grid(static_cast<unsigned>(ceil_div(rows, kWarps)));
-  const dim3 dkdv_grid(static_cast<unsigned>(ceil_div(s.seqlen_k, kDkdvBlockN)), static_cast<unsigned>(s.heads_kv),
-                       static_cast<unsigned>(s.batch));
-  const dim3 dq_grid(static_cast<unsigned>(ceil_div(s.seqlen_q, kDqBlockM)), static_cast<unsigned>(s.heads_q),
-                     static_cast<unsigned>(s.batch));
   FASTATTN_CUDA_DISPATCH(q.scalar_type(), s.head_dim, [&] {
     if (rows > 0) {
       attention_bwd_delta_kernel<T><<<delta_grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p, kHeadDim);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    constexpr int kDkdvBlockM = dkdv_block_m(kHeadDim);
-    const int dkdv_smem = (2 * kDkdvBlockN + 2 * kDkdvBlockM) * (kHeadDim + 8) * static_cast<int>(sizeof(T)) +
-                          2 * kDkdvBlockM * static_cast<int>(sizeof(float));
-    launch(attention_bwd_dkdv_kernel<T, kHeadDim, kDkdvBlockN, kDkdvBlockM>, dkdv_grid, kThreads, dkdv_smem, p);
-    constexpr int kDqBlockN = dq_block_n(kHeadDim);
-    const int dq_smem = (2 * kDqBlockM + 2 * kDqBlockN) * (kHeadDim + 8) * static_cast<int>(sizeof(T));
-    launch(attention_bwd_dq_kernel<T, kHeadDim, kDqBlockM, kDqBlockN>, dq_grid, kThreads, dq_smem, p);
+    dispatch_bwd<T, kHeadDim>(p, deterministic);
   });
+  if (!deterministic) dq = dq_accum.to(q.scalar_type());
+  if (s.heads_q != s.heads_kv) {
+    const std::vector<int64_t> grouped{s.batch, s.heads_kv, s.heads_q / s.heads_kv, s.seqlen_k, s.head_dim};
+    dk = at::sum(dk.view(grouped), {2}, false, at::kFloat).to(q.scalar_type());
+    dv = at::sum(dv.view(grouped), {2}, false, at::kFloat).to(q.scalar_type());
+  }
   if (!compute_dbias) return {dq, dk, dv, dbias};
   // The ops' shared fake (fastattn/ops.py) promises a dense (B, Hq, Lq, Lk) gradient and
   // torch.compile checks it, so the reduced sums are expanded into one in the mask's dtype.

@@ -118,6 +118,12 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool v
                "r"(valid ? 16 : 0));
 }
 
+// 4 bytes global -> shared (one float of a row statistic), zero-filled when `valid` is false.
+__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_address(smem)), "l"(gmem),
+               "r"(valid ? 4 : 0));
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 // Waits until at most N of this thread's committed groups are still in flight.
@@ -131,6 +137,13 @@ __device__ __forceinline__ void cp_async_wait() {
 template <typename T>
 __device__ __forceinline__ void ldsm_a(uint32_t a[4], const T* s, int ld, int row0, int col0, int lane) {
   ldmatrix_x4(a, s + (row0 + lane % 16) * ld + col0 + (lane / 16) * 8);
+}
+
+// the A fragment of the 16 x 16 block at (row0, col0) when the tile holds A transposed,
+// A[m][k] = s[col0 + k][row0 + m] (dS in dS K, stored key-major as dS^T);
+template <typename T>
+__device__ __forceinline__ void ldsm_a_trans(uint32_t a[4], const T* s, int ld, int row0, int col0, int lane) {
+  ldmatrix_x4_trans(a, s + (col0 + (lane / 16) * 8 + lane % 8) * ld + row0 + ((lane / 8) % 2) * 8);
 }
 
 // the B fragments (k x n = 16 x 8) of n-tiles n0 (b[0..1]) and n0 + 8 (b[2..3]) when the tile holds

@@ -399,7 +399,8 @@ def test_additive_mask_at_the_dtype_minimum(D, dtype):
 @pytest.mark.parametrize("D", HEAD_DIMS)
 @pytest.mark.parametrize("shape", [(2, 1, 1, 130), (1, 2, 97, 130), (2, 2, 97, 1)], ids=["B11Lk", "1HLqLk", "BHLq1"])
 def test_dbias_of_a_broadcast_mask(D, dtype, shape):
-    # The kernels sum dbias in the mask's own broadcast shape (float atomics where it broadcasts).
+    # The kernels sum dbias in the mask's own broadcast shape (float atomics where it broadcasts);
+    # the gradient the user's mask receives is that sum once, not once per broadcast position.
     q, k, v = _qkv(2, 2, 2, 97, 130, D, dtype)
     mask = (torch.randn(*shape, device="cuda", dtype=torch.float32) * 0.5).requires_grad_()
     check_against_reference("cuda", q, k, v, attn_mask=mask, causal=True)

@@ -233,6 +233,10 @@ def test_strided_and_misaligned_inputs(D, dtype):
     # (B, L, H, D) storage seen as (B, H, L, D): no copy.
     q, k, v = (torch.randn(B, L, H, D, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_() for _ in range(3))
     check_against_reference("cuda", q, k, v, causal=True)
+    # The gradients come in the inputs' layouts, as the ops' shared fake (empty_like) says.
+    out = fastattn.attention(q, k, v, causal=True, backend="cuda")
+    for x, dx in zip((q, k, v), torch.autograd.grad(out, (q, k, v), torch.randn_like(out))):
+        assert dx.stride() == x.stride()
     # Rows that start off a 16-byte boundary (copied once by the host code).
     base = torch.randn(B * H * L * D + 1, device="cuda", dtype=dtype)
     q = base[1:].view(B, H, L, D).detach().requires_grad_()

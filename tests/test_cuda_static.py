@@ -138,10 +138,12 @@ def test_deterministic_backward_has_no_dq_atomics(report, head_dim):
     loop = report[f"attention_bwd_kernel<bf16, BwdTraits<{head_dim}, true, true, true, false> >"].hot_loop
     assert loop.hmma == ideal_hmma(4, bm, bn, head_dim)
     assert loop.atomic == bm * bn // BWD_THREADS
-    dq_inner = 32 if head_dim == 128 else 64
-    dq = report[f"attention_bwd_dq_kernel<bf16, {head_dim}, 64, {dq_inner}>"]
+    dq_keys = 32 if head_dim == 128 else 64  # DqTraits::kBlockN
+    dq = report[f"attention_bwd_dq_kernel<bf16, DqTraits<{head_dim}> >"]
     assert dq.whole.atomic == 0
-    assert dq.hot_loop.hmma == ideal_hmma(3, 64, dq_inner, head_dim)
+    assert dq.hot_loop.hmma == ideal_hmma(3, 64, dq_keys, head_dim)
+    # Its K/V tiles arrive by cp.async, double-buffered (one 16-byte copy per thread per row pass).
+    assert dq.hot_loop.ldgsts == 2 * dq_keys // (BWD_THREADS // (head_dim // 8))
 
 
 def test_backward_registers_fit(report):
@@ -152,7 +154,7 @@ def test_backward_registers_fit(report):
 
 def test_tile_schedules_on_the_cpu(tmp_path):
     # The tile bookkeeping is host-compilable: tests/cuda/schedule_check.cu walks the forward's and
-    # the backward's schedules for 3,600 random shapes, lengths, windows, element masks and
+    # the backward's schedules (key-block and dQ kernels) for 4,400 random shapes, lengths, windows, element masks and
     # BlockMask lists and checks that every tile with a visible pair is visited once, and that
     # interior (unchecked) tiles are entirely visible.
     exe = tmp_path / "schedule_check"

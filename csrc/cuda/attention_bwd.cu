@@ -11,9 +11,6 @@ namespace fastattn {
 namespace cuda {
 namespace {
 
-constexpr int kDqBlockM = 64;  // query rows per CTA of the deterministic dQ kernel (16 per warp)
-constexpr int dq_block_n(int head_dim) { return head_dim <= 64 ? 64 : 32; }
-
 template <typename T, class Tr>
 void launch_bwd(const AttentionParams& p) {
   const dim3 grid(static_cast<unsigned>(ceil_div(p.seqlen_k, Tr::kBlockN)), static_cast<unsigned>(p.heads_q),
@@ -27,11 +24,10 @@ template <typename T, int D>
 void dispatch_bwd(const AttentionParams& p, bool deterministic) {
   if (deterministic) {
     launch_bwd<T, BwdTraits<D, true, true, true, false>>(p);
-    constexpr int kDqBlockN = dq_block_n(D);
-    const dim3 grid(static_cast<unsigned>(ceil_div(p.seqlen_q, kDqBlockM)), static_cast<unsigned>(p.heads_q),
+    using Dq = DqTraits<D>;
+    const dim3 grid(static_cast<unsigned>(ceil_div(p.seqlen_q, Dq::kBlockM)), static_cast<unsigned>(p.heads_q),
                     static_cast<unsigned>(p.batch));
-    const int smem = (2 * kDqBlockM + 2 * kDqBlockN) * (D + 8) * static_cast<int>(sizeof(T));
-    launch(attention_bwd_dq_kernel<T, D, kDqBlockM, kDqBlockN>, grid, kThreads, smem, p);
+    launch(attention_bwd_dq_kernel<T, Dq>, grid, Dq::kThreads, dq_smem_bytes<T, Dq>(), p);
     return;
   }
   const bool window = p.has_window_left || p.has_window_right;
@@ -108,12 +104,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor delta = at::empty({s.batch, s.heads_q, s.seqlen_q}, f32);
   // dQ: float32 atomics into an accumulator the delta kernel zeroes, or the dQ kernel's own output.
+  // dq, dk, dv have q's, k's and v's memory layouts (empty_like), as the ops' shared fake
+  // (fastattn/ops.py bwd_fake) promises: torch.compile trusts those strides. (Their rows are
+  // 16-byte aligned: a layout empty_like keeps is dense with a unit last stride.)
   at::Tensor dq_accum = deterministic ? at::Tensor() : at::empty({s.batch, s.heads_q, s.seqlen_q, s.head_dim}, f32);
-  at::Tensor dq = deterministic ? at::empty({s.batch, s.heads_q, s.seqlen_q, s.head_dim}, q.options()) : at::Tensor();
+  at::Tensor dq = at::empty_like(q);
   // dK, dV: one slice per query head (a CTA per key block and query head); a GQA group's slices
-  // are summed below, in float32 and a fixed order.
-  at::Tensor dk = at::empty({s.batch, s.heads_q, s.seqlen_k, s.head_dim}, q.options());
-  at::Tensor dv = at::empty({s.batch, s.heads_q, s.seqlen_k, s.head_dim}, q.options());
+  // go to (B, Hq, Lk, D) buffers and are summed below, in float32 and a fixed order.
+  const bool grouped = s.heads_q != s.heads_kv;
+  at::Tensor dk = at::empty_like(k), dv = at::empty_like(v);
+  at::Tensor dk_heads = grouped ? at::empty({s.batch, s.heads_q, s.seqlen_k, s.head_dim}, q.options()) : dk;
+  at::Tensor dv_heads = grouped ? at::empty({s.batch, s.heads_q, s.seqlen_k, s.head_dim}, q.options()) : dv;
   // dbias is accumulated in float32 in the mask's own broadcast shape (size 1 where the mask has
   // stride 0 or size 1): a (B, 1, 1, Lk) padding mask needs B * Lk floats, not B * Hq * Lq * Lk.
   // Every (query, key) pair the kernels skip has a zero gradient, hence zeros, not empty.
@@ -136,16 +137,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   set_strides(p.dout_stride, dout);
   p.lse = const_cast<float*>(lse.data_ptr<float>());
   p.delta = delta.data_ptr<float>();
-  if (deterministic) {
-    p.dq = dq.data_ptr();
-    set_strides(p.dq_stride, dq);
-  } else {
-    p.dq_accum = dq_accum.data_ptr<float>();
-  }
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  set_strides(p.dk_stride, dk);
-  set_strides(p.dv_stride, dv);
+  p.dq = dq.data_ptr();
+  set_strides(p.dq_stride, dq);
+  if (!deterministic) p.dq_accum = dq_accum.data_ptr<float>();
+  p.dk = dk_heads.data_ptr();
+  p.dv = dv_heads.data_ptr();
+  set_strides(p.dk_stride, dk_heads);
+  set_strides(p.dv_stride, dv_heads);
 
   const int64_t rows = s.batch * s.heads_q * s.seqlen_q;
   const dim3 delta_grid(static_cast<unsigned>(ceil_div(rows, kWarps)));
@@ -156,11 +154,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     }
     dispatch_bwd<T, kHeadDim>(p, deterministic);
   });
-  if (!deterministic) dq = dq_accum.to(q.scalar_type());
-  if (s.heads_q != s.heads_kv) {
-    const std::vector<int64_t> grouped{s.batch, s.heads_kv, s.heads_q / s.heads_kv, s.seqlen_k, s.head_dim};
-    dk = at::sum(dk.view(grouped), {2}, false, at::kFloat).to(q.scalar_type());
-    dv = at::sum(dv.view(grouped), {2}, false, at::kFloat).to(q.scalar_type());
+  if (!deterministic) dq.copy_(dq_accum);
+  if (grouped) {
+    const std::vector<int64_t> group_shape{s.batch, s.heads_kv, s.heads_q / s.heads_kv, s.seqlen_k, s.head_dim};
+    dk.copy_(at::sum(dk_heads.view(group_shape), {2}, false, at::kFloat));
+    dv.copy_(at::sum(dv_heads.view(group_shape), {2}, false, at::kFloat));
   }
   if (!compute_dbias) return {dq, dk, dv, dbias};
   // The ops' shared fake (fastattn/ops.py) promises a dense (B, Hq, Lq, Lk) gradient and

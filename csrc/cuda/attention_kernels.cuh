@@ -113,51 +113,6 @@ FASTATTN_HOST_DEVICE HeadContext head_context(const AttentionParams& p, int b, i
   return c;
 }
 
-// The score of query i and key j from the raw dot product `acc`, in the reference's order:
-// scale, softcap, ALiBi, additive mask; -inf where (i, j) is not visible. `dcap` receives the
-// softcap derivative d(score)/d(scale * q.k) (1 without softcap). The element mask applies to
-// every tile without a BlockMask and to its partial tiles only with one (`use_mask`).
-__device__ __forceinline__ float masked_score(const AttentionParams& p, const HeadContext& c, float acc, int i, int j,
-                                              bool use_mask, float* dcap) {
-  bool visible = i < c.qlen && j < c.klen;
-  if (p.has_window_left) visible = visible && j >= i + c.offset - p.window_left;
-  if (p.has_window_right) visible = visible && j <= i + c.offset + p.window_right;
-  float s = acc * p.scale;
-  float d = 1.f;
-  if (p.softcap > 0.f) {
-    const float th = tanhf(s * p.inv_softcap);
-    s = p.softcap * th;
-    d = 1.f - th * th;
-  }
-  if (p.alibi) s -= c.slope * fabsf(static_cast<float>(i + c.offset - j));
-  if (use_mask && c.mask != nullptr && visible) {
-    const int64_t o = (int64_t)i * p.mask_stride[2] + (int64_t)j * p.mask_stride[3];
-    switch (p.mask_kind) {
-      case kBoolMask:
-        visible = c.mask[o] != 0;
-        break;
-      case kHalfMask:
-        s += __half2float(reinterpret_cast<const __half*>(c.mask)[o]);
-        break;
-      case kBFloat16Mask:
-        s += __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(c.mask)[o]);
-        break;
-      default:
-        s += reinterpret_cast<const float*>(c.mask)[o];
-        break;
-    }
-    if (p.mask_kind != kBoolMask) s = floor_masked_score(s);
-  }
-  *dcap = d;
-  return visible ? s : -CUDART_INF_F;
-}
-
-// exp(s - lse) for a natural-log score and row lse; 0 where either is -inf. The difference is
-// taken before scaling by log2 e: an additive mask at float32's minimum would overflow otherwise.
-__device__ __forceinline__ float probability(float s, float lse) {
-  return (s == -CUDART_INF_F || lse == -CUDART_INF_F) ? 0.f : exp2f((s - lse) * kLog2e);
-}
-
 // dbias has the attn_mask's own broadcast shape (stride 0 on the dimensions the mask broadcasts):
 // pairs that share an element are summed with float atomics; a full-shape mask is written once.
 __device__ __forceinline__ void write_dbias(const AttentionParams& p, int b, int h, int i, int j, float ds) {
@@ -947,19 +902,39 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_kernel(const Atten
 }
 
 // ------------------------------------------------------------------------------------------------
-// Backward dQ. Grid (ceil(Lq / BM), Hq, B); CTA = BM query rows of one head; loops over key tiles:
-//   S = Q K^T, dP = dO V^T, P = exp(S - lse), dQ += scale * (P (dP - delta) * softcap derivative) K.
-// Shared memory: Q, dO (BM, D + 8), K, V (BN, D + 8).
-template <typename T, int D, int BM, int BN>
-__global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const AttentionParams p) {
-  static_assert(BM == 16 * kWarps, "one warp per 16 query rows");
+// Backward dQ of the deterministic mode (the key-block kernel without kAtomicDq computes dK, dV):
+// grid (ceil(Lq / 64), Hq, B); CTA = 64 query rows of one head, warp w owns rows [16w, 16w + 16),
+// and walks its key tiles as the forward does (FwdSchedule: masked tiles first, K/V by cp.async
+// double-buffered): S = Q K^T, dP = dO V^T, P = exp(S - lse), dQ += dX K with
+// dX = scale * P (dP - delta) * softcap derivative. Generic (every feature decided at run time,
+// natural units), as the deterministic key-block kernel: one instantiation per dtype and head dim.
+// Key tiles: 64 at D = 64, 32 at D = 128 (the float32 S, dP and dQ then fit in registers, and the
+// shared memory, 69 632 bytes, fits sm_86/sm_89).
+template <int kHeadDim_>
+struct DqTraits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr bool kWindow = true, kSoftcap = true, kBias = true, kGeneric = true, kNaturalUnits = true;
+  static constexpr int kBlockM = 64;
+  static constexpr int kBlockN = kHeadDim <= 64 ? 64 : 32;
+  static constexpr int kWarps = kBlockM / 16;
+  static constexpr int kThreads = 32 * kWarps;
+};
+
+// Shared memory of a dQ CTA: Q and dO (kBlockM, D + 8), two stages of K and V (kBlockN, D + 8).
+template <typename T, class Tr>
+constexpr int dq_smem_bytes() {
+  return (2 * Tr::kBlockM + 4 * Tr::kBlockN) * (Tr::kHeadDim + 8) * static_cast<int>(sizeof(T));
+}
+
+template <typename T, class Tr>
+__global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const AttentionParams p) {
+  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, kLd = D + 8;
   static_assert(D % 16 == 0 && BN % 16 == 0, "tiles are multiples of the 16 x 16 mma step");
-  constexpr int kLd = D + 8;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);  // [BM, D]
   T* sdO = sQ + BM * kLd;              // [BM, D]
-  T* sK = sdO + BM * kLd;              // [BN, D]
-  T* sV = sK + BN * kLd;               // [BN, D]
+  T* sK = sdO + BM * kLd;              // [2][BN, D]
+  T* sV = sK + 2 * BN * kLd;           // [2][BN, D]
 
   const int m_block = blockIdx.x, hq = blockIdx.y, b = blockIdx.z;
   const int hk = hq / p.group;
@@ -971,35 +946,47 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
   const T* dout = static_cast<const T*>(p.dout) + b * p.dout_stride[0] + hq * p.dout_stride[1];
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
-  load_tile<T, BM, D, kThreads>(sQ, q, p.q_stride[2], m0, c.qlen, tid);
-  load_tile<T, BM, D, kThreads>(sdO, dout, p.dout_stride[2], m0, c.qlen, tid);
+
+  FwdSchedule<Tr> sched;
+  sched.init(p, c, b, hq, m0);
+  // Rows past query_lengths / key_lengths are zero-filled, never read.
+  const TileCopier<T, BN, D, Tr::kThreads> k_copier(k, p.k_stride[2], tid), v_copier(v, p.v_stride[2], tid);
+  constexpr int kStage = BN * kLd;
+  auto load_kv = [&](int stage, int tile) {
+    k_copier.issue(sK + stage, tile * BN, c.klen);
+    v_copier.issue(sV + stage, tile * BN, c.klen);
+  };
+  FwdStep cur = sched.first(p);
+  FwdStep nxt = sched.template next<true>(p, cur);
+  TileCopier<T, BM, D, Tr::kThreads>(q, p.q_stride[2], tid).issue(sQ, m0, c.qlen);
+  TileCopier<T, BM, D, Tr::kThreads>(dout, p.dout_stride[2], tid).issue(sdO, m0, c.qlen);
+  if (cur.tile >= 0) load_kv(0, cur.tile);
+  cp_async_commit();
+  if (nxt.tile >= 0) load_kv(kStage, nxt.tile);
+  cp_async_commit();
 
   const int64_t stats = ((int64_t)b * p.heads_q + hq) * p.seqlen_q;
-  float lse[2], delta[2];  // rows g and g + 8 of this warp
+  float lse[2], delta[2];  // rows g and g + 8 of this warp (natural units; +inf for empty rows)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int i = m0 + warp * 16 + g + r * 8;
-    lse[r] = i < c.qlen ? p.lse[stats + i] : -CUDART_INF_F;
+    lse[r] = bwd_lse<Tr>(i < c.qlen ? p.lse[stats + i] : 0.f);
     delta[r] = i < c.qlen ? p.delta[stats + i] : 0.f;
   }
+  cp_async_wait<1>();  // Q, dO and the first key tile
+  __syncthreads();
 
   float dq[D / 8][4];  // [16, D] of this warp's rows
 #pragma unroll
   for (int nt = 0; nt < D / 8; ++nt) dq[nt][0] = dq[nt][1] = dq[nt][2] = dq[nt][3] = 0.f;
+  int stage = 0;
 
-  const TileRange range = key_tiles<BM, BN>(p, c, b, hq, m0);
-  const int steps = range.count();
-  for (int it = 0; it < steps; ++it) {
-    bool masked;
-    const int n_block = range.tile(it, &masked);
-    if (n_block < 0) continue;  // uniform across the CTA
-    const int n0 = n_block * BN;
-    __syncthreads();
-    load_tile<T, BN, D, kThreads>(sK, k, p.k_stride[2], n0, c.klen, tid);
-    load_tile<T, BN, D, kThreads>(sV, v, p.v_stride[2], n0, c.klen, tid);
-    __syncthreads();
-
-    float s[BN / 8][4], dp[BN / 8][4];  // [16, BN]
+  auto tile_body = [&](auto mask_tile, const FwdStep& step) {
+    constexpr bool kMaskTile = decltype(mask_tile)::value;
+    const T* k_s = sK + stage;
+    const T* v_s = sV + stage;
+    const int n0 = step.tile * BN;
+    float s[BN / 8][4], dp[BN / 8][4];  // [16, BN]: S, dP
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
@@ -1013,8 +1000,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
 #pragma unroll
       for (int np = 0; np < BN / 16; ++np) {
         uint32_t bk[4], bv[4];  // keys [16np, 16np + 16) x head dims [16kk, 16kk + 16)
-        ldsm_b_pair(bk, sK, kLd, np * 16, kk * 16, lane);
-        ldsm_b_pair(bv, sV, kLd, np * 16, kk * 16, lane);
+        ldsm_b_pair(bk, k_s, kLd, np * 16, kk * 16, lane);
+        ldsm_b_pair(bv, v_s, kLd, np * 16, kk * 16, lane);
         MmaTraits<T>::mma(s[2 * np], aq, bk);
         MmaTraits<T>::mma(s[2 * np + 1], aq, bk + 2);
         MmaTraits<T>::mma(dp[2 * np], ado, bv);
@@ -1028,10 +1015,12 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
         const int r = e / 2;
         const int i = m0 + warp * 16 + g + r * 8;
         const int j = n0 + nt * 8 + 2 * t + (e % 2);
-        float dcap;
-        const float sc = masked_score(p, c, s[nt][e], i, j, masked, &dcap);
-        const float prob = probability(sc, lse[r]);
-        dp[nt][e] = prob > 0.f ? prob * (dp[nt][e] - delta[r]) * dcap * p.scale : 0.f;
+        float th = 0.f;
+        const float x = fwd_score<Tr, kMaskTile>(p, c, s[nt][e], i, j, step.use_mask, &th);
+        const float prob = fast_exp2((x - lse[r]) * kLog2e);
+        float ds = prob * (dp[nt][e] - delta[r]);
+        if constexpr (kMaskTile) ds = prob > 0.f ? ds : 0.f;  // a NaN in a hidden V row stays out
+        dp[nt][e] = ds * (p.scale * (1.f - th * th));
       }
     }
 #pragma unroll
@@ -1041,11 +1030,30 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
 #pragma unroll
       for (int np = 0; np < D / 16; ++np) {
         uint32_t bk[4];  // keys [16kk, 16kk + 16) x head dims [16np, 16np + 16)
-        ldsm_b_pair_trans(bk, sK, kLd, kk * 16, np * 16, lane);
+        ldsm_b_pair_trans(bk, k_s, kLd, kk * 16, np * 16, lane);
         MmaTraits<T>::mma(dq[2 * np], ads, bk);
         MmaTraits<T>::mma(dq[2 * np + 1], ads, bk + 2);
       }
     }
+  };
+  auto advance = [&](auto masked_pass) {
+    const FwdStep after = sched.template next<decltype(masked_pass)::value>(p, nxt);
+    __syncthreads();  // every warp is done with `stage`
+    if (after.tile >= 0) load_kv(stage, after.tile);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    cur = nxt;
+    nxt = after;
+    stage ^= kStage;
+  };
+  while (cur.tile >= 0 && cur.masked) {
+    tile_body(BoolConstant<true>{}, cur);
+    advance(BoolConstant<true>{});
+  }
+  while (cur.tile >= 0) {
+    tile_body(BoolConstant<false>{}, cur);
+    advance(BoolConstant<false>{});
   }
 
   T* dq_out = static_cast<T*>(p.dq) + b * p.dq_stride[0] + hq * p.dq_stride[1];

@@ -72,23 +72,6 @@ __device__ __forceinline__ void accumulator_to_a(uint32_t a[4], const float c0[4
   a[3] = MmaTraits<T>::pack(c1[2], c1[3]);
 }
 
-// Copies rows [row0, row0 + ROWS) of a (rows, D) global matrix with row stride `row_stride`
-// (elements) into a shared tile with row stride D + 8; rows at or past `num_rows` are zero.
-// Needs 16-byte aligned rows (checked on the host).
-template <typename T, int ROWS, int D, int THREADS>
-__device__ __forceinline__ void load_tile(T* s, const T* g, int64_t row_stride, int row0, int num_rows, int tid) {
-  constexpr int kChunks = D / 8;  // 16-byte chunks per row
-  constexpr int kLd = D + 8;
-#pragma unroll 4
-  for (int c = tid; c < ROWS * kChunks; c += THREADS) {
-    const int r = c / kChunks;
-    const int col = (c % kChunks) * 8;
-    uint4 value = make_uint4(0, 0, 0, 0);
-    if (row0 + r < num_rows) value = *reinterpret_cast<const uint4*>(g + (int64_t)(row0 + r) * row_stride + col);
-    *reinterpret_cast<uint4*>(s + r * kLd + col) = value;
-  }
-}
-
 // ------------------------------------------------------------------------------------------------
 // ldmatrix and cp.async (sm_80+): the pipelined kernels' fragment loads and global-to-shared copies.
 

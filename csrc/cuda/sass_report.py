@@ -49,8 +49,8 @@ KERNELS = (
     "attention_bwd_kernel<__nv_bfloat16, BwdTraits<128, true, true, true, false>>",
     "attention_bwd_kernel<__nv_bfloat16, BwdTraits<64, false, false, false, true>>",
     "attention_bwd_kernel<__nv_bfloat16, BwdTraits<64, true, true, true, false>>",
-    "attention_bwd_dq_kernel<__nv_bfloat16, 128, 64, 32>",
-    "attention_bwd_dq_kernel<__nv_bfloat16, 64, 64, 64>",
+    "attention_bwd_dq_kernel<__nv_bfloat16, DqTraits<128>>",
+    "attention_bwd_dq_kernel<__nv_bfloat16, DqTraits<64>>",
 )
 NVCC_FLAGS = ("-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr", "-Xptxas", "-v")
 

@@ -1,6 +1,6 @@
 // Runs the tile schedules of csrc/cuda/attention_kernels.cuh on the CPU, exactly as the kernels walk
-// them -- FwdSchedule (key tiles of a query tile, attention_fwd_kernel) and BwdSchedule (query tiles
-// of a key block, attention_bwd_kernel) -- for random lengths, query/key lengths, windows, element
+// them -- FwdSchedule (key tiles of a query tile: attention_fwd_kernel, and attention_bwd_dq_kernel
+// with DqTraits) and BwdSchedule (query tiles of a key block, attention_bwd_kernel) -- for random lengths, query/key lengths, windows, element
 // masks and BlockMask lists, and checks against a brute-force enumeration of visible (i, j) pairs:
 //   * every tile holding a visible pair of the CTA's rows (columns) is visited, and no tile twice;
 //   * every tile visited without element checks (the interior loop) is entirely visible (forward:
@@ -221,7 +221,8 @@ int main() {
                   run<BwdTraits<128, true, false, false, true>, true>(rng, trials, &checked) &&
                   run<BwdTraits<64, true, false, false, true>, true>(rng, trials, &checked) &&
                   run<BwdTraits<128, false, false, false, true>, true>(rng, trials, &checked) &&
-                  run<BwdTraits<128, true, true, true, false>, true>(rng, trials, &checked);
+                  run<BwdTraits<128, true, true, true, false>, true>(rng, trials, &checked) &&
+                  run<DqTraits<128>>(rng, trials, &checked) && run<DqTraits<64>>(rng, trials, &checked);
   if (!ok) return 1;
   std::printf("ok %d\n", checked);
   return 0;

@@ -1,8 +1,9 @@
-// Tensor-core attention kernels (mma.sync m16n8k16, sm_80+): forward, and the deterministic
-// backward (delta = rowsum(dO * O), dK/dV per key tile, dQ per query tile). See docs/cuda-kernels.md.
+// Tensor-core attention kernels (mma.sync m16n8k16, sm_80+): the forward, and the backward (delta =
+// rowsum(dO * O); one kernel per key block doing the five products with dQ by float atomics, or in
+// the deterministic mode four products there and dQ in its own kernel). See docs/cuda-kernels.md.
 //
 // Each warp owns 16 rows of the tile it accumulates (query rows in the forward and dQ kernels, key
-// rows in the dK/dV kernel); the forward runs 8 warps (128 query rows), the backward kernels 4.
+// rows in the key-block kernel); the forward runs 8 warps (128 query rows), the backward kernels 4.
 // Scores, softmax statistics and accumulators are float32; the probabilities and dS are rounded to
 // the input dtype for the second product, as flash-attention does.
 #pragma once

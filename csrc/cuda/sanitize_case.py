@@ -1,7 +1,9 @@
 """A small CUDA-backend workload for the sanitizers: forward and backward over the edge cases
 (odd lengths below and across a tile, Lq != Lk, GQA, padding lengths, windows with empty rows and
 boundary tiles at both ends, block lists on the 128-row and the generic 64-row kernels, additive
-masks with a broadcast gradient, a strided mask, an offset input). Exits non-zero on a wrong result.
+masks with a broadcast gradient, a strided mask, an offset input), with the backward's default dQ
+atomics and again in the deterministic mode (torch.use_deterministic_algorithms: the generic
+key-block kernel and the dQ pass). Exits non-zero on a wrong result.
 
 Run on a GPU from the repository root, once per tool::
 
@@ -59,6 +61,15 @@ def run_case(name: str, q, k, v, **kwargs) -> None:
 
 def main() -> None:
     torch.manual_seed(0)
+    for deterministic in (False, True):
+        # warn_only: the reference's cuBLAS matmuls run without CUBLAS_WORKSPACE_CONFIG.
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+        print(f"deterministic = {deterministic}")
+        run_all()
+    print("sanitize case done")
+
+
+def run_all() -> None:
     for tag, dtype, D in sweep():
         qkv = qkv_factory(D, dtype)
         run_case(f"{tag} L1", *qkv(1, 1, 1, 1, 1))
@@ -81,7 +92,6 @@ def main() -> None:
         q = base[1:].view(1, 2, 33, D).detach().requires_grad_()
         _, k, v = qkv(1, 2, 2, 33, 33)
         run_case(f"{tag} misaligned q", q, k, v, softcap=10.0, alibi_slopes=torch.rand(2, device="cuda"))
-    print("sanitize case done")
 
 
 if __name__ == "__main__":

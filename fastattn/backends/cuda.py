@@ -3,8 +3,10 @@
 The kernels use ``mma.sync`` m16n8k16 (sm_80 and newer, for the architectures the extension was
 built for), float16 and bfloat16, head dims 64 and 128. The forward is FlashAttention-2 style
 (128-row query tiles, Q in registers, ``ldmatrix`` fragments, ``cp.async`` double-buffered K/V,
-features as template flags); the backward is deterministic (dK/dV per key tile looping over the
-GQA group, dQ in its own kernel, no atomics). The automatic choice puts these kernels before
+features as template flags); the backward is FlashAttention-2's (one kernel per key block and query
+head doing the five products, dK/dV in registers, dQ summed with float32 atomics), and under
+``torch.use_deterministic_algorithms(True)`` bit-reproducible (dQ in its own pass, no atomics: 7
+products instead of 5). The automatic choice puts these kernels before
 Triton only where measured evidence says so (:mod:`fastattn.backends.evidence`). Design notes:
 ``docs/cuda-kernels.md``.
 """

@@ -562,9 +562,11 @@ def test_autotuning_is_opt_in_and_pruned_before_compiling(monkeypatch):
     monkeypatch.setenv("FASTATTN_AUTOTUNE", "1")
     assert configs.autotune_enabled(128, 2)
     assert configs.tune_bucket(100) == 128 and configs.tune_bucket(128) == 128 and configs.tune_bucket(1) == 64
-    assert "TUNE_LK" in configs.DKDV_KEY and "GROUP" in configs.DQ_KEY
+    for key in (configs.FWD_KEY, configs.DKDV_KEY, configs.DQ_KEY):
+        assert "TUNE_LK" in key and "GROUP" in key
     q = torch.empty(1, dtype=torch.bfloat16)
-    for kind, candidates in (("dkdv", configs.dkdv_configs()), ("dq", configs.dq_configs())):
+    kinds = (("fwd", configs.fwd_configs()), ("dkdv", configs.dkdv_configs()), ("dq", configs.dq_configs()))
+    for kind, candidates in kinds:
         wide = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=4)  # too much shared memory
         thin = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=8, num_stages=1)  # 2 rows per warp
         kept = configs.prune(kind)([*candidates, wide, thin], {}, p_q=q, BLOCK_D=256, BLOCK_DV=256)

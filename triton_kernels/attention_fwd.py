@@ -259,7 +259,7 @@ def _fwd_key_block(
 
 
 # --------------------------------------------------------------------------- the kernel
-@triton.jit(do_not_specialize=["Lq", "Lk", "window_left", "window_right", "seed"])
+@triton.jit(do_not_specialize=["Lq", "Lk", "window_left", "window_right", "seed", "TUNE_LK"])
 def attention_fwd_kernel(
     # pointers
     p_q, p_k, p_v, p_out, p_lse, p_mask, p_alibi, p_klen, p_qlen,
@@ -279,6 +279,7 @@ def attention_fwd_kernel(
     stride_tid_b, stride_tid_h, stride_tid_m, stride_tid_n,
     # scalars
     sm_scale, softcap, window_left, window_right, dropout_p, seed,
+    TUNE_LK,  # the autotuning key's power-of-two bucket of Lk (unused by the kernel)
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     GQA_PACK: tl.constexpr,
@@ -460,7 +461,7 @@ def attention_fwd_kernel(
     tl.store(p_lse + o_lse, b_lse, mask=m_store)
 
 
-attention_fwd_kernel_tuned = triton.autotune(configs=configs.fwd_configs(), key=configs.FWD_KEY)(attention_fwd_kernel)
+attention_fwd_kernel_tuned = configs.autotune("fwd", configs.FWD_KEY)(attention_fwd_kernel)
 
 
 @triton.jit(do_not_specialize=["Lq", "Lk", "seed"])
@@ -740,7 +741,7 @@ def attention_fwd(
         stride_idx_b=idx_strides[0], stride_idx_h=idx_strides[1], stride_idx_m=idx_strides[2],
         sm_scale=float(scale), softcap=float(softcap),
         window_left=clamp_window(window_left, bound), window_right=clamp_window(window_right, bound),
-        dropout_p=float(dropout_p), seed=int(seed),
+        dropout_p=float(dropout_p), seed=int(seed), TUNE_LK=configs.tune_bucket(Lk),
         BLOCK_D=block_d, BLOCK_DV=block_dv, **flags, USE_BLOCK_MASK=use_block_mask,
         COUNT_BLOCKS=block_counter is not None, DOT_PRECISION=precision, DOT_FP32=dot_fp32,
     )

@@ -29,8 +29,9 @@ FEATURE_FLAGS = [
     "HAS_WINDOW_LEFT", "HAS_WINDOW_RIGHT", "HAS_ALIBI", "HAS_SOFTCAP", "HAS_MASK", "MASK_IS_BOOL",
     "HAS_LENGTHS", "HAS_DROPOUT",
 ]
-FWD_KEY = ["BLOCK_D", "BLOCK_DV", *FEATURE_FLAGS]
-DQ_KEY = [*FWD_KEY, "TUNE_LK", "GROUP"]
+HEAD_KEY = ["BLOCK_D", "BLOCK_DV", *FEATURE_FLAGS]
+FWD_KEY = [*HEAD_KEY, "TUNE_LK", "GROUP"]
+DQ_KEY = FWD_KEY
 DKDV_KEY = [*DQ_KEY, "COMPUTE_DBIAS"]
 BWD_KEY = DKDV_KEY  # the former name
 
@@ -214,7 +215,8 @@ def prune(kind: str):
 
 
 def autotune(kind: str, key: list[str]):
-    """The autotune decorator of ``kind``'s kernel: its candidates, pruned before compiling, persisted."""
+    """The autotune decorator of ``kind``'s kernel (``"fwd"``, ``"dkdv"``, ``"dq"``): its candidates,
+    pruned before compiling, keyed on ``key`` (kernel argument names), persisted across processes."""
     candidates = {"fwd": fwd_configs, "dkdv": dkdv_configs, "dq": dq_configs}[_kind(kind)]()
     return triton.autotune(
         configs=candidates, key=key, prune_configs_by={"early_config_prune": prune(kind)}, cache_results=True

@@ -10,7 +10,10 @@ kernel variant each launch would run. Each compiled kernel is then read:
   PTX, as ``64 * n * k`` multiply-adds times the number of warpgroups, against the ideal for the
   tile (``2``, ``4`` and ``3`` matmuls of ``BLOCK_M * BLOCK_N * BLOCK_D`` for the forward, dK/dV
   and dQ kernels): more than ideal means duplicated matmuls, fewer means no tensor cores;
-- special-function ops (``ex2``, ``tanh``, ``rcp``, full-precision divisions) per score per iteration.
+- special-function ops (``ex2``, ``tanh``, ``rcp``, full-precision divisions) per score per iteration;
+- tensor-memory-accelerator copies (``cp.async.bulk.tensor``, TMA) per inner-loop iteration: the
+  launchers pass ``USE_TMA`` where a Hopper GPU would (16-byte aligned rows); feature ``notma``
+  compiles the pointer path instead.
 
 Usage (without ``TRITON_INTERPRET``)::
 
@@ -61,7 +64,10 @@ def compile_launches(dtype_name: str, head_dim: int, features: set[str], length:
     from fastattn.backends.triton import ensure_kernels_importable
 
     ensure_kernels_importable()
-    attention_fwd = importlib.import_module("fastattn.triton_kernels.attention_fwd").attention_fwd
+    fwd_module = importlib.import_module("fastattn.triton_kernels.attention_fwd")
+    attention_fwd = fwd_module.attention_fwd
+    # Compile what a Hopper GPU runs: tensor descriptors (TMA) where the inputs allow ("notma": pointers).
+    fwd_module._tma_device = lambda device: "notma" not in features
     attention_bwd = importlib.import_module("fastattn.triton_kernels.attention_bwd").attention_bwd
 
     target = GPUTarget("cuda", 90, 32)
@@ -245,6 +251,7 @@ def count_ops(text: str) -> dict:
         "tanh": len(re.findall(r"\btanh\.approx", text)),
         "rcp": len(re.findall(r"\brcp\.", text)),
         "div": len(re.findall(r"\bdiv\.(?:rn|full)\.f32", text)),
+        "tma": len(re.findall(r"\bcp\.async\.bulk\.tensor\b", text)),
     }
 
 
@@ -262,6 +269,7 @@ def analyse(entry: dict) -> dict:
     row["loop_macs"] = [c["wgmma_macs"] * warpgroups for c in loops]
     row["loop_wgmma"] = [c["wgmma"] for c in loops]
     row["loop_mma_sync"] = [c["mma_sync"] for c in loops]
+    row["loop_tma"] = [c["tma"] for c in loops]
     worst = max(loops, key=lambda c: c["ex2"] + c["tanh"] + c["rcp"] + c["div"]) if loops else count_ops("")
     row["sfu_per_score"] = {op: round(worst[op] / scores_per_thread, 2) for op in ("ex2", "tanh", "rcp", "div")}
     return row
@@ -294,9 +302,10 @@ def markdown(rows: list[dict]) -> str:
     """The rows as a markdown table (tiles as queries x keys per step)."""
     head = (
         "| kernel | dtype | D | BLOCK_M×BLOCK_N (queries×keys), warps, stages | registers | spill B (st/ld) "
-        "| shared KiB | tensor-core work per iteration / ideal | wgmma per iteration | ex2 / tanh / rcp / div per score |"
+        "| shared KiB | tensor-core work per iteration / ideal | wgmma per iteration | ex2 / tanh / rcp / div per score "
+        "| TMA copies per iteration |"
     )
-    out = [head, "|" + "---|" * 10]
+    out = [head, "|" + "---|" * 11]
     for r in rows:
         m = r["meta"]
         if any(r["loop_macs"]):
@@ -305,10 +314,12 @@ def markdown(rows: list[dict]) -> str:
         else:
             ratio, wgmma = "mma.sync only", "0"
         sfu = r["sfu_per_score"]
+        tma = ", ".join(map(str, sorted(set(r["loop_tma"])))) if "loop_tma" in r else "–"
         out.append(
             f"| {SHORT[r['kernel']]} | {r['dtype']} | {r['head_dim']} | {m['BLOCK_M']}×{m['BLOCK_N']}, "
             f"{m['num_warps']}, {m['num_stages']} | {r['registers']} | {r['spill_stores']}/{r['spill_loads']} "
-            f"| {r['shared'] / 1024:.1f} | {ratio} | {wgmma} | {sfu['ex2']} / {sfu['tanh']} / {sfu['rcp']} / {sfu['div']} |"
+            f"| {r['shared'] / 1024:.1f} | {ratio} | {wgmma} | {sfu['ex2']} / {sfu['tanh']} / {sfu['rcp']} / {sfu['div']} "
+            f"| {tma} |"
         )
     return "\n".join(out)
 

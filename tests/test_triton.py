@@ -349,6 +349,62 @@ def test_nan_in_empty_block_mask_tiles_reaches_no_gradient():
     _check_poisoned(q, k, v, k_poison, block_mask=mask)
 
 
+# --------------------------------------------------------------------------- tensor descriptors (TMA)
+# The interpreter emulates tensor descriptors, so the suite above runs the TMA path (aligned
+# inputs); these run the pointer path, which older GPUs and unaligned inputs take.
+@pytest.fixture
+def pointer_loads(monkeypatch):
+    from fastattn.triton_kernels import attention_fwd as fwd_module
+
+    monkeypatch.setattr(fwd_module, "_tma_device", lambda device: False)
+
+
+def test_tensor_descriptors_only_for_16_byte_aligned_rows(monkeypatch):
+    from fastattn.triton_kernels.attention_fwd import _tma_device, use_tensor_descriptors
+
+    device = torch.device(DEVICE)
+    aligned = torch.randn(1, 2, 17, 40, dtype=F16, device=DEVICE)  # 80-byte rows
+    short_rows = torch.randn(1, 2, 17, 20, dtype=F16, device=DEVICE)  # 40-byte rows
+    shifted = torch.randn(1 + 2 * 17 * 40, dtype=F16, device=DEVICE)[1:].view(1, 2, 17, 40)  # starts 2 bytes in
+    strided = torch.randn(1, 2, 40, 17, dtype=F16, device=DEVICE).transpose(2, 3)  # last stride 17
+    assert use_tensor_descriptors(aligned, aligned) == _tma_device(device)
+    for bad in (short_rows, shifted, strided):
+        assert not use_tensor_descriptors(aligned, bad)
+    monkeypatch.setenv("FASTATTN_TRITON_TMA", "0")
+    assert not use_tensor_descriptors(aligned)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param(dict(window=(9, 3), softcap=5.0, lengths=True), id="window-softcap-lengths"),
+        pytest.param(dict(causal=True, alibi=True, dropout_p=0.2, float_mask=True), id="causal-alibi-dropout-mask"),
+    ],
+)
+def test_pointer_loads(pointer_loads, kwargs):
+    kwargs = dict(kwargs)
+    q, k, v = qkv(2, 4, 2, 33, 47, 40)
+    if kwargs.pop("lengths", False):
+        kwargs.update(key_lengths=torch.tensor([47, 30], device=DEVICE), query_lengths=torch.tensor([20, 33], device=DEVICE))
+    if kwargs.pop("alibi", False):
+        kwargs["alibi_slopes"] = torch.rand(4, device=DEVICE)
+    if kwargs.pop("float_mask", False):
+        kwargs["attn_mask"] = torch.randn(33, 47, device=DEVICE).requires_grad_()
+    check_against_reference("triton", q, k, v, **kwargs)
+
+
+def test_pointer_loads_keep_nan_past_lengths_out(pointer_loads):
+    test_nan_past_lengths_reaches_no_gradient()
+
+
+def test_unaligned_inputs_take_the_pointer_path():
+    q, k, v = (
+        torch.randn(1 + 2 * 17 * 24, dtype=F16, device=DEVICE)[1:].view(1, 2, 17, 24).requires_grad_()
+        for _ in range(3)
+    )
+    check_against_reference("triton", q, k, v, causal=True)
+
+
 # --------------------------------------------------------------------------- layouts, determinism
 def test_non_contiguous_blhd_inputs():
     B, L, H, D = 2, 40, 2, 40

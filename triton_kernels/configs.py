@@ -115,6 +115,13 @@ def pinned_config(kind: str, head_dim: int, elem_bytes: int = 2) -> dict:
     raise ValueError(f"head_dim {head_dim} with {elem_bytes}-byte elements is wider than the kernels' tiles")
 
 
+def tma_tiles(kind: str, head_dim: int, elem_bytes: int = 2) -> bool:
+    """Whether ``kind``'s kernel may load its tiles through tensor descriptors (TMA) at this head dim.
+    Not the backward wider than 128 16-bit units: its tiles run on mma.sync there, which reads its
+    operands from registers, and TMA-staged tiles made those kernels spill (1-2 KB per thread)."""
+    return _kind(kind) == "fwd" or head_dim * elem_bytes // 2 <= 128
+
+
 def m_dim(kind: str, meta: dict) -> int:
     """The M dimension of a kernel's matmuls (rows owned by warps): the key tile for dK/dV, else the query tile."""
     return meta["BLOCK_N"] if _kind(kind) == "dkdv" else meta["BLOCK_M"]

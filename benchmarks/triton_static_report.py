@@ -21,6 +21,7 @@ Usage (without ``TRITON_INTERPRET``)::
     python benchmarks/triton_static_report.py --json out.json      # also the raw rows
     python benchmarks/triton_static_report.py --features softcap,dropout --head-dims 128
     python benchmarks/triton_static_report.py --rows out.json      # the table of earlier rows
+    python benchmarks/triton_static_report.py --features floatmask,dropout --length 320  # aligned mask rows
 
 ``tests/test_triton_compile.py`` uses the same functions to assert the static properties in CI.
 """
@@ -145,7 +146,8 @@ def compile_launches(dtype_name: str, head_dim: int, features: set[str], length:
     if "nofwd" not in features:
         attention_fwd(q, k, v, **kwargs)
     out, lse = torch.zeros(B, Hq, L, head_dim, dtype=dtype), torch.zeros(B, Hq, L)
-    attention_bwd(torch.randn_like(out), q, k, v, out, lse, **kwargs, **lists, compute_dbias="floatmask" in features)
+    dbias = "floatmask" in features and "nodbias" not in features
+    attention_bwd(torch.randn_like(out), q, k, v, out, lse, **kwargs, **lists, compute_dbias=dbias)
     return compiled
 
 
@@ -276,7 +278,7 @@ def analyse(entry: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- the report
-def report_rows(dtypes, head_dims, features: set[str]) -> list[dict]:
+def report_rows(dtypes, head_dims, features: set[str], length: int = 300) -> list[dict]:
     """Compile (in a subprocess each: the launchers patch torch) and analyse every kernel of each case."""
     rows = []
     env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
@@ -284,7 +286,7 @@ def report_rows(dtypes, head_dims, features: set[str]) -> list[dict]:
     for dtype in dtypes:
         for head_dim in head_dims:
             done = subprocess.run(
-                [sys.executable, __file__, "--worker", dtype, str(head_dim), ",".join(sorted(features)) or "-"],
+                [sys.executable, __file__, "--worker", dtype, str(head_dim), ",".join(sorted(features)) or "-", str(length)],
                 env=env, capture_output=True, text=True, check=False,
             )
             if done.returncode != 0:
@@ -329,6 +331,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default="float16,bfloat16")
     parser.add_argument("--head-dims", default="64,128,256")
     parser.add_argument("--features", default="", help="comma list: causal,softcap,dropout,alibi,lengths,...")
+    parser.add_argument("--length", type=int, default=300,
+                        help="sequence length (a mask's rows are 16-byte aligned when it is a multiple of 8)")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--rows", help="print the table of rows written by --json earlier (no compiling)")
     args = parser.parse_args(argv)
@@ -336,7 +340,7 @@ def main(argv=None) -> int:
         print(markdown(json.loads(Path(args.rows).read_text())))
         return 0
     features = set(filter(None, args.features.split(",")))
-    rows = report_rows(args.dtypes.split(","), [int(d) for d in args.head_dims.split(",")], features)
+    rows = report_rows(args.dtypes.split(","), [int(d) for d in args.head_dims.split(",")], features, args.length)
     print(markdown(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
@@ -345,7 +349,8 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        result = compile_launches(sys.argv[2], int(sys.argv[3]), set(sys.argv[4].split(",")) - {"-"})
+        length = int(sys.argv[5]) if len(sys.argv) > 5 else 300
+        result = compile_launches(sys.argv[2], int(sys.argv[3]), set(sys.argv[4].split(",")) - {"-"}, length)
         print(json.dumps(result))
         sys.exit(0)
     sys.exit(main())

@@ -644,3 +644,19 @@ def test_pinned_configs_per_kernel(monkeypatch):
     meta = configs.block_mask_config("dkdv", 128, 64, 16)
     assert meta["BLOCK_N"] == 16 and meta["num_warps"] == 1
     assert configs.block_mask_config("dq", 128, 64, 64)["num_warps"] == 4
+
+
+def test_lean_configs_for_feature_mixes_that_spill(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    plain = {"HAS_MASK": False, "HAS_DROPOUT": False, "HAS_SOFTCAP": 0}
+    for flags, lean in (
+        (plain, False), ({**plain, "HAS_DROPOUT": True}, False), ({**plain, "HAS_SOFTCAP": 2}, False),
+        ({**plain, "HAS_MASK": True}, True), ({**plain, "HAS_DROPOUT": True, "HAS_SOFTCAP": 1}, True),
+    ):
+        assert configs.lean_features(flags) == lean
+        for kind in configs.KINDS:
+            meta = configs.pinned_config(kind, 128, 2, flags)
+            assert (meta != configs.pinned_config(kind, 128, 2)) == lean, (kind, flags)
+            assert configs.m_dim(kind, meta) >= 16 * meta["num_warps"]
+            # 64 and 256 keep their configs (spill-free there, or already the smallest).
+            assert configs.pinned_config(kind, 64, 2, flags) == configs.pinned_config(kind, 64, 2)

@@ -767,10 +767,10 @@ def attention_bwd(
         return dq, dk, dv, dbias
     for kernel, args, kind in ((attention_bwd_dkdv_kernel, dkdv_args, "dkdv"), (attention_bwd_dq_kernel, dq_args, "dq")):
         if use_block_mask:
-            meta = configs.block_mask_config(kind, head_dim, block_size_q, block_size_k, q.element_size())
+            meta = configs.block_mask_config(kind, head_dim, block_size_q, block_size_k, q.element_size(), flags)
             sub = {"MASK_SUB_M": block_size_q // meta["BLOCK_M"], "MASK_SUB_N": block_size_k // meta["BLOCK_N"]}
         else:
-            meta = configs.pinned_config(kind, head_dim, q.element_size())
+            meta = configs.pinned_config(kind, head_dim, q.element_size(), flags)
             sub = {"MASK_SUB_M": 1, "MASK_SUB_N": 1}
         if kind == "dkdv":
             grid = (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)

@@ -841,10 +841,10 @@ def attention_fwd(
     sub_m = sub_n = 1
     head_dim = max(block_d, block_dv)
     if use_block_mask:
-        meta = configs.block_mask_config("fwd", head_dim, block_size_q, block_size_k, q.element_size())
+        meta = configs.block_mask_config("fwd", head_dim, block_size_q, block_size_k, q.element_size(), flags)
         sub_m, sub_n = block_size_q // meta["BLOCK_M"], block_size_k // meta["BLOCK_N"]
     else:
-        meta = configs.pinned_config("fwd", head_dim, q.element_size())
+        meta = configs.pinned_config("fwd", head_dim, q.element_size(), flags)
         if decoding:
             meta = decode_tile(meta, Lq * pack)
     rows, heads = Lq * pack, Hq // pack
@@ -878,10 +878,11 @@ def attention_fwd(
     return out, lse
 
 
-def fwd_tiles(q: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
-    """``(BLOCK_M, BLOCK_N)`` of the untuned forward without a BlockMask (to size a ``block_counter``)."""
+def fwd_tiles(q: torch.Tensor, v: torch.Tensor, flags: dict | None = None) -> tuple[int, int]:
+    """``(BLOCK_M, BLOCK_N)`` of the untuned forward without a BlockMask (to size a ``block_counter``),
+    for a launch with the feature flags ``flags`` (``feature_flags``; None: no features)."""
     head_dim = max(head_dim_tile(q.shape[-1]), head_dim_tile(v.shape[-1]))
-    meta = configs.pinned_config("fwd", head_dim, q.element_size())
+    meta = configs.pinned_config("fwd", head_dim, q.element_size(), flags)
     return meta["BLOCK_M"], meta["BLOCK_N"]
 
 

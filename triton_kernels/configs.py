@@ -82,6 +82,15 @@ _PINNED = {
     ("dq", 256): _config(32, 32, 4, 1),
     ("dq", 512): _config(32, 16, 2, 1),
 }
+# Lean tiles at 128 for the feature mixes that keep extra tiles live next to the scores (a mask
+# tile, dS for dbias, Philox draws with the softcap's tanh): the configs above spill there
+# (dK/dV 28-700 B, dQ 48-550 B, forward up to 1.7 KB with a mask whose rows are not 16-byte
+# aligned); these do not at 16-byte aligned rows (docs/perf-notes.md).
+_LEAN = {
+    ("fwd", 128): _config(128, 32, 8, 2),
+    ("dkdv", 128): _config(16, 128, 8, 3),
+    ("dq", 128): _config(64, 32, 4, 2),
+}
 _INTERPRETER = {
     "fwd": _config(64, 32, 1, 1),
     "dkdv": _config(32, 64, 1, 1),
@@ -97,13 +106,22 @@ def _kind(kind: str) -> str:
     return kind
 
 
-def pinned_config(kind: str, head_dim: int, elem_bytes: int = 2) -> dict:
+def lean_features(flags: dict | None) -> bool:
+    """Whether the kernels' feature flags need the lean tiles: any element mask, or dropout with softcap."""
+    if not flags:
+        return False
+    return bool(flags.get("HAS_MASK")) or bool(flags.get("HAS_DROPOUT") and flags.get("HAS_SOFTCAP"))
+
+
+def pinned_config(kind: str, head_dim: int, elem_bytes: int = 2, flags: dict | None = None) -> dict:
     """The config used without autotuning: ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}``.
 
     Args:
         kind: ``"fwd"``, ``"dkdv"`` or ``"dq"`` (``"bwd"``: the dK/dV kernel).
         head_dim: the padded (power of two) head dim, the larger of q's and v's.
         elem_bytes: bytes per element (4 for float32 doubles what shared memory sees).
+        flags: the launch's constexpr feature flags (``HAS_MASK``, ``HAS_DROPOUT``, ...); mixes that
+            would spill take lean tiles (``lean_features``).
     """
     kind = _kind(kind)
     if in_interpreter():
@@ -111,6 +129,8 @@ def pinned_config(kind: str, head_dim: int, elem_bytes: int = 2) -> dict:
     width = head_dim * elem_bytes // 2  # the head dim in 16-bit units: what shared memory sees
     for bound in (64, 128, 256, 512):
         if width <= bound:
+            if (kind, bound) in _LEAN and lean_features(flags):
+                return dict(_LEAN[(kind, bound)])
             return dict(_PINNED[(kind, bound)])
     raise ValueError(f"head_dim {head_dim} with {elem_bytes}-byte elements is wider than the kernels' tiles")
 
@@ -127,11 +147,13 @@ def m_dim(kind: str, meta: dict) -> int:
     return meta["BLOCK_N"] if _kind(kind) == "dkdv" else meta["BLOCK_M"]
 
 
-def block_mask_config(kind: str, head_dim: int, block_size_q: int, block_size_k: int, elem_bytes: int = 2) -> dict:
+def block_mask_config(
+    kind: str, head_dim: int, block_size_q: int, block_size_k: int, elem_bytes: int = 2, flags: dict | None = None
+) -> dict:
     """With a BlockMask each kernel tile lies inside one mask block: the tiles are the mask's blocks,
     capped at the pinned config's tiles (both powers of two, so a mask block is a whole number of
     tiles), with at most one warp per 16 rows of the M dimension (more warps would repeat work)."""
-    meta = dict(pinned_config(kind, head_dim, elem_bytes))
+    meta = dict(pinned_config(kind, head_dim, elem_bytes, flags))
     meta["BLOCK_M"] = min(block_size_q, meta["BLOCK_M"])
     meta["BLOCK_N"] = min(block_size_k, meta["BLOCK_N"])
     meta["num_warps"] = max(1, min(meta["num_warps"], m_dim(kind, meta) // 16))

@@ -718,6 +718,9 @@ def attention_bwd(
     use_block_mask = kv_num_blocks is not None
     precision, dot_fp32 = dot_settings(q.dtype)
     bound = Lq + Lk + 1
+    flags["USE_TMA"] = configs.tma_tiles("dq", max(block_d, block_dv), q.element_size()) and use_tensor_descriptors(
+        q, k, v, dout
+    )
     common = dict(
         p_q=q, p_k=k, p_v=v, p_dout=dout, p_lse=lse, p_delta=delta, p_alibi=alibi_slopes,
         p_klen=lengths[0] if lengths else None, p_qlen=lengths[1] if lengths else None,
@@ -734,7 +737,6 @@ def attention_bwd(
         dropout_p=float(dropout_p), seed=int(seed), TUNE_LK=configs.tune_bucket(Lk),
         BLOCK_D=block_d, BLOCK_DV=block_dv, **flags, USE_BLOCK_MASK=use_block_mask,
         DOT_PRECISION=precision, DOT_FP32=dot_fp32,
-        USE_TMA=configs.tma_tiles("dq", max(block_d, block_dv), q.element_size()) and use_tensor_descriptors(q, k, v, dout),
     )
     q_num_strides, q_idx_strides = list_strides(q_num_blocks, q_indices)
     dkdv_args = dict(

@@ -802,12 +802,12 @@ def attention_fwd(
     element = element_mask_args(attn_mask, partial_masks, partial_tile_ids, block_size_k)
     flags = feature_flags(element["p_mask"], alibi_slopes, lengths, window_left, window_right, softcap, dropout_p)
     flags["HAS_SOFTCAP"] = softcap_flag(softcap, q.dtype)
+    flags["USE_TMA"] = use_tensor_descriptors(q, k, v, out)
     use_block_mask = kv_num_blocks is not None
     block_d, block_dv = head_dim_tile(D), head_dim_tile(DV)
     precision, dot_fp32 = dot_settings(q.dtype)
     bound = Lq + Lk + 1
     num_strides, idx_strides = list_strides(kv_num_blocks, kv_indices)
-    use_tma = use_tensor_descriptors(q, k, v, out)
     args = dict(
         p_q=q, p_k=k, p_v=v, p_alibi=alibi_slopes,
         p_klen=lengths[0] if lengths else None, p_qlen=lengths[1] if lengths else None,
@@ -826,7 +826,7 @@ def attention_fwd(
         window_left=clamp_window(window_left, bound), window_right=clamp_window(window_right, bound),
         dropout_p=float(dropout_p), seed=int(seed), TUNE_LK=configs.tune_bucket(Lk),
         BLOCK_D=block_d, BLOCK_DV=block_dv, **flags, USE_BLOCK_MASK=use_block_mask,
-        COUNT_BLOCKS=block_counter is not None, DOT_PRECISION=precision, DOT_FP32=dot_fp32, USE_TMA=use_tma,
+        COUNT_BLOCKS=block_counter is not None, DOT_PRECISION=precision, DOT_FP32=dot_fp32,
     )
     final = dict(
         p_out=out, p_lse=lse, stride_os=0, stride_ob=out.stride(0), stride_oh=out.stride(1),

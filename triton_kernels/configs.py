@@ -69,7 +69,9 @@ _PINNED = {
     ("fwd", 256): _config(64, 32, 4, 2),
     ("fwd", 512): _config(32, 32, 4, 1),
     # dK/dV: 128 keys (the M dimension, two warpgroups of 64 rows) x 64 queries per step; at 128 a
-    # 32-query step without prefetch is what keeps dK, dV, S^T and dP^T in registers without spilling.
+    # 32-query step is what keeps dK, dV, S^T and dP^T in registers without spilling (64 spills
+    # 80 B); it prefetches the next step only with TMA (USE_TMA, see _TMA_STAGES: the pointer
+    # path's prefetch spills 4 B).
     ("dkdv", 64): _config(64, 128, 8, 2),
     ("dkdv", 128): _config(32, 128, 8, 1),
     # At 256 dK and dV alone fill the registers of a 64-row warpgroup tile: 32 x 32 tiles with warps
@@ -91,6 +93,8 @@ _LEAN = {
     ("dkdv", 128): _config(16, 128, 8, 3),
     ("dq", 128): _config(64, 32, 4, 2),
 }
+# With tensor descriptors (USE_TMA) the staged tiles live in shared memory, not registers.
+_TMA_STAGES = {("dkdv", 128): 2}
 _INTERPRETER = {
     "fwd": _config(64, 32, 1, 1),
     "dkdv": _config(32, 64, 1, 1),
@@ -120,8 +124,8 @@ def pinned_config(kind: str, head_dim: int, elem_bytes: int = 2, flags: dict | N
         kind: ``"fwd"``, ``"dkdv"`` or ``"dq"`` (``"bwd"``: the dK/dV kernel).
         head_dim: the padded (power of two) head dim, the larger of q's and v's.
         elem_bytes: bytes per element (4 for float32 doubles what shared memory sees).
-        flags: the launch's constexpr feature flags (``HAS_MASK``, ``HAS_DROPOUT``, ...); mixes that
-            would spill take lean tiles (``lean_features``).
+        flags: the launch's constexpr flags (``HAS_MASK``, ``HAS_DROPOUT``, ..., ``USE_TMA``); mixes
+            that would spill take lean tiles (``lean_features``).
     """
     kind = _kind(kind)
     if in_interpreter():
@@ -131,7 +135,10 @@ def pinned_config(kind: str, head_dim: int, elem_bytes: int = 2, flags: dict | N
         if width <= bound:
             if (kind, bound) in _LEAN and lean_features(flags):
                 return dict(_LEAN[(kind, bound)])
-            return dict(_PINNED[(kind, bound)])
+            meta = dict(_PINNED[(kind, bound)])
+            if flags and flags.get("USE_TMA") and (kind, bound) in _TMA_STAGES:
+                meta["num_stages"] = _TMA_STAGES[(kind, bound)]
+            return meta
     raise ValueError(f"head_dim {head_dim} with {elem_bytes}-byte elements is wider than the kernels' tiles")
 
 

@@ -397,6 +397,12 @@ def test_pointer_loads_keep_nan_past_lengths_out(pointer_loads):
     test_nan_past_lengths_reaches_no_gradient()
 
 
+@pytest.mark.gpu
+def test_gpu_pointer_loads(pointer_loads):
+    q, k, v = make_qkv(2, 8, 2, 1000, 1000, 128, dtype=torch.bfloat16, device="cuda")
+    check_against_reference("triton", q, k, v, causal=True)
+
+
 def test_unaligned_inputs_take_the_pointer_path():
     q, k, v = (
         torch.randn(1 + 2 * 17 * 24, dtype=F16, device=DEVICE)[1:].view(1, 2, 17, 24).requires_grad_()

@@ -2,8 +2,10 @@
 
 Each kernel has its own pinned config per (head dim, element size), chosen from the compiled code
 for Hopper (sm_90a, see ``docs/perf-notes.md``): no register spills at head dims 64 and 128, the
-least spilling that fits shared memory at 256. Pinned tiles make results bit-reproducible across
-processes (the tile sizes fix the order of every float32 sum).
+least spilling that fits shared memory at 256. Feature mixes that would spill at 128 (a mask,
+dropout with softcap) take lean tiles, and the dK/dV kernel prefetches only when its tiles come
+by TMA. Pinned tiles make results bit-reproducible across processes (the tile sizes fix the
+order of every float32 sum).
 
 ``FASTATTN_AUTOTUNE=1`` opts into autotuning: the candidates are pruned *before* compiling (shared
 memory estimate; no score tile with fewer than 16 rows per warp), the key holds the head-dim tiles,

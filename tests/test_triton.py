@@ -661,8 +661,9 @@ def test_lean_configs_for_feature_mixes_that_spill(monkeypatch):
     ):
         assert configs.lean_features(flags) == lean
         for kind in configs.KINDS:
-            meta = configs.pinned_config(kind, 128, 2, flags)
-            assert (meta != configs.pinned_config(kind, 128, 2)) == lean, (kind, flags)
-            assert configs.m_dim(kind, meta) >= 16 * meta["num_warps"]
-            # 64 and 256 keep their configs (spill-free there, or already the smallest).
-            assert configs.pinned_config(kind, 64, 2, flags) == configs.pinned_config(kind, 64, 2)
+            for head_dim in (64, 128):
+                meta = configs.pinned_config(kind, head_dim, 2, flags)
+                assert (meta != configs.pinned_config(kind, head_dim, 2)) == lean, (kind, head_dim, flags)
+                assert configs.m_dim(kind, meta) >= 16 * meta["num_warps"]
+            # 256 keeps its configs (already the smallest).
+            assert configs.pinned_config(kind, 256, 2, flags) == configs.pinned_config(kind, 256, 2)

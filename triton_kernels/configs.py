@@ -2,8 +2,8 @@
 
 Each kernel has its own pinned config per (head dim, element size), chosen from the compiled code
 for Hopper (sm_90a, see ``docs/perf-notes.md``): no register spills at head dims 64 and 128, the
-least spilling that fits shared memory at 256. Feature mixes that would spill at 128 (a mask,
-dropout with softcap) take lean tiles, and the dK/dV kernel prefetches only when its tiles come
+least spilling that fits shared memory at 256. Feature mixes that would spill at 64 and 128 (a
+mask, dropout with softcap) take lean tiles, and the dK/dV kernel prefetches only when its tiles come
 by TMA. Pinned tiles make results bit-reproducible across processes (the tile sizes fix the
 order of every float32 sum).
 
@@ -86,11 +86,14 @@ _PINNED = {
     ("dq", 256): _config(32, 32, 4, 1),
     ("dq", 512): _config(32, 16, 2, 1),
 }
-# Lean tiles at 128 for the feature mixes that keep extra tiles live next to the scores (a mask
-# tile, dS for dbias, Philox draws with the softcap's tanh): the configs above spill there
-# (dK/dV 28-700 B, dQ 48-550 B, forward up to 1.7 KB with a mask whose rows are not 16-byte
-# aligned); these do not at 16-byte aligned rows (docs/perf-notes.md).
+# Lean tiles at 64 and 128 for the feature mixes that keep extra tiles live next to the scores (a
+# mask tile, dS for dbias, Philox draws with the softcap's tanh): the configs above spill there
+# (at 128 dK/dV 28-700 B, dQ 48-550 B; at 64 forward 884 B, dK/dV 48-412 B); these spill at most
+# 72 B at 16-byte aligned mask rows (docs/perf-notes.md).
 _LEAN = {
+    ("fwd", 64): _config(128, 64, 8, 3),
+    ("dkdv", 64): _config(32, 128, 8, 2),
+    ("dq", 64): _config(128, 32, 8, 2),
     ("fwd", 128): _config(128, 32, 8, 2),
     ("dkdv", 128): _config(16, 128, 8, 3),
     ("dq", 128): _config(64, 32, 4, 2),

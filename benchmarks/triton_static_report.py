@@ -10,7 +10,10 @@ kernel variant each launch would run. Each compiled kernel is then read:
   PTX, as ``64 * n * k`` multiply-adds times the number of warpgroups, against the ideal for the
   tile (``2``, ``4`` and ``3`` matmuls of ``BLOCK_M * BLOCK_N * BLOCK_D`` for the forward, dK/dV
   and dQ kernels): more than ideal means duplicated matmuls, fewer means no tensor cores;
-- special-function ops (``ex2``, ``tanh``, ``rcp``, full-precision divisions) per score per iteration.
+- special-function ops (``ex2``, ``tanh``, ``rcp``, full-precision divisions) per score per iteration;
+- tensor-memory-accelerator copies (``cp.async.bulk.tensor``, TMA) per inner-loop iteration: the
+  launchers pass ``USE_TMA`` where a Hopper GPU would (16-byte aligned rows); feature ``notma``
+  compiles the pointer path instead.
 
 Usage (without ``TRITON_INTERPRET``)::
 
@@ -18,6 +21,7 @@ Usage (without ``TRITON_INTERPRET``)::
     python benchmarks/triton_static_report.py --json out.json      # also the raw rows
     python benchmarks/triton_static_report.py --features softcap,dropout --head-dims 128
     python benchmarks/triton_static_report.py --rows out.json      # the table of earlier rows
+    python benchmarks/triton_static_report.py --features floatmask,dropout --length 320  # aligned mask rows
 
 ``tests/test_triton_compile.py`` uses the same functions to assert the static properties in CI.
 """
@@ -61,7 +65,10 @@ def compile_launches(dtype_name: str, head_dim: int, features: set[str], length:
     from fastattn.backends.triton import ensure_kernels_importable
 
     ensure_kernels_importable()
-    attention_fwd = importlib.import_module("fastattn.triton_kernels.attention_fwd").attention_fwd
+    fwd_module = importlib.import_module("fastattn.triton_kernels.attention_fwd")
+    attention_fwd = fwd_module.attention_fwd
+    # Compile what a Hopper GPU runs: tensor descriptors (TMA) where the inputs allow ("notma": pointers).
+    fwd_module._tma_device = lambda device: "notma" not in features
     attention_bwd = importlib.import_module("fastattn.triton_kernels.attention_bwd").attention_bwd
 
     target = GPUTarget("cuda", 90, 32)
@@ -139,7 +146,8 @@ def compile_launches(dtype_name: str, head_dim: int, features: set[str], length:
     if "nofwd" not in features:
         attention_fwd(q, k, v, **kwargs)
     out, lse = torch.zeros(B, Hq, L, head_dim, dtype=dtype), torch.zeros(B, Hq, L)
-    attention_bwd(torch.randn_like(out), q, k, v, out, lse, **kwargs, **lists, compute_dbias="floatmask" in features)
+    dbias = "floatmask" in features and "nodbias" not in features
+    attention_bwd(torch.randn_like(out), q, k, v, out, lse, **kwargs, **lists, compute_dbias=dbias)
     return compiled
 
 
@@ -245,6 +253,7 @@ def count_ops(text: str) -> dict:
         "tanh": len(re.findall(r"\btanh\.approx", text)),
         "rcp": len(re.findall(r"\brcp\.", text)),
         "div": len(re.findall(r"\bdiv\.(?:rn|full)\.f32", text)),
+        "tma": len(re.findall(r"\bcp\.async\.bulk\.tensor\b", text)),
     }
 
 
@@ -262,13 +271,14 @@ def analyse(entry: dict) -> dict:
     row["loop_macs"] = [c["wgmma_macs"] * warpgroups for c in loops]
     row["loop_wgmma"] = [c["wgmma"] for c in loops]
     row["loop_mma_sync"] = [c["mma_sync"] for c in loops]
+    row["loop_tma"] = [c["tma"] for c in loops]
     worst = max(loops, key=lambda c: c["ex2"] + c["tanh"] + c["rcp"] + c["div"]) if loops else count_ops("")
     row["sfu_per_score"] = {op: round(worst[op] / scores_per_thread, 2) for op in ("ex2", "tanh", "rcp", "div")}
     return row
 
 
 # --------------------------------------------------------------------------- the report
-def report_rows(dtypes, head_dims, features: set[str]) -> list[dict]:
+def report_rows(dtypes, head_dims, features: set[str], length: int = 300) -> list[dict]:
     """Compile (in a subprocess each: the launchers patch torch) and analyse every kernel of each case."""
     rows = []
     env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
@@ -276,7 +286,7 @@ def report_rows(dtypes, head_dims, features: set[str]) -> list[dict]:
     for dtype in dtypes:
         for head_dim in head_dims:
             done = subprocess.run(
-                [sys.executable, __file__, "--worker", dtype, str(head_dim), ",".join(sorted(features)) or "-"],
+                [sys.executable, __file__, "--worker", dtype, str(head_dim), ",".join(sorted(features)) or "-", str(length)],
                 env=env, capture_output=True, text=True, check=False,
             )
             if done.returncode != 0:
@@ -294,9 +304,10 @@ def markdown(rows: list[dict]) -> str:
     """The rows as a markdown table (tiles as queries x keys per step)."""
     head = (
         "| kernel | dtype | D | BLOCK_M×BLOCK_N (queries×keys), warps, stages | registers | spill B (st/ld) "
-        "| shared KiB | tensor-core work per iteration / ideal | wgmma per iteration | ex2 / tanh / rcp / div per score |"
+        "| shared KiB | tensor-core work per iteration / ideal | wgmma per iteration | ex2 / tanh / rcp / div per score "
+        "| TMA copies per iteration |"
     )
-    out = [head, "|" + "---|" * 10]
+    out = [head, "|" + "---|" * 11]
     for r in rows:
         m = r["meta"]
         if any(r["loop_macs"]):
@@ -305,10 +316,12 @@ def markdown(rows: list[dict]) -> str:
         else:
             ratio, wgmma = "mma.sync only", "0"
         sfu = r["sfu_per_score"]
+        tma = ", ".join(map(str, sorted(set(r["loop_tma"])))) if "loop_tma" in r else "–"
         out.append(
             f"| {SHORT[r['kernel']]} | {r['dtype']} | {r['head_dim']} | {m['BLOCK_M']}×{m['BLOCK_N']}, "
             f"{m['num_warps']}, {m['num_stages']} | {r['registers']} | {r['spill_stores']}/{r['spill_loads']} "
-            f"| {r['shared'] / 1024:.1f} | {ratio} | {wgmma} | {sfu['ex2']} / {sfu['tanh']} / {sfu['rcp']} / {sfu['div']} |"
+            f"| {r['shared'] / 1024:.1f} | {ratio} | {wgmma} | {sfu['ex2']} / {sfu['tanh']} / {sfu['rcp']} / {sfu['div']} "
+            f"| {tma} |"
         )
     return "\n".join(out)
 
@@ -318,6 +331,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default="float16,bfloat16")
     parser.add_argument("--head-dims", default="64,128,256")
     parser.add_argument("--features", default="", help="comma list: causal,softcap,dropout,alibi,lengths,...")
+    parser.add_argument("--length", type=int, default=300,
+                        help="sequence length (a mask's rows are 16-byte aligned when it is a multiple of 8)")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--rows", help="print the table of rows written by --json earlier (no compiling)")
     args = parser.parse_args(argv)
@@ -325,7 +340,7 @@ def main(argv=None) -> int:
         print(markdown(json.loads(Path(args.rows).read_text())))
         return 0
     features = set(filter(None, args.features.split(",")))
-    rows = report_rows(args.dtypes.split(","), [int(d) for d in args.head_dims.split(",")], features)
+    rows = report_rows(args.dtypes.split(","), [int(d) for d in args.head_dims.split(",")], features, args.length)
     print(markdown(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
@@ -334,7 +349,8 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        result = compile_launches(sys.argv[2], int(sys.argv[3]), set(sys.argv[4].split(",")) - {"-"})
+        length = int(sys.argv[5]) if len(sys.argv) > 5 else 300
+        result = compile_launches(sys.argv[2], int(sys.argv[3]), set(sys.argv[4].split(",")) - {"-"}, length)
         print(json.dumps(result))
         sys.exit(0)
     sys.exit(main())

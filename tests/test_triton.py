@@ -349,6 +349,68 @@ def test_nan_in_empty_block_mask_tiles_reaches_no_gradient():
     _check_poisoned(q, k, v, k_poison, block_mask=mask)
 
 
+# --------------------------------------------------------------------------- tensor descriptors (TMA)
+# The interpreter emulates tensor descriptors, so the suite above runs the TMA path (aligned
+# inputs); these run the pointer path, which older GPUs and unaligned inputs take.
+@pytest.fixture
+def pointer_loads(monkeypatch):
+    from fastattn.triton_kernels import attention_fwd as fwd_module
+
+    monkeypatch.setattr(fwd_module, "_tma_device", lambda device: False)
+
+
+def test_tensor_descriptors_only_for_16_byte_aligned_rows(monkeypatch):
+    from fastattn.triton_kernels.attention_fwd import _tma_device, use_tensor_descriptors
+
+    device = torch.device(DEVICE)
+    aligned = torch.randn(1, 2, 17, 40, dtype=F16, device=DEVICE)  # 80-byte rows
+    short_rows = torch.randn(1, 2, 17, 20, dtype=F16, device=DEVICE)  # 40-byte rows
+    shifted = torch.randn(1 + 2 * 17 * 40, dtype=F16, device=DEVICE)[1:].view(1, 2, 17, 40)  # starts 2 bytes in
+    strided = torch.randn(1, 2, 40, 17, dtype=F16, device=DEVICE).transpose(2, 3)  # last stride 17
+    assert use_tensor_descriptors(aligned, aligned) == _tma_device(device)
+    for bad in (short_rows, shifted, strided):
+        assert not use_tensor_descriptors(aligned, bad)
+    monkeypatch.setenv("FASTATTN_TRITON_TMA", "0")
+    assert not use_tensor_descriptors(aligned)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param(dict(window=(9, 3), softcap=5.0, lengths=True), id="window-softcap-lengths"),
+        pytest.param(dict(causal=True, alibi=True, dropout_p=0.2, float_mask=True), id="causal-alibi-dropout-mask"),
+    ],
+)
+def test_pointer_loads(pointer_loads, kwargs):
+    kwargs = dict(kwargs)
+    q, k, v = qkv(2, 4, 2, 33, 47, 40)
+    if kwargs.pop("lengths", False):
+        kwargs.update(key_lengths=torch.tensor([47, 30], device=DEVICE), query_lengths=torch.tensor([20, 33], device=DEVICE))
+    if kwargs.pop("alibi", False):
+        kwargs["alibi_slopes"] = torch.rand(4, device=DEVICE)
+    if kwargs.pop("float_mask", False):
+        kwargs["attn_mask"] = torch.randn(33, 47, device=DEVICE).requires_grad_()
+    check_against_reference("triton", q, k, v, **kwargs)
+
+
+def test_pointer_loads_keep_nan_past_lengths_out(pointer_loads):
+    test_nan_past_lengths_reaches_no_gradient()
+
+
+@pytest.mark.gpu
+def test_gpu_pointer_loads(pointer_loads):
+    q, k, v = make_qkv(2, 8, 2, 1000, 1000, 128, dtype=torch.bfloat16, device="cuda")
+    check_against_reference("triton", q, k, v, causal=True)
+
+
+def test_unaligned_inputs_take_the_pointer_path():
+    q, k, v = (
+        torch.randn(1 + 2 * 17 * 24, dtype=F16, device=DEVICE)[1:].view(1, 2, 17, 24).requires_grad_()
+        for _ in range(3)
+    )
+    check_against_reference("triton", q, k, v, causal=True)
+
+
 # --------------------------------------------------------------------------- layouts, determinism
 def test_non_contiguous_blhd_inputs():
     B, L, H, D = 2, 40, 2, 40
@@ -562,9 +624,11 @@ def test_autotuning_is_opt_in_and_pruned_before_compiling(monkeypatch):
     monkeypatch.setenv("FASTATTN_AUTOTUNE", "1")
     assert configs.autotune_enabled(128, 2)
     assert configs.tune_bucket(100) == 128 and configs.tune_bucket(128) == 128 and configs.tune_bucket(1) == 64
-    assert "TUNE_LK" in configs.DKDV_KEY and "GROUP" in configs.DQ_KEY
+    for key in (configs.FWD_KEY, configs.DKDV_KEY, configs.DQ_KEY):
+        assert "TUNE_LK" in key and "GROUP" in key
     q = torch.empty(1, dtype=torch.bfloat16)
-    for kind, candidates in (("dkdv", configs.dkdv_configs()), ("dq", configs.dq_configs())):
+    kinds = (("fwd", configs.fwd_configs()), ("dkdv", configs.dkdv_configs()), ("dq", configs.dq_configs()))
+    for kind, candidates in kinds:
         wide = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=4)  # too much shared memory
         thin = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=8, num_stages=1)  # 2 rows per warp
         kept = configs.prune(kind)([*candidates, wide, thin], {}, p_q=q, BLOCK_D=256, BLOCK_DV=256)
@@ -586,3 +650,20 @@ def test_pinned_configs_per_kernel(monkeypatch):
     meta = configs.block_mask_config("dkdv", 128, 64, 16)
     assert meta["BLOCK_N"] == 16 and meta["num_warps"] == 1
     assert configs.block_mask_config("dq", 128, 64, 64)["num_warps"] == 4
+
+
+def test_lean_configs_for_feature_mixes_that_spill(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    plain = {"HAS_MASK": False, "HAS_DROPOUT": False, "HAS_SOFTCAP": 0}
+    for flags, lean in (
+        (plain, False), ({**plain, "HAS_DROPOUT": True}, False), ({**plain, "HAS_SOFTCAP": 2}, False),
+        ({**plain, "HAS_MASK": True}, True), ({**plain, "HAS_DROPOUT": True, "HAS_SOFTCAP": 1}, True),
+    ):
+        assert configs.lean_features(flags) == lean
+        for kind in configs.KINDS:
+            for head_dim in (64, 128):
+                meta = configs.pinned_config(kind, head_dim, 2, flags)
+                assert (meta != configs.pinned_config(kind, head_dim, 2)) == lean, (kind, head_dim, flags)
+                assert configs.m_dim(kind, meta) >= 16 * meta["num_warps"]
+            # 256 keeps its configs (already the smallest).
+            assert configs.pinned_config(kind, 256, 2, flags) == configs.pinned_config(kind, 256, 2)

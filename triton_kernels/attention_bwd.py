@@ -33,6 +33,7 @@ from .attention_fwd import (
     _dropout_keep,
     _key_block_range,
     _partial_tile_mask,
+    _rows_desc,
     _score_tile,
     both_lengths,
     check_inputs,
@@ -44,6 +45,7 @@ from .attention_fwd import (
     last_dim_contiguous,
     list_strides,
     softcap_flag,
+    use_tensor_descriptors,
 )
 
 
@@ -179,19 +181,31 @@ def _dkdv_query_block(
     HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     APPLY_INDEX_MASK: tl.constexpr, APPLY_ATTN_MASK: tl.constexpr,
-    COMPUTE_DBIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    COMPUTE_DBIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Accumulate one query block's contribution to dk, dv of the key block, keys on the M dimension.
 
     The tile is transposed (``S^T = K Q^T``, ``[BLOCK_N, BLOCK_M]``), so ``P^T`` and ``dS^T`` feed
-    ``dV += P^T dO`` and ``dK += dS^T Q`` as they are: no transpose of a score tile.
+    ``dV += P^T dO`` and ``dK += dS^T Q`` as they are: no transpose of a score tile. With
+    ``USE_TMA``, ``q_bh`` and ``do_bh`` are tensor descriptors of the head's first ``qlen`` rows.
     """
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = (o_m >= row_lo) & (o_m < row_hi)  # rows that see a key of this block; the others load as 0
-    # [BLOCK_M, BLOCK_D]
-    b_q = tl.load(q_bh + o_m[:, None] * stride_qm + o_d[None, :], mask=m_m[:, None] & (o_d[None, :] < D), other=0.0)
-    # [BLOCK_M, BLOCK_DV]
-    b_do = tl.load(do_bh + o_m[:, None] * stride_dom + o_dv[None, :], mask=m_m[:, None] & (o_dv[None, :] < DV), other=0.0)
+    if USE_TMA:
+        # Rows past qlen read as 0; in blocks needing no index mask every other row sees the keys.
+        # [BLOCK_M, BLOCK_D], [BLOCK_M, BLOCK_DV]
+        b_q = q_bh.load([i_m * BLOCK_M, 0])
+        b_do = do_bh.load([i_m * BLOCK_M, 0])
+        if APPLY_INDEX_MASK:
+            b_q = tl.where(m_m[:, None], b_q, 0.0)
+            b_do = tl.where(m_m[:, None], b_do, 0.0)
+    else:
+        # [BLOCK_M, BLOCK_D]
+        b_q = tl.load(q_bh + o_m[:, None] * stride_qm + o_d[None, :], mask=m_m[:, None] & (o_d[None, :] < D),
+                      other=0.0)
+        # [BLOCK_M, BLOCK_DV]
+        b_do = tl.load(do_bh + o_m[:, None] * stride_dom + o_dv[None, :],
+                       mask=m_m[:, None] & (o_dv[None, :] < DV), other=0.0)
     if DOT_FP32:
         b_q = b_q.to(tl.float32)
         b_do = b_do.to(tl.float32)
@@ -250,7 +264,7 @@ def attention_bwd_dkdv_kernel(
     HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, USE_BLOCK_MASK: tl.constexpr, MASK_SUB_M: tl.constexpr, MASK_SUB_N: tl.constexpr,
     PARTIAL_MASKS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    COMPUTE_DBIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    COMPUTE_DBIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Grid ``(cdiv(Lk, BLOCK_N), B * Hkv)``: one program per key block of one kv head.
 
@@ -258,6 +272,7 @@ def attention_bwd_dkdv_kernel(
     over the ``GROUP`` query heads sharing the kv head and, for each, the query blocks that see this
     key block (the band of the window, or the BlockMask's transposed lists); dk, dv are written
     once, so the result is deterministic. Row offsets are int64 (any strides, any lengths).
+    ``USE_TMA`` loads the K, V, Q and dO tiles through tensor descriptors (TMA).
     """
     i_n = tl.program_id(0)
     i_bhk = tl.program_id(1)
@@ -283,12 +298,17 @@ def attention_bwd_dkdv_kernel(
     m_k = o_n < klen  # keys past klen load as 0: whatever they hold reaches no other row
     k_bh = p_k + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
     v_bh = p_v + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
-    # [BLOCK_N, BLOCK_D]
-    b_k = tl.load(k_bh + o_n[:, None].to(tl.int64) * stride_kn + o_d[None, :],
-                  mask=m_k[:, None] & (o_d[None, :] < D), other=0.0)
-    # [BLOCK_N, BLOCK_DV]
-    b_v = tl.load(v_bh + o_n[:, None].to(tl.int64) * stride_vn + o_dv[None, :],
-                  mask=m_k[:, None] & (o_dv[None, :] < DV), other=0.0)
+    if USE_TMA:
+        # [BLOCK_N, BLOCK_D], [BLOCK_N, BLOCK_DV]
+        b_k = _rows_desc(k_bh, klen, D, stride_kn, BLOCK_N, BLOCK_D).load([i_n * BLOCK_N, 0])
+        b_v = _rows_desc(v_bh, klen, DV, stride_vn, BLOCK_N, BLOCK_DV).load([i_n * BLOCK_N, 0])
+    else:
+        # [BLOCK_N, BLOCK_D]
+        b_k = tl.load(k_bh + o_n[:, None].to(tl.int64) * stride_kn + o_d[None, :],
+                      mask=m_k[:, None] & (o_d[None, :] < D), other=0.0)
+        # [BLOCK_N, BLOCK_DV]
+        b_v = tl.load(v_bh + o_n[:, None].to(tl.int64) * stride_vn + o_dv[None, :],
+                      mask=m_k[:, None] & (o_dv[None, :] < DV), other=0.0)
     if DOT_FP32:
         b_k = b_k.to(tl.float32)
         b_v = b_v.to(tl.float32)
@@ -307,6 +327,9 @@ def attention_bwd_dkdv_kernel(
         i_bh = i_b * Hq + i_h
         q_bh = p_q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
         do_bh = p_dout + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+        if USE_TMA:
+            q_bh = _rows_desc(q_bh, qlen, D, stride_qm, BLOCK_M, BLOCK_D)
+            do_bh = _rows_desc(do_bh, qlen, DV, stride_dom, BLOCK_M, BLOCK_DV)
         p_lse_bh = p_lse + i_bh.to(tl.int64) * Lq
         p_delta_bh = p_delta + i_bh.to(tl.int64) * Lq
         p_dbias_bh = p_dbias
@@ -336,7 +359,7 @@ def attention_bwd_dkdv_kernel(
                     offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
                     p_mask_tile, stride_mask_m, stride_mask_n, BLOCK_M,
                     HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
-                    HAS_LENGTHS, HAS_DROPOUT, True, True, COMPUTE_DBIAS, DOT_PRECISION, DOT_FP32,
+                    HAS_LENGTHS, HAS_DROPOUT, True, True, COMPUTE_DBIAS, DOT_PRECISION, DOT_FP32, USE_TMA,
                 )
             num_full = tl.load(p_full_num + p_num)
             for t in range(0, num_full * MASK_SUB_M):
@@ -347,7 +370,7 @@ def attention_bwd_dkdv_kernel(
                     offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
                     p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_M,
                     HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
-                    HAS_LENGTHS, HAS_DROPOUT, True, False, COMPUTE_DBIAS, DOT_PRECISION, DOT_FP32,
+                    HAS_LENGTHS, HAS_DROPOUT, True, False, COMPUTE_DBIAS, DOT_PRECISION, DOT_FP32, USE_TMA,
                 )
         else:
             for i_m in range(m_lo, m_mid_lo):
@@ -357,7 +380,7 @@ def attention_bwd_dkdv_kernel(
                     offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
                     p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_M,
                     HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
-                    HAS_LENGTHS, HAS_DROPOUT, True, True, COMPUTE_DBIAS, DOT_PRECISION, DOT_FP32,
+                    HAS_LENGTHS, HAS_DROPOUT, True, True, COMPUTE_DBIAS, DOT_PRECISION, DOT_FP32, USE_TMA,
                 )
             for i_m in range(m_mid_lo, m_mid_hi):
                 b_dk, b_dv = _dkdv_query_block(
@@ -366,7 +389,7 @@ def attention_bwd_dkdv_kernel(
                     offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
                     p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_M,
                     HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
-                    HAS_LENGTHS, HAS_DROPOUT, False, True, COMPUTE_DBIAS, DOT_PRECISION, DOT_FP32,
+                    HAS_LENGTHS, HAS_DROPOUT, False, True, COMPUTE_DBIAS, DOT_PRECISION, DOT_FP32, USE_TMA,
                 )
             for i_m in range(m_mid_hi, m_hi):
                 b_dk, b_dv = _dkdv_query_block(
@@ -375,7 +398,7 @@ def attention_bwd_dkdv_kernel(
                     offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
                     p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_M,
                     HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
-                    HAS_LENGTHS, HAS_DROPOUT, True, True, COMPUTE_DBIAS, DOT_PRECISION, DOT_FP32,
+                    HAS_LENGTHS, HAS_DROPOUT, True, True, COMPUTE_DBIAS, DOT_PRECISION, DOT_FP32, USE_TMA,
                 )
 
     b_dk = b_dk * sm_scale
@@ -400,17 +423,27 @@ def _dq_key_block(
     HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     APPLY_INDEX_MASK: tl.constexpr, APPLY_ATTN_MASK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """Accumulate one key block's contribution to dq (queries on the M dimension)."""
+    """Accumulate one key block's contribution to dq (queries on the M dimension). With ``USE_TMA``,
+    ``k_bh`` and ``v_bh`` are tensor descriptors of the head's first ``klen`` rows."""
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = (o_n >= key_lo) & (o_n < key_hi)  # keys no row of the block sees load as 0
-    # [BLOCK_N, BLOCK_D]
-    b_k = tl.load(k_bh + o_n[:, None].to(tl.int64) * stride_kn + o_d[None, :],
-                  mask=m_n[:, None] & (o_d[None, :] < D), other=0.0)
-    # [BLOCK_N, BLOCK_DV]
-    b_v = tl.load(v_bh + o_n[:, None].to(tl.int64) * stride_vn + o_dv[None, :],
-                  mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)
+    if USE_TMA:
+        # Keys past klen read as 0; blocks needing no index mask lie inside every row's band.
+        # [BLOCK_N, BLOCK_D], [BLOCK_N, BLOCK_DV]
+        b_k = k_bh.load([i_n * BLOCK_N, 0])
+        b_v = v_bh.load([i_n * BLOCK_N, 0])
+        if APPLY_INDEX_MASK:
+            b_k = tl.where(m_n[:, None], b_k, 0.0)
+            b_v = tl.where(m_n[:, None], b_v, 0.0)
+    else:
+        # [BLOCK_N, BLOCK_D]
+        b_k = tl.load(k_bh + o_n[:, None].to(tl.int64) * stride_kn + o_d[None, :],
+                      mask=m_n[:, None] & (o_d[None, :] < D), other=0.0)
+        # [BLOCK_N, BLOCK_DV]
+        b_v = tl.load(v_bh + o_n[:, None].to(tl.int64) * stride_vn + o_dv[None, :],
+                      mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)
     if DOT_FP32:
         b_k = b_k.to(tl.float32)
         b_v = b_v.to(tl.float32)
@@ -465,9 +498,10 @@ def attention_bwd_dq_kernel(
     HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, USE_BLOCK_MASK: tl.constexpr, MASK_SUB_M: tl.constexpr, MASK_SUB_N: tl.constexpr,
     PARTIAL_MASKS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """Grid ``(cdiv(Lq, BLOCK_M), B * Hq)``: one program per query block; the same key blocks as the forward."""
+    """Grid ``(cdiv(Lq, BLOCK_M), B * Hq)``: one program per query block; the same key blocks as the
+    forward. ``USE_TMA`` loads the Q, dO, K and V tiles through tensor descriptors (TMA)."""
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // Hq
@@ -500,12 +534,19 @@ def attention_bwd_dq_kernel(
     if HAS_ALIBI:
         slope = tl.load(p_alibi + i_b * stride_alibi_b + i_h * stride_alibi_h)
 
-    # [BLOCK_M, BLOCK_D]
-    b_q = tl.load(q_bh + o_m[:, None].to(tl.int64) * stride_qm + o_d[None, :],
-                  mask=m_q[:, None] & (o_d[None, :] < D), other=0.0)
-    # [BLOCK_M, BLOCK_DV]
-    b_do = tl.load(do_bh + o_m[:, None].to(tl.int64) * stride_dom + o_dv[None, :],
-                   mask=m_q[:, None] & (o_dv[None, :] < DV), other=0.0)
+    if USE_TMA:
+        # [BLOCK_M, BLOCK_D], [BLOCK_M, BLOCK_DV]
+        b_q = _rows_desc(q_bh, qlen, D, stride_qm, BLOCK_M, BLOCK_D).load([i_m * BLOCK_M, 0])
+        b_do = _rows_desc(do_bh, qlen, DV, stride_dom, BLOCK_M, BLOCK_DV).load([i_m * BLOCK_M, 0])
+        k_bh = _rows_desc(k_bh, klen, D, stride_kn, BLOCK_N, BLOCK_D)
+        v_bh = _rows_desc(v_bh, klen, DV, stride_vn, BLOCK_N, BLOCK_DV)
+    else:
+        # [BLOCK_M, BLOCK_D]
+        b_q = tl.load(q_bh + o_m[:, None].to(tl.int64) * stride_qm + o_d[None, :],
+                      mask=m_q[:, None] & (o_d[None, :] < D), other=0.0)
+        # [BLOCK_M, BLOCK_DV]
+        b_do = tl.load(do_bh + o_m[:, None].to(tl.int64) * stride_dom + o_dv[None, :],
+                       mask=m_q[:, None] & (o_dv[None, :] < DV), other=0.0)
     if DOT_FP32:
         b_q = b_q.to(tl.float32)
         b_do = b_do.to(tl.float32)
@@ -537,7 +578,7 @@ def attention_bwd_dq_kernel(
                 stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope,
                 sm_scale, softcap, dropout_p, seed, p_mask_tile, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
-                HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32,
+                HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA,
             )
         num_full = tl.load(p_full_num + p_num)
         for t in range(0, num_full * MASK_SUB_N):
@@ -547,7 +588,7 @@ def attention_bwd_dq_kernel(
                 stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope,
                 sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
-                HAS_DROPOUT, True, False, DOT_PRECISION, DOT_FP32,
+                HAS_DROPOUT, True, False, DOT_PRECISION, DOT_FP32, USE_TMA,
             )
     else:
         n_lo, n_mid_lo, n_mid_hi, n_hi = _key_block_range(
@@ -560,7 +601,7 @@ def attention_bwd_dq_kernel(
                 stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope,
                 sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
-                HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32,
+                HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA,
             )
         for i_n in range(n_mid_lo, n_mid_hi):
             b_dq = _dq_key_block(
@@ -568,7 +609,7 @@ def attention_bwd_dq_kernel(
                 stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope,
                 sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
-                HAS_DROPOUT, False, True, DOT_PRECISION, DOT_FP32,
+                HAS_DROPOUT, False, True, DOT_PRECISION, DOT_FP32, USE_TMA,
             )
         for i_n in range(n_mid_hi, n_hi):
             b_dq = _dq_key_block(
@@ -576,7 +617,7 @@ def attention_bwd_dq_kernel(
                 stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope,
                 sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
-                HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32,
+                HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA,
             )
 
     b_dq = b_dq * sm_scale
@@ -677,6 +718,9 @@ def attention_bwd(
     use_block_mask = kv_num_blocks is not None
     precision, dot_fp32 = dot_settings(q.dtype)
     bound = Lq + Lk + 1
+    flags["USE_TMA"] = configs.tma_tiles("dq", max(block_d, block_dv), q.element_size()) and use_tensor_descriptors(
+        q, k, v, dout
+    )
     common = dict(
         p_q=q, p_k=k, p_v=v, p_dout=dout, p_lse=lse, p_delta=delta, p_alibi=alibi_slopes,
         p_klen=lengths[0] if lengths else None, p_qlen=lengths[1] if lengths else None,
@@ -725,10 +769,10 @@ def attention_bwd(
         return dq, dk, dv, dbias
     for kernel, args, kind in ((attention_bwd_dkdv_kernel, dkdv_args, "dkdv"), (attention_bwd_dq_kernel, dq_args, "dq")):
         if use_block_mask:
-            meta = configs.block_mask_config(kind, head_dim, block_size_q, block_size_k, q.element_size())
+            meta = configs.block_mask_config(kind, head_dim, block_size_q, block_size_k, q.element_size(), flags)
             sub = {"MASK_SUB_M": block_size_q // meta["BLOCK_M"], "MASK_SUB_N": block_size_k // meta["BLOCK_N"]}
         else:
-            meta = configs.pinned_config(kind, head_dim, q.element_size())
+            meta = configs.pinned_config(kind, head_dim, q.element_size(), flags)
             sub = {"MASK_SUB_M": 1, "MASK_SUB_N": 1}
         if kind == "dkdv":
             grid = (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)

@@ -23,6 +23,7 @@ strides and masks with ``Lq * Lk >= 2**31`` are addressed correctly.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -55,6 +56,15 @@ def _tanh(x):
 def _tanh_hw(x):
     # One MUFU.TANH per element (relative error 2**-11; used for 16-bit inputs on a GPU only).
     return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _rows_desc(p_head, rows, cols, stride_row, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A tensor descriptor (TMA) of one head's ``[rows, cols]`` matrix at ``p_head`` (unit column
+    stride), read and written in ``[BLOCK_R, BLOCK_C]`` tiles; rows and columns past the shape read as 0
+    and are not written."""
+    return tl.make_tensor_descriptor(p_head, shape=[rows, cols], strides=[stride_row, 1],
+                                     block_shape=[BLOCK_R, BLOCK_C])
 
 
 @triton.jit
@@ -206,10 +216,11 @@ def _fwd_key_block(
     HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     APPLY_INDEX_MASK: tl.constexpr, APPLY_ATTN_MASK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """One step of the online softmax over the key block ``i_n`` (``row_lo``, ``row_hi``: the first
-    and last valid query position of the tile)."""
+    and last valid query position of the tile). With ``USE_TMA``, ``k_bh`` and ``v_bh`` are tensor
+    descriptors of the head's rows up to the logical length (TMA loads; rows past it read as 0)."""
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Keys at or past the logical length are never loaded (an unused KV-cache slot may hold NaN).
     m_n = o_n < klen
@@ -221,13 +232,21 @@ def _fwd_key_block(
         m_nv = m_nv & (o_n >= row_lo + offset - window_left)
     if APPLY_INDEX_MASK and HAS_WINDOW_RIGHT:
         m_nv = m_nv & (o_n <= row_hi + offset + window_right)
-    o_n64 = o_n.to(tl.int64)
-    # [BLOCK_D, BLOCK_N]
-    b_kt = tl.load(k_bh + (o_n64[None, :] * stride_kn + o_d[:, None]), mask=m_n[None, :] & (o_d[:, None] < D),
-                   other=0.0)
-    # [BLOCK_N, BLOCK_DV]
-    b_v = tl.load(v_bh + (o_n64[:, None] * stride_vn + o_dv[None, :]), mask=m_nv[:, None] & (o_dv[None, :] < DV),
-                  other=0.0)
+    if USE_TMA:
+        # [BLOCK_D, BLOCK_N]
+        b_kt = tl.trans(k_bh.load([i_n * BLOCK_N, 0]))
+        # [BLOCK_N, BLOCK_DV]
+        b_v = v_bh.load([i_n * BLOCK_N, 0])
+        if APPLY_INDEX_MASK and (HAS_WINDOW_LEFT or HAS_WINDOW_RIGHT):
+            b_v = tl.where(m_nv[:, None], b_v, 0.0)
+    else:
+        o_n64 = o_n.to(tl.int64)
+        # [BLOCK_D, BLOCK_N]
+        b_kt = tl.load(k_bh + (o_n64[None, :] * stride_kn + o_d[:, None]), mask=m_n[None, :] & (o_d[:, None] < D),
+                       other=0.0)
+        # [BLOCK_N, BLOCK_DV]
+        b_v = tl.load(v_bh + (o_n64[:, None] * stride_vn + o_dv[None, :]),
+                      mask=m_nv[:, None] & (o_dv[None, :] < DV), other=0.0)
     if DOT_FP32:
         b_kt = b_kt.to(tl.float32)
         b_v = b_v.to(tl.float32)
@@ -259,7 +278,7 @@ def _fwd_key_block(
 
 
 # --------------------------------------------------------------------------- the kernel
-@triton.jit(do_not_specialize=["Lq", "Lk", "window_left", "window_right", "seed"])
+@triton.jit(do_not_specialize=["Lq", "Lk", "window_left", "window_right", "seed", "TUNE_LK"])
 def attention_fwd_kernel(
     # pointers
     p_q, p_k, p_v, p_out, p_lse, p_mask, p_alibi, p_klen, p_qlen,
@@ -279,6 +298,7 @@ def attention_fwd_kernel(
     stride_tid_b, stride_tid_h, stride_tid_m, stride_tid_n,
     # scalars
     sm_scale, softcap, window_left, window_right, dropout_p, seed,
+    TUNE_LK,  # the autotuning key's power-of-two bucket of Lk (unused by the kernel)
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     GQA_PACK: tl.constexpr,
@@ -286,7 +306,7 @@ def attention_fwd_kernel(
     HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, USE_BLOCK_MASK: tl.constexpr, MASK_SUB_M: tl.constexpr, MASK_SUB_N: tl.constexpr,
     PARTIAL_MASKS: tl.constexpr, HAS_DROPOUT: tl.constexpr, COUNT_BLOCKS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Grid ``(cdiv(rows, BLOCK_M), B * heads, splits)``: one program per block of query rows of one
     (batch, head) and one share of its key blocks.
@@ -299,6 +319,8 @@ def attention_fwd_kernel(
     ``(B, Hq, Lq, DV)`` and lse ``(B, Hq, Lq)``; with S splits, split ``s`` of the key blocks writes
     its normalised partial result to ``out[s]`` (float32) and ``lse[s]`` for ``attention_combine``.
     ``p_counter`` (with ``COUNT_BLOCKS``) receives the number of key blocks each program visited.
+    ``USE_TMA`` (Hopper and later, 16-byte aligned rows, see ``use_tensor_descriptors``) moves the
+    K and V tiles, and the Q and O tiles of an unpacked program, through tensor descriptors (TMA).
     """
     tl.static_assert(not (USE_BLOCK_MASK and GQA_PACK > 1), "a BlockMask's lists are per head: no GQA packing")
     # Query positions a tile's rows span: BLOCK_M, or fewer when GQA_PACK rows share a position.
@@ -342,6 +364,14 @@ def attention_fwd_kernel(
 
     k_bh = p_k + i_b64 * stride_kb + i_hk.to(tl.int64) * stride_kh
     v_bh = p_v + i_b64 * stride_vb + i_hk.to(tl.int64) * stride_vh
+    if USE_TMA:
+        # The head's keys up to the logical length: the TMA unit reads rows past it (and the padded
+        # head dim) as 0, so an unused KV-cache slot is never read.
+        kv_rows = klen
+        if HAS_LENGTHS:
+            kv_rows = tl.minimum(klen, Lk)
+        k_bh = _rows_desc(k_bh, kv_rows, D, stride_kn, BLOCK_N, BLOCK_D)
+        v_bh = _rows_desc(v_bh, kv_rows, DV, stride_vn, BLOCK_N, BLOCK_DV)
     # Per-head values the score tile reads: scalars, or [BLOCK_M, 1] columns when packed.
     p_mask_bh = p_mask
     if HAS_MASK:
@@ -359,8 +389,15 @@ def attention_fwd_kernel(
         i_h_tile = i_h[:, None]
 
     # [BLOCK_M, BLOCK_D]
-    o_q = i_b64 * stride_qb + o_h64 * stride_qh + o_m64 * stride_qm
-    b_q = tl.load(p_q + (o_q[:, None] + o_d[None, :]), mask=m_m[:, None] & (o_d[None, :] < D), other=0.0)
+    if USE_TMA and GQA_PACK == 1:
+        q_rows = qlen
+        if HAS_LENGTHS:
+            q_rows = tl.minimum(qlen, Lq)
+        b_q = _rows_desc(p_q + (i_b64 * stride_qb + o_h64 * stride_qh), q_rows, D, stride_qm, BLOCK_M, BLOCK_D).load(
+            [m0, 0])
+    else:
+        o_q = i_b64 * stride_qb + o_h64 * stride_qh + o_m64 * stride_qm
+        b_q = tl.load(p_q + (o_q[:, None] + o_d[None, :]), mask=m_m[:, None] & (o_d[None, :] < D), other=0.0)
     if DOT_FP32:
         b_q = b_q.to(tl.float32)
     # [BLOCK_M, BLOCK_DV]
@@ -393,7 +430,7 @@ def attention_fwd_kernel(
                 i_b, i_h_tile, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
                 softcap, dropout_p, seed, p_mask_tile, stride_mask_m, stride_mask_n, row_lo, row_hi,
                 BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
-                HAS_LENGTHS, HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32,
+                HAS_LENGTHS, HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA,
             )
         for t in range(tl.maximum(t_lo, num_partial) - num_partial, t_hi - num_partial):
             i_n = tl.load(p_full_idx + p_idx + t // MASK_SUB_N) * MASK_SUB_N + t % MASK_SUB_N
@@ -402,7 +439,7 @@ def attention_fwd_kernel(
                 i_b, i_h_tile, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
                 softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, row_lo, row_hi,
                 BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
-                HAS_LENGTHS, HAS_DROPOUT, True, False, DOT_PRECISION, DOT_FP32,
+                HAS_LENGTHS, HAS_DROPOUT, True, False, DOT_PRECISION, DOT_FP32, USE_TMA,
             )
         visited = t_hi - t_lo
     else:
@@ -422,7 +459,7 @@ def attention_fwd_kernel(
                     i_b, i_h_tile, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
                     softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, row_lo, row_hi,
                     BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
-                    HAS_LENGTHS, HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32,
+                    HAS_LENGTHS, HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA,
                 )
         for i_n in range(tl.maximum(n_mid_lo, s_lo), tl.minimum(n_mid_hi, s_hi)):
             b_acc, b_l, b_m = _fwd_key_block(
@@ -430,7 +467,7 @@ def attention_fwd_kernel(
                 i_b, i_h_tile, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
                 softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, row_lo, row_hi,
                 BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
-                HAS_LENGTHS, HAS_DROPOUT, False, True, DOT_PRECISION, DOT_FP32,
+                HAS_LENGTHS, HAS_DROPOUT, False, True, DOT_PRECISION, DOT_FP32, USE_TMA,
             )
         for i_n in range(tl.maximum(n_mid_hi, s_lo), s_hi):
             b_acc, b_l, b_m = _fwd_key_block(
@@ -438,7 +475,7 @@ def attention_fwd_kernel(
                 i_b, i_h_tile, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
                 softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, row_lo, row_hi,
                 BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
-                HAS_LENGTHS, HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32,
+                HAS_LENGTHS, HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA,
             )
         visited = s_hi - s_lo
 
@@ -452,15 +489,19 @@ def attention_fwd_kernel(
     b_out = tl.where(m_row[:, None], b_out, 0.0)
     # [BLOCK_M]
     b_lse = tl.where(m_row, (b_m + tl.log2(tl.where(m_row, b_l, 1.0))) * 0.6931471805599453, float("-inf"))
-    o_out = i_s.to(tl.int64) * stride_os + i_b64 * stride_ob + o_h64 * stride_oh + o_m64 * stride_om
     m_store = o_m < Lq
-    tl.store(p_out + (o_out[:, None] + o_dv[None, :]), b_out.to(p_out.dtype.element_ty),
-             mask=m_store[:, None] & (o_dv[None, :] < DV))
+    if USE_TMA and GQA_PACK == 1:
+        p_out_bh = p_out + (i_s.to(tl.int64) * stride_os + i_b64 * stride_ob + o_h64 * stride_oh)
+        _rows_desc(p_out_bh, Lq, DV, stride_om, BLOCK_M, BLOCK_DV).store([m0, 0], b_out.to(p_out.dtype.element_ty))
+    else:
+        o_out = i_s.to(tl.int64) * stride_os + i_b64 * stride_ob + o_h64 * stride_oh + o_m64 * stride_om
+        tl.store(p_out + (o_out[:, None] + o_dv[None, :]), b_out.to(p_out.dtype.element_ty),
+                 mask=m_store[:, None] & (o_dv[None, :] < DV))
     o_lse = i_s.to(tl.int64) * stride_lse_s + (i_b64 * Hq + o_h64) * Lq + o_m64
     tl.store(p_lse + o_lse, b_lse, mask=m_store)
 
 
-attention_fwd_kernel_tuned = triton.autotune(configs=configs.fwd_configs(), key=configs.FWD_KEY)(attention_fwd_kernel)
+attention_fwd_kernel_tuned = configs.autotune("fwd", configs.FWD_KEY)(attention_fwd_kernel)
 
 
 @triton.jit(do_not_specialize=["Lq", "Lk", "seed"])
@@ -497,6 +538,48 @@ def head_dim_tile(d: int) -> int:
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     # The kernels index the last dim with unit stride (vectorised loads); other layouts are copied once.
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _tma_device(device: torch.device) -> bool:
+    """Whether tiles can move through tensor descriptors on ``device``: a CUDA GPU with a TMA unit
+    (Hopper, sm_90, and later), or the interpreter (which emulates them)."""
+    if configs.in_interpreter():
+        return True
+    if device.type != "cuda" or torch.version.hip is not None:
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    # Global memory for the tensor descriptors a kernel builds (128 bytes per descriptor and program).
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def use_tensor_descriptors(*tensors: torch.Tensor) -> bool:
+    """The kernels' ``USE_TMA``: tiles of ``tensors`` (each ``(B, H, L, D)``) move through tensor
+    descriptors (TMA) when the device has them and every row is 16-byte aligned (unit last stride;
+    the other strides and the start a multiple of 16 bytes); else pointer loads. ``FASTATTN_TRITON_TMA=0``
+    turns them off. Sets Triton's scratch allocator (for the descriptors) when none is set."""
+    if os.environ.get("FASTATTN_TRITON_TMA", "1") == "0" or not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    if not _tma_device(tensors[0].device):
+        return False
+    for t in tensors:
+        per_16 = 16 // t.element_size()
+        if t.stride(-1) != 1 or t.storage_offset() % per_16 or any(s % per_16 for s in t.stride()[:-1]):
+            return False
+        try:
+            misaligned = t.data_ptr() % 16
+        except (RuntimeError, NotImplementedError):  # a fake tensor (torch.compile tracing): no address
+            misaligned = 0
+        if misaligned:
+            return False
+    if not configs.in_interpreter():
+        from triton.runtime import _allocation
+
+        if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            triton.set_allocator(_scratch)
+    return True
 
 
 def clamp_window(w: int | None, bound: int) -> int:
@@ -719,6 +802,7 @@ def attention_fwd(
     element = element_mask_args(attn_mask, partial_masks, partial_tile_ids, block_size_k)
     flags = feature_flags(element["p_mask"], alibi_slopes, lengths, window_left, window_right, softcap, dropout_p)
     flags["HAS_SOFTCAP"] = softcap_flag(softcap, q.dtype)
+    flags["USE_TMA"] = use_tensor_descriptors(q, k, v, out)
     use_block_mask = kv_num_blocks is not None
     block_d, block_dv = head_dim_tile(D), head_dim_tile(DV)
     precision, dot_fp32 = dot_settings(q.dtype)
@@ -740,7 +824,7 @@ def attention_fwd(
         stride_idx_b=idx_strides[0], stride_idx_h=idx_strides[1], stride_idx_m=idx_strides[2],
         sm_scale=float(scale), softcap=float(softcap),
         window_left=clamp_window(window_left, bound), window_right=clamp_window(window_right, bound),
-        dropout_p=float(dropout_p), seed=int(seed),
+        dropout_p=float(dropout_p), seed=int(seed), TUNE_LK=configs.tune_bucket(Lk),
         BLOCK_D=block_d, BLOCK_DV=block_dv, **flags, USE_BLOCK_MASK=use_block_mask,
         COUNT_BLOCKS=block_counter is not None, DOT_PRECISION=precision, DOT_FP32=dot_fp32,
     )
@@ -757,10 +841,10 @@ def attention_fwd(
     sub_m = sub_n = 1
     head_dim = max(block_d, block_dv)
     if use_block_mask:
-        meta = configs.block_mask_config("fwd", head_dim, block_size_q, block_size_k, q.element_size())
+        meta = configs.block_mask_config("fwd", head_dim, block_size_q, block_size_k, q.element_size(), flags)
         sub_m, sub_n = block_size_q // meta["BLOCK_M"], block_size_k // meta["BLOCK_N"]
     else:
-        meta = configs.pinned_config("fwd", head_dim, q.element_size())
+        meta = configs.pinned_config("fwd", head_dim, q.element_size(), flags)
         if decoding:
             meta = decode_tile(meta, Lq * pack)
     rows, heads = Lq * pack, Hq // pack
@@ -794,10 +878,11 @@ def attention_fwd(
     return out, lse
 
 
-def fwd_tiles(q: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
-    """``(BLOCK_M, BLOCK_N)`` of the untuned forward without a BlockMask (to size a ``block_counter``)."""
+def fwd_tiles(q: torch.Tensor, v: torch.Tensor, flags: dict | None = None) -> tuple[int, int]:
+    """``(BLOCK_M, BLOCK_N)`` of the untuned forward without a BlockMask (to size a ``block_counter``),
+    for a launch with the feature flags ``flags`` (``feature_flags``; None: no features)."""
     head_dim = max(head_dim_tile(q.shape[-1]), head_dim_tile(v.shape[-1]))
-    meta = configs.pinned_config("fwd", head_dim, q.element_size())
+    meta = configs.pinned_config("fwd", head_dim, q.element_size(), flags)
     return meta["BLOCK_M"], meta["BLOCK_N"]
 
 

@@ -2,8 +2,10 @@
 
 Each kernel has its own pinned config per (head dim, element size), chosen from the compiled code
 for Hopper (sm_90a, see ``docs/perf-notes.md``): no register spills at head dims 64 and 128, the
-least spilling that fits shared memory at 256. Pinned tiles make results bit-reproducible across
-processes (the tile sizes fix the order of every float32 sum).
+least spilling that fits shared memory at 256. Feature mixes that would spill at 64 and 128 (a
+mask, dropout with softcap) take lean tiles, and the dK/dV kernel prefetches only when its tiles come
+by TMA. Pinned tiles make results bit-reproducible across processes (the tile sizes fix the
+order of every float32 sum).
 
 ``FASTATTN_AUTOTUNE=1`` opts into autotuning: the candidates are pruned *before* compiling (shared
 memory estimate; no score tile with fewer than 16 rows per warp), the key holds the head-dim tiles,
@@ -29,8 +31,9 @@ FEATURE_FLAGS = [
     "HAS_WINDOW_LEFT", "HAS_WINDOW_RIGHT", "HAS_ALIBI", "HAS_SOFTCAP", "HAS_MASK", "MASK_IS_BOOL",
     "HAS_LENGTHS", "HAS_DROPOUT",
 ]
-FWD_KEY = ["BLOCK_D", "BLOCK_DV", *FEATURE_FLAGS]
-DQ_KEY = [*FWD_KEY, "TUNE_LK", "GROUP"]
+HEAD_KEY = ["BLOCK_D", "BLOCK_DV", *FEATURE_FLAGS]
+FWD_KEY = [*HEAD_KEY, "TUNE_LK", "GROUP"]
+DQ_KEY = FWD_KEY
 DKDV_KEY = [*DQ_KEY, "COMPUTE_DBIAS"]
 BWD_KEY = DKDV_KEY  # the former name
 
@@ -68,7 +71,9 @@ _PINNED = {
     ("fwd", 256): _config(64, 32, 4, 2),
     ("fwd", 512): _config(32, 32, 4, 1),
     # dK/dV: 128 keys (the M dimension, two warpgroups of 64 rows) x 64 queries per step; at 128 a
-    # 32-query step without prefetch is what keeps dK, dV, S^T and dP^T in registers without spilling.
+    # 32-query step is what keeps dK, dV, S^T and dP^T in registers without spilling (64 spills
+    # 80 B); it prefetches the next step only with TMA (USE_TMA, see _TMA_STAGES: the pointer
+    # path's prefetch spills 4 B).
     ("dkdv", 64): _config(64, 128, 8, 2),
     ("dkdv", 128): _config(32, 128, 8, 1),
     # At 256 dK and dV alone fill the registers of a 64-row warpgroup tile: 32 x 32 tiles with warps
@@ -81,6 +86,20 @@ _PINNED = {
     ("dq", 256): _config(32, 32, 4, 1),
     ("dq", 512): _config(32, 16, 2, 1),
 }
+# Lean tiles at 64 and 128 for the feature mixes that keep extra tiles live next to the scores (a
+# mask tile, dS for dbias, Philox draws with the softcap's tanh): the configs above spill there
+# (at 128 dK/dV 28-700 B, dQ 48-550 B; at 64 forward 884 B, dK/dV 48-412 B); these spill at most
+# 72 B at 16-byte aligned mask rows (docs/perf-notes.md).
+_LEAN = {
+    ("fwd", 64): _config(128, 64, 8, 3),
+    ("dkdv", 64): _config(32, 128, 8, 2),
+    ("dq", 64): _config(128, 32, 8, 2),
+    ("fwd", 128): _config(128, 32, 8, 2),
+    ("dkdv", 128): _config(16, 128, 8, 3),
+    ("dq", 128): _config(64, 32, 4, 2),
+}
+# With tensor descriptors (USE_TMA) the staged tiles live in shared memory, not registers.
+_TMA_STAGES = {("dkdv", 128): 2}
 _INTERPRETER = {
     "fwd": _config(64, 32, 1, 1),
     "dkdv": _config(32, 64, 1, 1),
@@ -96,13 +115,22 @@ def _kind(kind: str) -> str:
     return kind
 
 
-def pinned_config(kind: str, head_dim: int, elem_bytes: int = 2) -> dict:
+def lean_features(flags: dict | None) -> bool:
+    """Whether the kernels' feature flags need the lean tiles: any element mask, or dropout with softcap."""
+    if not flags:
+        return False
+    return bool(flags.get("HAS_MASK")) or bool(flags.get("HAS_DROPOUT") and flags.get("HAS_SOFTCAP"))
+
+
+def pinned_config(kind: str, head_dim: int, elem_bytes: int = 2, flags: dict | None = None) -> dict:
     """The config used without autotuning: ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}``.
 
     Args:
         kind: ``"fwd"``, ``"dkdv"`` or ``"dq"`` (``"bwd"``: the dK/dV kernel).
         head_dim: the padded (power of two) head dim, the larger of q's and v's.
         elem_bytes: bytes per element (4 for float32 doubles what shared memory sees).
+        flags: the launch's constexpr flags (``HAS_MASK``, ``HAS_DROPOUT``, ..., ``USE_TMA``); mixes
+            that would spill take lean tiles (``lean_features``).
     """
     kind = _kind(kind)
     if in_interpreter():
@@ -110,8 +138,20 @@ def pinned_config(kind: str, head_dim: int, elem_bytes: int = 2) -> dict:
     width = head_dim * elem_bytes // 2  # the head dim in 16-bit units: what shared memory sees
     for bound in (64, 128, 256, 512):
         if width <= bound:
-            return dict(_PINNED[(kind, bound)])
+            if (kind, bound) in _LEAN and lean_features(flags):
+                return dict(_LEAN[(kind, bound)])
+            meta = dict(_PINNED[(kind, bound)])
+            if flags and flags.get("USE_TMA") and (kind, bound) in _TMA_STAGES:
+                meta["num_stages"] = _TMA_STAGES[(kind, bound)]
+            return meta
     raise ValueError(f"head_dim {head_dim} with {elem_bytes}-byte elements is wider than the kernels' tiles")
+
+
+def tma_tiles(kind: str, head_dim: int, elem_bytes: int = 2) -> bool:
+    """Whether ``kind``'s kernel may load its tiles through tensor descriptors (TMA) at this head dim.
+    Not the backward wider than 128 16-bit units: its tiles run on mma.sync there, which reads its
+    operands from registers, and TMA-staged tiles made those kernels spill (1-2 KB per thread)."""
+    return _kind(kind) == "fwd" or head_dim * elem_bytes // 2 <= 128
 
 
 def m_dim(kind: str, meta: dict) -> int:
@@ -119,11 +159,13 @@ def m_dim(kind: str, meta: dict) -> int:
     return meta["BLOCK_N"] if _kind(kind) == "dkdv" else meta["BLOCK_M"]
 
 
-def block_mask_config(kind: str, head_dim: int, block_size_q: int, block_size_k: int, elem_bytes: int = 2) -> dict:
+def block_mask_config(
+    kind: str, head_dim: int, block_size_q: int, block_size_k: int, elem_bytes: int = 2, flags: dict | None = None
+) -> dict:
     """With a BlockMask each kernel tile lies inside one mask block: the tiles are the mask's blocks,
     capped at the pinned config's tiles (both powers of two, so a mask block is a whole number of
     tiles), with at most one warp per 16 rows of the M dimension (more warps would repeat work)."""
-    meta = dict(pinned_config(kind, head_dim, elem_bytes))
+    meta = dict(pinned_config(kind, head_dim, elem_bytes, flags))
     meta["BLOCK_M"] = min(block_size_q, meta["BLOCK_M"])
     meta["BLOCK_N"] = min(block_size_k, meta["BLOCK_N"])
     meta["num_warps"] = max(1, min(meta["num_warps"], m_dim(kind, meta) // 16))
@@ -214,7 +256,8 @@ def prune(kind: str):
 
 
 def autotune(kind: str, key: list[str]):
-    """The autotune decorator of ``kind``'s kernel: its candidates, pruned before compiling, persisted."""
+    """The autotune decorator of ``kind``'s kernel (``"fwd"``, ``"dkdv"``, ``"dq"``): its candidates,
+    pruned before compiling, keyed on ``key`` (kernel argument names), persisted across processes."""
     candidates = {"fwd": fwd_configs, "dkdv": dkdv_configs, "dq": dq_configs}[_kind(kind)]()
     return triton.autotune(
         configs=candidates, key=key, prune_configs_by={"early_config_prune": prune(kind)}, cache_results=True

@@ -103,7 +103,7 @@ def attention_varlen_fwd_kernel(
             i_s, i_h, Hq, qlen, klen, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
             softcap, 0.0, 0, p_q, 0, 0, row_lo, row_hi,
             BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False,
-            True, False, True, False, DOT_PRECISION, DOT_FP32,
+            True, False, True, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
         )
     for i_n in range(n_mid_lo, n_mid_hi):
         b_acc, b_l, b_m = _fwd_key_block(
@@ -111,7 +111,7 @@ def attention_varlen_fwd_kernel(
             i_s, i_h, Hq, qlen, klen, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
             softcap, 0.0, 0, p_q, 0, 0, row_lo, row_hi,
             BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False,
-            True, False, False, False, DOT_PRECISION, DOT_FP32,
+            True, False, False, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
         )
     for i_n in range(n_mid_hi, n_hi):
         b_acc, b_l, b_m = _fwd_key_block(
@@ -119,7 +119,7 @@ def attention_varlen_fwd_kernel(
             i_s, i_h, Hq, qlen, klen, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
             softcap, 0.0, 0, p_q, 0, 0, row_lo, row_hi,
             BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False,
-            True, False, True, False, DOT_PRECISION, DOT_FP32,
+            True, False, True, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
         )
 
     # Rows that saw no key output 0 and lse = -inf.
@@ -263,7 +263,7 @@ def attention_varlen_bwd_dkdv_kernel(
                 offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, 0.0, 0,
                 p_q, 0, 0, BLOCK_M,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False,
-                True, False, True, False, False, DOT_PRECISION, DOT_FP32,
+                True, False, True, False, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
             )
         for i_m in range(m_mid_lo, m_mid_hi):
             b_dk, b_dv = _dkdv_query_block(
@@ -272,7 +272,7 @@ def attention_varlen_bwd_dkdv_kernel(
                 offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, 0.0, 0,
                 p_q, 0, 0, BLOCK_M,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False,
-                True, False, False, False, False, DOT_PRECISION, DOT_FP32,
+                True, False, False, False, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
             )
         for i_m in range(m_mid_hi, m_hi):
             b_dk, b_dv = _dkdv_query_block(
@@ -281,7 +281,7 @@ def attention_varlen_bwd_dkdv_kernel(
                 offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, 0.0, 0,
                 p_q, 0, 0, BLOCK_M,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False,
-                True, False, True, False, False, DOT_PRECISION, DOT_FP32,
+                True, False, True, False, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
             )
 
     b_dk = b_dk * sm_scale
@@ -363,7 +363,7 @@ def attention_varlen_bwd_dq_kernel(
             stride_vn, i_s, i_h, Hq, qlen, klen, D, DV, offset, qlen, klen, window_left, window_right, slope,
             sm_scale, softcap, 0.0, 0, p_q, 0, 0, BLOCK_N,
             HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False, True,
-            False, True, False, DOT_PRECISION, DOT_FP32,
+            False, True, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
         )
     for i_n in range(n_mid_lo, n_mid_hi):
         b_dq = _dq_key_block(
@@ -371,7 +371,7 @@ def attention_varlen_bwd_dq_kernel(
             stride_vn, i_s, i_h, Hq, qlen, klen, D, DV, offset, qlen, klen, window_left, window_right, slope,
             sm_scale, softcap, 0.0, 0, p_q, 0, 0, BLOCK_N,
             HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False, True,
-            False, False, False, DOT_PRECISION, DOT_FP32,
+            False, False, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
         )
     for i_n in range(n_mid_hi, n_hi):
         b_dq = _dq_key_block(
@@ -379,7 +379,7 @@ def attention_varlen_bwd_dq_kernel(
             stride_vn, i_s, i_h, Hq, qlen, klen, D, DV, offset, qlen, klen, window_left, window_right, slope,
             sm_scale, softcap, 0.0, 0, p_q, 0, 0, BLOCK_N,
             HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False, True,
-            False, True, False, DOT_PRECISION, DOT_FP32,
+            False, True, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
         )
 
     b_dq = b_dq * sm_scale

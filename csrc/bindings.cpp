@@ -23,6 +23,13 @@ TORCH_LIBRARY(fastattn, m) {
   m.def("attention_fwd_sm90(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? alibi_slopes, "
         "Tensor? key_lengths, Tensor? query_lengths, " FASTATTN_BLOCK_ARGS FASTATTN_PARTIAL_ARGS FASTATTN_COMMON_TAIL
         ") -> (Tensor, Tensor)");
+  // attention_with_kvcache's kernel (csrc/cpu/decode.cpp; fastattn/kvcache.py): writes k/v (B, Lnew, Hkv, *)
+  // into the cache at cache_seqlens, then attends q (B, Lq, Hq, D) to the cache read in place --
+  // contiguous (B_cache, L_max, Hkv, D) or paged (num_pages, page_size, Hkv, D) through block_table.
+  // Returns out (B, Lq, Hq, Dv) and lse (B, Hq, Lq) float32.
+  m.def("decode_attention(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
+        "Tensor cache_seqlens, Tensor? block_table, Tensor? cache_batch_idx, Tensor? alibi_slopes, Tensor? sinks, "
+        "float scale, int? window_left, int? window_right, float softcap, int num_splits) -> (Tensor, Tensor)");
 }
 
 #ifdef FASTATTN_WITH_CUDA

@@ -17,9 +17,14 @@ the device and is not yet capturable in a CUDA graph.
 
 from __future__ import annotations
 
+import functools
+import math
+import os
+
 import torch
 
-from ._inputs import _check_bool, _check_tensor
+from . import _extension
+from ._inputs import _check_bool, _check_number, _check_tensor, _check_window
 from .api import attention
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -41,6 +46,75 @@ def _check_index(t, name: str, shape: tuple[int, ...], device: torch.device) -> 
         raise ValueError(f"{name} must be on q's device {device}, got {t.device}")
 
 
+# The CPU decode kernel holds every query row of a GQA group in one task: Lq * (Hq / Hkv) rows at most.
+_CPU_KERNEL_MAX_GROUP_ROWS = 64
+
+
+@functools.cache
+def _cpu_kernel_available() -> bool:
+    """The C++ extension is built and has the decode op (a build from before it has not)."""
+    module, _ = _extension.load()
+    return module is not None and hasattr(torch.ops.fastattn, "decode_attention")
+
+
+def _cpu_kernel_serves(q, k_cache, v_cache, k, v, alibi_slopes, backend, group_rows: int) -> bool:
+    """Whether the CPU decode kernel (csrc/cpu/decode.cpp) runs this call: a CPU call on the cpu
+    backend (asked for, or chosen automatically), a short query and no gradient to compute (the
+    kernel is forward only; a call that needs gradients composes :func:`fastattn.attention`)."""
+    if q.device.type != "cpu" or group_rows > _CPU_KERNEL_MAX_GROUP_ROWS:
+        return False
+    requested = backend or os.environ.get("FASTATTN_BACKEND") or "cpu"
+    if requested != "cpu" or not _cpu_kernel_available():
+        return False
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v, alibi_slopes)
+    ):
+        return False
+    return True
+
+
+def _cpu_decode(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, *, causal, window,
+                alibi_slopes, softcap, scale, return_lse, sinks=None, num_splits=0):
+    """Append and attend in one call of the CPU decode kernel, which reads the cache in place
+    (paged through ``block_table``) and checks every index value before it writes or reads."""
+    _check_bool(causal, "causal")
+    window_left, window_right = _check_window(window)
+    if causal:
+        window_right = 0 if window_right is None else min(window_right, 0)
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else _check_number(scale, "scale")
+    softcap = _check_number(softcap, "softcap", minimum=0.0)
+    if alibi_slopes is not None:
+        alibi_slopes = _check_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device)
+    out, lse = torch.ops.fastattn.decode_attention(
+        q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, sinks, scale,
+        window_left, window_right, softcap, num_splits)
+    return (out, lse) if return_lse else out
+
+
+def _check_splits(num_splits) -> int:
+    """``num_splits`` as the kernel takes it: 0 = automatic."""
+    if num_splits is None:
+        return 0
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    return num_splits
+
+
+def _check_alibi(alibi_slopes, B: int, Hq: int, device) -> torch.Tensor:
+    """float32 ``(Hq,)`` or ``(B, Hq)`` slopes, expanded to ``(B, Hq)``."""
+    _check_tensor(alibi_slopes, "alibi_slopes")
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+    if alibi_slopes.shape not in ((Hq,), (B, Hq)):
+        raise ValueError(f"alibi_slopes must have shape (Hq,) = ({Hq},) or (B, Hq) = ({B}, {Hq}), "
+                         f"got {tuple(alibi_slopes.shape)}")
+    if alibi_slopes.device != device:
+        raise ValueError(f"alibi_slopes must be on q's device {device}, got {alibi_slopes.device}")
+    if not bool(torch.isfinite(alibi_slopes).all()):
+        raise ValueError("alibi_slopes must be finite, got NaN or Inf values")
+    return alibi_slopes.expand(B, Hq)
+
+
 def attention_with_kvcache(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -58,6 +132,7 @@ def attention_with_kvcache(
     scale: float | None = None,
     return_lse: bool = False,
     backend: str | None = None,
+    num_splits: int | None = None,
 ):
     """Append ``k``/``v`` to a KV cache in place, then attend to the cache (flash-attn's layout).
 
@@ -83,11 +158,15 @@ def attention_with_kvcache(
             row ``cache_batch_idx[b]``; default row ``b`` (then ``B_cache`` must equal ``B``).
         causal, window, alibi_slopes, softcap, scale, backend: as in :func:`fastattn.attention`.
         return_lse: also return the float32 log-sum-exp ``(B, Hq, Lq)``.
+        num_splits: how many slices of each sequence's keys the CPU decode kernel gives separate
+            tasks (split-KV, merged by log-sum-exp); ``None`` chooses from the batch size and the
+            thread count. Other paths choose their own split.
 
     Returns:
         ``out (B, Lq, Hq, Dv)`` in q's dtype, or ``(out, lse)`` with ``return_lse``.
     """
     _check_bool(return_lse, "return_lse")
+    splits = _check_splits(num_splits)
     _check_4d(q, "q", "(B, Lq, Hq, D)")
     B, Lq, Hq, D = q.shape
     paged = block_table is not None
@@ -126,6 +205,10 @@ def attention_with_kvcache(
                 raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
 
     _check_index(cache_seqlens, "cache_seqlens", (B,), q.device)
+    if _cpu_kernel_serves(q, k_cache, v_cache, k, v, alibi_slopes, backend, Lq * (Hq // Hkv)):
+        return _cpu_decode(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, causal=causal,
+                           window=window, alibi_slopes=alibi_slopes, softcap=softcap, scale=scale,
+                           return_lse=return_lse, num_splits=splits)
     seqlens = cache_seqlens.long()
     if paged:
         if cache_batch_idx is not None:

@@ -13,7 +13,7 @@ Two measurements, all in this process:
   ``torch.nn.functional.scaled_dot_product_attention``.
 
 Reported: the median of ``--repeats`` timed calls (decode) or of ``--repeats`` batches of 200 calls
-(overhead), after warm-up.
+(overhead), after warm-up; the contenders take turns within each repeat.
 
     PYTHONPATH=$PWD python benchmarks/decode_cpu.py [--threads 2] [--lk 8192] [--dtype float32] [--repeats 20]
 """
@@ -30,16 +30,20 @@ import torch.nn.functional as F
 import fastattn
 
 
-def _median_seconds(fn, repeats: int, inner: int = 1) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
+def _median_seconds(fns, repeats: int, inner: int = 1) -> list[float]:
+    """Median seconds per call of each function; the functions take turns within each repeat, so
+    a change of load on a shared machine hits them alike."""
+    for fn in fns:
+        for _ in range(3):
             fn()
-        times.append((time.perf_counter() - start) / inner)
-    return statistics.median(times)
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            ts.append((time.perf_counter() - start) / inner)
+    return [statistics.median(ts) for ts in times]
 
 
 def paged_copy(caches, page_size: int, generator: torch.Generator):
@@ -88,11 +92,9 @@ def decode(args) -> None:
             q, k_pages, v_pages, cache_seqlens=lengths, block_table=table)),
     ]
     print(f"decode: B={B} Hq={Hq} Hkv={Hkv} D={D} Lk={L} {args.dtype}, {torch.get_num_threads()} threads")
-    base = None
-    for name, fn in rows:
-        t = _median_seconds(fn, args.repeats)
-        base = base or t
-        print(f"  {name:50s} {t * 1e3:8.3f} ms  {bytes_kv / t / 1e9:6.1f} GB/s  {base / t:5.2f}x SDPA")
+    times = _median_seconds([fn for _, fn in rows], args.repeats)
+    for (name, _), t in zip(rows, times):
+        print(f"  {name:50s} {t * 1e3:8.3f} ms  {bytes_kv / t / 1e9:6.1f} GB/s  {times[0] / t:5.2f}x SDPA")
 
 
 def overhead(args) -> None:
@@ -109,8 +111,8 @@ def overhead(args) -> None:
             q, k_cache, v_cache, k, v, cache_seqlens=seqlens, causal=True)),
     ]
     print("per-call cost of a 1 x 1 call (B=1, H=1, Lq=Lk=1, D=8)")
-    for name, fn in rows:
-        t = _median_seconds(fn, args.repeats, inner=200)
+    times = _median_seconds([fn for _, fn in rows], args.repeats, inner=200)
+    for (name, _), t in zip(rows, times):
         print(f"  {name:45s} {t * 1e6:7.1f} us")
 
 

@@ -28,6 +28,8 @@
 #include "checks.h"
 #include "cpu/attention_cpu.h"
 
+#include <cstring>
+
 namespace fastattn::cpu {
 namespace {
 
@@ -90,24 +92,160 @@ struct DecodeParams {
 };
 
 template <typename acc_t>
-inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
+inline __attribute__((always_inline)) acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
   acc_t s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t c = 0; c < n; ++c) s += a[c] * b[c];
   return s;
 }
 
+// out[r * ldo] = a_r . b for the 4 rows a_r = a + r * lda: b is loaded once for the four.
 template <typename acc_t>
-inline void axpy(acc_t* y, acc_t a, const acc_t* x, int64_t n) {
+inline __attribute__((always_inline)) void dot4(const acc_t* a, int64_t lda, const acc_t* b, int64_t n, acc_t* out, int64_t ldo) {
+  acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  const acc_t *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t c = 0; c < n; ++c) {
+    s0 += a0[c] * b[c];
+    s1 += a1[c] * b[c];
+    s2 += a2[c] * b[c];
+    s3 += a3[c] * b[c];
+  }
+  out[0] = s0, out[ldo] = s1, out[2 * ldo] = s2, out[3 * ldo] = s3;
+}
+
+template <typename acc_t>
+inline __attribute__((always_inline)) void axpy(acc_t* y, acc_t a, const acc_t* x, int64_t n) {
 #pragma omp simd
   for (int64_t c = 0; c < n; ++c) y[c] += a * x[c];
 }
 
+// acc (rows, Dv) += P (rows, n; row stride ldp) V, V given as n row pointers. Tiles of 4 rows x 16
+// columns stay in registers across the keys, so acc is loaded and stored once per block.
+template <typename acc_t>
+inline __attribute__((always_inline)) void pv_block(const acc_t* P, int64_t ldp, int64_t rows, const acc_t* const* V, int64_t n, acc_t* acc,
+                     int64_t Dv) {
+  constexpr int64_t kRows = 4, kCols = 16;
+  int64_t r0 = 0;
+  for (; r0 + kRows <= rows; r0 += kRows) {
+    int64_t c0 = 0;
+    for (; c0 + kCols <= Dv; c0 += kCols) {
+      acc_t a[kRows][kCols];
+      for (int64_t r = 0; r < kRows; ++r)
+        for (int64_t c = 0; c < kCols; ++c) a[r][c] = acc[(r0 + r) * Dv + c0 + c];
+      for (int64_t j = 0; j < n; ++j) {
+        const acc_t* vr = V[j] + c0;
+        const acc_t p0 = P[r0 * ldp + j], p1 = P[(r0 + 1) * ldp + j], p2 = P[(r0 + 2) * ldp + j],
+                    p3 = P[(r0 + 3) * ldp + j];
+#pragma omp simd
+        for (int64_t c = 0; c < kCols; ++c) {
+          a[0][c] += p0 * vr[c];
+          a[1][c] += p1 * vr[c];
+          a[2][c] += p2 * vr[c];
+          a[3][c] += p3 * vr[c];
+        }
+      }
+      for (int64_t r = 0; r < kRows; ++r)
+        for (int64_t c = 0; c < kCols; ++c) acc[(r0 + r) * Dv + c0 + c] = a[r][c];
+    }
+    for (int64_t r = r0; r < r0 + kRows; ++r)  // columns past the last full tile
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t c = c0; c < Dv; ++c) acc[r * Dv + c] += P[r * ldp + j] * V[j][c];
+  }
+  for (int64_t r = r0; r < rows; ++r)
+    for (int64_t j = 0; j < n; ++j) axpy(acc + r * Dv, P[r * ldp + j], V[j], Dv);
+}
+
+// float versions on GCC/Clang vector types of 16 lanes: the functions above stay scalar in GCC's
+// hands, these compile to 16-wide FMAs in the AVX-512 clone, pairs of 8-wide ones in the AVX2 clone
+// (and SSE quarters in the base one).
+typedef float fv __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 16;
+
+inline __attribute__((always_inline)) fv loadv(const float* x) {
+  fv v;
+  std::memcpy(&v, x, sizeof(v));
+  return v;
+}
+inline __attribute__((always_inline)) void storev(float* x, fv v) { std::memcpy(x, &v, sizeof(v)); }
+inline __attribute__((always_inline)) float hsum(fv v) {
+  float t = 0;
+  for (int64_t c = 0; c < kLanes; ++c) t += v[c];
+  return t;
+}
+
+inline __attribute__((always_inline)) float dot(const float* a, const float* b, int64_t n) {
+  fv s = {};
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) s += loadv(a + c) * loadv(b + c);
+  float t = hsum(s);
+  for (; c < n; ++c) t += a[c] * b[c];
+  return t;
+}
+
+inline __attribute__((always_inline)) void dot4(const float* a, int64_t lda, const float* b, int64_t n, float* out,
+                                                int64_t ldo) {
+  fv s0 = {}, s1 = {}, s2 = {}, s3 = {};
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) {
+    const fv x = loadv(b + c);
+    s0 += loadv(a + c) * x;
+    s1 += loadv(a + lda + c) * x;
+    s2 += loadv(a + 2 * lda + c) * x;
+    s3 += loadv(a + 3 * lda + c) * x;
+  }
+  float t[4] = {hsum(s0), hsum(s1), hsum(s2), hsum(s3)};
+  for (; c < n; ++c)
+    for (int r = 0; r < 4; ++r) t[r] += a[r * lda + c] * b[c];
+  for (int r = 0; r < 4; ++r) out[r * ldo] = t[r];
+}
+
+inline __attribute__((always_inline)) void axpy(float* y, float a, const float* x, int64_t n) {
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) storev(y + c, loadv(y + c) + a * loadv(x + c));
+  for (; c < n; ++c) y[c] += a * x[c];
+}
+
+inline __attribute__((always_inline)) void pv_block(const float* P, int64_t ldp, int64_t rows, const float* const* V,
+                                                    int64_t n, float* acc, int64_t Dv) {
+  constexpr int64_t kCols = 2 * kLanes;
+  int64_t r0 = 0;
+  for (; r0 + 4 <= rows; r0 += 4) {
+    int64_t c0 = 0;
+    for (; c0 + kCols <= Dv; c0 += kCols) {
+      float* o = acc + r0 * Dv + c0;
+      fv a00 = loadv(o), a01 = loadv(o + kLanes), a10 = loadv(o + Dv), a11 = loadv(o + Dv + kLanes);
+      fv a20 = loadv(o + 2 * Dv), a21 = loadv(o + 2 * Dv + kLanes), a30 = loadv(o + 3 * Dv),
+         a31 = loadv(o + 3 * Dv + kLanes);
+      for (int64_t j = 0; j < n; ++j) {
+        const fv v0 = loadv(V[j] + c0), v1 = loadv(V[j] + c0 + kLanes);
+        const float p0 = P[r0 * ldp + j], p1 = P[(r0 + 1) * ldp + j], p2 = P[(r0 + 2) * ldp + j],
+                    p3 = P[(r0 + 3) * ldp + j];
+        a00 += p0 * v0, a01 += p0 * v1, a10 += p1 * v0, a11 += p1 * v1;
+        a20 += p2 * v0, a21 += p2 * v1, a30 += p3 * v0, a31 += p3 * v1;
+      }
+      storev(o, a00), storev(o + kLanes, a01), storev(o + Dv, a10), storev(o + Dv + kLanes, a11);
+      storev(o + 2 * Dv, a20), storev(o + 2 * Dv + kLanes, a21), storev(o + 3 * Dv, a30),
+          storev(o + 3 * Dv + kLanes, a31);
+    }
+    for (int64_t r = r0; r < r0 + 4; ++r)  // columns past the last full tile
+      for (int64_t j = 0; j < n; ++j) axpy(acc + r * Dv + c0, P[r * ldp + j], V[j] + c0, Dv - c0);
+  }
+  for (int64_t r = r0; r < rows; ++r)
+    for (int64_t j = 0; j < n; ++j) axpy(acc + r * Dv, P[r * ldp + j], V[j], Dv);
+}
+
 // A cache row as acc_t: the memory itself, or a converted copy in buf.
 template <typename scalar_t, typename acc_t>
-inline const acc_t* row_as_acc(const scalar_t* src, int64_t n, acc_t* buf) {
+inline __attribute__((always_inline)) const acc_t* row_as_acc(const scalar_t* src, int64_t n, acc_t* buf) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return src;
+  } else if constexpr (std::is_same_v<scalar_t, at::BFloat16> && std::is_same_v<acc_t, float>) {
+    // bfloat16 is the top half of a float: widen the bits (vectorises, unlike the element conversion).
+    const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+    uint32_t* out = reinterpret_cast<uint32_t*>(buf);
+    for (int64_t c = 0; c < n; ++c) out[c] = static_cast<uint32_t>(bits[c]) << 16;
+    return buf;
   } else {
 #pragma omp simd
     for (int64_t c = 0; c < n; ++c) buf[c] = static_cast<acc_t>(src[c]);
@@ -136,7 +274,9 @@ inline __attribute__((always_inline)) void decode_task(const DecodeParams& p, co
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const int64_t R = p.rows, D = p.D, Dv = p.Dv, BK = p.block_k, rows_per_kv = p.group * p.Lq;
   std::vector<acc_t> Q(R * D), S(R * BK), acc(R * Dv, acc_t(0)), m(R, neg_inf), l(R, acc_t(0));
-  std::vector<acc_t> kbuf(std::is_same_v<scalar_t, acc_t> ? 0 : D), vbuf(std::is_same_v<scalar_t, acc_t> ? 0 : Dv);
+  std::vector<acc_t> kbuf(std::is_same_v<scalar_t, acc_t> ? 0 : D);
+  std::vector<acc_t> vblock(std::is_same_v<scalar_t, acc_t> ? 0 : BK * Dv);  // converted value rows
+  std::vector<const acc_t*> vrows(BK);                                        // the block's value rows
   std::vector<char> bad(R, 0);
   std::vector<KeyRange> band(p.Lq);
 
@@ -160,7 +300,9 @@ inline __attribute__((always_inline)) void decode_task(const DecodeParams& p, co
       const int64_t off = p.cache_offset(b, k0 + j, p.k_s0, p.k_s1);
       for (int64_t hk = 0; hk < p.Hkv; ++hk) {
         const acc_t* kr = row_as_acc<scalar_t, acc_t>(k + off + hk * p.k_sh, D, kbuf.data());
-        for (int64_t r = hk * rows_per_kv; r < (hk + 1) * rows_per_kv; ++r) S[r * BK + j] = dot(Q.data() + r * D, kr, D);
+        int64_t r = hk * rows_per_kv;
+        for (; r + 4 <= (hk + 1) * rows_per_kv; r += 4) dot4(Q.data() + r * D, D, kr, D, S.data() + r * BK + j, BK);
+        for (; r < (hk + 1) * rows_per_kv; ++r) S[r * BK + j] = dot(Q.data() + r * D, kr, D);
       }
     }
     // Transform, mask and fold the block into each row's online softmax.
@@ -198,18 +340,26 @@ inline __attribute__((always_inline)) void decode_task(const DecodeParams& p, co
         for (int64_t c = 0; c < Dv; ++c) a[c] *= correction;
       }
     }
-    // acc += P V, each value row read once; a zero probability never touches acc (0 * NaN).
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t off = p.cache_offset(b, k0 + j, p.v_s0, p.v_s1);
-      for (int64_t hk = 0; hk < p.Hkv; ++hk) {
-        const acc_t* vr = nullptr;
-        for (int64_t r = hk * rows_per_kv; r < (hk + 1) * rows_per_kv; ++r) {
-          const acc_t pr = S[r * BK + j];
-          if (pr == acc_t(0)) continue;
-          if (vr == nullptr) vr = row_as_acc<scalar_t, acc_t>(v + off + hk * p.v_sh, Dv, vbuf.data());
-          axpy(acc.data() + r * Dv, pr, vr, Dv);
-        }
+    // acc += P V, each value row read once. When every row sees the whole block, register tiles
+    // of 4 rows x 16 columns accumulate over the block's keys; otherwise (block at a band edge) a
+    // zero probability must never touch acc (0 * NaN from a hidden value), so rows go key by key.
+    bool full = true;
+    for (int64_t i = 0; i < p.Lq; ++i) full &= band[i].lo <= k0 && band[i].hi >= k0 + n - 1;
+    for (int64_t hk = 0; hk < p.Hkv; ++hk) {
+      for (int64_t j = 0; j < n; ++j) {
+        const scalar_t* src = v + p.cache_offset(b, k0 + j, p.v_s0, p.v_s1) + hk * p.v_sh;
+        vrows[j] = row_as_acc<scalar_t, acc_t>(src, Dv, vblock.data() + j * Dv);
       }
+      const int64_t r0 = hk * rows_per_kv;
+      if (full) {
+        pv_block(S.data() + r0 * BK, BK, rows_per_kv, vrows.data(), n, acc.data() + r0 * Dv, Dv);
+        continue;
+      }
+      for (int64_t r = r0; r < r0 + rows_per_kv; ++r)
+        for (int64_t j = 0; j < n; ++j) {
+          const acc_t pr = S[r * BK + j];
+          if (pr != acc_t(0)) axpy(acc.data() + r * Dv, pr, vrows[j], Dv);
+        }
     }
   }
 
@@ -235,7 +385,16 @@ __attribute__((target("avx2,fma"))) void decode_tasks_avx2(const DecodeParams& p
                                                            float* acc) {
   decode_task<scalar_t>(p, q, k, v, b, s, m, l, acc);
 }
+// And for AVX-512 (16 wide), where the CPU has it.
+template <typename scalar_t>
+__attribute__((target("avx512f,avx512vl,avx512bw,avx2,fma"))) void decode_tasks_avx512(
+    const DecodeParams& p, const scalar_t* q, const scalar_t* k, const scalar_t* v, int64_t b, int64_t s, float* m,
+    float* l, float* acc) {
+  decode_task<scalar_t>(p, q, k, v, b, s, m, l, acc);
+}
 const bool kDecodeAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+const bool kDecodeAvx512 = kDecodeAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                           __builtin_cpu_supports("avx512bw");
 #endif
 
 template <typename scalar_t>
@@ -258,6 +417,10 @@ void decode_forward(const DecodeParams& p, const at::Tensor& q, const at::Tensor
       float* l = part_l + t * R;
       float* acc = part_acc + t * R * Dv;
 #if defined(__x86_64__)
+      if (kDecodeAvx512) {
+        decode_tasks_avx512<scalar_t>(p, qd, kd, vd, b, s, m, l, acc);
+        continue;
+      }
       if (kDecodeAvx2) {
         decode_tasks_avx2<scalar_t>(p, qd, kd, vd, b, s, m, l, acc);
         continue;

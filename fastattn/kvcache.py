@@ -1,18 +1,18 @@
 """Attention against a key/value cache (decoding, chunked prefill): :func:`attention_with_kvcache`.
 
 The new keys and values are written into the cache in place, then the queries attend to every
-slot below each sequence's new length through :func:`fastattn.attention` with ``key_lengths``, so
-the slots at or past a sequence's length never reach a result.
+slot below each sequence's new length, so the slots at or past a sequence's length never reach a
+result. What runs how:
 
-What runs how (this first version composes existing kernels, no kernel of its own):
-
-* contiguous cache: the cache is read through a ``(B, Hkv, L, D)`` transposed view, cropped to the
-  longest sequence, without a copy (with ``cache_batch_idx`` the selected rows are gathered: a copy);
-* paged cache: the pages each sequence uses are gathered into a contiguous ``(B, pages * page_size,
-  Hkv, D)`` tensor (a copy of the used pages) -- a kernel that walks ``block_table`` is a follow-up.
-
-Validation reads ``cache_seqlens`` (and ``block_table``) on the host, so a call synchronises with
-the device and is not yet capturable in a CUDA graph.
+* CPU calls without gradients and with short query blocks: one call of the C++ op
+  ``fastattn::decode_attention`` (csrc/cpu/decode.cpp), which checks the index values, appends,
+  and reads the cache in place (paged through ``block_table``), each key/value row once per GQA group;
+* otherwise the append is an indexed write and :func:`fastattn.attention` runs with
+  ``key_lengths``: a contiguous cache through a ``(B, Hkv, L, D)`` transposed view, cropped to the
+  longest sequence, without a copy (with ``cache_batch_idx`` the selected rows are gathered: a
+  copy); a paged cache gathered into a contiguous ``(B, pages * page_size, Hkv, D)`` tensor.
+  This path reads ``cache_seqlens`` (and ``block_table``) on the host to validate them, so on a
+  GPU a call synchronises with the device and is not capturable in a CUDA graph.
 """
 
 from __future__ import annotations

@@ -91,6 +91,54 @@ def _cpu_decode(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_bat
     return (out, lse) if return_lse else out
 
 
+# The Triton decode kernel's query tile holds a GQA group's rows (Lq * Hq / Hkv) and head dims up to this.
+_TRITON_KERNEL_MAX_HEAD_DIM = 256
+
+
+def _triton_kernel_serves(q, k_cache, v_cache, k, v, alibi_slopes, backend, group_rows: int) -> bool:
+    """Whether the Triton decode kernel (triton_kernels/decode_paged.py) runs this call: the triton
+    backend asked for (or, on a GPU, chosen automatically), usable here, a short query, no gradient."""
+    requested = backend or os.environ.get("FASTATTN_BACKEND")
+    if requested != "triton" and not (requested is None and q.device.type == "cuda"):
+        return False
+    if group_rows > _CPU_KERNEL_MAX_GROUP_ROWS or q.dtype == torch.float64:
+        return False
+    if max(q.shape[3], v_cache.shape[3]) > _TRITON_KERNEL_MAX_HEAD_DIM:
+        return False
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        return False
+    from .backends import get_backend
+
+    if get_backend("triton").unavailable_reasons():
+        return False
+    return not (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v, alibi_slopes)))
+
+
+def _triton_decode(q, k_cache, v_cache, seqlens, Lnew, table, rows, *, causal, window, alibi_slopes, softcap,
+                   scale, return_lse, num_splits):
+    """The attend step on the Triton decode kernel, which follows ``table`` (pages) or ``rows`` itself.
+    The append has been done; the kernel reads the lengths on the device."""
+    from .backends.triton import ensure_kernels_importable
+
+    ensure_kernels_importable()
+    from .triton_kernels.decode_paged import decode_paged
+
+    _check_bool(causal, "causal")
+    window_left, window_right = _check_window(window)
+    if causal:
+        window_right = 0 if window_right is None else min(window_right, 0)
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else _check_number(scale, "scale")
+    softcap = _check_number(softcap, "softcap", minimum=0.0)
+    if alibi_slopes is not None:
+        alibi_slopes = _check_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    out, lse = decode_paged(q, k_cache, v_cache, seqlens, lnew=Lnew, block_table=table, cache_batch_idx=rows,
+                            alibi_slopes=alibi_slopes, scale=scale, softcap=softcap, window_left=window_left,
+                            window_right=window_right, num_splits=num_splits)
+    return (out, lse) if return_lse else out
+
+
 def _check_splits(num_splits) -> int:
     """``num_splits`` as the kernel takes it: 0 = automatic."""
     if num_splits is None:
@@ -110,7 +158,8 @@ def _check_alibi(alibi_slopes, B: int, Hq: int, device) -> torch.Tensor:
                          f"got {tuple(alibi_slopes.shape)}")
     if alibi_slopes.device != device:
         raise ValueError(f"alibi_slopes must be on q's device {device}, got {alibi_slopes.device}")
-    if not bool(torch.isfinite(alibi_slopes).all()):
+    capturing = alibi_slopes.is_cuda and torch.cuda.is_current_stream_capturing()  # no host read then
+    if not capturing and not bool(torch.isfinite(alibi_slopes).all()):
         raise ValueError("alibi_slopes must be finite, got NaN or Inf values")
     return alibi_slopes.expand(B, Hq)
 
@@ -210,6 +259,9 @@ def attention_with_kvcache(
                            window=window, alibi_slopes=alibi_slopes, softcap=softcap, scale=scale,
                            return_lse=return_lse, num_splits=splits)
     seqlens = cache_seqlens.long()
+    # While a CUDA graph is captured nothing can be read on the host: the index values go unchecked
+    # and sizes follow from the shapes alone (every page of block_table, the whole contiguous cache).
+    capturing = q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if paged:
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx applies to a contiguous cache; with block_table, map sequences to "
@@ -231,21 +283,21 @@ def attention_with_kvcache(
         else:
             _check_index(cache_batch_idx, "cache_batch_idx", (B,), q.device)
             rows = cache_batch_idx.long()
-            if B and (int(rows.min()) < 0 or int(rows.max()) >= n_rows):
+            if B and not capturing and (int(rows.min()) < 0 or int(rows.max()) >= n_rows):
                 raise ValueError(f"cache_batch_idx must lie in [0, {n_rows}), got values in "
                                  f"[{int(rows.min())}, {int(rows.max())}]")
     lengths = seqlens + Lnew  # (B,) valid keys after the append
-    if B and (int(seqlens.min()) < 0 or int(lengths.max()) > capacity):
+    if B and not capturing and (int(seqlens.min()) < 0 or int(lengths.max()) > capacity):
         raise ValueError(f"cache_seqlens + Lnew must lie in [{Lnew}, {capacity}] (the cache holds {capacity} "
                          f"positions per sequence), got cache_seqlens in [{int(seqlens.min())}, {int(seqlens.max())}] "
                          f"with Lnew = {Lnew}")
-    max_len = int(lengths.max()) if B else 0
+    max_len = capacity if capturing else int(lengths.max()) if B else 0
     if paged:
         num_used = max(1, -(-max_len // page_size))  # pages of the longest sequence (>= 1, so Lk >= 1)
         table = block_table[:, :num_used].long()  # (B, num_used)
         used = torch.arange(num_used, device=q.device) * page_size < lengths[:, None]  # (B, num_used)
         bad = used & ((table < 0) | (table >= n_rows))
-        if bool(bad.any()):
+        if not capturing and bool(bad.any()):
             b, p = (int(x) for x in bad.nonzero()[0])
             raise ValueError(f"block_table[{b}, {p}] = {int(table[b, p])} is not a page of k_cache (it has "
                              f"{n_rows} pages: valid entries lie in [0, {n_rows}))")
@@ -260,6 +312,12 @@ def attention_with_kvcache(
         k_cache[index] = k
         v_cache[index] = v
 
+    if _triton_kernel_serves(q, k_cache, v_cache, k, v, alibi_slopes, backend, Lq * (Hq // Hkv)):
+        # Nothing read on the host from here: with `capturing`, this path can be captured in a CUDA graph.
+        return _triton_decode(q, k_cache, v_cache, seqlens, Lnew, table if paged else None,
+                              None if cache_batch_idx is None else rows, causal=causal, window=window,
+                              alibi_slopes=alibi_slopes, softcap=softcap, scale=scale, return_lse=return_lse,
+                              num_splits=splits or None)
     Lk = max(1, max_len) if capacity else 0
     if paged:
         keys = k_cache[table].reshape(B, num_used * page_size, Hkv, D)

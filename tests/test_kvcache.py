@@ -341,3 +341,37 @@ def test_triton_paged_kernel(paged, Lq, Lnew, num_splits, kwargs):
     finite = torch.isfinite(lse64)
     assert torch.equal(torch.isfinite(lse), finite)
     torch.testing.assert_close(lse[finite].double(), lse64[finite], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_decode_step_replays_in_a_cuda_graph(paged):
+    """The Triton decode path reads nothing on the host while captured: a graph replayed after the
+    lengths, the new token and the query change in place gives what an eager call gives."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pytest.importorskip("triton")
+    q, k_cache, v_cache, k_new, v_new, old, _, _, args = _case(5, B=2, Lq=1, Lnew=1, Hq=8, Hkv=2, D=64, paged=paged,
+                                                              poison=0.0, max_len=64)
+    old.clamp_(max=48)  # room for the two replayed steps
+    dev = {name: t.cuda() for name, t in args.items()}
+    q, k_cache, v_cache, k_new, v_new, old = (t.cuda() for t in (q, k_cache, v_cache, k_new, v_new, old))
+    eager_k, eager_v = k_cache.clone(), v_cache.clone()
+
+    def step(kc, vc):
+        return fastattn.attention_with_kvcache(q, kc, vc, k_new, v_new, cache_seqlens=old, causal=True,
+                                               backend="triton", **dev)
+
+    with torch.no_grad():
+        step(k_cache.clone(), v_cache.clone())  # compile the kernels outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step(k_cache, v_cache)
+        for _ in range(2):  # decode two more tokens: new inputs written into the captured tensors
+            old += 1
+            q.normal_()
+            k_new.normal_()
+            v_new.normal_()
+            graph.replay()
+            expected = step(eager_k, eager_v)
+            torch.testing.assert_close(out, expected)

@@ -7,12 +7,15 @@ result. What runs how:
 * CPU calls without gradients and with short query blocks: one call of the C++ op
   ``fastattn::decode_attention`` (csrc/cpu/decode.cpp), which checks the index values, appends,
   and reads the cache in place (paged through ``block_table``), each key/value row once per GQA group;
+* the triton backend (GPU default), no gradients, short query blocks: the append is an indexed
+  write, then triton_kernels/decode_paged.py reads the cache in place through ``block_table``;
+  nothing is read on the host while a CUDA graph is captured;
 * otherwise the append is an indexed write and :func:`fastattn.attention` runs with
   ``key_lengths``: a contiguous cache through a ``(B, Hkv, L, D)`` transposed view, cropped to the
   longest sequence, without a copy (with ``cache_batch_idx`` the selected rows are gathered: a
   copy); a paged cache gathered into a contiguous ``(B, pages * page_size, Hkv, D)`` tensor.
-  This path reads ``cache_seqlens`` (and ``block_table``) on the host to validate them, so on a
-  GPU a call synchronises with the device and is not capturable in a CUDA graph.
+  Outside a capture, ``cache_seqlens`` (and ``block_table``) are checked on the host (a device
+  synchronisation on a GPU).
 """
 
 from __future__ import annotations

@@ -174,6 +174,23 @@ inline __attribute__((always_inline)) float hsum(fv v) {
   return t;
 }
 
+// The four horizontal sums of a, b, c, d at once: halves folded pairwise with shuffles (a few
+// permutes for all four instead of a lane-by-lane sum each).
+typedef int32_t iv __attribute__((vector_size(64)));
+inline __attribute__((always_inline)) void hsum4(fv a, fv b, fv c, fv d, float* out) {
+  const iv lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+  const iv hi8 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+  const fv ab = __builtin_shuffle(a, b, lo8) + __builtin_shuffle(a, b, hi8);  // [a 8 | b 8]
+  const fv cd = __builtin_shuffle(c, d, lo8) + __builtin_shuffle(c, d, hi8);  // [c 8 | d 8]
+  const iv lo4 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+  const iv hi4 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+  const fv x = __builtin_shuffle(ab, cd, lo4) + __builtin_shuffle(ab, cd, hi4);  // [a 4 | b 4 | c 4 | d 4]
+  const iv lo2 = {0, 1, 4, 5, 8, 9, 12, 13, 0, 1, 4, 5, 8, 9, 12, 13};
+  const iv hi2 = {2, 3, 6, 7, 10, 11, 14, 15, 2, 3, 6, 7, 10, 11, 14, 15};
+  const fv y = __builtin_shuffle(x, lo2) + __builtin_shuffle(x, hi2);  // [a 2 | b 2 | c 2 | d 2 | ...]
+  out[0] = y[0] + y[1], out[1] = y[2] + y[3], out[2] = y[4] + y[5], out[3] = y[6] + y[7];
+}
+
 inline __attribute__((always_inline)) float dot(const float* a, const float* b, int64_t n) {
   fv s = {};
   int64_t c = 0;
@@ -194,7 +211,8 @@ inline __attribute__((always_inline)) void dot4(const float* a, int64_t lda, con
     s2 += loadv(a + 2 * lda + c) * x;
     s3 += loadv(a + 3 * lda + c) * x;
   }
-  float t[4] = {hsum(s0), hsum(s1), hsum(s2), hsum(s3)};
+  float t[4];
+  hsum4(s0, s1, s2, s3, t);
   for (; c < n; ++c)
     for (int r = 0; r < 4; ++r) t[r] += a[r * lda + c] * b[c];
   for (int r = 0; r < 4; ++r) out[r * ldo] = t[r];

@@ -28,6 +28,7 @@
 #include "checks.h"
 #include "cpu/attention_cpu.h"
 
+#include <atomic>
 #include <cstring>
 
 namespace fastattn::cpu {
@@ -428,8 +429,12 @@ void decode_forward(const DecodeParams& p, const at::Tensor& q, const at::Tensor
   const scalar_t* kd = k.const_data_ptr<scalar_t>();
   const scalar_t* vd = v.const_data_ptr<scalar_t>();
 
-  at::parallel_for(0, p.B * S, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
+  // Threads take tasks from a shared counter rather than a fixed share each: a thread that loses
+  // its core for a while (a busy machine) then delays only the task it holds.
+  const int64_t num_tasks = p.B * S;
+  std::atomic<int64_t> next_task{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), num_tasks), 1, [&](int64_t, int64_t) {
+    for (int64_t t = next_task++; t < num_tasks; t = next_task++) {
       const int64_t b = t / S, s = t % S;
       float* m = part_m + t * R;
       float* l = part_l + t * R;
@@ -624,12 +629,12 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, at:
   p.has_left = window_left.has_value(), p.has_right = window_right.has_value();
   p.window_left = p.has_left ? std::clamp<int64_t>(*window_left, -bound, bound) : 0;
   p.window_right = p.has_right ? std::clamp<int64_t>(*window_right, -bound, bound) : 0;
-  // Split-KV: enough tasks for two per thread when the batch alone has too few, each split at
-  // least 256 keys; num_splits > 0 fixes the count.
+  // Split-KV: enough tasks for about eight per thread when the batch alone has too few (taken
+  // dynamically, see decode_forward), each split at least 256 keys; num_splits > 0 fixes the count.
   if (num_splits > 0) {
     p.num_splits = num_splits;
   } else {
-    const int64_t want = ceil_div_i64(2 * at::get_num_threads(), std::max<int64_t>(B, 1));
+    const int64_t want = ceil_div_i64(8 * at::get_num_threads(), std::max<int64_t>(B, 1));
     p.num_splits = std::clamp<int64_t>(std::min(want, ceil_div_i64(max_len, 256)), 1, 64);
   }
 

@@ -375,3 +375,22 @@ def test_decode_step_replays_in_a_cuda_graph(paged):
             graph.replay()
             expected = step(eager_k, eager_v)
             torch.testing.assert_close(out, expected)
+
+
+@needs_kernel
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_cpu_kernel_opcheck(paged):
+    """The op's schema (the caches mutated in place), its fake and its dispatch agree (torch.library.opcheck)."""
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, D = 2, 4, 2, 16
+    q = torch.randn(B, 2, Hq, D, generator=g)
+    k_new, v_new = torch.randn(B, 2, Hkv, D, generator=g), torch.randn(B, 2, Hkv, D, generator=g)
+    seqlens = torch.tensor([5, 17], dtype=torch.int32)
+    if paged:
+        k_cache, v_cache = torch.randn(5, 16, Hkv, D, generator=g), torch.randn(5, 16, Hkv, D, generator=g)
+        table = torch.tensor([[3, 0], [1, 4]], dtype=torch.int32)
+    else:
+        k_cache, v_cache = torch.randn(B, 32, Hkv, D, generator=g), torch.randn(B, 32, Hkv, D, generator=g)
+        table = None
+    args = (q, k_cache, v_cache, k_new, v_new, seqlens, table, None, None, None, D ** -0.5, None, 0, 0.0, 0)
+    torch.library.opcheck(torch.ops.fastattn.decode_attention.default, args)

@@ -179,6 +179,9 @@ inline __attribute__((always_inline)) float hsum(fv v) {
 // permutes for all four instead of a lane-by-lane sum each).
 typedef int32_t iv __attribute__((vector_size(64)));
 inline __attribute__((always_inline)) void hsum4(fv a, fv b, fv c, fv d, float* out) {
+#if defined(__clang__)  // clang spells vector shuffles differently; lane sums there
+  out[0] = hsum(a), out[1] = hsum(b), out[2] = hsum(c), out[3] = hsum(d);
+#else
   const iv lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
   const iv hi8 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
   const fv ab = __builtin_shuffle(a, b, lo8) + __builtin_shuffle(a, b, hi8);  // [a 8 | b 8]
@@ -190,6 +193,7 @@ inline __attribute__((always_inline)) void hsum4(fv a, fv b, fv c, fv d, float* 
   const iv hi2 = {2, 3, 6, 7, 10, 11, 14, 15, 2, 3, 6, 7, 10, 11, 14, 15};
   const fv y = __builtin_shuffle(x, lo2) + __builtin_shuffle(x, hi2);  // [a 2 | b 2 | c 2 | d 2 | ...]
   out[0] = y[0] + y[1], out[1] = y[2] + y[3], out[2] = y[4] + y[5], out[3] = y[6] + y[7];
+#endif
 }
 
 inline __attribute__((always_inline)) float dot(const float* a, const float* b, int64_t n) {

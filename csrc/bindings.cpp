@@ -30,6 +30,20 @@ TORCH_LIBRARY(fastattn, m) {
   m.def("decode_attention(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
         "Tensor cache_seqlens, Tensor? block_table, Tensor? cache_batch_idx, Tensor? alibi_slopes, Tensor? sinks, "
         "float scale, int? window_left, int? window_right, float softcap, int num_splits) -> (Tensor, Tensor)");
+  // Packed variable-length sequences (csrc/cpu/varlen.cpp): q (total_q, Hq, D), k/v (total_k, Hkv, D),
+  // cu_seqlens int32 (num_seqs + 1,); out (total_q, Hq, Dv) and lse (Hq, total_q) in the accumulation
+  // dtype. Must stay equal to VARLEN_FWD_SCHEMA/VARLEN_BWD_SCHEMA in fastattn/ops.py.
+  m.def("varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+        "int max_seqlen_k, Tensor? alibi_slopes, float scale, int? window_left, int? window_right, float softcap) "
+        "-> (Tensor, Tensor)");
+  m.def("varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
+        "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor? alibi_slopes, float scale, "
+        "int? window_left, int? window_right, float softcap, Tensor? dlse=None) -> (Tensor, Tensor, Tensor)");
+  // Linear attention's core (csrc/cpu/linear_attention.cpp); schemas equal to fastattn/linear/ops.py.
+  m.def("linear_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? initial_state, bool causal, int chunk_size) "
+        "-> (Tensor, Tensor)");
+  m.def("linear_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? initial_state, Tensor? dstate, "
+        "bool causal, int chunk_size) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 #ifdef FASTATTN_WITH_CUDA

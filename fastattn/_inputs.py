@@ -38,7 +38,8 @@ class AttentionInputs:
     Shapes: ``q (B, Hq, Lq, D)``, ``k (B, Hkv, Lk, D)``, ``v (B, Hkv, Lk, Dv)``.
     ``attn_mask`` is bool (True = attend) or additive float, expanded (without a copy) to
     ``(B, Hq, Lq, Lk)``. ``alibi_slopes`` is float32 expanded to ``(B, Hq)``.
-    ``key_lengths``/``query_lengths`` are int32 ``(B,)``.
+    ``key_lengths``/``query_lengths`` are int32 ``(B,)``. ``sinks`` is floating ``(Hq,)`` (see
+    :func:`_check_sinks`).
     """
 
     q: torch.Tensor
@@ -55,6 +56,7 @@ class AttentionInputs:
     key_lengths: torch.Tensor | None = None
     query_lengths: torch.Tensor | None = None
     return_lse: bool = False  # the caller receives lse, which then carries a gradient
+    sinks: torch.Tensor | None = None  # per-head sink logits (Hq,), applied by fastattn.autograd.fold_sinks
 
     @property
     def batch(self) -> int:
@@ -95,7 +97,7 @@ class AttentionInputs:
     @property
     def requires_grad(self) -> bool:
         return torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (self.q, self.k, self.v, self.attn_mask)
+            t is not None and t.requires_grad for t in (self.q, self.k, self.v, self.attn_mask, self.sinks)
         )
 
     @property
@@ -201,6 +203,23 @@ def _check_lengths(lengths, name: str, B: int, max_len: int, q: torch.Tensor) ->
     return lengths.to(torch.int32)
 
 
+def _check_sinks(sinks, Hq: int, q: torch.Tensor) -> torch.Tensor | None:
+    """``sinks``: a floating ``(Hq,)`` tensor on q's device, no NaN and no +inf (-inf = no sink).
+    Kept in its dtype (so float64 sinks keep float64 gradients); computed in float32 or wider."""
+    if sinks is None:
+        return None
+    _check_tensor(sinks, "sinks")
+    if not sinks.is_floating_point():
+        raise InputTypeError(f"sinks must be a floating tensor (float32 preferred), got {sinks.dtype}")
+    if sinks.shape != (Hq,):
+        raise InputValueError(f"sinks must have shape (Hq,) = ({Hq},), one logit per query head, got {tuple(sinks.shape)}")
+    if sinks.device != q.device:
+        raise InputValueError(f"sinks must be on q's device {q.device}, got {sinks.device}")
+    if not torch.compiler.is_compiling() and not bool((sinks < math.inf).all()):  # False for NaN and +inf
+        raise InputValueError("sinks must not hold NaN or +inf (-inf means no sink for that head)")
+    return sinks
+
+
 def block_mask_window(block_mask, key_lengths, query_lengths) -> tuple[int | None, int | None] | None:
     """The window that stands for ``block_mask``'s element mask at the op level, or None.
 
@@ -235,6 +254,7 @@ def normalize(
     query_lengths=None,
     window_override: tuple[int | None, int | None] | None = None,
     return_lse: bool = False,
+    sinks=None,
 ) -> AttentionInputs:
     """Check the public arguments of :func:`fastattn.attention` and normalise them.
 
@@ -292,6 +312,7 @@ def normalize(
 
     key_lengths = _check_lengths(key_lengths, "key_lengths", B, Lk, q)
     query_lengths = _check_lengths(query_lengths, "query_lengths", B, Lq, q)
+    sinks = _check_sinks(sinks, Hq, q)
 
     block_window = block_mask_window(block_mask, key_lengths, query_lengths)
     if block_window is not None:
@@ -315,4 +336,5 @@ def normalize(
         key_lengths=key_lengths,
         query_lengths=query_lengths,
         return_lse=return_lse,
+        sinks=sinks,
     )

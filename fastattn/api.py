@@ -28,6 +28,7 @@ def attention(
     key_lengths: torch.Tensor | None = None,
     query_lengths: torch.Tensor | None = None,
     layout: str = "bhld",
+    sinks: torch.Tensor | None = None,
 ):
     """Fused scaled dot-product attention.
 
@@ -65,6 +66,11 @@ def attention(
         layout: ``"bhld"`` (default): q, k, v and out are ``(B, H, L, D)`` as above; ``"blhd"``:
             they are ``(B, L, H, D)`` (flash-attn's layout), read without a copy, and ``out`` is
             ``(B, Lq, Hq, Dv)`` (a transposed view). Masks, lengths and ``lse`` keep their shapes.
+        sinks: float32 ``(Hq,)`` learned per-head logits that join every row's softmax denominator
+            (gpt-oss, StreamingLLM): ``p_ij = exp(s_ij) / (exp(sinks[h]) + sum_j exp(s_ij))``. A sink has
+            no value, so it only scales a row's output down; it receives a gradient. ``-inf`` = no sink.
+            With sinks, ``lse`` includes the sink term (a row that sees no key has ``lse = sinks[h]``).
+            Not on the cuda backend (docs/sinks.md).
 
     Returns:
         ``out (B, Hq, Lq, Dv)`` in q's dtype (in q's memory layout on the cpu and reference backends:
@@ -84,12 +90,12 @@ def attention(
         result = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, window=window,
                            block_mask=block_mask, attn_mask=attn_mask, alibi_slopes=alibi_slopes, softcap=softcap,
                            dropout_p=dropout_p, scale=scale, return_lse=return_lse, backend=backend,
-                           key_lengths=key_lengths, query_lengths=query_lengths)
+                           key_lengths=key_lengths, query_lengths=query_lengths, sinks=sinks)
         return (result[0].transpose(1, 2), result[1]) if return_lse else result.transpose(1, 2)
     inputs = normalize(
         q, k, v, causal=causal, window=window, block_mask=block_mask, attn_mask=attn_mask,
         alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, scale=scale,
-        key_lengths=key_lengths, query_lengths=query_lengths, return_lse=return_lse,
+        key_lengths=key_lengths, query_lengths=query_lengths, return_lse=return_lse, sinks=sinks,
     )
     chosen = select_backend(inputs, backend)
     return run(inputs, chosen.name, return_lse)

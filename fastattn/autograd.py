@@ -6,7 +6,8 @@ import torch
 
 from ._inputs import AttentionInputs, block_mask_window
 from .backends import get_backend
-from .reference import draw_seed
+from .ops import output_like_q
+from .reference import attention_from_inputs, draw_seed, dropout_keep_mask
 
 # kv_num_blocks, kv_indices, full_kv_*, q_num_blocks, q_indices, full_q_*, partial_masks, partial_tile_ids
 _NUM_BLOCK_LISTS = 10
@@ -114,8 +115,86 @@ class AttentionFunction(torch.autograd.Function):
         return (None, None, dq, dk, dv, dbias if compute_dbias else None, *no_grads)
 
 
+class FoldSinksFunction(torch.autograd.Function):
+    """:func:`fold_sinks` with its gradient written out (a few row-sized operations each way).
+
+    With ``f = exp(lse - lse')`` (the share the keys keep), ``s = exp(sink - lse')`` (the sink's share,
+    ``f + s = 1``) and ``D' = rowsum(dout' * out') - dlse'`` per row::
+
+        d sinks[h] = -sum over batch and rows of s * D'
+        d out      = f * dout'
+        d lse      = s * rowsum(dout' * out') + f * dlse'
+
+    (the sink is one more softmax column with score ``sinks[h]`` and no value, so its ``dP`` is 0 and
+    its score gradient is ``s * (0 - D')``; ``d lse`` follows from ``lse' = logaddexp(lse, sink)`` and
+    ``out' = f * out``). Rows where both ``lse`` and the sink are ``-inf`` have ``f = s = 0``.
+    """
+
+    @staticmethod
+    def forward(ctx, out, lse, sinks):
+        compute = torch.promote_types(torch.promote_types(lse.dtype, sinks.dtype), torch.float32)
+        lse_c = lse.to(compute)
+        sink = sinks.to(compute).view(1, -1, 1)  # (1, Hq, 1)
+        lse_new = torch.logaddexp(lse_c, sink)  # (B, Hq, Lq); -inf only where both are -inf
+        # A finite stand-in for lse' = -inf, so that both shares are exp(-inf) = 0 there, not NaN.
+        floor = lse_new.clamp(min=torch.finfo(compute).min)
+        keys_share = torch.exp(lse_c - floor)  # f, (B, Hq, Lq) in [0, 1]
+        sink_share = torch.exp(sink - floor)  # s = 1 - f
+        out_new = (out * keys_share.unsqueeze(-1)).to(out.dtype)  # the product in the compute dtype, rounded once
+        ctx.save_for_backward(out_new, keys_share, sink_share)
+        ctx.dtypes = (out.dtype, lse.dtype, sinks.dtype)
+        return out_new, lse_new.to(lse.dtype)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        out_new, keys_share, sink_share = ctx.saved_tensors
+        out_dtype, lse_dtype, sinks_dtype = ctx.dtypes
+        compute = keys_share.dtype
+        dlse = dlse.to(compute)
+        row_dot = (dout.to(compute) * out_new.to(compute)).sum(-1)  # rowsum(dout' * out'), (B, Hq, Lq)
+        dsinks = -(sink_share * (row_dot - dlse)).sum(dim=(0, 2))  # (Hq,)
+        dout_in = (dout * keys_share.unsqueeze(-1)).to(out_dtype)
+        dlse_in = sink_share * row_dot + keys_share * dlse
+        return dout_in, dlse_in.to(lse_dtype), dsinks.to(sinks_dtype)
+
+
+def fold_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add per-head sink logits to the softmax denominator of a finished attention result.
+
+    A sink adds ``exp(sinks[h])`` to every row's denominator and has no value, so it only rescales
+    the row: with ``lse`` the sink-free log-sum-exp, ``lse' = log(exp(lse) + exp(sinks[h]))`` and
+    ``out' = out * exp(lse - lse')``. This is exact; the gradient reaches the kernels as a gradient of
+    their own ``(out, lse)`` (``d lse`` included), and the sinks get theirs
+    (:class:`FoldSinksFunction`). Rows with ``lse = -inf`` (no visible key) get ``out' = 0`` and
+    ``lse' = sinks[h]``; a ``-inf`` sink changes nothing. No NaN reaches a value or a gradient.
+
+    Args:
+        out: ``(B, Hq, Lq, Dv)`` in any dtype.
+        lse: float32 ``(B, Hq, Lq)``, natural log, ``-inf`` for rows that see no key.
+        sinks: floating ``(Hq,)``; computed in float32 (float64 when ``lse`` or ``sinks`` is float64).
+
+    Returns:
+        ``(out', lse')`` of the same shapes and dtypes.
+    """
+    return FoldSinksFunction.apply(out, lse, sinks)
+
+
+def _reference_with_sinks(inputs: AttentionInputs, return_lse: bool):
+    """The reference backend with sinks: the reference math itself, differentiated by autograd (exact
+    in float64, where :func:`fold_sinks` on the op's float32 lse would not be)."""
+    keep = None
+    if inputs.dropout_p > 0:
+        shape = (inputs.batch, inputs.heads_q, inputs.seqlen_q, inputs.seqlen_k)
+        keep = dropout_keep_mask(draw_seed(), shape, inputs.dropout_p, inputs.device)
+    out, lse = attention_from_inputs(inputs, keep, upcast=True)
+    out = output_like_q(inputs.q, inputs.head_dim_v).copy_(out)  # the reference op's layout rule
+    return (out, lse.to(torch.float32)) if return_lse else out
+
+
 def run(inputs: AttentionInputs, backend_name: str, return_lse: bool):
-    """Run attention on ``backend_name`` through the autograd Function."""
+    """Run attention on ``backend_name`` through the autograd Function (then :func:`fold_sinks`)."""
+    if inputs.sinks is not None and backend_name == "reference":
+        return _reference_with_sinks(inputs, return_lse)
     lists, block_size_q, block_size_k = block_args(inputs, backend_name)
     seed = draw_seed() if inputs.dropout_p > 0 else 0
     if not inputs.requires_grad:
@@ -126,10 +205,16 @@ def run(inputs: AttentionInputs, backend_name: str, return_lse: bool):
             inputs.key_lengths, inputs.query_lengths, *lists[:4], *lists[8:], block_size_q, block_size_k,
             inputs.scale, inputs.window_left, inputs.window_right, inputs.softcap, inputs.dropout_p, seed,
         )
+        if inputs.sinks is not None:
+            out, lse = fold_sinks(out, lse, inputs.sinks)
         return (out, lse) if return_lse else out
+    # With sinks the kernels' lse feeds the result, so its gradient must reach their backward.
+    lse_differentiable = return_lse or inputs.sinks is not None
     out, lse = AttentionFunction.apply(
-        backend_name, return_lse, inputs.q, inputs.k, inputs.v, effective_attn_mask(inputs, backend_name), inputs.alibi_slopes,
+        backend_name, lse_differentiable, inputs.q, inputs.k, inputs.v, effective_attn_mask(inputs, backend_name), inputs.alibi_slopes,
         inputs.key_lengths, inputs.query_lengths, *lists, block_size_q, block_size_k, inputs.scale,
         inputs.window_left, inputs.window_right, inputs.softcap, inputs.dropout_p, seed,
     )
+    if inputs.sinks is not None:
+        out, lse = fold_sinks(out, lse, inputs.sinks)
     return (out, lse) if return_lse else out

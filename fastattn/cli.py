@@ -48,7 +48,7 @@ def _cmd_bench(args) -> int:
 
     from . import bench
 
-    name = "full" if args.full else "gpu" if args.gpu else "cpu" if args.cpu else "quick"
+    name = "full" if args.full else "gpu" if args.gpu else "cpu" if args.cpu else "linear" if args.linear else "quick"
     try:
         config = bench.bench_config(
             name, args.device, providers=args.providers, workloads=args.workloads, modes=args.modes,
@@ -146,8 +146,10 @@ def _register_bench(sub) -> None:
     which.add_argument("--gpu", action="store_true", help="the GPU speed-target preset (bf16, 16k tokens, D=128)")
     which.add_argument("--cpu", action="store_true",
                        help="the C++ CPU kernels' target preset (fastattn-cpu vs SDPA, fp32, L 1k..16k; about a minute on 2 cores)")
+    which.add_argument("--linear", action="store_true",
+                       help="causal linear attention vs exact causal attention, L 4k..64k (a few minutes on 2 cores)")
     _add_common(p, "bench_out")
-    p.add_argument("--workloads", type=_csv(str), help="comma-separated: dense,causal,window,block_sparse,gqa")
+    p.add_argument("--workloads", type=_csv(str), help="comma-separated: dense,causal,window,block_sparse,gqa,linear")
     p.add_argument("--modes", type=_csv(str), help="comma-separated: fwd,bwd,fwd+bwd")
     p.add_argument("--dtypes", type=_csv(str), help="comma-separated: fp16,bf16,fp32")
     p.add_argument("--head-dims", type=_csv(int), help="comma-separated head dims (replace the preset's)")

@@ -27,7 +27,7 @@ import os
 import torch
 
 from . import _extension
-from ._inputs import _check_bool, _check_number, _check_tensor, _check_window
+from ._inputs import _check_bool, _check_number, _check_sinks, _check_tensor, _check_window
 from .api import attention
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -60,7 +60,7 @@ def _cpu_kernel_available() -> bool:
     return module is not None and hasattr(torch.ops.fastattn, "decode_attention")
 
 
-def _cpu_kernel_serves(q, k_cache, v_cache, k, v, alibi_slopes, backend, group_rows: int) -> bool:
+def _cpu_kernel_serves(q, k_cache, v_cache, k, v, alibi_slopes, backend, group_rows: int, sinks=None) -> bool:
     """Whether the CPU decode kernel (csrc/cpu/decode.cpp) runs this call: a CPU call on the cpu
     backend (asked for, or chosen automatically), a short query and no gradient to compute (the
     kernel is forward only; a call that needs gradients composes :func:`fastattn.attention`)."""
@@ -70,7 +70,7 @@ def _cpu_kernel_serves(q, k_cache, v_cache, k, v, alibi_slopes, backend, group_r
     if requested != "cpu" or not _cpu_kernel_available():
         return False
     if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v, alibi_slopes)
+        t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v, alibi_slopes, sinks)
     ):
         return False
     return True
@@ -184,6 +184,7 @@ def attention_with_kvcache(
     scale: float | None = None,
     return_lse: bool = False,
     backend: str | None = None,
+    sinks: torch.Tensor | None = None,
     num_splits: int | None = None,
 ):
     """Append ``k``/``v`` to a KV cache in place, then attend to the cache (flash-attn's layout).
@@ -208,7 +209,7 @@ def attention_with_kvcache(
             the pages a sequence uses are not read.
         cache_batch_idx: int32/int64 ``(B,)`` (contiguous cache only): sequence ``b`` lives in cache
             row ``cache_batch_idx[b]``; default row ``b`` (then ``B_cache`` must equal ``B``).
-        causal, window, alibi_slopes, softcap, scale, backend: as in :func:`fastattn.attention`.
+        causal, window, alibi_slopes, softcap, scale, backend, sinks: as in :func:`fastattn.attention`.
         return_lse: also return the float32 log-sum-exp ``(B, Hq, Lq)``.
         num_splits: how many slices of each sequence's keys the CPU decode kernel gives separate
             tasks (split-KV, merged by log-sum-exp); ``None`` chooses from the batch size and the
@@ -257,10 +258,12 @@ def attention_with_kvcache(
                 raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
 
     _check_index(cache_seqlens, "cache_seqlens", (B,), q.device)
-    if _cpu_kernel_serves(q, k_cache, v_cache, k, v, alibi_slopes, backend, Lq * (Hq // Hkv)):
+    if _cpu_kernel_serves(q, k_cache, v_cache, k, v, alibi_slopes, backend, Lq * (Hq // Hkv), sinks):
+        sinks = _check_sinks(sinks, Hq, q)
         return _cpu_decode(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, causal=causal,
                            window=window, alibi_slopes=alibi_slopes, softcap=softcap, scale=scale,
-                           return_lse=return_lse, num_splits=splits)
+                           return_lse=return_lse, num_splits=splits,
+                           sinks=None if sinks is None else sinks.to(torch.float32))
     seqlens = cache_seqlens.long()
     # While a CUDA graph is captured nothing can be read on the host: the index values go unchecked
     # and sizes follow from the shapes alone (every page of block_table, the whole contiguous cache).
@@ -315,7 +318,7 @@ def attention_with_kvcache(
         k_cache[index] = k
         v_cache[index] = v
 
-    if _triton_kernel_serves(q, k_cache, v_cache, k, v, alibi_slopes, backend, Lq * (Hq // Hkv)):
+    if sinks is None and _triton_kernel_serves(q, k_cache, v_cache, k, v, alibi_slopes, backend, Lq * (Hq // Hkv)):
         # Nothing read on the host from here: with `capturing`, this path can be captured in a CUDA graph.
         return _triton_decode(q, k_cache, v_cache, seqlens, Lnew, table if paged else None,
                               None if cache_batch_idx is None else rows, causal=causal, window=window,
@@ -331,4 +334,4 @@ def attention_with_kvcache(
         keys, values = k_cache[rows, :Lk], v_cache[rows, :Lk]
     return attention(q, keys, values, layout="blhd", causal=causal, window=window, alibi_slopes=alibi_slopes,
                      softcap=softcap, scale=scale, return_lse=return_lse, backend=backend,
-                     key_lengths=lengths.to(torch.int32))
+                     key_lengths=lengths.to(torch.int32), sinks=sinks)

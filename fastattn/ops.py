@@ -130,6 +130,9 @@ def register_extension_fakes() -> None:
     """Fakes for the C++ ops ``fastattn::attention_fwd``/``attention_bwd`` (declared in csrc/bindings.cpp)."""
     torch.library.register_fake("fastattn::attention_fwd", extension_fwd_fake)
     torch.library.register_fake("fastattn::attention_bwd", bwd_fake)
+    if hasattr(torch.ops.fastattn, "varlen_fwd"):  # absent from an extension built before the varlen kernels
+        torch.library.register_fake("fastattn::varlen_fwd", varlen_fwd_fake)
+        torch.library.register_fake("fastattn::varlen_bwd", varlen_bwd_fake)
     if hasattr(torch.ops.fastattn, "decode_attention"):  # an extension built before the op has none
         torch.library.register_fake("fastattn::decode_attention", decode_fake)
 
@@ -138,3 +141,36 @@ def decode_fake(q, k_cache, v_cache, *args):
     """``fastattn::decode_attention``'s outputs: ``out (B, Lq, Hq, Dv)``, ``lse (B, Hq, Lq)`` float32."""
     B, Lq, Hq, _ = q.shape
     return q.new_empty((B, Lq, Hq, v_cache.shape[3])), q.new_empty((B, Hq, Lq), dtype=torch.float32)
+
+
+# ---- Packed variable-length sequences (fastattn.varlen_attention) -------------------------------
+#
+# ``q (total_q, Hq, D)``, ``k (total_k, Hkv, D)``, ``v (total_k, Hkv, Dv)``, ``cu_seqlens_q/k`` int32
+# ``(num_seqs + 1,)``; ``max_seqlen_q/k`` bound the sequence lengths (a kernel sizes its grid from them
+# instead of reading cu_seqlens on the host). Outputs: ``out (total_q, Hq, Dv)`` contiguous in q's dtype
+# and ``lse (Hq, total_q)`` in the accumulation dtype (float64 for float64 inputs, else float32), which
+# the backward takes back as is. The C++ extension declares the same schemas (csrc/bindings.cpp).
+VARLEN_FWD_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+    "Tensor? alibi_slopes, float scale, int? window_left, int? window_right, float softcap) -> (Tensor, Tensor)"
+)
+VARLEN_BWD_SCHEMA = (
+    "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+    "int max_seqlen_q, int max_seqlen_k, Tensor? alibi_slopes, float scale, int? window_left, int? window_right, "
+    "float softcap, Tensor? dlse=None) -> (Tensor, Tensor, Tensor)"
+)
+
+
+def varlen_lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the varlen ops' lse for inputs of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def varlen_fwd_fake(q, k, v, *args, **kwargs):
+    total_q, Hq, _ = q.shape
+    return q.new_empty((total_q, Hq, v.shape[2])), q.new_empty((Hq, total_q), dtype=varlen_lse_dtype(q.dtype))
+
+
+def varlen_bwd_fake(dout, q, k, v, *args, **kwargs):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(
+        k, memory_format=torch.contiguous_format), torch.empty_like(v, memory_format=torch.contiguous_format)

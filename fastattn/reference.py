@@ -10,6 +10,7 @@ Order of operations on the scores ``s = (scale * q) @ k^T`` (per batch b, head h
     s = s + attn_mask                        if attn_mask is additive float
     s = -inf where not visible               window / causal, bool attn_mask, block_mask, lengths
     p = softmax(s)  (0 for a row that sees no key, lse = -inf)
+        with sinks: p_ij = exp(s_ij) / (exp(sinks[h]) + sum_j exp(s_ij)), lse = log(that denominator)
     p = p * keep / (1 - dropout_p)           if dropout
     out = p @ v
 
@@ -114,6 +115,9 @@ def scores(inputs: AttentionInputs, *, upcast: bool = False, visible: torch.Tens
 def probabilities(inputs: AttentionInputs, *, upcast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax of :func:`scores` (0 on rows that see no key) and the row log-sum-exp.
 
+    With ``inputs.sinks`` each row's denominator also holds ``exp(sinks[h])``, so ``p`` sums to less
+    than 1 and ``lse`` includes the sink (a row that sees no key has ``p = 0`` and ``lse = sinks[h]``).
+
     Returns ``p (B, Hq, Lq, Lk)`` in float32 (float64 for float64 inputs) and ``lse (B, Hq, Lq)``.
     A row with a NaN or +inf among its visible scores (a NaN or infinite visible input) is NaN at
     its visible keys, 0 elsewhere, and its lse is NaN.
@@ -123,13 +127,19 @@ def probabilities(inputs: AttentionInputs, *, upcast: bool = False) -> tuple[tor
     # Softmax is shift invariant, so the detached row max changes no gradient; rows that see
     # nothing get a max of 0 and a sum of 0, which yields p = 0 and lse = -inf without NaN.
     if s.shape[-1] == 0:
-        row_max = s.new_zeros((*s.shape[:-1], 1))
+        row_max = s.new_full((*s.shape[:-1], 1), float("-inf"))
     else:
         row_max = s.detach().amax(dim=-1, keepdim=True)
+    # A sink is one more logit in every row's denominator, with no value: (1, Hq, 1, 1).
+    sink = None if inputs.sinks is None else inputs.sinks.to(s.dtype).view(1, -1, 1, 1)
+    if sink is not None:
+        row_max = torch.maximum(row_max, sink.detach())
     bad = (torch.isnan(s.detach()) | (s.detach() == float("inf"))).any(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     e = torch.exp(torch.where(bad, torch.zeros_like(s), s) - row_max)
     denom = e.sum(dim=-1, keepdim=True)
+    if sink is not None:
+        denom = denom + torch.exp(sink - row_max)
     p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
     p_bad = torch.zeros_like(p).masked_fill(visible, float("nan"))
     p = torch.where(bad, p_bad, p)
@@ -242,6 +252,7 @@ def attention(
     query_lengths=None,
     dropout_keep=None,
     upcast=False,
+    sinks=None,
 ):
     """Reference attention with the public signature of :func:`fastattn.attention`.
 
@@ -252,7 +263,7 @@ def attention(
     inputs = normalize(
         q, k, v, causal=causal, window=window, block_mask=block_mask, attn_mask=attn_mask,
         alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, scale=scale,
-        key_lengths=key_lengths, query_lengths=query_lengths,
+        key_lengths=key_lengths, query_lengths=query_lengths, sinks=sinks,
     )
     if inputs.dropout_p > 0 and dropout_keep is None:
         shape = (inputs.batch, inputs.heads_q, inputs.seqlen_q, inputs.seqlen_k)

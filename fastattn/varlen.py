@@ -1,28 +1,38 @@
 """Attention over packed variable-length sequences: :func:`varlen_attention` (flash-attn's varlen API).
 
-The packed tokens are attended in one :func:`fastattn.attention` call (batch 1) with a
-:class:`fastattn.BlockMask` built from ``cu_seqlens``: tiles that pair two different sequences are
-empty and never computed, tiles inside one sequence are full (or carry the causal / window element
-mask, bottom-right aligned per sequence), and only the tiles that straddle a sequence boundary carry
-an element mask. No padding is materialised and no ``(total_q, total_k)`` tensor is built.
+Two ways to run, chosen per call:
 
-The mask is built on every call from ``cu_seqlens``, which are read on the host (a device
-synchronisation); ``max_seqlen_q``/``max_seqlen_k`` are checked against them.
+* **a varlen kernel** (the ``cpu`` backend's ``fastattn::varlen_fwd``/``varlen_bwd`` in
+  csrc/cpu/varlen.cpp, the ``triton`` backend's ``fastattn::triton_varlen_fwd``/``_bwd`` in
+  triton_kernels/attention_varlen.py): the kernels
+  read ``cu_seqlens`` themselves and walk each sequence's own tiles, so nothing is padded and no mask
+  exists; causal, window and ALiBi are aligned per sequence inside the kernel;
+* **the block-mask path**, for what no varlen kernel takes (dropout, the other backends): one
+  :func:`fastattn.attention` call (batch 1) with a :class:`fastattn.BlockMask` built from
+  ``cu_seqlens`` -- tiles that pair two sequences are empty and never computed, tiles inside one
+  sequence are full (or carry the causal / window element mask, bottom-right aligned per sequence),
+  and only the tiles that straddle a sequence boundary carry an element mask.
+
+The arguments are checked on every call, the ``cu_seqlens`` values on one host copy of both (one
+device synchronisation per call; the kernels themselves need none).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._inputs import _check_bool, _check_tensor, _check_window
+from ._inputs import _check_bool, _check_sinks, _check_tensor, _check_window, normalize
 from .api import attention
+from .autograd import fold_sinks
+from .backends import select_backend
 from .block_mask import EMPTY, FULL, PARTIAL, BlockMask, block_extents
+from .ops import BackendOps
 
 # Tile size of the mask: a size every backend takes (Triton: a power of two <= 128, CUDA: a multiple of 64).
 BLOCK_SIZE = 64
 
 
-def _check_cu_seqlens(cu, name: str, total: int, device: torch.device) -> torch.Tensor:
+def _check_cu_seqlens(cu, name: str, device: torch.device) -> None:
     _check_tensor(cu, name)
     if cu.dtype != torch.int32:
         raise TypeError(f"{name} must be an int32 tensor, got {cu.dtype}")
@@ -30,13 +40,15 @@ def _check_cu_seqlens(cu, name: str, total: int, device: torch.device) -> torch.
         raise ValueError(f"{name} must have shape (num_seqs + 1,), got {tuple(cu.shape)}")
     if cu.device != device:
         raise ValueError(f"{name} must be on q's device {device}, got {cu.device}")
-    cu = cu.long()
+
+
+def _check_cu_values(cu: torch.Tensor, name: str, total: int) -> None:
+    """``cu`` (a host copy, int64) starts at 0, ends at ``total`` and never decreases."""
     if int(cu[0]) != 0 or int(cu[-1]) != total:
         raise ValueError(f"{name} must start at 0 and end at the number of packed tokens {total}, "
                          f"got {int(cu[0])} ... {int(cu[-1])}")
     if bool((cu[1:] < cu[:-1]).any()):
         raise ValueError(f"{name} must be non-decreasing (sequence lengths >= 0)")
-    return cu
 
 
 def _check_max_seqlen(x, name: str, lengths: torch.Tensor) -> None:
@@ -108,6 +120,53 @@ def varlen_block_mask(
     return _evaluate(predicate, guess[None, None], (total_q, total_k), (block_size, block_size))
 
 
+def varlen_kernel_ops(backend_name: str) -> BackendOps | None:
+    """The varlen forward/backward ops (``VARLEN_FWD_SCHEMA``/``VARLEN_BWD_SCHEMA`` of fastattn/ops.py)
+    of a backend that has a varlen kernel, else None."""
+    if backend_name == "cpu":
+        ops = torch.ops.fastattn
+        if not hasattr(ops, "varlen_fwd"):  # an extension built before the varlen kernels
+            return None
+        return BackendOps(fwd=ops.varlen_fwd.default, bwd=ops.varlen_bwd.default)
+    if backend_name == "triton":
+        from .backends.triton import varlen_ops
+
+        return varlen_ops()
+    return None
+
+
+class VarlenFunction(torch.autograd.Function):
+    """Autograd of the varlen kernels: the chosen backend's varlen forward and backward ops."""
+
+    @staticmethod
+    def forward(ctx, backend_name, lse_differentiable, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                max_seqlen_k, alibi_slopes, scale, window_left, window_right, softcap):
+        ops = varlen_kernel_ops(backend_name)
+        scalars = (max_seqlen_q, max_seqlen_k, alibi_slopes, scale, window_left, window_right, softcap)
+        out, lse = ops.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, *scalars)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+        ctx.backend_name = backend_name
+        ctx.scalars = scalars[:2] + scalars[3:]
+        ctx.lse_differentiable = lse_differentiable
+        # The ops' lse is in the accumulation dtype (float64 for float64 inputs); callers get float32.
+        lse_out = lse.float()
+        if not lse_differentiable:
+            ctx.mark_non_differentiable(lse_out)
+        return out, lse_out
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
+        max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap = ctx.scalars
+        # The lse gradient only reaches the op when the caller holds lse (return_lse=True).
+        dlse = dlse.float().contiguous() if ctx.lse_differentiable and dlse is not None else None
+        dq, dk, dv = varlen_kernel_ops(ctx.backend_name).bwd(
+            dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, scale,
+            window_left, window_right, softcap, dlse,
+        )
+        return None, None, dq, dk, dv, *(None,) * 9
+
+
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -125,6 +184,7 @@ def varlen_attention(
     scale: float | None = None,
     return_lse: bool = False,
     backend: str | None = None,
+    sinks: torch.Tensor | None = None,
 ):
     """Attention over packed sequences, each attending only to itself (flash-attn's varlen layout).
 
@@ -145,12 +205,17 @@ def varlen_attention(
             ``j <= i + (Lk_s - Lq_s)``.
         window: ``(left, right)``, ``-1`` = unbounded, aligned per sequence as ``causal``.
         alibi_slopes: float32 ``(Hq,)``; bias ``-slope * |i + (Lk_s - Lq_s) - j|`` per sequence (local
-            indices). One packed call applies one offset, ``total_k - total_q``, so this is supported when
-            every sequence with queries and keys ends at that packed offset,
-            ``cu_seqlens_k[s+1] - cu_seqlens_q[s+1] == total_k - total_q`` (true when ``Lq_s == Lk_s``
-            for all); other packings raise a ValueError rather than give a wrong bias.
-        softcap, dropout_p, scale, backend: as in :func:`fastattn.attention`.
+            indices). The varlen kernels apply it per sequence. The block-mask path (``dropout_p > 0``,
+            or a backend without a varlen kernel) applies one offset, ``total_k - total_q``, to the
+            packed call, so there it needs ``cu_seqlens_k[s+1] - cu_seqlens_q[s+1] == total_k - total_q``
+            for every sequence with queries and keys (true when ``Lq_s == Lk_s`` for all) and raises a
+            ValueError otherwise rather than give a wrong bias.
+        softcap, scale, backend: as in :func:`fastattn.attention`.
+        dropout_p: as in :func:`fastattn.attention`; runs on the block-mask path, whose dropout pattern
+            is drawn over the packed positions.
         return_lse: also return the float32 log-sum-exp ``(Hq, total_q)``.
+        sinks: float32 ``(Hq,)`` attention-sink logits, as in :func:`fastattn.attention` (every row's
+            denominator; ``lse`` then includes the sink).
 
     Returns:
         ``out (total_q, Hq, Dv)`` in q's dtype, or ``(out, lse)`` with ``return_lse``.
@@ -163,39 +228,63 @@ def varlen_attention(
             raise ValueError(f"{name} must be 3-D {shape}, got shape {tuple(t.shape)}")
     if v.shape[0] != k.shape[0]:
         raise ValueError(f"v must have k's number of packed tokens {k.shape[0]}, got {v.shape[0]}")
-    cu_q = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], q.device)
-    cu_k = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], q.device)
-    if cu_q.shape != cu_k.shape:
+    _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.device)
+    _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q.device)
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
-                         f"{cu_q.shape[0] - 1} and {cu_k.shape[0] - 1}")
+                         f"{cu_seqlens_q.shape[0] - 1} and {cu_seqlens_k.shape[0] - 1}")
+    # The values are checked on one host copy of both (the call's one device synchronisation).
+    cu_q, cu_k = torch.stack([cu_seqlens_q, cu_seqlens_k]).to("cpu", torch.int64)
+    _check_cu_values(cu_q, "cu_seqlens_q", q.shape[0])
+    _check_cu_values(cu_k, "cu_seqlens_k", k.shape[0])
     len_q, len_k = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
     _check_max_seqlen(max_seqlen_q, "max_seqlen_q", len_q)
     _check_max_seqlen(max_seqlen_k, "max_seqlen_k", len_k)
-    left, right = _check_window(window)
-    if causal:
-        right = 0 if right is None else min(right, 0)
-    total_q, total_k = q.shape[0], k.shape[0]
     if alibi_slopes is not None:
         _check_tensor(alibi_slopes, "alibi_slopes")
         if alibi_slopes.dim() != 1:
             raise ValueError(f"alibi_slopes must have shape (Hq,) = ({q.shape[1]},), got {tuple(alibi_slopes.shape)}")
+    total_q, total_k = q.shape[0], k.shape[0]
+    if total_q == 0 or total_k == 0:  # nothing to attend to: zeros (and no kernel call)
+        _check_window(window)
+        out = q.new_zeros(total_q, q.shape[1], v.shape[2])
+        lse = torch.full((q.shape[1], total_q), float("-inf"), dtype=torch.float32, device=q.device)
+        if _check_sinks(sinks, q.shape[1], q) is not None:  # rows that see no key: lse is the sink
+            lse = sinks.float()[:, None].expand(q.shape[1], total_q)
+        return (out, lse) if return_lse else out
+    # The padded API's checks (dtypes, GQA, window, ALiBi, softcap, scale) on the batch-1 view, and
+    # the backend that serves it.
+    inputs = normalize(q[None].transpose(1, 2), k[None].transpose(1, 2), v[None].transpose(1, 2), causal=causal,
+                       window=window, alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, scale=scale,
+                       return_lse=return_lse, sinks=sinks)
+    chosen = select_backend(inputs, backend).name
+    if dropout_p == 0 and varlen_kernel_ops(chosen) is not None:
+        slopes = None if inputs.alibi_slopes is None else inputs.alibi_slopes[0]
+        # With sinks the kernel's lse feeds the result (fold_sinks), so its gradient must reach the backward.
+        out, lse = VarlenFunction.apply(chosen, return_lse or sinks is not None, inputs.q[0].transpose(0, 1), inputs.k[0].transpose(0, 1),
+                                        inputs.v[0].transpose(0, 1), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                        max_seqlen_k, slopes, inputs.scale, inputs.window_left, inputs.window_right,
+                                        inputs.softcap)
+        if inputs.sinks is not None:  # (total_q, Hq, Dv) and (Hq, total_q) as one batch of fold_sinks
+            out, lse = fold_sinks(out.transpose(0, 1)[None], lse[None], inputs.sinks)
+            out, lse = out[0].transpose(0, 1), lse[0]
+        return (out, lse) if return_lse else out
+
+    # The block-mask path (dropout, or a backend without a varlen kernel).
+    if alibi_slopes is not None:
         # One call applies one offset (total_k - total_q) to every pair: exact only if each sequence has it.
         offsets = (cu_k[1:] - cu_q[1:])[(len_q > 0) & (len_k > 0)]
         if bool((offsets != total_k - total_q).any()):
             raise ValueError(
-                "alibi_slopes with varlen_attention needs cu_seqlens_k[s+1] - cu_seqlens_q[s+1] == total_k - "
-                f"total_q = {total_k - total_q} for every sequence with queries and keys (true when Lq_s == Lk_s "
-                "for all); these cu_seqlens differ, so their per-sequence ALiBi distances cannot be expressed in "
-                "one packed call"
+                "alibi_slopes with varlen_attention on the block-mask path (dropout, or a backend without a varlen "
+                f"kernel: {chosen!r}) needs cu_seqlens_k[s+1] - cu_seqlens_q[s+1] == total_k - total_q = "
+                f"{total_k - total_q} for every sequence with queries and keys (true when Lq_s == Lk_s for all); "
+                "these cu_seqlens differ, so their per-sequence ALiBi distances cannot be expressed in one packed call"
             )
-
-    if total_q == 0 or total_k == 0:  # nothing to attend to: zeros (and no kernel call)
-        out = q.new_zeros(total_q, q.shape[1], v.shape[2])
-        lse = torch.full((q.shape[1], total_q), float("-inf"), dtype=torch.float32, device=q.device)
-        return (out, lse) if return_lse else out
-    block_mask = varlen_block_mask(cu_q, cu_k, (left, right))
+    block_mask = varlen_block_mask(cu_seqlens_q, cu_seqlens_k, (inputs.window_left, inputs.window_right))
     result = attention(q[None], k[None], v[None], layout="blhd", block_mask=block_mask, alibi_slopes=alibi_slopes,
-                       softcap=softcap, dropout_p=dropout_p, scale=scale, return_lse=return_lse, backend=backend)
+                       softcap=softcap, dropout_p=dropout_p, scale=scale, return_lse=return_lse, backend=backend,
+                       sinks=sinks)
     if return_lse:
         return result[0][0], result[1][0]
     return result[0]

@@ -136,7 +136,7 @@ def test_bench_document_has_every_configuration(tiny_run):
     assert len(got) == len(set(got)), "a configuration appears twice"
     assert set(got) == expected
     kinds = {r["workload"] for r in doc["results"]}
-    assert kinds == {"dense", "causal", "window", "block_sparse", "gqa"}
+    assert kinds == {"dense", "causal", "window", "block_sparse", "gqa", "varlen"}
     env = doc["environment"]
     for key in ("device", "device_name", "torch", "triton", "python", "commit", "host", "created_utc"):
         assert key in env
@@ -163,7 +163,8 @@ def test_bench_results_are_consistent(tiny_run):
         assert r["speedup_vs_sdpa"] == pytest.approx(sdpa["time_ms"] / r["time_ms"])
         w = Workload(r["workload"], r["batch"], r["heads_q"], r["heads_kv"], r["seqlen"], r["head_dim"],
                      window=tuple(r["window"]) if r["window"] else None, density=r["density"],
-                     block_size=r["block_size"] or 128)
+                     block_size=r["block_size"] or 128,
+                     doc_lengths=tuple(r["doc_lengths"]) if r["doc_lengths"] else None)
         assert r["flops"] == pytest.approx(flops(w, r["mode"]), rel=1e-12)
     for r in doc["results"]:
         if r["status"] != "ok":
@@ -228,6 +229,7 @@ def test_cpu_preset_is_the_cpu_kernel_targets():
             for D in (64, 128):
                 assert f"{kind}-B1-H4-L{L}-D{D}" in names
     assert "window-B1-H1-L16384-D64-W256_0" in names
+    assert "varlen-B8-H4-L1024-D64-tokens4096" in names  # benchmarks/varlen_cpu.py's documents
     for density in (0.5, 0.25, 0.1):
         assert f"block_sparse-B1-H4-L2048-D64-density{density:g}-bs128" in names
     assert config.preset.dtypes == ("fp32",)
@@ -235,6 +237,21 @@ def test_cpu_preset_is_the_cpu_kernel_targets():
     assert bench.bench_config("cpu", "cpu", providers=["reference"]).providers == ["reference"]
     with pytest.raises(ValueError, match="--device cpu"):
         bench.preset("cpu", "cuda")
+
+
+def test_varlen_workload_packs_the_documents():
+    w = bench.workloads.varlen_workload(64, 2, 16)
+    assert w.batch == 8 and max(w.doc_lengths) == 64 and sum(w.doc_lengths) == 256  # 50% padding
+    case = bench.workloads.make_case(w, torch.float32, "cpu")
+    packed = case.packed(case.q)
+    assert packed.shape == (256, 2, 16)
+    assert torch.equal(packed[64:64 + 60], case.q[1, :, :60].transpose(0, 1))
+    assert case.cu_seqlens().tolist()[-1] == 256
+    # FLOPs count the documents' causal pairs only
+    expected = sum(n * (n + 1) // 2 for n in w.doc_lengths) * 4 * 2 * 16
+    assert bench.workloads.flops(w, "fwd") == pytest.approx(expected)
+    with pytest.raises(ValueError, match="doc_lengths"):
+        bench.workloads.Workload("varlen", 2, 1, 1, 8, 8, doc_lengths=(9, 1))
 
 
 def test_max_seconds_records_what_is_left_as_over_time(monkeypatch):

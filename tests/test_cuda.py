@@ -32,6 +32,25 @@ def _qkv(B, Hq, Hkv, Lq, Lk, D, dtype, **kwargs):
     return make_qkv(B, Hq, Hkv, Lq, Lk, D, dtype=dtype, device="cuda", **kwargs)
 
 
+@pytest.fixture
+def deterministic():
+    """``torch.use_deterministic_algorithms(True)`` for one test: the CUDA backward then computes dQ
+    in its own pass instead of with float atomics (bit-identical across runs). ``warn_only`` (which
+    selects the same path) lets the reference's cuBLAS matmuls run without CUBLAS_WORKSPACE_CONFIG."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def _backward_kernels(fn) -> list[str]:
+    """Names of the CUDA kernels ``fn()`` launches."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
 # (B, Hq, Hkv, Lq, Lk, D): odd lengths, Lq != Lk both ways, GQA and MQA.
 SHAPES = [
     pytest.param(1, 1, 1, 1, 1, 64, id="B1-H1-L1-D64"),
@@ -214,18 +233,28 @@ def test_strided_and_misaligned_inputs(D, dtype):
     # (B, L, H, D) storage seen as (B, H, L, D): no copy.
     q, k, v = (torch.randn(B, L, H, D, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_() for _ in range(3))
     check_against_reference("cuda", q, k, v, causal=True)
+    # The gradients come in the inputs' layouts, as the ops' shared fake (empty_like) says.
+    out = fastattn.attention(q, k, v, causal=True, backend="cuda")
+    for x, dx in zip((q, k, v), torch.autograd.grad(out, (q, k, v), torch.randn_like(out))):
+        assert dx.stride() == x.stride()
     # Rows that start off a 16-byte boundary (copied once by the host code).
     base = torch.randn(B * H * L * D + 1, device="cuda", dtype=dtype)
     q = base[1:].view(B, H, L, D).detach().requires_grad_()
     k, v = (t.detach().requires_grad_() for t in _qkv(B, H, H, L, L, D, dtype))
     out = check_against_reference("cuda", q, k, v)
-    # A misaligned dout gives the same gradients as its aligned copy (the backward is deterministic).
+    # A misaligned dout gives the same gradients as its aligned copy (in the deterministic mode
+    # bit for bit; the default dQ atomics may add in another order).
     dout_storage = torch.randn(out.numel() + 1, device="cuda", dtype=dtype)
     dout = dout_storage[1:].view_as(out)
-    out = fastattn.attention(q, k, v, backend="cuda")
-    misaligned = torch.autograd.grad(out, (q, k, v), dout)
-    out = fastattn.attention(q, k, v, backend="cuda")
-    aligned = torch.autograd.grad(out, (q, k, v), dout.clone())
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        out = fastattn.attention(q, k, v, backend="cuda")
+        misaligned = torch.autograd.grad(out, (q, k, v), dout)
+        out = fastattn.attention(q, k, v, backend="cuda")
+        aligned = torch.autograd.grad(out, (q, k, v), dout.clone())
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
     for a, b in zip(misaligned, aligned):
         assert torch.equal(a, b)
 
@@ -244,7 +273,9 @@ def test_lse(D, dtype):
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", HEAD_DIMS)
-def test_backward_is_deterministic(D, dtype):
+def test_backward_is_deterministic_when_asked(D, dtype, deterministic):
+    # torch.use_deterministic_algorithms(True): the four-product key-block kernel and the dQ pass
+    # run (no dQ atomics), and the gradients are bit-identical across runs and match the reference.
     q, k, v = _qkv(2, 8, 2, 257, 300, D, dtype)
     dout = torch.randn(2, 8, 257, D, device="cuda", dtype=dtype)
     grads = []
@@ -254,6 +285,48 @@ def test_backward_is_deterministic(D, dtype):
     for again in grads[1:]:
         for a, b in zip(grads[0], again):
             assert torch.equal(a, b)
+    out = fastattn.attention(q, k, v, causal=True, backend="cuda")
+    names = _backward_kernels(lambda: torch.autograd.grad(out, (q, k, v), dout))
+    assert any("attention_bwd_dq_kernel" in n for n in names), names
+    assert any("attention_bwd_kernel" in n and "true, true, true, false" in n for n in names), names
+    check_against_reference("cuda", q, k, v, causal=True)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_backward_default_sums_dq_with_atomics(D, dtype):
+    # By default one kernel does all five products and adds dQ with float atomics: no dQ pass runs;
+    # dK and dV (registers, a fixed order) stay bit-identical across runs, dQ matches the reference.
+    assert not torch.are_deterministic_algorithms_enabled()
+    q, k, v = _qkv(2, 8, 2, 257, 300, D, dtype)
+    dout = torch.randn(2, 8, 257, D, device="cuda", dtype=dtype)
+    out = fastattn.attention(q, k, v, causal=True, backend="cuda")
+    names = _backward_kernels(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
+    assert not any("attention_bwd_dq_kernel" in n for n in names), names
+    assert any("attention_bwd_kernel" in n and "true, false, false, true" in n for n in names), names
+    first = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+    second = torch.autograd.grad(out, (q, k, v), dout)
+    assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
+    check_against_reference("cuda", q, k, v, causal=True)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("bias", [None, "alibi", "mask"], ids=["nobias", "alibi", "mask"])
+def test_deterministic_backward_every_feature(D, dtype, bias, deterministic):
+    # The deterministic kernel is the generic one (features decided at run time): windows, softcap,
+    # lengths, GQA and each bias against the reference.
+    B, Hq, Hkv, Lq, Lk = 2, 4, 2, 150, 211
+    q, k, v = _qkv(B, Hq, Hkv, Lq, Lk, D, dtype)
+    kwargs = {"window": (90, 7), "softcap": 20.0, "key_lengths": torch.tensor([211, 130], dtype=torch.int32,
+                                                                              device="cuda")}
+    if bias == "alibi":
+        kwargs["alibi_slopes"] = torch.rand(Hq, device="cuda") * 0.1
+    elif bias == "mask":
+        kwargs["attn_mask"] = torch.randn(B, 1, Lq, Lk, device="cuda", dtype=dtype).requires_grad_()
+    check_against_reference("cuda", q, k, v, **kwargs)
 
 
 @gpu
@@ -262,10 +335,11 @@ def test_backward_is_deterministic(D, dtype):
 @pytest.mark.parametrize("window", [False, True], ids=["full", "window"])
 @pytest.mark.parametrize("softcap", [0.0, 15.0], ids=["nocap", "softcap"])
 @pytest.mark.parametrize("bias", [None, "alibi", "mask"], ids=["nobias", "alibi", "mask"])
-def test_every_forward_instantiation(D, dtype, window, softcap, bias):
-    # One call per (kWindow, kSoftcap, kBias) template flag combination of the forward, with lengths
-    # spanning several key tiles so both passes (boundary tiles, then interior tiles) and the
-    # cp.async double buffer run: a window open on both sides has boundary tiles at both ends.
+def test_every_instantiation(D, dtype, window, softcap, bias):
+    # One call per (kWindow, kSoftcap, kBias) template flag combination of the forward and of the
+    # backward (values and gradients), with lengths spanning several key tiles and query tiles so
+    # both passes (boundary tiles, then interior tiles) and the cp.async double buffers run: a
+    # window open on both sides has boundary tiles at both ends.
     B, H, Lq, Lk = 2, 2, 300, 777
     q, k, v = _qkv(B, H, H, Lq, Lk, D, dtype)
     kwargs = {"softcap": softcap, "window": (200, 100) if window else None}
@@ -279,9 +353,9 @@ def test_every_forward_instantiation(D, dtype, window, softcap, bias):
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", HEAD_DIMS)
-def test_nan_in_cache_slots_past_key_lengths_never_reaches_a_result(D, dtype):
+def test_nan_in_cache_slots_past_key_lengths_never_reaches_a_result(D, dtype, deterministic):
     # Unused KV-cache slots hold garbage; the kernels never read them (zero-filled tiles), so the
-    # output and every gradient equal those of a clean cache.
+    # output and every gradient equal those of a clean cache (bit for bit in the deterministic mode).
     B, H, Lq, Lk = 2, 2, 37, 300
     q, k, v = _qkv(B, H, H, Lq, Lk, D, dtype)
     lengths = torch.tensor([300, 77], dtype=torch.int32, device="cuda")
@@ -329,7 +403,8 @@ def test_additive_mask_at_the_dtype_minimum(D, dtype):
 @pytest.mark.parametrize("D", HEAD_DIMS)
 @pytest.mark.parametrize("shape", [(2, 1, 1, 130), (1, 2, 97, 130), (2, 2, 97, 1)], ids=["B11Lk", "1HLqLk", "BHLq1"])
 def test_dbias_of_a_broadcast_mask(D, dtype, shape):
-    # The kernels sum dbias in the mask's own broadcast shape (float atomics where it broadcasts).
+    # The kernels sum dbias in the mask's own broadcast shape (float atomics where it broadcasts);
+    # the gradient the user's mask receives is that sum once, not once per broadcast position.
     q, k, v = _qkv(2, 2, 2, 97, 130, D, dtype)
     mask = (torch.randn(*shape, device="cuda", dtype=torch.float32) * 0.5).requires_grad_()
     check_against_reference("cuda", q, k, v, attn_mask=mask, causal=True)

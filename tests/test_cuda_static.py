@@ -5,7 +5,10 @@ causal, softcap and bias forwards at D = 128, the generic block-list forward, th
 and the backward kernels) for sm_80 and sm_90a, then checks from ptxas and the SASS:
 no kernel spills, and the forward's hot loop (the key-tile loop over interior tiles) spends at
 least 4 x 5.8% = 23.2% of its instructions on tensor cores (5.8%: the kernel before the sm_80
-rewrite, as issue 15 counted it; counted the way sass_report does, it was 3.8-4.1%). The backward's instruction mix is printed (``pytest -s``) for the record.
+rewrite, as issue 15 counted it; counted the way sass_report does, it was 3.8-4.1%). The backward's
+query-tile loop holds exactly the five products' tensor-core instructions (four plus the dQ kernel's
+three in the deterministic mode), its copies are cp.async, and the plain kernel carries no softcap
+or ALiBi code. The instruction mix is printed (``pytest -s``) for the record.
 """
 
 from __future__ import annotations
@@ -75,10 +78,85 @@ def test_backward_mix_is_reported(report):
             assert r.hot_loop.hmma > 0 and r.hot_loop.instructions > r.hot_loop.hmma, name
 
 
-def test_forward_tile_schedule_on_the_cpu(tmp_path):
-    # The forward's tile bookkeeping is host-compilable: tests/cuda/schedule_check.cu walks it for
-    # 2,000 random shapes, lengths, windows, element masks and BlockMask lists and checks that every
-    # tile with a visible pair is visited once, and that interior (unchecked) tiles are entirely visible.
+BWD_THREADS = 128
+"""Threads of a backward CTA (4 warps, BwdTraits::kThreads)."""
+
+
+def bwd_tiles(head_dim: int) -> tuple[int, int]:
+    """(query tile, key block) of the backward kernel at ``head_dim`` (BwdTraits::kBlockM, kBlockN)."""
+    return (64 if head_dim <= 64 else 32), 64
+
+
+def ideal_hmma(products: int, m: int, n: int, k: int, warps: int = 4) -> int:
+    """m16n8k16 instructions per warp for ``products`` (m x k) @ (k x n) products spread over ``warps``."""
+    return products * m * n * k // (16 * 8 * 16 * warps)
+
+
+@pytest.mark.parametrize("head_dim", [128, 64])
+def test_backward_loop_does_five_products_with_pipelined_copies(report, head_dim):
+    # The interior query-tile loop of the plain backward: S^T = K Q^T, dP^T = V dO^T, dV += P^T dO,
+    # dK += dS^T Q and dQ += dS K, each (query tile x key block x D), and not one HMMA more.
+    bm, bn = bwd_tiles(head_dim)
+    loop = report[f"attention_bwd_kernel<bf16, BwdTraits<{head_dim}, false, false, false, true> >"].hot_loop
+    assert loop.hmma == ideal_hmma(5, bm, bn, head_dim), f"{loop.hmma} HMMA per warp per query tile"
+    # Q, dO, lse and delta arrive by cp.async, double-buffered: one 16-byte copy per thread per row
+    # pass of Q and of dO, and the 4-byte copies of lse and of delta (on different threads, two
+    # instructions in the code); fragments come from ldmatrix.
+    rows_per_pass = BWD_THREADS // (head_dim // 8)
+    assert loop.ldgsts == 2 * bm // rows_per_pass + 2 and loop.ldsm > 0
+    # One exp2 per (key, query) element of the thread; dQ leaves by float atomics, one per element
+    # of the thread's share of the (query tile x D) block.
+    assert loop.ex2 == bm * bn // BWD_THREADS
+    assert loop.atomic == bm * head_dim // BWD_THREADS
+    # About 4.5 (D = 128) and 5.4 (D = 64) instructions per HMMA on sm_80 and sm_90a; the share must
+    # stay at least 4x the old dK/dV kernel's (sm_80: 5.1% at D = 128, 3.0% at D = 64).
+    before = {128: 0.051, 64: 0.030}[head_dim]
+    assert loop.hmma_share >= 4 * before, f"HMMA share {loop.hmma_share:.3f} of {loop.instructions}"
+
+
+def test_backward_plain_kernel_has_no_feature_code(report):
+    # Features are template flags: the plain kernel has no tanh (softcap) and no int-to-float
+    # conversion (ALiBi's |i - j|) anywhere; the interior loop of the causal kernel is the plain
+    # one's (band checks only on boundary tiles), within a few instructions of schedule code.
+    plain = report["attention_bwd_kernel<bf16, BwdTraits<128, false, false, false, true> >"]
+    causal = report["attention_bwd_kernel<bf16, BwdTraits<128, true, false, false, true> >"]
+    every = report["attention_bwd_kernel<bf16, BwdTraits<128, true, true, true, true> >"]
+    for r in (plain, causal):
+        assert r.whole.tanh == 0 and r.whole.i2f == 0, r.name
+    assert every.whole.tanh > 0 and every.whole.i2f > 0
+    assert abs(causal.hot_loop.instructions - plain.hot_loop.instructions) <= 8
+    assert plain.hot_loop.predicated <= 64, f"{plain.hot_loop.predicated} predicated instructions in the plain loop"
+
+
+@pytest.mark.parametrize("head_dim", [128, 64])
+def test_deterministic_backward_has_no_dq_atomics(report, head_dim):
+    # torch.use_deterministic_algorithms(True): the key-block kernel does four products and no dQ
+    # atomics (its only global reductions are the broadcast attn_mask gradient's, one per element,
+    # behind a run-time check); dQ comes from its own kernel's three products. The cost: 7 products
+    # per (query tile, key block) instead of 5, 1.4x the backward's tensor-core work.
+    bm, bn = bwd_tiles(head_dim)
+    loop = report[f"attention_bwd_kernel<bf16, BwdTraits<{head_dim}, true, true, true, false> >"].hot_loop
+    assert loop.hmma == ideal_hmma(4, bm, bn, head_dim)
+    assert loop.atomic == bm * bn // BWD_THREADS
+    dq_keys = 32 if head_dim == 128 else 64  # DqTraits::kBlockN
+    dq = report[f"attention_bwd_dq_kernel<bf16, DqTraits<{head_dim}> >"]
+    assert dq.whole.atomic == 0
+    assert dq.hot_loop.hmma == ideal_hmma(3, 64, dq_keys, head_dim)
+    # Its K/V tiles arrive by cp.async, double-buffered (one 16-byte copy per thread per row pass).
+    assert dq.hot_loop.ldgsts == 2 * dq_keys // (BWD_THREADS // (head_dim // 8))
+
+
+def test_backward_registers_fit(report):
+    for name, r in report.items():
+        if name.startswith("attention_bwd"):
+            assert 0 < r.registers <= 255 and r.spill_bytes == 0, (name, r.registers, r.spill_bytes)
+
+
+def test_tile_schedules_on_the_cpu(tmp_path):
+    # The tile bookkeeping is host-compilable: tests/cuda/schedule_check.cu walks the forward's and
+    # the backward's schedules (key-block and dQ kernels) for 4,400 random shapes, lengths, windows, element masks and
+    # BlockMask lists and checks that every tile with a visible pair is visited once, and that
+    # interior (unchecked) tiles are entirely visible.
     exe = tmp_path / "schedule_check"
     cmd = ["nvcc", "-std=c++17", "--expt-relaxed-constexpr", "-O1", f"-I{ROOT / 'csrc' / 'cuda'}",
            str(ROOT / "tests" / "cuda" / "schedule_check.cu"), "-o", str(exe)]

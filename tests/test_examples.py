@@ -16,6 +16,9 @@ CASES = [
                  "largest |loss difference|", id="small_gpt"),
     pytest.param("vit.py", ["--steps", "3", "--batch-size", "16"], "test accuracy", id="vit"),
     pytest.param("translation.py", ["--steps", "3", "--batch-size", "16"], "exact match", id="translation"),
+    pytest.param("efficient_attention_gpt.py", ["--steps", "3", "--d-model", "32", "--block-size", "32",
+                                                "--batch-size", "4", "--sample-tokens", "8"],
+                 "recurrent decoding matches the full forward pass: True", id="efficient_attention_gpt"),
 ]
 
 

@@ -10,6 +10,7 @@ import torch
 import fastattn
 from fastattn.linear import LinearAttentionState, PerformerFeatures, linear_attention, naive
 from fastattn.linear.naive import linear_attention_reference
+from fastattn.linear.ops import CPU_KERNELS_BUILT
 
 from .tolerance import assert_close_to_reference, high_precision
 
@@ -90,12 +91,15 @@ def test_parallel_matches_definition():
         pytest.param(True, torch.sigmoid, True, 5, id="causal-callable"),
     ],
 )
-def test_cpu_path_against_reference(causal, feature_map, normalize, chunk):
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_cpu_path_against_reference(backend, causal, feature_map, normalize, chunk):
+    if backend == "cpu" and not CPU_KERNELS_BUILT:
+        pytest.skip("fastattn._C was built without the linear kernels")
     q, k, v = _inputs(1, 4, 2, 17, 8, 6, dtype=F32)
 
     def run(q, k, v):
         return (linear_attention(q, k, v, causal=causal, feature_map=feature_map, normalize=normalize,
-                                 chunk_size=chunk),)
+                                 chunk_size=chunk, backend=backend),)
 
     def ref(q, k, v):
         return (linear_attention_reference(q, k, v, causal=causal, feature_map=feature_map,
@@ -202,7 +206,7 @@ def test_triton_core_against_reference(triton_core, B, Hq, Hkv, L, M, Dv, dtype,
     inputs = (q, k, v, torch.randn(B, Hkv, M, Dv, dtype=dtype, device=DEVICE)) if with_state else (q, k, v)
 
     def run(q, k, v, s0=None):
-        return triton_core.apply(q, k, v, None if s0 is None else s0.float(), causal, chunk)
+        return triton_core.apply(q, k, v, None if s0 is None else s0.float(), causal, chunk, "triton")
 
     def ref(q, k, v, s0=None):
         return naive.parallel(q, k, v, causal, s0)
@@ -212,16 +216,15 @@ def test_triton_core_against_reference(triton_core, B, Hq, Hkv, L, M, Dv, dtype,
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_triton_public_path_performer_state(triton_core, monkeypatch, causal):
+def test_triton_public_path_performer_state(triton_core, causal):
     # the whole public function on the kernels: features, normaliser column, state in and out
-    monkeypatch.setattr("fastattn.linear.api._use_triton", lambda q: True)
     features = PerformerFeatures(16, num_features=16)
     q, k, v = (t.to(DEVICE) for t in _inputs(1, 2, 1, 33, 16, 8, dtype=F32))
     s0 = (torch.rand(1, 1, 16, 8, dtype=F32, device=DEVICE), torch.rand(1, 1, 16, dtype=F32, device=DEVICE))
     kwargs = {"causal": causal, "feature_map": features, "initial_state": s0}
 
     def run(q, k, v):
-        out, state = linear_attention(q, k, v, chunk_size=16, return_state=True, **kwargs)
+        out, state = linear_attention(q, k, v, chunk_size=16, return_state=True, backend="triton", **kwargs)
         return out, state.kv, state.k_sum
 
     def ref(q, k, v):
@@ -232,12 +235,215 @@ def test_triton_public_path_performer_state(triton_core, monkeypatch, causal):
 
 
 @pytest.mark.interpreter
-def test_triton_chunk_size_must_be_a_tile(monkeypatch):
+def test_triton_chunk_size_must_be_a_tile():
     pytest.importorskip("triton")
-    monkeypatch.setattr("fastattn.linear.api._use_triton", lambda q: True)
-    q, k, v = _inputs(1, 2, 2, 9, 8, 8, dtype=F32)
+    q, k, v = (t.to(DEVICE) for t in _inputs(1, 2, 2, 9, 8, 8, dtype=F32))
     with pytest.raises(ValueError, match="chunk_size must be a power of two"):
-        linear_attention(q, k, v, chunk_size=24)
+        linear_attention(q, k, v, chunk_size=24, backend="triton")
+
+
+# --------------------------------------------------------------------------- C++ CPU kernels
+cpu_kernels = pytest.mark.skipif(not CPU_KERNELS_BUILT, reason="fastattn._C was built without the linear kernels")
+BF16 = torch.bfloat16
+
+
+@cpu_kernels
+@pytest.mark.parametrize(
+    "B, Hq, Hkv, L, M, Dv, dtype, causal, chunk, with_state",
+    [
+        pytest.param(1, 2, 2, 1, 16, 16, F32, True, 64, False, id="B1-H2-L1-M16-fp32-causal"),
+        pytest.param(1, 4, 2, 17, 8, 5, F32, True, 5, True, id="B1-Hq4-Hkv2-L17-M8-Dv5-fp32-causal-chunk5-state"),
+        pytest.param(2, 3, 1, 97, 6, 7, F64, True, 16, True, id="B2-Hq3-Hkv1-L97-M6-Dv7-fp64-causal-chunk16-state"),
+        pytest.param(1, 2, 2, 97, 40, 24, F16, True, 32, False, id="B1-H2-L97-M40-Dv24-fp16-causal-chunk32"),
+        pytest.param(1, 4, 1, 33, 16, 9, BF16, True, 8, True, id="B1-Hq4-Hkv1-L33-M16-Dv9-bf16-causal-chunk8-state"),
+        pytest.param(2, 2, 1, 97, 8, 8, F32, False, 16, False, id="B2-Hq2-Hkv1-L97-M8-fp32-full"),
+        pytest.param(1, 2, 2, 17, 40, 16, F64, False, 7, True, id="B1-H2-L17-M40-Dv16-fp64-full-chunk7-state"),
+        pytest.param(1, 2, 1, 23, 12, 5, BF16, False, 64, True, id="B1-Hq2-Hkv1-L23-M12-Dv5-bf16-full-state"),
+    ],
+)
+def test_cpu_core_against_reference(B, Hq, Hkv, L, M, Dv, dtype, causal, chunk, with_state):
+    from fastattn.linear.autograd import LinearAttentionCore
+
+    q, k, v = _inputs(B, Hq, Hkv, L, M, Dv, dtype=dtype, positive=True)
+    inputs = (q, k, v, torch.randn(B, Hkv, M, Dv, dtype=dtype)) if with_state else (q, k, v)
+    state_dtype = torch.promote_types(dtype, F32)
+
+    def run(q, k, v, s0=None):
+        return LinearAttentionCore.apply(q, k, v, None if s0 is None else s0.to(state_dtype), causal, chunk, "cpu")
+
+    def ref(q, k, v, s0=None):
+        return naive.parallel(q, k, v, causal, s0)
+
+    _check("cpu core", run, ref, inputs)
+
+
+@cpu_kernels
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_cpu_public_path_performer_state_strided(causal):
+    # the whole public function on the C++ kernels, on (B, L, H, D) memory seen as (B, H, L, D)
+    features = PerformerFeatures(16, num_features=24)
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in _inputs(1, 2, 1, 33, 16, 8, dtype=F32))
+    s0 = (torch.rand(1, 1, 24, 8, dtype=F32), torch.rand(1, 1, 24, dtype=F32))
+    kwargs = {"causal": causal, "feature_map": features, "initial_state": s0}
+
+    def run(q, k, v):
+        out, state = linear_attention(q, k, v, chunk_size=8, return_state=True, backend="cpu", **kwargs)
+        return out, state.kv, state.k_sum
+
+    def ref(q, k, v):
+        out, (kv, k_sum) = linear_attention_reference(q, k, v, **kwargs)
+        return out, kv, k_sum
+
+    _check("cpu linear_attention", run, ref, (q, k, v))
+
+
+@cpu_kernels
+def test_cpu_kernels_empty_sequence_keeps_the_state():
+    q, k, v = _inputs(1, 2, 1, 0, 8, 4, dtype=F32)
+    s0 = torch.randn(1, 1, 8, 4)
+    out, state = torch.ops.fastattn.linear_attention_fwd(q, k, v, s0, True, 64)
+    assert out.shape == (1, 2, 0, 4)
+    torch.testing.assert_close(state, s0, rtol=0, atol=0)
+
+
+@cpu_kernels
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        pytest.param({"k": torch.randn(1, 2, 10, 8)}, "k must be", id="k-length"),
+        pytest.param({"v": torch.randn(1, 3, 9, 4)}, "v must be", id="v-heads"),
+        pytest.param({"v": torch.randn(1, 2, 9, 4, dtype=F64)}, "v must have q's dtype", id="dtype"),
+        pytest.param({"initial_state": torch.zeros(1, 2, 8, 5)}, "initial_state must have shape", id="state"),
+        pytest.param({"chunk_size": 0}, "chunk_size", id="chunk"),
+    ],
+)
+def test_cpu_op_errors_name_the_argument(change, match):
+    args = {"q": torch.randn(1, 4, 9, 8), "k": torch.randn(1, 2, 9, 8), "v": torch.randn(1, 2, 9, 4),
+            "initial_state": None, "causal": True, "chunk_size": 4}
+    args.update(change)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.fastattn.linear_attention_fwd(*args.values())
+
+
+@cpu_kernels
+def test_cpu_schemas_equal_python_schemas():
+    from fastattn.linear.ops import BWD_SCHEMA, FWD_SCHEMA
+
+    assert str(torch.ops.fastattn.linear_attention_fwd.default._schema) == "fastattn::linear_attention_fwd" + FWD_SCHEMA
+    assert str(torch.ops.fastattn.linear_attention_bwd.default._schema) == "fastattn::linear_attention_bwd" + BWD_SCHEMA
+
+
+@cpu_kernels
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_cpu_opcheck(causal, dtype):
+    # the fakes (shapes, dtypes, strides) against the kernels, and the ops' registration
+    from fastattn.linear.ops import linear_ops
+
+    ops = linear_ops("cpu")
+    q, k, v = _inputs(1, 4, 2, 11, 8, 5, dtype=dtype, positive=True)
+    s0 = torch.randn(1, 2, 8, 5)
+    torch.library.opcheck(ops.fwd, (q, k, v, s0, causal, 4))
+    do = torch.randn(1, 4, 11, 5, dtype=dtype)
+    torch.library.opcheck(ops.bwd, (do, q, k, v, s0, torch.randn(1, 2, 8, 5), causal, 4))
+    torch.library.opcheck(ops.bwd, (do, q, k, v, None, None, causal, 4))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_compile_fullgraph_matches_eager(backend):
+    # aot_eager: dynamo and AOT autograd trace through the public function (fakes of the C++ ops
+    # included) without inductor's slow C++ code generation
+    if backend == "cpu" and not CPU_KERNELS_BUILT:
+        pytest.skip("fastattn._C was built without the linear kernels")
+
+    def f(q, k, v, kv, k_sum):
+        out, state = linear_attention(q, k, v, causal=True, chunk_size=8, return_state=True,
+                                      initial_state=(kv, k_sum), backend=backend)
+        return out, state.kv
+
+    q, k, v = _inputs(1, 4, 2, 19, 8, 5, dtype=F32)
+    state = (torch.rand(1, 2, 8, 5), torch.rand(1, 2, 8))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    leaves_c = [t.clone().requires_grad_() for t in (q, k, v)]
+    eager = f(*leaves, *state)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves_c, *state)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    sum(o.sum() for o in eager).backward()
+    sum(o.sum() for o in compiled).backward()
+    for a, b in zip(leaves_c, leaves):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_backend_choice():
+    from fastattn.linear.api import choose_backend, default_chunk_size
+
+    q = torch.randn(1, 2, 5, 8)
+    assert choose_backend(q, None) == ("cpu" if CPU_KERNELS_BUILT else "reference")
+    assert choose_backend(q, "reference") == "reference"
+    assert default_chunk_size(F32, "triton") == 32 and default_chunk_size(F16, "triton") == 64
+    assert default_chunk_size(F32, "cpu") == 64
+    with pytest.raises(ValueError, match="backend must be"):
+        linear_attention(q, q, q, backend="cuda")
+    if not CPU_KERNELS_BUILT:
+        with pytest.raises(ValueError, match="backend='cpu' cannot run"):
+            linear_attention(q, q, q, backend="cpu")
+
+
+# --------------------------------------------------------------------------- benchmarks
+def test_bench_linear_providers_compute_linear_attention():
+    from fastattn.bench.providers import LinearProvider, Unsupported
+    from fastattn.bench.workloads import Workload, make_case, preset
+
+    p = preset("linear", "cpu")
+    assert [w.seqlen for w in p.workloads] == [4096, 8192, 16384, 32768, 65536]
+    assert all(w.kind == "linear" and w.causal for w in p.workloads)
+    case = make_case(Workload("linear", 1, 2, 2, 33, 8), F32, "cpu")
+    expected, _ = linear_attention_reference(case.q.double(), case.k.double(), case.v.double(), causal=True)
+    for backend in (["cpu"] if CPU_KERNELS_BUILT else []) + ["reference", "naive"]:
+        run = LinearProvider(backend).build(case, explicit=True)
+        torch.testing.assert_close(run.fn().double(), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(Unsupported, match="linear"):
+        LinearProvider("reference").build(make_case(Workload("causal", 1, 2, 2, 33, 8), F32, "cpu"))
+
+
+def _linear_scaling_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "linear_scaling.py"
+    spec = importlib.util.spec_from_file_location("linear_scaling", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_linear_scaling_summary():
+    script = _linear_scaling_script()
+    rows = []
+    for L in (4096, 8192, 32768):
+        for provider, time_ms, memory in (("linear-cpu", 1e-3 * L, 10 * L), ("sdpa", 1e-6 * L * L, 3 * L)):
+            rows.append({"workload": "linear", "mode": "fwd", "status": "ok", "provider": provider, "seqlen": L,
+                         "time_ms": time_ms, "peak_mem_bytes": memory})
+    rows.append({"workload": "causal", "mode": "fwd", "status": "ok", "provider": "sdpa", "seqlen": 4096,
+                 "time_ms": 1.0, "peak_mem_bytes": 1})  # another workload: ignored
+    s = script.summary({"results": rows})
+    assert s["exponents"]["linear-cpu"]["time"] == pytest.approx(1.0)
+    assert s["exponents"]["sdpa"]["time"] == pytest.approx(2.0)
+    assert s["exponents"]["linear-cpu"]["memory"] == pytest.approx(1.0)
+    assert s["speedup_at"]["linear-cpu"]["sdpa"] == pytest.approx(32.768)
+    with pytest.raises(ValueError, match="two lengths"):
+        script.fit_exponent([4096], [1.0])
+
+
+def test_bench_linear_preset_runs():
+    # the runner end to end on tiny lengths: every provider of the preset measured
+    from fastattn.bench import bench_config, run_bench
+
+    doc = run_bench(bench_config("linear", "cpu", seq_lens=[64, 128]), progress=False)
+    ok = {(r["provider"], r["seqlen"]) for r in doc["results"] if r["status"] == "ok"}
+    providers = (["linear-cpu"] if CPU_KERNELS_BUILT else []) + ["linear-reference", "sdpa"]
+    assert ok == {(p, L) for p in providers for L in (64, 128)}, doc["results"]
 
 
 # --------------------------------------------------------------------------- Performer (FAVOR+)
@@ -397,14 +603,114 @@ def test_lsh_module_one_bucket_is_attention_module(causal):
     assert LSHAttention(32, 4, n_buckets=4, chunk_size=8)(x).shape == (2, 19, 32)
 
 
+@pytest.mark.parametrize("shared_qk", [True, False], ids=["shared-qk", "separate-k"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_lsh_gqa_against_reference_on_repeated_heads(causal, shared_qk):
+    # GQA (Hq = 6, Hkv = 2) against the reference given every query head its own copy of k and v
+    from fastattn.linear.lsh import lsh_attention_reference
+
+    q, k, v = _inputs(1, 6, 2, 29, 16, 8, dtype=F32)
+    kwargs = {"n_buckets": 4, "n_hashes": 2, "chunk_size": 8, "causal": causal, "shared_qk": shared_qk,
+              "rotations": torch.randn(2, 16, 2)}
+
+    def run(q, v, k=None):
+        return (fastattn.lsh_attention(q, k, v, **kwargs),)
+
+    def ref(q, v, k=None):
+        k_rep = None if k is None else k.repeat_interleave(3, dim=1)
+        return (lsh_attention_reference(q, k_rep, v.repeat_interleave(3, dim=1), **kwargs),)
+
+    _check("lsh_attention gqa", run, ref, (q, v) if shared_qk else (q, v, k))
+
+
+def test_lsh_gqa_errors():
+    q, k, v = _inputs(1, 6, 4, 9, 16, 8, dtype=F32)
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        fastattn.lsh_attention(q, k, v, n_buckets=2, shared_qk=False)
+    with pytest.raises(ValueError, match="same heads"):
+        fastattn.lsh_attention(q, k[:, :2], v[:, :3], n_buckets=2, shared_qk=False)
+
+
+def test_lsh_module_gqa_one_bucket_is_attention_module():
+    from fastattn.nn import Attention, LSHAttention
+
+    lsh = LSHAttention(32, 4, 2, causal=True, n_buckets=1, chunk_size=64, shared_qk=False)
+    exact = Attention(32, 4, 2, causal=True)
+    exact.load_state_dict(lsh.state_dict())
+    x = torch.randn(2, 19, 32)
+    torch.testing.assert_close(lsh(x), exact(x), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- Transformer blocks: attention=
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
+@pytest.mark.parametrize("attention", ["linear", "performer", "lsh"])
+def test_transformer_layers_attention_kind(attention, batch_first):
+    from fastattn.nn import LinearAttention, LSHAttention, TransformerDecoderLayer, TransformerEncoderLayer
+    from fastattn.nn.transformer import EfficientSelfAttention
+
+    torch.manual_seed(0)
+    kwargs = {"n_buckets": 1, "chunk_size": 64, "shared_qk": False} if attention == "lsh" else {}
+    enc = TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=batch_first, attention=attention,
+                                  attention_kwargs=kwargs)
+    assert isinstance(enc.self_attn, EfficientSelfAttention)
+    assert isinstance(enc.self_attn.attn, LSHAttention if attention == "lsh" else LinearAttention)
+    x = torch.randn(2, 13, 32) if batch_first else torch.randn(13, 2, 32)
+    for is_causal in (False, True):
+        y = enc(x, is_causal=is_causal)
+        # the layer by hand: post-norm, the attention module on (B, L, E), the feed-forward
+        xb = x if batch_first else x.transpose(0, 1)
+        h = enc.norm1(xb + enc.self_attn.attn(xb, causal=is_causal))
+        expected = enc.norm2(h + enc.linear2(torch.relu(enc.linear1(h))))
+        torch.testing.assert_close(y, expected if batch_first else expected.transpose(0, 1))
+    if attention == "lsh":  # one bucket: exact attention, so the causal flag must reach the kernel
+        assert not torch.allclose(enc(x, is_causal=True), enc(x, is_causal=False))
+    dec = TransformerDecoderLayer(32, 4, 64, dropout=0.0, batch_first=batch_first, attention=attention,
+                                  attention_kwargs=kwargs)
+    memory = torch.randn(2, 7, 32) if batch_first else torch.randn(7, 2, 32)
+    out = dec(x, memory, tgt_is_causal=True)
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert all(p.grad is not None for p in dec.self_attn.parameters())
+
+
+def test_transformer_linear_attention_is_causal_in_the_decoder():
+    from fastattn.nn import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(32, 4, 1, 1, 64, dropout=0.0, batch_first=True, attention="linear")
+    src, tgt = torch.randn(2, 9, 32), torch.randn(2, 11, 32)
+    out = model(src, tgt, tgt_is_causal=True)
+    changed = tgt.clone()
+    changed[:, 6:] += 1.0  # a causal decoder's first 6 positions cannot see this
+    out2 = model(src, changed, tgt_is_causal=True)
+    torch.testing.assert_close(out[:, :6], out2[:, :6])
+    assert not torch.allclose(out[:, 6:], out2[:, 6:])
+
+
+def test_transformer_attention_errors():
+    from fastattn.nn import TransformerEncoderLayer
+
+    with pytest.raises(ValueError, match="attention must be one of"):
+        TransformerEncoderLayer(32, 4, attention="flash")
+    with pytest.raises(ValueError, match="attention_kwargs"):
+        TransformerEncoderLayer(32, 4, attention_kwargs={"num_features": 8})
+    layer = TransformerEncoderLayer(32, 4, batch_first=True, attention="linear")
+    x = torch.randn(2, 5, 32)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        layer(x, src_key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attn_mask"):
+        layer(x, src_mask=torch.zeros(5, 5, dtype=torch.bool))
+
+
 def test_decode_step_costs_o_of_m_times_dv():
     from torch.utils.flop_counter import FlopCounterMode
 
     B, H, M, Dv = 1, 2, 16, 8
     q, k, v = _inputs(B, H, H, 300, M, Dv, dtype=F32)
-    _, state = linear_attention(q, k, v, causal=True, return_state=True)
+    # the reference backend: FlopCounterMode counts torch's matmuls, not the C++ kernels' BLAS calls
+    _, state = linear_attention(q, k, v, causal=True, return_state=True, backend="reference")
     step = [t[:, :, -1:] for t in (q, k, v)]
     with FlopCounterMode(display=False) as counter:
-        linear_attention(*step, causal=True, initial_state=state)
+        linear_attention(*step, causal=True, initial_state=state, backend="reference")
     # q @ S, k^T v and the 1x1 intra-chunk block, each 2 * M * (Dv + 1) per head: independent of the prefix
     assert 0 < counter.get_total_flops() <= 8 * B * H * M * (Dv + 1)

@@ -9,7 +9,7 @@ import fastattn
 from fastattn.block_mask import EMPTY
 from fastattn.varlen import varlen_block_mask
 
-from .tolerance import assert_close_to_reference
+from .tolerance import assert_close_to_reference, high_precision
 
 BACKENDS = ["reference", "cpu"]
 
@@ -38,31 +38,44 @@ def _loop(q, k, v, lens_q, lens_k, **kwargs):
     return torch.cat(outs), torch.cat(lses, dim=1)
 
 
-def _check(backend, lens_q, lens_k, *, Hq=4, Hkv=2, D=16, Dv=16, seed=0, device="cpu", **kwargs):
+def _check(backend, lens_q, lens_k, *, Hq=4, Hkv=2, D=16, Dv=16, seed=0, device="cpu", dtype=torch.float32,
+           lse_grad=False, **kwargs):
+    """varlen_attention on ``backend`` against the per-sequence reference loop: out, lse and the
+    gradients of q, k, v (and through lse too with ``lse_grad``), by the tolerance rule."""
     g = torch.Generator().manual_seed(seed)
     tq, tk = sum(lens_q), sum(lens_k)
-    q, k, v = (torch.randn(*shape, generator=g) for shape in ((tq, Hq, D), (tk, Hkv, D), (tk, Hkv, Dv)))
-    dout = torch.randn(tq, Hq, Dv, generator=g)
+    q, k, v = (torch.randn(*shape, generator=g).to(dtype) for shape in ((tq, Hq, D), (tk, Hkv, D), (tk, Hkv, Dv)))
+    dout = torch.randn(tq, Hq, Dv, generator=g).to(dtype)
+    dlse = torch.randn(Hq, tq, generator=g)
+
+    def loss(out, lse):
+        total = (out * dout.to(out.dtype)).sum()
+        if lse_grad:  # rows that see no key have lse -inf: no gradient flows there
+            total = total + torch.where(torch.isfinite(lse), lse * dlse.to(lse.dtype), 0).sum()
+        return total
+
     leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
     device_kwargs = {name: x.to(device) if isinstance(x, torch.Tensor) else x for name, x in kwargs.items()}
     out, lse = fastattn.varlen_attention(*leaves, _cu(lens_q).to(device), _cu(lens_k).to(device), max(lens_q),
                                          max(lens_k), backend=backend, return_lse=True, **device_kwargs)
-    grads = torch.autograd.grad((out * dout.to(device)).sum(), leaves)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    grads = torch.autograd.grad(loss(out, lse), leaves)
     out, lse = out.cpu(), lse.cpu()
     results = {}
-    for dtype in (torch.float64, torch.float32):
-        ref_leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    for ref_dtype in (high_precision(dtype), dtype):
+        ref_leaves = [t.to(ref_dtype).requires_grad_() for t in (q, k, v)]
         ref, ref_lse = _loop(*ref_leaves, lens_q, lens_k, **kwargs)
-        ref_grads = torch.autograd.grad((ref * dout.to(dtype)).sum(), ref_leaves)
-        results[dtype] = (ref, ref_lse, ref_grads)
-    (ref64, lse64, grads64), (ref32, _, grads32) = results[torch.float64], results[torch.float32]
-    assert out.shape == (tq, Hq, Dv) and lse.shape == (Hq, tq) and lse.dtype == torch.float32
-    assert_close_to_reference("out", out, ref64, ref32)
-    finite = torch.isfinite(lse64)
+        ref_grads = torch.autograd.grad(loss(ref, ref_lse.to(ref_dtype)), ref_leaves)
+        results[ref_dtype] = (ref, ref_lse, ref_grads)
+    (ref_hi, lse_hi, grads_hi), (ref_lp, _, grads_lp) = results[high_precision(dtype)], results[dtype]
+    assert out.shape == (tq, Hq, Dv) and lse.shape == (Hq, tq)
+    assert_close_to_reference("out", out, ref_hi, ref_lp)
+    finite = torch.isfinite(lse_hi)
     assert torch.equal(torch.isfinite(lse), finite)
-    torch.testing.assert_close(lse[finite].double(), lse64[finite].double(), atol=1e-4, rtol=1e-4)
-    for name, grad, g64, g32 in zip(("dq", "dk", "dv"), grads, grads64, grads32):
-        assert_close_to_reference(name, grad, g64, g32)
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+    torch.testing.assert_close(lse[finite].double(), lse_hi[finite].double(), atol=tol, rtol=tol)
+    for name, grad, g_hi, g_lp in zip(("dq", "dk", "dv"), grads, grads_hi, grads_lp):
+        assert_close_to_reference(name, grad, g_hi, g_lp)
 
 
 # Lengths: 0 and 1, Lq_s > Lk_s and Lq_s < Lk_s, sequences that straddle the 64-token tiles.
@@ -85,11 +98,41 @@ def test_matches_per_sequence_reference(backend, lengths, kwargs):
     _check(backend, *lengths, **kwargs)
 
 
-@pytest.mark.interpreter
-def test_triton_backend():
+@pytest.fixture
+def triton_varlen_calls():
+    """Counts the Triton varlen kernel's forward and backward op calls."""
     pytest.importorskip("triton")
+    from fastattn.varlen import varlen_kernel_ops
+
+    ops = varlen_kernel_ops("triton")
+    calls = []
+    originals = ops.fwd, ops.bwd
+    object.__setattr__(ops, "fwd", lambda *args, **kw: calls.append("fwd") or originals[0](*args, **kw))
+    object.__setattr__(ops, "bwd", lambda *args, **kw: calls.append("bwd") or originals[1](*args, **kw))
+    yield calls
+    object.__setattr__(ops, "fwd", originals[0])
+    object.__setattr__(ops, "bwd", originals[1])
+
+
+# The Triton varlen kernels (grids from max_seqlen, offsets read from cu_seqlens) through the
+# interpreter on tiny shapes: lengths 0 and 1, Lq_s != Lk_s, GQA/MQA, odd head dims, every feature.
+TRITON_CASES = [
+    pytest.param(dict(lens=([9, 1, 40, 0, 3], [25, 17, 30, 4, 0]), Hq=4, Hkv=2, D=16, causal=True),
+                 id="Lq!=Lk-GQA-D16-causal"),
+    pytest.param(dict(lens=([33, 2, 17], [20, 2, 50]), Hq=3, Hkv=1, D=24, Dv=40, window=(6, 3), softcap=2.0,
+                      alibi_slopes=torch.tensor([0.3, 0.1, 0.02])), id="MQA-D24-Dv40-window-softcap-alibi"),
+    pytest.param(dict(lens=([5, 30, 1], [9, 30, 1]), Hq=2, Hkv=2, D=16, lse_grad=True), id="H2-D16-lse-grad"),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", TRITON_CASES)
+def test_triton_varlen_kernel(case, triton_varlen_calls):
     device = "cuda" if torch.cuda.is_available() else "cpu"  # on the CPU through the Triton interpreter
-    _check("triton", [9, 1, 40, 0], [25, 17, 30, 4], causal=True, device=device)
+    case = dict(case)
+    lens_q, lens_k = case.pop("lens")
+    _check("triton", lens_q, lens_k, device=device, **case)
+    assert triton_varlen_calls == ["fwd", "bwd"], "the Triton varlen kernels did not run"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -100,14 +143,90 @@ def test_alibi_with_equal_offsets(backend):
     _check(backend, [0, 50, 2], [4, 50, 2], alibi_slopes=slopes, window=(3, 3))
 
 
-def test_alibi_with_different_offsets_raises():
+def test_alibi_per_sequence_offsets_on_the_varlen_kernel():
+    # Lk_s - Lq_s differs between sequences: exact per sequence on the cpu varlen kernel.
+    _check("cpu", [2, 30, 9, 1], [3, 20, 9, 40], alibi_slopes=torch.rand(4) * 0.3, causal=True)
+
+
+def test_alibi_with_different_offsets_raises_on_the_block_mask_path():
     q, k = torch.randn(4, 2, 8), torch.randn(6, 2, 8)
     with pytest.raises(ValueError, match="alibi_slopes with varlen_attention"):
-        fastattn.varlen_attention(q, k, k, _cu([2, 2]), _cu([3, 3]), 2, 3, alibi_slopes=torch.ones(2))
+        fastattn.varlen_attention(q, k, k, _cu([2, 2]), _cu([3, 3]), 2, 3, alibi_slopes=torch.ones(2),
+                                  backend="reference")
 
 
 def test_mqa_and_value_head_dim():
     _check("cpu", [17, 2, 97], [5, 40, 97], Hq=3, Hkv=1, D=8, Dv=24, causal=True, seed=1)
+
+
+def _random_lengths(seed: int, n: int, longest: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, longest + 1, (n,), generator=g).tolist()
+    return [*lengths[:-2], 0, 1]  # always a sequence of 0 and one of 1
+
+
+# The cpu varlen kernel on random packings and odd shapes: head dims 40/72/24 (value 24/40), GQA 6:2 and
+# 3:1, every feature; one long sequence whose key tiles the backward splits into several runs.
+KERNEL_CASES = [
+    pytest.param(dict(lens=(_random_lengths(1, 9, 90), _random_lengths(2, 9, 90)), Hq=6, Hkv=2, D=40, Dv=24,
+                      causal=True), id="random-Hq6-Hkv2-D40-Dv24-causal"),
+    pytest.param(dict(lens=(_random_lengths(3, 7, 120), _random_lengths(3, 7, 120)), Hq=3, Hkv=1, D=72, Dv=40,
+                      window=(17, 5), softcap=3.0), id="random-Hq3-Hkv1-D72-window-softcap"),
+    pytest.param(dict(lens=([97, 1, 0, 17], [97, 300, 3, 17]), Hq=2, Hkv=2, D=24, Dv=24, causal=True,
+                      alibi_slopes=torch.tensor([0.5, 0.05])), id="Lq<Lk-H2-D24-causal-alibi"),
+    pytest.param(dict(lens=([600, 3], [600, 3]), Hq=2, Hkv=1, D=16, Dv=16, causal=True),
+                 id="long-sequence-split-backward"),
+    pytest.param(dict(lens=([260, 5], [40, 5]), Hq=2, Hkv=1, D=16, Dv=16, causal=True, softcap=2.0),
+                 id="Lq>Lk-rows-without-keys"),
+]
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES)
+def test_cpu_varlen_kernel(case):
+    case = dict(case)
+    lens_q, lens_k = case.pop("lens")
+    _check("cpu", lens_q, lens_k, **case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_cpu_varlen_kernel_dtypes(dtype):
+    _check("cpu", [33, 0, 70], [40, 2, 70], Hq=4, Hkv=2, D=40, causal=True, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cpu_varlen_kernel_lse_gradient(dtype):
+    _check("cpu", [5, 70, 0, 1], [9, 70, 3, 0], window=(8, 2), lse_grad=True, dtype=dtype)
+
+
+def test_varlen_kernel_op_checks_cu_seqlens():
+    q = torch.randn(6, 2, 8)
+    bad = torch.tensor([0, 2, 5], dtype=torch.int32)  # ends at 5, not at the 6 packed tokens
+    good = torch.tensor([0, 2, 6], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="cu_seqlens_q must start at 0 and end at the number of packed tokens 6"):
+        torch.ops.fastattn.varlen_fwd(q, q, q, bad, good, 4, 4, None, 1.0, None, None, 0.0)
+    with pytest.raises(RuntimeError, match="max_seqlen_k = 3 is shorter"):
+        torch.ops.fastattn.varlen_fwd(q, q, q, good, good, 4, 3, None, 1.0, None, None, 0.0)
+
+
+def test_varlen_kernel_opcheck():
+    q, k, v = torch.randn(9, 4, 8), torch.randn(11, 2, 8), torch.randn(11, 2, 8)
+    cu_q, cu_k = _cu([4, 0, 5]), _cu([2, 3, 6])
+    args = (q, k, v, cu_q, cu_k, 5, 6, torch.rand(4), 0.3, None, 0, 0.0)
+    torch.library.opcheck(torch.ops.fastattn.varlen_fwd.default, args)
+    out, lse = torch.ops.fastattn.varlen_fwd(*args)
+    torch.library.opcheck(torch.ops.fastattn.varlen_bwd.default,
+                          (torch.randn_like(out), q, k, v, out, lse, *args[3:], torch.randn(4, 9)))
+
+
+def test_dropout_runs_on_the_block_mask_path():
+    q = torch.randn(20, 2, 8, requires_grad=True)
+    cu = _cu([12, 8])
+    torch.manual_seed(0)
+    out = fastattn.varlen_attention(q, q, q, cu, cu, 12, 12, causal=True, dropout_p=0.5, backend="cpu")
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
+    no_dropout = fastattn.varlen_attention(q, q, q, cu, cu, 12, 12, causal=True, backend="cpu")
+    assert not torch.allclose(out, no_dropout)
 
 
 def test_block_mask_skips_other_sequences_tiles():
@@ -150,3 +269,19 @@ def test_bad_arguments_name_the_argument(args, error, match):
     window = kwargs.pop("window", None)
     with pytest.raises(error, match=match):
         fastattn.varlen_attention(**kwargs, window=window)
+
+
+def test_cpu_varlen_kernel_gradcheck():
+    # float64 end to end (the kernel keeps a float64 lse for float64 inputs), causal + window + softcap + ALiBi.
+    g = torch.Generator().manual_seed(3)
+    lens_q, lens_k = [3, 0, 4], [2, 1, 5]
+    q = torch.randn(7, 2, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(8, 1, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(8, 1, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    slopes = torch.tensor([0.4, 0.1])
+
+    def fn(q, k, v):  # out only: the returned lse is float32, too coarse for finite differences
+        return fastattn.varlen_attention(q, k, v, _cu(lens_q), _cu(lens_k), 4, 5, causal=True, window=(2, -1),
+                                         softcap=3.0, alibi_slopes=slopes, backend="cpu")
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))

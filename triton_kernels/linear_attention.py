@@ -28,6 +28,48 @@ import triton.language as tl
 from .attention_fwd import dot_settings, head_dim_tile
 
 
+# --------------------------------------------------------------------------- shared tile steps
+@triton.jit
+def _load_rows(p_head, o_l, m_t, stride_l, o_c, m_c, stride_c):
+    """Rows ``o_l`` (valid where ``m_t``) and columns ``o_c`` (valid where ``m_c``) of one head, 0 elsewhere."""
+    # [BLOCK_T, BLOCK_C]
+    return tl.load(p_head + o_l[:, None] * stride_l + o_c[None, :] * stride_c, mask=m_t[:, None] & m_c[None, :], other=0.0)
+
+
+@triton.jit
+def _store_rows(p_head, o_l, m_t, stride_l, o_c, m_c, stride_c, b_x):
+    tl.store(p_head + o_l[:, None] * stride_l + o_c[None, :] * stride_c, b_x.to(p_head.dtype.element_ty),
+             mask=m_t[:, None] & m_c[None, :])
+
+
+@triton.jit
+def _outer_sum(b_x, b_y, DOT_PRECISION: tl.constexpr):
+    """``x^T y`` in float32: a chunk's contribution to a state (or to a state gradient)."""
+    # [BLOCK_M, BLOCK_DV]
+    return tl.dot(tl.trans(b_x.to(tl.float32)), b_y.to(tl.float32), input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _causal_block(b_x, b_y, o_t, DOT_PRECISION: tl.constexpr):
+    """``x_i . y_j`` within one chunk, kept where ``j <= i`` (the chunk's own causal part)."""
+    # [BLOCK_T, BLOCK_T]
+    return tl.where(o_t[:, None] >= o_t[None, :], tl.dot(b_x, tl.trans(b_y), input_precision=DOT_PRECISION), 0.0)
+
+
+@triton.jit
+def _whole_sequence_state(b_s, p_k0, p_v0, L, stride_kl, stride_km, stride_vl, stride_vd, o_t, o_m, m_m, o_v, m_v,
+                          BLOCK_T: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``b_s + sum_j k_j^T v_j`` over the sequence: the state every non-causal query reads (and,
+    given ``q`` and ``dO`` for ``k`` and ``v``, the gradient of that state)."""
+    for i_c in range(0, tl.cdiv(L, BLOCK_T)):
+        o_l = i_c * BLOCK_T + o_t
+        m_t = o_l < L
+        b_k = _load_rows(p_k0, o_l, m_t, stride_kl, o_m, m_m, stride_km)  # [BLOCK_T, BLOCK_M]
+        b_v = _load_rows(p_v0, o_l, m_t, stride_vl, o_v, m_v, stride_vd)  # [BLOCK_T, BLOCK_DV]
+        b_s += _outer_sum(b_k, b_v, DOT_PRECISION)
+    return b_s
+
+
 # --------------------------------------------------------------------------- forward
 @triton.jit(do_not_specialize=["L"])
 def linear_attention_fwd_kernel(
@@ -63,35 +105,22 @@ def linear_attention_fwd_kernel(
     p_k0 = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
     p_v0 = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
     p_o0 = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
-    num_chunks = tl.cdiv(L, BLOCK_T)
     if not IS_CAUSAL:
-        # the whole sequence's state first, then every query reads it
-        for i_c in range(0, num_chunks):
-            o_l = i_c * BLOCK_T + o_t
-            m_t = o_l < L
-            # [BLOCK_T, BLOCK_M]
-            b_k = tl.load(p_k0 + o_l[:, None] * stride_kl + o_m[None, :] * stride_km, mask=m_t[:, None] & m_m[None, :], other=0.0)
-            # [BLOCK_T, BLOCK_DV]
-            b_v = tl.load(p_v0 + o_l[:, None] * stride_vl + o_v[None, :] * stride_vd, mask=m_t[:, None] & m_v[None, :], other=0.0)
-            b_s += tl.dot(tl.trans(b_k.to(tl.float32)), b_v.to(tl.float32), input_precision=DOT_PRECISION)
-    for i_c in range(0, num_chunks):
+        b_s = _whole_sequence_state(b_s, p_k0, p_v0, L, stride_kl, stride_km, stride_vl, stride_vd, o_t, o_m, m_m,
+                                    o_v, m_v, BLOCK_T, DOT_PRECISION)
+    for i_c in range(0, tl.cdiv(L, BLOCK_T)):
         o_l = i_c * BLOCK_T + o_t
         m_t = o_l < L
-        # [BLOCK_T, BLOCK_M]
-        b_q = tl.load(p_q0 + o_l[:, None] * stride_ql + o_m[None, :] * stride_qm, mask=m_t[:, None] & m_m[None, :], other=0.0)
+        b_q = _load_rows(p_q0, o_l, m_t, stride_ql, o_m, m_m, stride_qm)  # [BLOCK_T, BLOCK_M]
         # [BLOCK_T, BLOCK_DV]: the state's part (earlier chunks, or everything when not causal)
         b_o = tl.dot(b_q.to(tl.float32), b_s, input_precision=DOT_PRECISION)
         if IS_CAUSAL:
-            # [BLOCK_T, BLOCK_M]
-            b_k = tl.load(p_k0 + o_l[:, None] * stride_kl + o_m[None, :] * stride_km, mask=m_t[:, None] & m_m[None, :], other=0.0)
-            # [BLOCK_T, BLOCK_DV]
-            b_v = tl.load(p_v0 + o_l[:, None] * stride_vl + o_v[None, :] * stride_vd, mask=m_t[:, None] & m_v[None, :], other=0.0)
-            # [BLOCK_T, BLOCK_T]: the chunk's own causal block
-            b_a = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
-            b_a = tl.where(o_t[:, None] >= o_t[None, :], b_a, 0.0)
+            b_k = _load_rows(p_k0, o_l, m_t, stride_kl, o_m, m_m, stride_km)  # [BLOCK_T, BLOCK_M]
+            b_v = _load_rows(p_v0, o_l, m_t, stride_vl, o_v, m_v, stride_vd)  # [BLOCK_T, BLOCK_DV]
+            b_a = _causal_block(b_q, b_k, o_t, DOT_PRECISION)  # [BLOCK_T, BLOCK_T]
             b_o += tl.dot(b_a.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
-            b_s += tl.dot(tl.trans(b_k.to(tl.float32)), b_v.to(tl.float32), input_precision=DOT_PRECISION)
-        tl.store(p_o0 + o_l[:, None] * stride_ol + o_v[None, :] * stride_od, b_o.to(O.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+            b_s += _outer_sum(b_k, b_v, DOT_PRECISION)
+        _store_rows(p_o0, o_l, m_t, stride_ol, o_v, m_v, stride_od, b_o)
     if STORE_STATE:
         if i_h % group == 0:  # every head of the group holds the same state; one writes it
             tl.store(ST + p_state, b_s, mask=m_state)
@@ -130,30 +159,22 @@ def linear_attention_bwd_dq_kernel(
     p_v0 = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
     p_do0 = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
     p_dq0 = DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
-    num_chunks = tl.cdiv(L, BLOCK_T)
     if not IS_CAUSAL:
-        for i_c in range(0, num_chunks):
-            o_l = i_c * BLOCK_T + o_t
-            m_t = o_l < L
-            b_k = tl.load(p_k0 + o_l[:, None] * stride_kl + o_m[None, :] * stride_km, mask=m_t[:, None] & m_m[None, :], other=0.0)  # [BLOCK_T, BLOCK_M]
-            b_v = tl.load(p_v0 + o_l[:, None] * stride_vl + o_v[None, :] * stride_vd, mask=m_t[:, None] & m_v[None, :], other=0.0)  # [BLOCK_T, BLOCK_DV]
-            b_s += tl.dot(tl.trans(b_k.to(tl.float32)), b_v.to(tl.float32), input_precision=DOT_PRECISION)
-    for i_c in range(0, num_chunks):
+        b_s = _whole_sequence_state(b_s, p_k0, p_v0, L, stride_kl, stride_km, stride_vl, stride_vd, o_t, o_m, m_m,
+                                    o_v, m_v, BLOCK_T, DOT_PRECISION)
+    for i_c in range(0, tl.cdiv(L, BLOCK_T)):
         o_l = i_c * BLOCK_T + o_t
         m_t = o_l < L
-        # [BLOCK_T, BLOCK_DV]
-        b_do = tl.load(p_do0 + o_l[:, None] * stride_dol + o_v[None, :] * stride_dod, mask=m_t[:, None] & m_v[None, :], other=0.0)
+        b_do = _load_rows(p_do0, o_l, m_t, stride_dol, o_v, m_v, stride_dod)  # [BLOCK_T, BLOCK_DV]
         # [BLOCK_T, BLOCK_M]
         b_dq = tl.dot(b_do.to(tl.float32), tl.trans(b_s), input_precision=DOT_PRECISION)
         if IS_CAUSAL:
-            b_k = tl.load(p_k0 + o_l[:, None] * stride_kl + o_m[None, :] * stride_km, mask=m_t[:, None] & m_m[None, :], other=0.0)  # [BLOCK_T, BLOCK_M]
-            b_v = tl.load(p_v0 + o_l[:, None] * stride_vl + o_v[None, :] * stride_vd, mask=m_t[:, None] & m_v[None, :], other=0.0)  # [BLOCK_T, BLOCK_DV]
-            # [BLOCK_T, BLOCK_T]: dO_i . v_j for j <= i
-            b_a = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
-            b_a = tl.where(o_t[:, None] >= o_t[None, :], b_a, 0.0)
+            b_k = _load_rows(p_k0, o_l, m_t, stride_kl, o_m, m_m, stride_km)  # [BLOCK_T, BLOCK_M]
+            b_v = _load_rows(p_v0, o_l, m_t, stride_vl, o_v, m_v, stride_vd)  # [BLOCK_T, BLOCK_DV]
+            b_a = _causal_block(b_do, b_v, o_t, DOT_PRECISION)  # [BLOCK_T, BLOCK_T]: dO_i . v_j, j <= i
             b_dq += tl.dot(b_a.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
-            b_s += tl.dot(tl.trans(b_k.to(tl.float32)), b_v.to(tl.float32), input_precision=DOT_PRECISION)
-        tl.store(p_dq0 + o_l[:, None] * stride_dql + o_m[None, :] * stride_dqm, b_dq.to(DQ.dtype.element_ty), mask=m_t[:, None] & m_m[None, :])
+            b_s += _outer_sum(b_k, b_v, DOT_PRECISION)
+        _store_rows(p_dq0, o_l, m_t, stride_dql, o_m, m_m, stride_dqm, b_dq)
 
 
 # --------------------------------------------------------------------------- backward: dK, dV, dS0
@@ -196,45 +217,41 @@ def linear_attention_bwd_dkv_kernel(
     p_dv0 = DV_ + i_b.to(tl.int64) * stride_dvb + i_hk.to(tl.int64) * stride_dvh
     num_chunks = tl.cdiv(L, BLOCK_T)
     if not IS_CAUSAL:
-        for i_c in range(0, num_chunks):
-            o_l = i_c * BLOCK_T + o_t
-            m_t = o_l < L
-            for i_g in range(0, group):
-                i_h = i_hk * group + i_g
-                p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-                p_do = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
-                b_q = tl.load(p_q + o_l[:, None] * stride_ql + o_m[None, :] * stride_qm, mask=m_t[:, None] & m_m[None, :], other=0.0)  # [BLOCK_T, BLOCK_M]
-                b_do = tl.load(p_do + o_l[:, None] * stride_dol + o_v[None, :] * stride_dod, mask=m_t[:, None] & m_v[None, :], other=0.0)  # [BLOCK_T, BLOCK_DV]
-                b_dh += tl.dot(tl.trans(b_q.to(tl.float32)), b_do.to(tl.float32), input_precision=DOT_PRECISION)
+        # dH = dS + sum over the group's heads of Q^T dO: the whole-sequence state's gradient
+        for i_g in range(0, group):
+            i_h = i_hk * group + i_g
+            p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+            p_do = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+            b_dh = _whole_sequence_state(b_dh, p_q, p_do, L, stride_ql, stride_qm, stride_dol, stride_dod, o_t, o_m,
+                                         m_m, o_v, m_v, BLOCK_T, DOT_PRECISION)
     for i_r in range(0, num_chunks):
         i_c = num_chunks - 1 - i_r if IS_CAUSAL else i_r
         o_l = i_c * BLOCK_T + o_t
         m_t = o_l < L
-        b_k = tl.load(p_k0 + o_l[:, None] * stride_kl + o_m[None, :] * stride_km, mask=m_t[:, None] & m_m[None, :], other=0.0)  # [BLOCK_T, BLOCK_M]
-        b_v = tl.load(p_v0 + o_l[:, None] * stride_vl + o_v[None, :] * stride_vd, mask=m_t[:, None] & m_v[None, :], other=0.0)  # [BLOCK_T, BLOCK_DV]
+        b_k = _load_rows(p_k0, o_l, m_t, stride_kl, o_m, m_m, stride_km)  # [BLOCK_T, BLOCK_M]
+        b_v = _load_rows(p_v0, o_l, m_t, stride_vl, o_v, m_v, stride_vd)  # [BLOCK_T, BLOCK_DV]
         # [BLOCK_T, BLOCK_M]
         b_dk = tl.dot(b_v.to(tl.float32), tl.trans(b_dh), input_precision=DOT_PRECISION)
         # [BLOCK_T, BLOCK_DV]
         b_dv = tl.dot(b_k.to(tl.float32), b_dh, input_precision=DOT_PRECISION)
         if IS_CAUSAL:
-            # [BLOCK_M, BLOCK_DV]: this chunk's queries, added to dH once the chunk is done
+            # [BLOCK_M, BLOCK_DV]: this chunk's queries reach the earlier chunks' keys, added once it is done
             b_dh_chunk = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
             for i_g in range(0, group):
                 i_h = i_hk * group + i_g
                 p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
                 p_do = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
-                b_q = tl.load(p_q + o_l[:, None] * stride_ql + o_m[None, :] * stride_qm, mask=m_t[:, None] & m_m[None, :], other=0.0)  # [BLOCK_T, BLOCK_M]
-                b_do = tl.load(p_do + o_l[:, None] * stride_dol + o_v[None, :] * stride_dod, mask=m_t[:, None] & m_v[None, :], other=0.0)  # [BLOCK_T, BLOCK_DV]
+                b_q = _load_rows(p_q, o_l, m_t, stride_ql, o_m, m_m, stride_qm)  # [BLOCK_T, BLOCK_M]
+                b_do = _load_rows(p_do, o_l, m_t, stride_dol, o_v, m_v, stride_dod)  # [BLOCK_T, BLOCK_DV]
                 # [BLOCK_T, BLOCK_T] over (query i, key j), kept where j <= i
-                b_causal = o_t[:, None] >= o_t[None, :]
-                b_dov = tl.where(b_causal, tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION), 0.0)
-                b_qk = tl.where(b_causal, tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION), 0.0)
+                b_dov = _causal_block(b_do, b_v, o_t, DOT_PRECISION)
+                b_qk = _causal_block(b_q, b_k, o_t, DOT_PRECISION)
                 b_dk += tl.dot(tl.trans(b_dov).to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
                 b_dv += tl.dot(tl.trans(b_qk).to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
-                b_dh_chunk += tl.dot(tl.trans(b_q.to(tl.float32)), b_do.to(tl.float32), input_precision=DOT_PRECISION)
+                b_dh_chunk += _outer_sum(b_q, b_do, DOT_PRECISION)
             b_dh += b_dh_chunk
-        tl.store(p_dk0 + o_l[:, None] * stride_dkl + o_m[None, :] * stride_dkm, b_dk.to(DK.dtype.element_ty), mask=m_t[:, None] & m_m[None, :])
-        tl.store(p_dv0 + o_l[:, None] * stride_dvl + o_v[None, :] * stride_dvd, b_dv.to(DV_.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+        _store_rows(p_dk0, o_l, m_t, stride_dkl, o_m, m_m, stride_dkm, b_dk)
+        _store_rows(p_dv0, o_l, m_t, stride_dvl, o_v, m_v, stride_dvd, b_dv)
     tl.store(DS0 + p_state, b_dh, mask=m_state)
 
 
@@ -266,7 +283,7 @@ def linear_attention_fwd(
     o = torch.empty(B, Hq, L, Dv, dtype=v.dtype, device=v.device)
     state = torch.empty(B, Hkv, M, Dv, dtype=torch.float32, device=v.device)
     s0 = None if initial_state is None else initial_state.float().contiguous()  # the kernel indexes it densely
-    linear_attention_fwd_kernel[(B * Hq,)](
+    torch.library.wrap_triton(linear_attention_fwd_kernel)[(B * Hq,)](
         q, k, v, s0 if s0 is not None else state, o, state,
         L, M, Dv, Hq, Hkv,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
@@ -289,13 +306,13 @@ def linear_attention_bwd(
     s0 = None if initial_state is None else initial_state.float().contiguous()  # indexed densely
     dst = None if d_state is None else d_state.float().contiguous()  # indexed densely
     tiles = _tiles(q, v, chunk_size)
-    linear_attention_bwd_dq_kernel[(B * Hq,)](
+    torch.library.wrap_triton(linear_attention_bwd_dq_kernel)[(B * Hq,)](
         k, v, s0 if s0 is not None else ds0, do, dq,
         L, M, Dv, Hq, Hkv,
         *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         IS_CAUSAL=causal, HAS_INITIAL_STATE=s0 is not None, **tiles, num_warps=4,
     )
-    linear_attention_bwd_dkv_kernel[(B * Hkv,)](
+    torch.library.wrap_triton(linear_attention_bwd_dkv_kernel)[(B * Hkv,)](
         q, k, v, do, dst if dst is not None else ds0, dk, dv, ds0,
         L, M, Dv, Hq, Hkv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),

@@ -1,5 +1,8 @@
-// fastattn::attention_bwd for CUDA tensors: delta = rowsum(dO * O), then dK/dV per key tile and
-// dQ per query tile (two kernels, no atomics: deterministic).
+// fastattn::attention_bwd for CUDA tensors: delta = rowsum(dO * O), then one kernel per key block
+// doing the five products with dQ summed by float atomics (FlashAttention-2); under
+// torch.use_deterministic_algorithms(True), dK/dV in that kernel and dQ in its own pass (no atomics).
+#include <ATen/Context.h>
+
 #include <vector>
 
 #include "attention_host.h"
@@ -8,12 +11,40 @@ namespace fastattn {
 namespace cuda {
 namespace {
 
-constexpr int kDkdvBlockN = 64;  // keys per CTA (16 per warp)
-constexpr int kDqBlockM = 64;    // query rows per CTA (16 per warp)
+template <typename T, class Tr>
+void launch_bwd(const AttentionParams& p) {
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.seqlen_k, Tr::kBlockN)), static_cast<unsigned>(p.heads_q),
+                  static_cast<unsigned>(p.batch));
+  launch(attention_bwd_kernel<T, Tr>, grid, Tr::kThreads, bwd_smem_bytes<T, Tr>(), p);
+}
 
-// The inner tile shrinks at head dim 128 to keep the float32 accumulators in registers.
-constexpr int dkdv_block_m(int head_dim) { return head_dim <= 64 ? 64 : 32; }
-constexpr int dq_block_n(int head_dim) { return head_dim <= 64 ? 64 : 32; }
+// The instantiation for these parameters: feature flags and dQ by atomics, or the generic
+// four-product kernel and the dQ pass when `deterministic`.
+template <typename T, int D>
+void dispatch_bwd(const AttentionParams& p, bool deterministic) {
+  if (deterministic) {
+    launch_bwd<T, BwdTraits<D, true, true, true, false>>(p);
+    using Dq = DqTraits<D>;
+    const dim3 grid(static_cast<unsigned>(ceil_div(p.seqlen_q, Dq::kBlockM)), static_cast<unsigned>(p.heads_q),
+                    static_cast<unsigned>(p.batch));
+    launch(attention_bwd_dq_kernel<T, Dq>, grid, Dq::kThreads, dq_smem_bytes<T, Dq>(), p);
+    return;
+  }
+  const bool window = p.has_window_left || p.has_window_right;
+  // As in the forward: raw dot-product units need scale > 0 (a masked -inf times a negative or zero
+  // scale would be +inf or NaN), so scale <= 0 takes the natural-unit (bias) kernels.
+  const bool bias = p.alibi != nullptr || (p.mask_kind != kNoMask && p.mask_kind != kBoolMask) || !(p.scale > 0.f);
+  // Plain and causal/window calls get their exact kernels; a softcap or bias kernel always carries
+  // the band checks (on masked tiles only: the interior loop is the same, see docs/cuda-kernels.md),
+  // which saves three instantiations per dtype and head dim of build time.
+  if (!(p.softcap > 0.f) && !bias) {
+    FASTATTN_BOOL_SWITCH(window, kWindow, [&] { launch_bwd<T, BwdTraits<D, kWindow, false, false, true>>(p); });
+    return;
+  }
+  FASTATTN_BOOL_SWITCH(p.softcap > 0.f, kSoftcap, [&] {
+    FASTATTN_BOOL_SWITCH(bias, kBias, [&] { launch_bwd<T, BwdTraits<D, true, kSoftcap, kBias, true>>(p); });
+  });
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& dout_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
@@ -69,10 +100,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   // dout is read with 16-byte row loads; lse and delta are indexed densely (B * Hq * Lq floats).
   const at::Tensor dout = rows_aligned(dout_in);
   const at::Tensor lse = lse_in.contiguous();
-  at::Tensor delta = at::empty({s.batch, s.heads_q, s.seqlen_q}, q.options().dtype(at::kFloat));
-  at::Tensor dq = at::empty({s.batch, s.heads_q, s.seqlen_q, s.head_dim}, q.options());
-  at::Tensor dk = at::empty({s.batch, s.heads_kv, s.seqlen_k, s.head_dim}, q.options());
-  at::Tensor dv = at::empty({s.batch, s.heads_kv, s.seqlen_k, s.head_dim}, q.options());
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor delta = at::empty({s.batch, s.heads_q, s.seqlen_q}, f32);
+  // dQ: float32 atomics into an accumulator the delta kernel zeroes, or the dQ kernel's own output.
+  // dq, dk, dv have q's, k's and v's memory layouts (empty_like), as the ops' shared fake
+  // (fastattn/ops.py bwd_fake) promises: torch.compile trusts those strides. (Their rows are
+  // 16-byte aligned: a layout empty_like keeps is dense with a unit last stride.)
+  at::Tensor dq_accum = deterministic ? at::Tensor() : at::empty({s.batch, s.heads_q, s.seqlen_q, s.head_dim}, f32);
+  at::Tensor dq = at::empty_like(q);
+  // dK, dV: one slice per query head (a CTA per key block and query head); a GQA group's slices
+  // go to (B, Hq, Lk, D) buffers and are summed below, in float32 and a fixed order.
+  const bool grouped = s.heads_q != s.heads_kv;
+  at::Tensor dk = at::empty_like(k), dv = at::empty_like(v);
+  at::Tensor dk_heads = grouped ? at::empty({s.batch, s.heads_q, s.seqlen_k, s.head_dim}, q.options()) : dk;
+  at::Tensor dv_heads = grouped ? at::empty({s.batch, s.heads_q, s.seqlen_k, s.head_dim}, q.options()) : dv;
   // dbias is accumulated in float32 in the mask's own broadcast shape (size 1 where the mask has
   // stride 0 or size 1): a (B, 1, 1, Lk) padding mask needs B * Lk floats, not B * Hq * Lq * Lk.
   // Every (query, key) pair the kernels skip has a zero gradient, hence zeros, not empty.
@@ -85,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
       reduced[d] = broadcast ? 1 : full[d];
       p.dbias_reduced = p.dbias_reduced || reduced[d] != full[d];
     }
-    dbias = at::zeros(reduced, q.options().dtype(at::kFloat));
+    dbias = at::zeros(reduced, f32);
     for (int d = 0; d < 4; ++d) p.dbias_stride[d] = reduced[d] == 1 ? 0 : dbias.stride(d);
     p.dbias = dbias.data_ptr<float>();
   }
@@ -96,36 +138,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.lse = const_cast<float*>(lse.data_ptr<float>());
   p.delta = delta.data_ptr<float>();
   p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
   set_strides(p.dq_stride, dq);
-  set_strides(p.dk_stride, dk);
-  set_strides(p.dv_stride, dv);
+  if (!deterministic) p.dq_accum = dq_accum.data_ptr<float>();
+  p.dk = dk_heads.data_ptr();
+  p.dv = dv_heads.data_ptr();
+  set_strides(p.dk_stride, dk_heads);
+  set_strides(p.dv_stride, dv_heads);
 
   const int64_t rows = s.batch * s.heads_q * s.seqlen_q;
   const dim3 delta_grid(static_cast<unsigned>(ceil_div(rows, kWarps)));
-  const dim3 dkdv_grid(static_cast<unsigned>(ceil_div(s.seqlen_k, kDkdvBlockN)), static_cast<unsigned>(s.heads_kv),
-                       static_cast<unsigned>(s.batch));
-  const dim3 dq_grid(static_cast<unsigned>(ceil_div(s.seqlen_q, kDqBlockM)), static_cast<unsigned>(s.heads_q),
-                     static_cast<unsigned>(s.batch));
   FASTATTN_CUDA_DISPATCH(q.scalar_type(), s.head_dim, [&] {
     if (rows > 0) {
       attention_bwd_delta_kernel<T><<<delta_grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p, kHeadDim);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    constexpr int kDkdvBlockM = dkdv_block_m(kHeadDim);
-    const int dkdv_smem = (2 * kDkdvBlockN + 2 * kDkdvBlockM) * (kHeadDim + 8) * static_cast<int>(sizeof(T)) +
-                          2 * kDkdvBlockM * static_cast<int>(sizeof(float));
-    launch(attention_bwd_dkdv_kernel<T, kHeadDim, kDkdvBlockN, kDkdvBlockM>, dkdv_grid, kThreads, dkdv_smem, p);
-    constexpr int kDqBlockN = dq_block_n(kHeadDim);
-    const int dq_smem = (2 * kDqBlockM + 2 * kDqBlockN) * (kHeadDim + 8) * static_cast<int>(sizeof(T));
-    launch(attention_bwd_dq_kernel<T, kHeadDim, kDqBlockM, kDqBlockN>, dq_grid, kThreads, dq_smem, p);
+    dispatch_bwd<T, kHeadDim>(p, deterministic);
   });
+  if (!deterministic) dq.copy_(dq_accum);
+  if (grouped) {
+    const std::vector<int64_t> group_shape{s.batch, s.heads_kv, s.heads_q / s.heads_kv, s.seqlen_k, s.head_dim};
+    dk.copy_(at::sum(dk_heads.view(group_shape), {2}, false, at::kFloat));
+    dv.copy_(at::sum(dv_heads.view(group_shape), {2}, false, at::kFloat));
+  }
   if (!compute_dbias) return {dq, dk, dv, dbias};
   // The ops' shared fake (fastattn/ops.py) promises a dense (B, Hq, Lq, Lk) gradient and
-  // torch.compile checks it, so the reduced sums are expanded into one in the mask's dtype.
-  const at::Tensor dense = dbias.to(attn_mask->scalar_type()).expand({s.batch, s.heads_q, s.seqlen_q, s.seqlen_k});
-  return {dq, dk, dv, dense.contiguous()};
+  // torch.compile checks it. attn_mask is the user's mask expanded by fastattn/_inputs.py, whose
+  // backward sums the gradient over the broadcast dimensions again: the sums therefore go to index
+  // 0 of each broadcast dimension and zeros elsewhere (a copy of each sum everywhere would be
+  // counted Hq * Lq times). The sums the caller sees are exact: adding zeros rounds nothing.
+  if (!p.dbias_reduced) return {dq, dk, dv, dbias.to(attn_mask->scalar_type())};
+  at::Tensor dense = at::zeros({s.batch, s.heads_q, s.seqlen_q, s.seqlen_k}, attn_mask->options());
+  at::Tensor corner = dense;
+  for (int d = 0; d < 4; ++d) corner = corner.narrow(d, 0, dbias.size(d));
+  corner.copy_(dbias);
+  return {dq, dk, dv, dense};
 }
 
 }  // namespace

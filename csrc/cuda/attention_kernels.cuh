@@ -1,8 +1,9 @@
-// Tensor-core attention kernels (mma.sync m16n8k16, sm_80+): forward, and the deterministic
-// backward (delta = rowsum(dO * O), dK/dV per key tile, dQ per query tile). See docs/cuda-kernels.md.
+// Tensor-core attention kernels (mma.sync m16n8k16, sm_80+): the forward, and the backward (delta =
+// rowsum(dO * O); one kernel per key block doing the five products with dQ by float atomics, or in
+// the deterministic mode four products there and dQ in its own kernel). See docs/cuda-kernels.md.
 //
 // Each warp owns 16 rows of the tile it accumulates (query rows in the forward and dQ kernels, key
-// rows in the dK/dV kernel); the forward runs 8 warps (128 query rows), the backward kernels 4.
+// rows in the key-block kernel); the forward runs 8 warps (128 query rows), the backward kernels 4.
 // Scores, softmax statistics and accumulators are float32; the probabilities and dS are rounded to
 // the input dtype for the second product, as flash-attention does.
 #pragma once
@@ -59,9 +60,10 @@ struct AttentionParams {
   float* lse = nullptr;      // (B, Hq, Lq) contiguous, natural log
   const void* dout = nullptr;  // (B, Hq, Lq, D)
   float* delta = nullptr;    // (B, Hq, Lq) contiguous
-  void* dq = nullptr;        // (B, Hq, Lq, D)
-  void* dk = nullptr;        // (B, Hkv, Lk, D)
-  void* dv = nullptr;        // (B, Hkv, Lk, D)
+  void* dq = nullptr;        // (B, Hq, Lq, D): the deterministic dQ kernel's output
+  float* dq_accum = nullptr; // (B, Hq, Lq, D) contiguous float32: dQ summed with atomics, or null
+  void* dk = nullptr;        // (B, Hq, Lk, D): one slice per query head (the host sums GQA groups)
+  void* dv = nullptr;        // (B, Hq, Lk, D)
   float* dbias = nullptr;    // d(loss)/d(additive attn_mask) in the mask's broadcast shape, or null
   int64_t dbias_stride[4] = {0, 0, 0, 0};  // 0 on the dimensions the mask broadcasts
   bool dbias_reduced = false;              // some dimension is summed over (atomics)
@@ -110,51 +112,6 @@ FASTATTN_HOST_DEVICE HeadContext head_context(const AttentionParams& p, int b, i
     c.mask = static_cast<const unsigned char*>(p.mask) + (b * p.mask_stride[0] + hq * p.mask_stride[1]) * elem;
   }
   return c;
-}
-
-// The score of query i and key j from the raw dot product `acc`, in the reference's order:
-// scale, softcap, ALiBi, additive mask; -inf where (i, j) is not visible. `dcap` receives the
-// softcap derivative d(score)/d(scale * q.k) (1 without softcap). The element mask applies to
-// every tile without a BlockMask and to its partial tiles only with one (`use_mask`).
-__device__ __forceinline__ float masked_score(const AttentionParams& p, const HeadContext& c, float acc, int i, int j,
-                                              bool use_mask, float* dcap) {
-  bool visible = i < c.qlen && j < c.klen;
-  if (p.has_window_left) visible = visible && j >= i + c.offset - p.window_left;
-  if (p.has_window_right) visible = visible && j <= i + c.offset + p.window_right;
-  float s = acc * p.scale;
-  float d = 1.f;
-  if (p.softcap > 0.f) {
-    const float th = tanhf(s * p.inv_softcap);
-    s = p.softcap * th;
-    d = 1.f - th * th;
-  }
-  if (p.alibi) s -= c.slope * fabsf(static_cast<float>(i + c.offset - j));
-  if (use_mask && c.mask != nullptr && visible) {
-    const int64_t o = (int64_t)i * p.mask_stride[2] + (int64_t)j * p.mask_stride[3];
-    switch (p.mask_kind) {
-      case kBoolMask:
-        visible = c.mask[o] != 0;
-        break;
-      case kHalfMask:
-        s += __half2float(reinterpret_cast<const __half*>(c.mask)[o]);
-        break;
-      case kBFloat16Mask:
-        s += __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(c.mask)[o]);
-        break;
-      default:
-        s += reinterpret_cast<const float*>(c.mask)[o];
-        break;
-    }
-    if (p.mask_kind != kBoolMask) s = floor_masked_score(s);
-  }
-  *dcap = d;
-  return visible ? s : -CUDART_INF_F;
-}
-
-// exp(s - lse) for a natural-log score and row lse; 0 where either is -inf. The difference is
-// taken before scaling by log2 e: an additive mask at float32's minimum would overflow otherwise.
-__device__ __forceinline__ float probability(float s, float lse) {
-  return (s == -CUDART_INF_F || lse == -CUDART_INF_F) ? 0.f : exp2f((s - lse) * kLog2e);
 }
 
 // dbias has the attn_mask's own broadcast shape (stride 0 on the dimensions the mask broadcasts):
@@ -308,29 +265,22 @@ struct FwdStep {
 
 FASTATTN_HOST_DEVICE int floor_div(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
-template <class Tr>
-struct FwdSchedule {
+// The walk over the tiles of a TileRange shared by the forward (key tiles of a query tile) and the
+// backward (query tiles of a key block): `init` of FwdSchedule / BwdSchedule sets the range and the
+// interior tiles [inner_lo, inner_hi] whose every pair is visible.
+struct TileWalk {
   TileRange range;
   int entries;
-  int inner_lo, inner_hi;  // key tiles every row of the query tile sees entirely (no element checks)
+  int inner_lo, inner_hi;  // tiles every (query, key) pair of which is visible (no element checks)
   bool has_mask;
 
-  FASTATTN_HOST_DEVICE void init(const AttentionParams& p, const HeadContext& c, int b, int hq, int m0) {
-    constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN;
-    range = key_tiles<BM, BN>(p, c, b, hq, m0);
-    entries = range.hi < range.lo ? 0 : (range.lists ? range.num_partial + range.num_full : range.hi - range.lo + 1);
+  FASTATTN_HOST_DEVICE void set_range(const AttentionParams& p, const TileRange& r) {
+    range = r;
+    entries = r.hi < r.lo ? 0 : (r.lists ? r.num_partial + r.num_full : r.hi - r.lo + 1);
     has_mask = p.mask_kind != kNoMask;
-    // A tile [n0, n0 + BN) is inside every row's band when it ends before key_lengths, before the
-    // right edge of row m0 (the leftmost one), and starts after the left edge of row m0 + BM - 1.
-    inner_lo = 0;
-    inner_hi = c.klen / BN - 1;
-    if constexpr (Tr::kWindow) {
-      if (p.has_window_right) inner_hi = min(inner_hi, floor_div(m0 + c.offset + p.window_right + 1, BN) - 1);
-      if (p.has_window_left) inner_lo = -floor_div(-(m0 + BM - 1 + c.offset - p.window_left), BN);
-    }
   }
 
-  // Does key tile `tile` need per-element visibility checks? (Two compares: the hot loop's only ones.)
+  // Does tile `tile` need per-element visibility checks? (Two compares: the hot loop's only ones.)
   FASTATTN_HOST_DEVICE bool crosses_edges(const AttentionParams&, int tile) const {
     return tile < inner_lo || tile > inner_hi;
   }
@@ -386,17 +336,37 @@ struct FwdSchedule {
   }
 };
 
+// The key tiles of query rows [m0, m0 + kBlockM).
+template <class Tr>
+struct FwdSchedule : TileWalk {
+  FASTATTN_HOST_DEVICE void init(const AttentionParams& p, const HeadContext& c, int b, int hq, int m0) {
+    constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN;
+    set_range(p, key_tiles<BM, BN>(p, c, b, hq, m0));
+    // A tile [n0, n0 + BN) is inside every row's band when it ends before key_lengths, before the
+    // right edge of row m0 (the leftmost one), and starts after the left edge of row m0 + BM - 1.
+    inner_lo = 0;
+    inner_hi = c.klen / BN - 1;
+    if constexpr (Tr::kWindow) {
+      if (p.has_window_right) inner_hi = min(inner_hi, floor_div(m0 + c.offset + p.window_right + 1, BN) - 1);
+      if (p.has_window_left) inner_lo = -floor_div(-(m0 + BM - 1 + c.offset - p.window_left), BN);
+    }
+  }
+};
+
 // The score of query i and key j from the dot product `acc`, in the kernel's units (FwdTraits),
 // in the reference's order: scale, softcap, ALiBi, additive mask; -inf where (i, j) is not visible
-// (checked only on masked tiles: kMaskTile).
+// (checked only on masked tiles: kMaskTile). With softcap, `*th` receives tanh(scale * acc / softcap)
+// (the backward's softcap derivative is 1 - th^2); it is left alone otherwise.
 template <class Tr, bool kMaskTile>
 __device__ __forceinline__ float fwd_score(const AttentionParams& p, const HeadContext& c, float acc, int i, int j,
-                                           bool use_mask) {
+                                           bool use_mask, float* th = nullptr) {
   float x = acc;
   if constexpr (Tr::kSoftcap) {
     const float cap = Tr::kNaturalUnits ? p.softcap : p.softcap * kLog2e;
     if (!Tr::kGeneric || p.softcap > 0.f) {
-      x = cap * tanhf(acc * (p.scale * p.inv_softcap));
+      const float t = tanhf(acc * (p.scale * p.inv_softcap));
+      if (th != nullptr) *th = t;
+      x = cap * t;
     } else {
       x = acc * p.scale;
     }
@@ -613,7 +583,8 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
 }
 
 // ------------------------------------------------------------------------------------------------
-// Backward preprocessing: delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d]. One warp per row.
+// Backward preprocessing: delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d], one warp per row;
+// the same warp zeroes row i of the float32 dQ accumulator when there is one (no separate memset).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) attention_bwd_delta_kernel(const AttentionParams p, int head_dim) {
   const int64_t rows = (int64_t)p.batch * p.heads_q * p.seqlen_q;
@@ -630,39 +601,144 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_delta_kernel(const Att
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
   if (lane == 0) p.delta[row] = sum;
+  if (p.dq_accum != nullptr) {
+    for (int x = 4 * lane; x < head_dim; x += 128) {
+      *reinterpret_cast<float4*>(p.dq_accum + row * head_dim + x) = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
-// Backward dK, dV. Grid (ceil(Lk / BN), Hkv, B); CTA = BN keys of one key/value head; loops over
-// the query heads of its GQA group and their query tiles, so no other CTA writes its rows and the
-// sums run in a fixed order (deterministic). Each warp owns 16 keys and computes, transposed,
+// Backward (FlashAttention-2 on sm_80): one CTA per key block of one query head, five products per
+// query tile, dK and dV in registers across the whole query loop.
+//
+// Flags as in the forward (kWindow, kSoftcap, kBias: no code for a feature a call does not use),
+// plus kAtomicDq: dQ is computed in the same loop (the fifth product) and added to a float32
+// accumulator with atomics. Without it (torch.use_deterministic_algorithms) the kernel does four
+// products and attention_bwd_dq_kernel computes dQ in its own pass over key tiles; that one
+// deterministic instantiation is generic (every feature decided at run time), so it adds one
+// kernel per dtype and head dim, not eight.
+template <int kHeadDim_, bool kWindow_, bool kSoftcap_, bool kBias_, bool kAtomicDq_>
+struct BwdTraits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr bool kWindow = kWindow_;
+  static constexpr bool kSoftcap = kSoftcap_;
+  static constexpr bool kBias = kBias_;
+  static constexpr bool kAtomicDq = kAtomicDq_;
+  static constexpr bool kGeneric = !kAtomicDq;
+  static_assert(kAtomicDq || (kWindow && kSoftcap && kBias), "the deterministic kernel is the generic one");
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = 32 * kWarps;
+  // Keys per CTA: 16 per warp. Query tile: 64 rows at D = 64, 32 at D = 128, where dK and dV
+  // (2 x 16 x 128 floats per warp: 128 registers a thread) leave room for 32-column scores only.
+  static constexpr int kBlockN = 16 * kWarps;
+  static constexpr int kBlockM = kHeadDim <= 64 ? 64 : 32;
+  static constexpr bool kNaturalUnits = kBias;  // the forward's rule (FwdTraits)
+  // dQ = dS K is split over the warps: kBlockM / 16 row blocks, the head dims over the rest, in
+  // chunks of 32 columns (16 accumulator registers live at a time).
+  static constexpr int kDqRowWarps = kBlockM / 16;
+  static constexpr int kDqCols = kHeadDim / (kWarps / kDqRowWarps);
+  static constexpr int kDqChunk = 32;
+  static_assert(kWarps % kDqRowWarps == 0 && kDqCols % kDqChunk == 0, "dQ tiles cover the warps exactly");
+};
+
+// Shared memory of a backward CTA: K and V (kBlockN, D + 8); two stages of Q and dO (kBlockM, D + 8);
+// dS^T (kBlockN, kBlockM + 8) when dQ is computed here; two stages of lse and delta (kBlockM floats).
+template <typename T, class Tr>
+constexpr int bwd_smem_bytes() {
+  constexpr int kLd = Tr::kHeadDim + 8;
+  constexpr int ds = Tr::kAtomicDq ? Tr::kBlockN * (Tr::kBlockM + 8) : 0;
+  return (2 * Tr::kBlockN * kLd + 4 * Tr::kBlockM * kLd + ds) * static_cast<int>(sizeof(T)) +
+         4 * Tr::kBlockM * static_cast<int>(sizeof(float));
+}
+
+// The query tiles of key block [n0, n0 + kBlockN) of head (b, hq): masked tiles (crossing
+// query_lengths or the band's edges, or under an element mask) first, then the interior ones.
+template <class Tr>
+struct BwdSchedule : TileWalk {
+  FASTATTN_HOST_DEVICE void init(const AttentionParams& p, const HeadContext& c, int b, int hq, int n0) {
+    constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN;
+    set_range(p, query_tiles<BM, BN>(p, c, b, hq, n0));
+    // Tile [m0, m0 + BM) is interior when it ends before query_lengths, the key block ends before
+    // key_lengths, every key is right of row m0 + BM - 1's left edge and left of row m0's right edge.
+    inner_lo = 0;
+    inner_hi = n0 + BN <= c.klen ? c.qlen / BM - 1 : -1;
+    if constexpr (Tr::kWindow) {
+      if (p.has_window_left) inner_hi = min(inner_hi, floor_div(n0 - c.offset + p.window_left + 1, BM) - 1);
+      if (p.has_window_right) inner_lo = -floor_div(-(n0 + BN - 1 - c.offset - p.window_right), BM);
+    }
+  }
+};
+
+// A row's lse in the units P = exp2(...) needs (log2 units, or natural with a bias); a row that saw
+// nothing in the forward (lse = -inf) gets +inf, so every P of it is exp2(-inf) = 0, never NaN.
+template <class Tr>
+__device__ __forceinline__ float bwd_lse(float lse) {
+  return lse == -CUDART_INF_F ? CUDART_INF_F : (Tr::kNaturalUnits ? lse : lse * kLog2e);
+}
+
+// Grid (ceil(Lk / kBlockN), Hq, B); CTA = kBlockN keys seen by one query head (GQA: the host sums
+// the group's slices), warp w owns keys [16w, 16w + 16) and computes per query tile, transposed:
 //   S^T = K Q^T, dP^T = V dO^T, P^T = exp(S^T - lse), dS^T = P^T (dP^T - delta),
-//   dV += P^T dO, dK += scale * dX^T Q   (dX = dS * softcap derivative),
-// and writes dS to dbias when asked (each (query, key) pair of a head is visited once).
-// Shared memory: K, V (BN, D + 8), Q, dO (BM, D + 8), lse and delta (BM).
-template <typename T, int D, int BN, int BM>
-__global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const AttentionParams p) {
-  static_assert(BN == 16 * kWarps, "one warp per 16 keys");
-  static_assert(D % 16 == 0 && BM % 16 == 0, "tiles are multiples of the 16 x 16 mma step");
-  constexpr int kLd = D + 8;
+//   dV += P^T dO, dK += dX^T Q  (dX = scale * dS * softcap derivative, rounded to T),
+//   dQ += dX K  (kAtomicDq: dX^T through shared memory, float atomics),
+// and writes dS to dbias when asked. Pipeline: the copies of the next query tile's Q, dO, lse and
+// delta (cp.async, one group per tile) are in flight while the current one is multiplied.
+template <typename T, class Tr>
+__global__ void __launch_bounds__(Tr::kThreads) attention_bwd_kernel(const AttentionParams p) {
+  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, kLd = D + 8, kLdS = BM + 8;
+  static_assert(D % 16 == 0 && BM % 16 == 0 && 2 * BM <= Tr::kThreads, "tile shapes");
   extern __shared__ __align__(16) unsigned char smem[];
   T* sK = reinterpret_cast<T*>(smem);  // [BN, D]
   T* sV = sK + BN * kLd;               // [BN, D]
-  T* sQ = sV + BN * kLd;               // [BM, D]
-  T* sdO = sQ + BM * kLd;              // [BM, D]
-  float* sLse = reinterpret_cast<float*>(sdO + BM * kLd);  // [BM], natural log
-  float* sDelta = sLse + BM;                               // [BM]
+  T* sQ = sV + BN * kLd;               // [2][BM, D]
+  T* sdO = sQ + 2 * BM * kLd;          // [2][BM, D]
+  T* sdS = sdO + 2 * BM * kLd;         // [BN, BM]: dX^T (kAtomicDq)
+  float* sLse = reinterpret_cast<float*>(sdS + (Tr::kAtomicDq ? BN * kLdS : 0));  // [2][BM]
+  float* sDelta = sLse + 2 * BM;                                                   // [2][BM]
 
-  const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const int n_block = blockIdx.x, hq = blockIdx.y, b = blockIdx.z;
+  const int hk = hq / p.group;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int n0 = n_block * BN;
+  const HeadContext c = head_context(p, b, hq);
 
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + hq * p.q_stride[1];
+  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_stride[0] + hq * p.dout_stride[1];
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
-  // Key lengths depend on the batch only; rows at or past them are zero-filled, never read.
-  const int klen = head_context(p, b, hk * p.group).klen;
-  load_tile<T, BN, D, kThreads>(sK, k, p.k_stride[2], n0, klen, tid);
-  load_tile<T, BN, D, kThreads>(sV, v, p.v_stride[2], n0, klen, tid);
+  const int64_t stats = ((int64_t)b * p.heads_q + hq) * p.seqlen_q;
+
+  BwdSchedule<Tr> sched;
+  sched.init(p, c, b, hq, n0);
+
+  // Rows at or past key_lengths / query_lengths are zero-filled, never read (lse and delta too:
+  // those rows' scores are -inf on their masked tiles, so P = 0 whatever lse holds).
+  const TileCopier<T, BM, D, Tr::kThreads> q_copier(q, p.q_stride[2], tid), do_copier(dout, p.dout_stride[2], tid);
+  constexpr int kStage = BM * kLd;  // `stage` holds 0 or kStage; the statistics' stage is stage / kLd
+  auto load_q = [&](int stage, int tile) {
+    const int m0 = tile * BM;
+    q_copier.issue(sQ + stage, m0, c.qlen);
+    do_copier.issue(sdO + stage, m0, c.qlen);
+    const int r = tid % BM;
+    const bool valid = m0 + r < c.qlen;
+    const int64_t row = valid ? stats + m0 + r : stats;
+    if (tid < BM) {
+      cp_async_4(sLse + stage / kLd + r, p.lse + row, valid);
+    } else if (tid < 2 * BM) {
+      cp_async_4(sDelta + stage / kLd + r, p.delta + row, valid);
+    }
+  };
+  FwdStep cur = sched.first(p);
+  FwdStep nxt = sched.template next<true>(p, cur);
+  TileCopier<T, BN, D, Tr::kThreads>(k, p.k_stride[2], tid).issue(sK, n0, c.klen);
+  TileCopier<T, BN, D, Tr::kThreads>(v, p.v_stride[2], tid).issue(sV, n0, c.klen);
+  if (cur.tile >= 0) load_q(0, cur.tile);
+  cp_async_commit();
+  if (nxt.tile >= 0) load_q(kStage, nxt.tile);
+  cp_async_commit();
+  cp_async_wait<1>();  // K, V and the first query tile
+  __syncthreads();
 
   float dk[D / 8][4], dv[D / 8][4];  // [16, D] of this warp's keys
 #pragma unroll
@@ -670,89 +746,147 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[nt][e] = dv[nt][e] = 0.f;
   }
+  const float kf = Tr::kSoftcap || Tr::kNaturalUnits ? 1.f : p.scale * kLog2e;
+  int stage = 0;
 
-  for (int hq = hk * p.group; hq < (hk + 1) * p.group; ++hq) {
-    const HeadContext c = head_context(p, b, hq);
-    const TileRange range = query_tiles<BM, BN>(p, c, b, hq, n0);
-    const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + hq * p.q_stride[1];
-    const T* dout = static_cast<const T*>(p.dout) + b * p.dout_stride[0] + hq * p.dout_stride[1];
-    const int64_t stats = ((int64_t)b * p.heads_q + hq) * p.seqlen_q;
-    const int steps = range.count();
-    for (int it = 0; it < steps; ++it) {
-      bool masked;
-      const int m_block = range.tile(it, &masked);
-      if (m_block < 0) continue;  // uniform across the CTA
-      const int m0 = m_block * BM;
-      __syncthreads();  // the previous query tile is consumed
-      load_tile<T, BM, D, kThreads>(sQ, q, p.q_stride[2], m0, c.qlen, tid);
-      load_tile<T, BM, D, kThreads>(sdO, dout, p.dout_stride[2], m0, c.qlen, tid);
-      for (int r = tid; r < BM; r += kThreads) {
-        const bool in = m0 + r < c.qlen;
-        sLse[r] = in ? p.lse[stats + m0 + r] : -CUDART_INF_F;
-        sDelta[r] = in ? p.delta[stats + m0 + r] : 0.f;
+  // One query tile: the five products and the scores in between.
+  auto tile_body = [&](auto mask_tile, const FwdStep& step) {
+    constexpr bool kMaskTile = decltype(mask_tile)::value;
+    const T* q_s = sQ + stage;
+    const T* do_s = sdO + stage;
+    const float* lse_s = sLse + stage / kLd;
+    const float* delta_s = sDelta + stage / kLd;
+    const int m0 = step.tile * BM;
+    float st[BM / 8][4], dpt[BM / 8][4];  // [16 keys, BM queries]: S^T, dP^T
+#pragma unroll
+    for (int nt = 0; nt < BM / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.f;
+    }
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t ak[4], av[4];
+      ldsm_a(ak, sK, kLd, warp * 16, kk * 16, lane);
+      ldsm_a(av, sV, kLd, warp * 16, kk * 16, lane);
+#pragma unroll
+      for (int np = 0; np < BM / 16; ++np) {
+        uint32_t bq[4], bdo[4];  // queries [16np, 16np + 16) x head dims [16kk, 16kk + 16)
+        ldsm_b_pair(bq, q_s, kLd, np * 16, kk * 16, lane);
+        ldsm_b_pair(bdo, do_s, kLd, np * 16, kk * 16, lane);
+        MmaTraits<T>::mma(st[2 * np], ak, bq);
+        MmaTraits<T>::mma(st[2 * np + 1], ak, bq + 2);
+        MmaTraits<T>::mma(dpt[2 * np], av, bdo);
+        MmaTraits<T>::mma(dpt[2 * np + 1], av, bdo + 2);
       }
-      __syncthreads();
-
-      float st[BM / 8][4], dpt[BM / 8][4];  // [16 keys, BM queries]
+    }
+    // P^T into st, dX^T into dpt.
 #pragma unroll
-      for (int nt = 0; nt < BM / 8; ++nt) {
+    for (int nt = 0; nt < BM / 8; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.f;
-      }
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t ak[4], av[4];
-        ldsm_a(ak, sK, kLd, warp * 16, kk * 16, lane);
-        ldsm_a(av, sV, kLd, warp * 16, kk * 16, lane);
-#pragma unroll
-        for (int np = 0; np < BM / 16; ++np) {
-          uint32_t bq[4], bdo[4];  // queries [16np, 16np + 16) x head dims [16kk, 16kk + 16)
-          ldsm_b_pair(bq, sQ, kLd, np * 16, kk * 16, lane);
-          ldsm_b_pair(bdo, sdO, kLd, np * 16, kk * 16, lane);
-          MmaTraits<T>::mma(st[2 * np], ak, bq);
-          MmaTraits<T>::mma(st[2 * np + 1], ak, bq + 2);
-          MmaTraits<T>::mma(dpt[2 * np], av, bdo);
-          MmaTraits<T>::mma(dpt[2 * np + 1], av, bdo + 2);
+      for (int e = 0; e < 4; ++e) {
+        const int r = nt * 8 + 2 * t + (e % 2);  // query row in the tile
+        const int j = n0 + warp * 16 + g + (e / 2) * 8;
+        float th = 0.f;
+        const float x = fwd_score<Tr, kMaskTile>(p, c, st[nt][e], m0 + r, j, step.use_mask, &th);
+        const float lse = bwd_lse<Tr>(lse_s[r]);
+        const float prob = Tr::kNaturalUnits ? fast_exp2((x - lse) * kLog2e) : fast_exp2(fmaf(x, kf, -lse));
+        float ds = prob * (dpt[nt][e] - delta_s[r]);  // d(loss)/d(score)
+        // A select on masked tiles: a NaN in a V row hidden from this query never reaches dK.
+        if constexpr (kMaskTile) ds = prob > 0.f ? ds : 0.f;
+        if constexpr (Tr::kBias) {
+          if (p.dbias != nullptr && m0 + r < c.qlen && j < c.klen) write_dbias(p, b, hq, m0 + r, j, ds);
         }
+        st[nt][e] = prob;
+        dpt[nt][e] = Tr::kSoftcap ? ds * (p.scale * (1.f - th * th)) : ds * p.scale;
       }
-      // P^T into st, scale * dX^T into dpt.
+    }
+    // dV += P^T dO, dK += dX^T Q (A fragments straight from the accumulators).
 #pragma unroll
-      for (int nt = 0; nt < BM / 8; ++nt) {
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      uint32_t ap[4], ads[4];
+      accumulator_to_a<T>(ap, st[2 * kk], st[2 * kk + 1]);
+      accumulator_to_a<T>(ads, dpt[2 * kk], dpt[2 * kk + 1]);
+      if constexpr (Tr::kAtomicDq) {
+        // dX^T rows g and g + 8 of this warp's keys, query columns 16kk + 2t (+ 8): a[] as the mma
+        // fragment holds them (bank-conflict free: rows are BM + 8 elements apart).
+        T* row = sdS + (warp * 16 + g) * kLdS + kk * 16 + 2 * t;
+        *reinterpret_cast<uint32_t*>(row) = ads[0];
+        *reinterpret_cast<uint32_t*>(row + 8 * kLdS) = ads[1];
+        *reinterpret_cast<uint32_t*>(row + 8) = ads[2];
+        *reinterpret_cast<uint32_t*>(row + 8 * kLdS + 8) = ads[3];
+      }
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int j = n0 + warp * 16 + g + (e / 2) * 8;
-          const int r = nt * 8 + 2 * t + (e % 2);
-          float dcap;
-          const float s = masked_score(p, c, st[nt][e], m0 + r, j, masked, &dcap);
-          const float prob = probability(s, sLse[r]);
-          // A select, so a NaN in a hidden dO or delta row never reaches dK.
-          const float ds = prob > 0.f ? prob * (dpt[nt][e] - sDelta[r]) : 0.f;  // d(loss)/d(score)
-          if (p.dbias != nullptr && m0 + r < p.seqlen_q && j < p.seqlen_k) write_dbias(p, b, hq, m0 + r, j, ds);
-          st[nt][e] = prob;
-          dpt[nt][e] = ds * dcap * p.scale;
+      for (int np = 0; np < D / 16; ++np) {
+        uint32_t bdo[4], bq[4];  // queries [16kk, 16kk + 16) x head dims [16np, 16np + 16)
+        ldsm_b_pair_trans(bdo, do_s, kLd, kk * 16, np * 16, lane);
+        ldsm_b_pair_trans(bq, q_s, kLd, kk * 16, np * 16, lane);
+        MmaTraits<T>::mma(dv[2 * np], ap, bdo);
+        MmaTraits<T>::mma(dv[2 * np + 1], ap, bdo + 2);
+        MmaTraits<T>::mma(dk[2 * np], ads, bq);
+        MmaTraits<T>::mma(dk[2 * np + 1], ads, bq + 2);
+      }
+    }
+    if constexpr (Tr::kAtomicDq) {
+      __syncthreads();  // dX^T of every warp is in shared memory
+      // dQ[rows of row block mr, this warp's columns] += dX K: A = dX from dX^T (ldmatrix.trans),
+      // B = K as stored (keys x head dims).
+      constexpr int kRowWarps = Tr::kDqRowWarps;
+      const int mr = warp % kRowWarps;
+      const int col_base = (warp / kRowWarps) * Tr::kDqCols;
+      uint32_t ads[BN / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) ldsm_a_trans(ads[kk], sdS, kLdS, mr * 16, kk * 16, lane);
+      float* dq_rows = p.dq_accum + (stats + m0 + mr * 16 + g) * D;
+      const bool row_live[2] = {m0 + mr * 16 + g < c.qlen, m0 + mr * 16 + g + 8 < c.qlen};
+#pragma unroll
+      for (int chunk = 0; chunk < Tr::kDqCols / Tr::kDqChunk; ++chunk) {
+        const int col0 = col_base + chunk * Tr::kDqChunk;
+        float acc[Tr::kDqChunk / 8][4];  // [16 queries, kDqChunk head dims]
+#pragma unroll
+        for (int nt = 0; nt < Tr::kDqChunk / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+#pragma unroll
+          for (int np = 0; np < Tr::kDqChunk / 16; ++np) {
+            uint32_t bk[4];  // keys [16kk, 16kk + 16) x head dims [col0 + 16np, col0 + 16np + 16)
+            ldsm_b_pair_trans(bk, sK, kLd, kk * 16, col0 + np * 16, lane);
+            MmaTraits<T>::mma(acc[2 * np], ads[kk], bk);
+            MmaTraits<T>::mma(acc[2 * np + 1], ads[kk], bk + 2);
+          }
         }
-      }
 #pragma unroll
-      for (int kk = 0; kk < BM / 16; ++kk) {
-        uint32_t ap[4], ads[4];
-        accumulator_to_a<T>(ap, st[2 * kk], st[2 * kk + 1]);
-        accumulator_to_a<T>(ads, dpt[2 * kk], dpt[2 * kk + 1]);
+        for (int nt = 0; nt < Tr::kDqChunk / 8; ++nt) {
 #pragma unroll
-        for (int np = 0; np < D / 16; ++np) {
-          uint32_t bdo[4], bq[4];  // queries [16kk, 16kk + 16) x head dims [16np, 16np + 16)
-          ldsm_b_pair_trans(bdo, sdO, kLd, kk * 16, np * 16, lane);
-          ldsm_b_pair_trans(bq, sQ, kLd, kk * 16, np * 16, lane);
-          MmaTraits<T>::mma(dv[2 * np], ap, bdo);
-          MmaTraits<T>::mma(dv[2 * np + 1], ap, bdo + 2);
-          MmaTraits<T>::mma(dk[2 * np], ads, bq);
-          MmaTraits<T>::mma(dk[2 * np + 1], ads, bq + 2);
+          for (int e = 0; e < 4; ++e) {
+            if (row_live[e / 2]) atomicAdd(dq_rows + (e / 2) * 8 * D + col0 + nt * 8 + 2 * t + (e % 2), acc[nt][e]);
+          }
         }
       }
     }
+  };
+  // After a tile: refill the stage it used with the tile after next, and wait for the next one.
+  auto advance = [&](auto masked_pass) {
+    const FwdStep after = sched.template next<decltype(masked_pass)::value>(p, nxt);
+    __syncthreads();  // every warp is done with `stage` (and with dX^T)
+    if (after.tile >= 0) load_q(stage, after.tile);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    cur = nxt;
+    nxt = after;
+    stage ^= kStage;
+  };
+  while (cur.tile >= 0 && cur.masked) {
+    tile_body(BoolConstant<true>{}, cur);
+    advance(BoolConstant<true>{});
+  }
+  while (cur.tile >= 0) {
+    tile_body(BoolConstant<false>{}, cur);
+    advance(BoolConstant<false>{});
   }
 
-  T* dk_out = static_cast<T*>(p.dk) + b * p.dk_stride[0] + hk * p.dk_stride[1];
-  T* dv_out = static_cast<T*>(p.dv) + b * p.dv_stride[0] + hk * p.dv_stride[1];
+  T* dk_out = static_cast<T*>(p.dk) + b * p.dk_stride[0] + hq * p.dk_stride[1];
+  T* dv_out = static_cast<T*>(p.dv) + b * p.dv_stride[0] + hq * p.dv_stride[1];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int j = n0 + warp * 16 + g + r * 8;
@@ -769,19 +903,39 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
 }
 
 // ------------------------------------------------------------------------------------------------
-// Backward dQ. Grid (ceil(Lq / BM), Hq, B); CTA = BM query rows of one head; loops over key tiles:
-//   S = Q K^T, dP = dO V^T, P = exp(S - lse), dQ += scale * (P (dP - delta) * softcap derivative) K.
-// Shared memory: Q, dO (BM, D + 8), K, V (BN, D + 8).
-template <typename T, int D, int BM, int BN>
-__global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const AttentionParams p) {
-  static_assert(BM == 16 * kWarps, "one warp per 16 query rows");
+// Backward dQ of the deterministic mode (the key-block kernel without kAtomicDq computes dK, dV):
+// grid (ceil(Lq / 64), Hq, B); CTA = 64 query rows of one head, warp w owns rows [16w, 16w + 16),
+// and walks its key tiles as the forward does (FwdSchedule: masked tiles first, K/V by cp.async
+// double-buffered): S = Q K^T, dP = dO V^T, P = exp(S - lse), dQ += dX K with
+// dX = scale * P (dP - delta) * softcap derivative. Generic (every feature decided at run time,
+// natural units), as the deterministic key-block kernel: one instantiation per dtype and head dim.
+// Key tiles: 64 at D = 64, 32 at D = 128 (the float32 S, dP and dQ then fit in registers, and the
+// shared memory, 69 632 bytes, fits sm_86/sm_89).
+template <int kHeadDim_>
+struct DqTraits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr bool kWindow = true, kSoftcap = true, kBias = true, kGeneric = true, kNaturalUnits = true;
+  static constexpr int kBlockM = 64;
+  static constexpr int kBlockN = kHeadDim <= 64 ? 64 : 32;
+  static constexpr int kWarps = kBlockM / 16;
+  static constexpr int kThreads = 32 * kWarps;
+};
+
+// Shared memory of a dQ CTA: Q and dO (kBlockM, D + 8), two stages of K and V (kBlockN, D + 8).
+template <typename T, class Tr>
+constexpr int dq_smem_bytes() {
+  return (2 * Tr::kBlockM + 4 * Tr::kBlockN) * (Tr::kHeadDim + 8) * static_cast<int>(sizeof(T));
+}
+
+template <typename T, class Tr>
+__global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const AttentionParams p) {
+  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, kLd = D + 8;
   static_assert(D % 16 == 0 && BN % 16 == 0, "tiles are multiples of the 16 x 16 mma step");
-  constexpr int kLd = D + 8;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);  // [BM, D]
   T* sdO = sQ + BM * kLd;              // [BM, D]
-  T* sK = sdO + BM * kLd;              // [BN, D]
-  T* sV = sK + BN * kLd;               // [BN, D]
+  T* sK = sdO + BM * kLd;              // [2][BN, D]
+  T* sV = sK + 2 * BN * kLd;           // [2][BN, D]
 
   const int m_block = blockIdx.x, hq = blockIdx.y, b = blockIdx.z;
   const int hk = hq / p.group;
@@ -793,35 +947,47 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
   const T* dout = static_cast<const T*>(p.dout) + b * p.dout_stride[0] + hq * p.dout_stride[1];
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
-  load_tile<T, BM, D, kThreads>(sQ, q, p.q_stride[2], m0, c.qlen, tid);
-  load_tile<T, BM, D, kThreads>(sdO, dout, p.dout_stride[2], m0, c.qlen, tid);
+
+  FwdSchedule<Tr> sched;
+  sched.init(p, c, b, hq, m0);
+  // Rows past query_lengths / key_lengths are zero-filled, never read.
+  const TileCopier<T, BN, D, Tr::kThreads> k_copier(k, p.k_stride[2], tid), v_copier(v, p.v_stride[2], tid);
+  constexpr int kStage = BN * kLd;
+  auto load_kv = [&](int stage, int tile) {
+    k_copier.issue(sK + stage, tile * BN, c.klen);
+    v_copier.issue(sV + stage, tile * BN, c.klen);
+  };
+  FwdStep cur = sched.first(p);
+  FwdStep nxt = sched.template next<true>(p, cur);
+  TileCopier<T, BM, D, Tr::kThreads>(q, p.q_stride[2], tid).issue(sQ, m0, c.qlen);
+  TileCopier<T, BM, D, Tr::kThreads>(dout, p.dout_stride[2], tid).issue(sdO, m0, c.qlen);
+  if (cur.tile >= 0) load_kv(0, cur.tile);
+  cp_async_commit();
+  if (nxt.tile >= 0) load_kv(kStage, nxt.tile);
+  cp_async_commit();
 
   const int64_t stats = ((int64_t)b * p.heads_q + hq) * p.seqlen_q;
-  float lse[2], delta[2];  // rows g and g + 8 of this warp
+  float lse[2], delta[2];  // rows g and g + 8 of this warp (natural units; +inf for empty rows)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int i = m0 + warp * 16 + g + r * 8;
-    lse[r] = i < c.qlen ? p.lse[stats + i] : -CUDART_INF_F;
+    lse[r] = bwd_lse<Tr>(i < c.qlen ? p.lse[stats + i] : 0.f);
     delta[r] = i < c.qlen ? p.delta[stats + i] : 0.f;
   }
+  cp_async_wait<1>();  // Q, dO and the first key tile
+  __syncthreads();
 
   float dq[D / 8][4];  // [16, D] of this warp's rows
 #pragma unroll
   for (int nt = 0; nt < D / 8; ++nt) dq[nt][0] = dq[nt][1] = dq[nt][2] = dq[nt][3] = 0.f;
+  int stage = 0;
 
-  const TileRange range = key_tiles<BM, BN>(p, c, b, hq, m0);
-  const int steps = range.count();
-  for (int it = 0; it < steps; ++it) {
-    bool masked;
-    const int n_block = range.tile(it, &masked);
-    if (n_block < 0) continue;  // uniform across the CTA
-    const int n0 = n_block * BN;
-    __syncthreads();
-    load_tile<T, BN, D, kThreads>(sK, k, p.k_stride[2], n0, c.klen, tid);
-    load_tile<T, BN, D, kThreads>(sV, v, p.v_stride[2], n0, c.klen, tid);
-    __syncthreads();
-
-    float s[BN / 8][4], dp[BN / 8][4];  // [16, BN]
+  auto tile_body = [&](auto mask_tile, const FwdStep& step) {
+    constexpr bool kMaskTile = decltype(mask_tile)::value;
+    const T* k_s = sK + stage;
+    const T* v_s = sV + stage;
+    const int n0 = step.tile * BN;
+    float s[BN / 8][4], dp[BN / 8][4];  // [16, BN]: S, dP
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
@@ -835,8 +1001,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
 #pragma unroll
       for (int np = 0; np < BN / 16; ++np) {
         uint32_t bk[4], bv[4];  // keys [16np, 16np + 16) x head dims [16kk, 16kk + 16)
-        ldsm_b_pair(bk, sK, kLd, np * 16, kk * 16, lane);
-        ldsm_b_pair(bv, sV, kLd, np * 16, kk * 16, lane);
+        ldsm_b_pair(bk, k_s, kLd, np * 16, kk * 16, lane);
+        ldsm_b_pair(bv, v_s, kLd, np * 16, kk * 16, lane);
         MmaTraits<T>::mma(s[2 * np], aq, bk);
         MmaTraits<T>::mma(s[2 * np + 1], aq, bk + 2);
         MmaTraits<T>::mma(dp[2 * np], ado, bv);
@@ -850,10 +1016,12 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
         const int r = e / 2;
         const int i = m0 + warp * 16 + g + r * 8;
         const int j = n0 + nt * 8 + 2 * t + (e % 2);
-        float dcap;
-        const float sc = masked_score(p, c, s[nt][e], i, j, masked, &dcap);
-        const float prob = probability(sc, lse[r]);
-        dp[nt][e] = prob > 0.f ? prob * (dp[nt][e] - delta[r]) * dcap * p.scale : 0.f;
+        float th = 0.f;
+        const float x = fwd_score<Tr, kMaskTile>(p, c, s[nt][e], i, j, step.use_mask, &th);
+        const float prob = fast_exp2((x - lse[r]) * kLog2e);
+        float ds = prob * (dp[nt][e] - delta[r]);
+        if constexpr (kMaskTile) ds = prob > 0.f ? ds : 0.f;  // a NaN in a hidden V row stays out
+        dp[nt][e] = ds * (p.scale * (1.f - th * th));
       }
     }
 #pragma unroll
@@ -863,11 +1031,30 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
 #pragma unroll
       for (int np = 0; np < D / 16; ++np) {
         uint32_t bk[4];  // keys [16kk, 16kk + 16) x head dims [16np, 16np + 16)
-        ldsm_b_pair_trans(bk, sK, kLd, kk * 16, np * 16, lane);
+        ldsm_b_pair_trans(bk, k_s, kLd, kk * 16, np * 16, lane);
         MmaTraits<T>::mma(dq[2 * np], ads, bk);
         MmaTraits<T>::mma(dq[2 * np + 1], ads, bk + 2);
       }
     }
+  };
+  auto advance = [&](auto masked_pass) {
+    const FwdStep after = sched.template next<decltype(masked_pass)::value>(p, nxt);
+    __syncthreads();  // every warp is done with `stage`
+    if (after.tile >= 0) load_kv(stage, after.tile);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    cur = nxt;
+    nxt = after;
+    stage ^= kStage;
+  };
+  while (cur.tile >= 0 && cur.masked) {
+    tile_body(BoolConstant<true>{}, cur);
+    advance(BoolConstant<true>{});
+  }
+  while (cur.tile >= 0) {
+    tile_body(BoolConstant<false>{}, cur);
+    advance(BoolConstant<false>{});
   }
 
   T* dq_out = static_cast<T*>(p.dq) + b * p.dq_stride[0] + hq * p.dq_stride[1];

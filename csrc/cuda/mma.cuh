@@ -72,23 +72,6 @@ __device__ __forceinline__ void accumulator_to_a(uint32_t a[4], const float c0[4
   a[3] = MmaTraits<T>::pack(c1[2], c1[3]);
 }
 
-// Copies rows [row0, row0 + ROWS) of a (rows, D) global matrix with row stride `row_stride`
-// (elements) into a shared tile with row stride D + 8; rows at or past `num_rows` are zero.
-// Needs 16-byte aligned rows (checked on the host).
-template <typename T, int ROWS, int D, int THREADS>
-__device__ __forceinline__ void load_tile(T* s, const T* g, int64_t row_stride, int row0, int num_rows, int tid) {
-  constexpr int kChunks = D / 8;  // 16-byte chunks per row
-  constexpr int kLd = D + 8;
-#pragma unroll 4
-  for (int c = tid; c < ROWS * kChunks; c += THREADS) {
-    const int r = c / kChunks;
-    const int col = (c % kChunks) * 8;
-    uint4 value = make_uint4(0, 0, 0, 0);
-    if (row0 + r < num_rows) value = *reinterpret_cast<const uint4*>(g + (int64_t)(row0 + r) * row_stride + col);
-    *reinterpret_cast<uint4*>(s + r * kLd + col) = value;
-  }
-}
-
 // ------------------------------------------------------------------------------------------------
 // ldmatrix and cp.async (sm_80+): the pipelined kernels' fragment loads and global-to-shared copies.
 
@@ -118,6 +101,12 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool v
                "r"(valid ? 16 : 0));
 }
 
+// 4 bytes global -> shared (one float of a row statistic), zero-filled when `valid` is false.
+__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_address(smem)), "l"(gmem),
+               "r"(valid ? 4 : 0));
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 // Waits until at most N of this thread's committed groups are still in flight.
@@ -131,6 +120,13 @@ __device__ __forceinline__ void cp_async_wait() {
 template <typename T>
 __device__ __forceinline__ void ldsm_a(uint32_t a[4], const T* s, int ld, int row0, int col0, int lane) {
   ldmatrix_x4(a, s + (row0 + lane % 16) * ld + col0 + (lane / 16) * 8);
+}
+
+// the A fragment of the 16 x 16 block at (row0, col0) when the tile holds A transposed,
+// A[m][k] = s[col0 + k][row0 + m] (dS in dS K, stored key-major as dS^T);
+template <typename T>
+__device__ __forceinline__ void ldsm_a_trans(uint32_t a[4], const T* s, int ld, int row0, int col0, int lane) {
+  ldmatrix_x4_trans(a, s + (col0 + (lane / 16) * 8 + lane % 8) * ld + row0 + ((lane / 8) % 2) * 8);
 }
 
 // the B fragments (k x n = 16 x 8) of n-tiles n0 (b[0..1]) and n0 + 8 (b[2..3]) when the tile holds

@@ -5,7 +5,7 @@ architecture) with ``nvcc -cubin -Xptxas -v``, disassembles them with ``cuobjdum
 per kernel: registers, spill bytes, and for the loop that holds the most tensor-core instructions
 (the key-tile loop of the forward, the query-tile loop of the backward) its length in instructions,
 its HMMA count and share, shared-memory matrix loads (LDSM), asynchronous copies (LDGSTS),
-exponentials (MUFU.EX2), tanh (MUFU.TANH) and predicated instructions.
+exponentials (MUFU.EX2), tanh (MUFU.TANH), global atomics (RED/ATOM) and predicated instructions.
 
 Usage (from the repository root)::
 
@@ -33,7 +33,9 @@ ARCHS = ("sm_80", "sm_90a")
 
 # The kernels the report compiles: bf16 (fp16 differs only in the mma type) at both head dims, the
 # forward in the flag combinations that matter most (plain, causal, softcap, bias, the generic
-# 64-row block-list kernel); the names follow the host dispatch in attention_fwd.cu/attention_bwd.cu.
+# 64-row block-list kernel), the backward plain, causal, with every flag, and the deterministic pair
+# (generic four-product kernel + dQ kernel); the names follow the host dispatch in
+# attention_fwd.cu/attention_bwd.cu.
 KERNELS = (
     "attention_fwd_kernel<__nv_bfloat16, FwdTraits<128, false, false, false, 128>>",
     "attention_fwd_kernel<__nv_bfloat16, FwdTraits<128, true, false, false, 128>>",
@@ -41,10 +43,14 @@ KERNELS = (
     "attention_fwd_kernel<__nv_bfloat16, FwdTraits<128, true, false, true, 128>>",
     "attention_fwd_kernel<__nv_bfloat16, FwdTraits<128, true, true, true, 64>>",
     "attention_fwd_kernel<__nv_bfloat16, FwdTraits<64, false, false, false, 128>>",
-    "attention_bwd_dkdv_kernel<__nv_bfloat16, 128, 64, 32>",
-    "attention_bwd_dq_kernel<__nv_bfloat16, 128, 64, 32>",
-    "attention_bwd_dkdv_kernel<__nv_bfloat16, 64, 64, 64>",
-    "attention_bwd_dq_kernel<__nv_bfloat16, 64, 64, 64>",
+    "attention_bwd_kernel<__nv_bfloat16, BwdTraits<128, false, false, false, true>>",
+    "attention_bwd_kernel<__nv_bfloat16, BwdTraits<128, true, false, false, true>>",
+    "attention_bwd_kernel<__nv_bfloat16, BwdTraits<128, true, true, true, true>>",
+    "attention_bwd_kernel<__nv_bfloat16, BwdTraits<128, true, true, true, false>>",
+    "attention_bwd_kernel<__nv_bfloat16, BwdTraits<64, false, false, false, true>>",
+    "attention_bwd_kernel<__nv_bfloat16, BwdTraits<64, true, true, true, false>>",
+    "attention_bwd_dq_kernel<__nv_bfloat16, DqTraits<128>>",
+    "attention_bwd_dq_kernel<__nv_bfloat16, DqTraits<64>>",
 )
 NVCC_FLAGS = ("-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr", "-Xptxas", "-v")
 
@@ -69,6 +75,8 @@ class Mix:
     ex2: int = 0
     tanh: int = 0
     ffma: int = 0
+    atomic: int = 0
+    i2f: int = 0
     predicated: int = 0
 
     @property
@@ -85,6 +93,9 @@ class Mix:
         self.lds += head == "LDS"
         self.ldg += head == "LDG"
         self.ffma += head == "FFMA"
+        self.atomic += head in ("RED", "REDG", "ATOM", "ATOMG")  # global reductions (float atomicAdd)
+        # int -> float conversions: ALiBi's |i - j| (I2F.RP, the reciprocal of an integer division, is not one)
+        self.i2f += head in ("I2F", "I2FP") and ".RP" not in opcode  # I2FP: sm_90's form
         self.ex2 += opcode.startswith("MUFU.EX2")
         self.tanh += opcode.startswith("MUFU.TANH")
 
@@ -219,14 +230,15 @@ def report_cubin(cubin: Path, arch: str, ptxas_log: str = "") -> list[KernelRepo
 def markdown(reports: list[KernelReport]) -> str:
     lines = [
         "| kernel | arch | regs | spill bytes | hot loop: instr | HMMA | HMMA share | LDSM | LDGSTS | LDS | MUFU.EX2 "
-        "| MUFU.TANH | predicated |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| MUFU.TANH | RED | predicated |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in reports:
         h = r.hot_loop
         lines.append(
             f"| `{r.name}` | {r.arch} | {r.registers} | {r.spill_bytes} | {h.instructions} | {h.hmma} | "
-            f"{100 * h.hmma_share:.1f}% | {h.ldsm} | {h.ldgsts} | {h.lds} | {h.ex2} | {h.tanh} | {h.predicated} |"
+            f"{100 * h.hmma_share:.1f}% | {h.ldsm} | {h.ldgsts} | {h.lds} | {h.ex2} | {h.tanh} | {h.atomic} | "
+            f"{h.predicated} |"
         )
     return "\n".join(lines)
 

@@ -107,6 +107,9 @@ def used_features(inputs: AttentionInputs) -> list[str]:
         used.append("lengths")
     if inputs.heads_q != inputs.heads_kv:
         used.append("gqa")
-    if inputs.return_lse and inputs.requires_grad:
+    if inputs.sinks is not None:
+        used.append("sinks")
+    # With sinks the kernels' lse always feeds the result (fastattn.autograd.fold_sinks).
+    if (inputs.return_lse or inputs.sinks is not None) and inputs.requires_grad:
         used.append("lse gradient")
     return used

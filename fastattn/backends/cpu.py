@@ -35,6 +35,7 @@ FEATURES = {
     "lengths": True,
     "gqa": True,
     "lse gradient": True,
+    "sinks": True,  # applied to the kernels' (out, lse) by fastattn.autograd.fold_sinks
 }
 
 
@@ -79,7 +80,11 @@ class CpuBackend(Backend):
         return [_LOAD_ERROR] if _LOAD_ERROR else []
 
     def not_supported_reasons(self, inputs: AttentionInputs) -> list[str]:
-        return common_reasons(inputs, devices=("cpu",), dtypes=DTYPES, max_head_dim=MAX_HEAD_DIM, features=FEATURES)
+        reasons = common_reasons(inputs, devices=("cpu",), dtypes=DTYPES, max_head_dim=MAX_HEAD_DIM, features=FEATURES)
+        if inputs.sinks is not None and inputs.dtype == torch.float64:
+            # fold_sinks rescales by the op's float32 lse: float32 accuracy, too coarse for float64.
+            reasons.append("sinks with float64 inputs are not supported (the reference backend serves them exactly)")
+        return reasons
 
     def build_ops(self) -> BackendOps:
         if _MODULE is None:

@@ -3,8 +3,10 @@
 The kernels use ``mma.sync`` m16n8k16 (sm_80 and newer, for the architectures the extension was
 built for), float16 and bfloat16, head dims 64 and 128. The forward is FlashAttention-2 style
 (128-row query tiles, Q in registers, ``ldmatrix`` fragments, ``cp.async`` double-buffered K/V,
-features as template flags); the backward is deterministic (dK/dV per key tile looping over the
-GQA group, dQ in its own kernel, no atomics). The automatic choice puts these kernels before
+features as template flags); the backward is FlashAttention-2's (one kernel per key block and query
+head doing the five products, dK/dV in registers, dQ summed with float32 atomics), and under
+``torch.use_deterministic_algorithms(True)`` bit-reproducible (dQ in its own pass, no atomics: 7
+products instead of 5). The automatic choice puts these kernels before
 Triton only where measured evidence says so (:mod:`fastattn.backends.evidence`). Design notes:
 ``docs/cuda-kernels.md``.
 """
@@ -16,7 +18,7 @@ import torch
 from .. import _extension
 from .._inputs import AttentionInputs
 from ..ops import BackendOps, fwd_fake
-from .base import Backend, common_reasons, used_features
+from .base import Backend, common_reasons
 
 HEAD_DIMS = (64, 128)
 """Head dims instantiated in csrc/cuda (the host dispatch in attention_host.h)."""
@@ -45,6 +47,9 @@ _FEATURES = {
     # A gradient flowing into the returned lse (issue 16 item 15): the CUDA backward does not take
     # dlse; declined here so such calls go to a backend that does.
     "lse gradient": False,
+    # Attention sinks (fastattn.autograd.fold_sinks) are not validated on the CUDA kernels: calls with
+    # sinks go to triton/cpu/reference, and backend="cuda" with sinks raises naming "sinks".
+    "sinks": False,
 }
 
 
@@ -122,9 +127,18 @@ def _hopper_built() -> bool:
 HOPPER_BUILT = _hopper_built()
 
 
+# The Hopper kernel's tile (query rows and keys): a BlockMask's blocks must be multiples of it.
+HOPPER_TILE = 128
+
+
 def hopper_reasons(inputs: AttentionInputs) -> list[str]:
     """Why the Hopper kernel does not serve this forward (empty: it does). The same rule as
-    ``hopper_serves`` in csrc/cuda/sm90/attention_fwd_sm90.cpp; the sm80 kernels serve the rest."""
+    ``hopper_serves`` in csrc/cuda/sm90/attention_fwd_sm90.cpp; the sm80 kernels serve the rest.
+    Causal, windows, ALiBi, softcap, lengths, GQA and BlockMask tile lists are compile-time
+    features of the Hopper kernel; an element mask (``attn_mask``, or a BlockMask's element mask
+    other than a window) and dropout are not."""
+    from ..autograd import effective_attn_mask  # imports the backends: here, not at module level
+
     reasons = []
     if not HOPPER_BUILT:
         reasons.append("the extension was built without the Hopper kernel (needs a 9.0a target and CUTLASS headers)")
@@ -138,10 +152,12 @@ def hopper_reasons(inputs: AttentionInputs) -> list[str]:
         reasons.append("an empty sequence")
     if inputs.scale <= 0:
         reasons.append("scale <= 0")
-    if inputs.window_left is not None or inputs.window_right not in (None, 0):
-        reasons.append("a window other than bottom-right causal")
-    used = [f for f in ("attn_mask", "block_mask", "alibi", "softcap", "dropout", "lengths") if f in used_features(inputs)]
-    reasons += [f"{f} is not implemented in the Hopper kernel" for f in used]
+    if effective_attn_mask(inputs, "cuda") is not None:
+        reasons.append("an element mask (attn_mask, or a BlockMask's element mask) is not implemented in the Hopper kernel")
+    if inputs.block_mask is not None and any(b % HOPPER_TILE for b in inputs.block_mask.block_size):
+        reasons.append(f"block_mask block_size {inputs.block_mask.block_size} is not a multiple of {HOPPER_TILE}")
+    if inputs.dropout_p > 0:
+        reasons.append("dropout is not implemented in the Hopper kernel")
     return reasons
 
 
@@ -153,7 +169,7 @@ def forward_path(inputs: AttentionInputs) -> str:
 class CudaBackend(Backend):
     name = "cuda"
     description = "CUDA C++ tensor-core kernels (mma.sync, sm_80+): fp16/bf16, head dims 64 and 128" + (
-        "; on sm_90 the forward of calls without masks/bias/lengths/softcap/dropout runs the Hopper "
+        "; on sm_90 the forward of calls without an element mask or dropout runs the Hopper "
         "wgmma+TMA kernel (cuda.forward_path tells)" if HOPPER_BUILT else ""
     )
 

@@ -8,6 +8,7 @@ sees the kernels themselves; in the interpreter they are opaque custom ops with 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .._inputs import AttentionInputs
-from ..ops import BackendOps, define_ops
+from ..ops import VARLEN_BWD_SCHEMA, VARLEN_FWD_SCHEMA, BackendOps, define_ops, varlen_bwd_fake, varlen_fwd_fake
 from .base import Backend, common_reasons
 
 _FEATURES = {
@@ -33,6 +34,7 @@ _FEATURES = {
     "lengths": True,
     "gqa": True,
     "lse gradient": True,
+    "sinks": True,  # applied to the kernels' (out, lse) by fastattn.autograd.fold_sinks
 }
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
@@ -147,3 +149,39 @@ class TritonBackend(Backend):
 
 ensure_kernels_importable()
 BACKEND = TritonBackend()
+
+
+# ---- Packed variable-length sequences (fastattn.varlen_attention) ----
+def _varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, scale, window_left,
+                window_right, softcap):
+    from ..triton_kernels.attention_varlen import attention_varlen_fwd
+
+    return attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, scale,
+                                window_left, window_right, softcap)
+
+
+def _varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, scale,
+                window_left, window_right, softcap, dlse=None):
+    from ..triton_kernels.attention_varlen import attention_varlen_bwd
+
+    return attention_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                alibi_slopes, scale, window_left, window_right, softcap, dlse)
+
+
+@functools.cache
+def varlen_ops() -> BackendOps:
+    """The Triton varlen ops ``fastattn::triton_varlen_fwd``/``_bwd`` (VARLEN_FWD_SCHEMA/VARLEN_BWD_SCHEMA),
+    registered on first use; opaque custom ops in the interpreter, as :meth:`TritonBackend.build_ops`."""
+    if _in_interpreter():
+        fwd = torch.library.custom_op("fastattn::triton_varlen_fwd", _varlen_fwd, mutates_args=(),
+                                      schema=VARLEN_FWD_SCHEMA)
+        bwd = torch.library.custom_op("fastattn::triton_varlen_bwd", _varlen_bwd, mutates_args=(),
+                                      schema=VARLEN_BWD_SCHEMA)
+        fwd.register_fake(varlen_fwd_fake)
+        bwd.register_fake(varlen_bwd_fake)
+    else:
+        fwd = torch.library.triton_op("fastattn::triton_varlen_fwd", _varlen_fwd, mutates_args=(),
+                                      schema=VARLEN_FWD_SCHEMA)
+        bwd = torch.library.triton_op("fastattn::triton_varlen_bwd", _varlen_bwd, mutates_args=(),
+                                      schema=VARLEN_BWD_SCHEMA)
+    return BackendOps(fwd=fwd, bwd=bwd)

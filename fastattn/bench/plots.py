@@ -88,6 +88,17 @@ def _title(doc: dict) -> str:
     return f"{env['device_name']} | torch {env['torch']} | fastattn {env['fastattn']} @ {commit}"
 
 
+def _save(plt, fig, axes, doc: dict, path: str | Path, rect=(0, 0.08, 1, 0.95)) -> Path:
+    """Title, shared legend and layout of a panel figure; writes it to ``path`` (PNG) and closes it."""
+    fig.suptitle(_title(doc), fontsize=9)
+    _legend(fig, axes)
+    fig.tight_layout(rect=rect)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_tflops_vs_seqlen(doc: dict, path: str | Path) -> Path | None:
     """TFLOP/s (GFLOP/s on CPU) against sequence length: one panel per (workload, head dim, dtype, mode), one line per provider.
 
@@ -125,13 +136,7 @@ def plot_tflops_vs_seqlen(doc: dict, path: str | Path) -> Path | None:
         ax.set_ylabel(unit, fontsize=8)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
-    fig.suptitle(_title(doc), fontsize=9)
-    _legend(fig, axes)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, axes, doc, path)
 
 
 def plot_time_vs_density(doc: dict, path: str | Path) -> Path | None:
@@ -160,13 +165,7 @@ def plot_time_vs_density(doc: dict, path: str | Path) -> Path | None:
         _log_axis(ax, "y")
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
-    fig.suptitle(_title(doc), fontsize=9)
-    _legend(fig, axes)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, axes, doc, path)
 
 
 def plot_memory(doc: dict, path: str | Path) -> Path | None:
@@ -195,10 +194,4 @@ def plot_memory(doc: dict, path: str | Path) -> Path | None:
         ax.set_ylabel("peak MiB above inputs", fontsize=8)
         ax.grid(alpha=0.3, which="both")
         ax.tick_params(labelsize=7)
-    fig.suptitle(_title(doc), fontsize=9)
-    _legend(fig, axes)
-    fig.tight_layout(rect=(0, 0.1, 1, 0.93))
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, axes, doc, path, rect=(0, 0.1, 1, 0.93))

@@ -15,6 +15,8 @@ dense / gqa               --                       -- (``enable_gqa=True``)     
 causal                    ``causal=True``          ``is_causal=True``               ``mask_mod`` q >= kv
 window (left, right)      ``window=``              dense bool ``attn_mask``         ``mask_mod``
 block_sparse              ``BlockMask``            dense bool ``attn_mask``         ``BlockMask`` of tiles
+varlen (documents)        ``varlen_attention``     padded batch, ``is_causal=True``  -- (not wired)
+                          on the packed tokens
 ========================  =======================  ===============================  =====================
 """
 
@@ -116,6 +118,13 @@ class FastattnProvider(Provider):
         if reasons:
             raise Unsupported(reasons)
         name = self.backend_name
+        if case.workload.kind == "varlen":  # the documents packed, against the others' padded batch
+            from .. import varlen_attention
+
+            packed = tuple(case.packed(t.detach()).requires_grad_() for t in (q, k, v))
+            cu, longest = case.cu_seqlens(), max(case.workload.doc_lengths)
+            return Run(lambda: varlen_attention(*packed, cu, cu, longest, longest, causal=True, backend=name),
+                       packed, case.packed(case.dout))
         return Run(lambda: attention(q, k, v, backend=name, **kwargs), (q, k, v), case.dout)
 
 
@@ -214,12 +223,14 @@ class FlexProvider(Provider):
         from torch.nn.attention.flex_attention import create_block_mask
 
         w = case.workload
+        if w.kind == "varlen":
+            raise Unsupported(["the varlen workload is not wired for FlexAttention"])
         # FlexAttention refuses inputs that require grad on CPU (it has no CPU backward), even under no_grad.
         no_backward = [] if case.device.type == "cuda" else ["FlexAttention has no backward on CPU"]
         q, k, v = _leaves(case, requires_grad=not no_backward)
         mask_mod = None
         block_size = 128
-        if w.kind == "causal":
+        if w.causal:
             def mask_mod(b, h, q_idx, kv_idx):
                 return q_idx >= kv_idx
         elif w.kind == "window":
@@ -268,6 +279,8 @@ class FlashAttnProvider(Provider):
             reasons.append(f"flash-attn takes fp16/bf16, not {case.dtype}")
         if w.kind == "block_sparse":
             reasons.append("flash-attn has no block-sparse mask")
+        if w.kind == "varlen":
+            reasons.append("the varlen workload is not wired for flash-attn (flash_attn_varlen_func)")
         if reasons:
             raise Unsupported(reasons)
         q, k, v = _leaves(case, "BLHD")
@@ -304,6 +317,45 @@ class XformersProvider(Provider):
         )
 
 
+class LinearProvider(Provider):
+    """:func:`fastattn.linear_attention` (causal, elu+1, normalised) on ``linear`` workloads, by one of
+    its backends; ``linear-naive`` is the plain PyTorch formulation that materialises the ``(L, L)`` scores."""
+
+    def __init__(self, backend: str):
+        self.linear_backend = backend
+        self.name = f"linear-{backend}"
+        self.description = {
+            "triton": "fastattn.linear_attention, Triton chunked kernels",
+            "cpu": "fastattn.linear_attention, C++ chunked CPU kernels",
+            "reference": "fastattn.linear_attention, chunked PyTorch form (batched matmuls + cumsum of chunk states)",
+            "naive": "linear attention in plain PyTorch: (L, L) feature scores, causal mask, normaliser",
+        }[backend]
+
+    def unavailable_reasons(self, device: torch.device) -> list[str]:
+        if self.linear_backend == "naive":
+            return []
+        from ..linear.api import backend_reasons
+
+        return backend_reasons(self.linear_backend, torch.empty(0, device=device))
+
+    def default_off_reasons(self, device: torch.device) -> list[str]:
+        if self.linear_backend == "naive":
+            return ["materialises (L, L) scores per head: ask for it with --providers linear-naive"]
+        return ["runs the linear workload only: the --linear preset measures it"]
+
+    def build(self, case: Case, explicit: bool = False) -> Run:
+        from ..linear import linear_attention
+        from ..linear.naive import linear_attention_reference
+
+        if case.workload.kind != "linear":
+            raise Unsupported([f"linear attention runs the 'linear' workload, not {case.workload.kind!r}"])
+        q, k, v = _leaves(case)
+        if self.linear_backend == "naive":
+            return Run(lambda: linear_attention_reference(q, k, v, causal=True)[0], (q, k, v), case.dout)
+        backend = self.linear_backend
+        return Run(lambda: linear_attention(q, k, v, causal=True, backend=backend), (q, k, v), case.dout)
+
+
 BASELINE = "sdpa"
 
 
@@ -315,6 +367,7 @@ def all_providers() -> list[Provider]:
     providers: list[Provider] = [FastattnProvider(name) for name in PRIORITY if name in registered]
     providers += [SdpaProvider(name) for name in _SDPA_BACKENDS]
     providers += [FlexProvider(), FlashAttnProvider(), XformersProvider()]
+    providers += [LinearProvider(name) for name in ("triton", "cpu", "reference", "naive")]
     return providers
 
 

@@ -31,6 +31,7 @@ from .workloads import (
     flops,
     make_case,
     preset,
+    varlen_workload,
     workload_visible_fraction,
 )
 
@@ -117,7 +118,10 @@ def bench_config(
             for L in seq_lens or [w.seqlen]:
                 for D in head_dims or [w.head_dim]:
                     B = max(1, token_count // L) if token_count else w.batch
-                    new = dataclasses.replace(w, seqlen=L, head_dim=D, batch=B)
+                    if w.kind == "varlen":  # its documents scale with the padded length
+                        new = varlen_workload(L, w.heads_q, D)
+                    else:
+                        new = dataclasses.replace(w, seqlen=L, head_dim=D, batch=B)
                     if new not in remade:
                         remade.append(new)
         items = remade
@@ -239,6 +243,7 @@ def _workload_fields(w: Workload) -> dict:
         "workload": w.kind, "name": w.name, "batch": w.batch, "heads_q": w.heads_q, "heads_kv": w.heads_kv,
         "seqlen": w.seqlen, "head_dim": w.head_dim, "window": list(w.window) if w.window else None,
         "density": w.density, "block_size": w.block_size if w.kind == "block_sparse" else None,
+        "doc_lengths": list(w.doc_lengths) if w.doc_lengths else None,
     }
 
 

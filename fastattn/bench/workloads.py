@@ -21,7 +21,7 @@ import torch
 
 from ..block_mask import BlockMask
 
-WORKLOAD_KINDS = ("dense", "causal", "window", "block_sparse", "gqa")
+WORKLOAD_KINDS = ("dense", "causal", "window", "block_sparse", "gqa", "varlen", "linear")
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -35,10 +35,17 @@ class Workload:
 
     Attributes:
         kind: one of :data:`WORKLOAD_KINDS`. ``gqa`` is dense attention with ``heads_kv < heads_q``.
+            ``linear`` is causal attention done by linear attention (the ``linear-*`` providers); the
+            softmax providers compute the exact causal attention it replaces (so FLOPs and ratios
+            are those of exact causal attention).
         batch, heads_q, heads_kv, seqlen, head_dim: ``q (B, Hq, L, D)``, ``k``/``v (B, Hkv, L, D)``.
         window: ``(left, right)`` for ``kind="window"`` (``-1`` = unbounded), else None.
         density: fraction of visible tiles for ``kind="block_sparse"``, else None.
         block_size: tile size of the block-sparse layout.
+        doc_lengths: for ``kind="varlen"``, the lengths of ``batch`` causal documents (each at most
+            ``seqlen``): fastattn packs them into ``(total, H, D)`` for :func:`fastattn.varlen_attention`,
+            the other providers get the padded batch ``(batch, H, seqlen, D)`` with a causal mask (right
+            padding: the real tokens' outputs are exact, the padding is computed).
     """
 
     kind: str
@@ -50,6 +57,7 @@ class Workload:
     window: tuple[int, int] | None = None
     density: float | None = None
     block_size: int = 128
+    doc_lengths: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.kind not in WORKLOAD_KINDS:
@@ -62,10 +70,17 @@ class Workload:
             raise ValueError("density must be given exactly when kind == 'block_sparse'")
         if self.density is not None and not 0 < self.density <= 1:
             raise ValueError(f"density must lie in (0, 1], got {self.density}")
+        if (self.kind == "varlen") != (self.doc_lengths is not None):
+            raise ValueError("doc_lengths must be given exactly when kind == 'varlen'")
+        if self.doc_lengths is not None and (
+            len(self.doc_lengths) != self.batch or not all(0 < n <= self.seqlen for n in self.doc_lengths)
+        ):
+            raise ValueError(f"doc_lengths must be batch = {self.batch} lengths in [1, seqlen = {self.seqlen}], "
+                             f"got {self.doc_lengths}")
 
     @property
     def causal(self) -> bool:
-        return self.kind == "causal"
+        return self.kind in ("causal", "varlen", "linear")
 
     @property
     def name(self) -> str:
@@ -76,6 +91,8 @@ class Workload:
             extra = f"-W{self.window[0]}_{self.window[1]}"
         if self.density is not None:
             extra = f"-density{self.density:g}-bs{self.block_size}"
+        if self.doc_lengths is not None:
+            extra = f"-tokens{sum(self.doc_lengths)}"
         return f"{self.kind}-B{self.batch}-{heads}-L{self.seqlen}-D{self.head_dim}{extra}"
 
     def block_layout(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
@@ -127,6 +144,15 @@ class Case:
     def fastattn_kwargs(self) -> dict:
         """Keyword arguments of :func:`fastattn.attention` for this case."""
         return {"causal": self.causal, "window": self.window, "block_mask": self.block_mask}
+
+    def packed(self, t: torch.Tensor) -> torch.Tensor:
+        """The documents of a varlen case's padded ``(B, H, L, D)`` tensor packed into ``(total, H, D)``."""
+        return torch.cat([t[b, :, :n].transpose(0, 1) for b, n in enumerate(self.workload.doc_lengths)])
+
+    def cu_seqlens(self) -> torch.Tensor:
+        """int32 ``(B + 1,)`` document offsets of a varlen case, on its device."""
+        lengths = torch.tensor((0, *self.workload.doc_lengths), dtype=torch.int32)
+        return lengths.cumsum(0).to(torch.int32).to(self.device)
 
     def dense_mask(self) -> torch.Tensor | None:
         """Bool ``(1, 1, L, L)`` (True = attend) for window and block-sparse cases, for providers
@@ -204,8 +230,11 @@ def visible_pairs(
 
 
 def workload_visible_fraction(workload: Workload) -> float:
-    """Fraction of the ``L x L`` (query, key) pairs that are visible in ``workload``."""
+    """Fraction of the ``L x L`` (query, key) pairs that are visible in ``workload`` (for varlen: the
+    documents' causal pairs over the padded batch's ``B x L x L``)."""
     L = workload.seqlen
+    if workload.doc_lengths is not None:
+        return sum(n * (n + 1) // 2 for n in workload.doc_lengths) / (workload.batch * L * L)
     pairs = visible_pairs(
         L, L, window=workload.window, causal=workload.causal,
         block_layout=workload.block_layout(), block_size=workload.block_size,
@@ -244,6 +273,17 @@ class Preset:
     providers: tuple[str, ...] | None = None
 
 
+# Document lengths of the varlen workloads, as fractions of the padded length: eight documents filling
+# half of an 8 x L batch (50% padding), as benchmarks/varlen_cpu.py.
+VARLEN_DOC_FRACTIONS = (1.0, 0.9375, 0.6875, 0.5625, 0.375, 0.25, 0.125, 0.0625)
+
+
+def varlen_workload(seqlen: int, heads: int, head_dim: int) -> Workload:
+    """Eight causal documents (:data:`VARLEN_DOC_FRACTIONS` of ``seqlen``), packed against the padded batch."""
+    docs = tuple(max(1, round(f * seqlen)) for f in VARLEN_DOC_FRACTIONS)
+    return Workload("varlen", len(docs), heads, heads, seqlen, head_dim, doc_lengths=docs)
+
+
 def _sweep(kinds, seq_lens, head_dims, *, tokens=None, batch=1, heads=4, heads_kv_gqa=1, window=(128, 0),
            densities=(0.1, 0.25, 0.5), density_seqlen=None, default_density=0.25, block_size=128,
            window_seqlens=None) -> list[Workload]:
@@ -264,6 +304,8 @@ def _sweep(kinds, seq_lens, head_dims, *, tokens=None, batch=1, heads=4, heads_k
                 elif kind == "window":
                     if window_seqlens is None or L in window_seqlens:
                         out.append(Workload("window", B, H, H, L, D, window=window))
+                elif kind == "varlen":
+                    out.append(varlen_workload(L, H, D))
                 elif kind == "block_sparse":
                     if density_seqlen is None:
                         out.append(Workload("block_sparse", B, H, H, L, D, density=default_density, block_size=block_size))
@@ -277,7 +319,7 @@ def _sweep(kinds, seq_lens, head_dims, *, tokens=None, batch=1, heads=4, heads_k
 
 
 def preset(name: str, device: str) -> Preset:
-    """The named preset (``quick``, ``full``, ``cpu`` or ``gpu``) for ``device`` (``cpu`` or ``cuda``).
+    """The named preset (``quick``, ``full``, ``cpu``, ``gpu`` or ``linear``) for ``device`` (``cpu`` or ``cuda``).
 
     * ``quick`` -- under two minutes on a 2-core CPU: tiny shapes (fp32, L 128..512, D 64, modes
       fwd and fwd+bwd); on a GPU a small slice of the ``gpu`` preset.
@@ -287,14 +329,17 @@ def preset(name: str, device: str) -> Preset:
       (H=1, so SDPA's dense mask fits in memory); block-sparse at densities 50/25/10% at L=2k, D=64.
     * ``gpu``   -- the speed targets: bf16, ``B * L = 16k`` tokens, hidden 2048 (D=128, H=16),
       L 2k..16k dense and causal, sliding window (1024, 0) and block-sparse 5..50% at L=16k, GQA.
+    * ``linear`` -- causal linear attention (elu+1) against exact causal attention, fp32 forward,
+      B=1, H=1, D=32, L 4k..64k (on CPU: linear-cpu, linear-reference and SDPA, the exact baseline).
     """
-    all_kinds = WORKLOAD_KINDS
+    all_kinds = tuple(kind for kind in WORKLOAD_KINDS if kind != "linear")  # linear has its own preset
     on_gpu = device.startswith("cuda")
     if name == "quick" and not on_gpu:
         return Preset(
             "quick",
-            _sweep(all_kinds, (128, 256, 512), (64,), batch=1, heads=4, window=(64, 0),
-                   densities=(0.1, 0.25, 0.5), density_seqlen=512, block_size=64),
+            _sweep([k for k in all_kinds if k != "varlen"], (128, 256, 512), (64,), batch=1, heads=4, window=(64, 0),
+                   densities=(0.1, 0.25, 0.5), density_seqlen=512, block_size=64)
+            + [varlen_workload(256, 4, 64)],
             ("fwd", "fwd+bwd"), ("fp32",), min_repeats=3, max_repeats=5, time_budget_s=0.1,
         )
     if name == "full" and not on_gpu:
@@ -311,8 +356,20 @@ def preset(name: str, device: str) -> Preset:
         workloads.append(Workload("window", 1, 1, 1, 16384, 64, window=(256, 0)))
         workloads += _sweep(("block_sparse",), (2048,), (64,), batch=1, heads=4, densities=(0.5, 0.25, 0.1),
                             density_seqlen=2048, block_size=128)
+        workloads.append(varlen_workload(1024, 4, 64))
         return Preset("cpu", workloads, ("fwd", "fwd+bwd"), ("fp32",), min_repeats=3, max_repeats=5,
                       time_budget_s=2.0, noisy_max_repeats=10, providers=("fastattn-cpu", "sdpa"))
+    if name == "linear":
+        # linear attention's scaling from 4k to 64k, and exact causal attention of the same shapes. One
+        # head, so the exact attention at 64k stays seconds on 2 cores; a cell slower than the time
+        # budget is timed once after its warm-up.
+        from ..linear.ops import CPU_KERNELS_BUILT
+
+        workloads = [Workload("linear", 1, 1, 1, L, 32) for L in (4096, 8192, 16384, 32768, 65536)]
+        cpu_providers = ("linear-cpu", "linear-reference") if CPU_KERNELS_BUILT else ("linear-reference",)
+        return Preset("linear", workloads, ("fwd",), ("fp32",), min_repeats=1, max_repeats=9, time_budget_s=2.0,
+                      noisy_max_repeats=10,
+                      providers=("linear-triton",) if on_gpu else cpu_providers)
     if name == "gpu" and not on_gpu:
         raise ValueError("the gpu preset (--gpu) needs a CUDA device: its 16k-token shapes are for GPUs")
     hidden = 2048
@@ -334,4 +391,4 @@ def preset(name: str, device: str) -> Preset:
         workloads = _sweep(all_kinds, (1024, 2048, 4096, 8192, 16384), (64, 128), densities=(0.05, 0.1, 0.2, 0.5),
                            density_seqlen=16384, **gpu_kw)
         return Preset("full", workloads, MODES, ("fp16", "bf16"))
-    raise ValueError(f"preset must be 'quick', 'full', 'cpu' or 'gpu', got {name!r}")
+    raise ValueError(f"preset must be 'quick', 'full', 'cpu', 'gpu' or 'linear', got {name!r}")

@@ -8,6 +8,7 @@ import torch
 
 from . import naive
 from .features import PerformerFeatures, featurize, resolve_feature_map
+from .ops import CPU_KERNELS_BUILT, state_dtype
 
 DEFAULT_CHUNK_SIZE = 64
 
@@ -62,30 +63,60 @@ def _check_inputs(q, k, v, feature_map, chunk_size, scale, initial_state, normal
             )
 
 
-def _use_triton(q: torch.Tensor) -> bool:
-    if not q.is_cuda:
-        return False
-    from ..backends.triton import ensure_kernels_importable
-
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    ensure_kernels_importable()
-    return True
+BACKENDS = ("triton", "cpu", "reference")
 
 
-def core(phi_q, phi_k, v, causal: bool, initial_state, chunk_size: int | None, use_triton: bool):
-    """Unnormalised linear attention on features: the Triton kernels or the chunked torch form."""
-    if use_triton:
-        from .autograd import LinearAttentionCore
+def backend_reasons(backend: str, q: torch.Tensor) -> list[str]:
+    """Why ``backend`` cannot run linear attention on ``q`` (empty when it can)."""
+    if backend == "reference":
+        return []
+    if backend == "cpu":
+        reasons = [] if q.device.type == "cpu" else [f"q is on {q.device}, the C++ kernels run on the CPU"]
+        if not CPU_KERNELS_BUILT:
+            reasons.append("fastattn._C has no linear attention kernels (build the extension from this source)")
+        return reasons
+    if backend == "triton":
+        from ..backends.triton import _TRITON_INSTALLED, _in_interpreter
 
-        chunk = chunk_size or DEFAULT_CHUNK_SIZE
-        state0 = None if initial_state is None else initial_state.float()
-        # the kernels take one dtype: features are cast to the inputs' (they were made in float32)
-        return LinearAttentionCore.apply(phi_q.to(v.dtype), phi_k.to(v.dtype), v, state0, causal, chunk)
-    o, state = naive.chunked(phi_q, phi_k, v, causal, initial_state, chunk_size or DEFAULT_CHUNK_SIZE)
-    return o.to(v.dtype), state.to(torch.promote_types(v.dtype, torch.float32))
+        if not _TRITON_INSTALLED:
+            return ["triton is not installed"]
+        if not q.is_cuda and not _in_interpreter():
+            return [f"q is on {q.device}: the Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)"]
+        return []
+    raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
+
+
+def choose_backend(q: torch.Tensor, backend: str | None) -> str:
+    """``backend`` if it can serve ``q`` (else a ValueError with its reasons); with None the first of
+    triton (CUDA tensors), cpu (the C++ kernels), reference (the chunked PyTorch form) that can."""
+    if backend is not None:
+        reasons = backend_reasons(backend, q)
+        if reasons:
+            raise ValueError(f"backend={backend!r} cannot run this linear_attention call: " + "; ".join(reasons))
+        return backend
+    if q.is_cuda and not backend_reasons("triton", q):
+        return "triton"
+    return "cpu" if not backend_reasons("cpu", q) else "reference"
+
+
+def default_chunk_size(dtype: torch.dtype, backend: str) -> int:
+    """64 positions, or 32 for float32 on the Triton kernels: compiled for sm_90, their float32
+    backward at 64 positions with D = 64 (plus the normaliser column) needs 256 KiB of shared
+    memory, more than an SM has; at 32 it needs at most 192 KiB."""
+    return 32 if backend == "triton" and dtype == torch.float32 else DEFAULT_CHUNK_SIZE
+
+
+def core(phi_q, phi_k, v, causal: bool, initial_state, chunk_size: int | None, backend: str):
+    """Unnormalised linear attention on features: a kernel backend's ops or the chunked torch form."""
+    chunk = chunk_size or default_chunk_size(v.dtype, backend)
+    if backend == "reference":
+        o, state = naive.chunked(phi_q, phi_k, v, causal, initial_state, chunk)
+        return o.to(v.dtype), state.to(torch.promote_types(v.dtype, torch.float32))
+    from .autograd import LinearAttentionCore
+
+    state0 = None if initial_state is None else initial_state.to(state_dtype(v.dtype, backend))
+    # the kernels take one dtype: features are cast to the inputs' (they were made in float32)
+    return LinearAttentionCore.apply(phi_q.to(v.dtype), phi_k.to(v.dtype), v, state0, causal, chunk, backend)
 
 
 def linear_attention(
@@ -100,13 +131,14 @@ def linear_attention(
     scale: float | None = None,
     return_state: bool = False,
     initial_state: LinearAttentionState | tuple | torch.Tensor | None = None,
+    backend: str | None = None,
 ):
     """Linear attention: ``out_i = phi(q_i) S_i / (phi(q_i) . z_i)`` with ``S_i = sum_j phi(k_j)^T v_j``
     and ``z_i = sum_j phi(k_j)`` over the keys ``j`` query ``i`` sees (all, or ``j <= i`` when causal).
 
     Cost is linear in ``L``: causal attention runs chunk by chunk (a small quadratic block per chunk
     plus a float32 ``(M, Dv)`` state carried between chunks). On CUDA tensors this is the Triton
-    kernels; on the CPU it is the chunked PyTorch form (plain tensor ops, differentiable by autograd).
+    kernels; on the CPU the C++ kernels (when the extension is built), else the chunked PyTorch form.
 
     Args:
         q: ``(B, Hq, L, D)``.
@@ -119,20 +151,27 @@ def linear_attention(
             ``(..., D) -> (..., M)`` applied to queries and keys.
         normalize: divide by ``phi(q_i) . z_i`` (a query whose normaliser is exactly 0 outputs 0). Default True. Performer's stabiliser is only
             exact with normalisation, so without it Performer features are not stabilised.
-        chunk_size: positions per chunk. Default 64. The Triton kernels need a power of two >= 16.
+        chunk_size: positions per chunk. Default 64 (32 for float32 on the Triton kernels). The
+            Triton kernels need a power of two >= 16, and wide features in float32 may need 16.
         scale: ``q`` and ``k`` are each multiplied by ``sqrt(scale)`` before the feature map.
             Default ``D ** -0.5`` for Performer (softmax's temperature), 1 otherwise.
         return_state: also return the :class:`LinearAttentionState` after the last position.
         initial_state: a state returned by an earlier call (the sequence continues it);
             ``(kv, k_sum)``, or ``kv`` alone when ``normalize=False``. Decoding one token with
             ``L = 1`` costs ``O(M * Dv)`` per head.
+        backend: ``"triton"``, ``"cpu"`` (the C++ kernels), ``"reference"`` (the chunked PyTorch
+            form, differentiable by autograd) or None (default: the first of these that can run here;
+            Triton only for CUDA tensors). An explicit backend that cannot run raises ValueError.
 
     Returns:
         ``out (B, Hq, L, Dv)`` in q's dtype, and the state if ``return_state``.
     """
     _check_inputs(q, k, v, feature_map, chunk_size, scale, initial_state, normalize)
-    use_triton = _use_triton(q)
-    if use_triton and chunk_size is not None:
+    backend = choose_backend(q, backend)
+    if backend == "triton" and chunk_size is not None:
+        from ..backends.triton import ensure_kernels_importable
+
+        ensure_kernels_importable()
         from ..triton_kernels.linear_attention import check_chunk_size
 
         check_chunk_size(chunk_size)
@@ -141,12 +180,12 @@ def linear_attention(
         initial_state = (initial_state, None)
     if normalize:
         v_aug, state_aug = naive.with_normalizer(v, initial_state)
-        o_aug, state_out = core(phi_q, phi_k, v_aug, causal, state_aug, chunk_size, use_triton)
+        o_aug, state_out = core(phi_q, phi_k, v_aug, causal, state_aug, chunk_size, backend)
         out, (kv, k_sum) = naive.split_normalizer(o_aug.float(), state_out)
         out = out.to(q.dtype)
     else:
         out, kv = core(phi_q, phi_k, v, causal, None if initial_state is None else initial_state[0],
-                       chunk_size, use_triton)
+                       chunk_size, backend)
         k_sum = None
     if return_state:
         return out, LinearAttentionState(kv, k_sum)

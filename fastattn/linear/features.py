@@ -121,7 +121,7 @@ def featurize(
         scale = D**-0.5 if _is_performer(feature_map) else 1.0
     root = math.sqrt(scale)
     dtype = torch.promote_types(q.dtype, torch.float32)
-    qs, ks = q.to(dtype) * root, k.to(dtype) * root
+    qs, ks = (q.to(dtype), k.to(dtype)) if root == 1.0 else (q.to(dtype) * root, k.to(dtype) * root)
     if isinstance(feature_map, PerformerFeatures):
         return feature_map(qs, True, normalize), feature_map(ks, False, normalize)
     if feature_map == "performer":

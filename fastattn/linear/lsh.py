@@ -96,8 +96,12 @@ def _check(q, k, v, n_buckets, n_hashes, chunk_size, rotations):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor (B, H, L, D), got {getattr(t, 'shape', type(t).__name__)}")
-    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"k must match q {tuple(q.shape)} and v its (B, H, L); got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    B, Hq, L, D = q.shape
+    if k.shape[0] != B or k.shape[2:] != q.shape[2:] or k.shape[1] < 1 or Hq % k.shape[1]:
+        raise ValueError(f"k must be (B={B}, Hkv, L={L}, D={D}) with Hq={Hq} a multiple of Hkv (GQA), "
+                         f"got {tuple(k.shape)}")
+    if v.shape[0] != B or v.shape[2] != L or v.shape[1] < 1 or Hq % v.shape[1]:
+        raise ValueError(f"v must be (B={B}, Hkv, L={L}, Dv) with Hq={Hq} a multiple of Hkv, got {tuple(v.shape)}")
     if not isinstance(n_buckets, int) or n_buckets < 1 or (n_buckets > 1 and n_buckets % 2):
         raise ValueError(f"n_buckets must be 1 or an even int >= 2, got {n_buckets!r}")
     if not isinstance(n_hashes, int) or n_hashes < 1:
@@ -116,17 +120,29 @@ def _prepare(q, k, v, n_buckets, n_hashes, chunk_size, shared_qk, rotations):
         if k is not None:
             raise ValueError("k must be None with shared_qk=True (keys are the unit-normalised queries)")
         k = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    elif k is not None and v is not None and k.dim() == v.dim() == 4 and k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v must have the same heads, got {k.shape[1]} and {v.shape[1]}")
     _check(q, k, v, n_buckets, n_hashes, chunk_size, rotations)
     if rotations is None:
         rotations = torch.randn(n_hashes, q.shape[-1], n_buckets // 2, device=q.device)
-    return k, rotations
+    Hq = q.shape[1]
+    return _repeat_heads(k, Hq // k.shape[1]), _repeat_heads(v, Hq // v.shape[1]), rotations
+
+
+def _repeat_heads(x: torch.Tensor, group: int) -> torch.Tensor:
+    """``(B, Hkv, L, D)`` to ``(B, Hkv * group, L, D)``: under GQA every query head sorts the shared
+    keys and values into its own order, so each needs its own gathered copy anyway."""
+    if group == 1:
+        return x
+    B, Hkv, L, D = x.shape
+    return x[:, :, None].expand(B, Hkv, group, L, D).reshape(B, Hkv * group, L, D)
 
 
 def lsh_attention_reference(q, k, v, *, n_buckets, n_hashes=1, chunk_size=64, causal=False, shared_qk=True,
                             scale=None, rotations=None):
     """LSH attention in plain PyTorch (chunk tiles materialised, softmax by torch), same arguments as
     :func:`lsh_attention`."""
-    k, rotations = _prepare(q, k, v, n_buckets, n_hashes, chunk_size, shared_qk, rotations)
+    k, v, rotations = _prepare(q, k, v, n_buckets, n_hashes, chunk_size, shared_qk, rotations)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     outs, lses = [], []
     for order_q, order_k, visible in _round_inputs(q, k, v, rotations, chunk_size, causal):
@@ -150,8 +166,9 @@ def lsh_attention(q, k, v, *, n_buckets, n_hashes=1, chunk_size=64, causal=False
 
     Args:
         q: ``(B, H, L, D)``.
-        k: ``(B, H, L, D)``, or None with ``shared_qk=True`` (keys are then ``q / |q|``, as in Reformer).
-        v: ``(B, H, L, Dv)``.
+        k: ``(B, Hkv, L, D)`` with ``H`` a multiple of ``Hkv`` (GQA), or None with ``shared_qk=True``
+            (keys are then ``q / |q|``, as in Reformer).
+        v: ``(B, Hkv, L, Dv)`` (with ``shared_qk``, any ``Hkv`` dividing ``H``).
         n_buckets: hash buckets, 1 or even.
         n_hashes: hash rounds, combined through their log-sum-exps. Default 1.
         chunk_size: sorted positions per chunk; a chunk attends to itself and the previous chunk. Default 64.
@@ -171,7 +188,7 @@ def lsh_attention(q, k, v, *, n_buckets, n_hashes=1, chunk_size=64, causal=False
     """
     import fastattn
 
-    k, rotations = _prepare(q, k, v, n_buckets, n_hashes, chunk_size, shared_qk, rotations)
+    k, v, rotations = _prepare(q, k, v, n_buckets, n_hashes, chunk_size, shared_qk, rotations)
     scale_value = q.shape[-1] ** -0.5 if scale is None else scale
     B, H, L, _ = q.shape
     T = chunk_size

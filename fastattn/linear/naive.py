@@ -50,7 +50,7 @@ def parallel(phi_q, phi_k, v, causal: bool, initial_state=None):
         scores = scores.masked_fill(~torch.ones(L, L, dtype=torch.bool, device=v.device).tril(), 0)
     o = scores @ v.unsqueeze(2) + q @ state0.unsqueeze(2)  # (B, Hkv, G, L, Dv)
     state = state0 + phi_k.transpose(-1, -2) @ v
-    return o.reshape(B, Hq, L, -1), state
+    return o.reshape(B, Hq, L, v.shape[-1]), state
 
 
 def recurrent(phi_q, phi_k, v, causal: bool, initial_state=None):
@@ -64,13 +64,13 @@ def recurrent(phi_q, phi_k, v, causal: bool, initial_state=None):
     if not causal:
         for t in range(L):
             state = state + k[:, :, t, :, None] * vv[:, :, t, None, :]
-        return (q @ state.unsqueeze(2)).reshape(B, Hq, L, -1), state
+        return (q @ state.unsqueeze(2)).reshape(B, Hq, L, v.shape[-1]), state
     outs = []
     for t in range(L):
         state = state + k[:, :, t, :, None] * vv[:, :, t, None, :]  # (B, Hkv, M, Dv)
         outs.append(q[:, :, :, t : t + 1] @ state.unsqueeze(2))  # (B, Hkv, G, 1, Dv)
     o = torch.cat(outs, dim=3) if outs else q.new_zeros(B, Hkv, Hq // Hkv, 0, v.shape[-1])
-    return o.reshape(B, Hq, L, -1), state
+    return o.reshape(B, Hq, L, v.shape[-1]), state
 
 
 def chunked(phi_q, phi_k, v, causal: bool, initial_state=None, chunk_size: int = 64):
@@ -89,7 +89,7 @@ def chunked(phi_q, phi_k, v, causal: bool, initial_state=None, chunk_size: int =
     k, vv = phi_k.to(dtype), v.to(dtype)
     if not causal:
         state = state + k.transpose(-1, -2) @ vv
-        return (q @ state.unsqueeze(2)).reshape(B, Hq, L, -1), state
+        return (q @ state.unsqueeze(2)).reshape(B, Hq, L, v.shape[-1]), state
     T = min(chunk_size, max(L, 1))  # a one-token decode step stays O(M * Dv), not O(chunk_size * M * Dv)
     N = -(-L // T)
     pad = N * T - L  # zero rows add nothing to any state or output

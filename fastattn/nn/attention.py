@@ -167,21 +167,9 @@ class Attention(nn.Module):
         Returns:
             ``(B, L, E)``.
         """
-        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"x must be (B, L, embed_dim={self.embed_dim}), got shape {tuple(x.shape)}")
-        B, L, _ = x.shape
-        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        if context is not None:
-            if self.fused_qkv:
-                raise ValueError("context (cross-attention) needs an Attention built with fused_qkv=False")
-            q = self.q_proj(x)
-            k, v = self.k_proj(context), self.v_proj(context)
-        elif self.fused_qkv:
-            q, k, v = self.qkv_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.unflatten(-1, (H, D))  # (B, L, Hq, D)
-        k, v = k.unflatten(-1, (Hkv, D)), v.unflatten(-1, (Hkv, D))  # (B, S, Hkv, D)
+        q, k, v = self._project(x, context)  # (B, L, Hq, D), (B, S, Hkv, D)
+        B, L = x.shape[:2]
+        H, D = self.num_heads, self.head_dim
         if self.context_parallel_group is not None:
             return self._context_parallel(q, k, v, context, attn_mask, block_mask, key_lengths, cache)
         offset = cache.length if cache is not None else 0
@@ -202,6 +190,23 @@ class Attention(nn.Module):
             key_lengths=key_lengths,
         )  # (B, Hq, L, D)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, H * D))
+
+    def _project(self, x: torch.Tensor, context: torch.Tensor | None):
+        """The input projections: ``q (B, L, Hq, D)`` from ``x (B, L, E)`` and ``k``, ``v (B, S, Hkv, D)``
+        from ``x`` or the cross-attention ``context (B, S, kdim)``. Shared by the attention modules
+        of :mod:`fastattn.nn.linear_attention`."""
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must be (B, L, embed_dim={self.embed_dim}), got shape {tuple(x.shape)}")
+        if context is not None:
+            if self.fused_qkv:
+                raise ValueError(f"context (cross-attention) needs a {type(self).__name__} built with fused_qkv=False")
+            q, k, v = self.q_proj(x), self.k_proj(context), self.v_proj(context)
+        elif self.fused_qkv:
+            q, k, v = self.qkv_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return q.unflatten(-1, (H, D)), k.unflatten(-1, (Hkv, D)), v.unflatten(-1, (Hkv, D))
 
     def _context_parallel(self, q, k, v, context, attn_mask, block_mask, key_lengths, cache) -> torch.Tensor:
         """Attention of this rank's shard ``q (B, l, Hq, D)``, ``k``/``v (B, l, Hkv, D)`` over the sharded sequence."""

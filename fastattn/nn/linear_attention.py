@@ -80,7 +80,8 @@ class LinearAttention(Attention):
         self.feature_map, self.normalize, self.chunk_size = feature_map, normalize, chunk_size
 
     def forward(
-        self, x: torch.Tensor, context: torch.Tensor | None = None, *, cache: LinearAttentionCache | None = None
+        self, x: torch.Tensor, context: torch.Tensor | None = None, *, cache: LinearAttentionCache | None = None,
+        causal: bool | None = None,
     ) -> torch.Tensor:
         """Attend from ``x`` to itself (or to ``context``).
 
@@ -89,32 +90,23 @@ class LinearAttention(Attention):
             context: ``(B, S, kdim)`` for cross-attention (not causal, no rotary); needs ``fused_qkv=False``.
             cache: a :class:`LinearAttentionCache` (causal self-attention): the sequence continues
                 the cached state, which is then replaced by the state after ``x``.
+            causal: overrides the constructor's ``causal`` for this call. Default None (keep it).
 
         Returns:
             ``(B, L, E)``.
         """
-        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"x must be (B, L, embed_dim={self.embed_dim}), got shape {tuple(x.shape)}")
-        if cache is not None and (context is not None or not self.causal):
+        causal = self.causal if causal is None else causal
+        q, k, v = self._project(x, context)  # (B, L, Hq, D), (B, S, Hkv, D)
+        if cache is not None and (context is not None or not causal):
             raise ValueError("cache needs causal self-attention (causal=True, no context)")
-        B, L, _ = x.shape
-        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        if context is not None:
-            if self.fused_qkv:
-                raise ValueError("context (cross-attention) needs a module built with fused_qkv=False")
-            q, k, v = self.q_proj(x), self.k_proj(context), self.v_proj(context)
-        elif self.fused_qkv:
-            q, k, v = self.qkv_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.unflatten(-1, (H, D))  # (B, L, Hq, D)
-        k, v = k.unflatten(-1, (Hkv, D)), v.unflatten(-1, (Hkv, D))  # (B, S, Hkv, D)
+        B, L = x.shape[:2]
+        H, D = self.num_heads, self.head_dim
         if self.rotary is not None and context is None:
             q, k = self.rotary(q, k, cache.length if cache is not None else 0)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, D): views
         out = linear_attention(
             q, k, v,
-            causal=self.causal and context is None,
+            causal=causal and context is None,
             feature_map=self.feature_map,
             normalize=self.normalize,
             chunk_size=self.chunk_size,
@@ -159,9 +151,9 @@ class LSHAttention(Attention):
     """Reformer's LSH self-attention (:func:`fastattn.lsh_attention`) on batch-first ``(B, L, E)`` inputs.
 
     Args:
-        embed_dim, num_heads, head_dim, bias, causal, position, rotary_dim, rotary_base,
-            rotary_interleaved, device, dtype: as :class:`fastattn.nn.Attention` (no GQA:
-            ``num_kv_heads`` equals ``num_heads``).
+        embed_dim, num_heads, num_kv_heads, head_dim, bias, causal, position, rotary_dim,
+            rotary_base, rotary_interleaved, device, dtype: as :class:`fastattn.nn.Attention`
+            (GQA: ``num_heads`` a multiple of ``num_kv_heads``).
         n_buckets: hash buckets (1 or even). Default 8.
         n_hashes: hash rounds. Default 1.
         chunk_size: sorted positions per chunk. Default 64.
@@ -171,32 +163,30 @@ class LSHAttention(Attention):
     The rotations are drawn afresh on every forward (from the global RNG), as in Reformer.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, head_dim: int | None = None, *, bias: bool = False,
-                 causal: bool = False, n_buckets: int = 8, n_hashes: int = 1, chunk_size: int = 64,
-                 shared_qk: bool = True, position: str | None = None, rotary_dim: int | None = None,
-                 rotary_base: float = 10000.0, rotary_interleaved: bool = False, device=None, dtype=None) -> None:
+    def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None, head_dim: int | None = None,
+                 *, bias: bool = False, causal: bool = False, n_buckets: int = 8, n_hashes: int = 1,
+                 chunk_size: int = 64, shared_qk: bool = True, position: str | None = None,
+                 rotary_dim: int | None = None, rotary_base: float = 10000.0, rotary_interleaved: bool = False,
+                 device=None, dtype=None) -> None:
         if position not in (None, "rotary"):
             raise ValueError(f"position must be 'rotary' or None for LSH attention, got {position!r}")
         super().__init__(
-            embed_dim, num_heads, None, head_dim, bias=bias, causal=causal, position=position,
+            embed_dim, num_heads, num_kv_heads, head_dim, bias=bias, causal=causal, position=position,
             rotary_dim=rotary_dim, rotary_base=rotary_base, rotary_interleaved=rotary_interleaved,
             fused_qkv=True, device=device, dtype=dtype,
         )
         self.n_buckets, self.n_hashes, self.chunk_size, self.shared_qk = n_buckets, n_hashes, chunk_size, shared_qk
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Self-attention of ``x (B, L, E)``; returns ``(B, L, E)``."""
-        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"x must be (B, L, embed_dim={self.embed_dim}), got shape {tuple(x.shape)}")
-        B, L, _ = x.shape
-        H, D = self.num_heads, self.head_dim
-        q, k, v = self.qkv_proj(x).split([H * D, H * D, H * D], dim=-1)
-        q, k, v = (t.unflatten(-1, (H, D)) for t in (q, k, v))  # (B, L, H, D)
+    def forward(self, x: torch.Tensor, *, causal: bool | None = None) -> torch.Tensor:
+        """Self-attention of ``x (B, L, E)``; returns ``(B, L, E)``. ``causal`` overrides the
+        constructor's for this call (default None: keep it)."""
+        q, k, v = self._project(x, None)  # (B, L, Hq, D), (B, L, Hkv, D)
+        B, L = x.shape[:2]
         if self.rotary is not None:
             q, k = self.rotary(q, k, 0)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, D)
         out = fastattn.lsh_attention(
             q, None if self.shared_qk else k, v, n_buckets=self.n_buckets, n_hashes=self.n_hashes,
-            chunk_size=self.chunk_size, causal=self.causal, shared_qk=self.shared_qk,
+            chunk_size=self.chunk_size, causal=self.causal if causal is None else causal, shared_qk=self.shared_qk,
         )
-        return self.out_proj(out.transpose(1, 2).reshape(B, L, H * D))
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim))

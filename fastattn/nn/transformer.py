@@ -69,6 +69,65 @@ class FeedForward(nn.Module):
         return _feed_forward(x, self.linear1, self.linear2, self.dropout, self.activation)
 
 
+ATTENTION_KINDS = ("softmax", "linear", "performer", "lsh")
+
+
+class EfficientSelfAttention(nn.Module):
+    """A linear, Performer or LSH attention module behind :class:`MultiheadAttention`'s call
+    signature, so the Transformer layers can use it as ``self_attn`` (``attention=``).
+
+    Self-attention only (``key`` and ``value`` must be ``query``); causal through ``is_causal``
+    (a given ``attn_mask`` is then taken to be the causal mask, as torch's ``is_causal`` hint
+    says); no ``key_padding_mask`` and no other ``attn_mask``; attention weights are never returned.
+
+    Args:
+        attention: ``"linear"`` (:class:`~fastattn.nn.LinearAttention`), ``"performer"``
+            (:class:`~fastattn.nn.PerformerAttention`) or ``"lsh"`` (:class:`~fastattn.nn.LSHAttention`).
+        embed_dim, num_heads, bias, batch_first: as :class:`MultiheadAttention`.
+        attention_kwargs: more constructor arguments of that module (``num_kv_heads``,
+            ``num_features``, ``n_buckets``, ``chunk_size``, ``position``, ...).
+    """
+
+    def __init__(self, attention: str, embed_dim: int, num_heads: int, *, bias: bool = True, batch_first: bool = False,
+                 attention_kwargs: dict | None = None, device=None, dtype=None) -> None:
+        super().__init__()
+        from .linear_attention import LinearAttention, LSHAttention, PerformerAttention
+
+        modules = {"linear": LinearAttention, "performer": PerformerAttention, "lsh": LSHAttention}
+        if attention not in modules:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+        self.kind, self.batch_first = attention, batch_first
+        self.attn = modules[attention](embed_dim, num_heads, bias=bias, device=device, dtype=dtype,
+                                       **(attention_kwargs or {}))
+
+    def forward(self, query, key, value, attn_mask=None, key_padding_mask=None, need_weights: bool = False,
+                is_causal: bool = False):
+        """``query (L, N, E)`` (``(N, L, E)`` with batch_first, or unbatched ``(L, E)``); returns ``(out, None)``."""
+        if key is not query or value is not query:
+            raise ValueError(f"key and value must be query: attention={self.kind!r} is self-attention only")
+        if key_padding_mask is not None:
+            raise ValueError(f"key_padding_mask is not supported with attention={self.kind!r}")
+        if attn_mask is not None and not is_causal:
+            raise ValueError(f"attn_mask is not supported with attention={self.kind!r} (only causal, via is_causal)")
+        if need_weights:
+            raise ValueError(f"need_weights=True is not supported with attention={self.kind!r}")
+        unbatched = query.dim() == 2
+        x = query.unsqueeze(0) if unbatched else query if self.batch_first else query.transpose(0, 1)  # (N, L, E)
+        y = self.attn(x, causal=is_causal)
+        y = y.squeeze(0) if unbatched else y if self.batch_first else y.transpose(0, 1)
+        return y, None
+
+
+def _self_attention(attention: str, d_model: int, nhead: int, dropout: float, bias: bool, batch_first: bool,
+                    attention_kwargs: dict | None, factory: dict) -> nn.Module:
+    if attention == "softmax":
+        if attention_kwargs:
+            raise ValueError("attention_kwargs is for attention='linear', 'performer' or 'lsh'")
+        return MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first, **factory)
+    return EfficientSelfAttention(attention, d_model, nhead, bias=bias, batch_first=batch_first,
+                                  attention_kwargs=attention_kwargs, **factory)
+
+
 class TransformerEncoderLayer(nn.Module):
     """Self-attention and feed-forward, as ``torch.nn.TransformerEncoderLayer`` (same arguments,
     parameter names and forward), with :class:`MultiheadAttention` inside.
@@ -77,17 +136,21 @@ class TransformerEncoderLayer(nn.Module):
         d_model, nhead, dim_feedforward (2048), dropout (0.1), activation (``"relu"``; also
         ``"gelu"``, ``"swiglu"`` or a callable), layer_norm_eps (1e-5), batch_first (False),
         norm_first (False), bias (True), device, dtype: as torch's.
+        attention: the self-attention: ``"softmax"`` (default, :class:`MultiheadAttention`, torch's
+            parameter names), ``"linear"``, ``"performer"`` or ``"lsh"`` (:class:`EfficientSelfAttention`).
+        attention_kwargs: constructor arguments of the efficient module (e.g. ``{"num_features": 64}``).
     """
 
     def __init__(
         self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
         activation: str | Callable = "relu", layer_norm_eps: float = 1e-5, batch_first: bool = False,
-        norm_first: bool = False, bias: bool = True, device=None, dtype=None,
+        norm_first: bool = False, bias: bool = True, device=None, dtype=None, *, attention: str = "softmax",
+        attention_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
         _check_activation(activation)
         factory = {"device": device, "dtype": dtype}
-        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first, **factory)
+        self.self_attn = _self_attention(attention, d_model, nhead, dropout, bias, batch_first, attention_kwargs, factory)
         self.linear1 = nn.Linear(d_model, _ff_hidden(activation, dim_feedforward), bias=bias, **factory)
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
@@ -124,18 +187,20 @@ class TransformerDecoderLayer(nn.Module):
     ``torch.nn.TransformerDecoderLayer`` (same arguments, parameter names and forward).
 
     Self-attention is causal when ``tgt_is_causal=True`` (no ``tgt_mask`` needed) or through a
-    ``tgt_mask``, exactly as in torch.
+    ``tgt_mask``, exactly as in torch. ``attention``/``attention_kwargs`` choose the self-attention
+    as in :class:`TransformerEncoderLayer`; the cross-attention over ``memory`` stays softmax attention.
     """
 
     def __init__(
         self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
         activation: str | Callable = "relu", layer_norm_eps: float = 1e-5, batch_first: bool = False,
-        norm_first: bool = False, bias: bool = True, device=None, dtype=None,
+        norm_first: bool = False, bias: bool = True, device=None, dtype=None, *, attention: str = "softmax",
+        attention_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
         _check_activation(activation)
         factory = {"device": device, "dtype": dtype}
-        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first, **factory)
+        self.self_attn = _self_attention(attention, d_model, nhead, dropout, bias, batch_first, attention_kwargs, factory)
         self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first, **factory)
         self.linear1 = nn.Linear(d_model, _ff_hidden(activation, dim_feedforward), bias=bias, **factory)
         self.dropout = nn.Dropout(dropout)
@@ -249,7 +314,8 @@ class Transformer(nn.Module):
     and ``forward``), plus :meth:`encode` and :meth:`decode` for step-wise use.
 
     Works on embeddings ``(S, N, E)`` / ``(N, S, E)``; :class:`Seq2SeqTransformer` adds token
-    embeddings, positions, an output projection and ``generate``.
+    embeddings, positions, an output projection and ``generate``. ``attention``/``attention_kwargs``
+    choose every layer's self-attention (see :class:`TransformerEncoderLayer`).
     """
 
     def __init__(
@@ -257,12 +323,13 @@ class Transformer(nn.Module):
         dim_feedforward: int = 2048, dropout: float = 0.1, activation: str | Callable = "relu",
         custom_encoder: nn.Module | None = None, custom_decoder: nn.Module | None = None,
         layer_norm_eps: float = 1e-5, batch_first: bool = False, norm_first: bool = False, bias: bool = True,
-        device=None, dtype=None,
+        device=None, dtype=None, *, attention: str = "softmax", attention_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         layer_args = dict(dim_feedforward=dim_feedforward, dropout=dropout, activation=activation,
-                          layer_norm_eps=layer_norm_eps, batch_first=batch_first, norm_first=norm_first, bias=bias)
+                          layer_norm_eps=layer_norm_eps, batch_first=batch_first, norm_first=norm_first, bias=bias,
+                          attention=attention, attention_kwargs=attention_kwargs)
         if custom_encoder is not None:
             self.encoder = custom_encoder
         else:

@@ -1,8 +1,9 @@
 // fastattn::attention_fwd_sm90 for CUDA tensors: the CUDA backend's forward when the extension
 // was built with the Hopper kernel. A call the Hopper kernel covers (an sm_90 device, fp16/bf16,
-// head dim 64 or 128, no mask / bias / lengths / softcap / dropout / window other than causal,
-// GQA allowed) runs attention_fwd_sm90_kernel.cu; every other call goes on to the sm80 kernels
-// (fastattn::attention_fwd), which check and serve it. fastattn/backends/cuda.py (sm90_reasons)
+// head dim 64 or 128, scale > 0, no attn_mask / partial_masks / dropout; causal, any window,
+// ALiBi, softcap, lengths, GQA and BlockMask tile lists with blocks that are multiples of 128 all
+// allowed) runs attention_fwd_sm90_kernel.cu; every other call goes on to the sm80 kernels
+// (fastattn::attention_fwd), which check and serve it. fastattn/backends/cuda.py (hopper_reasons)
 // states the same rule for `fastattn info`; keep the two in step.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -10,8 +11,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "checks.h"
 #include "cuda/sm90/attention_fwd_sm90.h"
@@ -27,10 +30,12 @@ using FwdSignature = std::tuple<at::Tensor, at::Tensor>(
     const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
     const OptTensor&, int64_t, int64_t, double, std::optional<int64_t>, std::optional<int64_t>, double, double, int64_t);
 
+// The tile both sides of a BlockMask block must be a multiple of (kBlockM = kBlockN = 128).
+constexpr int64_t kTile = 128;
+
 // Whether the Hopper kernel serves this call (the rule of the file comment).
-bool hopper_serves(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool has_optional_tensor,
-                   int64_t block_size_q, double scale, std::optional<int64_t> window_left,
-                   std::optional<int64_t> window_right, double softcap, double dropout_p) {
+bool hopper_serves(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool has_element_mask,
+                   bool has_lists, int64_t block_size_q, int64_t block_size_k, double scale, double dropout_p) {
   if (!q.is_cuda() || q.dim() != 4 || k.dim() != 4 || v.dim() != 4) return false;
   const auto* prop = at::cuda::getDeviceProperties(q.device().index());
   if (prop->major != 9 || prop->minor != 0) return false;
@@ -40,10 +45,45 @@ bool hopper_serves(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const int64_t d = q.size(3);
   if ((d != 64 && d != 128) || k.size(3) != d || v.size(3) != d) return false;
   if (q.size(2) == 0 || k.size(2) == 0) return false;  // a TMA descriptor needs non-empty extents
-  const bool causal = !window_left.has_value() && window_right.has_value() && *window_right == 0;
-  const bool unbounded = !window_left.has_value() && !window_right.has_value();
-  return !has_optional_tensor && block_size_q == 0 && (causal || unbounded) && softcap == 0.0 && dropout_p == 0.0 &&
-         scale > 0.0;
+  if (has_lists && (block_size_q <= 0 || block_size_k <= 0 || block_size_q % kTile || block_size_k % kTile)) {
+    return false;
+  }
+  return !has_element_mask && dropout_p == 0.0 && scale > 0.0;
+}
+
+// Strides of a (possibly broadcast) tensor, 0 on dimensions of size 1.
+int64_t broadcast_stride(const at::Tensor& t, int d) { return t.size(d) == 1 ? 0 : t.stride(d); }
+
+// A BlockMask's forward lists, checked (shapes, dtype, device; counts are clamped and indices
+// outside the band skipped by the kernel), as the kernel reads them.
+TileLists tile_lists(const at::Tensor& q, const AttentionShape& s, const OptTensor& num, const OptTensor& idx,
+                     const OptTensor& full_num, const OptTensor& full_idx, int64_t block_q, int64_t block_k) {
+  const int64_t rows = ceil_div(s.seqlen_q, block_q), cols = ceil_div(s.seqlen_k, block_k);
+  check_block_lists(q, num, idx, rows, cols, "kv_num_blocks", "kv_indices");
+  check_block_lists(q, full_num, full_idx, rows, cols, "full_kv_num_blocks", "full_kv_indices");
+  TORCH_CHECK(num.has_value() && full_num.has_value(),
+              "kv_num_blocks and full_kv_num_blocks must be given together (a BlockMask passes both)");
+  for (auto [t, name] : {std::pair{&num, "kv_num_blocks"}, std::pair{&full_num, "full_kv_num_blocks"}}) {
+    TORCH_CHECK(((*t)->size(0) == 1 || (*t)->size(0) == s.batch) && ((*t)->size(1) == 1 || (*t)->size(1) == s.heads_q),
+                name, " must have (B, H) = (1 or ", s.batch, ", 1 or ", s.heads_q, "), got ", (*t)->sizes());
+  }
+  TileLists l;
+  l.num = num->data_ptr<int>();
+  l.idx = idx->data_ptr<int>();
+  l.full_num = full_num->data_ptr<int>();
+  l.full_idx = full_idx->data_ptr<int>();
+  for (int d = 0; d < 3; ++d) {
+    l.num_stride[d] = broadcast_stride(*num, d);
+    l.full_num_stride[d] = broadcast_stride(*full_num, d);
+  }
+  for (int d = 0; d < 4; ++d) {
+    l.idx_stride[d] = broadcast_stride(*idx, d);
+    l.full_idx_stride[d] = broadcast_stride(*full_idx, d);
+  }
+  l.cols = static_cast<int>(cols);
+  l.block_q = static_cast<int>(block_q);
+  l.block_k = static_cast<int>(block_k);
+  return l;
 }
 
 // TMA reads rows through a descriptor whose base must be 16-byte aligned and whose strides must
@@ -68,11 +108,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_sm90_cuda(
     const OptTensor& full_kv_indices, const OptTensor& partial_masks, const OptTensor& partial_tile_ids,
     int64_t block_size_q, int64_t block_size_k, double scale, std::optional<int64_t> window_left,
     std::optional<int64_t> window_right, double softcap, double dropout_p, int64_t seed) {
-  const bool has_optional_tensor = attn_mask || alibi_slopes || key_lengths || query_lengths || kv_num_blocks ||
-                                   kv_indices || full_kv_num_blocks || full_kv_indices || partial_masks ||
-                                   partial_tile_ids;
-  if (!hopper_serves(q, k, v, has_optional_tensor, block_size_q, scale, window_left, window_right, softcap,
-                     dropout_p)) {
+  const bool has_lists = kv_num_blocks || kv_indices || full_kv_num_blocks || full_kv_indices;
+  if (!hopper_serves(q, k, v, attn_mask || partial_masks || partial_tile_ids, has_lists, block_size_q, block_size_k,
+                     scale, dropout_p)) {
     static auto sm80 =
         c10::Dispatcher::singleton().findSchemaOrThrow("fastattn::attention_fwd", "").typed<FwdSignature>();
     return sm80.call(q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_blocks, kv_indices,
@@ -80,8 +118,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_sm90_cuda(
                      scale, window_left, window_right, softcap, dropout_p, seed);
   }
   const AttentionShape s = check_qkv(q, k, v);  // names the argument that is wrong
-  TORCH_CHECK(s.seqlen_q < (int64_t{1} << 31) && s.seqlen_k < (int64_t{1} << 31),
-              "seqlen_q and seqlen_k must be below 2^31 for the Hopper kernel, got ", s.seqlen_q, " and ", s.seqlen_k);
+  check_optionals(s, q, attn_mask, alibi_slopes, key_lengths, query_lengths);
+  check_scalars(scale, softcap, dropout_p);
+  // Below 2^29 (as the sm80 kernels): row + offset +- window stays within int32.
+  TORCH_CHECK(s.seqlen_q < (int64_t{1} << 29) && s.seqlen_k < (int64_t{1} << 29),
+              "seqlen_q and seqlen_k must be below 2^29 for the Hopper kernel, got ", s.seqlen_q, " and ", s.seqlen_k);
   TORCH_CHECK(s.batch <= 65535 && s.heads_q <= 65535, "batch and heads (q.size(0), q.size(1)) must be at most 65535, got ",
               s.batch, " and ", s.heads_q);
   const at::cuda::CUDAGuard device_guard(q.device());
@@ -112,10 +153,29 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_sm90_cuda(
   args.seqlen_q = static_cast<int>(s.seqlen_q);
   args.seqlen_k = static_cast<int>(s.seqlen_k);
   args.scale = static_cast<float>(scale);
-  const bool causal = window_right.has_value();  // hopper_serves admits only right == 0 then
+  // |i + offset - j| <= Lq + Lk, so clamping a window edge to that range changes no visibility.
+  const int64_t limit = s.seqlen_q + s.seqlen_k + 1;
+  args.has_window_left = window_left.has_value();
+  args.has_window_right = window_right.has_value();
+  args.window_left = static_cast<int>(std::clamp<int64_t>(window_left.value_or(0), -limit, limit));
+  args.window_right = static_cast<int>(std::clamp<int64_t>(window_right.value_or(0), -limit, limit));
+  args.softcap = static_cast<float>(softcap);
+  if (alibi_slopes) {
+    args.alibi = alibi_slopes->data_ptr<float>();
+    args.alibi_stride[0] = broadcast_stride(*alibi_slopes, 0);
+    args.alibi_stride[1] = broadcast_stride(*alibi_slopes, 1);
+  }
+  // Lengths are (B,) int32; a strided view is copied (B integers) so the kernel indexes them densely.
+  const at::Tensor klens = key_lengths ? key_lengths->contiguous() : at::Tensor();
+  const at::Tensor qlens = query_lengths ? query_lengths->contiguous() : at::Tensor();
+  if (klens.defined()) args.key_lengths = klens.data_ptr<int>();
+  if (qlens.defined()) args.query_lengths = qlens.data_ptr<int>();
+  if (has_lists) {
+    args.lists = tile_lists(q, s, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_size_q,
+                            block_size_k);
+  }
   const DType dtype = q.scalar_type() == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
-  const cudaError_t err =
-      run_fwd(args, dtype, static_cast<int>(s.head_dim), causal, at::cuda::getCurrentCUDAStream().stream());
+  const cudaError_t err = run_fwd(args, dtype, static_cast<int>(s.head_dim), at::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "the Hopper attention kernel failed to launch: ", cudaGetErrorString(err));
   return {out, lse};
 }

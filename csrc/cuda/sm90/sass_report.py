@@ -69,6 +69,39 @@ def design_registers() -> tuple[int, int, int, int]:
     return constant("kProducerRegisters"), constant("kConsumerRegisters"), groups, 128 * (1 + groups)
 
 
+def feature_bits() -> dict[str, int]:
+    """The Feature enum of attention_fwd_sm90.h: {"kWindow": 1, "kSoftcap": 2, ...}."""
+    text = open(os.path.join(HERE, "attention_fwd_sm90.h")).read()
+    body = re.search(r"enum Feature : int \{([^}]*)\}", text).group(1)
+    return {name: int(value) for name, value in re.findall(r"(\w+) = (\d+)", body)}
+
+
+def instantiated_features() -> list[int]:
+    """The feature sets of kInstantiated in attention_fwd_sm90.h, evaluated (e.g. [0, 1, 29, 31])."""
+    text = open(os.path.join(HERE, "attention_fwd_sm90.h")).read()
+    names = dict(feature_bits())
+    for name, expr in re.findall(r"constexpr int (k\w+) = ([\w |]+);", text):
+        if all(term.strip() in names for term in expr.split("|")):
+            names[name] = _or(expr, names)
+    listed = re.search(r"constexpr int kInstantiated\[\] = \{([^}]*)\}", text).group(1)
+    return [_or(item, names) for item in listed.split(",")]
+
+
+def _or(expr: str, names: dict[str, int]) -> int:
+    value = 0
+    for term in expr.split("|"):
+        term = term.strip()
+        value |= int(term) if term.isdigit() else names[term]
+    return value
+
+
+def feature_name(flags: int) -> str:
+    """``window+alibi`` for the set bits of ``flags``; ``plain`` for none."""
+    short = {"kWindow": "window", "kSoftcap": "softcap", "kAlibi": "alibi", "kLengths": "lengths", "kBlockLists": "lists"}
+    names = [short.get(name, name) for name, bit in feature_bits().items() if flags & bit]
+    return "+".join(names) or "plain"
+
+
 def compile_kernels(workdir: str) -> tuple[str, str, float]:
     """Compile the kernel file for sm_90a into ``workdir``; returns (SASS, ptxas report, seconds)."""
     include = cutlass_include()
@@ -97,14 +130,57 @@ def _demangled(names: list[str]) -> list[str]:
         return names
 
 
-def short_name(mangled: str) -> str:
-    """``kernel<fp16, D128, causal>`` from the mangled name of attention_fwd_sm90_kernel<Traits<...>>."""
-    demangled = _demangled([mangled])[0]
-    m = re.search(r"Traits<cutlass::(\w+), (\d+), (true|false)>", demangled)
+def kernel_key(mangled: str) -> tuple[str, int, int] | None:
+    """(dtype, head dim, features) of attention_fwd_sm90_kernel<Traits<...>> from its mangled name."""
+    m = re.search(r"Traits<cutlass::(\w+), (\d+), (\d+)>", _demangled([mangled])[0])
     if not m:
-        return demangled
-    dtype = {"half_t": "fp16", "bfloat16_t": "bf16"}.get(m.group(1), m.group(1))
-    return f"kernel<{dtype}, D{m.group(2)}, {'causal' if m.group(3) == 'true' else 'full'}>"
+        return None
+    return {"half_t": "fp16", "bfloat16_t": "bf16"}.get(m.group(1), m.group(1)), int(m.group(2)), int(m.group(3))
+
+
+# The kernel's tiles (Traits): 128 keys per tile, 64 query rows per consumer warpgroup.
+BLOCK_N = 128
+ROWS_PER_WARPGROUP = 64
+
+
+def _issue_batches(chunk: str) -> list[int]:
+    """HGMMA counts of each issue batch (the HGMMAs after one WARPGROUP.ARRIVE), in code order."""
+    batches = []
+    for line in chunk.splitlines():
+        if "WARPGROUP.ARRIVE" in line:
+            batches.append(0)
+        elif re.search(r"\bHGMMA\.", line) and batches:
+            batches[-1] += 1
+    return [b for b in batches if b]
+
+
+def _ex2_between_waits(chunk: str) -> int:
+    """MUFU.EX2 between a ``wgmma.wait_group 1`` (S is in, P V still running) and the next
+    ``wait_group 0``: the softmax exponentials that overlap the consumer's own P V matmul."""
+    count, inside = 0, False
+    for line in chunk.splitlines():
+        if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in line:
+            inside = True
+        elif "WARPGROUP.DEPBAR.LE gsb0, 0x0" in line:
+            inside = False
+        elif inside and "MUFU.EX2" in line:
+            count += 1
+    return count
+
+
+def _registers_touched(chunk: str) -> int:
+    """Highest register any instruction touches, + 1: the consumers' real footprint under their
+    setmaxnreg ceiling (ptxas reports only the launch allocation). An HGMMA 64xNx16 accumulator
+    spans N / 2 registers from the one named, a register A operand 4."""
+    top = 0
+    for line in chunk.splitlines():
+        for r in re.findall(r"\bR(\d+)\b", line):
+            top = max(top, int(r) + 1)
+        if m := re.search(r"HGMMA\.64x(\d+)x16\.F32\S* R(\d+), (?:R(\d+))?", line):
+            top = max(top, int(m.group(2)) + int(m.group(1)) // 2)
+            if m.group(3):
+                top = max(top, int(m.group(3)) + 4)
+    return top
 
 
 def analyse(sass: str, ptxas: str) -> list[dict]:
@@ -112,12 +188,25 @@ def analyse(sass: str, ptxas: str) -> list[dict]:
     rows = {}
     for chunk in re.split(r"\n\s*Function : ", sass)[1:]:
         name = chunk.split("\n", 1)[0].strip()
+        key = kernel_key(name)
+        if key is None:
+            continue
+        dtype, d, flags = key
         rows[name] = {
-            "kernel": short_name(name),
+            "kernel": f"kernel<{dtype}, D{d}, {feature_name(flags)}>",
+            "head_dim": d,
+            "features": flags,
             "HGMMA": len(re.findall(r"\bHGMMA\.", chunk)),
+            "batches": _issue_batches(chunk),
             "UTMALDG": len(re.findall(r"\bUTMALDG\b", chunk)),
+            "instructions": len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?!NOP)\S", chunk)),
+            "TANH": len(re.findall(r"\bMUFU\.TANH\b", chunk)),
+            "LDG": len(re.findall(r"\bLDG\.", chunk)),
+            "EX2_overlapped": _ex2_between_waits(chunk),
+            "registers_touched": _registers_touched(chunk),
             "dealloc": sorted({int(v, 16) for v in re.findall(r"USETMAXREG\.DEALLOC\S*\s+(0x[0-9a-f]+)", chunk)}),
             "alloc": sorted({int(v, 16) for v in re.findall(r"USETMAXREG\.TRY_ALLOC\S*\s+\S+\s+(0x[0-9a-f]+)", chunk)}),
+            "serialized": False,
         }
     current = None
     for line in ptxas.splitlines():
@@ -127,30 +216,64 @@ def analyse(sass: str, ptxas: str) -> list[dict]:
             current["spill"] = int(m.group(1)) + int(m.group(2))
         elif current is not None and (m := re.search(r"Used (\d+) registers", line)):
             current["registers"] = int(m.group(1))
+        elif current is not None and "wgmma.mma_async instructions are serialized" in line:
+            current["serialized"] = True
     return sorted(rows.values(), key=lambda r: r["kernel"])
+
+
+def ideal_hgmma_per_tile(head_dim: int) -> int:
+    """k-steps of one key tile's two matmuls: Q K^T is D / 16 of 64 x kBlockN x 16, P V is
+    kBlockN / 16 of 64 x D x 16."""
+    return head_dim // 16 + BLOCK_N // 16
 
 
 def failures(rows: list[dict]) -> list[str]:
     """Every way the SASS departs from the design (empty: it matches)."""
     producer, consumer, groups, threads = design_registers()
+    bits = feature_bits()
     problems = []
     if 128 * producer + 128 * groups * consumer > REGISTER_FILE:
         problems.append(f"register split {producer}/{consumer} overflows the {REGISTER_FILE}-register file")
-    if len(rows) != 8:
-        problems.append(f"expected 8 kernels ({{fp16, bf16}} x {{64, 128}} x {{causal, full}}), found {len(rows)}")
+    expected = 4 * len(instantiated_features())
+    if len(rows) != expected:
+        problems.append(f"expected {expected} kernels ({{fp16, bf16}} x {{64, 128}} x kInstantiated), found {len(rows)}")
     for r in rows:
-        k = r["kernel"]
+        k, d, flags = r["kernel"], r.get("head_dim", 128), r.get("features", 0)
         if r["HGMMA"] == 0:
             problems.append(f"{k}: no HGMMA (wgmma)")
+        # Each matmul is issued at two sites (S: first tile and loop; P V: loop and drain), each
+        # site one batch of all its k-steps: 2 x the ideal per tile, nothing split or repeated.
+        elif r["HGMMA"] != 2 * ideal_hgmma_per_tile(d) or sorted(r.get("batches", [])) != sorted(
+            [d // 16, d // 16, BLOCK_N // 16, BLOCK_N // 16]
+        ):
+            problems.append(f"{k}: HGMMA {r['HGMMA']} in batches {r.get('batches')}, design 2 x {ideal_hgmma_per_tile(d)}")
         if r["UTMALDG"] == 0:
             problems.append(f"{k}: no UTMALDG (TMA load)")
         if r["dealloc"] != [producer] or r["alloc"] != [consumer]:
             problems.append(f"{k}: setmaxnreg {r['dealloc']} / {r['alloc']}, design {producer} / {consumer}")
         if r.get("spill") != 0:
             problems.append(f"{k}: ptxas spills {r.get('spill')} bytes")
+        if r.get("serialized"):
+            problems.append(f"{k}: ptxas serialized the wgmma instructions")
+        # Intra-warpgroup overlap: the whole softmax (one EX2 per score and one per row correction)
+        # sits between the wait for S (wait_group 1) and the wait for P V (wait_group 0).
+        exps = ROWS_PER_WARPGROUP * BLOCK_N // 128 + 2
+        if "EX2_overlapped" in r and r["EX2_overlapped"] != exps:
+            problems.append(f"{k}: {r['EX2_overlapped']} of {exps} EX2 overlap the warpgroup's own P V")
+        if r.get("registers_touched", 0) > consumer:
+            problems.append(f"{k}: touches {r['registers_touched']} registers, above the consumers' {consumer}")
         # __launch_bounds__(threads, 1): ptxas must fit every thread's start in an even share.
         if r.get("registers", REGISTER_FILE) * threads > REGISTER_FILE:
             problems.append(f"{k}: {r.get('registers')} registers x {threads} threads overflow the register file")
+        # Softcap: one MUFU.TANH per score (64 x kBlockN / 128 threads per tile, at the two softmax
+        # sites); none without it.
+        tanh = 2 * ROWS_PER_WARPGROUP * BLOCK_N // 128 if flags & bits["kSoftcap"] else 0
+        if r.get("TANH", 0) != tanh:
+            problems.append(f"{k}: {r.get('TANH')} MUFU.TANH, design {tanh}")
+        # Q, K and V arrive by TMA; only lengths, BlockMask lists and ALiBi slopes are read with LDG.
+        reads = bits["kLengths"] | bits["kBlockLists"] | bits["kAlibi"]
+        if not flags & reads and r.get("LDG", 0):
+            problems.append(f"{k}: {r['LDG']} LDG in a kernel without lengths, lists or ALiBi")
     return problems
 
 
@@ -163,11 +286,13 @@ def main() -> None:
     print(f"design: {threads} threads; producer warpgroup {producer} registers/thread, "
           f"{groups} consumer warpgroups {consumer}; total {128 * producer + 128 * groups * consumer} of {REGISTER_FILE}")
     print()
-    print("| kernel | HGMMA | UTMALDG | setmaxnreg dealloc / alloc | registers at launch | spill bytes |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| kernel | HGMMA (ideal per tile) | issue batches | UTMALDG | TANH | LDG | EX2 under own P V "
+          "| setmaxnreg dealloc / alloc | registers at launch / touched | spill bytes | instructions |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| `{r['kernel']}` | {r['HGMMA']} | {r['UTMALDG']} | {r['dealloc']} / {r['alloc']} | "
-              f"{r.get('registers', '?')} | {r.get('spill', '?')} |")
+        print(f"| `{r['kernel']}` | {r['HGMMA']} ({ideal_hgmma_per_tile(r['head_dim'])}) | {r['batches']} | "
+              f"{r['UTMALDG']} | {r['TANH']} | {r['LDG']} | {r['EX2_overlapped']} | {r['dealloc']} / {r['alloc']} | "
+              f"{r.get('registers', '?')} / {r['registers_touched']} | {r.get('spill', '?')} | {r['instructions']} |")
     problems = failures(rows)
     for p in problems:
         print(f"FAIL: {p}")

@@ -23,6 +23,13 @@ TORCH_LIBRARY(fastattn, m) {
   m.def("attention_fwd_sm90(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? alibi_slopes, "
         "Tensor? key_lengths, Tensor? query_lengths, " FASTATTN_BLOCK_ARGS FASTATTN_PARTIAL_ARGS FASTATTN_COMMON_TAIL
         ") -> (Tensor, Tensor)");
+  // attention_with_kvcache's kernel (csrc/cpu/decode.cpp; fastattn/kvcache.py): writes k/v (B, Lnew, Hkv, *)
+  // into the cache at cache_seqlens, then attends q (B, Lq, Hq, D) to the cache read in place --
+  // contiguous (B_cache, L_max, Hkv, D) or paged (num_pages, page_size, Hkv, D) through block_table.
+  // Returns out (B, Lq, Hq, Dv) and lse (B, Hq, Lq) float32.
+  m.def("decode_attention(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
+        "Tensor cache_seqlens, Tensor? block_table, Tensor? cache_batch_idx, Tensor? alibi_slopes, Tensor? sinks, "
+        "float scale, int? window_left, int? window_right, float softcap, int num_splits) -> (Tensor, Tensor)");
   // Packed variable-length sequences (csrc/cpu/varlen.cpp): q (total_q, Hq, D), k/v (total_k, Hkv, D),
   // cu_seqlens int32 (num_seqs + 1,); out (total_q, Hq, Dv) and lse (Hq, total_q) in the accumulation
   // dtype. Must stay equal to VARLEN_FWD_SCHEMA/VARLEN_BWD_SCHEMA in fastattn/ops.py.

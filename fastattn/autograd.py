@@ -197,6 +197,17 @@ def run(inputs: AttentionInputs, backend_name: str, return_lse: bool):
         return _reference_with_sinks(inputs, return_lse)
     lists, block_size_q, block_size_k = block_args(inputs, backend_name)
     seed = draw_seed() if inputs.dropout_p > 0 else 0
+    if not inputs.requires_grad:
+        # Nothing to differentiate: call the forward op itself (the autograd Function's own cost
+        # is most of a small call's overhead).
+        out, lse = get_backend(backend_name).ops.fwd(
+            inputs.q, inputs.k, inputs.v, effective_attn_mask(inputs, backend_name), inputs.alibi_slopes,
+            inputs.key_lengths, inputs.query_lengths, *lists[:4], *lists[8:], block_size_q, block_size_k,
+            inputs.scale, inputs.window_left, inputs.window_right, inputs.softcap, inputs.dropout_p, seed,
+        )
+        if inputs.sinks is not None:
+            out, lse = fold_sinks(out, lse, inputs.sinks)
+        return (out, lse) if return_lse else out
     # With sinks the kernels' lse feeds the result, so its gradient must reach their backward.
     lse_differentiable = return_lse or inputs.sinks is not None
     out, lse = AttentionFunction.apply(

@@ -157,6 +157,9 @@ def _register_bench(sub) -> None:
     from .bench.context_parallel import add_cli_mode  # fastattn bench --context-parallel
 
     add_cli_mode(p)
+    from .bench.decode import add_cli_mode as add_decode_mode  # fastattn bench --decode
+
+    add_decode_mode(p)
 
 
 def _register_memory(sub) -> None:

@@ -1,25 +1,33 @@
 """Attention against a key/value cache (decoding, chunked prefill): :func:`attention_with_kvcache`.
 
 The new keys and values are written into the cache in place, then the queries attend to every
-slot below each sequence's new length through :func:`fastattn.attention` with ``key_lengths``, so
-the slots at or past a sequence's length never reach a result.
+slot below each sequence's new length, so the slots at or past a sequence's length never reach a
+result. What runs how:
 
-What runs how (this first version composes existing kernels, no kernel of its own):
-
-* contiguous cache: the cache is read through a ``(B, Hkv, L, D)`` transposed view, cropped to the
-  longest sequence, without a copy (with ``cache_batch_idx`` the selected rows are gathered: a copy);
-* paged cache: the pages each sequence uses are gathered into a contiguous ``(B, pages * page_size,
-  Hkv, D)`` tensor (a copy of the used pages) -- a kernel that walks ``block_table`` is a follow-up.
-
-Validation reads ``cache_seqlens`` (and ``block_table``) on the host, so a call synchronises with
-the device and is not yet capturable in a CUDA graph.
+* CPU calls without gradients and with short query blocks: one call of the C++ op
+  ``fastattn::decode_attention`` (csrc/cpu/decode.cpp), which checks the index values, appends,
+  and reads the cache in place (paged through ``block_table``), each key/value row once per GQA group;
+* the triton backend (GPU default), no gradients, short query blocks: the append is an indexed
+  write, then triton_kernels/decode_paged.py reads the cache in place through ``block_table``;
+  nothing is read on the host while a CUDA graph is captured;
+* otherwise the append is an indexed write and :func:`fastattn.attention` runs with
+  ``key_lengths``: a contiguous cache through a ``(B, Hkv, L, D)`` transposed view, cropped to the
+  longest sequence, without a copy (with ``cache_batch_idx`` the selected rows are gathered: a
+  copy); a paged cache gathered into a contiguous ``(B, pages * page_size, Hkv, D)`` tensor.
+  Outside a capture, ``cache_seqlens`` (and ``block_table``) are checked on the host (a device
+  synchronisation on a GPU).
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import os
+
 import torch
 
-from ._inputs import _check_bool, _check_tensor
+from . import _extension
+from ._inputs import _check_bool, _check_number, _check_sinks, _check_tensor, _check_window
 from .api import attention
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -41,6 +49,124 @@ def _check_index(t, name: str, shape: tuple[int, ...], device: torch.device) -> 
         raise ValueError(f"{name} must be on q's device {device}, got {t.device}")
 
 
+# The CPU decode kernel holds every query row of a GQA group in one task: Lq * (Hq / Hkv) rows at most.
+_CPU_KERNEL_MAX_GROUP_ROWS = 64
+
+
+@functools.cache
+def _cpu_kernel_available() -> bool:
+    """The C++ extension is built and has the decode op (a build from before it has not)."""
+    module, _ = _extension.load()
+    return module is not None and hasattr(torch.ops.fastattn, "decode_attention")
+
+
+def _cpu_kernel_serves(q, k_cache, v_cache, k, v, alibi_slopes, backend, group_rows: int, sinks=None) -> bool:
+    """Whether the CPU decode kernel (csrc/cpu/decode.cpp) runs this call: a CPU call on the cpu
+    backend (asked for, or chosen automatically), a short query and no gradient to compute (the
+    kernel is forward only; a call that needs gradients composes :func:`fastattn.attention`)."""
+    if q.device.type != "cpu" or group_rows > _CPU_KERNEL_MAX_GROUP_ROWS:
+        return False
+    requested = backend or os.environ.get("FASTATTN_BACKEND") or "cpu"
+    if requested != "cpu" or not _cpu_kernel_available():
+        return False
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v, alibi_slopes, sinks)
+    ):
+        return False
+    return True
+
+
+def _cpu_decode(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, *, causal, window,
+                alibi_slopes, softcap, scale, return_lse, sinks=None, num_splits=0):
+    """Append and attend in one call of the CPU decode kernel, which reads the cache in place
+    (paged through ``block_table``) and checks every index value before it writes or reads."""
+    _check_bool(causal, "causal")
+    window_left, window_right = _check_window(window)
+    if causal:
+        window_right = 0 if window_right is None else min(window_right, 0)
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else _check_number(scale, "scale")
+    softcap = _check_number(softcap, "softcap", minimum=0.0)
+    if alibi_slopes is not None:
+        alibi_slopes = _check_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device)
+    out, lse = torch.ops.fastattn.decode_attention(
+        q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, sinks, scale,
+        window_left, window_right, softcap, num_splits)
+    return (out, lse) if return_lse else out
+
+
+# The Triton decode kernel's query tile holds a GQA group's rows (Lq * Hq / Hkv) and head dims up to this.
+_TRITON_KERNEL_MAX_HEAD_DIM = 256
+
+
+def _triton_kernel_serves(q, k_cache, v_cache, k, v, alibi_slopes, backend, group_rows: int) -> bool:
+    """Whether the Triton decode kernel (triton_kernels/decode_paged.py) runs this call: the triton
+    backend asked for (or, on a GPU, chosen automatically), usable here, a short query, no gradient."""
+    requested = backend or os.environ.get("FASTATTN_BACKEND")
+    if requested != "triton" and not (requested is None and q.device.type == "cuda"):
+        return False
+    if group_rows > _CPU_KERNEL_MAX_GROUP_ROWS or q.dtype == torch.float64:
+        return False
+    if max(q.shape[3], v_cache.shape[3]) > _TRITON_KERNEL_MAX_HEAD_DIM:
+        return False
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        return False
+    from .backends import get_backend
+
+    if get_backend("triton").unavailable_reasons():
+        return False
+    return not (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v, alibi_slopes)))
+
+
+def _triton_decode(q, k_cache, v_cache, seqlens, Lnew, table, rows, *, causal, window, alibi_slopes, softcap,
+                   scale, return_lse, num_splits):
+    """The attend step on the Triton decode kernel, which follows ``table`` (pages) or ``rows`` itself.
+    The append has been done; the kernel reads the lengths on the device."""
+    from .backends.triton import ensure_kernels_importable
+
+    ensure_kernels_importable()
+    from .triton_kernels.decode_paged import decode_paged
+
+    _check_bool(causal, "causal")
+    window_left, window_right = _check_window(window)
+    if causal:
+        window_right = 0 if window_right is None else min(window_right, 0)
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else _check_number(scale, "scale")
+    softcap = _check_number(softcap, "softcap", minimum=0.0)
+    if alibi_slopes is not None:
+        alibi_slopes = _check_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    out, lse = decode_paged(q, k_cache, v_cache, seqlens, lnew=Lnew, block_table=table, cache_batch_idx=rows,
+                            alibi_slopes=alibi_slopes, scale=scale, softcap=softcap, window_left=window_left,
+                            window_right=window_right, num_splits=num_splits)
+    return (out, lse) if return_lse else out
+
+
+def _check_splits(num_splits) -> int:
+    """``num_splits`` as the kernel takes it: 0 = automatic."""
+    if num_splits is None:
+        return 0
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    return num_splits
+
+
+def _check_alibi(alibi_slopes, B: int, Hq: int, device) -> torch.Tensor:
+    """float32 ``(Hq,)`` or ``(B, Hq)`` slopes, expanded to ``(B, Hq)``."""
+    _check_tensor(alibi_slopes, "alibi_slopes")
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+    if alibi_slopes.shape not in ((Hq,), (B, Hq)):
+        raise ValueError(f"alibi_slopes must have shape (Hq,) = ({Hq},) or (B, Hq) = ({B}, {Hq}), "
+                         f"got {tuple(alibi_slopes.shape)}")
+    if alibi_slopes.device != device:
+        raise ValueError(f"alibi_slopes must be on q's device {device}, got {alibi_slopes.device}")
+    capturing = alibi_slopes.is_cuda and torch.cuda.is_current_stream_capturing()  # no host read then
+    if not capturing and not bool(torch.isfinite(alibi_slopes).all()):
+        raise ValueError("alibi_slopes must be finite, got NaN or Inf values")
+    return alibi_slopes.expand(B, Hq)
+
+
 def attention_with_kvcache(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -59,6 +185,7 @@ def attention_with_kvcache(
     return_lse: bool = False,
     backend: str | None = None,
     sinks: torch.Tensor | None = None,
+    num_splits: int | None = None,
 ):
     """Append ``k``/``v`` to a KV cache in place, then attend to the cache (flash-attn's layout).
 
@@ -84,11 +211,15 @@ def attention_with_kvcache(
             row ``cache_batch_idx[b]``; default row ``b`` (then ``B_cache`` must equal ``B``).
         causal, window, alibi_slopes, softcap, scale, backend, sinks: as in :func:`fastattn.attention`.
         return_lse: also return the float32 log-sum-exp ``(B, Hq, Lq)``.
+        num_splits: how many slices of each sequence's keys the CPU decode kernel gives separate
+            tasks (split-KV, merged by log-sum-exp); ``None`` chooses from the batch size and the
+            thread count. Other paths choose their own split.
 
     Returns:
         ``out (B, Lq, Hq, Dv)`` in q's dtype, or ``(out, lse)`` with ``return_lse``.
     """
     _check_bool(return_lse, "return_lse")
+    splits = _check_splits(num_splits)
     _check_4d(q, "q", "(B, Lq, Hq, D)")
     B, Lq, Hq, D = q.shape
     paged = block_table is not None
@@ -127,7 +258,16 @@ def attention_with_kvcache(
                 raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
 
     _check_index(cache_seqlens, "cache_seqlens", (B,), q.device)
+    if _cpu_kernel_serves(q, k_cache, v_cache, k, v, alibi_slopes, backend, Lq * (Hq // Hkv), sinks):
+        sinks = _check_sinks(sinks, Hq, q)
+        return _cpu_decode(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, causal=causal,
+                           window=window, alibi_slopes=alibi_slopes, softcap=softcap, scale=scale,
+                           return_lse=return_lse, num_splits=splits,
+                           sinks=None if sinks is None else sinks.to(torch.float32))
     seqlens = cache_seqlens.long()
+    # While a CUDA graph is captured nothing can be read on the host: the index values go unchecked
+    # and sizes follow from the shapes alone (every page of block_table, the whole contiguous cache).
+    capturing = q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if paged:
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx applies to a contiguous cache; with block_table, map sequences to "
@@ -149,21 +289,21 @@ def attention_with_kvcache(
         else:
             _check_index(cache_batch_idx, "cache_batch_idx", (B,), q.device)
             rows = cache_batch_idx.long()
-            if B and (int(rows.min()) < 0 or int(rows.max()) >= n_rows):
+            if B and not capturing and (int(rows.min()) < 0 or int(rows.max()) >= n_rows):
                 raise ValueError(f"cache_batch_idx must lie in [0, {n_rows}), got values in "
                                  f"[{int(rows.min())}, {int(rows.max())}]")
     lengths = seqlens + Lnew  # (B,) valid keys after the append
-    if B and (int(seqlens.min()) < 0 or int(lengths.max()) > capacity):
+    if B and not capturing and (int(seqlens.min()) < 0 or int(lengths.max()) > capacity):
         raise ValueError(f"cache_seqlens + Lnew must lie in [{Lnew}, {capacity}] (the cache holds {capacity} "
                          f"positions per sequence), got cache_seqlens in [{int(seqlens.min())}, {int(seqlens.max())}] "
                          f"with Lnew = {Lnew}")
-    max_len = int(lengths.max()) if B else 0
+    max_len = capacity if capturing else int(lengths.max()) if B else 0
     if paged:
         num_used = max(1, -(-max_len // page_size))  # pages of the longest sequence (>= 1, so Lk >= 1)
         table = block_table[:, :num_used].long()  # (B, num_used)
         used = torch.arange(num_used, device=q.device) * page_size < lengths[:, None]  # (B, num_used)
         bad = used & ((table < 0) | (table >= n_rows))
-        if bool(bad.any()):
+        if not capturing and bool(bad.any()):
             b, p = (int(x) for x in bad.nonzero()[0])
             raise ValueError(f"block_table[{b}, {p}] = {int(table[b, p])} is not a page of k_cache (it has "
                              f"{n_rows} pages: valid entries lie in [0, {n_rows}))")
@@ -178,6 +318,12 @@ def attention_with_kvcache(
         k_cache[index] = k
         v_cache[index] = v
 
+    if sinks is None and _triton_kernel_serves(q, k_cache, v_cache, k, v, alibi_slopes, backend, Lq * (Hq // Hkv)):
+        # Nothing read on the host from here: with `capturing`, this path can be captured in a CUDA graph.
+        return _triton_decode(q, k_cache, v_cache, seqlens, Lnew, table if paged else None,
+                              None if cache_batch_idx is None else rows, causal=causal, window=window,
+                              alibi_slopes=alibi_slopes, softcap=softcap, scale=scale, return_lse=return_lse,
+                              num_splits=splits or None)
     Lk = max(1, max_len) if capacity else 0
     if paged:
         keys = k_cache[table].reshape(B, num_used * page_size, Hkv, D)

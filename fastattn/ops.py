@@ -133,6 +133,14 @@ def register_extension_fakes() -> None:
     if hasattr(torch.ops.fastattn, "varlen_fwd"):  # absent from an extension built before the varlen kernels
         torch.library.register_fake("fastattn::varlen_fwd", varlen_fwd_fake)
         torch.library.register_fake("fastattn::varlen_bwd", varlen_bwd_fake)
+    if hasattr(torch.ops.fastattn, "decode_attention"):  # an extension built before the op has none
+        torch.library.register_fake("fastattn::decode_attention", decode_fake)
+
+
+def decode_fake(q, k_cache, v_cache, *args):
+    """``fastattn::decode_attention``'s outputs: ``out (B, Lq, Hq, Dv)``, ``lse (B, Hq, Lq)`` float32."""
+    B, Lq, Hq, _ = q.shape
+    return q.new_empty((B, Lq, Hq, v_cache.shape[3])), q.new_empty((B, Hq, Lq), dtype=torch.float32)
 
 
 # ---- Packed variable-length sequences (fastattn.varlen_attention) -------------------------------

@@ -536,3 +536,31 @@ def test_log_axis_labels_are_plain_and_sparse(low, high, expected):
     plt.close(fig)
     assert expected <= labels and len(labels) <= 8 and not minor
     assert all("$" not in text and "^" not in text for text in labels)
+
+
+def test_decode_bench_rows_and_units(tmp_path):
+    """fastattn bench --decode: both providers per workload, tokens/s and bandwidth from the median time."""
+    from fastattn.bench.decode import DecodeWorkload, decode_table, decode_workloads, make_decode_case, run_decode
+
+    shape = dict(heads_q=4, heads_kv=1, head_dim=16, page_size=16)
+    workloads = decode_workloads([1, 2], [40], dtype=torch.float32, **shape)
+    assert [w.layout for w in workloads] == ["contiguous", "contiguous", "paged", "paged"]
+    # The cache budget drops what does not fit: a 64 x 32k fp32 cache of 8 heads x 128 is 16 GiB.
+    assert decode_workloads([64], [32768], max_cache_gib=1.0) == []
+    paged = make_decode_case(workloads[3], torch.float32, torch.device("cpu"))
+    assert paged.k_cache.shape == (2 * 3, 16, 1, 16) and paged.block_table.shape == (2, 3)
+    # The pages hold the contiguous cache's tokens (the SDPA inputs) in the order of the block table.
+    page, slot = int(paged.block_table[1, 2]), 40 - 32 - 1
+    assert torch.equal(paged.k_cache[page, slot], paged.k_sdpa[1, :, 39])
+    doc = run_decode(workloads, repeats=2, device="cpu", progress=False)
+    assert doc["kind"] == "decode" and "commit" in doc["environment"]
+    rows = doc["results"]
+    assert len(rows) == 2 * len(workloads) and all(r["status"] == "ok" for r in rows)
+    for r in rows:
+        w = DecodeWorkload(r["batch"], r["cache_len"], r["layout"], **shape)
+        assert r["cache_bytes"] == r["batch"] * 40 * 1 * 2 * 16 * 4 == w.cache_bytes(torch.float32)
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] / (r["time_ms"] / 1e3))
+        assert r["bandwidth_gb_s"] == pytest.approx(r["cache_bytes"] / (r["time_ms"] / 1e3) / 1e9)
+    assert "decode-paged-B2-H4-Hkv1-Lk40-D16" in decode_table(doc)
+    with pytest.raises(ValueError, match="layout"):
+        DecodeWorkload(1, 8, "ragged")

@@ -71,9 +71,10 @@ def _case(seed, *, B, Lq, Lnew, Hq, Hkv, D, paged, poison, max_len=40, page_size
     return q, k_cache, v_cache, k_new, v_new, old.to(torch.int32), hist_k, hist_v, args
 
 
-def _check(backend, seed, *, B=3, Lq=1, Lnew=1, Hq=4, Hkv=2, D=16, paged=False, poison=1e4, device="cpu", **kwargs):
+def _check(backend, seed, *, B=3, Lq=1, Lnew=1, Hq=4, Hkv=2, D=16, paged=False, poison=1e4, device="cpu", max_len=40,
+           num_splits=None, **kwargs):
     q, k_cache, v_cache, k_new, v_new, old, hist_k, hist_v, args = _case(
-        seed, B=B, Lq=Lq, Lnew=Lnew, Hq=Hq, Hkv=Hkv, D=D, paged=paged, poison=poison)
+        seed, B=B, Lq=Lq, Lnew=Lnew, Hq=Hq, Hkv=Hkv, D=D, paged=paged, poison=poison, max_len=max_len)
     before_k = k_cache.clone()
 
     def dev(x):
@@ -82,6 +83,7 @@ def _check(backend, seed, *, B=3, Lq=1, Lnew=1, Hq=4, Hkv=2, D=16, paged=False, 
     caches = [dev(k_cache), dev(v_cache)]
     out, lse = fastattn.attention_with_kvcache(
         dev(q), *caches, dev(k_new), dev(v_new), cache_seqlens=dev(old), backend=backend, return_lse=True,
+        num_splits=num_splits,
         **{name: dev(x) for name, x in args.items()}, **{name: dev(x) for name, x in kwargs.items()})
     out, lse, k_cache = out.cpu(), lse.cpu(), caches[0].cpu()
     lengths = old + Lnew
@@ -198,3 +200,216 @@ def test_bad_arguments_name_the_argument(over, error, match):
     q, k_cache, v_cache, k, v = (kwargs.pop(n) for n in ("q", "k_cache", "v_cache", "k", "v"))
     with pytest.raises(error, match=match):
         fastattn.attention_with_kvcache(q, k_cache, v_cache, k, v, **kwargs)
+
+
+# The CPU decode kernel (csrc/cpu/decode.cpp): the cpu backend runs it for calls without gradients.
+def _kernel_available():
+    from fastattn.kvcache import _cpu_kernel_available
+
+    return _cpu_kernel_available()
+
+
+needs_kernel = pytest.mark.skipif(not _kernel_available(), reason="fastattn._C was built without the decode op")
+
+
+@needs_kernel
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize(
+    "Lq, Lnew, num_splits, kwargs",
+    [
+        (1, 1, 3, {}),  # uneven splits over lengths 1..97
+        (1, 1, 5, {"causal": True, "softcap": 3.0, "alibi": True}),
+        (4, 4, 2, {"causal": True, "window": (9, 0)}),
+        (3, 0, 4, {"window": (5, 2)}),  # queries see keys after their position (right > 0)
+    ],
+)
+def test_cpu_kernel_gqa_splits(paged, Lq, Lnew, num_splits, kwargs):
+    kwargs = dict(kwargs)
+    if kwargs.pop("alibi", False):
+        kwargs["alibi_slopes"] = torch.rand(2, 8) * 0.3  # per (batch, head)
+    out = _check("cpu", 7, B=2, Lq=Lq, Lnew=Lnew, Hq=8, Hkv=2, D=40, paged=paged, max_len=97,
+                 poison=float("nan"), num_splits=num_splits, **kwargs)
+    assert torch.isfinite(out).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_kernel_low_precision(dtype):
+    g = torch.Generator().manual_seed(0)
+    B, L, Hq, Hkv, D = 2, 70, 8, 2, 64
+    q = torch.randn(B, 1, Hq, D, generator=g)
+    k_cache, v_cache = torch.randn(B, L, Hkv, D, generator=g), torch.randn(B, L, Hkv, D, generator=g)
+    lengths = torch.tensor([70, 33], dtype=torch.int32)
+    out = fastattn.attention_with_kvcache(q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), cache_seqlens=lengths,
+                                          backend="cpu", num_splits=2)
+    ref64, _ = _reference(q, k_cache, v_cache, lengths)
+    ref_lp, _ = _reference(q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), lengths, dtype=dtype)
+    assert out.dtype == dtype
+    assert_close_to_reference("out", out, ref64, ref_lp)
+
+
+@needs_kernel
+def test_cpu_kernel_sinks():
+    """The op's sink: one more logit per head in each row's softmax (no value); a row without keys gets lse = sink."""
+    g = torch.Generator().manual_seed(1)
+    B, L, Hq, Hkv, D = 2, 50, 4, 1, 16
+    q = torch.randn(B, 1, Hq, D, generator=g)
+    k_cache, v_cache = torch.randn(B, L, Hkv, D, generator=g), torch.randn(B, L, Hkv, D, generator=g)
+    lengths = torch.tensor([50, 0], dtype=torch.int32)
+    sinks = torch.randn(Hq, generator=g)
+    out, lse = torch.ops.fastattn.decode_attention(q, k_cache, v_cache, None, None, lengths, None, None, None, sinks,
+                                                   D ** -0.5, None, None, 0.0, 3)
+    ref, ref_lse = _reference(q, k_cache, v_cache, lengths)
+    with_sink = torch.logaddexp(ref_lse, sinks.double()[None, :, None])  # (B, Hq, 1)
+    expected = ref * torch.exp(ref_lse - with_sink).transpose(1, 2).nan_to_num(0.0)[..., None]
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), with_sink, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_take_the_differentiable_path():
+    """The decode kernel is forward only: a call that needs gradients composes fastattn.attention."""
+    g = torch.Generator().manual_seed(2)
+    B, L, Hq, Hkv, D = 2, 20, 4, 2, 8
+    q = torch.randn(B, 1, Hq, D, generator=g, dtype=torch.float64, requires_grad=True)
+    k_cache = torch.randn(B, L, Hkv, D, generator=g, dtype=torch.float64)
+    v_cache = torch.randn(B, L, Hkv, D, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([20, 7], dtype=torch.int32)
+    out = fastattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, backend="cpu")
+    out.sum().backward()
+    q_ref = q.detach().clone().requires_grad_(True)
+    ref, _ = _reference(q_ref, k_cache, v_cache, lengths)
+    ref.sum().backward()
+    torch.testing.assert_close(q.grad, q_ref.grad)
+
+
+@needs_kernel
+def test_cpu_kernel_bad_values_raise_before_writing():
+    """Index values are checked by the kernel before the append writes anything."""
+    k_cache, v_cache = torch.zeros(4, 16, 2, 16), torch.zeros(4, 16, 2, 16)
+    table = torch.tensor([[0, 1], [2, 9]], dtype=torch.int32)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"block_table\[1, 1\] = 9"):
+        fastattn.attention_with_kvcache(torch.randn(2, 1, 4, 16), k_cache, v_cache, torch.ones(2, 1, 2, 16),
+                                        torch.ones(2, 1, 2, 16), cache_seqlens=torch.tensor([3, 16], dtype=torch.int32),
+                                        block_table=table, backend="cpu")
+    assert not k_cache.any()
+    with pytest.raises(ValueError, match="num_splits"):
+        fastattn.attention_with_kvcache(torch.randn(2, 1, 4, 16), k_cache, v_cache,
+                                        cache_seqlens=torch.tensor([3, 1], dtype=torch.int32), block_table=table,
+                                        num_splits=0)
+
+
+# The Triton decode kernel that walks block_table itself (triton_kernels/decode_paged.py), on tiny
+# shapes through the interpreter: shuffled pages, NaN in every unused slot, uneven splits.
+@pytest.mark.interpreter
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize(
+    "Lq, Lnew, num_splits, kwargs",
+    [
+        (1, 0, 3, {}),
+        (1, 0, 2, {"softcap": 4.0, "alibi": True}),
+        (3, 0, 2, {"causal": True}),
+        (2, 0, 3, {"window": (7, 1)}),
+    ],
+)
+def test_triton_paged_kernel(paged, Lq, Lnew, num_splits, kwargs):
+    pytest.importorskip("triton")
+    from fastattn.backends.triton import ensure_kernels_importable
+
+    ensure_kernels_importable()
+    from fastattn.triton_kernels.decode_paged import decode_paged
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    kwargs = dict(kwargs)
+    B, Hq, Hkv, D = 3, 4, 2, 16
+    slopes = torch.rand(B, Hq) * 0.3 if kwargs.pop("alibi", False) else None
+    q, k_cache, v_cache, _, _, old, hist_k, hist_v, args = _case(
+        11, B=B, Lq=Lq, Lnew=Lnew, Hq=Hq, Hkv=Hkv, D=D, paged=paged, poison=float("nan"), max_len=45)
+    left, right = kwargs.get("window", (None, None))
+    if kwargs.get("causal"):
+        right = 0
+    out, lse = decode_paged(
+        q.to(device), k_cache.to(device), v_cache.to(device), old.to(device), block_table=args.get("block_table"),
+        cache_batch_idx=args.get("cache_batch_idx"), alibi_slopes=None if slopes is None else slopes.to(device),
+        scale=D ** -0.5, softcap=kwargs.get("softcap", 0.0), window_left=left, window_right=right,
+        num_splits=num_splits)
+    ref_kwargs = dict(kwargs, alibi_slopes=slopes)
+    ref64, lse64 = _reference(q, hist_k, hist_v, old, **ref_kwargs)
+    ref32, _ = _reference(q, hist_k, hist_v, old, dtype=torch.float32, **ref_kwargs)
+    out, lse = out.cpu(), lse.cpu()
+    assert torch.isfinite(out).all()
+    assert_close_to_reference("out", out, ref64, ref32.float())
+    finite = torch.isfinite(lse64)
+    assert torch.equal(torch.isfinite(lse), finite)
+    torch.testing.assert_close(lse[finite].double(), lse64[finite], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_decode_step_replays_in_a_cuda_graph(paged):
+    """The Triton decode path reads nothing on the host while captured: a graph replayed after the
+    lengths, the new token and the query change in place gives what an eager call gives."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pytest.importorskip("triton")
+    q, k_cache, v_cache, k_new, v_new, old, _, _, args = _case(5, B=2, Lq=1, Lnew=1, Hq=8, Hkv=2, D=64, paged=paged,
+                                                              poison=0.0, max_len=64)
+    old.clamp_(max=48)  # room for the two replayed steps
+    dev = {name: t.cuda() for name, t in args.items()}
+    q, k_cache, v_cache, k_new, v_new, old = (t.cuda() for t in (q, k_cache, v_cache, k_new, v_new, old))
+    eager_k, eager_v = k_cache.clone(), v_cache.clone()
+
+    def step(kc, vc):
+        return fastattn.attention_with_kvcache(q, kc, vc, k_new, v_new, cache_seqlens=old, causal=True,
+                                               backend="triton", **dev)
+
+    with torch.no_grad():
+        step(k_cache.clone(), v_cache.clone())  # compile the kernels outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step(k_cache, v_cache)
+        for _ in range(2):  # decode two more tokens: new inputs written into the captured tensors
+            old += 1
+            q.normal_()
+            k_new.normal_()
+            v_new.normal_()
+            graph.replay()
+            expected = step(eager_k, eager_v)
+            torch.testing.assert_close(out, expected)
+
+
+@needs_kernel
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_cpu_kernel_opcheck(paged):
+    """The op's schema (the caches mutated in place), its fake and its dispatch agree (torch.library.opcheck)."""
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, D = 2, 4, 2, 16
+    q = torch.randn(B, 2, Hq, D, generator=g)
+    k_new, v_new = torch.randn(B, 2, Hkv, D, generator=g), torch.randn(B, 2, Hkv, D, generator=g)
+    seqlens = torch.tensor([5, 17], dtype=torch.int32)
+    if paged:
+        k_cache, v_cache = torch.randn(5, 16, Hkv, D, generator=g), torch.randn(5, 16, Hkv, D, generator=g)
+        table = torch.tensor([[3, 0], [1, 4]], dtype=torch.int32)
+    else:
+        k_cache, v_cache = torch.randn(B, 32, Hkv, D, generator=g), torch.randn(B, 32, Hkv, D, generator=g)
+        table = None
+    args = (q, k_cache, v_cache, k_new, v_new, seqlens, table, None, None, None, D ** -0.5, None, 0, 0.0, 0)
+    torch.library.opcheck(torch.ops.fastattn.decode_attention.default, args)
+
+
+@needs_kernel
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_cpu_kernel_with_sinks_matches_the_reference_backend(paged):
+    """sinks through the public function: the CPU kernel (no gradient) against the reference backend."""
+    q, k_cache, v_cache, k_new, v_new, old, _, _, args = _case(4, B=3, Lq=2, Lnew=2, Hq=4, Hkv=2, D=16, paged=paged,
+                                                              poison=float("nan"), max_len=50)
+    sinks = torch.randn(4)
+    sinks[1] = float("-inf")  # no sink for that head
+    results = []
+    for backend in ("cpu", "reference"):
+        caches = (k_cache.clone(), v_cache.clone())
+        with torch.no_grad():
+            results.append(fastattn.attention_with_kvcache(q, *caches, k_new, v_new, cache_seqlens=old, causal=True,
+                                                           sinks=sinks, return_lse=True, backend=backend, **args))
+    (out, lse), (ref, ref_lse) = results
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)

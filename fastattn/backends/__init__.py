@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib
 import os
 
+import torch
+
 from .._inputs import AttentionInputs
 from . import evidence
 from .base import Backend
@@ -76,6 +78,31 @@ def status() -> list[tuple[str, str | None, list[str]]]:
     return rows
 
 
+# Automatic choices for CPU calls, keyed on what the backends' reasons read (see _selection_key).
+_SELECTION_CACHE: dict[tuple, Backend] = {}
+_SELECTION_CACHE_SIZE = 512
+
+
+def _selection_key(inputs: AttentionInputs, requested: str | None, available: dict[str, Backend]) -> tuple | None:
+    """A key for the backend choice of a CPU call without masks, or None (not cached).
+
+    The reasons of every backend read only the device, dtype, shapes, the features a call uses and
+    the environment, all in the key; calls with an ``attn_mask`` or BlockMask are not cached (their
+    masks' own properties count), nor are GPU calls (the dispatch evidence and the GPU count), nor
+    any backend whose ``reasons`` were replaced on the instance (tests do that).
+    """
+    if inputs.device.type != "cpu" or inputs.attn_mask is not None or inputs.block_mask is not None:
+        return None
+    if any("reasons" in vars(b) or "not_supported_reasons" in vars(b) for b in available.values()):
+        return None
+    return (
+        requested, os.environ.get("TRITON_INTERPRET"), tuple(map(id, available.values())), inputs.dtype,
+        inputs.q.shape, inputs.k.shape, inputs.v.shape, inputs.window_left, inputs.window_right,
+        inputs.alibi_slopes is None, inputs.softcap > 0, inputs.dropout_p > 0, inputs.key_lengths is None,
+        inputs.query_lengths is None, inputs.return_lse, inputs.requires_grad,
+    )
+
+
 def select_backend(inputs: AttentionInputs, requested: str | None = None) -> Backend:
     """The backend that serves ``inputs``: ``requested`` if given, else ``FASTATTN_BACKEND``, else the first that fits."""
     if requested is not None and not isinstance(requested, str):
@@ -86,6 +113,19 @@ def select_backend(inputs: AttentionInputs, requested: str | None = None) -> Bac
             raise ValueError(f"environment variable FASTATTN_BACKEND must be one of {', '.join(PRIORITY)} "
                              f"(or unset, to choose automatically), got {requested!r}")
     requested = requested or None
+    available = backends()
+    key = None if torch.compiler.is_compiling() else _selection_key(inputs, requested, available)
+    if key is not None and key in _SELECTION_CACHE:
+        return _SELECTION_CACHE[key]
+    backend = _select_uncached(inputs, requested, available)
+    if key is not None:
+        if len(_SELECTION_CACHE) >= _SELECTION_CACHE_SIZE:
+            _SELECTION_CACHE.clear()
+        _SELECTION_CACHE[key] = backend
+    return backend
+
+
+def _select_uncached(inputs: AttentionInputs, requested: str | None, available: dict[str, Backend]) -> Backend:
     if requested is not None:
         backend = get_backend(requested)
         reasons = backend.reasons(inputs)
@@ -95,7 +135,6 @@ def select_backend(inputs: AttentionInputs, requested: str | None = None) -> Bac
             )
         return backend
     refused = []
-    available = backends()
     for name in evidence.order(available, inputs):
         backend = available[name]
         reasons = backend.reasons(inputs) or backend.auto_select_reasons(inputs)

@@ -565,6 +565,29 @@ def test_11_multihead_attention_raises_assertion_errors_like_torch():
         mha(torch.randn(3, 1, 6), torch.randn(3, 1, 8), torch.randn(3, 1, 8))
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_12_multihead_attention_with_a_half_precision_in_proj_bias_and_double_input(batch_first, training):
+    # torch's own test (test_multihead_attn_fast_path_query_and_bias_have_different_dtypes) runs this with
+    # batch_first=True: torch then adds the bias after the product, in place, in the product's dtype. (With
+    # batch_first=False torch 2.14's module raises "self and mat2 must have the same dtype"; fastattn's runs.)
+    torch.manual_seed(0)
+    theirs = torch.nn.MultiheadAttention(4, 4, batch_first=True, dtype=torch.double).train(training)
+    theirs.in_proj_bias = torch.nn.Parameter(torch.randn(12).half())
+    ours = fastattn.nn.MultiheadAttention(4, 4, batch_first=batch_first, dtype=torch.double).train(training)
+    ours.in_proj_bias = torch.nn.Parameter(theirs.in_proj_bias.detach().clone())
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.in_proj_bias.dtype == torch.half
+    query = torch.randn(3, 4, 4, dtype=torch.double)  # (N, L, E)
+    with torch.no_grad():
+        want, want_weights = theirs(query, query, query)
+        x = query if batch_first else query.transpose(0, 1)
+        got, weights = ours(x, x, x)
+    assert got.dtype == torch.double
+    torch.testing.assert_close(got if batch_first else got.transpose(0, 1), want)
+    torch.testing.assert_close(weights, want_weights)
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_15_lse_gradient_gradcheck_float64(backend):
     q = torch.randn(1, 2, 5, 8, dtype=torch.float64, requires_grad=True)

@@ -464,16 +464,48 @@ def test_5_nan_in_an_empty_block_mask_tile_never_reaches_its_rows(backend):
     _poison_check(backend, q, k, v, poison, poison, rows=slice(0, 48), block_mask=bm)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_5_reference_and_cpu_keep_a_bool_masked_nan_out_of_rows_that_cannot_see_it(backend):
-    # A key hidden from some rows only (its column is mixed): exact per row on these two backends.
-    q, k, v = torch.randn(1, 1, 6, 8), torch.randn(1, 1, 6, 8), torch.randn(1, 1, 6, 8)
-    v = v.clone()
-    v[0, 0, 5] = float("nan")
-    out = fastattn.attention(q, k, v, causal=True, backend=backend)
-    assert torch.isnan(out[0, 0, 5]).all()
-    if backend == "reference":
-        assert torch.isfinite(out[0, 0, :5]).all()
+MIXED_BACKENDS = ["reference", "cpu"]
+
+
+def _mixed_poison_check(backend, q, k, v, j, seen_by, **kwargs):
+    """Poison key ``j`` (NaN in k, Inf/NaN in v), which the rows ``seen_by`` (bool ``(Lq,)``) see and the
+    others of the same tiles do not: those others must keep the clean results, the seeing rows are NaN."""
+    B, Hkv, Lk = k.shape[:3]
+    poison = torch.zeros(B, Hkv, Lk, dtype=torch.bool)
+    poison[..., j] = True
+    assert seen_by.any() and not seen_by.all()
+    _poison_check(backend, q, k, v, poison, poison, rows=~seen_by, **kwargs)
+    kp = k.clone()
+    kp[..., j, :] = float("nan")
+    out = fastattn.attention(q, kp, v, backend=backend, **kwargs)
+    assert torch.isnan(out[:, :, seen_by]).all()  # a visible NaN propagates to the rows that see it
+    vp = v.clone()
+    vp[..., j, :] = float("inf")
+    out = fastattn.attention(q, k, vp, backend=backend, **kwargs)
+    assert torch.isnan(out[:, :, seen_by]).all() and torch.isfinite(out[:, :, ~seen_by]).all()
+
+
+@pytest.mark.parametrize("backend", MIXED_BACKENDS)
+def test_5_nan_in_a_key_on_the_causal_diagonal_never_reaches_the_rows_before_it(backend):
+    # Key 37 sits in the same key tile as keys 0..36, which rows 0..36 see: only rows 37.. see key 37.
+    q, k, v = torch.randn(2, 2, 40, 16), torch.randn(2, 1, 40, 16), torch.randn(2, 1, 40, 16)
+    _mixed_poison_check(backend, q, k, v, 37, torch.arange(40) >= 37, causal=True)
+
+
+@pytest.mark.parametrize("backend", MIXED_BACKENDS)
+def test_5_nan_at_a_window_edge_never_reaches_the_rows_outside_the_window(backend):
+    q, k, v = torch.randn(1, 2, 33, 16), torch.randn(1, 2, 33, 16), torch.randn(1, 2, 33, 16)
+    i = torch.arange(33)
+    _mixed_poison_check(backend, q, k, v, 20, (i - 20).abs() <= 3, window=(3, 3))
+
+
+@pytest.mark.parametrize("backend", MIXED_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_5_nan_under_a_mixed_column_of_a_bool_mask_never_reaches_the_rows_it_hides_from(backend, dtype):
+    q, k, v = (torch.randn(1, 3, 29, 24, dtype=dtype) for _ in range(3))
+    keep = torch.rand(1, 1, 29, 29) < 0.7
+    keep[..., 11] = torch.arange(29) % 3 == 0  # key 11: seen by every third row only
+    _mixed_poison_check(backend, q, k, v, 11, keep[0, 0, :, 11], attn_mask=keep)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

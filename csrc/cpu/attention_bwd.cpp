@@ -158,6 +158,7 @@ void recompute_out_dot_dout(const Params& p, const at::Tensor& q, const at::Tens
   at::parallel_for(0, p.B * p.Hq * num_q_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> S(tile_q * tile_k), O(tile_q * Dv), q_buf(tile_q * D), k_buf(tile_k * D), v_buf(tile_k * Dv);
     std::vector<acc_t> drop(p.dropout_threshold ? tile_q * tile_k : 0), v_clean(tile_k * Dv);
+    std::vector<char> seen(tile_q * tile_k);
     std::vector<int32_t> list_scratch;
     std::vector<Range> key_tiles;
     for (int64_t task = begin; task < end; ++task) {
@@ -177,19 +178,21 @@ void recompute_out_dot_dout(const Params& p, const at::Tensor& q, const at::Tens
         // P = exp(S - lse), dropped as the forward dropped it  # [rows, n]
         gemm(Trans::kNo, Trans::kYes, rows, n, D, static_cast<acc_t>(p.scale), Q, ldq, K, ldk, acc_t(0), S.data(), n);
         transform_scores<acc_t>(p, g, b, h, q0, q1, k0, kr.end, S.data(), n, nullptr);
+        const acc_t* V = tile_as_acc<scalar_t, acc_t>(v_data + b * p.v_sb + hk * p.v_sh + k0 * p.v_sr, n, Dv, p.v_sr,
+                                                      v_buf.data(), &ldv);
+        const bool v_finite = tile_finite(V, n, Dv, ldv);
+        if (!v_finite) seen_keys(S.data(), rows * n, seen.data());
         for (int64_t r = 0; r < rows; ++r) softmax.apply(b, h, q0 + r, S.data() + r * n, n);
         if (p.dropout_threshold) {
           dropout_factors<acc_t>(p, b, h, q0, rows, k0, n, drop.data());
           for (int64_t e = 0; e < rows * n; ++e) S[e] *= drop[e];
         }
-        // O += P V  # [rows, Dv]
-        const acc_t* V = tile_as_acc<scalar_t, acc_t>(v_data + b * p.v_sb + hk * p.v_sh + k0 * p.v_sr, n, Dv, p.v_sr,
-                                                      v_buf.data(), &ldv);
-        if (!tile_finite(V, n, Dv, ldv)) {
-          V = without_unused_keys(S.data(), rows, n, V, Dv, ldv, v_clean.data());
-          ldv = Dv;
+        // O += P V  # [rows, Dv], as the forward computes it
+        if (v_finite) {
+          gemm(Trans::kNo, Trans::kNo, rows, Dv, n, acc_t(1), S.data(), n, V, ldv, acc_t(1), O.data(), Dv);
+        } else {
+          add_pv_nonfinite(S.data(), seen.data(), rows, n, V, ldv, Dv, v_clean.data(), O.data());
         }
-        gemm(Trans::kNo, Trans::kNo, rows, Dv, n, acc_t(1), S.data(), n, V, ldv, acc_t(1), O.data(), Dv);
       }
       for (int64_t r = 0; r < rows; ++r) {
         const scalar_t* d = dout_data + b * do_sb + h * do_sh + (q0 + r) * do_sr;
@@ -292,7 +295,7 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
       k_buf.resize(tile_k * D);
       v_buf.resize(tile_k * Dv);
     }
-    std::vector<acc_t> k_clean(tile_k * D);  // a K tile without the keys no row uses (non-finite tiles only)
+    std::vector<acc_t> k_clean(tile_k * D);  // a K tile without its non-finite entries (such tiles only)
     std::vector<int32_t> list_scratch;
     std::vector<Range> query_tiles;
 
@@ -308,7 +311,14 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
                                                       k_buf.data(), &ldk);
         const acc_t* V = tile_as_acc<scalar_t, acc_t>(v_data + b * p.v_sb + hk * p.v_sh + k0 * p.v_sr, n, Dv, p.v_sr,
                                                       v_buf.data(), &ldv);
-        const bool k_finite = tile_finite(K, n, D, ldk);
+        // dQ = dS K must not carry a non-finite key to a row that does not see it (0 * NaN = NaN): it runs
+        // on K without its non-finite entries; a row that sees one has NaN in P, so dS and dQ are NaN anyway.
+        const acc_t* K_dq = K;
+        int64_t ldk_dq = ldk;
+        if (!tile_finite(K, n, D, ldk)) {
+          K_dq = finite_or_zero(K, n, D, ldk, k_clean.data());
+          ldk_dq = D;
+        }
         std::fill(dk_acc.begin(), dk_acc.begin() + n * D, acc_t(0));
         std::fill(dv_acc.begin(), dv_acc.begin() + n * Dv, acc_t(0));
 
@@ -327,13 +337,6 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
                  n);
             transform_scores<acc_t>(p, g, b, h, q0, q1, k0, k1, S.data(), n, p.softcap > 0 ? dT.data() : nullptr);
             for (int64_t r = 0; r < rows; ++r) softmax.apply(b, h, q0 + r, S.data() + r * n, n);
-            // dQ = dS K must not meet a non-finite key that no row of this tile sees (0 * NaN = NaN).
-            const acc_t* K_dq = K;
-            int64_t ldk_dq = ldk;
-            if (!k_finite) {
-              K_dq = without_unused_keys(S.data(), rows, n, K, D, ldk, k_clean.data());
-              ldk_dq = D;
-            }
             const acc_t* P_for_dv = S.data();
             if (p.dropout_threshold) {
               dropout_factors<acc_t>(p, b, h, q0, rows, k0, n, drop.data());

@@ -338,7 +338,7 @@ def test_fuzz_against_reference(backend):
             raise
         if log:
             with open(log, "a") as f:
-                f.write(f"{backend} ok\n")
+                f.write(f"{backend} ok poison={case.poison} dtype={case.dtype}\n")
 
     run()
 

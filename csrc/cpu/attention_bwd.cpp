@@ -137,9 +137,9 @@ struct RowSoftmax {
 // rowsum(dO * O) with O recomputed in acc_t, into rowsum (B, Hq, Lq) contiguous: for bfloat16/half,
 // whose stored out is rounded to the input dtype. Where dS = P * (dP - delta) should cancel exactly
 // (a row with one visible key; the gradient of an additive mask summed over keys, e.g. of a bias per
-// query) that rounding, ~2^-9 of |dO| |O| in bfloat16, would be all that is left. The pass walks the
-// forward's tiles once more (two products per visible tile pair, about half a forward) and needs no
-// memory; keeping a float32 copy of out from the forward instead would add an output to every
+// query) that rounding, ~2^-9 of |dO| |O| in bfloat16, would be all that is left. The pass redoes the
+// forward's two products per visible tile pair (+40-50% of a bfloat16 backward, docs/design.md) and
+// needs no memory; keeping a float32 copy of out from the forward instead would add an output to every
 // backend's forward op and keep (B, Hq, Lq, Dv) float32 alive for the backward.
 template <typename scalar_t, typename acc_t>
 void recompute_out_dot_dout(const Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

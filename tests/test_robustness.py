@@ -694,6 +694,66 @@ def test_13_output_and_gradients_are_written_in_the_inputs_layout(backend):
     assert out.is_contiguous()
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_14_gradient_of_a_bias_per_query_is_zero_in_low_precision(backend, dtype):
+    # A bias constant along the keys shifts a row's scores, which softmax ignores: its gradient is
+    # exactly 0. It is a sum of Lk score gradients that cancel, so it is only ~0 when those are
+    # accumulated in float32 (delta included) and rounded once -- before, 3e-3 to 3e-2 here.
+    q, k, v = (torch.randn(2, 3, 33, 40, dtype=dtype, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 1, 33, 1, dtype=dtype, requires_grad=True)
+    out = fastattn.attention(q, k, v, attn_mask=bias, causal=True, backend=backend)
+    dbias, = torch.autograd.grad(out, bias, torch.randn_like(out))
+    assert dbias.dtype == dtype and dbias.shape == bias.shape
+    assert dbias.abs().max().item() < 2e-5
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_14_broadcast_mask_gradient_is_the_float32_sum_rounded_once(backend):
+    q, k, v = (torch.randn(2, 2, 24, 16, dtype=torch.bfloat16) for _ in range(3))
+    bias = torch.randn(1, 2, 1, 24, dtype=torch.bfloat16, requires_grad=True)  # per head and key
+    out = fastattn.attention(q, k, v, attn_mask=bias, backend=backend)
+    dout = torch.randn_like(out)
+    dbias, = torch.autograd.grad(out, bias, dout)
+    b32 = bias.detach().float().requires_grad_()
+    want, = torch.autograd.grad(reference.attention(q.float(), k.float(), v.float(), attn_mask=b32), b32, dout.float())
+    # Rounded once from a float32 sum: within one bf16 rounding (2^-8 relative) of the float32 gradient.
+    torch.testing.assert_close(dbias.float(), want, atol=1e-5, rtol=2**-8)
+
+
+def test_14_reference_backend_computes_low_precision_inputs_in_float32():
+    # The ground truth of a bf16 call: every score, softmax and product in float32, rounded once at the end.
+    q, k, v = (torch.randn(1, 2, 19, 24, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    mask = torch.randn(1, 2, 19, 19, dtype=torch.bfloat16)
+    kwargs = dict(causal=True, softcap=5.0, alibi_slopes=torch.tensor([0.3, 0.1]))
+    out, lse = fastattn.attention(q, k, v, attn_mask=mask, backend="reference", return_lse=True, **kwargs)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    want, want_lse = reference.attention(q32, k32, v32, attn_mask=mask.float(), return_lse=True, **kwargs)
+    assert torch.equal(out, want.bfloat16())
+    assert torch.equal(lse, want_lse)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    expected = torch.autograd.grad(want, (q32, k32, v32), dout.float())
+    for g_, w in zip(got, expected):
+        torch.testing.assert_close(g_, w.bfloat16(), atol=0, rtol=2**-8)
+
+
+def test_14_cpu_backward_takes_delta_from_an_out_that_is_not_its_own():
+    # Context parallelism passes each call the merged output of all calls (its rowsum(dout * out) is the
+    # final softmax's delta): the bf16 kernel must use it, not its own float32 recomputation of out.
+    q, k, v = (torch.randn(1, 2, 21, 16) for _ in range(3))
+    out, lse = fastattn.attention(q, k, v, causal=True, backend="cpu", return_lse=True)
+    merged, dout = 0.5 * out + 0.1, torch.randn_like(out)
+
+    def bwd(dtype):
+        t = [x.to(dtype) for x in (dout, q, k, v, merged)]
+        return torch.ops.fastattn.attention_bwd(*t, lse, None, None, None, None, *[None] * 10, 0, 0, 16 ** -0.5,
+                                                None, 0, 0.0, 0.0, 0, False)[:3]
+
+    for got, want in zip(bwd(torch.bfloat16), bwd(torch.float32)):
+        torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
 # Bugs the fuzzer found (each fixed; the case that found it is kept here).
 
 

@@ -134,17 +134,19 @@ struct RowSoftmax {
   }
 };
 
-// rowsum(dO * O) with O recomputed in acc_t, into rowsum (B, Hq, Lq) contiguous: for bfloat16/half,
-// whose stored out is rounded to the input dtype. Where dS = P * (dP - delta) should cancel exactly
-// (a row with one visible key; the gradient of an additive mask summed over keys, e.g. of a bias per
-// query) that rounding, ~2^-9 of |dO| |O| in bfloat16, would be all that is left. The pass redoes the
-// forward's two products per visible tile pair (+40-50% of a bfloat16 backward, docs/design.md) and
-// needs no memory; keeping a float32 copy of out from the forward instead would add an output to every
-// backend's forward op and keep (B, Hq, Lq, Dv) float32 alive for the backward.
+// rowsum(dO * O) into rowsum (B, Hq, Lq) contiguous, for bfloat16/half, with O recomputed in acc_t
+// where the op's out is its rounding. Where dS = P * (dP - delta) should cancel exactly (a row with one
+// visible key; the gradient of an additive mask summed over keys, e.g. of a bias per query) the rounding
+// of out, ~2^-9 of |dO| |O| in bfloat16, would be all that is left. The pass redoes the forward's two
+// products per visible tile pair (+40-50% of a bfloat16 backward, docs/design.md) and needs no memory;
+// keeping a float32 copy of out from the forward instead would add an output to every backend's forward
+// op and keep (B, Hq, Lq, Dv) float32 alive for the backward. A row whose out is not within one ulp of
+// the recomputed O -- the merged output a context-parallel call passes (fastattn/distributed), whose
+// delta is the final softmax's -- uses out as given, as the op contract says.
 template <typename scalar_t, typename acc_t>
 void recompute_out_dot_dout(const Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const at::Tensor& dout, const RowSoftmax<acc_t>& softmax, int64_t block_q,
-                            int64_t block_k, std::vector<acc_t>& rowsum) {
+                            const at::Tensor& out, const at::Tensor& dout, const RowSoftmax<acc_t>& softmax,
+                            int64_t block_q, int64_t block_k, std::vector<acc_t>& rowsum) {
   const bool block_mask = p.has_block_mask();
   const int64_t tile_q = block_mask ? p.block_q : block_q;
   const int64_t tile_k = block_mask ? std::max(block_k, p.block_k) : block_k;
@@ -155,6 +157,10 @@ void recompute_out_dot_dout(const Params& p, const at::Tensor& q, const at::Tens
   const scalar_t* v_data = v.const_data_ptr<scalar_t>();
   const scalar_t* dout_data = dout.const_data_ptr<scalar_t>();
   const int64_t do_sb = dout.stride(0), do_sh = dout.stride(1), do_sr = dout.stride(2);
+  const scalar_t* out_data = out.const_data_ptr<scalar_t>();
+  const int64_t o_sb = out.stride(0), o_sh = out.stride(1), o_sr = out.stride(2);
+  const acc_t ulp = static_cast<acc_t>(static_cast<float>(std::numeric_limits<scalar_t>::epsilon()));
+  const acc_t tiny = static_cast<acc_t>(static_cast<float>(std::numeric_limits<scalar_t>::denorm_min()));
   at::parallel_for(0, p.B * p.Hq * num_q_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> S(tile_q * tile_k), O(tile_q * Dv), q_buf(tile_q * D), k_buf(tile_k * D), v_buf(tile_k * Dv);
     std::vector<acc_t> drop(p.dropout_threshold ? tile_q * tile_k : 0), v_clean(tile_k * Dv);
@@ -195,9 +201,15 @@ void recompute_out_dot_dout(const Params& p, const at::Tensor& q, const at::Tens
         }
       }
       for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t* o = out_data + b * o_sb + h * o_sh + (q0 + r) * o_sr;
         const scalar_t* d = dout_data + b * do_sb + h * do_sh + (q0 + r) * do_sr;
+        const acc_t* o_rec = O.data() + r * Dv;
+        bool rounded = true;  // out is the rounding of O (false for NaN, which then comes from out)
+        for (int64_t c = 0; c < Dv; ++c)
+          rounded &= std::abs(static_cast<acc_t>(o[c]) - o_rec[c]) <= ulp * std::abs(o_rec[c]) + tiny;
         acc_t sum = 0;
-        for (int64_t c = 0; c < Dv; ++c) sum += O[r * Dv + c] * static_cast<acc_t>(d[c]);
+        for (int64_t c = 0; c < Dv; ++c)
+          sum += (rounded ? o_rec[c] : static_cast<acc_t>(o[c])) * static_cast<acc_t>(d[c]);
         rowsum[(b * p.Hq + h) * p.Lq + q0 + r] = sum;
       }
     }
@@ -233,8 +245,8 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
   const RowSoftmax<acc_t> softmax{use_stats ? &stats : nullptr, lse_data, lse_sb, lse_sh, lse_sr, Hq, Lq};
 
   // delta = rowsum(dO * O) - dlse in acc_t, (B, Hq, Lq) contiguous (d lse / d S = P, so the lse
-  // gradient enters as dS = P * (dP - rowsum(dO * O) + dlse)). O is the op's out for float/double,
-  // recomputed in acc_t for bfloat16/half (see recompute_out_dot_dout).
+  // gradient enters as dS = P * (dP - rowsum(dO * O) + dlse)). O is the op's out; for bfloat16/half,
+  // its float recomputation where out is its rounding (see recompute_out_dot_dout).
   std::vector<acc_t> delta(B * Hq * Lq);
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     const scalar_t* out_data = out.const_data_ptr<scalar_t>();
@@ -252,7 +264,7 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
       }
     });
   } else {
-    recompute_out_dot_dout<scalar_t, acc_t>(p, q, k, v, dout, softmax, block_q, block_k, delta);
+    recompute_out_dot_dout<scalar_t, acc_t>(p, q, k, v, out, dout, softmax, block_q, block_k, delta);
   }
   if (dlse) {
     const float* dlse_data = dlse->const_data_ptr<float>();

@@ -185,6 +185,11 @@ def _broadcast_mask(mask, B: int, H: int, Lq: int, Lk: int, q: torch.Tensor, nam
     target = (B, H, Lq, Lk)
     if mask.dim() > 4 or any(s not in (1, t) for s, t in zip(mask.shape[::-1], target[::-1])):
         raise InputValueError(f"{name} of shape {tuple(mask.shape)} is not broadcastable to (B, Hq, Lq, Lk) = {target}")
+    if mask.dtype in (torch.float16, torch.bfloat16) and mask.requires_grad and torch.is_grad_enabled():
+        # Its gradient is the score gradient summed over the broadcast dims: cast before the expand, that
+        # sum runs in float32 and the result is rounded to the mask's dtype once. The forward is unchanged:
+        # kernels add masks in float32, and the cast is exact.
+        mask = mask.float()
     return mask.expand(target)
 
 

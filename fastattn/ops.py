@@ -20,9 +20,10 @@ Conventions of the op level (the public API normalises to them, see ``_inputs.py
   others receive the same mask as a dense ``attn_mask``.
 * ``window_left``/``window_right``: ``None`` = unbounded (bottom-right aligned offsets).
 * ``seed``: dropout seed drawn from torch's generator (ignored when ``dropout_p == 0``).
-* outputs: ``out (B, Hq, Lq, Dv)`` in q's dtype (in q's memory layout on cpu and reference, see
-  :func:`output_like_q`; contiguous elsewhere) and ``lse (B, Hq, Lq)`` float32 (natural log;
-  ``-inf`` for rows that see no key). The backward returns ``dq, dk, dv`` and ``dbias``, the
+* outputs: ``out (B, Hq, Lq, Dv)`` in q's dtype (in q's memory layout on cpu, reference and triton,
+  see :func:`output_like_q`; contiguous elsewhere) and ``lse (B, Hq, Lq)`` float32 (natural log;
+  ``-inf`` for rows that see no key). The backward returns ``dq, dk, dv`` (in the layouts of q, k,
+  v, as ``empty_like`` gives them) and ``dbias``, the
   gradient of the scores w.r.t. an additive ``attn_mask`` ``(B, Hq, Lq, Lk)`` when
   ``compute_dbias`` (an empty tensor otherwise).
 * ``dlse`` (backward, optional): float32 ``(B, Hq, Lq)``, the gradient w.r.t. the returned ``lse``.

@@ -1,6 +1,7 @@
 // Fused attention backward on the CPU: probabilities recomputed from lse, no (Lq, Lk) buffer.
 //
-//   delta = rowsum(dO * O) - dlse                           # (B, Hq, Lq), first pass
+//   delta = rowsum(dO * O) - dlse                           # (B, Hq, Lq), first pass; O recomputed
+//                                                           # in float for bfloat16/half
 //   per (query tile, key tile) pair that is visible:
 //     P  = exp(transform(scale * Q K^T) - lse)              # [rows, n]
 //     dV += P^T dO                                          # [n, Dv]
@@ -104,6 +105,117 @@ inline bool lse_too_large(const at::Tensor& lse) {
   return finite.numel() > 0 && finite.abs().max().item<float>() > 65536.0f;
 }
 
+// How the backward recomputes a row's probabilities from its scores: exp(S - lse) from the op's lse,
+// or exp(S - m) / l from recomputed RowStats.
+template <typename acc_t>
+struct RowSoftmax {
+  const RowStats<acc_t>* stats;  // null: from lse
+  const float* lse;
+  int64_t lse_sb, lse_sh, lse_sr, Hq, Lq;
+
+  // Scores s[0, n) of row i of (b, h) -> probabilities in place: 0 for a row that sees nothing, NaN at
+  // the visible keys of a NaN row (a non-finite visible input).
+  void apply(int64_t b, int64_t h, int64_t i, acc_t* s, int64_t n) const {
+    const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+    const int64_t row = (b * Hq + h) * Lq + i;
+    const acc_t shift = stats ? stats->m[row] : static_cast<acc_t>(lse[b * lse_sb + h * lse_sh + i * lse_sr]);
+    const bool unseen = stats ? stats->l[row] == acc_t(0) : shift == neg_inf;
+    if (std::isnan(shift)) {
+      for (int64_t j = 0; j < n; ++j) s[j] = s[j] == neg_inf ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
+    } else if (unseen) {
+      std::fill(s, s + n, acc_t(0));
+    } else {
+      exp_shift(s, n, shift);
+      if (stats) {
+        const acc_t inv = acc_t(1) / stats->l[row];
+        for (int64_t j = 0; j < n; ++j) s[j] *= inv;
+      }
+    }
+  }
+};
+
+// rowsum(dO * O) into rowsum (B, Hq, Lq) contiguous, for bfloat16/half, with O recomputed in acc_t
+// where the op's out is its rounding. Where dS = P * (dP - delta) should cancel exactly (a row with one
+// visible key; the gradient of an additive mask summed over keys, e.g. of a bias per query) the rounding
+// of out, ~2^-9 of |dO| |O| in bfloat16, would be all that is left. The pass redoes the forward's two
+// products per visible tile pair (+40-50% of a bfloat16 backward, docs/design.md) and needs no memory;
+// keeping a float32 copy of out from the forward instead would add an output to every backend's forward
+// op and keep (B, Hq, Lq, Dv) float32 alive for the backward. A row whose out is not within one ulp of
+// the recomputed O -- the merged output a context-parallel call passes (fastattn/distributed), whose
+// delta is the final softmax's -- uses out as given, as the op contract says.
+template <typename scalar_t, typename acc_t>
+void recompute_out_dot_dout(const Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& out, const at::Tensor& dout, const RowSoftmax<acc_t>& softmax,
+                            int64_t block_q, int64_t block_k, std::vector<acc_t>& rowsum) {
+  const bool block_mask = p.has_block_mask();
+  const int64_t tile_q = block_mask ? p.block_q : block_q;
+  const int64_t tile_k = block_mask ? std::max(block_k, p.block_k) : block_k;
+  const int64_t num_q_tiles = ceil_div_i64(p.Lq, tile_q);
+  const int64_t D = p.D, Dv = p.Dv;
+  const scalar_t* q_data = q.const_data_ptr<scalar_t>();
+  const scalar_t* k_data = k.const_data_ptr<scalar_t>();
+  const scalar_t* v_data = v.const_data_ptr<scalar_t>();
+  const scalar_t* dout_data = dout.const_data_ptr<scalar_t>();
+  const int64_t do_sb = dout.stride(0), do_sh = dout.stride(1), do_sr = dout.stride(2);
+  const scalar_t* out_data = out.const_data_ptr<scalar_t>();
+  const int64_t o_sb = out.stride(0), o_sh = out.stride(1), o_sr = out.stride(2);
+  const acc_t ulp = static_cast<acc_t>(static_cast<float>(std::numeric_limits<scalar_t>::epsilon()));
+  const acc_t tiny = static_cast<acc_t>(static_cast<float>(std::numeric_limits<scalar_t>::denorm_min()));
+  at::parallel_for(0, p.B * p.Hq * num_q_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> S(tile_q * tile_k), O(tile_q * Dv), q_buf(tile_q * D), k_buf(tile_k * D), v_buf(tile_k * Dv);
+    std::vector<acc_t> drop(p.dropout_threshold ? tile_q * tile_k : 0), v_clean(tile_k * Dv);
+    std::vector<char> seen(tile_q * tile_k);
+    std::vector<int32_t> list_scratch;
+    std::vector<Range> key_tiles;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (p.Hq * num_q_tiles), h = (task / num_q_tiles) % p.Hq;
+      const int64_t q0 = (task % num_q_tiles) * tile_q, q1 = std::min(p.Lq, q0 + tile_q), rows = q1 - q0;
+      const int64_t hk = h / p.group;
+      const BatchGeometry g = batch_geometry(p, b);
+      std::fill(O.begin(), O.begin() + rows * Dv, acc_t(0));
+      forward_key_tiles(p, g, b, h, q0, q1, tile_k, list_scratch, key_tiles);
+      int64_t ldq, ldk, ldv;
+      const acc_t* Q = tile_as_acc<scalar_t, acc_t>(q_data + b * p.q_sb + h * p.q_sh + q0 * p.q_sr, rows, D, p.q_sr,
+                                                    q_buf.data(), &ldq);
+      for (const Range& kr : key_tiles) {
+        const int64_t k0 = kr.begin, n = kr.end - kr.begin;
+        const acc_t* K = tile_as_acc<scalar_t, acc_t>(k_data + b * p.k_sb + hk * p.k_sh + k0 * p.k_sr, n, D, p.k_sr,
+                                                      k_buf.data(), &ldk);
+        // P = exp(S - lse), dropped as the forward dropped it  # [rows, n]
+        gemm(Trans::kNo, Trans::kYes, rows, n, D, static_cast<acc_t>(p.scale), Q, ldq, K, ldk, acc_t(0), S.data(), n);
+        transform_scores<acc_t>(p, g, b, h, q0, q1, k0, kr.end, S.data(), n, nullptr);
+        const acc_t* V = tile_as_acc<scalar_t, acc_t>(v_data + b * p.v_sb + hk * p.v_sh + k0 * p.v_sr, n, Dv, p.v_sr,
+                                                      v_buf.data(), &ldv);
+        const bool v_finite = tile_finite(V, n, Dv, ldv);
+        if (!v_finite) seen_keys(S.data(), rows * n, seen.data());
+        for (int64_t r = 0; r < rows; ++r) softmax.apply(b, h, q0 + r, S.data() + r * n, n);
+        if (p.dropout_threshold) {
+          dropout_factors<acc_t>(p, b, h, q0, rows, k0, n, drop.data());
+          for (int64_t e = 0; e < rows * n; ++e) S[e] *= drop[e];
+        }
+        // O += P V  # [rows, Dv], as the forward computes it
+        if (v_finite) {
+          gemm(Trans::kNo, Trans::kNo, rows, Dv, n, acc_t(1), S.data(), n, V, ldv, acc_t(1), O.data(), Dv);
+        } else {
+          add_pv_nonfinite(S.data(), seen.data(), rows, n, V, ldv, Dv, v_clean.data(), O.data());
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t* o = out_data + b * o_sb + h * o_sh + (q0 + r) * o_sr;
+        const scalar_t* d = dout_data + b * do_sb + h * do_sh + (q0 + r) * do_sr;
+        const acc_t* o_rec = O.data() + r * Dv;
+        bool rounded = true;  // out is the rounding of O (false for NaN, which then comes from out)
+        for (int64_t c = 0; c < Dv; ++c)
+          rounded &= std::abs(static_cast<acc_t>(o[c]) - o_rec[c]) <= ulp * std::abs(o_rec[c]) + tiny;
+        acc_t sum = 0;
+        for (int64_t c = 0; c < Dv; ++c)
+          sum += (rounded ? o_rec[c] : static_cast<acc_t>(o[c])) * static_cast<acc_t>(d[c]);
+        rowsum[(b * p.Hq + h) * p.Lq + q0 + r] = sum;
+      }
+    }
+  });
+}
+
 }  // namespace
 
 template <typename scalar_t>
@@ -130,13 +242,13 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
     stats = recompute_row_stats<scalar_t, acc_t>(p, q_data, k_data, block_q, block_k);
   const bool use_stats = !stats.m.empty();
 
+  const RowSoftmax<acc_t> softmax{use_stats ? &stats : nullptr, lse_data, lse_sb, lse_sh, lse_sr, Hq, Lq};
+
   // delta = rowsum(dO * O) - dlse in acc_t, (B, Hq, Lq) contiguous (d lse / d S = P, so the lse
-  // gradient enters as dS = P * (dP - rowsum(dO * O) + dlse)).
+  // gradient enters as dS = P * (dP - rowsum(dO * O) + dlse)). O is the op's out; for bfloat16/half,
+  // its float recomputation where out is its rounding (see recompute_out_dot_dout).
   std::vector<acc_t> delta(B * Hq * Lq);
-  const float* dlse_data = dlse ? dlse->const_data_ptr<float>() : nullptr;
-  const int64_t dlse_sb = dlse ? dlse->stride(0) : 0, dlse_sh = dlse ? dlse->stride(1) : 0,
-                dlse_sr = dlse ? dlse->stride(2) : 0;
-  {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
     const scalar_t* out_data = out.const_data_ptr<scalar_t>();
     const int64_t o_sb = out.stride(0), o_sh = out.stride(1), o_sr = out.stride(2);
     at::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) {
@@ -147,11 +259,19 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
           const scalar_t* d = dout_data + b * do_sb + h * do_sh + i * do_sr;
           acc_t sum = 0;
           for (int64_t c = 0; c < Dv; ++c) sum += static_cast<acc_t>(o[c]) * static_cast<acc_t>(d[c]);
-          if (dlse_data) sum -= static_cast<acc_t>(dlse_data[b * dlse_sb + h * dlse_sh + i * dlse_sr]);
           delta[bh * Lq + i] = sum;
         }
       }
     });
+  } else {
+    recompute_out_dot_dout<scalar_t, acc_t>(p, q, k, v, out, dout, softmax, block_q, block_k, delta);
+  }
+  if (dlse) {
+    const float* dlse_data = dlse->const_data_ptr<float>();
+    const int64_t dlse_sb = dlse->stride(0), dlse_sh = dlse->stride(1), dlse_sr = dlse->stride(2);
+    for (int64_t bh = 0; bh < B * Hq; ++bh)
+      for (int64_t i = 0; i < Lq; ++i)
+        delta[bh * Lq + i] -= static_cast<acc_t>(dlse_data[(bh / Hq) * dlse_sb + (bh % Hq) * dlse_sh + i * dlse_sr]);
   }
 
   std::vector<Range> key_tiles;
@@ -187,7 +307,7 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
       k_buf.resize(tile_k * D);
       v_buf.resize(tile_k * Dv);
     }
-    std::vector<acc_t> k_clean(tile_k * D);  // a K tile without the keys no row uses (non-finite tiles only)
+    std::vector<acc_t> k_clean(tile_k * D);  // a K tile without its non-finite entries (such tiles only)
     std::vector<int32_t> list_scratch;
     std::vector<Range> query_tiles;
 
@@ -203,7 +323,14 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
                                                       k_buf.data(), &ldk);
         const acc_t* V = tile_as_acc<scalar_t, acc_t>(v_data + b * p.v_sb + hk * p.v_sh + k0 * p.v_sr, n, Dv, p.v_sr,
                                                       v_buf.data(), &ldv);
-        const bool k_finite = tile_finite(K, n, D, ldk);
+        // dQ = dS K must not carry a non-finite key to a row that does not see it (0 * NaN = NaN): it runs
+        // on K without its non-finite entries; a row that sees one has NaN in P, so dS and dQ are NaN anyway.
+        const acc_t* K_dq = K;
+        int64_t ldk_dq = ldk;
+        if (!tile_finite(K, n, D, ldk)) {
+          K_dq = finite_or_zero(K, n, D, ldk, k_clean.data());
+          ldk_dq = D;
+        }
         std::fill(dk_acc.begin(), dk_acc.begin() + n * D, acc_t(0));
         std::fill(dv_acc.begin(), dv_acc.begin() + n * Dv, acc_t(0));
 
@@ -221,33 +348,7 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
             gemm(Trans::kNo, Trans::kYes, rows, n, D, static_cast<acc_t>(p.scale), Q, ldq, K, ldk, acc_t(0), S.data(),
                  n);
             transform_scores<acc_t>(p, g, b, h, q0, q1, k0, k1, S.data(), n, p.softcap > 0 ? dT.data() : nullptr);
-            for (int64_t r = 0; r < rows; ++r) {
-              acc_t* s = S.data() + r * n;
-              const int64_t row = (b * Hq + h) * Lq + q0 + r;
-              const acc_t row_shift = use_stats ? stats.m[row]
-                                                : static_cast<acc_t>(lse_data[b * lse_sb + h * lse_sh + (q0 + r) * lse_sr]);
-              const bool unseen = use_stats ? stats.l[row] == acc_t(0)
-                                            : row_shift == -std::numeric_limits<acc_t>::infinity();
-              if (std::isnan(row_shift)) {  // a NaN row (non-finite visible input): NaN where it sees
-                for (int64_t j = 0; j < n; ++j)
-                  s[j] = s[j] == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
-              } else if (unseen) {
-                std::fill(s, s + n, acc_t(0));
-              } else {
-                exp_shift(s, n, row_shift);
-                if (use_stats) {
-                  const acc_t inv = acc_t(1) / stats.l[row];
-                  for (int64_t j = 0; j < n; ++j) s[j] *= inv;
-                }
-              }
-            }
-            // dQ = dS K must not meet a non-finite key that no row of this tile sees (0 * NaN = NaN).
-            const acc_t* K_dq = K;
-            int64_t ldk_dq = ldk;
-            if (!k_finite) {
-              K_dq = without_unused_keys(S.data(), rows, n, K, D, ldk, k_clean.data());
-              ldk_dq = D;
-            }
+            for (int64_t r = 0; r < rows; ++r) softmax.apply(b, h, q0 + r, S.data() + r * n, n);
             const acc_t* P_for_dv = S.data();
             if (p.dropout_threshold) {
               dropout_factors<acc_t>(p, b, h, q0, rows, k0, n, drop.data());

@@ -321,18 +321,41 @@ inline bool tile_finite(const acc_t* x, int64_t rows, int64_t cols, int64_t ld) 
   return ok;
 }
 
-// A key (K or V) tile of n rows with the rows of keys no row of P (rows x n, row stride n) uses set
-// to 0, copied to out (row stride cols): hidden keys holding NaN/Inf then cannot reach any result
-// through a zero probability (0 * NaN = NaN). Only called for tiles that hold a non-finite value.
+// A key (K or V) tile of n rows x cols (row stride ld) with its non-finite entries set to 0, copied to
+// out (row stride cols). A product with it cannot carry the NaN/Inf of a key to a row that does not see
+// the key (0 * NaN = NaN): the rows that do see it are NaN by selection (add_pv_nonfinite; the
+// backward's NaN rows). Only called for tiles that hold a non-finite value.
 template <typename acc_t>
-inline const acc_t* without_unused_keys(const acc_t* P, int64_t rows, int64_t n, const acc_t* x, int64_t cols,
-                                        int64_t ld, acc_t* out) {
-  for (int64_t j = 0; j < n; ++j) {
-    bool used = false;
-    for (int64_t r = 0; r < rows; ++r) used |= P[r * n + j] != acc_t(0);
-    for (int64_t c = 0; c < cols; ++c) out[j * cols + c] = used ? x[j * ld + c] : acc_t(0);
-  }
+inline const acc_t* finite_or_zero(const acc_t* x, int64_t n, int64_t cols, int64_t ld, acc_t* out) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t c = 0; c < cols; ++c) out[j * cols + c] = std::isfinite(x[j * ld + c]) ? x[j * ld + c] : acc_t(0);
   return out;
+}
+
+// acc (rows x Dv) += P V for a V tile (n x Dv, row stride ldv) holding a non-finite value, by selection:
+// the product runs on V without its non-finite entries, and a row that sees key j (seen[r * n + j], taken
+// from the scores before the softmax, so a probability that underflows to 0 still counts) gets NaN in
+// the columns where V[j] is non-finite. A hidden NaN/Inf value thus reaches no row, whichever other rows
+// of the tile see it; a visible one makes exactly those columns NaN, as in the reference.
+template <typename acc_t>
+inline void add_pv_nonfinite(const acc_t* P, const char* seen, int64_t rows, int64_t n, const acc_t* V, int64_t ldv,
+                             int64_t Dv, acc_t* v_clean, acc_t* acc) {
+  gemm(Trans::kNo, Trans::kNo, rows, Dv, n, acc_t(1), P, n, finite_or_zero(V, n, Dv, ldv, v_clean), Dv, acc_t(1), acc,
+       Dv);
+  for (int64_t j = 0; j < n; ++j) {
+    if (tile_finite(V + j * ldv, 1, Dv, ldv)) continue;
+    for (int64_t r = 0; r < rows; ++r) {
+      if (!seen[r * n + j]) continue;
+      for (int64_t c = 0; c < Dv; ++c)
+        if (!std::isfinite(V[j * ldv + c])) acc[r * Dv + c] = std::numeric_limits<acc_t>::quiet_NaN();
+    }
+  }
+}
+
+// seen[e] = S[e] is not -inf, for the rows x n scores of a tile after transform_scores: which keys each row sees.
+template <typename acc_t>
+inline void seen_keys(const acc_t* S, int64_t count, char* seen) {
+  for (int64_t e = 0; e < count; ++e) seen[e] = S[e] != -std::numeric_limits<acc_t>::infinity();
 }
 
 // Applies softcap, ALiBi, the additive or bool attn_mask and the key-range band to a score tile

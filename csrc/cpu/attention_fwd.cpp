@@ -12,8 +12,9 @@
 //   acc = acc * exp(m - m') + P V             # [rows, Dv]  (BLAS)
 //
 // and finally out = acc / l, lse = m + log l (out 0 and lse -inf for a row that saw nothing; NaN
-// for a row with a NaN or +inf visible score). A V tile holding NaN/Inf has the keys no row of the
-// tile uses zeroed first, so a hidden non-finite value never reaches a row through P = 0.
+// for a row with a NaN or +inf visible score). A V tile holding NaN/Inf is multiplied without those
+// entries and the rows that see them are set NaN there (add_pv_nonfinite), so a hidden non-finite value
+// never reaches a row through P = 0, even when other rows of the tile see it.
 #include "cpu/attention_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -40,7 +41,8 @@ void attention_forward(const Params& p, const at::Tensor& q, const at::Tensor& k
   at::parallel_for(0, p.B * p.Hq * num_q_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> S(tile_q * tile_k), acc(tile_q * Dv), m(tile_q), l(tile_q);
     std::vector<acc_t> drop(p.dropout_threshold ? tile_q * tile_k : 0);  // dropout factors of a tile
-    std::vector<acc_t> v_clean(tile_k * Dv);  // a V tile without the keys no row uses (non-finite tiles only)
+    std::vector<acc_t> v_clean(tile_k * Dv);  // a V tile without its non-finite entries (such tiles only)
+    std::vector<char> seen(tile_q * tile_k);  // the keys each row sees (tiles with a non-finite V only)
     std::vector<char> bad(tile_q);            // rows with a non-finite visible score: NaN out and lse
     std::vector<acc_t> q_buf, k_buf, v_buf;  // converted tiles (bfloat16/half inputs only)
     if constexpr (!std::is_same_v<scalar_t, acc_t>) {
@@ -76,6 +78,10 @@ void attention_forward(const Params& p, const at::Tensor& q, const at::Tensor& k
                                                         k_buf.data(), &ldk);
           gemm(Trans::kNo, Trans::kYes, rows, n, D, static_cast<acc_t>(p.scale), Q, ldq, K, ldk, acc_t(0), S.data(), n);
           transform_scores<acc_t>(p, g, b, h, q0, q1, k0, kr.end, S.data(), n, nullptr);
+          const acc_t* V = tile_as_acc<scalar_t, acc_t>(v_data + b * p.v_sb + hk * p.v_sh + k0 * p.v_sr, n, Dv, p.v_sr,
+                                                        v_buf.data(), &ldv);
+          const bool v_finite = tile_finite(V, n, Dv, ldv);
+          if (!v_finite) seen_keys(S.data(), rows * n, seen.data());
           for (int64_t r = 0; r < rows; ++r) {
             acc_t* s = S.data() + r * n;
             if (bad[r] || row_has_nonfinite(s, n)) {  // the row will be NaN; it uses nothing more
@@ -101,13 +107,11 @@ void attention_forward(const Params& p, const at::Tensor& q, const at::Tensor& k
             dropout_factors<acc_t>(p, b, h, q0, rows, k0, n, drop.data());
             for (int64_t e = 0; e < rows * n; ++e) S[e] *= drop[e];
           }
-          const acc_t* V = tile_as_acc<scalar_t, acc_t>(v_data + b * p.v_sb + hk * p.v_sh + k0 * p.v_sr, n, Dv, p.v_sr,
-                                                        v_buf.data(), &ldv);
-          if (!tile_finite(V, n, Dv, ldv)) {  // keep non-finite values of keys no row uses out of P V
-            V = without_unused_keys(S.data(), rows, n, V, Dv, ldv, v_clean.data());
-            ldv = Dv;
+          if (v_finite) {
+            gemm(Trans::kNo, Trans::kNo, rows, Dv, n, acc_t(1), S.data(), n, V, ldv, acc_t(1), acc.data(), Dv);
+          } else {  // a non-finite value reaches exactly the rows that see it
+            add_pv_nonfinite(S.data(), seen.data(), rows, n, V, ldv, Dv, v_clean.data(), acc.data());
           }
-          gemm(Trans::kNo, Trans::kNo, rows, Dv, n, acc_t(1), S.data(), n, V, ldv, acc_t(1), acc.data(), Dv);
         }
       }
 

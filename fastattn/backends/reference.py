@@ -66,7 +66,10 @@ def _bwd(dout, q, k, v, out, lse, attn_mask, alibi_slopes, key_lengths, query_le
     )
     dq, dk, dv, dscores = reference.attention_backward_from_inputs(inputs, dout, _keep_mask(inputs, seed), dlse)
     dbias = dscores.to(attn_mask.dtype).contiguous() if compute_dbias else q.new_empty((0,))
-    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias
+    # Gradients in the layouts of q, k, v, as the fake (empty_like) and the kernels give them: a transposed
+    # (B, L, H, D) input then gets a gradient its leaf takes without a copy.
+    grads = (torch.empty_like(t).copy_(g) for t, g in ((q, dq), (k, dk), (v, dv)))
+    return (*grads, dbias)
 
 
 class ReferenceBackend(Backend):

@@ -167,6 +167,15 @@ class MultiheadAttention(nn.Module):
             nn.init.xavier_normal_(self.bias_k)
             nn.init.xavier_normal_(self.bias_v)
 
+    @staticmethod
+    def _linear(x, weight, bias):
+        """``F.linear``, where a bias of another dtype than ``x`` is added after the product and cast to its
+        dtype: torch's module runs such a bias (a float16 ``in_proj_bias`` with float64 inputs, say) the same
+        way, as a matmul and an in-place add."""
+        if bias is None or bias.dtype == x.dtype:
+            return F.linear(x, weight, bias)
+        return F.linear(x, weight).add_(bias)
+
     def _project(self, query, key, value):
         """Input projections of batch-first inputs: ``(N, L, E)``, ``(N, S, E)``, ``(N, S, E)``."""
         E = self.embed_dim
@@ -175,11 +184,11 @@ class MultiheadAttention(nn.Module):
             b_q, b_k, b_v = self.in_proj_bias.split(E)
         if self._qkv_same_embed_dim:
             if query is key and key is value:  # self-attention: one (3E, E) matmul
-                return F.linear(query, self.in_proj_weight, self.in_proj_bias).split(E, dim=-1)
+                return self._linear(query, self.in_proj_weight, self.in_proj_bias).split(E, dim=-1)
             w_q, w_k, w_v = self.in_proj_weight.split(E)
         else:
             w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-        return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+        return self._linear(query, w_q, b_q), self._linear(key, w_k, b_k), self._linear(value, w_v, b_v)
 
     def forward(
         self,

@@ -203,7 +203,8 @@ void varlen_forward(const Params& p, const Packing& pk, const at::Tensor& q, con
 
   parallel_balanced(cost, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> S(tile_q * tile_k), acc(tile_q * Dv), m(tile_q), l(tile_q);
-    std::vector<acc_t> v_clean(tile_k * Dv);  // a V tile without the keys no row uses (non-finite tiles only)
+    std::vector<acc_t> v_clean(tile_k * Dv);  // a V tile without its non-finite entries (non-finite tiles only)
+    std::vector<char> seen(tile_q * tile_k);  // which keys each row sees (non-finite V tiles only)
     std::vector<char> bad(tile_q);            // rows with a non-finite visible score: NaN out and lse
     std::vector<acc_t> q_buf, k_buf, v_buf;   // converted tiles (bfloat16/half inputs only)
     if constexpr (!std::is_same_v<scalar_t, acc_t>) {
@@ -236,11 +237,15 @@ void varlen_forward(const Params& p, const Packing& pk, const at::Tensor& q, con
         const acc_t* Q = tile_as_acc<scalar_t, acc_t>(q_seq + q0 * p.q_sr, rows, D, p.q_sr, q_buf.data(), &ldq);
         for (const Range& kr : key_tiles) {
           const int64_t k0 = kr.begin, n = kr.end - kr.begin;
-          int64_t ldk, ldv;
+          int64_t ldk;
           const acc_t* K = tile_as_acc<scalar_t, acc_t>(k_seq + k0 * p.k_sr, n, D, p.k_sr, k_buf.data(), &ldk);
           // S = scale Q K^T  # [rows, n]
           gemm(Trans::kNo, Trans::kYes, rows, n, D, static_cast<acc_t>(p.scale), Q, ldq, K, ldk, acc_t(0), S.data(), n);
           transform_scores<acc_t>(p, g, 0, h, q0, q1, k0, kr.end, S.data(), n, nullptr);
+          int64_t ldv;
+          const acc_t* V = tile_as_acc<scalar_t, acc_t>(v_seq + k0 * p.v_sr, n, Dv, p.v_sr, v_buf.data(), &ldv);
+          const bool v_finite = tile_finite(V, n, Dv, ldv);
+          if (!v_finite) seen_keys(S.data(), rows * n, seen.data());
           for (int64_t r = 0; r < rows; ++r) {
             acc_t* sr = S.data() + r * n;
             if (bad[r] || row_has_nonfinite(sr, n)) {  // the row will be NaN; it uses nothing more
@@ -262,13 +267,12 @@ void varlen_forward(const Params& p, const Packing& pk, const at::Tensor& q, con
               for (int64_t c = 0; c < Dv; ++c) a[c] *= correction;
             }
           }
-          const acc_t* V = tile_as_acc<scalar_t, acc_t>(v_seq + k0 * p.v_sr, n, Dv, p.v_sr, v_buf.data(), &ldv);
-          if (!tile_finite(V, n, Dv, ldv)) {  // keep non-finite values of keys no row uses out of P V
-            V = without_unused_keys(S.data(), rows, n, V, Dv, ldv, v_clean.data());
-            ldv = Dv;
+          // acc += P V  # [rows, Dv]; a non-finite value reaches exactly the rows that see it
+          if (v_finite) {
+            gemm(Trans::kNo, Trans::kNo, rows, Dv, n, acc_t(1), S.data(), n, V, ldv, acc_t(1), acc.data(), Dv);
+          } else {
+            add_pv_nonfinite(S.data(), seen.data(), rows, n, V, ldv, Dv, v_clean.data(), acc.data());
           }
-          // acc += P V  # [rows, Dv]
-          gemm(Trans::kNo, Trans::kNo, rows, Dv, n, acc_t(1), S.data(), n, V, ldv, acc_t(1), acc.data(), Dv);
         }
       }
 
@@ -412,7 +416,7 @@ void varlen_backward(const Params& p, const Packing& pk, const at::Tensor& dout,
       k_buf.resize(tile_k * D);
       v_buf.resize(tile_k * Dv);
     }
-    std::vector<acc_t> k_clean(tile_k * D);  // a K tile without the keys no row uses (non-finite tiles only)
+    std::vector<acc_t> k_clean(tile_k * D);  // a K tile without its non-finite entries (non-finite tiles only)
     std::vector<int32_t> list_scratch;
     std::vector<Range> query_tiles;
 
@@ -458,11 +462,11 @@ void varlen_backward(const Params& p, const Packing& pk, const at::Tensor& dout,
                 exp_shift(sr, n, row_lse);
               }
             }
-            // dQ = dS K must not meet a non-finite key that no row of this tile sees (0 * NaN = NaN).
+            // dQ = dS K on K without its non-finite entries: a row that sees one is NaN through dS already.
             const acc_t* K_dq = K;
             int64_t ldk_dq = ldk;
             if (!k_finite) {
-              K_dq = without_unused_keys(S.data(), rows, n, K, D, ldk, k_clean.data());
+              K_dq = finite_or_zero(K, n, D, ldk, k_clean.data());
               ldk_dq = D;
             }
             // dV += P^T dO  # [n, Dv]

@@ -285,3 +285,21 @@ def test_cpu_varlen_kernel_gradcheck():
                                          softcap=3.0, alibi_slopes=slopes, backend="cpu")
 
     assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_cpu_varlen_kernel_keeps_hidden_nan_out_of_rows_that_cannot_see_it():
+    """A NaN key and value on a causal diagonal (seen by later rows of its tile, hidden from earlier
+    ones) reach exactly the rows that see them, as in the per-sequence reference: out and dq."""
+    lens = [40, 70]
+    q, k, v = (torch.randn(110, 2, 16).requires_grad_() for _ in range(3))
+    with torch.no_grad():
+        for t in (k, v):
+            t[40 + 20, 1] = float("nan")  # sequence 1, local key 20, head 1: hidden from its rows 0..19
+    out = fastattn.varlen_attention(q, k, v, _cu(lens), _cu(lens), 70, 70, causal=True, backend="cpu")
+    want, _ = _loop(q.detach(), k.detach(), v.detach(), lens, lens, causal=True)
+    assert torch.equal(out.isnan(), want.isnan())
+    assert want[40:60].isfinite().all() and want[60:, 1].isnan().all()
+    torch.testing.assert_close(out[want.isfinite()], want[want.isfinite()])
+    dq, dk, dv = torch.autograd.grad(out[:60].sum(), (q, k, v))
+    assert dq[:60].isfinite().all()  # rows that never see the NaN key
+    assert dk[:40].isfinite().all() and dv[:40].isfinite().all()  # the other sequence's keys

@@ -148,3 +148,20 @@ def test_bad_environment_variable_is_named(monkeypatch, value):
     assert fastattn.attention(q, k, v, backend="reference").shape == q.shape
     monkeypatch.setenv("FASTATTN_BACKEND", "")
     assert fastattn.attention(q, k, v).shape == q.shape  # empty = unset
+
+
+def test_selection_cache_never_changes_a_choice_or_hides_a_refusal():
+    """CPU calls without masks reuse their backend choice (per-call overhead); every property a
+    backend's reasons read is part of the key, so a call that differs in one of them -- here sinks
+    with float64, which the cpu backend refuses -- is decided afresh, not served the cached choice."""
+    registry._SELECTION_CACHE.clear()
+    q, k, v = make_qkv(1, 2, 2, 4, 4, 8, dtype=torch.float64, requires_grad=False)
+    plain = fastattn._inputs.normalize(q, k, v)
+    assert select_backend(plain, "cpu").name == "cpu"
+    assert select_backend(plain, "cpu").name == "cpu"  # served from the cache
+    assert len(registry._SELECTION_CACHE) == 1
+    with_sinks = fastattn._inputs.normalize(q, k, v, sinks=torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(BackendNotSupportedError, match="sinks"):
+        select_backend(with_sinks, "cpu")
+    assert select_backend(with_sinks).name == "reference"
+    assert select_backend(plain).name == registry._select_uncached(plain, None, registry.backends()).name

@@ -99,7 +99,7 @@ def _selection_key(inputs: AttentionInputs, requested: str | None, available: di
         requested, os.environ.get("TRITON_INTERPRET"), tuple(map(id, available.values())), inputs.dtype,
         inputs.q.shape, inputs.k.shape, inputs.v.shape, inputs.window_left, inputs.window_right,
         inputs.alibi_slopes is None, inputs.softcap > 0, inputs.dropout_p > 0, inputs.key_lengths is None,
-        inputs.query_lengths is None, inputs.return_lse, inputs.requires_grad,
+        inputs.query_lengths is None, inputs.sinks is None, inputs.return_lse, inputs.requires_grad,
     )
 
 

@@ -7,7 +7,8 @@ and is never typed by hand::
     python benchmarks/update_readme_table.py --check    # exit 1 if README.md is out of date
     python benchmarks/update_readme_table.py --results benchmarks/results/2026-11-25-h100.json
 
-"Newest" is the latest ``environment.created_utc`` among the results files (ties: file name).
+"Newest" is the latest ``environment.created_utc`` among the results files that time dense or causal
+attention (ties: file name); runs of one other workload family alone (varlen, linear) are left out.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ def newest_results(results_dir: Path) -> Path:
             doc = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if doc.get("kind") == "bench" and doc.get("results"):
+        # A headline run times plain attention (dense or causal workloads): a run of one workload
+        # family alone (--workloads varlen, the --linear preset) has its own page in docs/.
+        headline = any(r.get("workload") in ("dense", "causal") for r in doc.get("results") or ())
+        if doc.get("kind") == "bench" and headline:
             candidates.append((doc["environment"].get("created_utc") or "", path.name, path))
     if not candidates:
         raise SystemExit(f"update_readme_table: no benchmark results (*.json with kind 'bench') in {results_dir}")

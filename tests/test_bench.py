@@ -334,6 +334,11 @@ def test_update_readme_table_on_a_copy(tiny_run, tmp_path):
     older["environment"]["created_utc"] = "2000-01-01T00:00:00+00:00"
     (results / "2000-01-01-cpu.json").write_text(json.dumps(older))
     (results / "2099-01-01-cpu.json").write_text(paths["json"].read_text())
+    # A newer run of one other workload family alone (varlen here) is not the headline table.
+    family = json.loads(paths["json"].read_text())
+    family["environment"]["created_utc"] = "2100-01-01T00:00:00+00:00"
+    family["results"] = [dict(r, workload="varlen") for r in family["results"]]
+    (results / "2100-01-01-cpu-varlen.json").write_text(json.dumps(family))
     readme = tmp_path / "README.md"
     readme.write_text("# title\n\nintro\n\n<!-- perf-table:start -->\nhand-typed\n<!-- perf-table:end -->\n\ntail\n")
     args = ["--readme", str(readme), "--results-dir", str(results)]

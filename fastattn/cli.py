@@ -139,7 +139,10 @@ def _add_common(p, out_default: str) -> None:
 
 
 def _register_bench(sub) -> None:
-    p = sub.add_parser("bench", help="time every usable provider on dense/causal/window/block-sparse/GQA workloads")
+    from .bench.workloads import WORKLOAD_KINDS
+
+    p = sub.add_parser("bench", help="time every usable provider on dense/causal/window/block-sparse/GQA/varlen "
+                                     "workloads (and linear attention, KV-cache decoding)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--quick", action="store_true", help="the quick preset (default; minutes at most)")
     which.add_argument("--full", action="store_true", help="the full preset: more lengths, head dims, dtypes")
@@ -149,7 +152,7 @@ def _register_bench(sub) -> None:
     which.add_argument("--linear", action="store_true",
                        help="causal linear attention vs exact causal attention, L 4k..64k (a few minutes on 2 cores)")
     _add_common(p, "bench_out")
-    p.add_argument("--workloads", type=_csv(str), help="comma-separated: dense,causal,window,block_sparse,gqa,linear")
+    p.add_argument("--workloads", type=_csv(str), help="comma-separated: " + ",".join(WORKLOAD_KINDS))
     p.add_argument("--modes", type=_csv(str), help="comma-separated: fwd,bwd,fwd+bwd")
     p.add_argument("--dtypes", type=_csv(str), help="comma-separated: fp16,bf16,fp32")
     p.add_argument("--head-dims", type=_csv(int), help="comma-separated head dims (replace the preset's)")

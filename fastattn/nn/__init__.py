@@ -1,8 +1,9 @@
 """Drop-in attention modules and transformer building blocks that run on fastattn.
 
 * :class:`MultiheadAttention` (alias ``MultiHeadAttention``): ``torch.nn.MultiheadAttention``'s
-  interface and ``state_dict``; :class:`Attention` (+ :class:`KVCache`): the native batch-first
-  module (GQA, rotary/ALiBi, every mask kind, cached decoding).
+  interface and ``state_dict``; :class:`Attention` (+ :class:`KVCache`, and the preallocated
+  inference caches :class:`StaticKVCache`, :class:`PagedKVCache`): the native batch-first module
+  (GQA, rotary/ALiBi, every mask kind, cached decoding).
 * Positions: :class:`SinusoidalPositionalEncoding`, :class:`LearnedPositionalEncoding`,
   :class:`RotaryEmbedding` (fused Triton kernel on CUDA), :func:`alibi_slopes`,
   :class:`RelativePositionBias`.
@@ -12,6 +13,7 @@
 """
 
 from .attention import Attention, KVCache
+from .cache import PagedKVCache, StaticKVCache
 from .linear_attention import LinearAttention, LinearAttentionCache, LSHAttention, PerformerAttention
 from .multihead import MultiHeadAttention, MultiheadAttention
 from .positional import (
@@ -42,11 +44,13 @@ __all__ = [
     "LSHAttention",
     "MultiHeadAttention",
     "MultiheadAttention",
+    "PagedKVCache",
     "PerformerAttention",
     "RelativePositionBias",
     "RotaryEmbedding",
     "Seq2SeqTransformer",
     "SinusoidalPositionalEncoding",
+    "StaticKVCache",
     "Transformer",
     "TransformerDecoder",
     "TransformerDecoderLayer",

@@ -8,6 +8,7 @@ from torch import nn
 
 import fastattn
 
+from .cache import PagedKVCache, StaticKVCache, _PreallocatedKVCache
 from .positional import RotaryEmbedding, alibi_slopes
 
 
@@ -68,9 +69,9 @@ class Attention(nn.Module):
 
         attn = fastattn.nn.Attention(256, 8, num_kv_heads=2, causal=True, position="rotary")
         y = attn(x)                                           # (B, L, 256)
-        caches = KVCache()
-        y0 = attn(prompt, cache=caches)                       # prefill
-        y1 = attn(next_token, cache=caches)                   # one step, positions continue
+        cache = KVCache()                                     # or StaticKVCache / PagedKVCache (inference)
+        y0 = attn(prompt, cache=cache)                        # prefill
+        y1 = attn(next_token, cache=cache)                    # one step, positions continue
     """
 
     def __init__(
@@ -150,7 +151,7 @@ class Attention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         block_mask=None,
         key_lengths: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | StaticKVCache | PagedKVCache | None = None,
     ) -> torch.Tensor:
         """Attend from ``x`` to itself (or to ``context``).
 
@@ -162,7 +163,11 @@ class Attention(nn.Module):
             block_mask: a :class:`fastattn.BlockMask` for ``(L, S)``.
             key_lengths: int ``(B,)``: keys at ``j >= key_lengths[b]`` are padding (right padding).
             cache: a :class:`KVCache`: the new keys/values are appended and the queries sit after
-                the cached positions (rotary offsets and causal alignment follow).
+                the cached positions (rotary offsets and causal alignment follow). Or, for
+                inference (no gradients), a preallocated :class:`StaticKVCache` or
+                :class:`PagedKVCache`: the same, appended in place per sequence through
+                :func:`fastattn.attention_with_kvcache` (self-attention; no ``attn_mask``,
+                ``block_mask``, ``key_lengths``, or dropout in training).
 
         Returns:
             ``(B, L, E)``.
@@ -172,6 +177,8 @@ class Attention(nn.Module):
         H, D = self.num_heads, self.head_dim
         if self.context_parallel_group is not None:
             return self._context_parallel(q, k, v, context, attn_mask, block_mask, key_lengths, cache)
+        if isinstance(cache, _PreallocatedKVCache):
+            return self._preallocated(q, k, v, context, attn_mask, block_mask, key_lengths, cache)
         offset = cache.length if cache is not None else 0
         if self.rotary is not None and context is None:
             q, k = self.rotary(q, k, offset)
@@ -190,6 +197,28 @@ class Attention(nn.Module):
             key_lengths=key_lengths,
         )  # (B, Hq, L, D)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, H * D))
+
+    def _preallocated(self, q, k, v, context, attn_mask, block_mask, key_lengths, cache) -> torch.Tensor:
+        """Self-attention of ``q (B, L, Hq, D)`` against a preallocated cache after appending ``k``/``v (B, L, Hkv, D)``."""
+        name = type(cache).__name__
+        for value, arg in ((context, "context"), (attn_mask, "attn_mask"), (block_mask, "block_mask"),
+                           (key_lengths, "key_lengths")):
+            if value is not None:
+                raise ValueError(f"{arg} is not supported with a {name} (cached self-attention); use KVCache")
+        if self.training and self.dropout > 0:
+            raise ValueError(f"dropout is not supported with a {name}; call .eval() (or set dropout=0.0)")
+        cache._check(q, k, v)
+        B, L = q.shape[:2]
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, cache.positions())  # each sequence continues at its own length
+        out = cache.attend(
+            q, k, v,
+            causal=self.causal,
+            window=self.window,
+            alibi_slopes=None if self.alibi_slopes is None else self.alibi_slopes.float(),
+            softcap=self.softcap,
+        )  # (B, L, Hq, D)
+        return self.out_proj(out.reshape(B, L, self.num_heads * self.head_dim))
 
     def _project(self, x: torch.Tensor, context: torch.Tensor | None):
         """The input projections: ``q (B, L, Hq, D)`` from ``x (B, L, E)`` and ``k``, ``v (B, S, Hkv, D)``

@@ -19,6 +19,8 @@ CASES = [
     pytest.param("efficient_attention_gpt.py", ["--steps", "3", "--d-model", "32", "--block-size", "32",
                                                 "--batch-size", "4", "--sample-tokens", "8"],
                  "recurrent decoding matches the full forward pass: True", id="efficient_attention_gpt"),
+    pytest.param("paged_generation.py", ["--steps", "8"], "paged generation matches the full forward pass: True",
+                 id="paged_generation"),
 ]
 
 

@@ -58,8 +58,8 @@ def make_caches(kind, batch, kv_heads=KV_HEADS, shuffle=True):
     if kind == "concat":
         return [KVCache() for _ in range(LAYERS)]
     if kind == "static":
-        return [StaticKVCache(batch, 48, kv_heads, HEAD_DIM) for _ in range(LAYERS)]
-    caches = [PagedKVCache(batch, 8, 16, kv_heads, HEAD_DIM, max_pages_per_seq=3) for _ in range(LAYERS)]
+        return [StaticKVCache(batch, 64, kv_heads, HEAD_DIM) for _ in range(LAYERS)]
+    caches = [PagedKVCache(batch, 8, 16, kv_heads, HEAD_DIM, max_pages_per_seq=4) for _ in range(LAYERS)]
     if shuffle:
         for i, cache in enumerate(caches):
             random.Random(i).shuffle(cache.free_pages)  # sequences get scattered, non-contiguous pages
@@ -91,15 +91,16 @@ def test_greedy_decoding_matches_the_full_forward(kind, position, window, kv_hea
     if kind == "paged":
         assert len(caches[0].free_pages) == 8 - 4  # two pages per sequence
         used = caches[0].block_table[:, :2].flatten().tolist()
-        assert sorted(used) == sorted(set(used)) and caches[0].block_table[:, 2].tolist() == [-1, -1]
+        assert sorted(used) == sorted(set(used)) and caches[0].block_table[:, 2:].tolist() == [[-1, -1]] * 2
 
 
 @pytest.mark.parametrize("kind", ["static", "paged"])
 def test_prompts_of_different_lengths(kind):
-    """Prefill each prompt on its own row (cache.select), then decode the batch together."""
+    """Prefill each prompt on its own row (cache.select), then decode the batch together. The 40-token
+    prompt has 80 query rows per key/value head: its prefill takes the composed path, not the decode kernel."""
     torch.manual_seed(1)
     model = TinyLM().eval()
-    prompts = [torch.randint(0, VOCAB, (1, n)) for n in (5, 17, 9)]
+    prompts = [torch.randint(0, VOCAB, (1, n)) for n in (5, 40, 9)]
     steps = 12
     with torch.no_grad():
         want = [full_greedy(model, p, steps) for p in prompts]
@@ -116,7 +117,7 @@ def test_prompts_of_different_lengths(kind):
     for b, (p, (want_tokens, want_logits)) in enumerate(zip(prompts, want)):
         assert torch.equal(generated[b], want_tokens[0, p.shape[1]:])
         torch.testing.assert_close(logits[b], want_logits[0], atol=1e-4, rtol=1e-4)
-    assert caches[0].lengths == [5 + 11, 17 + 11, 9 + 11]
+    assert caches[0].lengths == [5 + 11, 40 + 11, 9 + 11]
 
 
 def test_reset_frees_pages_and_a_row_can_be_reused():
@@ -130,7 +131,7 @@ def test_reset_frees_pages_and_a_row_can_be_reused():
         for c in caches:
             c.select([1]).reset()
         assert caches[0].lengths == [20, 0] and len(caches[0].free_pages) == 6
-        assert caches[0].block_table[1].tolist() == [-1, -1, -1]
+        assert caches[0].block_table[1].tolist() == [-1] * 4
         out = model(b[1:], [c.select([1]) for c in caches])  # a new sequence in row 1
         torch.testing.assert_close(out, model(b[1:]), atol=1e-5, rtol=1e-5)
 

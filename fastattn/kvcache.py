@@ -76,10 +76,9 @@ def _cpu_kernel_serves(q, k_cache, v_cache, k, v, alibi_slopes, backend, group_r
     return True
 
 
-def _cpu_decode(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, *, causal, window,
-                alibi_slopes, softcap, scale, return_lse, sinks=None, num_splits=0):
-    """Append and attend in one call of the CPU decode kernel, which reads the cache in place
-    (paged through ``block_table``) and checks every index value before it writes or reads."""
+def _kernel_options(q, causal, window, scale, softcap, alibi_slopes):
+    """The decode kernels' options, checked: ``(window_left, window_right, scale, softcap, alibi_slopes)``
+    with causal as a right bound of 0 (bottom-right aligned) and slopes expanded to ``(B, Hq)``."""
     _check_bool(causal, "causal")
     window_left, window_right = _check_window(window)
     if causal:
@@ -88,6 +87,15 @@ def _cpu_decode(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_bat
     softcap = _check_number(softcap, "softcap", minimum=0.0)
     if alibi_slopes is not None:
         alibi_slopes = _check_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device)
+    return window_left, window_right, scale, softcap, alibi_slopes
+
+
+def _cpu_decode(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, *, causal, window,
+                alibi_slopes, softcap, scale, return_lse, sinks=None, num_splits=0):
+    """Append and attend in one call of the CPU decode kernel, which reads the cache in place
+    (paged through ``block_table``) and checks every index value before it writes or reads."""
+    window_left, window_right, scale, softcap, alibi_slopes = _kernel_options(q, causal, window, scale, softcap,
+                                                                               alibi_slopes)
     out, lse = torch.ops.fastattn.decode_attention(
         q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, sinks, scale,
         window_left, window_right, softcap, num_splits)
@@ -127,14 +135,8 @@ def _triton_decode(q, k_cache, v_cache, seqlens, Lnew, table, rows, *, causal, w
     ensure_kernels_importable()
     from .triton_kernels.decode_paged import decode_paged
 
-    _check_bool(causal, "causal")
-    window_left, window_right = _check_window(window)
-    if causal:
-        window_right = 0 if window_right is None else min(window_right, 0)
-    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else _check_number(scale, "scale")
-    softcap = _check_number(softcap, "softcap", minimum=0.0)
-    if alibi_slopes is not None:
-        alibi_slopes = _check_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device)
+    window_left, window_right, scale, softcap, alibi_slopes = _kernel_options(q, causal, window, scale, softcap,
+                                                                               alibi_slopes)
     q = q if q.stride(-1) == 1 else q.contiguous()
     out, lse = decode_paged(q, k_cache, v_cache, seqlens, lnew=Lnew, block_table=table, cache_batch_idx=rows,
                             alibi_slopes=alibi_slopes, scale=scale, softcap=softcap, window_left=window_left,

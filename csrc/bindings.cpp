@@ -44,6 +44,11 @@ TORCH_LIBRARY(fastattn, m) {
         "-> (Tensor, Tensor)");
   m.def("linear_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? initial_state, Tensor? dstate, "
         "bool causal, int chunk_size) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("linear_attention_fused_fwd(Tensor q, Tensor k, Tensor v, Tensor? initial_state, bool causal, "
+        "int chunk_size, int feature_map, bool normalize, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("linear_attention_fused_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor denom, "
+        "Tensor? initial_state, Tensor? dstate, bool causal, int chunk_size, int feature_map, bool normalize, "
+        "float scale) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 #ifdef FASTATTN_WITH_CUDA

@@ -327,10 +327,14 @@ def test_cpu_op_errors_name_the_argument(change, match):
 
 @cpu_kernels
 def test_cpu_schemas_equal_python_schemas():
-    from fastattn.linear.ops import BWD_SCHEMA, FWD_SCHEMA
+    from fastattn.linear.ops import BWD_SCHEMA, FUSED_BWD_SCHEMA, FUSED_FWD_SCHEMA, FWD_SCHEMA
 
     assert str(torch.ops.fastattn.linear_attention_fwd.default._schema) == "fastattn::linear_attention_fwd" + FWD_SCHEMA
     assert str(torch.ops.fastattn.linear_attention_bwd.default._schema) == "fastattn::linear_attention_bwd" + BWD_SCHEMA
+    fused = {"fwd": FUSED_FWD_SCHEMA, "bwd": FUSED_BWD_SCHEMA}
+    for kind, schema in fused.items():
+        op = getattr(torch.ops.fastattn, f"linear_attention_fused_{kind}").default
+        assert str(op._schema) == f"fastattn::linear_attention_fused_{kind}" + schema
 
 
 @cpu_kernels
@@ -347,6 +351,91 @@ def test_cpu_opcheck(causal, dtype):
     do = torch.randn(1, 4, 11, 5, dtype=dtype)
     torch.library.opcheck(ops.bwd, (do, q, k, v, s0, torch.randn(1, 2, 8, 5), causal, 4))
     torch.library.opcheck(ops.bwd, (do, q, k, v, None, None, causal, 4))
+
+
+@cpu_kernels
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalised", "unnormalised"])
+@pytest.mark.parametrize("feature_map", ["elu+1", "relu"])
+@pytest.mark.parametrize(
+    "B, Hq, Hkv, L, D, Dv, dtype, causal, chunk, scale, with_state",
+    [
+        pytest.param(1, 2, 2, 1, 8, 8, F32, True, None, None, False, id="L1-fp32-causal"),
+        pytest.param(1, 4, 2, 17, 8, 5, F32, True, 5, 0.3, True, id="Hq4-Hkv2-L17-Dv5-fp32-causal-chunk5-state"),
+        pytest.param(2, 3, 1, 97, 6, 7, F64, True, 16, None, True, id="Hq3-Hkv1-L97-fp64-causal-chunk16-state"),
+        pytest.param(1, 4, 1, 33, 16, 9, BF16, True, 8, 2.0, True, id="Hq4-Hkv1-L33-bf16-causal-chunk8-state"),
+        pytest.param(1, 2, 2, 40, 12, 6, F16, True, 32, None, False, id="L40-fp16-causal-chunk32"),
+        pytest.param(2, 2, 1, 97, 8, 8, F32, False, 16, 0.5, True, id="Hq2-Hkv1-L97-fp32-full-state"),
+        pytest.param(1, 2, 1, 23, 12, 5, BF16, False, None, None, False, id="Hq2-Hkv1-L23-bf16-full"),
+    ],
+)
+def test_cpu_fused_path_against_reference(B, Hq, Hkv, L, D, Dv, dtype, causal, chunk, scale, with_state,
+                                          feature_map, normalize):
+    # elu+1 / relu on the CPU kernels: feature map, scale and normaliser inside the kernel
+    q, k, v = _inputs(B, Hq, Hkv, L, D, Dv, dtype=dtype)
+    inputs = (q, k, v)
+    if with_state:
+        inputs += (torch.randn(B, Hkv, D, Dv, dtype=dtype),)
+        if normalize:
+            inputs += (torch.rand(B, Hkv, D, dtype=dtype) + 0.5,)
+    kwargs = {"causal": causal, "feature_map": feature_map, "normalize": normalize, "scale": scale}
+
+    def state_arg(s0):
+        return None if not s0 else (tuple(s0) if normalize else s0[0])
+
+    def run(q, k, v, *s0):
+        out, state = linear_attention(q, k, v, chunk_size=chunk, return_state=True, initial_state=state_arg(s0),
+                                      backend="cpu", **kwargs)
+        assert (state.k_sum is None) != normalize
+        return (out, state.kv) + ((state.k_sum,) if normalize else ())
+
+    def ref(q, k, v, *s0):
+        out, state = linear_attention_reference(q, k, v, initial_state=state_arg(s0), **kwargs)
+        return (out,) + (tuple(state) if normalize else (state,))
+
+    _check("cpu fused linear_attention", run, ref, inputs)
+
+
+@cpu_kernels
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_cpu_fused_zero_normaliser_row_outputs_zero(causal):
+    # relu features of an all-negative query are 0: its normaliser is exactly 0, and so is its output
+    q, k, v = _inputs(1, 2, 1, 13, 8, 4, dtype=F32)
+    q[:, :, 5] = -q[:, :, 5].abs() - 0.1
+    kwargs = {"causal": causal, "feature_map": "relu"}
+
+    def run(q, k, v):
+        return (linear_attention(q, k, v, chunk_size=4, backend="cpu", **kwargs),)
+
+    def ref(q, k, v):
+        return (linear_attention_reference(q, k, v, **kwargs)[0],)
+
+    out = run(q, k, v)[0]
+    assert torch.equal(out[:, :, 5], torch.zeros_like(out[:, :, 5]))
+    assert torch.isfinite(out).all()
+    _check("cpu fused relu zero row", run, ref, (q, k, v))
+
+
+@cpu_kernels
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalised", "unnormalised"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_cpu_fused_opcheck(causal, normalize):
+    q, k, v = _inputs(1, 4, 2, 11, 8, 5, dtype=F32)
+    s0 = torch.rand(1, 2, 8, 5 + normalize)
+    out, state, den = torch.ops.fastattn.linear_attention_fused_fwd(q, k, v, s0, causal, 4, 1, normalize, 0.7)
+    torch.library.opcheck(torch.ops.fastattn.linear_attention_fused_fwd.default,
+                          (q, k, v, s0, causal, 4, 1, normalize, 0.7))
+    do = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.fastattn.linear_attention_fused_bwd.default,
+                          (do, q, k, v, out, den, s0, torch.randn_like(state), causal, 4, 2, normalize, 0.7))
+
+
+@cpu_kernels
+def test_cpu_fused_op_errors_name_the_argument():
+    q, k, v = _inputs(1, 2, 1, 9, 8, 4, dtype=F32)
+    with pytest.raises(RuntimeError, match="feature_map must be"):
+        torch.ops.fastattn.linear_attention_fused_fwd(q, k, v, None, True, 4, 7, True, 1.0)
+    with pytest.raises(RuntimeError, match="initial_state must have shape"):
+        torch.ops.fastattn.linear_attention_fused_fwd(q, k, v, torch.zeros(1, 1, 8, 4), True, 4, 1, True, 1.0)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])

@@ -8,7 +8,7 @@ import torch
 
 from . import naive
 from .features import PerformerFeatures, featurize, resolve_feature_map
-from .ops import CPU_KERNELS_BUILT, state_dtype
+from .ops import CPU_KERNELS_BUILT, FEATURE_CODES, state_dtype
 
 DEFAULT_CHUNK_SIZE = 64
 
@@ -119,6 +119,26 @@ def core(phi_q, phi_k, v, causal: bool, initial_state, chunk_size: int | None, b
     return LinearAttentionCore.apply(phi_q.to(v.dtype), phi_k.to(v.dtype), v, state0, causal, chunk, backend)
 
 
+def fused_cpu(q, k, v, causal: bool, feature_map: str, normalize: bool, scale: float | None, initial_state,
+              chunk_size: int | None):
+    """The CPU kernels' fused form (feature map, scale and normaliser in the kernel): ``(out, kv, k_sum)``."""
+    from .autograd import LinearAttentionFusedCPU
+
+    sdtype = state_dtype(v.dtype, "cpu")
+    state0 = None
+    if initial_state is not None:
+        kv0, k_sum0 = initial_state
+        state0 = kv0.to(sdtype)
+        if normalize:
+            state0 = torch.cat([state0, k_sum0.to(sdtype).unsqueeze(-1)], dim=-1)  # (B, Hkv, M, Dv + 1)
+    out, state, _ = LinearAttentionFusedCPU.apply(
+        q, k, v, state0, causal, chunk_size or DEFAULT_CHUNK_SIZE, FEATURE_CODES[feature_map], normalize,
+        1.0 if scale is None else float(scale))
+    if normalize:
+        return out, state[..., :-1], state[..., -1]
+    return out, state, None
+
+
 def linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -175,9 +195,12 @@ def linear_attention(
         from ..triton_kernels.linear_attention import check_chunk_size
 
         check_chunk_size(chunk_size)
-    phi_q, phi_k = featurize(q, k, feature_map, scale, normalize)
     if isinstance(initial_state, torch.Tensor):
         initial_state = (initial_state, None)
+    if backend == "cpu" and isinstance(feature_map, str) and feature_map in FEATURE_CODES:
+        out, kv, k_sum = fused_cpu(q, k, v, causal, feature_map, normalize, scale, initial_state, chunk_size)
+        return (out, LinearAttentionState(kv, k_sum)) if return_state else out
+    phi_q, phi_k = featurize(q, k, feature_map, scale, normalize)
     if normalize:
         v_aug, state_aug = naive.with_normalizer(v, initial_state)
         o_aug, state_out = core(phi_q, phi_k, v_aug, causal, state_aug, chunk_size, backend)

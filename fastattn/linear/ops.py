@@ -8,6 +8,13 @@ applied before, in :func:`fastattn.linear_attention`) and one dtype for ``q``, `
 * backward ``(dout, q, k, v, initial_state, dstate, causal, chunk_size) -> (dq, dk, dv, d_initial_state)``,
   ``dstate`` the gradient of the returned state (None: zero).
 
+The CPU kernels also have a fused pair, ``fastattn::linear_attention_fused_fwd/bwd``
+(:data:`FUSED_FWD_SCHEMA`, :data:`FUSED_BWD_SCHEMA`): raw ``q``/``k`` in, the feature map
+(:data:`FEATURE_CODES`; 0 for none) applied to tiles after the ``sqrt(scale)`` factor, and with
+``normalize`` the normaliser ``z = sum phi(k)`` carried as an extra state column ``(B, Hkv, M, Dv + 1)``
+and the division done in the kernel; the forward also returns the denominators ``(B, Hq, L)``
+(``(B, Hq, 0)`` without normalisation), which the backward reads with the output.
+
 The state is float32 (float64 for float64 inputs on the CPU kernels). Two backends implement
 the pair: ``"cpu"``, the C++ kernels ``fastattn::linear_attention_fwd/bwd`` (csrc/cpu/linear_attention.cpp,
 schemas declared in csrc/bindings.cpp) and ``"triton"``, ``fastattn::linear_attention_triton_fwd/bwd``
@@ -32,6 +39,18 @@ BWD_SCHEMA = (
 )
 
 
+# The CPU kernels' fused form: the feature map (by code), sqrt(scale) and the normaliser applied in the kernel.
+FEATURE_CODES = {"elu+1": 1, "relu": 2}
+FUSED_FWD_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor? initial_state, bool causal, int chunk_size, int feature_map, "
+    "bool normalize, float scale) -> (Tensor, Tensor, Tensor)"
+)
+FUSED_BWD_SCHEMA = (
+    "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor denom, Tensor? initial_state, Tensor? dstate, "
+    "bool causal, int chunk_size, int feature_map, bool normalize, float scale) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
 def state_dtype(dtype: torch.dtype, backend: str) -> torch.dtype:
     """The state's dtype on a backend: float32, or float64 for float64 inputs on the CPU kernels."""
     return torch.promote_types(dtype, torch.float32) if backend == "cpu" else torch.float32
@@ -50,9 +69,24 @@ def bwd_fake(dout, q, k, v, initial_state, dstate, causal, chunk_size, *, backen
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds0
 
 
+def fused_fwd_fake(q, k, v, initial_state, causal, chunk_size, feature_map, normalize, scale):
+    B, Hq, L, M = q.shape
+    sdtype = state_dtype(q.dtype, "cpu")
+    out = q.new_empty((B, Hq, L, v.shape[-1]))
+    state = q.new_empty((B, k.shape[1], M, v.shape[-1] + int(normalize)), dtype=sdtype)
+    return out, state, q.new_empty((B, Hq, L if normalize else 0), dtype=sdtype)
+
+
+def fused_bwd_fake(dout, q, k, v, out, denom, initial_state, dstate, causal, chunk_size, feature_map, normalize,
+                   scale):
+    B, Hkv, _, M = k.shape
+    ds0 = q.new_empty((B, Hkv, M, v.shape[-1] + int(normalize)), dtype=state_dtype(q.dtype, "cpu"))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds0
+
+
 def _cpu_kernels_built() -> bool:
     module, _ = load_extension()
-    return module is not None and hasattr(torch.ops.fastattn, "linear_attention_fwd")
+    return module is not None and hasattr(torch.ops.fastattn, "linear_attention_fused_fwd")
 
 
 # Decided once, at import: torch.compile traces the dispatch, and the fakes must exist before it does.
@@ -60,6 +94,8 @@ CPU_KERNELS_BUILT = _cpu_kernels_built()
 if CPU_KERNELS_BUILT:
     torch.library.register_fake("fastattn::linear_attention_fwd", functools.partial(fwd_fake, backend="cpu"))
     torch.library.register_fake("fastattn::linear_attention_bwd", functools.partial(bwd_fake, backend="cpu"))
+    torch.library.register_fake("fastattn::linear_attention_fused_fwd", fused_fwd_fake)
+    torch.library.register_fake("fastattn::linear_attention_fused_bwd", fused_bwd_fake)
 
 
 def _triton_fwd(q, k, v, initial_state, causal, chunk_size):

@@ -26,6 +26,7 @@
 // repeated and the group's dK, dV are summed without atomics. Matrix products go through the BLAS
 // wrapper of the softmax kernels (attention_cpu.h).
 #include <ATen/Parallel.h>
+#include <bit>
 #include <cmath>
 #include <torch/library.h>
 
@@ -50,11 +51,40 @@ struct LinearParams {
   double root = 1.0;
 };
 
+// exp(x) for x <= 0 without branches or float-to-int conversions, so that the feature loop vectorises
+// (the build keeps trapping math): x = n ln2 + r with |r| <= ln2 / 2, n rounded by the 1.5 * 2^23
+// shift, exp(r) by its degree-7 Taylor polynomial (relative error below 1e-7), 2^n from the exponent
+// bits. Inputs below -87 give exp(-87) ~ 1.6e-38 (the smallest normal floats).
+inline float exp_nonpositive(float x) {
+  const uint32_t bits = std::bit_cast<uint32_t>(x);  // x <= 0: x < -87 is a larger unsigned pattern
+  x = std::bit_cast<float>(bits > 0xC2AE0000u ? 0xC2AE0000u : bits);
+  const float shifted = x * 1.44269504f + 12582912.0f;  // round(x / ln2) lands in the low mantissa bits
+  const float nf = shifted - 12582912.0f;
+  const int32_t n = std::bit_cast<int32_t>(shifted) - 0x4B400000;
+  const float r = (x - nf * 0.693145751953125f) - nf * 1.428606765330187e-06f;
+  float e = 1.0f / 5040.0f;
+  e = e * r + 1.0f / 720.0f;
+  e = e * r + 1.0f / 120.0f;
+  e = e * r + 1.0f / 24.0f;
+  e = e * r + 1.0f / 6.0f;
+  e = e * r + 0.5f;
+  e = e * r + 1.0f;
+  e = e * r + 1.0f;
+  return e * std::bit_cast<float>((n + 127) << 23);
+}
+inline double exp_nonpositive(double x) { return std::exp(x); }
+
+// phi over n contiguous values, in place; one loop per map so the compiler can vectorise it.
 template <typename acc_t>
-acc_t feature(acc_t x, int64_t fmap) {
-  if (fmap == kEluPlusOne) return x > 0 ? x + acc_t(1) : std::exp(x);
-  if (fmap == kRelu) return x > 0 ? x : acc_t(0);
-  return x;
+void apply_feature(acc_t* x, int64_t n, int64_t fmap) {
+  if (fmap == kEluPlusOne) {
+    for (int64_t i = 0; i < n; ++i) {  // exp(min(v, 0)) + max(v, 0), min and max by |v| (exact)
+      const acc_t v = x[i], a = std::abs(v), e = exp_nonpositive((v - a) * acc_t(0.5));
+      x[i] = e + (v + a) * acc_t(0.5);
+    }
+  } else if (fmap == kRelu) {
+    for (int64_t i = 0; i < n; ++i) x[i] = x[i] > acc_t(0) ? x[i] : acc_t(0);
+  }
 }
 
 // phi'(x) from phi(x): elu+1 is x + 1 > 1 for x > 0 and exp(x) <= 1 else; relu is x > 0 or 0.
@@ -93,8 +123,8 @@ const acc_t* feature_tile(const LinearParams& p, const scalar_t* base, int64_t r
   if (p.fmap == kIdentity && p.root == 1.0) return tile_as_acc<scalar_t, acc_t>(base, rows, p.M, row_stride, scratch, ld);
   const acc_t root = static_cast<acc_t>(p.root);
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < p.M; ++c)
-      scratch[r * p.M + c] = feature(root * static_cast<acc_t>(base[r * row_stride + c]), p.fmap);
+    for (int64_t c = 0; c < p.M; ++c) scratch[r * p.M + c] = root * static_cast<acc_t>(base[r * row_stride + c]);
+  apply_feature(scratch, rows * p.M, p.fmap);
   *ld = p.M;
   return scratch;
 }

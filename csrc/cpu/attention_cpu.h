@@ -352,6 +352,36 @@ inline void add_pv_nonfinite(const acc_t* P, const char* seen, int64_t rows, int
   }
 }
 
+// One online-softmax step over a tile of scores S (rows x n, after transform_scores), in place:
+// S becomes P = exp(S - m_new), the running max m and sum l advance, and acc (rows x Dv) is rescaled.
+// A row with a non-finite visible score is marked in bad and uses nothing more (its P is 0).
+template <typename acc_t>
+inline void online_softmax_step(acc_t* S, int64_t rows, int64_t n, acc_t* m, acc_t* l, char* bad, acc_t* acc,
+                                int64_t Dv) {
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* s = S + r * n;
+    if (bad[r] || row_has_nonfinite(s, n)) {  // the row will be NaN; it uses nothing more
+      bad[r] = 1;
+      std::fill(s, s + n, acc_t(0));
+      continue;
+    }
+    const acc_t m_new = std::max(m[r], row_max(s, n));
+    if (m_new == neg_inf) {  // nothing visible in this row yet: P = 0
+      std::fill(s, s + n, acc_t(0));
+      continue;
+    }
+    const acc_t sum = exp_shift_sum(s, n, m_new);
+    const acc_t correction = m[r] == neg_inf ? acc_t(0) : std::exp(m[r] - m_new);
+    l[r] = l[r] * correction + sum;
+    m[r] = m_new;
+    if (correction != acc_t(1)) {
+      acc_t* a = acc + r * Dv;
+      for (int64_t c = 0; c < Dv; ++c) a[c] *= correction;
+    }
+  }
+}
+
 // seen[e] = S[e] is not -inf, for the rows x n scores of a tile after transform_scores: which keys each row sees.
 template <typename acc_t>
 inline void seen_keys(const acc_t* S, int64_t count, char* seen) {

@@ -82,27 +82,7 @@ void attention_forward(const Params& p, const at::Tensor& q, const at::Tensor& k
                                                         v_buf.data(), &ldv);
           const bool v_finite = tile_finite(V, n, Dv, ldv);
           if (!v_finite) seen_keys(S.data(), rows * n, seen.data());
-          for (int64_t r = 0; r < rows; ++r) {
-            acc_t* s = S.data() + r * n;
-            if (bad[r] || row_has_nonfinite(s, n)) {  // the row will be NaN; it uses nothing more
-              bad[r] = 1;
-              std::fill(s, s + n, acc_t(0));
-              continue;
-            }
-            const acc_t m_new = std::max(m[r], row_max(s, n));
-            if (m_new == neg_inf) {  // nothing visible in this row yet: P = 0
-              std::fill(s, s + n, acc_t(0));
-              continue;
-            }
-            const acc_t sum = exp_shift_sum(s, n, m_new);
-            const acc_t correction = m[r] == neg_inf ? acc_t(0) : std::exp(m[r] - m_new);
-            l[r] = l[r] * correction + sum;
-            m[r] = m_new;
-            if (correction != acc_t(1)) {
-              acc_t* a = acc.data() + r * Dv;
-              for (int64_t c = 0; c < Dv; ++c) a[c] *= correction;
-            }
-          }
+          online_softmax_step(S.data(), rows, n, m.data(), l.data(), bad.data(), acc.data(), Dv);
           if (p.dropout_threshold) {  // l keeps the undropped sum; only P V sees the dropout
             dropout_factors<acc_t>(p, b, h, q0, rows, k0, n, drop.data());
             for (int64_t e = 0; e < rows * n; ++e) S[e] *= drop[e];

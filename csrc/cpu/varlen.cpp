@@ -246,27 +246,7 @@ void varlen_forward(const Params& p, const Packing& pk, const at::Tensor& q, con
           const acc_t* V = tile_as_acc<scalar_t, acc_t>(v_seq + k0 * p.v_sr, n, Dv, p.v_sr, v_buf.data(), &ldv);
           const bool v_finite = tile_finite(V, n, Dv, ldv);
           if (!v_finite) seen_keys(S.data(), rows * n, seen.data());
-          for (int64_t r = 0; r < rows; ++r) {
-            acc_t* sr = S.data() + r * n;
-            if (bad[r] || row_has_nonfinite(sr, n)) {  // the row will be NaN; it uses nothing more
-              bad[r] = 1;
-              std::fill(sr, sr + n, acc_t(0));
-              continue;
-            }
-            const acc_t m_new = std::max(m[r], row_max(sr, n));
-            if (m_new == neg_inf) {  // nothing visible in this row yet: P = 0
-              std::fill(sr, sr + n, acc_t(0));
-              continue;
-            }
-            const acc_t sum = exp_shift_sum(sr, n, m_new);
-            const acc_t correction = m[r] == neg_inf ? acc_t(0) : std::exp(m[r] - m_new);
-            l[r] = l[r] * correction + sum;
-            m[r] = m_new;
-            if (correction != acc_t(1)) {
-              acc_t* a = acc.data() + r * Dv;
-              for (int64_t c = 0; c < Dv; ++c) a[c] *= correction;
-            }
-          }
+          online_softmax_step(S.data(), rows, n, m.data(), l.data(), bad.data(), acc.data(), Dv);
           // acc += P V  # [rows, Dv]; a non-finite value reaches exactly the rows that see it
           if (v_finite) {
             gemm(Trans::kNo, Trans::kNo, rows, Dv, n, acc_t(1), S.data(), n, V, ldv, acc_t(1), acc.data(), Dv);

@@ -34,11 +34,12 @@ TORCH_LIBRARY(fastattn, m) {
   // cu_seqlens int32 (num_seqs + 1,); out (total_q, Hq, Dv) and lse (Hq, total_q) in the accumulation
   // dtype. Must stay equal to VARLEN_FWD_SCHEMA/VARLEN_BWD_SCHEMA in fastattn/ops.py.
   m.def("varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
-        "int max_seqlen_k, Tensor? alibi_slopes, float scale, int? window_left, int? window_right, float softcap) "
-        "-> (Tensor, Tensor)");
+        "int max_seqlen_k, Tensor? alibi_slopes, float scale, int? window_left, int? window_right, float softcap, "
+        "float dropout_p=0., int seed=0) -> (Tensor, Tensor)");
   m.def("varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
         "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor? alibi_slopes, float scale, "
-        "int? window_left, int? window_right, float softcap, Tensor? dlse=None) -> (Tensor, Tensor, Tensor)");
+        "int? window_left, int? window_right, float softcap, Tensor? dlse=None, float dropout_p=0., int seed=0) "
+        "-> (Tensor, Tensor, Tensor)");
   // Linear attention's core (csrc/cpu/linear_attention.cpp); schemas equal to fastattn/linear/ops.py.
   m.def("linear_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? initial_state, bool causal, int chunk_size) "
         "-> (Tensor, Tensor)");

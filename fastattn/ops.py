@@ -153,12 +153,13 @@ def decode_fake(q, k_cache, v_cache, *args):
 # the backward takes back as is. The C++ extension declares the same schemas (csrc/bindings.cpp).
 VARLEN_FWD_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
-    "Tensor? alibi_slopes, float scale, int? window_left, int? window_right, float softcap) -> (Tensor, Tensor)"
+    "Tensor? alibi_slopes, float scale, int? window_left, int? window_right, float softcap, float dropout_p=0., "
+    "int seed=0) -> (Tensor, Tensor)"
 )
 VARLEN_BWD_SCHEMA = (
     "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
     "int max_seqlen_q, int max_seqlen_k, Tensor? alibi_slopes, float scale, int? window_left, int? window_right, "
-    "float softcap, Tensor? dlse=None) -> (Tensor, Tensor, Tensor)"
+    "float softcap, Tensor? dlse=None, float dropout_p=0., int seed=0) -> (Tensor, Tensor, Tensor)"
 )
 
 

@@ -6,8 +6,9 @@ Two ways to run, chosen per call:
   csrc/cpu/varlen.cpp, the ``triton`` backend's ``fastattn::triton_varlen_fwd``/``_bwd`` in
   triton_kernels/attention_varlen.py): the kernels
   read ``cu_seqlens`` themselves and walk each sequence's own tiles, so nothing is padded and no mask
-  exists; causal, window and ALiBi are aligned per sequence inside the kernel;
-* **the block-mask path**, for what no varlen kernel takes (dropout, the other backends): one
+  exists; causal, window and ALiBi are aligned per sequence inside the kernel, and dropout is drawn
+  per sequence (:func:`varlen_dropout_keep_mask`);
+* **the block-mask path**, for the backends without a varlen kernel (reference, cuda): one
   :func:`fastattn.attention` call (batch 1) with a :class:`fastattn.BlockMask` built from
   ``cu_seqlens`` -- tiles that pair two sequences are empty and never computed, tiles inside one
   sequence are full (or carry the causal / window element mask, bottom-right aligned per sequence),
@@ -24,9 +25,10 @@ import torch
 from ._inputs import _check_bool, _check_sinks, _check_tensor, _check_window, normalize
 from .api import attention
 from .autograd import fold_sinks
-from .backends import select_backend
+from .backends import get_backend, select_backend
 from .block_mask import EMPTY, FULL, PARTIAL, BlockMask, block_extents
 from .ops import BackendOps
+from .reference import draw_seed
 
 # Tile size of the mask: a size every backend takes (Triton: a power of two <= 128, CUDA: a multiple of 64).
 BLOCK_SIZE = 64
@@ -135,18 +137,50 @@ def varlen_kernel_ops(backend_name: str) -> BackendOps | None:
     return None
 
 
+def varlen_dropout_keep_mask(backend_name: str, seed: int, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                             heads_q: int, dropout_p: float) -> list[torch.Tensor]:
+    """The dropout pattern a varlen kernel applies for ``seed``: one bool ``(Hq, Lq_s, Lk_s)`` per
+    sequence (True = keep).
+
+    Sequence ``s`` gets the pattern the backend's padded kernels draw for that sequence alone (batch 1,
+    its own lengths, local indices) from the seed ``seed + s``: sequences never share random numbers,
+    and a sequence's pattern does not depend on the lengths of the others.
+
+    Args:
+        backend_name: ``"cpu"`` or ``"triton"`` (the backends with a varlen kernel).
+        seed: the seed the call drew (:func:`fastattn.reference.draw_seed`).
+        cu_seqlens_q, cu_seqlens_k: int32 ``(num_seqs + 1,)``.
+        heads_q: Hq.
+        dropout_p: the dropout probability.
+    """
+    backend = get_backend(backend_name)
+    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    masks = []
+    for s in range(len(cu_q) - 1):
+        lq, lk = cu_q[s + 1] - cu_q[s], cu_k[s + 1] - cu_k[s]
+        if lq == 0 or lk == 0:
+            masks.append(torch.ones(heads_q, lq, lk, dtype=torch.bool, device=cu_seqlens_q.device))
+            continue
+        dummy_q = torch.empty(1, heads_q, lq, 1, device=cu_seqlens_q.device)
+        dummy_k = torch.empty(1, 1, lk, 1, device=cu_seqlens_q.device)
+        inputs = normalize(dummy_q, dummy_k, dummy_k, dropout_p=dropout_p)
+        masks.append(backend.dropout_keep_mask(inputs, seed + s)[0])
+    return masks
+
+
 class VarlenFunction(torch.autograd.Function):
     """Autograd of the varlen kernels: the chosen backend's varlen forward and backward ops."""
 
     @staticmethod
     def forward(ctx, backend_name, lse_differentiable, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                max_seqlen_k, alibi_slopes, scale, window_left, window_right, softcap):
+                max_seqlen_k, alibi_slopes, scale, window_left, window_right, softcap, dropout_p, seed):
         ops = varlen_kernel_ops(backend_name)
         scalars = (max_seqlen_q, max_seqlen_k, alibi_slopes, scale, window_left, window_right, softcap)
-        out, lse = ops.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, *scalars)
+        out, lse = ops.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, *scalars, dropout_p, seed)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
         ctx.backend_name = backend_name
         ctx.scalars = scalars[:2] + scalars[3:]
+        ctx.dropout = (dropout_p, seed)
         ctx.lse_differentiable = lse_differentiable
         # The ops' lse is in the accumulation dtype (float64 for float64 inputs); callers get float32.
         lse_out = lse.float()
@@ -162,9 +196,9 @@ class VarlenFunction(torch.autograd.Function):
         dlse = dlse.float().contiguous() if ctx.lse_differentiable and dlse is not None else None
         dq, dk, dv = varlen_kernel_ops(ctx.backend_name).bwd(
             dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, scale,
-            window_left, window_right, softcap, dlse,
+            window_left, window_right, softcap, dlse, *ctx.dropout,
         )
-        return None, None, dq, dk, dv, *(None,) * 9
+        return None, None, dq, dk, dv, *(None,) * 11
 
 
 def varlen_attention(
@@ -205,14 +239,15 @@ def varlen_attention(
             ``j <= i + (Lk_s - Lq_s)``.
         window: ``(left, right)``, ``-1`` = unbounded, aligned per sequence as ``causal``.
         alibi_slopes: float32 ``(Hq,)``; bias ``-slope * |i + (Lk_s - Lq_s) - j|`` per sequence (local
-            indices). The varlen kernels apply it per sequence. The block-mask path (``dropout_p > 0``,
-            or a backend without a varlen kernel) applies one offset, ``total_k - total_q``, to the
-            packed call, so there it needs ``cu_seqlens_k[s+1] - cu_seqlens_q[s+1] == total_k - total_q``
+            indices). The varlen kernels (cpu, triton) apply it per sequence. The block-mask path (a
+            backend without a varlen kernel) applies one offset, ``total_k - total_q``, to the packed call, so there it needs ``cu_seqlens_k[s+1] - cu_seqlens_q[s+1] == total_k - total_q``
             for every sequence with queries and keys (true when ``Lq_s == Lk_s`` for all) and raises a
             ValueError otherwise rather than give a wrong bias.
         softcap, scale, backend: as in :func:`fastattn.attention`.
-        dropout_p: as in :func:`fastattn.attention`; runs on the block-mask path, whose dropout pattern
-            is drawn over the packed positions.
+        dropout_p: as in :func:`fastattn.attention`: reproducible under ``torch.manual_seed``, with a
+            matching backward. The varlen kernels draw each sequence's pattern as for that sequence
+            alone (:func:`varlen_dropout_keep_mask`); the block-mask path draws one pattern over the
+            packed positions.
         return_lse: also return the float32 log-sum-exp ``(Hq, total_q)``.
         sinks: float32 ``(Hq,)`` attention-sink logits, as in :func:`fastattn.attention` (every row's
             denominator; ``lse`` then includes the sink).
@@ -258,26 +293,27 @@ def varlen_attention(
                        window=window, alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, scale=scale,
                        return_lse=return_lse, sinks=sinks)
     chosen = select_backend(inputs, backend).name
-    if dropout_p == 0 and varlen_kernel_ops(chosen) is not None:
+    if varlen_kernel_ops(chosen) is not None:
+        seed = draw_seed() if inputs.dropout_p > 0 else 0
         slopes = None if inputs.alibi_slopes is None else inputs.alibi_slopes[0]
         # With sinks the kernel's lse feeds the result (fold_sinks), so its gradient must reach the backward.
         out, lse = VarlenFunction.apply(chosen, return_lse or sinks is not None, inputs.q[0].transpose(0, 1), inputs.k[0].transpose(0, 1),
                                         inputs.v[0].transpose(0, 1), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                         max_seqlen_k, slopes, inputs.scale, inputs.window_left, inputs.window_right,
-                                        inputs.softcap)
+                                        inputs.softcap, inputs.dropout_p, seed)
         if inputs.sinks is not None:  # (total_q, Hq, Dv) and (Hq, total_q) as one batch of fold_sinks
             out, lse = fold_sinks(out.transpose(0, 1)[None], lse[None], inputs.sinks)
             out, lse = out[0].transpose(0, 1), lse[0]
         return (out, lse) if return_lse else out
 
-    # The block-mask path (dropout, or a backend without a varlen kernel).
+    # The block-mask path (a backend without a varlen kernel).
     if alibi_slopes is not None:
         # One call applies one offset (total_k - total_q) to every pair: exact only if each sequence has it.
         offsets = (cu_k[1:] - cu_q[1:])[(len_q > 0) & (len_k > 0)]
         if bool((offsets != total_k - total_q).any()):
             raise ValueError(
-                "alibi_slopes with varlen_attention on the block-mask path (dropout, or a backend without a varlen "
-                f"kernel: {chosen!r}) needs cu_seqlens_k[s+1] - cu_seqlens_q[s+1] == total_k - total_q = "
+                f"alibi_slopes with varlen_attention on the block-mask path (backend {chosen!r} has no varlen "
+                "kernel) needs cu_seqlens_k[s+1] - cu_seqlens_q[s+1] == total_k - total_q = "
                 f"{total_k - total_q} for every sequence with queries and keys (true when Lq_s == Lk_s for all); "
                 "these cu_seqlens differ, so their per-sequence ALiBi distances cannot be expressed in one packed call"
             )
@@ -290,4 +326,4 @@ def varlen_attention(
     return result[0]
 
 
-__all__ = ["varlen_attention", "varlen_block_mask"]
+__all__ = ["varlen_attention", "varlen_block_mask", "varlen_dropout_keep_mask"]

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 import fastattn
+from fastattn import reference
 from fastattn.block_mask import EMPTY
-from fastattn.varlen import varlen_block_mask
+from fastattn.varlen import varlen_block_mask, varlen_dropout_keep_mask
 
+from .helpers import op_args
 from .tolerance import assert_close_to_reference, high_precision
 
 BACKENDS = ["reference", "cpu"]
@@ -18,11 +20,12 @@ def _cu(lengths) -> torch.Tensor:
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
 
 
-def _loop(q, k, v, lens_q, lens_k, **kwargs):
-    """Reference attention of each sequence alone, packed back: ``out (total_q, Hq, Dv)``, ``lse (Hq, total_q)``."""
+def _loop(q, k, v, lens_q, lens_k, keeps=None, **kwargs):
+    """Reference attention of each sequence alone, packed back: ``out (total_q, Hq, Dv)``, ``lse (Hq, total_q)``.
+    ``keeps``: each sequence's dropout keep pattern ``(Hq, Lq_s, Lk_s)`` (with ``dropout_p`` in kwargs)."""
     outs, lses = [], []
     sq = sk = 0
-    for lq, lk in zip(lens_q, lens_k):
+    for s, (lq, lk) in enumerate(zip(lens_q, lens_k)):
         qs, ks, vs = q[sq:sq + lq], k[sk:sk + lk], v[sk:sk + lk]
         sq, sk = sq + lq, sk + lk
         if lq == 0:
@@ -31,8 +34,13 @@ def _loop(q, k, v, lens_q, lens_k, **kwargs):
             outs.append(torch.zeros(lq, q.shape[1], v.shape[2], dtype=q.dtype))
             lses.append(torch.full((q.shape[1], lq), float("-inf")))
             continue
-        out, lse = fastattn.attention(qs[None], ks[None], vs[None], layout="blhd", backend="reference",
-                                      return_lse=True, **kwargs)
+        if keeps is not None:  # the kernel's own pattern
+            out, lse = reference.attention(*(t[None].transpose(1, 2) for t in (qs, ks, vs)), return_lse=True,
+                                           dropout_keep=keeps[s][None], **kwargs)
+            out = out.transpose(1, 2)
+        else:
+            out, lse = fastattn.attention(qs[None], ks[None], vs[None], layout="blhd", backend="reference",
+                                          return_lse=True, **kwargs)
         outs.append(out[0])
         lses.append(lse[0].float())
     return torch.cat(outs), torch.cat(lses, dim=1)
@@ -41,7 +49,8 @@ def _loop(q, k, v, lens_q, lens_k, **kwargs):
 def _check(backend, lens_q, lens_k, *, Hq=4, Hkv=2, D=16, Dv=16, seed=0, device="cpu", dtype=torch.float32,
            lse_grad=False, **kwargs):
     """varlen_attention on ``backend`` against the per-sequence reference loop: out, lse and the
-    gradients of q, k, v (and through lse too with ``lse_grad``), by the tolerance rule."""
+    gradients of q, k, v (and through lse too with ``lse_grad``), by the tolerance rule. With
+    ``dropout_p``, the reference applies the pattern the kernel reports for the seed the call drew."""
     g = torch.Generator().manual_seed(seed)
     tq, tk = sum(lens_q), sum(lens_k)
     q, k, v = (torch.randn(*shape, generator=g).to(dtype) for shape in ((tq, Hq, D), (tk, Hkv, D), (tk, Hkv, Dv)))
@@ -56,15 +65,21 @@ def _check(backend, lens_q, lens_k, *, Hq=4, Hkv=2, D=16, Dv=16, seed=0, device=
 
     leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
     device_kwargs = {name: x.to(device) if isinstance(x, torch.Tensor) else x for name, x in kwargs.items()}
+    rng = torch.random.get_rng_state()
     out, lse = fastattn.varlen_attention(*leaves, _cu(lens_q).to(device), _cu(lens_k).to(device), max(lens_q),
                                          max(lens_k), backend=backend, return_lse=True, **device_kwargs)
+    keeps = None
+    if kwargs.get("dropout_p", 0) > 0:  # replay the seed the call drew
+        torch.random.set_rng_state(rng)
+        keeps = [m.cpu() for m in varlen_dropout_keep_mask(backend, reference.draw_seed(), _cu(lens_q).to(device),
+                                                           _cu(lens_k).to(device), Hq, kwargs["dropout_p"])]
     assert out.dtype == dtype and lse.dtype == torch.float32
     grads = torch.autograd.grad(loss(out, lse), leaves)
     out, lse = out.cpu(), lse.cpu()
     results = {}
     for ref_dtype in (high_precision(dtype), dtype):
         ref_leaves = [t.to(ref_dtype).requires_grad_() for t in (q, k, v)]
-        ref, ref_lse = _loop(*ref_leaves, lens_q, lens_k, **kwargs)
+        ref, ref_lse = _loop(*ref_leaves, lens_q, lens_k, keeps, **kwargs)
         ref_grads = torch.autograd.grad(loss(ref, ref_lse.to(ref_dtype)), ref_leaves)
         results[ref_dtype] = (ref, ref_lse, ref_grads)
     (ref_hi, lse_hi, grads_hi), (ref_lp, _, grads_lp) = results[high_precision(dtype)], results[dtype]
@@ -216,16 +231,151 @@ def test_varlen_kernel_opcheck():
     out, lse = torch.ops.fastattn.varlen_fwd(*args)
     torch.library.opcheck(torch.ops.fastattn.varlen_bwd.default,
                           (torch.randn_like(out), q, k, v, out, lse, *args[3:], torch.randn(4, 9)))
+    # With dropout (dropout_p, seed after dlse: the schema's defaulted tail).
+    out, lse = torch.ops.fastattn.varlen_fwd(*args, 0.25, 77)
+    torch.library.opcheck(torch.ops.fastattn.varlen_fwd.default, (*args, 0.25, 77))
+    torch.library.opcheck(torch.ops.fastattn.varlen_bwd.default,
+                          (torch.randn_like(out), q, k, v, out, lse, *args[3:], None, 0.25, 77))
 
 
-def test_dropout_runs_on_the_block_mask_path():
+def test_varlen_cpp_schemas_equal_python_schemas():
+    from fastattn.ops import VARLEN_BWD_SCHEMA, VARLEN_FWD_SCHEMA
+
+    parse = torch._C.parse_schema
+    assert str(torch.ops.fastattn.varlen_fwd.default._schema) == str(parse("fastattn::varlen_fwd" + VARLEN_FWD_SCHEMA))
+    assert str(torch.ops.fastattn.varlen_bwd.default._schema) == str(parse("fastattn::varlen_bwd" + VARLEN_BWD_SCHEMA))
+
+
+# ------------------------------------------------------------------------------------------ dropout
+@pytest.fixture
+def no_block_mask_path(monkeypatch):
+    """Fails a call that leaves the varlen kernels for the block-mask path (fastattn.attention)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("varlen_attention took the block-mask path instead of a varlen kernel")
+
+    monkeypatch.setattr("fastattn.varlen.attention", refuse)
+
+
+# Lengths 0 and 1, Lq_s != Lk_s, GQA, causal, window, softcap, ALiBi with per-sequence offsets.
+DROPOUT_CASES = [
+    pytest.param(dict(lens=([9, 1, 0, 80, 30], [25, 1, 4, 66, 0]), causal=True), id="GQA-causal-0-1"),
+    pytest.param(dict(lens=([37, 2, 70], [40, 1, 70]), Hq=3, Hkv=1, D=24, Dv=40, window=(9, 4), softcap=3.0,
+                      alibi_slopes=torch.tensor([0.3, 0.1, 0.02])), id="MQA-window-softcap-alibi"),
+    pytest.param(dict(lens=([300, 5], [300, 17]), Hq=2, Hkv=1, causal=True), id="long-sequence-split-backward"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", DROPOUT_CASES)
+def test_cpu_varlen_kernel_dropout(case, dtype, no_block_mask_path):
+    """The cpu varlen kernels' dropout (forward and backward) against the per-sequence reference given
+    the pattern the kernel reports for the seed (varlen_dropout_keep_mask)."""
+    case = dict(case)
+    lens_q, lens_k = case.pop("lens")
+    _check("cpu", lens_q, lens_k, dtype=dtype, dropout_p=0.3, **case)
+
+
+@pytest.mark.interpreter
+def test_triton_varlen_kernel_dropout(triton_varlen_calls, no_block_mask_path):
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on the CPU through the Triton interpreter
+    _check("triton", [9, 1, 0, 40, 3], [25, 1, 4, 30, 0], device=device, causal=True, dropout_p=0.3)
+    assert triton_varlen_calls == ["fwd", "bwd"], "the Triton varlen kernels did not run"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 tl.dot needs a GPU (the interpreter lacks it)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_varlen_kernel_dropout_gpu(dtype, triton_varlen_calls):
+    _check("triton", [130, 1, 0, 77, 3], [200, 1, 4, 77, 0], Hq=6, Hkv=2, D=64, Dv=64, device="cuda", dtype=dtype,
+           causal=True, dropout_p=0.2)
+    _check("triton", [64, 33], [17, 90], Hq=4, Hkv=1, D=40, Dv=40, device="cuda", dtype=dtype, window=(7, 2),
+           softcap=5.0, dropout_p=0.1)
+
+
+def _dense_op_out(backend, q, k, v, seed, **kwargs):
+    """The padded forward op of ``backend`` on one sequence ``(L, H, D)`` (batch 1) with an explicit seed."""
+    fwd, _ = op_args(q[None].transpose(1, 2), k[None].transpose(1, 2), v[None].transpose(1, 2), backend=backend,
+                     seed=seed, **kwargs)
+    ops = fastattn.get_backend(backend).ops
+    return ops.fwd(*fwd)[0][0].transpose(0, 1)
+
+
+@pytest.mark.parametrize("backend", [
+    "cpu", pytest.param("triton", marks=pytest.mark.interpreter),
+])
+def test_varlen_dropout_equals_each_sequence_alone_on_the_padded_kernel(backend):
+    """Sequence s of a packed batch gets exactly the padded kernel's dropout of that sequence alone
+    under seed + s: the varlen output equals the padded op's with that seed (the same pattern; the
+    values agree to rounding)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    lens_q, lens_k = [17, 1, 40], [17, 5, 33]
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(sum(n), h, 16, generator=g).to(device) for n, h in ((lens_q, 4), (lens_k, 2), (lens_k, 2)))
+    torch.manual_seed(11)
+    out = fastattn.varlen_attention(q, k, v, _cu(lens_q).to(device), _cu(lens_k).to(device), 40, 33, causal=True,
+                                    dropout_p=0.4, backend=backend)
+    torch.manual_seed(11)
+    seed = reference.draw_seed()
+    sq = sk = 0
+    for s, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+        want = _dense_op_out(backend, q[sq:sq + lq], k[sk:sk + lk], v[sk:sk + lk], seed + s, causal=True,
+                             dropout_p=0.4)
+        torch.testing.assert_close(out[sq:sq + lq], want, atol=1e-5, rtol=1e-5)
+        sq, sk = sq + lq, sk + lk
+    # Without dropout the same call differs: the pattern above is not a no-op.
+    assert not torch.allclose(out, fastattn.varlen_attention(q, k, v, _cu(lens_q).to(device), _cu(lens_k).to(device),
+                                                             40, 33, causal=True, backend=backend))
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_varlen_dropout_pattern_statistics_and_reproducibility(backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    cu = _cu([97, 97, 0, 50]).to(device)
+    keeps = varlen_dropout_keep_mask(backend, 1234, cu, cu, 3, 0.3)
+    assert [tuple(m.shape) for m in keeps] == [(3, 97, 97), (3, 97, 97), (3, 0, 0), (3, 50, 50)]
+    kept = torch.cat([m.flatten() for m in keeps]).float()
+    assert abs(kept.mean().item() - 0.7) < 0.015
+    # Two sequences of equal lengths draw different patterns (no shared random numbers), and so does another seed.
+    assert not torch.equal(keeps[0], keeps[1])
+    assert not torch.equal(keeps[0], varlen_dropout_keep_mask(backend, 1235, cu, cu, 3, 0.3)[0])
+    # Reproducible under torch.manual_seed, different without it.
+    q = torch.randn(244, 2, 16, device=device)
+    torch.manual_seed(7)
+    first = fastattn.varlen_attention(q, q, q, cu, cu, 97, 97, dropout_p=0.5, backend=backend)
+    torch.manual_seed(7)
+    again = fastattn.varlen_attention(q, q, q, cu, cu, 97, 97, dropout_p=0.5, backend=backend)
+    other = fastattn.varlen_attention(q, q, q, cu, cu, 97, 97, dropout_p=0.5, backend=backend)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_cpu_varlen_kernel_gradcheck_dropout():
+    g = torch.Generator().manual_seed(4)
+    lens_q, lens_k = [3, 0, 4, 1], [2, 1, 5, 1]
+    q = torch.randn(8, 2, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(9, 1, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(9, 1, 3, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def fn(q, k, v):
+        torch.manual_seed(3)  # one seed, so every evaluation draws the same pattern
+        return fastattn.varlen_attention(q, k, v, _cu(lens_q), _cu(lens_k), 4, 5, causal=True, dropout_p=0.3,
+                                         backend="cpu")
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_dropout_on_the_block_mask_path():
+    """The reference backend (no varlen kernel) runs dropout on the block-mask path, seeded."""
     q = torch.randn(20, 2, 8, requires_grad=True)
     cu = _cu([12, 8])
     torch.manual_seed(0)
-    out = fastattn.varlen_attention(q, q, q, cu, cu, 12, 12, causal=True, dropout_p=0.5, backend="cpu")
+    out = fastattn.varlen_attention(q, q, q, cu, cu, 12, 12, causal=True, dropout_p=0.5, backend="reference")
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
-    no_dropout = fastattn.varlen_attention(q, q, q, cu, cu, 12, 12, causal=True, backend="cpu")
+    no_dropout = fastattn.varlen_attention(q, q, q, cu, cu, 12, 12, causal=True, backend="reference")
     assert not torch.allclose(out, no_dropout)
 
 

@@ -35,7 +35,7 @@ from .attention_fwd import (
 )
 
 
-@triton.jit(do_not_specialize=["total_q", "window_left", "window_right"])
+@triton.jit(do_not_specialize=["total_q", "window_left", "window_right", "seed"])
 def attention_varlen_fwd_kernel(
     # pointers
     p_q, p_k, p_v, p_out, p_lse, p_cu_q, p_cu_k, p_alibi,
@@ -44,11 +44,11 @@ def attention_varlen_fwd_kernel(
     # strides (the last dim of q, k, v, out is contiguous; lse is (Hq, total_q) contiguous)
     stride_qm, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_om, stride_oh, stride_alibi_h,
     # scalars
-    sm_scale, softcap, window_left, window_right,
+    sm_scale, softcap, window_left, window_right, dropout_p, seed,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """Grid ``(cdiv(max_seqlen_q, BLOCK_M), num_seqs * Hq)``: one program per block of query rows of
     one (sequence, head). Head ``h`` reads kv head ``h // GROUP``."""
@@ -65,6 +65,8 @@ def attention_varlen_fwd_kernel(
     if m0 >= qlen:  # past this sequence's queries (the grid is sized for the longest)
         return
     offset = klen - qlen
+    # Dropout: the padded kernels' pattern for this sequence alone (batch 1, local indices) from seed + s.
+    seed_s = seed.to(tl.int64) + i_s
 
     o_m = m0 + tl.arange(0, BLOCK_M)  # [BLOCK_M] local query positions
     o_d = tl.arange(0, BLOCK_D)
@@ -93,33 +95,33 @@ def attention_varlen_fwd_kernel(
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
     # The visible band: masked edge blocks, unmasked interior, masked edge blocks. The sequence's
-    # lengths play the padded kernel's (qlen, klen) with HAS_LENGTHS; there is no attn_mask or dropout.
+    # lengths play the padded kernel's (qlen, klen) with HAS_LENGTHS; there is no attn_mask.
     n_lo, n_mid_lo, n_mid_hi, n_hi = _key_block_range(
         m0, qlen, klen, offset, window_left, window_right, BLOCK_M, BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
     )
     for i_n in range(n_lo, n_mid_lo):
         b_acc, b_l, b_m = _fwd_key_block(
             b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
-            i_s, i_h, Hq, qlen, klen, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
-            softcap, 0.0, 0, p_q, 0, 0, row_lo, row_hi,
+            0, i_h, Hq, qlen, klen, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
+            softcap, dropout_p, seed_s, p_q, 0, 0, row_lo, row_hi,
             BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False,
-            True, False, True, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
+            True, HAS_DROPOUT, True, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
         )
     for i_n in range(n_mid_lo, n_mid_hi):
         b_acc, b_l, b_m = _fwd_key_block(
             b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
-            i_s, i_h, Hq, qlen, klen, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
-            softcap, 0.0, 0, p_q, 0, 0, row_lo, row_hi,
+            0, i_h, Hq, qlen, klen, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
+            softcap, dropout_p, seed_s, p_q, 0, 0, row_lo, row_hi,
             BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False,
-            True, False, False, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
+            True, HAS_DROPOUT, False, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
         )
     for i_n in range(n_mid_hi, n_hi):
         b_acc, b_l, b_m = _fwd_key_block(
             b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
-            i_s, i_h, Hq, qlen, klen, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
-            softcap, 0.0, 0, p_q, 0, 0, row_lo, row_hi,
+            0, i_h, Hq, qlen, klen, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
+            softcap, dropout_p, seed_s, p_q, 0, 0, row_lo, row_hi,
             BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False,
-            True, False, True, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
+            True, HAS_DROPOUT, True, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
         )
 
     # Rows that saw no key output 0 and lse = -inf.
@@ -148,6 +150,8 @@ def attention_varlen_fwd(
     window_left: int | None,
     window_right: int | None,
     softcap: float,
+    dropout_p: float = 0.0,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the varlen forward (``fastattn.ops.VARLEN_FWD_SCHEMA``).
 
@@ -157,6 +161,8 @@ def attention_varlen_fwd(
         max_seqlen_q, max_seqlen_k: bounds of the sequence lengths; the grid is sized from max_seqlen_q.
         alibi_slopes: float32 ``(Hq,)`` or None.
         scale, window_left, window_right, softcap: as the padded forward (None = unbounded window).
+        dropout_p, seed: dropout; sequence ``s`` draws the padded kernels' pattern for that sequence
+            alone (batch 1, its own lengths) from ``seed + s``.
 
     Returns:
         ``out (total_q, Hq, DV)`` contiguous in q's dtype and ``lse (Hq, total_q)`` float32.
@@ -182,15 +188,17 @@ def attention_varlen_fwd(
         stride_alibi_h=alibi_slopes.stride(0) if alibi_slopes is not None else 0,
         sm_scale=float(scale), softcap=float(softcap),
         window_left=clamp_window(window_left, bound), window_right=clamp_window(window_right, bound),
+        dropout_p=float(dropout_p), seed=int(seed),
         BLOCK_D=block_d, BLOCK_DV=block_dv, HAS_WINDOW_LEFT=window_left is not None,
         HAS_WINDOW_RIGHT=window_right is not None, HAS_ALIBI=alibi_slopes is not None,
-        HAS_SOFTCAP=softcap_flag(softcap, q.dtype), DOT_PRECISION=precision, DOT_FP32=dot_fp32, **meta,
+        HAS_SOFTCAP=softcap_flag(softcap, q.dtype), HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=precision,
+        DOT_FP32=dot_fp32, **meta,
     )
     return out, lse
 
 
 # --------------------------------------------------------------------------- backward
-@triton.jit(do_not_specialize=["total_q", "window_left", "window_right"])
+@triton.jit(do_not_specialize=["total_q", "window_left", "window_right", "seed"])
 def attention_varlen_bwd_dkdv_kernel(
     # pointers
     p_q, p_k, p_v, p_dout, p_lse, p_delta, p_dk, p_dv, p_cu_q, p_cu_k, p_alibi,
@@ -200,11 +208,11 @@ def attention_varlen_bwd_dkdv_kernel(
     stride_qm, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_dom, stride_doh,
     stride_dkn, stride_dkh, stride_dvn, stride_dvh, stride_alibi_h,
     # scalars
-    sm_scale, softcap, window_left, window_right,
+    sm_scale, softcap, window_left, window_right, dropout_p, seed,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """Grid ``(cdiv(max_seqlen_k, BLOCK_N), num_seqs * Hkv)``: one program per key block of one
     (sequence, kv head); it loops over the GROUP query heads and the query blocks that see the block."""
@@ -220,6 +228,8 @@ def attention_varlen_bwd_dkdv_kernel(
     if i_n * BLOCK_N >= klen:  # past this sequence's keys
         return
     offset = klen - qlen
+    # Dropout: the padded kernels' pattern for this sequence alone (batch 1, local indices) from seed + s.
+    seed_s = seed.to(tl.int64) + i_s
     stride_qm = tl.cast(stride_qm, tl.int64)
     stride_dom = tl.cast(stride_dom, tl.int64)
 
@@ -259,29 +269,29 @@ def attention_varlen_bwd_dkdv_kernel(
         for i_m in range(m_lo, m_mid_lo):
             b_dk, b_dv = _dkdv_query_block(
                 b_dk, b_dv, b_k, b_v, i_m, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh,
-                p_q, stride_qm, stride_dom, 0, i_s, i_h, Hq, qlen, klen, D, DV,
-                offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, 0.0, 0,
+                p_q, stride_qm, stride_dom, 0, 0, i_h, Hq, qlen, klen, D, DV,
+                offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed_s,
                 p_q, 0, 0, BLOCK_M,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False,
-                True, False, True, False, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
+                True, HAS_DROPOUT, True, False, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
             )
         for i_m in range(m_mid_lo, m_mid_hi):
             b_dk, b_dv = _dkdv_query_block(
                 b_dk, b_dv, b_k, b_v, i_m, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh,
-                p_q, stride_qm, stride_dom, 0, i_s, i_h, Hq, qlen, klen, D, DV,
-                offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, 0.0, 0,
+                p_q, stride_qm, stride_dom, 0, 0, i_h, Hq, qlen, klen, D, DV,
+                offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed_s,
                 p_q, 0, 0, BLOCK_M,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False,
-                True, False, False, False, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
+                True, HAS_DROPOUT, False, False, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
             )
         for i_m in range(m_mid_hi, m_hi):
             b_dk, b_dv = _dkdv_query_block(
                 b_dk, b_dv, b_k, b_v, i_m, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh,
-                p_q, stride_qm, stride_dom, 0, i_s, i_h, Hq, qlen, klen, D, DV,
-                offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, 0.0, 0,
+                p_q, stride_qm, stride_dom, 0, 0, i_h, Hq, qlen, klen, D, DV,
+                offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed_s,
                 p_q, 0, 0, BLOCK_M,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False,
-                True, False, True, False, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
+                True, HAS_DROPOUT, True, False, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
             )
 
     b_dk = b_dk * sm_scale
@@ -291,7 +301,7 @@ def attention_varlen_bwd_dkdv_kernel(
              b_dv.to(p_dv.dtype.element_ty), mask=m_k[:, None] & (o_dv[None, :] < DV))
 
 
-@triton.jit(do_not_specialize=["total_q", "window_left", "window_right"])
+@triton.jit(do_not_specialize=["total_q", "window_left", "window_right", "seed"])
 def attention_varlen_bwd_dq_kernel(
     # pointers
     p_q, p_k, p_v, p_dout, p_lse, p_delta, p_dq, p_cu_q, p_cu_k, p_alibi,
@@ -301,11 +311,11 @@ def attention_varlen_bwd_dq_kernel(
     stride_qm, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_dom, stride_doh,
     stride_dqm, stride_dqh, stride_alibi_h,
     # scalars
-    sm_scale, softcap, window_left, window_right,
+    sm_scale, softcap, window_left, window_right, dropout_p, seed,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """Grid ``(cdiv(max_seqlen_q, BLOCK_M), num_seqs * Hq)``: one program per query block of one
     (sequence, query head); the same key blocks as the forward."""
@@ -322,6 +332,8 @@ def attention_varlen_bwd_dq_kernel(
     if m0 >= qlen:  # past this sequence's queries
         return
     offset = klen - qlen
+    # Dropout: the padded kernels' pattern for this sequence alone (batch 1, local indices) from seed + s.
+    seed_s = seed.to(tl.int64) + i_s
     stride_kn = tl.cast(stride_kn, tl.int64)
     stride_vn = tl.cast(stride_vn, tl.int64)
 
@@ -360,26 +372,26 @@ def attention_varlen_bwd_dq_kernel(
     for i_n in range(n_lo, n_mid_lo):
         b_dq = _dq_key_block(
             b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
-            stride_vn, i_s, i_h, Hq, qlen, klen, D, DV, offset, qlen, klen, window_left, window_right, slope,
-            sm_scale, softcap, 0.0, 0, p_q, 0, 0, BLOCK_N,
+            stride_vn, 0, i_h, Hq, qlen, klen, D, DV, offset, qlen, klen, window_left, window_right, slope,
+            sm_scale, softcap, dropout_p, seed_s, p_q, 0, 0, BLOCK_N,
             HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False, True,
-            False, True, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
+            HAS_DROPOUT, True, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
         )
     for i_n in range(n_mid_lo, n_mid_hi):
         b_dq = _dq_key_block(
             b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
-            stride_vn, i_s, i_h, Hq, qlen, klen, D, DV, offset, qlen, klen, window_left, window_right, slope,
-            sm_scale, softcap, 0.0, 0, p_q, 0, 0, BLOCK_N,
+            stride_vn, 0, i_h, Hq, qlen, klen, D, DV, offset, qlen, klen, window_left, window_right, slope,
+            sm_scale, softcap, dropout_p, seed_s, p_q, 0, 0, BLOCK_N,
             HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False, True,
-            False, False, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
+            HAS_DROPOUT, False, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
         )
     for i_n in range(n_mid_hi, n_hi):
         b_dq = _dq_key_block(
             b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
-            stride_vn, i_s, i_h, Hq, qlen, klen, D, DV, offset, qlen, klen, window_left, window_right, slope,
-            sm_scale, softcap, 0.0, 0, p_q, 0, 0, BLOCK_N,
+            stride_vn, 0, i_h, Hq, qlen, klen, D, DV, offset, qlen, klen, window_left, window_right, slope,
+            sm_scale, softcap, dropout_p, seed_s, p_q, 0, 0, BLOCK_N,
             HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False, True,
-            False, True, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
+            HAS_DROPOUT, True, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
         )
 
     b_dq = b_dq * sm_scale
@@ -404,6 +416,8 @@ def attention_varlen_bwd(
     window_right: int | None,
     softcap: float,
     dlse: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the varlen backward (``fastattn.ops.VARLEN_BWD_SCHEMA``).
 
@@ -411,6 +425,7 @@ def attention_varlen_bwd(
         dout, out: ``(total_q, Hq, DV)``; q, k, v, cu_seqlens, max_seqlen, alibi_slopes, scale, window,
             softcap: as :func:`attention_varlen_fwd` took them; lse: its ``(Hq, total_q)`` float32.
         dlse: float32 ``(Hq, total_q)``, the gradient w.r.t. lse, or None.
+        dropout_p, seed: the forward's (the backward regenerates its pattern).
 
     Returns:
         ``dq (total_q, Hq, D)``, ``dk (total_k, Hkv, D)``, ``dv (total_k, Hkv, DV)``, contiguous.
@@ -441,9 +456,11 @@ def attention_varlen_bwd(
         stride_alibi_h=alibi_slopes.stride(0) if alibi_slopes is not None else 0,
         sm_scale=float(scale), softcap=float(softcap),
         window_left=clamp_window(window_left, bound), window_right=clamp_window(window_right, bound),
+        dropout_p=float(dropout_p), seed=int(seed),
         BLOCK_D=block_d, BLOCK_DV=block_dv, HAS_WINDOW_LEFT=window_left is not None,
         HAS_WINDOW_RIGHT=window_right is not None, HAS_ALIBI=alibi_slopes is not None,
-        HAS_SOFTCAP=softcap_flag(softcap, q.dtype), DOT_PRECISION=precision, DOT_FP32=dot_fp32,
+        HAS_SOFTCAP=softcap_flag(softcap, q.dtype), HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=precision,
+        DOT_FP32=dot_fp32,
     )
     meta = configs.pinned_config("dkdv", head_dim, q.element_size())
     torch.library.wrap_triton(attention_varlen_bwd_dkdv_kernel)[(triton.cdiv(max_seqlen_k, meta["BLOCK_N"]),

@@ -131,6 +131,15 @@ inline uint32_t dropout_key_from_seed(int64_t seed) {
   return hash32(static_cast<uint32_t>(s) ^ hash32(static_cast<uint32_t>(s >> 32)));
 }
 
+// Sets p's dropout fields for probability dropout_p (in [0, 1)) and seed; dropout_p == 0 leaves them off.
+inline void set_dropout(Params& p, double dropout_p, int64_t seed) {
+  if (dropout_p <= 0) return;
+  // Keep iff 24 random bits >= threshold: P(keep) = 1 - threshold / 2^24 (p to within 2^-24).
+  p.dropout_threshold = std::max<uint32_t>(1, static_cast<uint32_t>(dropout_p * 16777216.0));
+  p.dropout_key = dropout_key_from_seed(seed);
+  p.dropout_scale = 1.0 / (1.0 - dropout_p);
+}
+
 // Writes keep / (1 - p) (or 0) for rows [q0, q0 + rows) and keys [k0, k0 + n) of (b, h) into f (row stride n).
 template <typename acc_t>
 void dropout_factors(const Params& p, int64_t b, int64_t h, int64_t q0, int64_t rows, int64_t k0, int64_t n,

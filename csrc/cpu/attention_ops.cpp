@@ -67,12 +67,7 @@ Params make_params(const AttentionShape& s, const at::Tensor& q, const at::Tenso
   p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_sr = v.stride(2);
   p.scale = scale;
   p.softcap = softcap;
-  if (dropout_p > 0) {
-    // Keep iff 24 random bits >= threshold: P(keep) = 1 - threshold / 2^24 (p to within 2^-24).
-    p.dropout_threshold = std::max<uint32_t>(1, static_cast<uint32_t>(dropout_p * 16777216.0));
-    p.dropout_key = dropout_key_from_seed(seed);
-    p.dropout_scale = 1.0 / (1.0 - dropout_p);
-  }
+  set_dropout(p, dropout_p, seed);
   // |i + offset - j| <= Lq + Lk, so clamping the window there changes no visibility and avoids overflow.
   const int64_t bound = s.seqlen_q + s.seqlen_k + 1;
   p.has_left = window_left.has_value();

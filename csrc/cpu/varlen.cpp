@@ -19,6 +19,10 @@
 //               only when the sequence is expensive enough to need it, and the runs' dQ buffers are
 //               summed in a fixed order at the end (deterministic, no atomics).
 //
+// Dropout: sequence s draws the pattern the padded kernels draw for that sequence alone (batch 1, its
+// own Lq_s x Lk_s, local indices) from seed + s (sequence_dropout), so sequences never share random
+// numbers and a sequence's pattern does not depend on the others; the backward regenerates it.
+//
 // lse comes out in the accumulation dtype (float32, or float64 for float64 inputs, so the backward of
 // a float64 call recomputes P to float64 precision; the Python layer hands users a float32 lse).
 #include <ATen/Parallel.h>
@@ -94,8 +98,8 @@ AttentionShape check_packed_qkv(const at::Tensor& q, const at::Tensor& k, const 
 // head and row strides of the packed tensors, the per-head ALiBi slopes, the window.
 Params make_params(const AttentionShape& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const OptTensor& alibi_slopes, double scale, std::optional<int64_t> window_left,
-                   std::optional<int64_t> window_right, double softcap) {
-  check_scalars(scale, softcap, 0.0);
+                   std::optional<int64_t> window_right, double softcap, double dropout_p, int64_t seed) {
+  check_scalars(scale, softcap, dropout_p);
   Params p;
   p.B = 1, p.Hq = s.heads_q, p.Hkv = s.heads_kv, p.Lq = s.seqlen_q, p.Lk = s.seqlen_k;
   p.D = s.head_dim, p.Dv = s.head_dim_v, p.group = s.heads_q / s.heads_kv;
@@ -104,6 +108,7 @@ Params make_params(const AttentionShape& s, const at::Tensor& q, const at::Tenso
   p.v_sh = v.stride(1), p.v_sr = v.stride(0);
   p.scale = scale;
   p.softcap = softcap;
+  set_dropout(p, dropout_p, seed);
   // |i + offset - j| <= total_q + total_k within any sequence: clamping there changes no visibility.
   const int64_t bound = s.seqlen_q + s.seqlen_k + 1;
   p.has_left = window_left.has_value();
@@ -124,6 +129,15 @@ Params make_params(const AttentionShape& s, const at::Tensor& q, const at::Tenso
 // The geometry of sequence s for the shared routines (local row and key indices).
 inline BatchGeometry sequence_geometry(const Packing& pk, int64_t s) {
   return {pk.q_len[s], pk.k_len[s], pk.k_len[s] - pk.q_len[s]};
+}
+
+// The Params dropout_factors reads for sequence s (with b = 0 and local indices): the pattern of the
+// sequence alone, batch 1 of its own length, from seed + s.
+inline Params sequence_dropout(const Params& p, const BatchGeometry& g, int64_t seed, int64_t s) {
+  Params d = p;
+  d.B = 1, d.Lq = g.qlen, d.Lk = g.klen;
+  d.dropout_key = dropout_key_from_seed(seed + s);
+  return d;
 }
 
 // Cuts tasks with the given costs into `parts` contiguous runs of about equal total cost; returns the
@@ -174,8 +188,8 @@ inline double rows_cost(const Params& p, const BatchGeometry& g, int64_t q0, int
 // ---------------------------------------------------------------------------------------------
 
 template <typename scalar_t>
-void varlen_forward(const Params& p, const Packing& pk, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                    at::Tensor& out, at::Tensor& lse) {
+void varlen_forward(const Params& p, const Packing& pk, int64_t seed, const at::Tensor& q, const at::Tensor& k,
+                    const at::Tensor& v, at::Tensor& out, at::Tensor& lse) {
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t tile_q = kBlockQ, tile_k = kBlockK, D = p.D, Dv = p.Dv, Hq = p.Hq, total_q = p.Lq;
 
@@ -203,6 +217,7 @@ void varlen_forward(const Params& p, const Packing& pk, const at::Tensor& q, con
 
   parallel_balanced(cost, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> S(tile_q * tile_k), acc(tile_q * Dv), m(tile_q), l(tile_q);
+    std::vector<acc_t> drop(p.dropout_threshold ? tile_q * tile_k : 0);  // dropout factors of a tile
     std::vector<acc_t> v_clean(tile_k * Dv);  // a V tile without its non-finite entries (non-finite tiles only)
     std::vector<char> seen(tile_q * tile_k);  // which keys each row sees (non-finite V tiles only)
     std::vector<char> bad(tile_q);            // rows with a non-finite visible score: NaN out and lse
@@ -221,6 +236,7 @@ void varlen_forward(const Params& p, const Packing& pk, const at::Tensor& q, con
       const int64_t s = tile.seq, h = task % Hq, hk = h / p.group;
       const int64_t q0 = tile.q0, q1 = tile.q1, rows = q1 - q0;
       const BatchGeometry g = sequence_geometry(pk, s);
+      const Params dp = p.dropout_threshold ? sequence_dropout(p, g, seed, s) : p;
       // This sequence's rows: local query i is packed row q_begin + i, local key j packed row k_begin + j.
       const scalar_t* q_seq = q_data + pk.q_begin[s] * p.q_sr + h * p.q_sh;
       const scalar_t* k_seq = k_data + pk.k_begin[s] * p.k_sr + hk * p.k_sh;
@@ -247,6 +263,10 @@ void varlen_forward(const Params& p, const Packing& pk, const at::Tensor& q, con
           const bool v_finite = tile_finite(V, n, Dv, ldv);
           if (!v_finite) seen_keys(S.data(), rows * n, seen.data());
           online_softmax_step(S.data(), rows, n, m.data(), l.data(), bad.data(), acc.data(), Dv);
+          if (p.dropout_threshold) {  // l keeps the undropped sum; only P V sees the dropout
+            dropout_factors<acc_t>(dp, 0, h, q0, rows, k0, n, drop.data());
+            for (int64_t e = 0; e < rows * n; ++e) S[e] *= drop[e];
+          }
           // acc += P V  # [rows, Dv]; a non-finite value reaches exactly the rows that see it
           if (v_finite) {
             gemm(Trans::kNo, Trans::kNo, rows, Dv, n, acc_t(1), S.data(), n, V, ldv, acc_t(1), acc.data(), Dv);
@@ -279,15 +299,16 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q, const at:
                                                   int64_t max_seqlen_q, int64_t max_seqlen_k,
                                                   const OptTensor& alibi_slopes, double scale,
                                                   std::optional<int64_t> window_left,
-                                                  std::optional<int64_t> window_right, double softcap) {
+                                                  std::optional<int64_t> window_right, double softcap,
+                                                  double dropout_p, int64_t seed) {
   const AttentionShape s = check_packed_qkv(q, k, v);
   const Packing pk = read_packing(cu_seqlens_q, cu_seqlens_k, s.seqlen_q, s.seqlen_k, max_seqlen_q, max_seqlen_k);
-  const Params p = make_params(s, q, k, v, alibi_slopes, scale, window_left, window_right, softcap);
+  const Params p = make_params(s, q, k, v, alibi_slopes, scale, window_left, window_right, softcap, dropout_p, seed);
   const bool is_double = q.scalar_type() == at::kDouble;
   at::Tensor out = at::empty({s.seqlen_q, s.heads_q, s.head_dim_v}, q.options());
   at::Tensor lse = at::empty({s.heads_q, s.seqlen_q}, q.options().dtype(is_double ? at::kDouble : at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fastattn_varlen_fwd_cpu", [&] {
-    varlen_forward<scalar_t>(p, pk, q, k, v, out, lse);
+    varlen_forward<scalar_t>(p, pk, seed, q, k, v, out, lse);
   });
   return {out, lse};
 }
@@ -297,7 +318,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q, const at:
 // ---------------------------------------------------------------------------------------------
 
 template <typename scalar_t>
-void varlen_backward(const Params& p, const Packing& pk, const at::Tensor& dout, const at::Tensor& q,
+void varlen_backward(const Params& p, const Packing& pk, int64_t seed, const at::Tensor& dout, const at::Tensor& q,
                      const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                      const OptTensor& dlse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   using acc_t = typename AccType<scalar_t>::type;
@@ -389,6 +410,11 @@ void varlen_backward(const Params& p, const Packing& pk, const at::Tensor& dout,
   parallel_balanced(task_cost, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> S(tile_q * tile_k), dP(tile_q * tile_k), dT, dk_acc(tile_k * D), dv_acc(tile_k * Dv);
     if (p.softcap > 0) dT.resize(tile_q * tile_k);
+    std::vector<acc_t> drop, p_dropped;  // dropout factors and the dropped P of a tile
+    if (p.dropout_threshold) {
+      drop.resize(tile_q * tile_k);
+      p_dropped.resize(tile_q * tile_k);
+    }
     std::vector<acc_t> q_buf, do_buf, k_buf, v_buf;  // converted tiles (bfloat16/half inputs only)
     if constexpr (!std::is_same_v<scalar_t, acc_t>) {
       q_buf.resize(tile_q * D);
@@ -404,6 +430,7 @@ void varlen_backward(const Params& p, const Packing& pk, const at::Tensor& dout,
       const Task& task = tasks[ti];
       const int64_t s = task.seq, hk = task.hk, qb = pk.q_begin[s], kb = pk.k_begin[s];
       const BatchGeometry g = sequence_geometry(pk, s);
+      const Params dp = p.dropout_threshold ? sequence_dropout(p, g, seed, s) : p;
       const scalar_t* k_seq = k_data + kb * p.k_sr + hk * p.k_sh;
       const scalar_t* v_seq = v_data + kb * p.v_sr + hk * p.v_sh;
       for (int64_t t = task.t0; t < task.t1; ++t) {
@@ -449,10 +476,19 @@ void varlen_backward(const Params& p, const Packing& pk, const at::Tensor& dout,
               K_dq = finite_or_zero(K, n, D, ldk, k_clean.data());
               ldk_dq = D;
             }
-            // dV += P^T dO  # [n, Dv]
-            gemm(Trans::kYes, Trans::kNo, n, Dv, rows, acc_t(1), S.data(), n, dO, lddo, acc_t(1), dv_acc.data(), Dv);
-            // dP = dO V^T  # [rows, n]
+            const acc_t* P_for_dv = S.data();
+            if (p.dropout_threshold) {
+              dropout_factors<acc_t>(dp, 0, h, q0, rows, k0, n, drop.data());
+              for (int64_t e = 0; e < rows * n; ++e) p_dropped[e] = S[e] * drop[e];
+              P_for_dv = p_dropped.data();
+            }
+            // dV += P_dropped^T dO  # [n, Dv]
+            gemm(Trans::kYes, Trans::kNo, n, Dv, rows, acc_t(1), P_for_dv, n, dO, lddo, acc_t(1), dv_acc.data(), Dv);
+            // dP = (dO V^T) * dropout factors  # [rows, n]
             gemm(Trans::kNo, Trans::kYes, rows, n, Dv, acc_t(1), dO, lddo, V, ldv, acc_t(0), dP.data(), n);
+            if (p.dropout_threshold) {
+              for (int64_t e = 0; e < rows * n; ++e) dP[e] *= drop[e];
+            }
             // dS = P * (dP - delta), a selection where P = 0 (a hidden key) so a NaN dP stays out
             for (int64_t r = 0; r < rows; ++r) {
               const acc_t row_delta = delta[h * total_q + qb + q0 + r];
@@ -505,10 +541,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
     int64_t max_seqlen_k, const OptTensor& alibi_slopes, double scale, std::optional<int64_t> window_left,
-    std::optional<int64_t> window_right, double softcap, const OptTensor& dlse) {
+    std::optional<int64_t> window_right, double softcap, const OptTensor& dlse, double dropout_p, int64_t seed) {
   const AttentionShape s = check_packed_qkv(q, k, v);
   const Packing pk = read_packing(cu_seqlens_q, cu_seqlens_k, s.seqlen_q, s.seqlen_k, max_seqlen_q, max_seqlen_k);
-  const Params p = make_params(s, q, k, v, alibi_slopes, scale, window_left, window_right, softcap);
+  const Params p = make_params(s, q, k, v, alibi_slopes, scale, window_left, window_right, softcap, dropout_p, seed);
   for (auto [t, name] : {std::pair{&dout, "dout"}, std::pair{&out, "out"}}) {
     check_same_device(*t, q, name);
     TORCH_CHECK(t->scalar_type() == q.scalar_type(), name, " must have q's dtype ", q.scalar_type(), ", got ",
@@ -533,7 +569,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
   at::Tensor dk = at::empty({s.seqlen_k, s.heads_kv, s.head_dim}, q.options());
   at::Tensor dv = at::empty({s.seqlen_k, s.heads_kv, s.head_dim_v}, q.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fastattn_varlen_bwd_cpu", [&] {
-    varlen_backward<scalar_t>(p, pk, dout_c, q, k, v, out_c, lse_c, dlse_c, dq, dk, dv);
+    varlen_backward<scalar_t>(p, pk, seed, dout_c, q, k, v, out_c, lse_c, dlse_c, dq, dk, dv);
   });
   return {dq, dk, dv};
 }

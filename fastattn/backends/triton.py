@@ -153,19 +153,19 @@ BACKEND = TritonBackend()
 
 # ---- Packed variable-length sequences (fastattn.varlen_attention) ----
 def _varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, scale, window_left,
-                window_right, softcap):
+                window_right, softcap, dropout_p=0.0, seed=0):
     from ..triton_kernels.attention_varlen import attention_varlen_fwd
 
     return attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, scale,
-                                window_left, window_right, softcap)
+                                window_left, window_right, softcap, dropout_p, seed)
 
 
 def _varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, scale,
-                window_left, window_right, softcap, dlse=None):
+                window_left, window_right, softcap, dlse=None, dropout_p=0.0, seed=0):
     from ..triton_kernels.attention_varlen import attention_varlen_bwd
 
     return attention_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                alibi_slopes, scale, window_left, window_right, softcap, dlse)
+                                alibi_slopes, scale, window_left, window_right, softcap, dlse, dropout_p, seed)
 
 
 @functools.cache

@@ -1,6 +1,7 @@
 """fastattn.nn.Attention: GQA + rotary/ALiBi against a plain PyTorch computation, and the KV cache
 (prefill + one-token steps give the full-sequence output)."""
 
+import copy
 import math
 
 import pytest
@@ -9,6 +10,8 @@ import torch
 import fastattn
 from fastattn.nn import Attention, KVCache, alibi_slopes
 from fastattn.nn.positional import apply_rotary_reference
+
+from .tolerance import assert_close_to_reference
 
 DT = torch.float64
 
@@ -115,3 +118,83 @@ def test_bad_configuration():
         Attention(24, 4)(torch.randn(1, 3, 24), torch.randn(1, 3, 24))
     with pytest.raises(ValueError, match="embed_dim"):
         Attention(24, 4)(torch.randn(1, 3, 20))
+
+
+# ------------------------------------------------------------------------------------------- sinks
+def _reference_forward(module, x):
+    """The module's forward with attention on the reference backend: ``fastattn.attention(..., sinks=...)``."""
+    q, k, v = module._project(x, None)
+    if module.rotary is not None:
+        q, k = module.rotary(q, k, 0)
+    out = fastattn.attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=module.causal, window=module.window,
+        alibi_slopes=None if module.alibi_slopes is None else module.alibi_slopes.float(), softcap=module.softcap,
+        sinks=module.sinks, backend="reference",
+    )
+    return module.out_proj(out.transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize(
+    "H, Hkv, position, window, softcap",
+    [
+        pytest.param(4, 2, "rotary", None, 0.0, id="H4-Hkv2-rotary"),
+        pytest.param(6, 3, "alibi", (4, 0), 0.0, id="H6-Hkv3-alibi-window"),
+        pytest.param(4, 1, None, None, 2.0, id="H4-MQA-softcap"),
+    ],
+)
+def test_sinks_values_and_gradients_against_the_reference(H, Hkv, position, window, softcap):
+    """A float32 module with learned sinks (the default backend, the cpu kernels here) against the
+    reference backend in float64 and float32, by the tolerance rule: output and the gradients of the
+    input, the sinks and the projection weights."""
+    torch.manual_seed(2)
+    module = Attention(24, H, Hkv, causal=True, position=position, window=window, softcap=softcap, sinks=True)
+    assert module.sinks.shape == (H,) and module.sinks.dtype == torch.float32 and "sinks" in module.state_dict()
+    with torch.no_grad():
+        module.sinks.copy_(torch.randn(H) * 2)  # some sinks dominate their rows, some barely count
+    x = torch.randn(2, 11, 24)
+
+    def run(mod, forward):
+        xi = x.detach().to(mod.sinks.dtype, copy=True).requires_grad_()
+        out = forward(mod, xi)
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out))
+        return out, xi.grad, mod.sinks.grad, mod.qkv_proj.weight.grad
+
+    runs = {
+        "got": run(module, Attention.__call__),
+        "ref32": run(copy.deepcopy(module).to(DT), _reference_forward),
+        "ref_lp": run(copy.deepcopy(module), _reference_forward),
+    }
+    for i, label in enumerate(("out", "dx", "dsinks", "dqkv_weight")):
+        assert_close_to_reference(label, runs["got"][i], runs["ref32"][i], runs["ref_lp"][i])
+    assert runs["got"][2].abs().min() > 0  # every head's sink gets a gradient
+
+
+def test_sinks_change_the_output_and_zero_sinks_are_not_a_no_op():
+    torch.manual_seed(0)
+    plain, sunk = Attention(16, 2, causal=True).to(DT), Attention(16, 2, causal=True, sinks=True).to(DT)
+    sunk.load_state_dict({**plain.state_dict(), "sinks": torch.zeros(2)})
+    x = torch.randn(1, 6, 16, dtype=DT)
+    # A sink of logit 0 still adds exp(0) to every denominator: the output shrinks.
+    assert not torch.allclose(sunk(x), plain(x))
+    with torch.no_grad():
+        sunk.sinks.fill_(-float("inf"))  # exp(-inf) = 0: the plain softmax again
+    torch.testing.assert_close(sunk(x), plain(x))
+    assert plain.sinks is None and "sinks" not in plain.state_dict()
+
+
+@pytest.mark.parametrize("position, window", [("rotary", None), ("alibi", (5, 0))])
+def test_sinks_kv_cache_decoding_matches_full_sequence(position, window):
+    torch.manual_seed(1)
+    module = Attention(24, 4, 2, causal=True, window=window, position=position, sinks=True).to(DT).eval()
+    with torch.no_grad():
+        module.sinks.copy_(torch.randn(4))
+    x = torch.randn(3, 12, 24, dtype=DT)
+    full = module(x)
+    cache = KVCache()
+    chunks = [module(x[:, :7], cache=cache)] + [module(x[:, t:t + 1], cache=cache) for t in range(7, 12)]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full)
+
+
+def test_sinks_bad_configuration():
+    with pytest.raises(TypeError, match="sinks must be a bool"):
+        Attention(16, 2, sinks=torch.zeros(2))

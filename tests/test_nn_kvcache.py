@@ -17,13 +17,18 @@ HEAD_DIM = DIM // HEADS
 class TinyLM(nn.Module):
     """Embedding, pre-norm residual attention layers, LM head: enough to make decoding depend on every cached key."""
 
-    def __init__(self, position="rotary", window=None, kv_heads=KV_HEADS):
+    def __init__(self, position="rotary", window=None, kv_heads=KV_HEADS, sinks=False):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, DIM)
         self.norms = nn.ModuleList(nn.LayerNorm(DIM) for _ in range(LAYERS))
         self.layers = nn.ModuleList(
-            Attention(DIM, HEADS, kv_heads, causal=True, position=position, window=window) for _ in range(LAYERS)
+            Attention(DIM, HEADS, kv_heads, causal=True, position=position, window=window, sinks=sinks)
+            for _ in range(LAYERS)
         )
+        if sinks:  # learned-looking sinks: some heads' sinks dominate, some barely count
+            with torch.no_grad():
+                for layer in self.layers:
+                    layer.sinks.copy_(torch.randn(HEADS) * 2)
         self.head = nn.Linear(DIM, VOCAB)
 
     def forward(self, tokens, caches=None):
@@ -92,6 +97,26 @@ def test_greedy_decoding_matches_the_full_forward(kind, position, window, kv_hea
         assert len(caches[0].free_pages) == 8 - 4  # two pages per sequence
         used = caches[0].block_table[:, :2].flatten().tolist()
         assert sorted(used) == sorted(set(used)) and caches[0].block_table[:, 2:].tolist() == [[-1, -1]] * 2
+
+
+@pytest.mark.parametrize("kind", ["concat", "static", "paged"])
+@pytest.mark.parametrize("window", [None, (6, 0)], ids=["full", "window6"])
+def test_greedy_decoding_with_sinks_matches_the_full_forward(kind, window):
+    """Attention(sinks=True): the sinks reach the cached path (attention_with_kvcache) as they reach the
+    full forward (fastattn.attention): the same greedy tokens and logits."""
+    torch.manual_seed(3)
+    model = TinyLM("rotary", window, sinks=True).eval()
+    prompt = torch.randint(0, VOCAB, (2, 13))
+    with torch.no_grad():
+        want_tokens, want_logits = full_greedy(model, prompt, 20)
+        tokens, logits = cached_greedy(model, prompt, 20, make_caches(kind, 2))
+        # The sinks matter: without them the logits differ.
+        for layer in model.layers:
+            layer.sinks.fill_(-float("inf"))
+        _, plain_logits = full_greedy(model, prompt, 20)
+    assert torch.equal(tokens, want_tokens)
+    torch.testing.assert_close(logits, want_logits, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(plain_logits[:, 0], want_logits[:, 0], atol=1e-3)
 
 
 @pytest.mark.parametrize("kind", ["static", "paged"])

@@ -55,6 +55,9 @@ class Attention(nn.Module):
         rotary_dim: rotated features per head (partial rotary). Default ``D``.
         rotary_base: rotary frequency base. Default 10000. rotary_interleaved: GPT-J pairs. Default False.
         softcap: score soft-capping (Gemma 2). Default 0 (off).
+        sinks: a learned attention-sink logit per query head (gpt-oss, StreamingLLM): the parameter
+            ``sinks`` (float32 ``(num_heads,)``, initialised to 0) joins every row's softmax
+            denominator with no value vector, in training and with every cache. Default False.
         fused_qkv: one ``(Hq + 2 Hkv) D x E`` input projection (``qkv_proj``) instead of
             ``q_proj``/``k_proj``/``v_proj``. Self-attention only. Default True.
         kdim: feature size of the cross-attention context (non-fused only). Default ``E``.
@@ -90,6 +93,7 @@ class Attention(nn.Module):
         rotary_base: float = 10000.0,
         rotary_interleaved: bool = False,
         softcap: float = 0.0,
+        sinks: bool = False,
         fused_qkv: bool = True,
         kdim: int | None = None,
         context_parallel_group=None,
@@ -142,6 +146,14 @@ class Attention(nn.Module):
             self.register_buffer("alibi_slopes", alibi_slopes(num_heads), persistent=False)
         else:
             self.alibi_slopes = None
+        if not isinstance(sinks, bool):
+            raise TypeError(f"sinks must be a bool, got {type(sinks).__name__}")
+        # float32 whatever the module's dtype (the attention functions take float32 sinks).
+        self.sinks = nn.Parameter(torch.zeros(num_heads, dtype=torch.float32, device=device)) if sinks else None
+
+    def _sinks(self) -> torch.Tensor | None:
+        """The sink logits as the attention functions take them (float32 even after ``module.to(dtype)``)."""
+        return None if self.sinks is None else self.sinks.float()
 
     def forward(
         self,
@@ -195,6 +207,7 @@ class Attention(nn.Module):
             softcap=self.softcap,
             dropout_p=self.dropout if self.training else 0.0,
             key_lengths=key_lengths,
+            sinks=self._sinks(),
         )  # (B, Hq, L, D)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, H * D))
 
@@ -217,6 +230,7 @@ class Attention(nn.Module):
             window=self.window,
             alibi_slopes=None if self.alibi_slopes is None else self.alibi_slopes.float(),
             softcap=self.softcap,
+            sinks=self._sinks(),
         )  # (B, L, Hq, D)
         return self.out_proj(out.reshape(B, L, self.num_heads * self.head_dim))
 
@@ -245,6 +259,9 @@ class Attention(nn.Module):
         for value, name in ((context, "context"), (attn_mask, "attn_mask"), (block_mask, "block_mask"), (cache, "cache")):
             if value is not None:
                 raise ValueError(f"{name} is not supported with context_parallel_group (self-attention on shards only)")
+        if self.sinks is not None:
+            raise ValueError("sinks are not supported with context_parallel_group (context_parallel_attention "
+                             "takes no sinks); build the module with sinks=False")
         if self.training and self.dropout > 0:
             raise ValueError("dropout is not supported with context_parallel_group; set dropout=0.0")
         B, L = q.shape[:2]

@@ -12,6 +12,8 @@ from .backends import evidence, status
 
 def info_dict() -> dict:
     """Versions, devices, the extension build and every backend's availability."""
+    from .varlen import VARLEN_REFUSALS
+
     _, ext_error = _extension.load()
     try:
         import triton
@@ -32,6 +34,8 @@ def info_dict() -> dict:
             {"name": name, "description": description, "usable": not reasons, "reasons": reasons}
             for name, description, reasons in status()
         ],
+        # Backends that refuse varlen_attention whatever the call, and why.
+        "varlen_refusals": dict(VARLEN_REFUSALS),
     }
 
 
@@ -51,6 +55,8 @@ def info(print_out: bool = True) -> str:
         mark = "usable" if b["usable"] else "not usable"
         lines.append(f"  {b['name']:<10} {mark}" + (f" -- {b['description']}" if b["description"] else ""))
         lines.extend(f"  {'':<10}   why: {r}" for r in b["reasons"])
+        if b["name"] in d["varlen_refusals"]:
+            lines.append(f"  {'':<10}   not for varlen: {d['varlen_refusals'][b['name']]}")
     text = "\n".join(lines)
     if print_out:
         print(text)

@@ -8,7 +8,8 @@ Two ways to run, chosen per call:
   read ``cu_seqlens`` themselves and walk each sequence's own tiles, so nothing is padded and no mask
   exists; causal, window and ALiBi are aligned per sequence inside the kernel, and dropout is drawn
   per sequence (:func:`varlen_dropout_keep_mask`);
-* **the block-mask path**, for the backends without a varlen kernel (reference, cuda): one
+* **the block-mask path**, for the reference backend (no varlen kernel; the cuda backend refuses
+  varlen calls, :data:`VARLEN_REFUSALS`): one
   :func:`fastattn.attention` call (batch 1) with a :class:`fastattn.BlockMask` built from
   ``cu_seqlens`` -- tiles that pair two sequences are empty and never computed, tiles inside one
   sequence are full (or carry the causal / window element mask, bottom-right aligned per sequence),
@@ -20,12 +21,14 @@ device synchronisation per call; the kernels themselves need none).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ._inputs import _check_bool, _check_sinks, _check_tensor, _check_window, normalize
 from .api import attention
 from .autograd import fold_sinks
-from .backends import get_backend, select_backend
+from .backends import PRIORITY, BackendNotSupportedError, backends, get_backend, select_backend
 from .block_mask import EMPTY, FULL, PARTIAL, BlockMask, block_extents
 from .ops import BackendOps
 from .reference import draw_seed
@@ -168,6 +171,42 @@ def varlen_dropout_keep_mask(backend_name: str, seed: int, cu_seqlens_q: torch.T
     return masks
 
 
+# Backends that do not serve varlen_attention at all, and why (fastattn info prints these too).
+VARLEN_REFUSALS = {
+    "cuda": (
+        "varlen_attention has no CUDA kernel: the CUDA kernels index a padded (B, H, L, D) batch (cu_seqlens "
+        "offsets are not threaded through their grids and tile loops), and the block-mask path would hand them "
+        "the tiles that straddle sequence boundaries as a dense (total_q, total_k) element mask; on a GPU, "
+        "backend='triton' runs a varlen kernel that reads cu_seqlens on the device (the automatic choice takes it)"
+    ),
+}
+
+
+def select_varlen_backend(inputs, requested: str | None) -> str:
+    """The backend name that serves a varlen call: as :func:`fastattn.backends.select_backend`, but a
+    backend in :data:`VARLEN_REFUSALS` is refused with its reason when requested (by argument or
+    ``FASTATTN_BACKEND``) and passed over by the automatic choice."""
+    named = requested or os.environ.get("FASTATTN_BACKEND") or None
+    if named in VARLEN_REFUSALS:
+        reasons = [VARLEN_REFUSALS[named]] + (get_backend(named).reasons(inputs) if named in backends() else [])
+        raise BackendNotSupportedError(f"backend {named!r} cannot run this call:\n"
+                                       + "\n".join(f"  - {r}" for r in reasons))
+    chosen = select_backend(inputs, requested).name
+    if chosen not in VARLEN_REFUSALS:
+        return chosen
+    # The automatic choice took a refused backend: the next one in priority order that serves the call.
+    refused = [f"  {chosen}: {VARLEN_REFUSALS[chosen]}"]
+    for name in PRIORITY[PRIORITY.index(chosen) + 1:]:
+        if name in VARLEN_REFUSALS or name not in backends():
+            continue
+        backend = get_backend(name)
+        reasons = backend.reasons(inputs) or backend.auto_select_reasons(inputs)
+        if not reasons:
+            return name
+        refused.append(f"  {name}: " + "; ".join(reasons))
+    raise BackendNotSupportedError("no backend can run this call:\n" + "\n".join(refused))
+
+
 class VarlenFunction(torch.autograd.Function):
     """Autograd of the varlen kernels: the chosen backend's varlen forward and backward ops."""
 
@@ -239,11 +278,13 @@ def varlen_attention(
             ``j <= i + (Lk_s - Lq_s)``.
         window: ``(left, right)``, ``-1`` = unbounded, aligned per sequence as ``causal``.
         alibi_slopes: float32 ``(Hq,)``; bias ``-slope * |i + (Lk_s - Lq_s) - j|`` per sequence (local
-            indices). The varlen kernels (cpu, triton) apply it per sequence. The block-mask path (a
-            backend without a varlen kernel) applies one offset, ``total_k - total_q``, to the packed call, so there it needs ``cu_seqlens_k[s+1] - cu_seqlens_q[s+1] == total_k - total_q``
+            indices). The varlen kernels (cpu, triton) apply it per sequence. The block-mask path (the
+            reference backend) applies one offset, ``total_k - total_q``, to the packed call, so there it needs ``cu_seqlens_k[s+1] - cu_seqlens_q[s+1] == total_k - total_q``
             for every sequence with queries and keys (true when ``Lq_s == Lk_s`` for all) and raises a
             ValueError otherwise rather than give a wrong bias.
-        softcap, scale, backend: as in :func:`fastattn.attention`.
+        softcap, scale: as in :func:`fastattn.attention`.
+        backend: as in :func:`fastattn.attention`; ``"cuda"`` is refused (:data:`VARLEN_REFUSALS` says
+            why) and the automatic choice passes over it.
         dropout_p: as in :func:`fastattn.attention`: reproducible under ``torch.manual_seed``, with a
             matching backward. The varlen kernels draw each sequence's pattern as for that sequence
             alone (:func:`varlen_dropout_keep_mask`); the block-mask path draws one pattern over the
@@ -292,7 +333,7 @@ def varlen_attention(
     inputs = normalize(q[None].transpose(1, 2), k[None].transpose(1, 2), v[None].transpose(1, 2), causal=causal,
                        window=window, alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, scale=scale,
                        return_lse=return_lse, sinks=sinks)
-    chosen = select_backend(inputs, backend).name
+    chosen = select_varlen_backend(inputs, backend)
     if varlen_kernel_ops(chosen) is not None:
         seed = draw_seed() if inputs.dropout_p > 0 else 0
         slopes = None if inputs.alibi_slopes is None else inputs.alibi_slopes[0]
@@ -326,4 +367,4 @@ def varlen_attention(
     return result[0]
 
 
-__all__ = ["varlen_attention", "varlen_block_mask", "varlen_dropout_keep_mask"]
+__all__ = ["VARLEN_REFUSALS", "varlen_attention", "varlen_block_mask", "varlen_dropout_keep_mask"]

@@ -453,3 +453,33 @@ def test_cpu_varlen_kernel_keeps_hidden_nan_out_of_rows_that_cannot_see_it():
     dq, dk, dv = torch.autograd.grad(out[:60].sum(), (q, k, v))
     assert dq[:60].isfinite().all()  # rows that never see the NaN key
     assert dk[:40].isfinite().all() and dv[:40].isfinite().all()  # the other sequence's keys
+
+
+# ------------------------------------------------------------------------------------------ cuda
+def test_cuda_backend_refuses_varlen_with_its_reason(monkeypatch):
+    """backend='cuda' (by argument or FASTATTN_BACKEND) raises, giving the varlen reason first."""
+    q = torch.randn(6, 2, 64)
+    cu = _cu([2, 4])
+    with pytest.raises(fastattn.BackendNotSupportedError, match="varlen_attention has no CUDA kernel") as error:
+        fastattn.varlen_attention(q, q, q, cu, cu, 4, 4, backend="cuda")
+    assert "backend='triton'" in str(error.value)
+    monkeypatch.setenv("FASTATTN_BACKEND", "cuda")
+    with pytest.raises(fastattn.BackendNotSupportedError, match="varlen_attention has no CUDA kernel"):
+        fastattn.varlen_attention(q, q, q, cu, cu, 4, 4)
+    assert "varlen_attention has no CUDA kernel" in fastattn.info(print_out=False)
+
+
+def test_automatic_choice_passes_over_cuda(monkeypatch):
+    """Where the padded choice would be cuda (a GPU machine), varlen takes the next backend that serves it."""
+    import fastattn.varlen as varlen
+
+    cuda = fastattn.get_backend("cuda")
+    chosen = []
+    real = varlen.varlen_kernel_ops
+    monkeypatch.setattr(varlen, "select_backend", lambda inputs, requested: cuda if requested is None else None)
+    monkeypatch.setattr(varlen, "varlen_kernel_ops", lambda name: chosen.append(name) or real(name))
+    q = torch.randn(6, 2, 16)
+    out = fastattn.varlen_attention(q, q, q, _cu([2, 4]), _cu([2, 4]), 4, 4, causal=True)
+    assert chosen[0] == "cpu"  # triton has no GPU here; cpu is next
+    want, _ = _loop(q, q, q, [2, 4], [2, 4], causal=True)
+    torch.testing.assert_close(out, want)

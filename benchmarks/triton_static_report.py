@@ -42,6 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SMEM_LIMIT = 232448  # bytes of shared memory per block on H100 / H200
 MATMULS_PER_TILE = {"attention_fwd_kernel": 2, "attention_bwd_dkdv_kernel": 4, "attention_bwd_dq_kernel": 3}
 SHORT = {"attention_fwd_kernel": "fwd", "attention_bwd_dkdv_kernel": "dK/dV", "attention_bwd_dq_kernel": "dQ"}
+# The varlen kernels (feature "varlen": packed sequences through triton_kernels/attention_varlen.py).
+MATMULS_PER_TILE.update({k.replace("attention_", "attention_varlen_"): n for k, n in MATMULS_PER_TILE.items()})
+SHORT.update({k.replace("attention_", "attention_varlen_"): "varlen " + n for k, n in list(SHORT.items())})
 
 
 # --------------------------------------------------------------------------- compiling the launches
@@ -143,12 +146,37 @@ def compile_launches(dtype_name: str, head_dim: int, features: set[str], length:
         kwargs.update(zip(("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"), mask.kv_lists))
         kwargs.update(block_size_q=mask.block_size[0], block_size_k=mask.block_size[1])
         lists = dict(zip(("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"), mask.q_lists))
+    if "varlen" in features:  # the same features on packed sequences (lengths 0 and 1 among them)
+        _compile_varlen(dtype, head_dim, Hq, Hkv, kwargs)
+        return compiled
     if "nofwd" not in features:
         attention_fwd(q, k, v, **kwargs)
     out, lse = torch.zeros(B, Hq, L, head_dim, dtype=dtype), torch.zeros(B, Hq, L)
     dbias = "floatmask" in features and "nodbias" not in features
     attention_bwd(torch.randn_like(out), q, k, v, out, lse, **kwargs, **lists, compute_dbias=dbias)
     return compiled
+
+
+def _compile_varlen(dtype, head_dim: int, Hq: int, Hkv: int, kwargs: dict) -> None:
+    """Run the varlen launchers (wrap_triton already patched to compile) on a packing of 5 sequences
+    with ``kwargs``'s window, ALiBi, softcap and dropout; masks and lengths do not apply."""
+    import importlib
+
+    import torch
+
+    varlen = importlib.import_module("fastattn.triton_kernels.attention_varlen")
+    lengths = [130, 1, 0, 77, 300]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    total = sum(lengths)
+    q = torch.randn(total, Hq, head_dim, dtype=dtype)
+    k, v = (torch.randn(total, Hkv, head_dim, dtype=dtype) for _ in range(2))
+    alibi = kwargs.get("alibi_slopes")
+    args = (cu, cu, max(lengths), max(lengths), None if alibi is None else alibi[0], kwargs["scale"],
+            kwargs.get("window_left"), kwargs.get("window_right"), kwargs.get("softcap", 0.0))
+    dropout = (kwargs.get("dropout_p", 0.0), kwargs.get("seed", 0))
+    varlen.attention_varlen_fwd(q, k, v, *args, *dropout)
+    out, lse = torch.zeros(total, Hq, head_dim, dtype=dtype), torch.zeros(Hq, total)
+    varlen.attention_varlen_bwd(torch.randn_like(out), q, k, v, out, lse, *args, None, *dropout)
 
 
 # --------------------------------------------------------------------------- reading the compiled code
@@ -330,7 +358,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtypes", default="float16,bfloat16")
     parser.add_argument("--head-dims", default="64,128,256")
-    parser.add_argument("--features", default="", help="comma list: causal,softcap,dropout,alibi,lengths,...")
+    parser.add_argument("--features", default="",
+                        help="comma list: causal,softcap,dropout,alibi,lengths,... (varlen: the varlen kernels)")
     parser.add_argument("--length", type=int, default=300,
                         help="sequence length (a mask's rows are 16-byte aligned when it is a multiple of 8)")
     parser.add_argument("--json", help="also write the rows here")

@@ -483,3 +483,25 @@ def test_automatic_choice_passes_over_cuda(monkeypatch):
     assert chosen[0] == "cpu"  # triton has no GPU here; cpu is next
     want, _ = _loop(q, q, q, [2, 4], [2, 4], causal=True)
     torch.testing.assert_close(out, want)
+
+
+# ---------------------------------------------------------------------------- compiled for sm_90a
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype, head_dim, features", [
+    pytest.param("bfloat16", 128, "varlen,causal,dropout,gqa", id="bf16-D128-causal-dropout-gqa"),
+    pytest.param("float16", 64, "varlen,window,alibi,softcap", id="fp16-D64-window-alibi-softcap"),
+])
+def test_triton_varlen_kernels_compile_for_sm90(dtype, head_dim, features):
+    """The Triton varlen kernels compile for Hopper (ptxas included, no GPU), fit shared memory and do
+    exactly the tile's matmul work per inner-loop iteration (benchmarks/triton_static_report.py,
+    feature ``varlen``). They load tiles through pointers, and with GQA and dropout their dK/dV
+    kernel spills, as the padded kernels' pointer path does (docs/varlen-and-kvcache.md)."""
+    pytest.importorskip("triton")
+    from .test_triton_compile import SMEM_LIMIT, compile_case, report
+
+    rows = [report.analyse(c) for c in compile_case(dtype, head_dim, features) if c["kernel"] in report.SHORT]
+    assert {r["kernel"] for r in rows} == {"attention_varlen_fwd_kernel", "attention_varlen_bwd_dkdv_kernel",
+                                           "attention_varlen_bwd_dq_kernel"}
+    for r in rows:
+        assert r["shared"] <= SMEM_LIMIT, r
+        assert r["loop_macs"] and all(macs == r["ideal_macs"] for macs in r["loop_macs"]), r

@@ -35,6 +35,31 @@ from .attention_fwd import (
 )
 
 
+# The three band loops of each kernel (masked edge blocks, unmasked interior, masked edge blocks) are
+# one loop helper each, called with the loop's bounds and its APPLY_INDEX_MASK: the shared tile step
+# is called in one place per kernel. Triton inlines the helpers (the compiled code is unchanged).
+@triton.jit
+def _fwd_key_blocks(
+    b_acc, b_l, b_m, b_q,  # [BLOCK_M, BLOCK_DV], [BLOCK_M], [BLOCK_M] running state; [BLOCK_M, BLOCK_D]
+    n_start, n_end, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn, p_q, i_h, Hq, qlen, klen, D, DV,
+    offset, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed_s, row_lo, row_hi,
+    BLOCK_N: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, APPLY_INDEX_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """The forward's online softmax over key blocks ``[n_start, n_end)`` of one sequence: the padded
+    kernel's step with the sequence's lengths (batch 0: dropout is keyed by ``seed_s``)."""
+    for i_n in range(n_start, n_end):
+        b_acc, b_l, b_m = _fwd_key_block(
+            b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
+            0, i_h, Hq, qlen, klen, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
+            softcap, dropout_p, seed_s, p_q, 0, 0, row_lo, row_hi,
+            BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False,
+            True, HAS_DROPOUT, APPLY_INDEX_MASK, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
+        )
+    return b_acc, b_l, b_m
+
+
 @triton.jit(do_not_specialize=["total_q", "window_left", "window_right", "seed"])
 def attention_varlen_fwd_kernel(
     # pointers
@@ -99,30 +124,21 @@ def attention_varlen_fwd_kernel(
     n_lo, n_mid_lo, n_mid_hi, n_hi = _key_block_range(
         m0, qlen, klen, offset, window_left, window_right, BLOCK_M, BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
     )
-    for i_n in range(n_lo, n_mid_lo):
-        b_acc, b_l, b_m = _fwd_key_block(
-            b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
-            0, i_h, Hq, qlen, klen, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
-            softcap, dropout_p, seed_s, p_q, 0, 0, row_lo, row_hi,
-            BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False,
-            True, HAS_DROPOUT, True, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
-        )
-    for i_n in range(n_mid_lo, n_mid_hi):
-        b_acc, b_l, b_m = _fwd_key_block(
-            b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
-            0, i_h, Hq, qlen, klen, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
-            softcap, dropout_p, seed_s, p_q, 0, 0, row_lo, row_hi,
-            BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False,
-            True, HAS_DROPOUT, False, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
-        )
-    for i_n in range(n_mid_hi, n_hi):
-        b_acc, b_l, b_m = _fwd_key_block(
-            b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
-            0, i_h, Hq, qlen, klen, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
-            softcap, dropout_p, seed_s, p_q, 0, 0, row_lo, row_hi,
-            BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False,
-            True, HAS_DROPOUT, True, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
-        )
+    b_acc, b_l, b_m = _fwd_key_blocks(
+        b_acc, b_l, b_m, b_q, n_lo, n_mid_lo, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn, p_q, i_h, Hq, qlen, klen,
+        D, DV, offset, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed_s, row_lo, row_hi,
+        BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, True, DOT_PRECISION, DOT_FP32,
+    )
+    b_acc, b_l, b_m = _fwd_key_blocks(
+        b_acc, b_l, b_m, b_q, n_mid_lo, n_mid_hi, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn, p_q, i_h, Hq, qlen, klen,
+        D, DV, offset, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed_s, row_lo, row_hi,
+        BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, False, DOT_PRECISION, DOT_FP32,
+    )
+    b_acc, b_l, b_m = _fwd_key_blocks(
+        b_acc, b_l, b_m, b_q, n_mid_hi, n_hi, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn, p_q, i_h, Hq, qlen, klen,
+        D, DV, offset, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed_s, row_lo, row_hi,
+        BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, True, DOT_PRECISION, DOT_FP32,
+    )
 
     # Rows that saw no key output 0 and lse = -inf.
     m_row = (b_l > 0.0) & m_m
@@ -198,6 +214,28 @@ def attention_varlen_fwd(
 
 
 # --------------------------------------------------------------------------- backward
+@triton.jit
+def _dkdv_query_blocks(
+    b_dk, b_dv, b_k, b_v,  # [BLOCK_N, BLOCK_D], [BLOCK_N, BLOCK_DV], [BLOCK_N, BLOCK_D], [BLOCK_N, BLOCK_DV]
+    m_start, m_end, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh, p_q, stride_qm, stride_dom,
+    i_h, Hq, qlen, klen, D, DV, offset, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed_s,
+    BLOCK_M: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, APPLY_INDEX_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """dK, dV of one key block from query blocks ``[m_start, m_end)`` of one (sequence, query head)."""
+    for i_m in range(m_start, m_end):
+        b_dk, b_dv = _dkdv_query_block(
+            b_dk, b_dv, b_k, b_v, i_m, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh,
+            p_q, stride_qm, stride_dom, 0, 0, i_h, Hq, qlen, klen, D, DV,
+            offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed_s,
+            p_q, 0, 0, BLOCK_M,
+            HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False,
+            True, HAS_DROPOUT, APPLY_INDEX_MASK, False, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off
+        )
+    return b_dk, b_dv
+
+
 @triton.jit(do_not_specialize=["total_q", "window_left", "window_right", "seed"])
 def attention_varlen_bwd_dkdv_kernel(
     # pointers
@@ -266,39 +304,51 @@ def attention_varlen_bwd_dkdv_kernel(
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(p_alibi + i_h * stride_alibi_h)
-        for i_m in range(m_lo, m_mid_lo):
-            b_dk, b_dv = _dkdv_query_block(
-                b_dk, b_dv, b_k, b_v, i_m, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh,
-                p_q, stride_qm, stride_dom, 0, 0, i_h, Hq, qlen, klen, D, DV,
-                offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed_s,
-                p_q, 0, 0, BLOCK_M,
-                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False,
-                True, HAS_DROPOUT, True, False, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
-            )
-        for i_m in range(m_mid_lo, m_mid_hi):
-            b_dk, b_dv = _dkdv_query_block(
-                b_dk, b_dv, b_k, b_v, i_m, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh,
-                p_q, stride_qm, stride_dom, 0, 0, i_h, Hq, qlen, klen, D, DV,
-                offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed_s,
-                p_q, 0, 0, BLOCK_M,
-                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False,
-                True, HAS_DROPOUT, False, False, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
-            )
-        for i_m in range(m_mid_hi, m_hi):
-            b_dk, b_dv = _dkdv_query_block(
-                b_dk, b_dv, b_k, b_v, i_m, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh,
-                p_q, stride_qm, stride_dom, 0, 0, i_h, Hq, qlen, klen, D, DV,
-                offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed_s,
-                p_q, 0, 0, BLOCK_M,
-                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False,
-                True, HAS_DROPOUT, True, False, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
-            )
+        b_dk, b_dv = _dkdv_query_blocks(
+            b_dk, b_dv, b_k, b_v, m_lo, m_mid_lo, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh,
+            p_q, stride_qm, stride_dom, i_h, Hq, qlen, klen, D, DV, offset, window_left, window_right, slope, sm_scale,
+            softcap, dropout_p, seed_s, BLOCK_M, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP,
+            HAS_DROPOUT, True, DOT_PRECISION, DOT_FP32,
+        )
+        b_dk, b_dv = _dkdv_query_blocks(
+            b_dk, b_dv, b_k, b_v, m_mid_lo, m_mid_hi, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh,
+            p_q, stride_qm, stride_dom, i_h, Hq, qlen, klen, D, DV, offset, window_left, window_right, slope, sm_scale,
+            softcap, dropout_p, seed_s, BLOCK_M, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP,
+            HAS_DROPOUT, False, DOT_PRECISION, DOT_FP32,
+        )
+        b_dk, b_dv = _dkdv_query_blocks(
+            b_dk, b_dv, b_k, b_v, m_mid_hi, m_hi, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh,
+            p_q, stride_qm, stride_dom, i_h, Hq, qlen, klen, D, DV, offset, window_left, window_right, slope, sm_scale,
+            softcap, dropout_p, seed_s, BLOCK_M, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP,
+            HAS_DROPOUT, True, DOT_PRECISION, DOT_FP32,
+        )
 
     b_dk = b_dk * sm_scale
     tl.store(p_dk + (o_krow64 * stride_dkn + i_hk.to(tl.int64) * stride_dkh)[:, None] + o_d[None, :],
              b_dk.to(p_dk.dtype.element_ty), mask=m_k[:, None] & (o_d[None, :] < D))
     tl.store(p_dv + (o_krow64 * stride_dvn + i_hk.to(tl.int64) * stride_dvh)[:, None] + o_dv[None, :],
              b_dv.to(p_dv.dtype.element_ty), mask=m_k[:, None] & (o_dv[None, :] < DV))
+
+
+@triton.jit
+def _dq_key_blocks(
+    b_dq, b_q, b_do, b_lse2, b_delta,  # [BLOCK_M, BLOCK_D], [BLOCK_M, BLOCK_D], [BLOCK_M, BLOCK_DV], [BLOCK_M] x2
+    n_start, n_end, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn, stride_vn, p_q, i_h, Hq, qlen, klen,
+    D, DV, offset, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed_s,
+    BLOCK_N: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, APPLY_INDEX_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """dQ of one query block from key blocks ``[n_start, n_end)`` of one sequence."""
+    for i_n in range(n_start, n_end):
+        b_dq = _dq_key_block(
+            b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
+            stride_vn, 0, i_h, Hq, qlen, klen, D, DV, offset, qlen, klen, window_left, window_right, slope,
+            sm_scale, softcap, dropout_p, seed_s, p_q, 0, 0, BLOCK_N,
+            HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False, True,
+            HAS_DROPOUT, APPLY_INDEX_MASK, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
+        )
+    return b_dq
 
 
 @triton.jit(do_not_specialize=["total_q", "window_left", "window_right", "seed"])
@@ -369,30 +419,24 @@ def attention_varlen_bwd_dq_kernel(
     n_lo, n_mid_lo, n_mid_hi, n_hi = _key_block_range(
         m0, qlen, klen, offset, window_left, window_right, BLOCK_M, BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
     )
-    for i_n in range(n_lo, n_mid_lo):
-        b_dq = _dq_key_block(
-            b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
-            stride_vn, 0, i_h, Hq, qlen, klen, D, DV, offset, qlen, klen, window_left, window_right, slope,
-            sm_scale, softcap, dropout_p, seed_s, p_q, 0, 0, BLOCK_N,
-            HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False, True,
-            HAS_DROPOUT, True, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
-        )
-    for i_n in range(n_mid_lo, n_mid_hi):
-        b_dq = _dq_key_block(
-            b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
-            stride_vn, 0, i_h, Hq, qlen, klen, D, DV, offset, qlen, klen, window_left, window_right, slope,
-            sm_scale, softcap, dropout_p, seed_s, p_q, 0, 0, BLOCK_N,
-            HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False, True,
-            HAS_DROPOUT, False, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
-        )
-    for i_n in range(n_mid_hi, n_hi):
-        b_dq = _dq_key_block(
-            b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
-            stride_vn, 0, i_h, Hq, qlen, klen, D, DV, offset, qlen, klen, window_left, window_right, slope,
-            sm_scale, softcap, dropout_p, seed_s, p_q, 0, 0, BLOCK_N,
-            HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False, True,
-            HAS_DROPOUT, True, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
-        )
+    b_dq = _dq_key_blocks(
+        b_dq, b_q, b_do, b_lse2, b_delta, n_lo, n_mid_lo, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn, stride_vn,
+        p_q, i_h, Hq, qlen, klen, D, DV, offset, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed_s,
+        BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, True, DOT_PRECISION,
+        DOT_FP32,
+    )
+    b_dq = _dq_key_blocks(
+        b_dq, b_q, b_do, b_lse2, b_delta, n_mid_lo, n_mid_hi, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn, stride_vn,
+        p_q, i_h, Hq, qlen, klen, D, DV, offset, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed_s,
+        BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, False, DOT_PRECISION,
+        DOT_FP32,
+    )
+    b_dq = _dq_key_blocks(
+        b_dq, b_q, b_do, b_lse2, b_delta, n_mid_hi, n_hi, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn, stride_vn,
+        p_q, i_h, Hq, qlen, klen, D, DV, offset, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed_s,
+        BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, True, DOT_PRECISION,
+        DOT_FP32,
+    )
 
     b_dq = b_dq * sm_scale
     tl.store(p_dq + (o_row64 * stride_dqm + i_h.to(tl.int64) * stride_dqh)[:, None] + o_d[None, :],

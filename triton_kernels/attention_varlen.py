@@ -29,6 +29,7 @@ from .attention_fwd import (
     _key_block_range,
     clamp_window,
     dot_settings,
+    feature_flags,
     head_dim_tile,
     last_dim_contiguous,
     softcap_flag,
@@ -192,7 +193,9 @@ def attention_varlen_fwd(
     if total_q == 0 or num_seqs == 0 or max_seqlen_q == 0:
         return out, lse
     block_d, block_dv = head_dim_tile(D), head_dim_tile(DV)
-    meta = configs.pinned_config("fwd", max(block_d, block_dv), q.element_size())
+    # The padded kernels' tiles for these features (lean ones where dropout with softcap would spill).
+    flags = feature_flags(None, alibi_slopes, None, window_left, window_right, softcap, dropout_p)
+    meta = configs.pinned_config("fwd", max(block_d, block_dv), q.element_size(), flags)
     precision, dot_fp32 = dot_settings(q.dtype)
     bound = max_seqlen_q + max_seqlen_k + 1
     grid = (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), num_seqs * Hq)
@@ -506,7 +509,8 @@ def attention_varlen_bwd(
         HAS_SOFTCAP=softcap_flag(softcap, q.dtype), HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=precision,
         DOT_FP32=dot_fp32,
     )
-    meta = configs.pinned_config("dkdv", head_dim, q.element_size())
+    flags = feature_flags(None, alibi_slopes, None, window_left, window_right, softcap, dropout_p)
+    meta = configs.pinned_config("dkdv", head_dim, q.element_size(), flags)
     torch.library.wrap_triton(attention_varlen_bwd_dkdv_kernel)[(triton.cdiv(max_seqlen_k, meta["BLOCK_N"]),
                                                                  num_seqs * Hkv)](
         **common, p_dk=dk, p_dv=dv, stride_dkn=dk.stride(0), stride_dkh=dk.stride(1), stride_dvn=dv.stride(0),
@@ -514,7 +518,7 @@ def attention_varlen_bwd(
     )
     # Keys of sequences no program reached (max_seqlen_k == 0 with empty sequences) do not exist:
     # cu_seqlens_k covers every packed key, and each lies in some program's block.
-    meta = configs.pinned_config("dq", head_dim, q.element_size())
+    meta = configs.pinned_config("dq", head_dim, q.element_size(), flags)
     torch.library.wrap_triton(attention_varlen_bwd_dq_kernel)[(triton.cdiv(max_seqlen_q, meta["BLOCK_M"]),
                                                                num_seqs * Hq)](
         **common, p_dq=dq, stride_dqm=dq.stride(0), stride_dqh=dq.stride(1), **meta,

@@ -14,6 +14,10 @@ per-tile steps, imported from ``attention_fwd.py`` (``_key_block_range``, ``_fwd
 pointers moved to the sequence's first row. The backward is attention_bwd.py's two kernels in the
 same way: one program per key block of one (sequence, kv head) for dK/dV (deterministic, written
 once), one per query block of one (sequence, query head) for dQ.
+
+Dropout: sequence ``s`` draws the padded kernels' Philox pattern for that sequence alone (batch 0,
+local indices, its own lengths) from the seed ``seed + s``, so the backward regenerates it and no
+two sequences share random numbers.
 """
 
 from __future__ import annotations

@@ -371,14 +371,15 @@ def attention_with_kvcache(
     invalid = None
     if on_device:
         # Unchecked index values must still never reach memory outside the caches: a sequence with one
-        # out of range appends nothing, reads only in-bounds slots and returns NaN (see docs/decoding.md).
+        # out of range reads and writes only in-bounds slots (its indices clamped; its "append" writes
+        # back what the slots hold) and returns NaN (docs/decoding.md).
         invalid = (seqlens < 0) | (lengths > capacity)  # (B,)
         if paged:
             invalid |= bad.any(1)
         elif cache_batch_idx is not None:
             invalid |= (rows < 0) | (rows >= n_rows)
-            rows = torch.where(invalid, 0, rows)
-        seqlens = torch.where(invalid, 0, seqlens)
+            rows = rows.clamp(0, n_rows - 1)
+        seqlens = torch.where(invalid, seqlens.clamp(0, max(capacity - Lnew, 0)), seqlens)
         lengths = seqlens + Lnew
 
     if Lnew:

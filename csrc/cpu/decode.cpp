@@ -287,9 +287,9 @@ inline Range split_keys(const DecodeParams& p, int64_t b, int64_t s) {
   return {s0, std::min(hi + 1, s0 + chunk)};
 }
 
-// Pulls `bytes` of a cache row towards the core ahead of use, one request per cache line. The
-// hardware prefetchers follow one forward stream well, but not the value rows of a block (a stride
-// of Hkv * Dv elements, a new page every few rows) nor the jump to the next block of keys.
+// Pulls `bytes` of a cache row towards the core ahead of use, one request per cache line: the
+// block's value rows are requested while its scores are computed, so they arrive during work
+// rather than after it.
 inline __attribute__((always_inline)) void prefetch_row(const void* row, int64_t bytes) {
   const char* c = static_cast<const char*>(row);
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
@@ -300,7 +300,7 @@ template <typename acc_t>
 struct TaskScratch {
   std::vector<acc_t> Q, S, kbuf, vblock;
   std::vector<const acc_t*> vrows;
-  std::vector<int64_t> koff, voff, knext;
+  std::vector<int64_t> koff, voff;  // the block's key and value rows (element offsets)
   std::vector<char> bad;
   std::vector<KeyRange> band;
 };
@@ -310,7 +310,7 @@ TaskScratch<acc_t>& task_scratch(const DecodeParams& p) {
   thread_local TaskScratch<acc_t> t;
   const int64_t R = p.rows, BK = p.block_k;
   t.Q.resize(R * p.D), t.S.resize(R * BK), t.kbuf.resize(p.D), t.vblock.resize(BK * p.Dv);
-  t.vrows.resize(BK), t.koff.resize(BK), t.voff.resize(BK), t.knext.resize(BK);
+  t.vrows.resize(BK), t.koff.resize(BK), t.voff.resize(BK);
   t.bad.resize(R), t.band.resize(p.Lq);
   return t;
 }
@@ -341,16 +341,16 @@ inline __attribute__((always_inline)) void decode_task(const DecodeParams& p, co
       acc_t* dst = Q + (h * p.Lq + i) * D;
       for (int64_t c = 0; c < D; ++c) dst[c] = static_cast<acc_t>(src[c]) * scale;
     }
-  const int64_t k_bytes = D * sizeof(scalar_t), v_bytes = Dv * sizeof(scalar_t);
-  for (int64_t j = 0; j < std::min(BK, keys.end - keys.begin); ++j)
-    t.koff[j] = p.cache_offset(b, keys.begin + j, p.k_s0, p.k_s1);
+  const int64_t v_bytes = Dv * sizeof(scalar_t);
 
   for (int64_t k0 = keys.begin; k0 < keys.end; k0 += BK) {
-    const int64_t n = std::min(BK, keys.end - k0), n_next = std::clamp<int64_t>(keys.end - k0 - BK, 0, BK);
-    for (int64_t j = 0; j < n; ++j) t.voff[j] = p.cache_offset(b, k0 + j, p.v_s0, p.v_s1);
-    for (int64_t j = 0; j < n_next; ++j) t.knext[j] = p.cache_offset(b, k0 + BK + j, p.k_s0, p.k_s1);
-    // S = (scale Q) K^T, each key row read once for the rows of its GQA group; the block's value
-    // rows are requested meanwhile.
+    const int64_t n = std::min(BK, keys.end - k0);
+    for (int64_t j = 0; j < n; ++j) {
+      t.koff[j] = p.cache_offset(b, k0 + j, p.k_s0, p.k_s1);
+      t.voff[j] = p.cache_offset(b, k0 + j, p.v_s0, p.v_s1);
+    }
+    // S = (scale Q) K^T, each key row read once for the rows of its GQA group (keys in memory
+    // order); the block's value rows are requested meanwhile.
     for (int64_t j = 0; j < n; ++j) {
       for (int64_t hk = 0; hk < p.Hkv; ++hk) {
         prefetch_row(v + t.voff[j] + hk * p.v_sh, v_bytes);
@@ -380,29 +380,31 @@ inline __attribute__((always_inline)) void decode_task(const DecodeParams& p, co
       std::fill(sr + hi, sr + n, neg_inf);
     }
     online_softmax_step(S, R, n, m, l, t.bad.data(), acc, Dv, BK);
-    // acc += P V, each value row read once, the next block's keys requested meanwhile. When every
-    // row sees the whole block, register tiles of 4 rows x 32 columns accumulate over the block's
-    // keys; otherwise (block at a band edge) a zero probability must never touch acc (0 * NaN from
-    // a hidden value), so rows go key by key.
+    // acc += P V, each value row read once, in memory order: kPvKeys keys at a time, all heads of
+    // each (a forward walk the hardware prefetchers follow; head by head over the whole block would
+    // jump Hkv * Dv elements per row). When every row sees the whole block, register tiles of 4 rows
+    // x 32 columns accumulate over the keys; otherwise (block at a band edge) a zero probability must
+    // never touch acc (0 * NaN from a hidden value), so rows go key by key.
     bool full = true;
     for (int64_t i = 0; i < p.Lq; ++i) full &= t.band[i].lo <= k0 && t.band[i].hi >= k0 + n - 1;
-    for (int64_t hk = 0; hk < p.Hkv; ++hk) {
-      for (int64_t j = 0; j < n; ++j) {
-        if (j < n_next) prefetch_row(k + t.knext[j] + hk * p.k_sh, k_bytes);
-        t.vrows[j] = row_as_acc<scalar_t, acc_t>(v + t.voff[j] + hk * p.v_sh, Dv, t.vblock.data() + j * Dv);
-      }
-      const int64_t r0 = hk * rows_per_kv;
-      if (full) {
-        pv_block(S + r0 * BK, BK, rows_per_kv, t.vrows.data(), n, acc + r0 * Dv, Dv);
-        continue;
-      }
-      for (int64_t r = r0; r < r0 + rows_per_kv; ++r)
-        for (int64_t j = 0; j < n; ++j) {
-          const acc_t pr = S[r * BK + j];
-          if (pr != acc_t(0)) axpy(acc + r * Dv, pr, t.vrows[j], Dv);
+    constexpr int64_t kPvKeys = 8;
+    for (int64_t j0 = 0; j0 < n; j0 += kPvKeys) {
+      const int64_t c = std::min(kPvKeys, n - j0);
+      for (int64_t hk = 0; hk < p.Hkv; ++hk) {
+        for (int64_t j = j0; j < j0 + c; ++j)
+          t.vrows[j] = row_as_acc<scalar_t, acc_t>(v + t.voff[j] + hk * p.v_sh, Dv, t.vblock.data() + j * Dv);
+        const int64_t r0 = hk * rows_per_kv;
+        if (full) {
+          pv_block(S + r0 * BK + j0, BK, rows_per_kv, t.vrows.data() + j0, c, acc + r0 * Dv, Dv);
+          continue;
         }
+        for (int64_t r = r0; r < r0 + rows_per_kv; ++r)
+          for (int64_t j = j0; j < j0 + c; ++j) {
+            const acc_t pr = S[r * BK + j];
+            if (pr != acc_t(0)) axpy(acc + r * Dv, pr, t.vrows[j], Dv);
+          }
+      }
     }
-    std::copy(t.knext.begin(), t.knext.begin() + n_next, t.koff.begin());
   }
   for (int64_t r = 0; r < R; ++r)
     if (t.bad[r]) l[r] = std::numeric_limits<acc_t>::quiet_NaN();

@@ -16,8 +16,7 @@ import os
 import torch
 
 from .._inputs import AttentionInputs
-from . import evidence
-from . import base
+from . import base, evidence
 from .base import Backend
 
 PRIORITY = ("cuda", "triton", "cpu", "reference")

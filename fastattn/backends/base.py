@@ -9,7 +9,6 @@ import torch
 from .._inputs import AttentionInputs
 from ..ops import BackendOps
 
-
 # Called whenever an attribute of a backend instance is set or deleted: fastattn.backends drops its
 # cached dispatch decisions then (tests replace ``reasons`` on an instance, for one).
 CHANGE_HOOKS: list = []

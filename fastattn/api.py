@@ -121,7 +121,8 @@ def attention(
     """
     # Per-call cost: a CPU call without tensor options, gradients or dropout whose signature (shapes,
     # dtypes, options, backend) has been checked and dispatched before reuses that call's plan -- the
-    # op and its arguments -- and skips validation, normalisation and dispatch (docs/performance.md).
+    # op and its arguments -- and skips validation, normalisation and dispatch
+    # (docs/varlen-and-kvcache.md, "Per-call cost").
     key = None
     if (attn_mask is None and block_mask is None and alibi_slopes is None and key_lengths is None
             and query_lengths is None and sinks is None and dropout_p.__class__ is float and not dropout_p):

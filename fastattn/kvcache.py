@@ -263,7 +263,7 @@ def attention_with_kvcache(
     """
     # Per-call cost: a call for the CPU kernel without ALiBi or sinks whose signature (shapes, dtypes,
     # devices, options) has been checked before reuses that call's checked options; the kernel
-    # checks the index values itself on every call (docs/performance.md).
+    # checks the index values itself on every call (docs/varlen-and-kvcache.md, "Per-call cost").
     plan_key = None
     if alibi_slopes is None and sinks is None:
         plan_key = _plan_key(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, causal, window,
@@ -372,7 +372,7 @@ def attention_with_kvcache(
     if on_device:
         # Unchecked index values must still never reach memory outside the caches: a sequence with one
         # out of range reads and writes only in-bounds slots (its indices clamped; its "append" writes
-        # back what the slots hold) and returns NaN (docs/decoding.md).
+        # back what the slots hold) and returns NaN (docs/varlen-and-kvcache.md).
         invalid = (seqlens < 0) | (lengths > capacity)  # (B,)
         if paged:
             invalid |= bad.any(1)

@@ -287,20 +287,24 @@ inline Range split_keys(const DecodeParams& p, int64_t b, int64_t s) {
   return {s0, std::min(hi + 1, s0 + chunk)};
 }
 
-// Pulls `bytes` of a cache row towards the core ahead of use, one request per cache line: the
-// block's value rows are requested while its scores are computed, so they arrive during work
-// rather than after it.
+// Pulls `bytes` of a cache row towards the core ahead of use, one request per cache line: keys a
+// few rows ahead, and the block's value rows while its scores are computed, so they arrive during
+// work rather than after it.
 inline __attribute__((always_inline)) void prefetch_row(const void* row, int64_t bytes) {
   const char* c = static_cast<const char*>(row);
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
 }
+
+// How many key rows ahead of use the score loop requests the keys (the hardware prefetchers
+// lose the stream at every page, about one row of a (L, Hkv, D) cache).
+constexpr int64_t kKeysAhead = 8;
 
 // A task's working buffers, one set per thread, kept between tasks and calls (grown when needed).
 template <typename acc_t>
 struct TaskScratch {
   std::vector<acc_t> Q, S, kbuf, vblock;
   std::vector<const acc_t*> vrows;
-  std::vector<int64_t> koff, voff;  // the block's key and value rows (element offsets)
+  std::vector<int64_t> koff, voff;  // the block's key rows (and kKeysAhead more), value rows: offsets
   std::vector<char> bad;
   std::vector<KeyRange> band;
 };
@@ -310,7 +314,7 @@ TaskScratch<acc_t>& task_scratch(const DecodeParams& p) {
   thread_local TaskScratch<acc_t> t;
   const int64_t R = p.rows, BK = p.block_k;
   t.Q.resize(R * p.D), t.S.resize(R * BK), t.kbuf.resize(p.D), t.vblock.resize(BK * p.Dv);
-  t.vrows.resize(BK), t.koff.resize(BK), t.voff.resize(BK);
+  t.vrows.resize(BK), t.koff.resize(BK + kKeysAhead), t.voff.resize(BK);
   t.bad.resize(R), t.band.resize(p.Lq);
   return t;
 }
@@ -341,19 +345,18 @@ inline __attribute__((always_inline)) void decode_task(const DecodeParams& p, co
       acc_t* dst = Q + (h * p.Lq + i) * D;
       for (int64_t c = 0; c < D; ++c) dst[c] = static_cast<acc_t>(src[c]) * scale;
     }
-  const int64_t v_bytes = Dv * sizeof(scalar_t);
+  const int64_t k_bytes = D * sizeof(scalar_t), v_bytes = Dv * sizeof(scalar_t);
 
   for (int64_t k0 = keys.begin; k0 < keys.end; k0 += BK) {
-    const int64_t n = std::min(BK, keys.end - k0);
-    for (int64_t j = 0; j < n; ++j) {
-      t.koff[j] = p.cache_offset(b, k0 + j, p.k_s0, p.k_s1);
-      t.voff[j] = p.cache_offset(b, k0 + j, p.v_s0, p.v_s1);
-    }
+    const int64_t n = std::min(BK, keys.end - k0), ahead = std::min(n + kKeysAhead, keys.end - k0);
+    for (int64_t j = 0; j < n; ++j) t.voff[j] = p.cache_offset(b, k0 + j, p.v_s0, p.v_s1);
+    for (int64_t j = 0; j < ahead; ++j) t.koff[j] = p.cache_offset(b, k0 + j, p.k_s0, p.k_s1);
     // S = (scale Q) K^T, each key row read once for the rows of its GQA group (keys in memory
-    // order); the block's value rows are requested meanwhile.
+    // order, requested kKeysAhead rows ahead); the block's value rows are requested meanwhile.
     for (int64_t j = 0; j < n; ++j) {
       for (int64_t hk = 0; hk < p.Hkv; ++hk) {
         prefetch_row(v + t.voff[j] + hk * p.v_sh, v_bytes);
+        if (j + kKeysAhead < ahead) prefetch_row(k + t.koff[j + kKeysAhead] + hk * p.k_sh, k_bytes);
         const acc_t* kr = row_as_acc<scalar_t, acc_t>(k + t.koff[j] + hk * p.k_sh, D, t.kbuf.data());
         int64_t r = hk * rows_per_kv;
         for (; r + 4 <= (hk + 1) * rows_per_kv; r += 4) dot4(Q + r * D, D, kr, D, S + r * BK + j, BK);

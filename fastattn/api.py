@@ -22,7 +22,7 @@ def _plan_key(q, k, v, causal, window, softcap, scale, return_lse, backend, layo
     the full path checks or dispatches on is in the key: shapes, dtypes, devices, the options,
     the requested backend and the environment variables that steer the choice.
     """
-    if not (type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor):
+    if torch.compiler.is_compiling() or not (type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor):
         return None
     if not (causal.__class__ is bool and return_lse.__class__ is bool and softcap.__class__ is float
             and (scale is None or scale.__class__ is float)):
@@ -32,7 +32,7 @@ def _plan_key(q, k, v, causal, window, softcap, scale, return_lse, backend, layo
         return None
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return None
-    if not all(t.is_contiguous() or t.stride()[-1] == 1 for t in (q, k, v)) or torch.compiler.is_compiling():
+    if not all(t.is_contiguous() or t.stride()[-1] == 1 for t in (q, k, v)):
         return None
     return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, causal, window,
             softcap, scale, return_lse, backend, layout, *dispatch_environment())

@@ -123,8 +123,8 @@ def _plan_key(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch
     call takes the full path. Like :func:`fastattn.api._plan_key`: plain option values of the accepted
     types (``True == 1`` in a key), no gradient to compute, and every property the checks and the
     choice of path read in the key. The index *values* are not: the kernel checks them on every call."""
-    if not (type(q) is _Tensor and type(k_cache) is _Tensor and type(v_cache) is _Tensor
-            and type(cache_seqlens) is _Tensor):
+    if torch.compiler.is_compiling() or not (type(q) is _Tensor and type(k_cache) is _Tensor
+                                             and type(v_cache) is _Tensor and type(cache_seqlens) is _Tensor):
         return None
     if not (causal.__class__ is bool and return_lse.__class__ is bool and softcap.__class__ is float
             and (scale is None or scale.__class__ is float) and (num_splits is None or num_splits.__class__ is int)):
@@ -134,8 +134,6 @@ def _plan_key(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch
         return None
     if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad or (
             k is not None and k.requires_grad) or (v is not None and v.requires_grad)):
-        return None
-    if torch.compiler.is_compiling():
         return None
     return (q.shape, k_cache.shape, v_cache.shape, cache_seqlens.shape, q.dtype, k_cache.dtype, v_cache.dtype,
             cache_seqlens.dtype, q.device, k_cache.device, v_cache.device, cache_seqlens.device, _signature(k),

@@ -487,42 +487,45 @@ void decode_forward(const DecodeParams& p, const at::Tensor& q, const at::Tensor
   }
 
   // Combine the splits (and the sink) per (sequence, row): out (B, Lq, Hq, Dv), lse (B, Hq, Lq).
-  // Cheap next to the tasks (S * rows * Dv reads), so the calling thread does it alone.
+  // Cheap next to the tasks (S * rows * Dv reads): a decode step's few rows run on the calling
+  // thread (no thread team below the grain), large batches on all threads.
   scalar_t* od = out.mutable_data_ptr<scalar_t>();
   float* lsed = lse.mutable_data_ptr<float>();
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN(), inf = std::numeric_limits<acc_t>::infinity();
-  for (int64_t t = 0; t < p.B * R; ++t) {
-    const int64_t b = t / R, r = t % R, h = r / p.Lq, i = r % p.Lq;
-    const acc_t sink = p.sinks ? static_cast<acc_t>(p.sinks[h * p.sinks_s]) : -inf;
-    acc_t M = sink;
-    bool bad = false;
-    for (int64_t s = 0; s < S; ++s) {
-      const int64_t e = (b * S + s) * R + r;
-      bad |= std::isnan(part_l[e]);
-      if (part_l[e] > 0) M = std::max(M, part_m[e]);
-    }
-    acc_t L = M == -inf ? acc_t(0) : std::exp(sink - M);
-    // The first split with weight writes o (the row's slot of split 0, reused), the others add to it.
-    acc_t* o = part_acc + (b * S * R + r) * Dv;
-    bool first = true;
-    for (int64_t s = 0; s < S && !bad; ++s) {
-      const int64_t e = (b * S + s) * R + r;
-      if (!(part_l[e] > 0)) continue;
-      const acc_t w = std::exp(part_m[e] - M);
-      const acc_t* a = part_acc + e * Dv;
-      L += part_l[e] * w;
-      if (first) {
-        for (int64_t c = 0; c < Dv; ++c) o[c] = w * a[c];
-      } else {
-        axpy(o, w, a, Dv);
+  at::parallel_for(0, p.B * R, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / R, r = t % R, h = r / p.Lq, i = r % p.Lq;
+      const acc_t sink = p.sinks ? static_cast<acc_t>(p.sinks[h * p.sinks_s]) : -inf;
+      acc_t M = sink;
+      bool bad = false;
+      for (int64_t s = 0; s < S; ++s) {
+        const int64_t e = (b * S + s) * R + r;
+        bad |= std::isnan(part_l[e]);
+        if (part_l[e] > 0) M = std::max(M, part_m[e]);
       }
-      first = false;
+      acc_t L = M == -inf ? acc_t(0) : std::exp(sink - M);
+      // The first split with weight writes o (the row's slot of split 0, reused), the others add to it.
+      acc_t* o = part_acc + (b * S * R + r) * Dv;
+      bool first = true;
+      for (int64_t s = 0; s < S && !bad; ++s) {
+        const int64_t e = (b * S + s) * R + r;
+        if (!(part_l[e] > 0)) continue;
+        const acc_t w = std::exp(part_m[e] - M);
+        const acc_t* a = part_acc + e * Dv;
+        L += part_l[e] * w;
+        if (first) {
+          for (int64_t c = 0; c < Dv; ++c) o[c] = w * a[c];
+        } else {
+          axpy(o, w, a, Dv);
+        }
+        first = false;
+      }
+      scalar_t* dst = od + ((b * p.Lq + i) * p.Hq + h) * Dv;
+      const acc_t inv = L > 0 ? acc_t(1) / L : acc_t(0);
+      for (int64_t c = 0; c < Dv; ++c) dst[c] = static_cast<scalar_t>(bad ? nan : first ? acc_t(0) : o[c] * inv);
+      lsed[(b * p.Hq + h) * p.Lq + i] = static_cast<float>(bad ? nan : (L > 0 ? M + std::log(L) : -inf));
     }
-    scalar_t* dst = od + ((b * p.Lq + i) * p.Hq + h) * Dv;
-    const acc_t inv = L > 0 ? acc_t(1) / L : acc_t(0);
-    for (int64_t c = 0; c < Dv; ++c) dst[c] = static_cast<scalar_t>(bad ? nan : first ? acc_t(0) : o[c] * inv);
-    lsed[(b * p.Hq + h) * p.Lq + i] = static_cast<float>(bad ? nan : (L > 0 ? M + std::log(L) : -inf));
-  }
+  });
 }
 
 void check_index_tensor(const at::Tensor& t, const char* name) {

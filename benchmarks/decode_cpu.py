@@ -6,11 +6,12 @@ Two measurements, all in this process:
   by default. fastattn reads the flash-attn cache layout ``(B, L, Hkv, D)`` (contiguous) or a paged
   cache with shuffled pages; torch SDPA gets its own preferred layout, contiguous
   ``(B, Hkv, L, D)`` keys and values with ``enable_gqa=True``. Same data, same threads.
-* ``overhead``: the wall time of a 1 x 1 call (B=1, H=1, Lq=Lk=1, D=8), where the kernel's work is
+* ``overhead``: the CPU time of a 1 x 1 call (B=1, H=1, Lq=Lk=1, D=8), where the kernel's work is
   nil and what remains is the Python path from the public function to the kernel (validation,
-  normalisation, dispatch) plus the op's launch: ``fastattn.attention`` and
+  normalisation, dispatch) plus the op's own cost: ``fastattn.attention`` and
   ``fastattn.attention_with_kvcache`` (no append / with a one-token append) against
-  ``torch.nn.functional.scaled_dot_product_attention``.
+  ``torch.nn.functional.scaled_dot_product_attention``. fastattn's *own cost* is a call's time minus
+  that of the C++ op it ends in, called directly with the same arguments (also reported).
 
 Reported: the median of ``--repeats`` timed calls (decode) or of ``--repeats`` batches of 200 calls
 (overhead), after warm-up; the contenders take turns within each repeat.
@@ -21,6 +22,7 @@ Reported: the median of ``--repeats`` timed calls (decode) or of ``--repeats`` b
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -91,7 +93,8 @@ def decode(args) -> None:
         ("fastattn paged cache (256-slot pages, shuffled)", lambda: fastattn.attention_with_kvcache(
             q, k_pages, v_pages, cache_seqlens=lengths, block_table=table)),
     ]
-    print(f"decode: B={B} Hq={Hq} Hkv={Hkv} D={D} Lk={L} {args.dtype}, {torch.get_num_threads()} threads")
+    print(f"decode: B={B} Hq={Hq} Hkv={Hkv} D={D} Lk={L} {args.dtype}, {torch.get_num_threads()} threads; "
+          f"load average {os.getloadavg()[0]:.2f}")
     times = _median_seconds([fn for _, fn in rows], args.repeats)
     for (name, _), t in zip(rows, times):
         print(f"  {name:50s} {t * 1e3:8.3f} ms  {bytes_kv / t / 1e9:6.1f} GB/s  {times[0] / t:5.2f}x SDPA")
@@ -102,22 +105,31 @@ def overhead(args) -> None:
     q, k, v = (torch.randn(1, 1, 1, 8) for _ in range(3))
     k_cache, v_cache = torch.randn(1, 4, 1, 8), torch.randn(1, 4, 1, 8)
     seqlens = torch.ones(1, dtype=torch.int32)
+    ops = torch.ops.fastattn
+    scale = 8 ** -0.5
     rows = [
         ("torch SDPA", lambda: F.scaled_dot_product_attention(q, k, v)),
-        ("fastattn's C++ op alone (no Python path)", lambda: torch.ops.fastattn.attention_fwd(
-            q, k, v, None, None, None, None, None, None, None, None, None, None, 0, 0, 0.35, None, None, 0.0, 0.0, 0)),
+        ("op attention_fwd alone", lambda: ops.attention_fwd(
+            q, k, v, None, None, None, None, None, None, None, None, None, None, 0, 0, scale, None, None, 0.0, 0.0, 0)),
         ("fastattn.attention", lambda: fastattn.attention(q, k, v)),
+        ("op attention_fwd alone, causal", lambda: ops.attention_fwd(
+            q, k, v, None, None, None, None, None, None, None, None, None, None, 0, 0, scale, None, 0, 0.0, 0.0, 0)),
         ("fastattn.attention causal", lambda: fastattn.attention(q, k, v, causal=True)),
+        ("op decode_attention alone", lambda: ops.decode_attention(
+            q, k_cache, v_cache, None, None, seqlens, None, None, None, None, scale, None, None, 0.0, 0)),
         ("attention_with_kvcache (no append)", lambda: fastattn.attention_with_kvcache(
             q, k_cache, v_cache, cache_seqlens=seqlens)),
+        ("op decode_attention alone, append 1, causal", lambda: ops.decode_attention(
+            q, k_cache, v_cache, k, v, seqlens, None, None, None, None, scale, None, 0, 0.0, 0)),
         ("attention_with_kvcache (append 1, causal)", lambda: fastattn.attention_with_kvcache(
             q, k_cache, v_cache, k, v, cache_seqlens=seqlens, causal=True)),
     ]
-    print("per-call cost of a 1 x 1 call (B=1, H=1, Lq=Lk=1, D=8), CPU time")
+    print(f"per-call cost of a 1 x 1 call (B=1, H=1, Lq=Lk=1, D=8), CPU time; load average {os.getloadavg()[0]:.2f}")
     # CPU time of this process (one thread): on a shared machine, time spent descheduled is not ours.
     times = _median_seconds([fn for _, fn in rows], args.repeats, inner=200, clock=time.process_time)
-    for (name, _), t in zip(rows, times):
-        print(f"  {name:45s} {t * 1e6:7.1f} us")
+    for i, ((name, _), t) in enumerate(zip(rows, times)):
+        own = f"   own cost {(t - times[i - 1]) * 1e6:5.1f} us" if not name.startswith(("op ", "torch")) else ""
+        print(f"  {name:45s} {t * 1e6:7.1f} us{own}")
 
 
 def main() -> None:

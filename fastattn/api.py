@@ -5,9 +5,49 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.bias import CausalBias, CausalVariant
 
-from ._inputs import InputValueError, _check_bool, _check_tensor, normalize
-from .autograd import run
-from .backends import select_backend
+from ._inputs import AttentionInputs, InputValueError, _check_bool, _check_tensor, normalize
+from .autograd import block_args, effective_attn_mask, run
+from .backends import CALL_PLANS, Backend, dispatch_environment, remember_plan, select_backend
+
+_Tensor = torch.Tensor
+
+
+def _plan_key(q, k, v, causal, window, softcap, scale, return_lse, backend, layout) -> tuple | None:
+    """The key of a call's cached plan (see :func:`attention`), or None when the call takes the full path.
+
+    Calls qualify when the caller has checked that they use no tensor option (mask, lengths, ALiBi,
+    sinks) and no dropout. The rest must be plain values of the accepted types -- ``True`` equals ``1``
+    in a key, so a type check here keeps ``causal=1`` on the path that rejects it -- and tensors
+    with rows of unit stride (others are copied by :func:`fastattn._inputs.normalize`). Every property
+    the full path checks or dispatches on is in the key: shapes, dtypes, devices, the options,
+    the requested backend and the environment variables that steer the choice.
+    """
+    if torch.compiler.is_compiling() or not (type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor):
+        return None
+    if not (causal.__class__ is bool and return_lse.__class__ is bool and softcap.__class__ is float
+            and (scale is None or scale.__class__ is float)):
+        return None
+    if window is not None and not (window.__class__ is tuple and len(window) == 2 and window[0].__class__ is int
+                                   and window[1].__class__ is int):
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None
+    if not all(t.is_contiguous() or t.stride()[-1] == 1 for t in (q, k, v)):
+        return None
+    return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, causal, window,
+            softcap, scale, return_lse, backend, layout, *dispatch_environment())
+
+
+def _forward_plan(inputs: AttentionInputs, backend: Backend):
+    """The forward op of ``backend`` and its arguments after ``q, k, v``, exactly as
+    :func:`fastattn.autograd.run` passes them for ``inputs`` without gradients (seed 0: no dropout)."""
+    name = backend.name
+    lists, block_size_q, block_size_k = block_args(inputs, name)
+    return backend.ops.fwd, (
+        effective_attn_mask(inputs, name), inputs.alibi_slopes, inputs.key_lengths, inputs.query_lengths,
+        *lists[:4], *lists[8:], block_size_q, block_size_k, inputs.scale, inputs.window_left, inputs.window_right,
+        inputs.softcap, inputs.dropout_p, 0,
+    )
 
 
 def attention(
@@ -79,26 +119,46 @@ def attention(
         any gradient. NaN/Inf in keys or values a row cannot see never reaches it; a NaN the row does
         see makes it NaN (docs/design.md, "Non-finite inputs").
     """
+    # Per-call cost: a CPU call without tensor options, gradients or dropout whose signature (shapes,
+    # dtypes, options, backend) has been checked and dispatched before reuses that call's plan -- the
+    # op and its arguments -- and skips validation, normalisation and dispatch
+    # (docs/varlen-and-kvcache.md, "Per-call cost").
+    key = None
+    if (attn_mask is None and block_mask is None and alibi_slopes is None and key_lengths is None
+            and query_lengths is None and sinks is None and dropout_p.__class__ is float and not dropout_p):
+        key = _plan_key(q, k, v, causal, window, softcap, scale, return_lse, backend, layout)
+        plan = CALL_PLANS.get(key) if key is not None else None
+        if plan is not None:
+            fwd, args, blhd = plan
+            if blhd:
+                out, lse = fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), *args)
+                out = out.transpose(1, 2)
+            else:
+                out, lse = fwd(q, k, v, *args)
+            return (out, lse) if return_lse else out
+
     _check_bool(return_lse, "return_lse")
     if layout not in ("bhld", "blhd"):
         raise ValueError(f"layout must be 'bhld' (B, H, L, D) or 'blhd' (B, L, H, D), got {layout!r}")
-    if layout == "blhd":
+    blhd = layout == "blhd"
+    if blhd:
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor) or t.dim() != 4:
                 raise ValueError(f"{name} must be a 4-D (B, L, H, D) tensor with layout='blhd', got "
                                  f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-        result = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, window=window,
-                           block_mask=block_mask, attn_mask=attn_mask, alibi_slopes=alibi_slopes, softcap=softcap,
-                           dropout_p=dropout_p, scale=scale, return_lse=return_lse, backend=backend,
-                           key_lengths=key_lengths, query_lengths=query_lengths, sinks=sinks)
-        return (result[0].transpose(1, 2), result[1]) if return_lse else result.transpose(1, 2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     inputs = normalize(
         q, k, v, causal=causal, window=window, block_mask=block_mask, attn_mask=attn_mask,
         alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, scale=scale,
         key_lengths=key_lengths, query_lengths=query_lengths, return_lse=return_lse, sinks=sinks,
     )
     chosen = select_backend(inputs, backend)
-    return run(inputs, chosen.name, return_lse)
+    if key is not None and inputs.device.type == "cpu" and not inputs.requires_grad:
+        remember_plan(key, (*_forward_plan(inputs, chosen), blhd))
+    result = run(inputs, chosen.name, return_lse)
+    if blhd:
+        return (result[0].transpose(1, 2), result[1]) if return_lse else result.transpose(1, 2)
+    return result
 
 
 def scaled_dot_product_attention(

@@ -8,8 +8,10 @@ result. What runs how:
   ``fastattn::decode_attention`` (csrc/cpu/decode.cpp), which checks the index values, appends,
   and reads the cache in place (paged through ``block_table``), each key/value row once per GQA group;
 * the triton backend (GPU default), no gradients, short query blocks: the append is an indexed
-  write, then triton_kernels/decode_paged.py reads the cache in place through ``block_table``;
-  nothing is read on the host while a CUDA graph is captured;
+  write, then triton_kernels/decode_paged.py reads the cache in place through ``block_table``.
+  Nothing is read on the host and no size depends on a value, so a step costs no device
+  synchronisation and can be captured in a CUDA graph; index values are not checked there: a
+  sequence with one out of range appends nothing, reads only in-bounds slots and returns NaN;
 * otherwise the append is an indexed write and :func:`fastattn.attention` runs with
   ``key_lengths``: a contiguous cache through a ``(B, Hkv, L, D)`` transposed view, cropped to the
   longest sequence, without a copy (with ``cache_batch_idx`` the selected rows are gathered: a
@@ -29,6 +31,7 @@ import torch
 from . import _extension
 from ._inputs import _check_bool, _check_number, _check_sinks, _check_tensor, _check_window
 from .api import attention
+from .backends import CALL_PLANS, dispatch_environment, remember_plan
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -76,9 +79,10 @@ def _cpu_kernel_serves(q, k_cache, v_cache, k, v, alibi_slopes, backend, group_r
     return True
 
 
-def _kernel_options(q, causal, window, scale, softcap, alibi_slopes):
+def _kernel_options(q, causal, window, scale, softcap, alibi_slopes, *, host_reads: bool = True):
     """The decode kernels' options, checked: ``(window_left, window_right, scale, softcap, alibi_slopes)``
-    with causal as a right bound of 0 (bottom-right aligned) and slopes expanded to ``(B, Hq)``."""
+    with causal as a right bound of 0 (bottom-right aligned) and slopes expanded to ``(B, Hq)``. Without
+    ``host_reads`` the slopes' values are not checked (that would synchronise with the device)."""
     _check_bool(causal, "causal")
     window_left, window_right = _check_window(window)
     if causal:
@@ -86,20 +90,55 @@ def _kernel_options(q, causal, window, scale, softcap, alibi_slopes):
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else _check_number(scale, "scale")
     softcap = _check_number(softcap, "softcap", minimum=0.0)
     if alibi_slopes is not None:
-        alibi_slopes = _check_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device)
+        alibi_slopes = _check_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device, host_reads)
     return window_left, window_right, scale, softcap, alibi_slopes
 
 
 def _cpu_decode(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, *, causal, window,
-                alibi_slopes, softcap, scale, return_lse, sinks=None, num_splits=0):
+                alibi_slopes, softcap, scale, return_lse, sinks=None, num_splits=0, plan_key=None):
     """Append and attend in one call of the CPU decode kernel, which reads the cache in place
-    (paged through ``block_table``) and checks every index value before it writes or reads."""
+    (paged through ``block_table``) and checks every index value before it writes or reads.
+    With ``plan_key``, the checked options are kept for later calls with that key."""
     window_left, window_right, scale, softcap, alibi_slopes = _kernel_options(q, causal, window, scale, softcap,
                                                                                alibi_slopes)
+    if plan_key is not None:
+        remember_plan(plan_key, (scale, window_left, window_right, softcap, num_splits))
     out, lse = torch.ops.fastattn.decode_attention(
         q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, sinks, scale,
         window_left, window_right, softcap, num_splits)
     return (out, lse) if return_lse else out
+
+
+_Tensor = torch.Tensor
+
+
+def _signature(t) -> tuple | None:
+    """What the checks read of an optional tensor argument."""
+    return None if t is None else (type(t), t.shape, t.dtype, t.device)
+
+
+def _plan_key(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, causal, window, softcap, scale,
+              return_lse, backend, num_splits) -> tuple | None:
+    """The key of a CPU-kernel call's cached plan (see :func:`attention_with_kvcache`), or None when the
+    call takes the full path. Like :func:`fastattn.api._plan_key`: plain option values of the accepted
+    types (``True == 1`` in a key), no gradient to compute, and every property the checks and the
+    choice of path read in the key. The index *values* are not: the kernel checks them on every call."""
+    if torch.compiler.is_compiling() or not (type(q) is _Tensor and type(k_cache) is _Tensor
+                                             and type(v_cache) is _Tensor and type(cache_seqlens) is _Tensor):
+        return None
+    if not (causal.__class__ is bool and return_lse.__class__ is bool and softcap.__class__ is float
+            and (scale is None or scale.__class__ is float) and (num_splits is None or num_splits.__class__ is int)):
+        return None
+    if window is not None and not (window.__class__ is tuple and len(window) == 2 and window[0].__class__ is int
+                                   and window[1].__class__ is int):
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad or (
+            k is not None and k.requires_grad) or (v is not None and v.requires_grad)):
+        return None
+    return (q.shape, k_cache.shape, v_cache.shape, cache_seqlens.shape, q.dtype, k_cache.dtype, v_cache.dtype,
+            cache_seqlens.dtype, q.device, k_cache.device, v_cache.device, cache_seqlens.device, _signature(k),
+            _signature(v), _signature(block_table), _signature(cache_batch_idx), causal, window, softcap, scale,
+            return_lse, backend, num_splits, *dispatch_environment())
 
 
 # The Triton decode kernel's query tile holds a GQA group's rows (Lq * Hq / Hkv) and head dims up to this.
@@ -136,7 +175,7 @@ def _triton_decode(q, k_cache, v_cache, seqlens, Lnew, table, rows, *, causal, w
     from .triton_kernels.decode_paged import decode_paged
 
     window_left, window_right, scale, softcap, alibi_slopes = _kernel_options(q, causal, window, scale, softcap,
-                                                                               alibi_slopes)
+                                                                               alibi_slopes, host_reads=False)
     q = q if q.stride(-1) == 1 else q.contiguous()
     out, lse = decode_paged(q, k_cache, v_cache, seqlens, lnew=Lnew, block_table=table, cache_batch_idx=rows,
                             alibi_slopes=alibi_slopes, scale=scale, softcap=softcap, window_left=window_left,
@@ -153,8 +192,8 @@ def _check_splits(num_splits) -> int:
     return num_splits
 
 
-def _check_alibi(alibi_slopes, B: int, Hq: int, device) -> torch.Tensor:
-    """float32 ``(Hq,)`` or ``(B, Hq)`` slopes, expanded to ``(B, Hq)``."""
+def _check_alibi(alibi_slopes, B: int, Hq: int, device, host_reads: bool = True) -> torch.Tensor:
+    """float32 ``(Hq,)`` or ``(B, Hq)`` slopes, expanded to ``(B, Hq)``; finite unless not ``host_reads``."""
     _check_tensor(alibi_slopes, "alibi_slopes")
     if alibi_slopes.dtype != torch.float32:
         raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
@@ -164,7 +203,7 @@ def _check_alibi(alibi_slopes, B: int, Hq: int, device) -> torch.Tensor:
     if alibi_slopes.device != device:
         raise ValueError(f"alibi_slopes must be on q's device {device}, got {alibi_slopes.device}")
     capturing = alibi_slopes.is_cuda and torch.cuda.is_current_stream_capturing()  # no host read then
-    if not capturing and not bool(torch.isfinite(alibi_slopes).all()):
+    if host_reads and not capturing and not bool(torch.isfinite(alibi_slopes).all()):
         raise ValueError("alibi_slopes must be finite, got NaN or Inf values")
     return alibi_slopes.expand(B, Hq)
 
@@ -220,6 +259,19 @@ def attention_with_kvcache(
     Returns:
         ``out (B, Lq, Hq, Dv)`` in q's dtype, or ``(out, lse)`` with ``return_lse``.
     """
+    # Per-call cost: a call for the CPU kernel without ALiBi or sinks whose signature (shapes, dtypes,
+    # devices, options) has been checked before reuses that call's checked options; the kernel
+    # checks the index values itself on every call (docs/varlen-and-kvcache.md, "Per-call cost").
+    plan_key = None
+    if alibi_slopes is None and sinks is None:
+        plan_key = _plan_key(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, causal, window,
+                             softcap, scale, return_lse, backend, num_splits)
+        plan = CALL_PLANS.get(plan_key) if plan_key is not None else None
+        if plan is not None:
+            out, lse = torch.ops.fastattn.decode_attention(q, k_cache, v_cache, k, v, cache_seqlens, block_table,
+                                                           cache_batch_idx, None, None, *plan)
+            return (out, lse) if return_lse else out
+
     _check_bool(return_lse, "return_lse")
     splits = _check_splits(num_splits)
     _check_4d(q, "q", "(B, Lq, Hq, D)")
@@ -265,11 +317,15 @@ def attention_with_kvcache(
         return _cpu_decode(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, causal=causal,
                            window=window, alibi_slopes=alibi_slopes, softcap=softcap, scale=scale,
                            return_lse=return_lse, num_splits=splits,
-                           sinks=None if sinks is None else sinks.to(torch.float32))
+                           sinks=None if sinks is None else sinks.to(torch.float32), plan_key=plan_key)
     seqlens = cache_seqlens.long()
-    # While a CUDA graph is captured nothing can be read on the host: the index values go unchecked
-    # and sizes follow from the shapes alone (every page of block_table, the whole contiguous cache).
+    # The Triton decode kernel reads the lengths, pages and rows on the device, so its path reads
+    # nothing on the host: no synchronisation per step, and it can be captured in a CUDA graph. The
+    # other paths check the index values on the host (skipped while a CUDA graph is captured).
+    on_device = sinks is None and _triton_kernel_serves(q, k_cache, v_cache, k, v, alibi_slopes, backend,
+                                                        Lq * (Hq // Hkv))
     capturing = q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    host_checks = B > 0 and not capturing and not on_device
     if paged:
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx applies to a contiguous cache; with block_table, map sequences to "
@@ -291,25 +347,38 @@ def attention_with_kvcache(
         else:
             _check_index(cache_batch_idx, "cache_batch_idx", (B,), q.device)
             rows = cache_batch_idx.long()
-            if B and not capturing and (int(rows.min()) < 0 or int(rows.max()) >= n_rows):
+            if host_checks and (int(rows.min()) < 0 or int(rows.max()) >= n_rows):
                 raise ValueError(f"cache_batch_idx must lie in [0, {n_rows}), got values in "
                                  f"[{int(rows.min())}, {int(rows.max())}]")
     lengths = seqlens + Lnew  # (B,) valid keys after the append
-    if B and not capturing and (int(seqlens.min()) < 0 or int(lengths.max()) > capacity):
+    if host_checks and (int(seqlens.min()) < 0 or int(lengths.max()) > capacity):
         raise ValueError(f"cache_seqlens + Lnew must lie in [{Lnew}, {capacity}] (the cache holds {capacity} "
                          f"positions per sequence), got cache_seqlens in [{int(seqlens.min())}, {int(seqlens.max())}] "
                          f"with Lnew = {Lnew}")
-    max_len = capacity if capturing else int(lengths.max()) if B else 0
+    max_len = int(lengths.max()) if host_checks else capacity  # sizes from shapes alone without host reads
     if paged:
         num_used = max(1, -(-max_len // page_size))  # pages of the longest sequence (>= 1, so Lk >= 1)
         table = block_table[:, :num_used].long()  # (B, num_used)
         used = torch.arange(num_used, device=q.device) * page_size < lengths[:, None]  # (B, num_used)
         bad = used & ((table < 0) | (table >= n_rows))
-        if not capturing and bool(bad.any()):
+        if host_checks and bool(bad.any()):
             b, p = (int(x) for x in bad.nonzero()[0])
             raise ValueError(f"block_table[{b}, {p}] = {int(table[b, p])} is not a page of k_cache (it has "
                              f"{n_rows} pages: valid entries lie in [0, {n_rows}))")
-        table = torch.where(used, table, 0)  # unused entries are never read, but must index something
+        table = torch.where(used & ~bad, table, 0)  # unused entries are never read, but must index something
+    invalid = None
+    if on_device:
+        # Unchecked index values must still never reach memory outside the caches: a sequence with one
+        # out of range reads and writes only in-bounds slots (its indices clamped; its "append" writes
+        # back what the slots hold) and returns NaN (docs/varlen-and-kvcache.md).
+        invalid = (seqlens < 0) | (lengths > capacity)  # (B,)
+        if paged:
+            invalid |= bad.any(1)
+        elif cache_batch_idx is not None:
+            invalid |= (rows < 0) | (rows >= n_rows)
+            rows = rows.clamp(0, n_rows - 1)
+        seqlens = torch.where(invalid, seqlens.clamp(0, max(capacity - Lnew, 0)), seqlens)
+        lengths = seqlens + Lnew
 
     if Lnew:
         positions = seqlens[:, None] + torch.arange(Lnew, device=q.device)  # (B, Lnew)
@@ -317,15 +386,22 @@ def attention_with_kvcache(
             index = (table.gather(1, positions // page_size), positions % page_size)
         else:
             index = (rows[:, None].expand(B, Lnew), positions)
-        k_cache[index] = k
-        v_cache[index] = v
+        if invalid is None:
+            k_cache[index] = k
+            v_cache[index] = v
+        else:  # an invalid sequence writes back what its slots hold
+            skip = invalid[:, None, None, None]
+            k_cache[index] = torch.where(skip, k_cache[index], k)
+            v_cache[index] = torch.where(skip, v_cache[index], v)
 
-    if sinks is None and _triton_kernel_serves(q, k_cache, v_cache, k, v, alibi_slopes, backend, Lq * (Hq // Hkv)):
-        # Nothing read on the host from here: with `capturing`, this path can be captured in a CUDA graph.
-        return _triton_decode(q, k_cache, v_cache, seqlens, Lnew, table if paged else None,
-                              None if cache_batch_idx is None else rows, causal=causal, window=window,
-                              alibi_slopes=alibi_slopes, softcap=softcap, scale=scale, return_lse=return_lse,
-                              num_splits=splits or None)
+    if on_device:
+        out, lse = _triton_decode(q, k_cache, v_cache, seqlens, Lnew, table if paged else None,
+                                  None if cache_batch_idx is None else rows, causal=causal, window=window,
+                                  alibi_slopes=alibi_slopes, softcap=softcap, scale=scale, return_lse=True,
+                                  num_splits=splits or None)
+        out = out.masked_fill(invalid[:, None, None, None], float("nan"))
+        lse = lse.masked_fill(invalid[:, None, None], float("nan"))
+        return (out, lse) if return_lse else out
     Lk = max(1, max_len) if capacity else 0
     if paged:
         keys = k_cache[table].reshape(B, num_used * page_size, Hkv, D)

@@ -361,15 +361,17 @@ inline void add_pv_nonfinite(const acc_t* P, const char* seen, int64_t rows, int
   }
 }
 
-// One online-softmax step over a tile of scores S (rows x n, after transform_scores), in place:
-// S becomes P = exp(S - m_new), the running max m and sum l advance, and acc (rows x Dv) is rescaled.
+// One online-softmax step over a tile of scores S (rows x n, row stride ld, default n; after
+// transform_scores or the decode kernel's masking), in place: S becomes P = exp(S - m_new), the
+// running max m and sum l advance, and acc (rows x Dv) is rescaled.
 // A row with a non-finite visible score is marked in bad and uses nothing more (its P is 0).
 template <typename acc_t>
 inline void online_softmax_step(acc_t* S, int64_t rows, int64_t n, acc_t* m, acc_t* l, char* bad, acc_t* acc,
-                                int64_t Dv) {
+                                int64_t Dv, int64_t ld = 0) {
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  if (ld == 0) ld = n;
   for (int64_t r = 0; r < rows; ++r) {
-    acc_t* s = S + r * n;
+    acc_t* s = S + r * ld;
     if (bad[r] || row_has_nonfinite(s, n)) {  // the row will be NaN; it uses nothing more
       bad[r] = 1;
       std::fill(s, s + n, acc_t(0));

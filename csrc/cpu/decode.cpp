@@ -287,50 +287,86 @@ inline Range split_keys(const DecodeParams& p, int64_t b, int64_t s) {
   return {s0, std::min(hi + 1, s0 + chunk)};
 }
 
-// One task: the partial softmax state of split s of sequence b for all its query rows.
-// m, l: (rows,), acc: (rows, Dv); l = NaN marks a row that saw a non-finite score.
-template <typename scalar_t>
+// Pulls `bytes` of a cache row towards the core ahead of use, one request per cache line: keys a
+// few rows ahead, and the block's value rows while its scores are computed, so they arrive during
+// work rather than after it.
+inline __attribute__((always_inline)) void prefetch_row(const void* row, int64_t bytes) {
+  const char* c = static_cast<const char*>(row);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+}
+
+// How many key rows ahead of use the score loop requests the keys (the hardware prefetchers
+// lose the stream at every page, about one row of a (L, Hkv, D) cache).
+constexpr int64_t kKeysAhead = 8;
+
+// A task's working buffers, one set per thread, kept between tasks and calls (grown when needed).
+template <typename acc_t>
+struct TaskScratch {
+  std::vector<acc_t> Q, S, kbuf, vblock;
+  std::vector<const acc_t*> vrows;
+  std::vector<int64_t> koff, voff;  // the block's key rows (and kKeysAhead more), value rows: offsets
+  std::vector<char> bad;
+  std::vector<KeyRange> band;
+};
+
+template <typename acc_t>
+TaskScratch<acc_t>& task_scratch(const DecodeParams& p) {
+  thread_local TaskScratch<acc_t> t;
+  const int64_t R = p.rows, BK = p.block_k;
+  t.Q.resize(R * p.D), t.S.resize(R * BK), t.kbuf.resize(p.D), t.vblock.resize(BK * p.Dv);
+  t.vrows.resize(BK), t.koff.resize(BK + kKeysAhead), t.voff.resize(BK);
+  t.bad.resize(R), t.band.resize(p.Lq);
+  return t;
+}
+
+// One task: the partial softmax state of split s of sequence b for all its query rows, written to
+// m, l (rows,) and acc (rows, Dv) directly; l = NaN marks a row that saw a non-finite score.
+template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
 inline __attribute__((always_inline)) void decode_task(const DecodeParams& p, const scalar_t* q, const scalar_t* k,
-                                                       const scalar_t* v, int64_t b, int64_t s, float* m_out,
-                                                       float* l_out, float* acc_out) {
-  using acc_t = typename AccType<scalar_t>::type;
+                                                       const scalar_t* v, int64_t b, int64_t s, acc_t* m, acc_t* l,
+                                                       acc_t* acc) {
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const int64_t R = p.rows, D = p.D, Dv = p.Dv, BK = p.block_k, rows_per_kv = p.group * p.Lq;
-  std::vector<acc_t> Q(R * D), S(R * BK), acc(R * Dv, acc_t(0)), m(R, neg_inf), l(R, acc_t(0));
-  std::vector<acc_t> kbuf(std::is_same_v<scalar_t, acc_t> ? 0 : D);
-  std::vector<acc_t> vblock(std::is_same_v<scalar_t, acc_t> ? 0 : BK * Dv);  // converted value rows
-  std::vector<const acc_t*> vrows(BK);                                        // the block's value rows
-  std::vector<char> bad(R, 0);
-  std::vector<KeyRange> band(p.Lq);
+  TaskScratch<acc_t>& t = task_scratch<acc_t>(p);
+  acc_t *Q = t.Q.data(), *S = t.S.data();
+  std::fill(m, m + R, neg_inf);
+  std::fill(l, l + R, acc_t(0));
+  std::fill(acc, acc + R * Dv, acc_t(0));
+  std::fill(t.bad.begin(), t.bad.end(), 0);
 
   const int64_t klen = p.klen(b);
   const Range keys = split_keys(p, b, s);
-  for (int64_t i = 0; i < p.Lq; ++i) band[i] = p.key_range(klen, i);
-  if (keys.end > keys.begin) {
-    const acc_t scale = static_cast<acc_t>(p.scale);
-    for (int64_t h = 0; h < p.Hq; ++h)
-      for (int64_t i = 0; i < p.Lq; ++i) {
-        const scalar_t* src = q + b * p.q_sb + i * p.q_sl + h * p.q_sh;
-        acc_t* dst = Q.data() + (h * p.Lq + i) * D;
-        for (int64_t c = 0; c < D; ++c) dst[c] = static_cast<acc_t>(src[c]) * scale;
-      }
-  }
+  if (keys.end <= keys.begin) return;
+  for (int64_t i = 0; i < p.Lq; ++i) t.band[i] = p.key_range(klen, i);
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  for (int64_t h = 0; h < p.Hq; ++h)
+    for (int64_t i = 0; i < p.Lq; ++i) {
+      const scalar_t* src = q + b * p.q_sb + i * p.q_sl + h * p.q_sh;
+      acc_t* dst = Q + (h * p.Lq + i) * D;
+      for (int64_t c = 0; c < D; ++c) dst[c] = static_cast<acc_t>(src[c]) * scale;
+    }
+  const int64_t k_bytes = D * sizeof(scalar_t), v_bytes = Dv * sizeof(scalar_t);
 
   for (int64_t k0 = keys.begin; k0 < keys.end; k0 += BK) {
-    const int64_t n = std::min(BK, keys.end - k0);
-    // S = (scale Q) K^T, each key row read once for the rows of its GQA group.
+    const int64_t n = std::min(BK, keys.end - k0), ahead = std::min(n + kKeysAhead, keys.end - k0);
+    for (int64_t j = 0; j < n; ++j) t.voff[j] = p.cache_offset(b, k0 + j, p.v_s0, p.v_s1);
+    for (int64_t j = 0; j < ahead; ++j) t.koff[j] = p.cache_offset(b, k0 + j, p.k_s0, p.k_s1);
+    // S = (scale Q) K^T, each key row read once for the rows of its GQA group (keys in memory
+    // order, requested kKeysAhead rows ahead); the block's value rows are requested meanwhile.
     for (int64_t j = 0; j < n; ++j) {
-      const int64_t off = p.cache_offset(b, k0 + j, p.k_s0, p.k_s1);
       for (int64_t hk = 0; hk < p.Hkv; ++hk) {
-        const acc_t* kr = row_as_acc<scalar_t, acc_t>(k + off + hk * p.k_sh, D, kbuf.data());
+        prefetch_row(v + t.voff[j] + hk * p.v_sh, v_bytes);
+        if (j + kKeysAhead < ahead) prefetch_row(k + t.koff[j + kKeysAhead] + hk * p.k_sh, k_bytes);
+        const acc_t* kr = row_as_acc<scalar_t, acc_t>(k + t.koff[j] + hk * p.k_sh, D, t.kbuf.data());
         int64_t r = hk * rows_per_kv;
-        for (; r + 4 <= (hk + 1) * rows_per_kv; r += 4) dot4(Q.data() + r * D, D, kr, D, S.data() + r * BK + j, BK);
-        for (; r < (hk + 1) * rows_per_kv; ++r) S[r * BK + j] = dot(Q.data() + r * D, kr, D);
+        for (; r + 4 <= (hk + 1) * rows_per_kv; r += 4) dot4(Q + r * D, D, kr, D, S + r * BK + j, BK);
+        for (; r < (hk + 1) * rows_per_kv; ++r) S[r * BK + j] = dot(Q + r * D, kr, D);
       }
     }
-    // Transform, mask and fold the block into each row's online softmax.
+    // Transform and mask the scores (hidden ones -> -inf), then fold the block into each row's
+    // online softmax: S becomes P, acc is rescaled.
     for (int64_t r = 0; r < R; ++r) {
-      acc_t* sr = S.data() + r * BK;
+      acc_t* sr = S + r * BK;
       const int64_t h = r / p.Lq, i = r % p.Lq;
       if (p.softcap > 0) {
         const acc_t cap = static_cast<acc_t>(p.softcap), inv = acc_t(1) / cap;
@@ -341,78 +377,62 @@ inline __attribute__((always_inline)) void decode_task(const DecodeParams& p, co
         const int64_t diag = klen - p.Lq + i - k0;
         for (int64_t j = 0; j < n; ++j) sr[j] -= slope * static_cast<acc_t>(std::abs(diag - j));
       }
-      const int64_t lo = std::clamp<int64_t>(band[i].lo - k0, 0, n), hi = std::clamp<int64_t>(band[i].hi + 1 - k0, 0, n);
-      if (bad[r] || lo >= hi) {
-        std::fill(sr, sr + n, acc_t(0));
-        continue;
-      }
+      const int64_t lo = std::clamp<int64_t>(t.band[i].lo - k0, 0, n);
+      const int64_t hi = std::max(lo, std::clamp<int64_t>(t.band[i].hi + 1 - k0, 0, n));
       std::fill(sr, sr + lo, neg_inf);
       std::fill(sr + hi, sr + n, neg_inf);
-      if (row_has_nonfinite(sr, n)) {  // a visible NaN / +inf score: the row becomes NaN
-        bad[r] = 1;
-        std::fill(sr, sr + n, acc_t(0));
-        continue;
-      }
-      const acc_t m_new = std::max(m[r], row_max(sr, n));
-      const acc_t sum = exp_shift_sum(sr, n, m_new);  // hidden scores (-inf) become exactly 0
-      const acc_t correction = m[r] == neg_inf ? acc_t(0) : std::exp(m[r] - m_new);
-      l[r] = l[r] * correction + sum;
-      m[r] = m_new;
-      if (correction != acc_t(1)) {
-        acc_t* a = acc.data() + r * Dv;
-        for (int64_t c = 0; c < Dv; ++c) a[c] *= correction;
-      }
     }
-    // acc += P V, each value row read once. When every row sees the whole block, register tiles
-    // of 4 rows x 16 columns accumulate over the block's keys; otherwise (block at a band edge) a
-    // zero probability must never touch acc (0 * NaN from a hidden value), so rows go key by key.
+    online_softmax_step(S, R, n, m, l, t.bad.data(), acc, Dv, BK);
+    // acc += P V, each value row read once, in memory order: kPvKeys keys at a time, all heads of
+    // each (a forward walk the hardware prefetchers follow; head by head over the whole block would
+    // jump Hkv * Dv elements per row). When every row sees the whole block, register tiles of 4 rows
+    // x 32 columns accumulate over the keys; otherwise (block at a band edge) a zero probability must
+    // never touch acc (0 * NaN from a hidden value), so rows go key by key.
     bool full = true;
-    for (int64_t i = 0; i < p.Lq; ++i) full &= band[i].lo <= k0 && band[i].hi >= k0 + n - 1;
-    for (int64_t hk = 0; hk < p.Hkv; ++hk) {
-      for (int64_t j = 0; j < n; ++j) {
-        const scalar_t* src = v + p.cache_offset(b, k0 + j, p.v_s0, p.v_s1) + hk * p.v_sh;
-        vrows[j] = row_as_acc<scalar_t, acc_t>(src, Dv, vblock.data() + j * Dv);
-      }
-      const int64_t r0 = hk * rows_per_kv;
-      if (full) {
-        pv_block(S.data() + r0 * BK, BK, rows_per_kv, vrows.data(), n, acc.data() + r0 * Dv, Dv);
-        continue;
-      }
-      for (int64_t r = r0; r < r0 + rows_per_kv; ++r)
-        for (int64_t j = 0; j < n; ++j) {
-          const acc_t pr = S[r * BK + j];
-          if (pr != acc_t(0)) axpy(acc.data() + r * Dv, pr, vrows[j], Dv);
+    for (int64_t i = 0; i < p.Lq; ++i) full &= t.band[i].lo <= k0 && t.band[i].hi >= k0 + n - 1;
+    constexpr int64_t kPvKeys = 8;
+    for (int64_t j0 = 0; j0 < n; j0 += kPvKeys) {
+      const int64_t c = std::min(kPvKeys, n - j0);
+      for (int64_t hk = 0; hk < p.Hkv; ++hk) {
+        for (int64_t j = j0; j < j0 + c; ++j)
+          t.vrows[j] = row_as_acc<scalar_t, acc_t>(v + t.voff[j] + hk * p.v_sh, Dv, t.vblock.data() + j * Dv);
+        const int64_t r0 = hk * rows_per_kv;
+        if (full) {
+          pv_block(S + r0 * BK + j0, BK, rows_per_kv, t.vrows.data() + j0, c, acc + r0 * Dv, Dv);
+          continue;
         }
+        for (int64_t r = r0; r < r0 + rows_per_kv; ++r)
+          for (int64_t j = j0; j < j0 + c; ++j) {
+            const acc_t pr = S[r * BK + j];
+            if (pr != acc_t(0)) axpy(acc + r * Dv, pr, t.vrows[j], Dv);
+          }
+      }
     }
   }
-
-  for (int64_t r = 0; r < R; ++r) {
-    m_out[r] = static_cast<float>(m[r]);
-    l_out[r] = bad[r] ? std::numeric_limits<float>::quiet_NaN() : static_cast<float>(l[r]);
-    for (int64_t c = 0; c < Dv; ++c) acc_out[r * Dv + c] = static_cast<float>(acc[r * Dv + c]);
-  }
+  for (int64_t r = 0; r < R; ++r)
+    if (t.bad[r]) l[r] = std::numeric_limits<acc_t>::quiet_NaN();
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename acc_t>
 void decode_tasks_base(const DecodeParams& p, const scalar_t* q, const scalar_t* k, const scalar_t* v, int64_t b,
-                       int64_t s, float* m, float* l, float* acc) {
+                       int64_t s, acc_t* m, acc_t* l, acc_t* acc) {
   decode_task<scalar_t>(p, q, k, v, b, s, m, l, acc);
 }
 
 #if defined(__x86_64__)
 // The same task compiled for AVX2 + FMA (the dot products and row updates vectorise 8 wide),
 // chosen at run time; the extension itself is built for the baseline ISA.
-template <typename scalar_t>
+template <typename scalar_t, typename acc_t>
 __attribute__((target("avx2,fma"))) void decode_tasks_avx2(const DecodeParams& p, const scalar_t* q, const scalar_t* k,
-                                                           const scalar_t* v, int64_t b, int64_t s, float* m, float* l,
-                                                           float* acc) {
+                                                           const scalar_t* v, int64_t b, int64_t s, acc_t* m, acc_t* l,
+                                                           acc_t* acc) {
   decode_task<scalar_t>(p, q, k, v, b, s, m, l, acc);
 }
 // And for AVX-512 (16 wide), where the CPU has it.
-template <typename scalar_t>
+template <typename scalar_t, typename acc_t>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx2,fma"))) void decode_tasks_avx512(
-    const DecodeParams& p, const scalar_t* q, const scalar_t* k, const scalar_t* v, int64_t b, int64_t s, float* m,
-    float* l, float* acc) {
+    const DecodeParams& p, const scalar_t* q, const scalar_t* k, const scalar_t* v, int64_t b, int64_t s, acc_t* m,
+    acc_t* l, acc_t* acc) {
   decode_task<scalar_t>(p, q, k, v, b, s, m, l, acc);
 }
 const bool kDecodeAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -423,12 +443,15 @@ const bool kDecodeAvx512 = kDecodeAvx2 && __builtin_cpu_supports("avx512f") && _
 template <typename scalar_t>
 void decode_forward(const DecodeParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     at::Tensor& out, at::Tensor& lse) {
+  using acc_t = typename AccType<scalar_t>::type;
   const int64_t R = p.rows, Dv = p.Dv, S = p.num_splits;
-  // Partial states of every (sequence, split): m, l (B, S, rows) and acc (B, S, rows, Dv), float32.
-  at::Tensor part = at::empty({p.B * S * R * (Dv + 2)}, q.options().dtype(at::kFloat));
-  float* part_m = part.mutable_data_ptr<float>();
-  float* part_l = part_m + p.B * S * R;
-  float* part_acc = part_l + p.B * S * R;
+  // Partial states of every (sequence, split): m, l (B, S, rows) and acc (B, S, rows, Dv), in a
+  // buffer of the calling thread kept between calls (the workers write it while the caller waits).
+  thread_local std::vector<acc_t> part;
+  part.resize(p.B * S * R * (Dv + 2));
+  acc_t* part_m = part.data();
+  acc_t* part_l = part_m + p.B * S * R;
+  acc_t* part_acc = part_l + p.B * S * R;
   const scalar_t* qd = q.const_data_ptr<scalar_t>();
   const scalar_t* kd = k.const_data_ptr<scalar_t>();
   const scalar_t* vd = v.const_data_ptr<scalar_t>();
@@ -437,55 +460,70 @@ void decode_forward(const DecodeParams& p, const at::Tensor& q, const at::Tensor
   // its core for a while (a busy machine) then delays only the task it holds.
   const int64_t num_tasks = p.B * S;
   std::atomic<int64_t> next_task{0};
-  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), num_tasks), 1, [&](int64_t, int64_t) {
+  auto run_tasks = [&](int64_t, int64_t) {
     for (int64_t t = next_task++; t < num_tasks; t = next_task++) {
       const int64_t b = t / S, s = t % S;
-      float* m = part_m + t * R;
-      float* l = part_l + t * R;
-      float* acc = part_acc + t * R * Dv;
+      acc_t* m = part_m + t * R;
+      acc_t* l = part_l + t * R;
+      acc_t* acc = part_acc + t * R * Dv;
 #if defined(__x86_64__)
       if (kDecodeAvx512) {
-        decode_tasks_avx512<scalar_t>(p, qd, kd, vd, b, s, m, l, acc);
+        decode_tasks_avx512<scalar_t, acc_t>(p, qd, kd, vd, b, s, m, l, acc);
         continue;
       }
       if (kDecodeAvx2) {
-        decode_tasks_avx2<scalar_t>(p, qd, kd, vd, b, s, m, l, acc);
+        decode_tasks_avx2<scalar_t, acc_t>(p, qd, kd, vd, b, s, m, l, acc);
         continue;
       }
 #endif
-      decode_tasks_base<scalar_t>(p, qd, kd, vd, b, s, m, l, acc);
+      decode_tasks_base<scalar_t, acc_t>(p, qd, kd, vd, b, s, m, l, acc);
     }
-  });
+  };
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_tasks);
+  if (workers > 1) {
+    at::parallel_for(0, workers, 1, run_tasks);
+  } else {
+    run_tasks(0, 1);  // no thread team for one worker
+  }
 
   // Combine the splits (and the sink) per (sequence, row): out (B, Lq, Hq, Dv), lse (B, Hq, Lq).
+  // Cheap next to the tasks (S * rows * Dv reads): a decode step's few rows run on the calling
+  // thread (no thread team below the grain), large batches on all threads.
   scalar_t* od = out.mutable_data_ptr<scalar_t>();
   float* lsed = lse.mutable_data_ptr<float>();
-  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
-  at::parallel_for(0, p.B * R, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> o(Dv);
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN(), inf = std::numeric_limits<acc_t>::infinity();
+  at::parallel_for(0, p.B * R, 256, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / R, r = t % R, h = r / p.Lq, i = r % p.Lq;
-      const float sink = p.sinks ? p.sinks[h * p.sinks_s] : -inf;
-      float M = sink;
+      const acc_t sink = p.sinks ? static_cast<acc_t>(p.sinks[h * p.sinks_s]) : -inf;
+      acc_t M = sink;
       bool bad = false;
       for (int64_t s = 0; s < S; ++s) {
         const int64_t e = (b * S + s) * R + r;
         bad |= std::isnan(part_l[e]);
         if (part_l[e] > 0) M = std::max(M, part_m[e]);
       }
-      float L = M == -inf ? 0.0f : std::exp(sink - M);
-      std::fill(o.begin(), o.end(), 0.0f);
+      acc_t L = M == -inf ? acc_t(0) : std::exp(sink - M);
+      // The first split with weight writes o (the row's slot of split 0, reused), the others add to it.
+      acc_t* o = part_acc + (b * S * R + r) * Dv;
+      bool first = true;
       for (int64_t s = 0; s < S && !bad; ++s) {
         const int64_t e = (b * S + s) * R + r;
         if (!(part_l[e] > 0)) continue;
-        const float w = std::exp(part_m[e] - M);
+        const acc_t w = std::exp(part_m[e] - M);
+        const acc_t* a = part_acc + e * Dv;
         L += part_l[e] * w;
-        axpy(o.data(), w, part_acc + e * Dv, Dv);
+        if (first) {
+          for (int64_t c = 0; c < Dv; ++c) o[c] = w * a[c];
+        } else {
+          axpy(o, w, a, Dv);
+        }
+        first = false;
       }
       scalar_t* dst = od + ((b * p.Lq + i) * p.Hq + h) * Dv;
-      const float inv = L > 0 ? 1.0f / L : 0.0f;
-      for (int64_t c = 0; c < Dv; ++c) dst[c] = static_cast<scalar_t>(bad ? nan : o[c] * inv);
-      lsed[(b * p.Hq + h) * p.Lq + i] = bad ? nan : (L > 0 ? M + std::log(L) : -inf);
+      const acc_t inv = L > 0 ? acc_t(1) / L : acc_t(0);
+      for (int64_t c = 0; c < Dv; ++c) dst[c] = static_cast<scalar_t>(bad ? nan : first ? acc_t(0) : o[c] * inv);
+      lsed[(b * p.Hq + h) * p.Lq + i] = static_cast<float>(bad ? nan : (L > 0 ? M + std::log(L) : -inf));
     }
   });
 }

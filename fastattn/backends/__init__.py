@@ -16,7 +16,7 @@ import os
 import torch
 
 from .._inputs import AttentionInputs
-from . import evidence
+from . import base, evidence
 from .base import Backend
 
 PRIORITY = ("cuda", "triton", "cpu", "reference")
@@ -26,8 +26,55 @@ class BackendNotSupportedError(ValueError):
     """The requested backend cannot serve these inputs; the message lists every reason."""
 
 
-_REGISTRY: dict[str, Backend] = {}
+class _Registry(dict):
+    """The backends by name. Replacing or removing one (tests do) drops the cached dispatch decisions."""
+
+    def __setitem__(self, name, backend):
+        super().__setitem__(name, backend)
+        clear_dispatch_caches()
+
+    def __delitem__(self, name):
+        super().__delitem__(name)
+        clear_dispatch_caches()
+
+
+_REGISTRY: dict[str, Backend] = _Registry()
 _IMPORT_ERRORS: dict[str, str] = {}
+
+# Automatic choices for CPU calls, keyed on what the backends' reasons read (see _selection_key),
+# and the plans of whole calls that the public functions keep (fastattn.api, fastattn.kvcache):
+# both are dropped when a backend is swapped or one of its attributes changes.
+_SELECTION_CACHE: dict[tuple, Backend] = {}
+_SELECTION_CACHE_SIZE = 512
+CALL_PLANS: dict[tuple, object] = {}
+
+
+def clear_dispatch_caches() -> None:
+    _SELECTION_CACHE.clear()
+    CALL_PLANS.clear()
+
+
+base.CHANGE_HOOKS.append(clear_dispatch_caches)
+
+
+def remember_plan(key: tuple, plan) -> None:
+    """Keep ``plan`` for calls with ``key`` (a bounded cache: emptied when full)."""
+    if len(CALL_PLANS) >= _SELECTION_CACHE_SIZE:
+        CALL_PLANS.clear()
+    CALL_PLANS[key] = plan
+
+
+# os.environ's own mapping (bytes keys on POSIX): a lookup there is a dict access, where
+# os.environ.get also encodes the name and decodes the value -- a tenth of a small call's dispatch.
+_ENVIRON = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
+def dispatch_environment() -> tuple:
+    """The environment variables that steer dispatch (``FASTATTN_BACKEND``, ``TRITON_INTERPRET``),
+    read cheaply, as parts of cache keys."""
+    if _ENVIRON is not None:
+        return _ENVIRON.get(b"FASTATTN_BACKEND"), _ENVIRON.get(b"TRITON_INTERPRET")
+    return os.environ.get("FASTATTN_BACKEND"), os.environ.get("TRITON_INTERPRET")
 
 
 def _load_all() -> None:
@@ -78,26 +125,20 @@ def status() -> list[tuple[str, str | None, list[str]]]:
     return rows
 
 
-# Automatic choices for CPU calls, keyed on what the backends' reasons read (see _selection_key).
-_SELECTION_CACHE: dict[tuple, Backend] = {}
-_SELECTION_CACHE_SIZE = 512
-
-
-def _selection_key(inputs: AttentionInputs, requested: str | None, available: dict[str, Backend]) -> tuple | None:
+def _selection_key(inputs: AttentionInputs, requested: str | None) -> tuple | None:
     """A key for the backend choice of a CPU call without masks, or None (not cached).
 
     The reasons of every backend read only the device, dtype, shapes, the features a call uses and
     the environment, all in the key; calls with an ``attn_mask`` or BlockMask are not cached (their
-    masks' own properties count), nor are GPU calls (the dispatch evidence and the GPU count), nor
-    any backend whose ``reasons`` were replaced on the instance (tests do that).
+    masks' own properties count), nor are GPU calls (the dispatch evidence and the GPU count). A
+    backend swapped in the registry, or one whose ``reasons`` are replaced on the instance (tests do
+    both), empties the cache (:func:`clear_dispatch_caches`).
     """
     if inputs.device.type != "cpu" or inputs.attn_mask is not None or inputs.block_mask is not None:
         return None
-    if any("reasons" in vars(b) or "not_supported_reasons" in vars(b) for b in available.values()):
-        return None
     return (
-        requested, os.environ.get("TRITON_INTERPRET"), tuple(map(id, available.values())), inputs.dtype,
-        inputs.q.shape, inputs.k.shape, inputs.v.shape, inputs.window_left, inputs.window_right,
+        requested, dispatch_environment()[1], inputs.dtype, inputs.q.shape, inputs.k.shape, inputs.v.shape,
+        inputs.window_left, inputs.window_right,
         inputs.alibi_slopes is None, inputs.softcap > 0, inputs.dropout_p > 0, inputs.key_lengths is None,
         inputs.query_lengths is None, inputs.sinks is None, inputs.return_lse, inputs.requires_grad,
     )
@@ -114,7 +155,7 @@ def select_backend(inputs: AttentionInputs, requested: str | None = None) -> Bac
                              f"(or unset, to choose automatically), got {requested!r}")
     requested = requested or None
     available = backends()
-    key = None if torch.compiler.is_compiling() else _selection_key(inputs, requested, available)
+    key = None if torch.compiler.is_compiling() else _selection_key(inputs, requested)
     if key is not None and key in _SELECTION_CACHE:
         return _SELECTION_CACHE[key]
     backend = _select_uncached(inputs, requested, available)

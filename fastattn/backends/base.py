@@ -9,6 +9,10 @@ import torch
 from .._inputs import AttentionInputs
 from ..ops import BackendOps
 
+# Called whenever an attribute of a backend instance is set or deleted: fastattn.backends drops its
+# cached dispatch decisions then (tests replace ``reasons`` on an instance, for one).
+CHANGE_HOOKS: list = []
+
 
 class Backend:
     """A kernel family behind :func:`fastattn.attention`.
@@ -17,6 +21,16 @@ class Backend:
     (why it cannot run on this machine at all: no GPU, extension not built, ...),
     :meth:`not_supported_reasons` (why it cannot serve one particular call) and :meth:`build_ops`.
     """
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        for hook in CHANGE_HOOKS:
+            hook()
+
+    def __delattr__(self, name):
+        super().__delattr__(name)
+        for hook in CHANGE_HOOKS:
+            hook()
 
     name: str = ""
     description: str = ""

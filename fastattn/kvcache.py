@@ -79,10 +79,9 @@ def _cpu_kernel_serves(q, k_cache, v_cache, k, v, alibi_slopes, backend, group_r
     return True
 
 
-def _kernel_options(q, causal, window, scale, softcap, alibi_slopes, *, host_reads: bool = True):
+def _kernel_options(q, causal, window, scale, softcap, alibi_slopes):
     """The decode kernels' options, checked: ``(window_left, window_right, scale, softcap, alibi_slopes)``
-    with causal as a right bound of 0 (bottom-right aligned) and slopes expanded to ``(B, Hq)``. Without
-    ``host_reads`` the slopes' values are not checked (that would synchronise with the device)."""
+    with causal as a right bound of 0 (bottom-right aligned) and slopes expanded to ``(B, Hq)``."""
     _check_bool(causal, "causal")
     window_left, window_right = _check_window(window)
     if causal:
@@ -90,7 +89,7 @@ def _kernel_options(q, causal, window, scale, softcap, alibi_slopes, *, host_rea
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else _check_number(scale, "scale")
     softcap = _check_number(softcap, "softcap", minimum=0.0)
     if alibi_slopes is not None:
-        alibi_slopes = _check_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device, host_reads)
+        alibi_slopes = _check_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device)
     return window_left, window_right, scale, softcap, alibi_slopes
 
 
@@ -175,7 +174,7 @@ def _triton_decode(q, k_cache, v_cache, seqlens, Lnew, table, rows, *, causal, w
     from .triton_kernels.decode_paged import decode_paged
 
     window_left, window_right, scale, softcap, alibi_slopes = _kernel_options(q, causal, window, scale, softcap,
-                                                                               alibi_slopes, host_reads=False)
+                                                                               alibi_slopes)
     q = q if q.stride(-1) == 1 else q.contiguous()
     out, lse = decode_paged(q, k_cache, v_cache, seqlens, lnew=Lnew, block_table=table, cache_batch_idx=rows,
                             alibi_slopes=alibi_slopes, scale=scale, softcap=softcap, window_left=window_left,
@@ -192,8 +191,26 @@ def _check_splits(num_splits) -> int:
     return num_splits
 
 
-def _check_alibi(alibi_slopes, B: int, Hq: int, device, host_reads: bool = True) -> torch.Tensor:
-    """float32 ``(Hq,)`` or ``(B, Hq)`` slopes, expanded to ``(B, Hq)``; finite unless not ``host_reads``."""
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream (then nothing may read the host)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _bad_sequences(seqlens, Lnew: int, capacity: int, n_rows: int, rows, block_table, page_size: int):
+    """``(B,)`` bool on the device: the sequences whose lengths, cache row or pages are out of range."""
+    lengths = seqlens + Lnew
+    bad = (seqlens < 0) | (lengths > capacity)
+    if rows is not None:
+        bad |= (rows < 0) | (rows >= n_rows)
+    if block_table is not None:
+        used = torch.arange(block_table.shape[1], device=seqlens.device) * page_size < lengths[:, None]
+        bad |= (used & ((block_table < 0) | (block_table >= n_rows))).any(1)
+    return bad
+
+
+def _check_alibi(alibi_slopes, B: int, Hq: int, device) -> torch.Tensor:
+    """float32 ``(Hq,)`` or ``(B, Hq)`` slopes, expanded to ``(B, Hq)``; checked finite unless a CUDA
+    graph is being captured (a host read then would break the capture)."""
     _check_tensor(alibi_slopes, "alibi_slopes")
     if alibi_slopes.dtype != torch.float32:
         raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
@@ -202,8 +219,7 @@ def _check_alibi(alibi_slopes, B: int, Hq: int, device, host_reads: bool = True)
                          f"got {tuple(alibi_slopes.shape)}")
     if alibi_slopes.device != device:
         raise ValueError(f"alibi_slopes must be on q's device {device}, got {alibi_slopes.device}")
-    capturing = alibi_slopes.is_cuda and torch.cuda.is_current_stream_capturing()  # no host read then
-    if host_reads and not capturing and not bool(torch.isfinite(alibi_slopes).all()):
+    if not _capturing(alibi_slopes.device) and not bool(torch.isfinite(alibi_slopes).all()):
         raise ValueError("alibi_slopes must be finite, got NaN or Inf values")
     return alibi_slopes.expand(B, Hq)
 
@@ -319,13 +335,13 @@ def attention_with_kvcache(
                            return_lse=return_lse, num_splits=splits,
                            sinks=None if sinks is None else sinks.to(torch.float32), plan_key=plan_key)
     seqlens = cache_seqlens.long()
-    # The Triton decode kernel reads the lengths, pages and rows on the device, so its path reads
-    # nothing on the host: no synchronisation per step, and it can be captured in a CUDA graph. The
-    # other paths check the index values on the host (skipped while a CUDA graph is captured).
+    # The Triton decode kernel reads the lengths, pages and rows on the device. Eagerly, its path reads
+    # the host once per call (is any index bad?) and only a bad call goes on to the detailed checks
+    # below, which raise; while a CUDA graph is captured it reads nothing and a bad sequence is
+    # contained instead (indices clamped, nothing appended, NaN out). The other paths check on the host.
     on_device = sinks is None and _triton_kernel_serves(q, k_cache, v_cache, k, v, alibi_slopes, backend,
                                                         Lq * (Hq // Hkv))
-    capturing = q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    host_checks = B > 0 and not capturing and not on_device
+    capturing = _capturing(q.device)
     if paged:
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx applies to a contiguous cache; with block_table, map sequences to "
@@ -347,9 +363,14 @@ def attention_with_kvcache(
         else:
             _check_index(cache_batch_idx, "cache_batch_idx", (B,), q.device)
             rows = cache_batch_idx.long()
-            if host_checks and (int(rows.min()) < 0 or int(rows.max()) >= n_rows):
-                raise ValueError(f"cache_batch_idx must lie in [0, {n_rows}), got values in "
-                                 f"[{int(rows.min())}, {int(rows.max())}]")
+    invalid = None
+    if on_device:
+        invalid = _bad_sequences(seqlens, Lnew, capacity, n_rows, rows if cache_batch_idx is not None else None,
+                                 block_table, row_len)  # (B,) on the device
+    host_checks = B > 0 and not capturing and (invalid is None or bool(invalid.any()))
+    if host_checks and cache_batch_idx is not None and (int(rows.min()) < 0 or int(rows.max()) >= n_rows):
+        raise ValueError(f"cache_batch_idx must lie in [0, {n_rows}), got values in "
+                         f"[{int(rows.min())}, {int(rows.max())}]")
     lengths = seqlens + Lnew  # (B,) valid keys after the append
     if host_checks and (int(seqlens.min()) < 0 or int(lengths.max()) > capacity):
         raise ValueError(f"cache_seqlens + Lnew must lie in [{Lnew}, {capacity}] (the cache holds {capacity} "
@@ -366,16 +387,10 @@ def attention_with_kvcache(
             raise ValueError(f"block_table[{b}, {p}] = {int(table[b, p])} is not a page of k_cache (it has "
                              f"{n_rows} pages: valid entries lie in [0, {n_rows}))")
         table = torch.where(used & ~bad, table, 0)  # unused entries are never read, but must index something
-    invalid = None
     if on_device:
-        # Unchecked index values must still never reach memory outside the caches: a sequence with one
-        # out of range reads and writes only in-bounds slots (its indices clamped; its "append" writes
-        # back what the slots hold) and returns NaN (docs/varlen-and-kvcache.md).
-        invalid = (seqlens < 0) | (lengths > capacity)  # (B,)
-        if paged:
-            invalid |= bad.any(1)
-        elif cache_batch_idx is not None:
-            invalid |= (rows < 0) | (rows >= n_rows)
+        # Reached with a bad index only while capturing: that sequence reads and writes only in-bounds
+        # slots (its indices clamped; its "append" writes back what the slots hold) and returns NaN.
+        if cache_batch_idx is not None:
             rows = rows.clamp(0, n_rows - 1)
         seqlens = torch.where(invalid, seqlens.clamp(0, max(capacity - Lnew, 0)), seqlens)
         lengths = seqlens + Lnew

@@ -11,6 +11,7 @@ import torch
 
 import fastattn
 from fastattn import backends as registry
+from fastattn import kvcache
 
 from .test_kvcache import _case, _reference
 from .tolerance import assert_close_to_reference
@@ -113,10 +114,10 @@ def _forbid_host_reads(monkeypatch):
 @pytest.mark.parametrize("paged, rows", [(False, False), (False, True), (True, False)],
                          ids=["contiguous", "cache_batch_idx", "paged"])
 def test_triton_decode_path_reads_nothing_on_the_host(monkeypatch, paged, rows):
-    """The Python side of the triton decode path (append, index sanitising, launch) on CPU tensors,
-    with the kernel launch replaced by a recorder and every host read of a tensor value raising:
-    nothing there waits for the device, so a step costs no synchronisation and can be captured in a
-    CUDA graph (the GPU itself: tests/test_kvcache.py::test_decode_step_replays_in_a_cuda_graph)."""
+    """The Python side of the triton decode path (append, index sanitising, launch) on CPU tensors as
+    while a CUDA graph is captured, with the kernel launch replaced by a recorder and every host read
+    of a tensor value raising: nothing there waits for the device, so the step can be captured
+    (the GPU itself: tests/test_kvcache.py::test_decode_step_replays_in_a_cuda_graph)."""
     pytest.importorskip("triton")
     from fastattn.backends.triton import ensure_kernels_importable
 
@@ -138,6 +139,7 @@ def test_triton_decode_path_reads_nothing_on_the_host(monkeypatch, paged, rows):
         return q.new_zeros(B, Lq, Hq, v_cache.shape[3]), q.new_zeros(B, Hq, Lq, dtype=torch.float32)
 
     monkeypatch.setattr(decode_module, "decode_paged", recorder)
+    monkeypatch.setattr(kvcache, "_capturing", lambda device: True)
     with torch.no_grad():
         _forbid_host_reads(monkeypatch)
         try:
@@ -155,12 +157,14 @@ def test_triton_decode_path_reads_nothing_on_the_host(monkeypatch, paged, rows):
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
-def test_triton_decode_path_contains_bad_index_values(paged):
-    """Unchecked on the triton path (no host read), an out-of-range index still never reaches memory
-    outside the caches: that sequence appends nothing and returns NaN; the others are unaffected."""
+def test_triton_decode_path_contains_bad_index_values_while_capturing(monkeypatch, paged):
+    """Unchecked while a CUDA graph is captured (no host read), an out-of-range index still never
+    reaches memory outside the caches: that sequence appends nothing and returns NaN; the others are
+    unaffected. (Eagerly the same call raises: the next test.)"""
     pytest.importorskip("triton")
     if registry.get_backend("triton").unavailable_reasons():
         pytest.skip("triton backend not usable here")
+    monkeypatch.setattr(kvcache, "_capturing", lambda device: True)
     q, k_cache, v_cache, k_new, v_new, old, hist_k, hist_v, args = _case(
         3, B=2, Lq=1, Lnew=1, Hq=4, Hkv=2, D=16, paged=paged, poison=0.0, max_len=32)
     old[1] = 40  # past the cache's 32 positions
@@ -178,3 +182,25 @@ def test_triton_decode_path_contains_bad_index_values(paged):
         page, slot = int(args.get("cache_batch_idx", torch.arange(2))[0]), int(old[0])
     assert written_k.sum() == 1 and written_k[page, slot]
     assert torch.equal(v_cache != before_v, k_cache != before_k)
+
+
+@pytest.mark.parametrize("bad", ["cache_seqlens", "block_table", "cache_batch_idx"])
+def test_triton_decode_path_raises_on_bad_index_values_eagerly(bad):
+    """Outside a CUDA graph capture the triton decode path reads the host once, and a bad index raises
+    the same clear error as the other paths, before anything is appended."""
+    pytest.importorskip("triton")
+    if registry.get_backend("triton").unavailable_reasons():
+        pytest.skip("triton backend not usable here")
+    q, k_cache, v_cache, k_new, v_new, old, _, _, args = _case(
+        3, B=2, Lq=1, Lnew=1, Hq=4, Hkv=2, D=16, paged=bad == "block_table", poison=0.0, max_len=32)
+    if bad == "cache_seqlens":
+        old[1] = 40  # past the cache's 32 positions
+    elif bad == "block_table":
+        args["block_table"][1, int(old[1]) // 16] = k_cache.shape[0]  # a page the cache does not have
+    else:
+        args = {"cache_batch_idx": torch.tensor([0, k_cache.shape[0]], dtype=torch.int32)}  # past the last row
+    before = k_cache.clone()
+    with torch.no_grad(), pytest.raises(ValueError, match=bad):
+        fastattn.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=old, causal=True,
+                                        backend="triton", **args)
+    assert torch.equal(k_cache, before)

@@ -694,9 +694,10 @@ def test_13_output_and_gradients_are_written_in_the_inputs_layout(backend):
     assert out.is_contiguous()
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_14_gradient_of_a_bias_per_query_is_zero_in_low_precision(backend, dtype):
+    _usable(backend)
     # A bias constant along the keys shifts a row's scores, which softmax ignores: its gradient is
     # exactly 0. It is a sum of Lk score gradients that cancel, so it is only ~0 when those are
     # accumulated in float32 (delta included) and rounded once -- before, 3e-3 to 3e-2 here.
@@ -708,8 +709,9 @@ def test_14_gradient_of_a_bias_per_query_is_zero_in_low_precision(backend, dtype
     assert dbias.abs().max().item() < 2e-5
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_14_broadcast_mask_gradient_is_the_float32_sum_rounded_once(backend):
+    _usable(backend)
     q, k, v = (torch.randn(2, 2, 24, 16, dtype=torch.bfloat16) for _ in range(3))
     bias = torch.randn(1, 2, 1, 24, dtype=torch.bfloat16, requires_grad=True)  # per head and key
     out = fastattn.attention(q, k, v, attn_mask=bias, backend=backend)
@@ -738,20 +740,29 @@ def test_14_reference_backend_computes_low_precision_inputs_in_float32():
         torch.testing.assert_close(g_, w.bfloat16(), atol=0, rtol=2**-8)
 
 
-def test_14_cpu_backward_takes_delta_from_an_out_that_is_not_its_own():
+def _backward_takes_delta_from_an_out_that_is_not_its_own(backend, op):
     # Context parallelism passes each call the merged output of all calls (its rowsum(dout * out) is the
     # final softmax's delta): the bf16 kernel must use it, not its own float32 recomputation of out.
     q, k, v = (torch.randn(1, 2, 21, 16) for _ in range(3))
-    out, lse = fastattn.attention(q, k, v, causal=True, backend="cpu", return_lse=True)
+    out, lse = fastattn.attention(q, k, v, causal=True, backend=backend, return_lse=True)
     merged, dout = 0.5 * out + 0.1, torch.randn_like(out)
 
     def bwd(dtype):
         t = [x.to(dtype) for x in (dout, q, k, v, merged)]
-        return torch.ops.fastattn.attention_bwd(*t, lse, None, None, None, None, *[None] * 10, 0, 0, 16 ** -0.5,
-                                                None, 0, 0.0, 0.0, 0, False)[:3]
+        return op(*t, lse, None, None, None, None, *[None] * 10, 0, 0, 16 ** -0.5, None, 0, 0.0, 0.0, 0, False)[:3]
 
     for got, want in zip(bwd(torch.bfloat16), bwd(torch.float32)):
         torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_14_cpu_backward_takes_delta_from_an_out_that_is_not_its_own():
+    _backward_takes_delta_from_an_out_that_is_not_its_own("cpu", torch.ops.fastattn.attention_bwd)
+
+
+@pytest.mark.interpreter
+def test_14_triton_backward_takes_delta_from_an_out_that_is_not_its_own():
+    _usable("triton")
+    _backward_takes_delta_from_an_out_that_is_not_its_own("triton", fastattn.get_backend("triton").ops.bwd)
 
 
 # Bugs the fuzzer found (each fixed; the case that found it is kept here).

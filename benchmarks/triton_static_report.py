@@ -42,10 +42,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SMEM_LIMIT = 232448  # bytes of shared memory per block on H100 / H200
 # The dQ kernel's delta pass (DELTA_PASS, 16-bit inputs: rowsum(P * dP), no dq matmul) is reported apart.
 DELTA_PASS = "attention_bwd_dq_kernel[DELTA_PASS]"
+# The redo launches (REDO_NONFINITE: rows whose output is NaN/Inf, computed again by selection) too;
+# the forward's has a third matmul (which non-finite values each row sees).
+FWD_REDO = "attention_fwd_kernel[REDO_NONFINITE]"
+DQ_REDO = "attention_bwd_dq_kernel[REDO_NONFINITE]"
 MATMULS_PER_TILE = {"attention_fwd_kernel": 2, "attention_bwd_dkdv_kernel": 4, "attention_bwd_dq_kernel": 3,
-                    DELTA_PASS: 2}
+                    DELTA_PASS: 2, FWD_REDO: 3, DQ_REDO: 3}
 SHORT = {"attention_fwd_kernel": "fwd", "attention_bwd_dkdv_kernel": "dK/dV", "attention_bwd_dq_kernel": "dQ",
-         DELTA_PASS: "delta"}
+         DELTA_PASS: "delta", FWD_REDO: "fwd redo", DQ_REDO: "dQ redo"}
 
 
 # --------------------------------------------------------------------------- compiling the launches
@@ -87,7 +91,8 @@ def compile_launches(dtype_name: str, head_dim: int, features: set[str], length:
         meta = {key: kwargs.get(key) for key in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV")}
         meta.update(num_warps=options.num_warps, num_stages=options.num_stages)
         compiled.append({
-            "kernel": DELTA_PASS if kwargs.get("DELTA_PASS") else fn.__name__, "meta": meta, "shared": k.metadata.shared, "ptx": k.asm["ptx"], "ttir": k.asm["ttir"],
+            "kernel": DELTA_PASS if kwargs.get("DELTA_PASS") else f"{fn.__name__}[REDO_NONFINITE]"
+            if kwargs.get("REDO_NONFINITE") else fn.__name__, "meta": meta, "shared": k.metadata.shared, "ptx": k.asm["ptx"], "ttir": k.asm["ttir"],
         })
 
     class Compile:

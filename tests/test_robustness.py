@@ -32,7 +32,7 @@ from .tolerance import ATOL_FLOOR, assert_close_to_reference, high_precision
 _DEFAULT_EXAMPLES = {"reference": 40, "cpu": 120, "triton": 8}
 # Backends on which a non-finite key or value reaches exactly the rows that see it, even when other rows
 # of the same tile do not (docs/design.md); the others are promised less.
-PER_ROW_EXACT = ("reference", "cpu")
+PER_ROW_EXACT = ("reference", "cpu", "triton")
 
 
 def _examples(backend: str) -> int:
@@ -475,7 +475,7 @@ def test_5_nan_in_an_empty_block_mask_tile_never_reaches_its_rows(backend):
     _poison_check(backend, q, k, v, poison, poison, rows=slice(0, 48), block_mask=bm)
 
 
-MIXED_BACKENDS = ["reference", "cpu"]
+MIXED_BACKENDS = BACKENDS
 
 
 def _mixed_poison_check(backend, q, k, v, j, seen_by, **kwargs):
@@ -498,6 +498,7 @@ def _mixed_poison_check(backend, q, k, v, j, seen_by, **kwargs):
 
 @pytest.mark.parametrize("backend", MIXED_BACKENDS)
 def test_5_nan_in_a_key_on_the_causal_diagonal_never_reaches_the_rows_before_it(backend):
+    _usable(backend)
     # Key 37 sits in the same key tile as keys 0..36, which rows 0..36 see: only rows 37.. see key 37.
     q, k, v = torch.randn(2, 2, 40, 16), torch.randn(2, 1, 40, 16), torch.randn(2, 1, 40, 16)
     _mixed_poison_check(backend, q, k, v, 37, torch.arange(40) >= 37, causal=True)
@@ -505,23 +506,38 @@ def test_5_nan_in_a_key_on_the_causal_diagonal_never_reaches_the_rows_before_it(
 
 @pytest.mark.parametrize("backend", MIXED_BACKENDS)
 def test_5_nan_at_a_window_edge_never_reaches_the_rows_outside_the_window(backend):
+    _usable(backend)
     q, k, v = torch.randn(1, 2, 33, 16), torch.randn(1, 2, 33, 16), torch.randn(1, 2, 33, 16)
     i = torch.arange(33)
     _mixed_poison_check(backend, q, k, v, 20, (i - 20).abs() <= 3, window=(3, 3))
 
 
 @pytest.mark.parametrize("backend", MIXED_BACKENDS)
+def test_5_nan_in_a_partial_block_mask_tile_never_reaches_the_rows_it_hides_from(backend):
+    _usable(backend)
+    # Documents [0, 21) and [21, 40): key 25 shares the partial tile (query block 1, key block 1) with
+    # rows 16..20, which belong to the first document and do not see it.
+    q, k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 1, 40, 16), torch.randn(1, 1, 40, 16)
+    doc = (torch.arange(40) >= 21).long()[None]
+    bm = masks.document(doc, causal=True, block_size=16)
+    i = torch.arange(40)
+    _mixed_poison_check(backend, q, k, v, 25, i >= 25, block_mask=bm)
+
+
+@pytest.mark.parametrize("backend", MIXED_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_5_nan_under_a_mixed_column_of_a_bool_mask_never_reaches_the_rows_it_hides_from(backend, dtype):
+    _usable(backend)
     q, k, v = (torch.randn(1, 3, 29, 24, dtype=dtype) for _ in range(3))
     keep = torch.rand(1, 1, 29, 29) < 0.7
     keep[..., 11] = torch.arange(29) % 3 == 0  # key 11: seen by every third row only
     _mixed_poison_check(backend, q, k, v, 11, keep[0, 0, :, 11], attn_mask=keep)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_6_a_nan_or_inf_query_row_is_nan_not_zero(backend, dtype):
+    _usable(backend)
     q, k, v = (torch.randn(1, 1, 4, 8, dtype=dtype) for _ in range(3))
     q, k = q.clone(), k.clone()
     q[0, 0, 1, 3] = float("nan")
@@ -810,3 +826,4 @@ def test_fuzz_found_cpu_bf16_dq_of_a_row_with_one_visible_key():
                 mask_grad=True, block="none", block_size=(0, 0), key_lengths=True, query_lengths=True,
                 dropout_p=0.3, lse_grad=False, poison="none", seed=0)
     check_case("cpu", case)
+

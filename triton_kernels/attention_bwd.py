@@ -434,12 +434,15 @@ def _dq_key_block(
     HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     APPLY_INDEX_MASK: tl.constexpr, APPLY_ATTN_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr, DELTA_PASS: tl.constexpr = False,
+    NONFINITE_K: tl.constexpr = False,
 ):
     """Accumulate one key block's contribution to dq (queries on the M dimension). With ``USE_TMA``,
     ``k_bh`` and ``v_bh`` are tensor descriptors of the head's first ``klen`` rows.
 
     With ``DELTA_PASS`` (and ``b_delta`` = 0), ``b_dq`` is ``[BLOCK_M]`` and accumulates the rows' sums
-    of ``P * dP`` (dropout applied), which is ``rowsum(dO * O)`` with O in float32: no third matmul."""
+    of ``P * dP`` (dropout applied), which is ``rowsum(dO * O)`` with O in float32: no third matmul.
+    ``NONFINITE_K`` (the redo launch) multiplies ``dX`` by K without its NaN/Inf entries: a row that
+    sees such a key has a NaN score, so its dX row is NaN already; the others must not get ``0 * NaN``."""
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = (o_n >= key_lo) & (o_n < key_hi)  # keys no row of the block sees load as 0
     if USE_TMA:
@@ -483,6 +486,8 @@ def _dq_key_block(
             # [BLOCK_N]
             m_seen = tl.max(tl.where(b_s == float("-inf"), 0, 1), 0) > 0
             b_k = tl.where(m_seen[:, None], b_k, 0.0)
+        if NONFINITE_K:
+            b_k = tl.where((b_k - b_k) == 0.0, b_k, 0.0)
         b_dq += tl.dot(b_dx.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
     return b_dq
 
@@ -515,6 +520,7 @@ def attention_bwd_dq_kernel(
     HAS_LENGTHS: tl.constexpr, USE_BLOCK_MASK: tl.constexpr, MASK_SUB_M: tl.constexpr, MASK_SUB_N: tl.constexpr,
     PARTIAL_MASKS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr, DELTA_PASS: tl.constexpr,
+    REDO_NONFINITE: tl.constexpr,
 ):
     """Grid ``(cdiv(Lq, BLOCK_M), B * Hq)``: one program per query block; the same key blocks as the
     forward. ``USE_TMA`` loads the Q, dO, K and V tiles through tensor descriptors (TMA).
@@ -523,7 +529,11 @@ def attention_bwd_dq_kernel(
     ``P * dP`` over the same tiles, which is ``rowsum(dO * O)`` with O in float32, and overwrites
     ``delta`` (the preprocess's ``rowsum(dO * out)``) with it in the rows where the two agree within
     ``tol``, that is where out is this call's own output rounded; other rows keep delta from out as
-    given (the merged output of a context-parallel call, see ``attention_bwd``)."""
+    given (the merged output of a context-parallel call, see ``attention_bwd``).
+
+    ``REDO_NONFINITE`` (launched after the plain dQ launch): a program whose rows of dq hold no
+    NaN/Inf does nothing; the others compute them again with K's NaN/Inf entries selected away
+    (``_dq_key_block``), so a key hidden from some rows of a tile reaches only the rows that see it."""
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // Hq
@@ -574,6 +584,12 @@ def attention_bwd_dq_kernel(
         b_do = b_do.to(tl.float32)
     # [BLOCK_M]
     b_lse2, b_delta = _load_row_stats(p_lse + i_bh.to(tl.int64) * Lq, p_delta + i_bh.to(tl.int64) * Lq, o_m, Lq)
+    if REDO_NONFINITE:
+        # [BLOCK_M, BLOCK_D] the rows the plain launch wrote
+        p_prev = p_dq + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
+        b_prev = tl.load(p_prev + o_m[:, None].to(tl.int64) * stride_dqm + o_d[None, :],
+                         mask=(o_m[:, None] < Lq) & (o_d[None, :] < D), other=0.0).to(tl.float32)
+        redo = tl.max(tl.max(((b_prev - b_prev) != 0.0).to(tl.int32), 1), 0) > 0
     if DELTA_PASS:
         b_given = b_delta
         b_delta = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -594,6 +610,10 @@ def attention_bwd_dq_kernel(
         p_num = i_b * stride_num_b + i_h * stride_num_h + i_qb * stride_num_m
         p_idx = i_b * stride_idx_b + i_h * stride_idx_h + i_qb * stride_idx_m
         num_partial = tl.load(p_kv_num + p_num)
+        num_full = tl.load(p_full_num + p_num)
+        if REDO_NONFINITE:
+            num_partial = tl.where(redo, num_partial, 0)
+            num_full = tl.where(redo, num_full, 0)
         for t in range(0, num_partial * MASK_SUB_N):
             i_kb = tl.load(p_kv_idx + p_idx + t // MASK_SUB_N)
             i_n = i_kb * MASK_SUB_N + t % MASK_SUB_N
@@ -607,8 +627,8 @@ def attention_bwd_dq_kernel(
                 sm_scale, softcap, dropout_p, seed, p_mask_tile, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
                 HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA, DELTA_PASS,
+                REDO_NONFINITE,
             )
-        num_full = tl.load(p_full_num + p_num)
         for t in range(0, num_full * MASK_SUB_N):
             i_n = tl.load(p_full_idx + p_idx + t // MASK_SUB_N) * MASK_SUB_N + t % MASK_SUB_N
             b_dq = _dq_key_block(
@@ -617,12 +637,17 @@ def attention_bwd_dq_kernel(
                 sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
                 HAS_DROPOUT, True, False, DOT_PRECISION, DOT_FP32, USE_TMA, DELTA_PASS,
+                REDO_NONFINITE,
             )
     else:
         n_lo, n_mid_lo, n_mid_hi, n_hi = _key_block_range(
             m0, qlen, klen, offset, window_left, window_right,
             BLOCK_M, BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
         )
+        if REDO_NONFINITE:
+            n_hi = tl.where(redo, n_hi, n_lo)
+            n_mid_lo = tl.minimum(n_mid_lo, n_hi)
+            n_mid_hi = tl.minimum(n_mid_hi, n_hi)
         for i_n in range(n_lo, n_mid_lo):
             b_dq = _dq_key_block(
                 b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
@@ -630,6 +655,7 @@ def attention_bwd_dq_kernel(
                 sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
                 HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA, DELTA_PASS,
+                REDO_NONFINITE,
             )
         for i_n in range(n_mid_lo, n_mid_hi):
             b_dq = _dq_key_block(
@@ -638,6 +664,7 @@ def attention_bwd_dq_kernel(
                 sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
                 HAS_DROPOUT, False, True, DOT_PRECISION, DOT_FP32, USE_TMA, DELTA_PASS,
+                REDO_NONFINITE,
             )
         for i_n in range(n_mid_hi, n_hi):
             b_dq = _dq_key_block(
@@ -646,6 +673,7 @@ def attention_bwd_dq_kernel(
                 sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
                 HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA, DELTA_PASS,
+                REDO_NONFINITE,
             )
 
     if DELTA_PASS:
@@ -656,8 +684,11 @@ def attention_bwd_dq_kernel(
     else:
         b_dq = b_dq * sm_scale
         p_dq = p_dq + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
+        m_store = o_m < Lq
+        if REDO_NONFINITE:
+            m_store = m_store & redo
         tl.store(p_dq + o_m[:, None].to(tl.int64) * stride_dqm + o_d[None, :], b_dq.to(p_dq.dtype.element_ty),
-                 mask=(o_m[:, None] < Lq) & (o_d[None, :] < D))
+                 mask=m_store[:, None] & (o_d[None, :] < D))
 
 
 # No reset_to_zero for dbias: every tuning run writes the same tiles, the others stay zero.
@@ -811,7 +842,7 @@ def attention_bwd(
         # The delta pass: the dQ kernel's tiles without the dq matmul (pinned tiles: it overwrites delta).
         meta, sub = pinned("dq")
         torch.library.wrap_triton(attention_bwd_dq_kernel)[(triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)](
-            **dq_args, **meta, **sub, DELTA_PASS=True,
+            **dq_args, **meta, **sub, DELTA_PASS=True, REDO_NONFINITE=False,
         )
     if dlse is not None:  # d lse / d S = P, so the lse gradient enters as delta - dlse (fastattn/ops.py)
         delta.sub_(dlse)
@@ -821,15 +852,21 @@ def attention_bwd(
         grid_dq = lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * Hq)
         torch.library.wrap_triton(attention_bwd_dkdv_kernel_tuned)[grid_dkdv](**dkdv_args, MASK_SUB_M=1, MASK_SUB_N=1)
         torch.library.wrap_triton(attention_bwd_dq_kernel_tuned)[grid_dq](
-            **dq_args, MASK_SUB_M=1, MASK_SUB_N=1, DELTA_PASS=False,
+            **dq_args, MASK_SUB_M=1, MASK_SUB_N=1, DELTA_PASS=False, REDO_NONFINITE=False,
         )
-        return dq, dk, dv, dbias
-    for kernel, args, kind in ((attention_bwd_dkdv_kernel, dkdv_args, "dkdv"), (attention_bwd_dq_kernel, dq_args, "dq")):
-        meta, sub = pinned(kind)
-        if kind == "dkdv":
-            grid = (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)
-        else:
-            grid = (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
-            sub["DELTA_PASS"] = False
-        torch.library.wrap_triton(kernel)[grid](**args, **meta, **sub)
+    else:
+        for kernel, args, kind in ((attention_bwd_dkdv_kernel, dkdv_args, "dkdv"), (attention_bwd_dq_kernel, dq_args, "dq")):
+            meta, sub = pinned(kind)
+            if kind == "dkdv":
+                grid = (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)
+            else:
+                grid = (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
+                sub.update(DELTA_PASS=False, REDO_NONFINITE=False)
+            torch.library.wrap_triton(kernel)[grid](**args, **meta, **sub)
+    # Rows of dq that hold NaN/Inf are computed again with K's NaN/Inf entries selected away (the
+    # kernel's REDO_NONFINITE): a key hidden from them may have reached them as 0 * NaN.
+    meta, sub = pinned("dq")
+    torch.library.wrap_triton(attention_bwd_dq_kernel)[(triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)](
+        **dq_args, **meta, **sub, DELTA_PASS=False, REDO_NONFINITE=True,
+    )
     return dq, dk, dv, dbias

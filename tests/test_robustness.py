@@ -827,3 +827,25 @@ def test_fuzz_found_cpu_bf16_dq_of_a_row_with_one_visible_key():
                 dropout_p=0.3, lse_grad=False, poison="none", seed=0)
     check_case("cpu", case)
 
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_14_varlen_bf16_dq_is_zero_when_a_sequence_has_one_key_vector(backend):
+    # The varlen backwards took delta from the bf16-rounded output like the dense ones did. With every key
+    # of a sequence equal, dq_i = scale * k * sum_j dS_ij = scale * k * (rowsum(P * dP) - delta) is exactly
+    # 0 in float32 arithmetic; delta from the rounded out (a mean of bf16 values, not one itself) left
+    # ~1e-2 there. delta now comes from O in float32 (a forward pass on the CPU, the dQ kernel's delta
+    # pass in Triton).
+    _usable(backend)
+    cu = torch.tensor([0, 7, 20, 37], dtype=torch.int32)
+    q, v = (torch.randn(37, 2, 24, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    per_seq = torch.randn(3, 2, 24, dtype=torch.bfloat16)
+    k = per_seq.repeat_interleave(torch.diff(cu).long(), dim=0).requires_grad_()
+    out = fastattn.varlen_attention(q, k, v, cu, cu, 17, 17, causal=True, backend=backend)
+    dout = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    assert dq.abs().max().item() < 1e-4
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    want = fastattn.varlen_attention(q32, k32, v32, cu, cu, 17, 17, causal=True, backend="cpu")
+    for got, w in zip((dk, dv), torch.autograd.grad(want, (k32, v32), dout.float())):
+        torch.testing.assert_close(got.float(), w, atol=2e-2, rtol=2e-2)

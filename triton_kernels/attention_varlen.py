@@ -294,7 +294,7 @@ def attention_varlen_bwd_dkdv_kernel(
 @triton.jit(do_not_specialize=["total_q", "window_left", "window_right"])
 def attention_varlen_bwd_dq_kernel(
     # pointers
-    p_q, p_k, p_v, p_dout, p_lse, p_delta, p_dq, p_cu_q, p_cu_k, p_alibi,
+    p_q, p_k, p_v, p_dout, p_lse, p_delta, p_tol, p_dq, p_cu_q, p_cu_k, p_alibi,
     # sizes
     Hq, GROUP, D, DV, total_q,
     # strides (the last dim of every (total, H, D) tensor is contiguous; lse, delta (Hq, total_q) contiguous)
@@ -305,10 +305,11 @@ def attention_varlen_bwd_dq_kernel(
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, DELTA_PASS: tl.constexpr,
 ):
     """Grid ``(cdiv(max_seqlen_q, BLOCK_M), num_seqs * Hq)``: one program per query block of one
-    (sequence, query head); the same key blocks as the forward."""
+    (sequence, query head); the same key blocks as the forward. ``DELTA_PASS``: delta from the float32
+    sums of ``P * dP`` where out is its own rounding, no dq (``attention_bwd_dq_kernel``'s pass)."""
     i_m = tl.program_id(0)
     i_sh = tl.program_id(1)
     i_s = i_sh // Hq
@@ -347,8 +348,14 @@ def attention_varlen_bwd_dq_kernel(
     # [BLOCK_M]
     p_row = i_h.to(tl.int64) * total_q + q_start
     b_lse2, b_delta = _load_row_stats(p_lse + p_row, p_delta + p_row, o_m, qlen)
-    # [BLOCK_M, BLOCK_D]
-    b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if DELTA_PASS:
+        b_given = b_delta
+        b_delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+        # [BLOCK_M] the rows' sums of P * dP
+        b_dq = tl.zeros([BLOCK_M], dtype=tl.float32)
+    else:
+        # [BLOCK_M, BLOCK_D]
+        b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # Keys [key_lo, key_hi) are those some row of the block sees (the band with the roles swapped).
     key_lo, key_hi = _band_rows(
         m0, tl.minimum(m0 + BLOCK_M, qlen), klen, -offset, window_right, window_left, HAS_WINDOW_RIGHT,
@@ -363,7 +370,7 @@ def attention_varlen_bwd_dq_kernel(
             stride_vn, i_s, i_h, Hq, qlen, klen, D, DV, offset, qlen, klen, window_left, window_right, slope,
             sm_scale, softcap, 0.0, 0, p_q, 0, 0, BLOCK_N,
             HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False, True,
-            False, True, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
+            False, True, False, DOT_PRECISION, DOT_FP32, False, DELTA_PASS,  # USE_TMA off: pointer loads
         )
     for i_n in range(n_mid_lo, n_mid_hi):
         b_dq = _dq_key_block(
@@ -371,7 +378,7 @@ def attention_varlen_bwd_dq_kernel(
             stride_vn, i_s, i_h, Hq, qlen, klen, D, DV, offset, qlen, klen, window_left, window_right, slope,
             sm_scale, softcap, 0.0, 0, p_q, 0, 0, BLOCK_N,
             HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False, True,
-            False, False, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
+            False, False, False, DOT_PRECISION, DOT_FP32, False, DELTA_PASS,  # USE_TMA off: pointer loads
         )
     for i_n in range(n_mid_hi, n_hi):
         b_dq = _dq_key_block(
@@ -379,12 +386,16 @@ def attention_varlen_bwd_dq_kernel(
             stride_vn, i_s, i_h, Hq, qlen, klen, D, DV, offset, qlen, klen, window_left, window_right, slope,
             sm_scale, softcap, 0.0, 0, p_q, 0, 0, BLOCK_N,
             HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False, True,
-            False, True, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
+            False, True, False, DOT_PRECISION, DOT_FP32, False, DELTA_PASS,  # USE_TMA off: pointer loads
         )
 
-    b_dq = b_dq * sm_scale
-    tl.store(p_dq + (o_row64 * stride_dqm + i_h.to(tl.int64) * stride_dqh)[:, None] + o_d[None, :],
-             b_dq.to(p_dq.dtype.element_ty), mask=m_q[:, None] & (o_d[None, :] < D))
+    if DELTA_PASS:
+        b_tol = tl.load(p_tol + p_row + o_m, mask=m_q, other=0.0)
+        tl.store(p_delta + p_row + o_m, tl.where(tl.abs(b_dq - b_given) <= b_tol, b_dq, b_given), mask=m_q)
+    else:
+        b_dq = b_dq * sm_scale
+        tl.store(p_dq + (o_row64 * stride_dqm + i_h.to(tl.int64) * stride_dqh)[:, None] + o_d[None, :],
+                 b_dq.to(p_dq.dtype.element_ty), mask=m_q[:, None] & (o_d[None, :] < D))
 
 
 def attention_varlen_bwd(
@@ -425,10 +436,10 @@ def attention_varlen_bwd(
     if num_seqs == 0 or total_q == 0 or total_k == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     lse = lse.contiguous()
-    # delta = rowsum(dO * O) - dlse, float32 (Hq, total_q): the padded preprocess kernel on a batch-1 view.
-    delta = row_delta(out[None].transpose(1, 2), dout[None].transpose(1, 2))[0][0]
-    if dlse is not None:
-        delta = delta - dlse
+    # delta = rowsum(dO * O) - dlse, float32 (Hq, total_q): the padded preprocess kernel on a batch-1 view,
+    # and for 16-bit inputs the dQ kernel's delta pass (float32 O where out is its rounding) below.
+    delta, tol = row_delta(out[None].transpose(1, 2), dout[None].transpose(1, 2))
+    delta, tol = delta[0], tol[0] if tol is not None else None
     block_d, block_dv = head_dim_tile(D), head_dim_tile(DV)
     head_dim = max(block_d, block_dv)
     precision, dot_fp32 = dot_settings(q.dtype)
@@ -445,6 +456,14 @@ def attention_varlen_bwd(
         HAS_WINDOW_RIGHT=window_right is not None, HAS_ALIBI=alibi_slopes is not None,
         HAS_SOFTCAP=softcap_flag(softcap, q.dtype), DOT_PRECISION=precision, DOT_FP32=dot_fp32,
     )
+    dq_grid = (triton.cdiv(max_seqlen_q, configs.pinned_config("dq", head_dim, q.element_size())["BLOCK_M"]),
+               num_seqs * Hq)
+    dq_args = dict(common, p_dq=dq, p_tol=tol, stride_dqm=dq.stride(0), stride_dqh=dq.stride(1),
+                   **configs.pinned_config("dq", head_dim, q.element_size()))
+    if tol is not None:
+        torch.library.wrap_triton(attention_varlen_bwd_dq_kernel)[dq_grid](**dq_args, DELTA_PASS=True)
+    if dlse is not None:
+        delta.sub_(dlse)
     meta = configs.pinned_config("dkdv", head_dim, q.element_size())
     torch.library.wrap_triton(attention_varlen_bwd_dkdv_kernel)[(triton.cdiv(max_seqlen_k, meta["BLOCK_N"]),
                                                                  num_seqs * Hkv)](
@@ -453,9 +472,5 @@ def attention_varlen_bwd(
     )
     # Keys of sequences no program reached (max_seqlen_k == 0 with empty sequences) do not exist:
     # cu_seqlens_k covers every packed key, and each lies in some program's block.
-    meta = configs.pinned_config("dq", head_dim, q.element_size())
-    torch.library.wrap_triton(attention_varlen_bwd_dq_kernel)[(triton.cdiv(max_seqlen_q, meta["BLOCK_M"]),
-                                                               num_seqs * Hq)](
-        **common, p_dq=dq, stride_dqm=dq.stride(0), stride_dqh=dq.stride(1), **meta,
-    )
+    torch.library.wrap_triton(attention_varlen_bwd_dq_kernel)[dq_grid](**dq_args, DELTA_PASS=False)
     return dq, dk, dv

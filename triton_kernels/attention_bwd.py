@@ -2,7 +2,8 @@
 
 Three kernels, read top to bottom:
 
-1. preprocess: ``delta = rowsum(dO * O)`` per query row (float32);
+1. preprocess: ``delta = rowsum(dO * O)`` per query row (float32), then for 16-bit inputs the dQ
+   kernel's delta pass (``DELTA_PASS``) replaces it by the float32 ``rowsum(P * dP)``;
 2. dK/dV: one program per key block of one kv head; it loops over the query heads of the GQA group
    and the query blocks that see the key block, and writes dk, dv once (and dbias tiles). Its tiles
    are transposed, keys on the M dimension of every matmul (``S^T = K Q^T``), so ``P^T`` and
@@ -12,7 +13,11 @@ Three kernels, read top to bottom:
 Both kernels issue their two independent matmuls (``S`` and ``dP``) back to back before the
 elementwise work. Row offsets are int64. What a row cannot see never reaches a gradient: keys and
 queries outside the lengths or the band of a tile load as zeros, and ``dS`` is selected (not
-multiplied) to 0 where ``P`` is 0, so NaN or Inf there stays out. Tile configs: ``configs.py``.
+multiplied) to 0 where ``P`` is 0, so NaN or Inf there stays out; a non-finite key that other rows
+of the tile see reaches a row's dq only as ``0 * NaN`` in ``dS K``, and a second dQ launch
+(``REDO_NONFINITE``) recomputes exactly the row blocks whose dq is non-finite, by selection. For
+16-bit inputs a first dQ launch (``DELTA_PASS``) takes ``delta`` in float32 from ``P * dP``.
+Tile configs: ``configs.py``.
 
 Per tile the math is (``P`` recomputed from the saved ``lse``)::
 

@@ -8,8 +8,8 @@ kernel variant each launch would run. Each compiled kernel is then read:
 - shared memory from Triton's metadata;
 - the tensor-core work of one inner-loop iteration: every ``wgmma`` in each innermost loop of the
   PTX, as ``64 * n * k`` multiply-adds times the number of warpgroups, against the ideal for the
-  tile (``2``, ``4`` and ``3`` matmuls of ``BLOCK_M * BLOCK_N * BLOCK_D`` for the forward, dK/dV
-  and dQ kernels): more than ideal means duplicated matmuls, fewer means no tensor cores;
+  tile (``2``, ``4``, ``3`` and ``2`` matmuls of ``BLOCK_M * BLOCK_N * BLOCK_D`` for the forward, dK/dV
+  and dQ kernels and the dQ kernel's delta pass): more than ideal means duplicated matmuls, fewer means no tensor cores;
 - special-function ops (``ex2``, ``tanh``, ``rcp``, full-precision divisions) per score per iteration;
 - tensor-memory-accelerator copies (``cp.async.bulk.tensor``, TMA) per inner-loop iteration: the
   launchers pass ``USE_TMA`` where a Hopper GPU would (16-byte aligned rows); feature ``notma``
@@ -40,8 +40,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SMEM_LIMIT = 232448  # bytes of shared memory per block on H100 / H200
-MATMULS_PER_TILE = {"attention_fwd_kernel": 2, "attention_bwd_dkdv_kernel": 4, "attention_bwd_dq_kernel": 3}
-SHORT = {"attention_fwd_kernel": "fwd", "attention_bwd_dkdv_kernel": "dK/dV", "attention_bwd_dq_kernel": "dQ"}
+# The dQ kernel's delta pass (DELTA_PASS, 16-bit inputs: rowsum(P * dP), no dq matmul) is reported apart.
+DELTA_PASS = "attention_bwd_dq_kernel[DELTA_PASS]"
+# The redo launches (REDO_NONFINITE: rows whose output is NaN/Inf, computed again by selection) too;
+# the forward's has a third matmul (which non-finite values each row sees).
+FWD_REDO = "attention_fwd_kernel[REDO_NONFINITE]"
+DQ_REDO = "attention_bwd_dq_kernel[REDO_NONFINITE]"
+MATMULS_PER_TILE = {"attention_fwd_kernel": 2, "attention_bwd_dkdv_kernel": 4, "attention_bwd_dq_kernel": 3,
+                    DELTA_PASS: 2, FWD_REDO: 3, DQ_REDO: 3}
+SHORT = {"attention_fwd_kernel": "fwd", "attention_bwd_dkdv_kernel": "dK/dV", "attention_bwd_dq_kernel": "dQ",
+         DELTA_PASS: "delta", FWD_REDO: "fwd redo", DQ_REDO: "dQ redo"}
 # The varlen kernels (feature "varlen": packed sequences through triton_kernels/attention_varlen.py).
 MATMULS_PER_TILE.update({k.replace("attention_", "attention_varlen_"): n for k, n in MATMULS_PER_TILE.items()})
 SHORT.update({k.replace("attention_", "attention_varlen_"): "varlen " + n for k, n in list(SHORT.items())})
@@ -86,7 +94,8 @@ def compile_launches(dtype_name: str, head_dim: int, features: set[str], length:
         meta = {key: kwargs.get(key) for key in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV")}
         meta.update(num_warps=options.num_warps, num_stages=options.num_stages)
         compiled.append({
-            "kernel": fn.__name__, "meta": meta, "shared": k.metadata.shared, "ptx": k.asm["ptx"], "ttir": k.asm["ttir"],
+            "kernel": DELTA_PASS if kwargs.get("DELTA_PASS") else f"{fn.__name__}[REDO_NONFINITE]"
+            if kwargs.get("REDO_NONFINITE") else fn.__name__, "meta": meta, "shared": k.metadata.shared, "ptx": k.asm["ptx"], "ttir": k.asm["ttir"],
         })
 
     class Compile:

@@ -2,7 +2,8 @@
 
 Three kernels, read top to bottom:
 
-1. preprocess: ``delta = rowsum(dO * O)`` per query row (float32);
+1. preprocess: ``delta = rowsum(dO * O)`` per query row (float32), then for 16-bit inputs the dQ
+   kernel's delta pass (``DELTA_PASS``) replaces it by the float32 ``rowsum(P * dP)``;
 2. dK/dV: one program per key block of one kv head; it loops over the query heads of the GQA group
    and the query blocks that see the key block, and writes dk, dv once (and dbias tiles). Its tiles
    are transposed, keys on the M dimension of every matmul (``S^T = K Q^T``), so ``P^T`` and
@@ -12,7 +13,11 @@ Three kernels, read top to bottom:
 Both kernels issue their two independent matmuls (``S`` and ``dP``) back to back before the
 elementwise work. Row offsets are int64. What a row cannot see never reaches a gradient: keys and
 queries outside the lengths or the band of a tile load as zeros, and ``dS`` is selected (not
-multiplied) to 0 where ``P`` is 0, so NaN or Inf there stays out. Tile configs: ``configs.py``.
+multiplied) to 0 where ``P`` is 0, so NaN or Inf there stays out; a non-finite key that other rows
+of the tile see reaches a row's dq only as ``0 * NaN`` in ``dS K``, and a second dQ launch
+(``REDO_NONFINITE``) recomputes exactly the row blocks whose dq is non-finite, by selection. For
+16-bit inputs a first dQ launch (``DELTA_PASS``) takes ``delta`` in float32 from ``P * dP``.
+Tile configs: ``configs.py``.
 
 Per tile the math is (``P`` recomputed from the saved ``lse``)::
 
@@ -53,16 +58,23 @@ from .attention_fwd import (
 @triton.jit(do_not_specialize=["Lq"])
 def attention_bwd_preprocess_kernel(
     # pointers
-    p_out, p_dout, p_delta,
+    p_out, p_dout, p_delta, p_tol,
     # sizes
     Hq, Lq, DV,
     # strides
     stride_ob, stride_oh, stride_om,
     stride_dob, stride_doh, stride_dom,
+    # scalars: the unit roundoff of out's dtype and half its smallest subnormal
+    eps, tiny,
     # meta-parameters
-    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, ROUNDED_OUT: tl.constexpr,
 ):
-    """Grid ``(cdiv(Lq, BLOCK_M), B * Hq)``: ``delta (B, Hq, Lq)`` float32 = rowsum(dO * O)."""
+    """Grid ``(cdiv(Lq, BLOCK_M), B * Hq)``: ``delta (B, Hq, Lq)`` float32 = rowsum(dO * O).
+
+    With ``ROUNDED_OUT`` (16-bit out) also ``tol (B, Hq, Lq)`` = eps * rowsum(|dO| * (|O| + tiny)): the
+    most by which rowsum(dO * X) can differ from delta when out is X rounded to its dtype (twice the
+    bound of one rounding: the float32 sums and the forward's own roundings fit in the other half).
+    """
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // Hq
@@ -78,6 +90,9 @@ def attention_bwd_preprocess_kernel(
     # [BLOCK_M]
     b_delta = tl.sum(b_o * b_do, 1)
     tl.store(p_delta + i_bh.to(tl.int64) * Lq + o_m, b_delta, mask=o_m < Lq)
+    if ROUNDED_OUT:
+        b_tol = eps * tl.sum(tl.abs(b_do) * (tl.abs(b_o) + tiny), 1)
+        tl.store(p_tol + i_bh.to(tl.int64) * Lq + o_m, b_tol, mask=o_m < Lq)
 
 
 # --------------------------------------------------------------------------- shared tile math
@@ -423,10 +438,16 @@ def _dq_key_block(
     HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     APPLY_INDEX_MASK: tl.constexpr, APPLY_ATTN_MASK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr, DELTA_PASS: tl.constexpr = False,
+    NONFINITE_K: tl.constexpr = False,
 ):
     """Accumulate one key block's contribution to dq (queries on the M dimension). With ``USE_TMA``,
-    ``k_bh`` and ``v_bh`` are tensor descriptors of the head's first ``klen`` rows."""
+    ``k_bh`` and ``v_bh`` are tensor descriptors of the head's first ``klen`` rows.
+
+    With ``DELTA_PASS`` (and ``b_delta`` = 0), ``b_dq`` is ``[BLOCK_M]`` and accumulates the rows' sums
+    of ``P * dP`` (dropout applied), which is ``rowsum(dO * O)`` with O in float32: no third matmul.
+    ``NONFINITE_K`` (the redo launch) multiplies ``dX`` by K without its NaN/Inf entries: a row that
+    sees such a key has a NaN score, so its dX row is NaN already; the others must not get ``0 * NaN``."""
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = (o_n >= key_lo) & (o_n < key_hi)  # keys no row of the block sees load as 0
     if USE_TMA:
@@ -459,22 +480,27 @@ def _dq_key_block(
     b_keep = b_s  # a placeholder without dropout
     if HAS_DROPOUT:
         b_keep = _dropout_keep(seed, i_b, i_h, o_m, o_n, Hq, Lq, Lk, dropout_p)
-    _, _, b_dx = _grad_scores(
+    _, b_ds, b_dx = _grad_scores(
         b_s, b_tanh, b_dp, b_lse2[:, None], b_delta[:, None], b_keep, dropout_p, HAS_SOFTCAP, HAS_DROPOUT
     )
-    if HAS_MASK and APPLY_ATTN_MASK:
-        # Keys the mask hides from every row of the tile are selected away (0 * NaN is NaN).
-        # [BLOCK_N]
-        m_seen = tl.max(tl.where(b_s == float("-inf"), 0, 1), 0) > 0
-        b_k = tl.where(m_seen[:, None], b_k, 0.0)
-    b_dq += tl.dot(b_dx.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
+    if DELTA_PASS:
+        b_dq += tl.sum(b_ds, 1)
+    else:
+        if HAS_MASK and APPLY_ATTN_MASK:
+            # Keys the mask hides from every row of the tile are selected away (0 * NaN is NaN).
+            # [BLOCK_N]
+            m_seen = tl.max(tl.where(b_s == float("-inf"), 0, 1), 0) > 0
+            b_k = tl.where(m_seen[:, None], b_k, 0.0)
+        if NONFINITE_K:
+            b_k = tl.where((b_k - b_k) == 0.0, b_k, 0.0)
+        b_dq += tl.dot(b_dx.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
     return b_dq
 
 
 @triton.jit(do_not_specialize=["Lq", "Lk", "window_left", "window_right", "seed", "TUNE_LK"])
 def attention_bwd_dq_kernel(
     # pointers
-    p_q, p_k, p_v, p_dout, p_lse, p_delta, p_dq, p_mask, p_alibi, p_klen, p_qlen,
+    p_q, p_k, p_v, p_dout, p_lse, p_delta, p_tol, p_dq, p_mask, p_alibi, p_klen, p_qlen,
     p_kv_num, p_kv_idx, p_full_num, p_full_idx, p_tile_ids,
     # sizes
     Hq, GROUP, Lq, Lk, D, DV,
@@ -498,10 +524,21 @@ def attention_bwd_dq_kernel(
     HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, USE_BLOCK_MASK: tl.constexpr, MASK_SUB_M: tl.constexpr, MASK_SUB_N: tl.constexpr,
     PARTIAL_MASKS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr, DELTA_PASS: tl.constexpr,
+    REDO_NONFINITE: tl.constexpr,
 ):
     """Grid ``(cdiv(Lq, BLOCK_M), B * Hq)``: one program per query block; the same key blocks as the
-    forward. ``USE_TMA`` loads the Q, dO, K and V tiles through tensor descriptors (TMA)."""
+    forward. ``USE_TMA`` loads the Q, dO, K and V tiles through tensor descriptors (TMA).
+
+    ``DELTA_PASS`` (16-bit inputs, before the dK/dV and dQ launches) computes no dq: it sums
+    ``P * dP`` over the same tiles, which is ``rowsum(dO * O)`` with O in float32, and overwrites
+    ``delta`` (the preprocess's ``rowsum(dO * out)``) with it in the rows where the two agree within
+    ``tol``, that is where out is this call's own output rounded; other rows keep delta from out as
+    given (the merged output of a context-parallel call, see ``attention_bwd``).
+
+    ``REDO_NONFINITE`` (launched after the plain dQ launch): a program whose rows of dq hold no
+    NaN/Inf does nothing; the others compute them again with K's NaN/Inf entries selected away
+    (``_dq_key_block``), so a key hidden from some rows of a tile reaches only the rows that see it."""
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // Hq
@@ -552,8 +589,20 @@ def attention_bwd_dq_kernel(
         b_do = b_do.to(tl.float32)
     # [BLOCK_M]
     b_lse2, b_delta = _load_row_stats(p_lse + i_bh.to(tl.int64) * Lq, p_delta + i_bh.to(tl.int64) * Lq, o_m, Lq)
-    # [BLOCK_M, BLOCK_D]
-    b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if REDO_NONFINITE:
+        # [BLOCK_M, BLOCK_D] the rows the plain launch wrote
+        p_prev = p_dq + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
+        b_prev = tl.load(p_prev + o_m[:, None].to(tl.int64) * stride_dqm + o_d[None, :],
+                         mask=(o_m[:, None] < Lq) & (o_d[None, :] < D), other=0.0).to(tl.float32)
+        redo = tl.max(tl.max(((b_prev - b_prev) != 0.0).to(tl.int32), 1), 0) > 0
+    if DELTA_PASS:
+        b_given = b_delta
+        b_delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+        # [BLOCK_M] the rows' sums of P * dP
+        b_dq = tl.zeros([BLOCK_M], dtype=tl.float32)
+    else:
+        # [BLOCK_M, BLOCK_D]
+        b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # Keys [key_lo, key_hi) are those some row of the block sees (the band with the roles swapped).
     m0 = i_m * BLOCK_M
     key_lo, key_hi = _band_rows(
@@ -566,6 +615,10 @@ def attention_bwd_dq_kernel(
         p_num = i_b * stride_num_b + i_h * stride_num_h + i_qb * stride_num_m
         p_idx = i_b * stride_idx_b + i_h * stride_idx_h + i_qb * stride_idx_m
         num_partial = tl.load(p_kv_num + p_num)
+        num_full = tl.load(p_full_num + p_num)
+        if REDO_NONFINITE:
+            num_partial = tl.where(redo, num_partial, 0)
+            num_full = tl.where(redo, num_full, 0)
         for t in range(0, num_partial * MASK_SUB_N):
             i_kb = tl.load(p_kv_idx + p_idx + t // MASK_SUB_N)
             i_n = i_kb * MASK_SUB_N + t % MASK_SUB_N
@@ -578,9 +631,9 @@ def attention_bwd_dq_kernel(
                 stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope,
                 sm_scale, softcap, dropout_p, seed, p_mask_tile, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
-                HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA,
+                HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA, DELTA_PASS,
+                REDO_NONFINITE,
             )
-        num_full = tl.load(p_full_num + p_num)
         for t in range(0, num_full * MASK_SUB_N):
             i_n = tl.load(p_full_idx + p_idx + t // MASK_SUB_N) * MASK_SUB_N + t % MASK_SUB_N
             b_dq = _dq_key_block(
@@ -588,20 +641,26 @@ def attention_bwd_dq_kernel(
                 stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope,
                 sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
-                HAS_DROPOUT, True, False, DOT_PRECISION, DOT_FP32, USE_TMA,
+                HAS_DROPOUT, True, False, DOT_PRECISION, DOT_FP32, USE_TMA, DELTA_PASS,
+                REDO_NONFINITE,
             )
     else:
         n_lo, n_mid_lo, n_mid_hi, n_hi = _key_block_range(
             m0, qlen, klen, offset, window_left, window_right,
             BLOCK_M, BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
         )
+        if REDO_NONFINITE:
+            n_hi = tl.where(redo, n_hi, n_lo)
+            n_mid_lo = tl.minimum(n_mid_lo, n_hi)
+            n_mid_hi = tl.minimum(n_mid_hi, n_hi)
         for i_n in range(n_lo, n_mid_lo):
             b_dq = _dq_key_block(
                 b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
                 stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope,
                 sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
-                HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA,
+                HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA, DELTA_PASS,
+                REDO_NONFINITE,
             )
         for i_n in range(n_mid_lo, n_mid_hi):
             b_dq = _dq_key_block(
@@ -609,7 +668,8 @@ def attention_bwd_dq_kernel(
                 stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope,
                 sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
-                HAS_DROPOUT, False, True, DOT_PRECISION, DOT_FP32, USE_TMA,
+                HAS_DROPOUT, False, True, DOT_PRECISION, DOT_FP32, USE_TMA, DELTA_PASS,
+                REDO_NONFINITE,
             )
         for i_n in range(n_mid_hi, n_hi):
             b_dq = _dq_key_block(
@@ -617,13 +677,23 @@ def attention_bwd_dq_kernel(
                 stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope,
                 sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
-                HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA,
+                HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA, DELTA_PASS,
+                REDO_NONFINITE,
             )
 
-    b_dq = b_dq * sm_scale
-    p_dq = p_dq + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
-    tl.store(p_dq + o_m[:, None].to(tl.int64) * stride_dqm + o_d[None, :], b_dq.to(p_dq.dtype.element_ty),
-             mask=(o_m[:, None] < Lq) & (o_d[None, :] < D))
+    if DELTA_PASS:
+        # Out is its rounding: delta from the float32 sums (NaN compares false: then out's NaN stays).
+        b_tol = tl.load(p_tol + i_bh.to(tl.int64) * Lq + o_m, mask=o_m < Lq, other=0.0)
+        b_delta = tl.where(tl.abs(b_dq - b_given) <= b_tol, b_dq, b_given)
+        tl.store(p_delta + i_bh.to(tl.int64) * Lq + o_m, b_delta, mask=o_m < Lq)
+    else:
+        b_dq = b_dq * sm_scale
+        p_dq = p_dq + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
+        m_store = o_m < Lq
+        if REDO_NONFINITE:
+            m_store = m_store & redo
+        tl.store(p_dq + o_m[:, None].to(tl.int64) * stride_dqm + o_d[None, :], b_dq.to(p_dq.dtype.element_ty),
+                 mask=m_store[:, None] & (o_d[None, :] < D))
 
 
 # No reset_to_zero for dbias: every tuning run writes the same tiles, the others stay zero.
@@ -632,17 +702,23 @@ attention_bwd_dq_kernel_tuned = configs.autotune("dq", configs.DQ_KEY)(attention
 
 
 # --------------------------------------------------------------------------- launcher
-def row_delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
-    """The preprocess kernel: ``delta = rowsum(dO * O)``, float32 ``(B, Hq, Lq)``, from ``out, dout (B, Hq, Lq, DV)``."""
+def row_delta(out: torch.Tensor, dout: torch.Tensor, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The preprocess kernel: ``delta = rowsum(dO * O)``, float32 ``(B, Hq, Lq)``, from ``out, dout (B, Hq, Lq, DV)``,
+    and, when ``exact`` is asked for a 16-bit ``out``, the float32 ``tol (B, Hq, Lq)`` the delta pass
+    compares with (else None: delta stays the rowsum of the rounded output)."""
     B, Hq, Lq, DV = out.shape
     delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=out.device)
+    rounded = exact and out.dtype in (torch.float16, torch.bfloat16)
+    tol = torch.empty_like(delta) if rounded else None
+    info = torch.finfo(out.dtype)
     torch.library.wrap_triton(attention_bwd_preprocess_kernel)[(triton.cdiv(Lq, 64), B * Hq)](
-        p_out=out, p_dout=dout, p_delta=delta, Hq=Hq, Lq=Lq, DV=DV,
+        p_out=out, p_dout=dout, p_delta=delta, p_tol=tol, Hq=Hq, Lq=Lq, DV=DV,
         stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2),
         stride_dob=dout.stride(0), stride_doh=dout.stride(1), stride_dom=dout.stride(2),
-        BLOCK_M=64, BLOCK_DV=head_dim_tile(DV),
+        eps=float(info.eps), tiny=float(info.smallest_normal * info.eps / 2),
+        BLOCK_M=64, BLOCK_DV=head_dim_tile(DV), ROUNDED_OUT=rounded,
     )
-    return delta
+    return delta, tol
 
 
 def attention_bwd(
@@ -705,10 +781,13 @@ def attention_bwd(
     if Lq == 0:
         return dq, dk.zero_(), dv.zero_(), dbias
     block_d, block_dv = head_dim_tile(D), head_dim_tile(DV)
-    # delta = rowsum(dO * O) per query row, float32 (B, Hq, Lq); the dK/dV and dQ kernels read it.
-    delta = row_delta(out, dout)
-    if dlse is not None:  # d lse / d S = P, so the lse gradient enters as delta - dlse (fastattn/ops.py)
-        delta = delta - dlse
+    # delta = rowsum(dO * O) per query row, float32 (B, Hq, Lq); the dK/dV and dQ kernels read it. When
+    # the mask's gradient is asked for 16-bit inputs, the delta pass below replaces it by the float32
+    # rowsum(P * dP) where out is the rounding of this call's own output: dbias sums dS along rows and
+    # columns, where the rounding of out would be all that is left of sums that cancel. Otherwise
+    # delta keeps out's rounding (2^-9 relative in bf16, as FlashAttention's backward), which saves the
+    # pass's two matmuls per tile (+29% tensor-core work) on every 16-bit backward.
+    delta, tol = row_delta(out, dout, exact=compute_dbias)
 
     lengths = both_lengths(key_lengths, query_lengths, B, Lq, Lk, q.device)
     element = element_mask_args(attn_mask, partial_masks, partial_tile_ids, block_size_k)
@@ -753,7 +832,7 @@ def attention_bwd(
     )
     kv_num_strides, kv_idx_strides = list_strides(kv_num_blocks, kv_indices)
     dq_args = dict(
-        common, p_dq=dq,
+        common, p_dq=dq, p_tol=tol,
         p_kv_num=kv_num_blocks, p_kv_idx=kv_indices, p_full_num=full_kv_num_blocks, p_full_idx=full_kv_indices,
         stride_dqb=dq.stride(0), stride_dqh=dq.stride(1), stride_dqm=dq.stride(2),
         stride_num_b=kv_num_strides[0], stride_num_h=kv_num_strides[1], stride_num_m=kv_num_strides[2],
@@ -761,22 +840,42 @@ def attention_bwd(
     )
 
     head_dim = max(block_d, block_dv)
+
+    def pinned(kind):
+        if use_block_mask:
+            meta = configs.block_mask_config(kind, head_dim, block_size_q, block_size_k, q.element_size(), flags)
+            return meta, {"MASK_SUB_M": block_size_q // meta["BLOCK_M"], "MASK_SUB_N": block_size_k // meta["BLOCK_N"]}
+        return configs.pinned_config(kind, head_dim, q.element_size(), flags), {"MASK_SUB_M": 1, "MASK_SUB_N": 1}
+
+    if tol is not None:
+        # The delta pass: the dQ kernel's tiles without the dq matmul (pinned tiles: it overwrites delta).
+        meta, sub = pinned("dq")
+        torch.library.wrap_triton(attention_bwd_dq_kernel)[(triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)](
+            **dq_args, **meta, **sub, DELTA_PASS=True, REDO_NONFINITE=False,
+        )
+    if dlse is not None:  # d lse / d S = P, so the lse gradient enters as delta - dlse (fastattn/ops.py)
+        delta.sub_(dlse)
+
     if not use_block_mask and configs.autotune_enabled(head_dim, q.element_size()):
         grid_dkdv = lambda META: (triton.cdiv(Lk, META["BLOCK_N"]), B * Hkv)
         grid_dq = lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * Hq)
         torch.library.wrap_triton(attention_bwd_dkdv_kernel_tuned)[grid_dkdv](**dkdv_args, MASK_SUB_M=1, MASK_SUB_N=1)
-        torch.library.wrap_triton(attention_bwd_dq_kernel_tuned)[grid_dq](**dq_args, MASK_SUB_M=1, MASK_SUB_N=1)
-        return dq, dk, dv, dbias
-    for kernel, args, kind in ((attention_bwd_dkdv_kernel, dkdv_args, "dkdv"), (attention_bwd_dq_kernel, dq_args, "dq")):
-        if use_block_mask:
-            meta = configs.block_mask_config(kind, head_dim, block_size_q, block_size_k, q.element_size(), flags)
-            sub = {"MASK_SUB_M": block_size_q // meta["BLOCK_M"], "MASK_SUB_N": block_size_k // meta["BLOCK_N"]}
-        else:
-            meta = configs.pinned_config(kind, head_dim, q.element_size(), flags)
-            sub = {"MASK_SUB_M": 1, "MASK_SUB_N": 1}
-        if kind == "dkdv":
-            grid = (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)
-        else:
-            grid = (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
-        torch.library.wrap_triton(kernel)[grid](**args, **meta, **sub)
+        torch.library.wrap_triton(attention_bwd_dq_kernel_tuned)[grid_dq](
+            **dq_args, MASK_SUB_M=1, MASK_SUB_N=1, DELTA_PASS=False, REDO_NONFINITE=False,
+        )
+    else:
+        for kernel, args, kind in ((attention_bwd_dkdv_kernel, dkdv_args, "dkdv"), (attention_bwd_dq_kernel, dq_args, "dq")):
+            meta, sub = pinned(kind)
+            if kind == "dkdv":
+                grid = (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)
+            else:
+                grid = (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
+                sub.update(DELTA_PASS=False, REDO_NONFINITE=False)
+            torch.library.wrap_triton(kernel)[grid](**args, **meta, **sub)
+    # Rows of dq that hold NaN/Inf are computed again with K's NaN/Inf entries selected away (the
+    # kernel's REDO_NONFINITE): a key hidden from them may have reached them as 0 * NaN.
+    meta, sub = pinned("dq")
+    torch.library.wrap_triton(attention_bwd_dq_kernel)[(triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)](
+        **dq_args, **meta, **sub, DELTA_PASS=False, REDO_NONFINITE=True,
+    )
     return dq, dk, dv, dbias

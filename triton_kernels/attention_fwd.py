@@ -9,9 +9,11 @@ query ``i`` sees key ``j`` iff ``i + offset - window_left <= j <= i + offset + w
 ``j < klen``. Scores are ``scale * q.k``, then softcap, then ALiBi, then the additive mask; a row
 that sees nothing outputs 0 with ``lse = -inf``. What a row cannot see stays out of it: keys past
 ``klen`` (and values no row of a tile can see) are never loaded, and hidden scores are selected
-away (``tl.where``), never multiplied by 0. One gap is left: a value that some rows of a tile see
-and others do not (a causal diagonal, a False in a bool mask) reaches the others as ``0 * value``
-in the tile's ``P @ V``, so a NaN there spreads to them, as it does in the reference.
+away (``tl.where``), never multiplied by 0. A value that some rows of a tile see and others do not
+(a causal diagonal, a False in a bool mask) would reach the others as ``0 * value`` in the tile's
+``P @ V``; that only happens when the value is NaN/Inf, and then those rows' output is non-finite,
+so a second launch (``REDO_NONFINITE``) computes exactly such rows again with ``P V`` by selection.
+The first launch's loop carries no check.
 
 Scores are kept in log2 units (``s * log2(e)``) so the softmax uses ``exp2``; without softcap,
 ALiBi or an additive mask, ``scale * log2(e)`` is folded into one multiply.
@@ -216,11 +218,16 @@ def _fwd_key_block(
     HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     APPLY_INDEX_MASK: tl.constexpr, APPLY_ATTN_MASK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr, NONFINITE_V: tl.constexpr = False,
 ):
     """One step of the online softmax over the key block ``i_n`` (``row_lo``, ``row_hi``: the first
     and last valid query position of the tile). With ``USE_TMA``, ``k_bh`` and ``v_bh`` are tensor
-    descriptors of the head's rows up to the logical length (TMA loads; rows past it read as 0)."""
+    descriptors of the head's rows up to the logical length (TMA loads; rows past it read as 0).
+
+    ``NONFINITE_V`` (the redo launch, see ``attention_fwd_kernel``) computes ``P V`` by selection:
+    the product runs on V without its NaN/Inf entries, and a row that sees key ``j`` (its score is
+    not -inf) gets NaN in the columns where ``V[j]`` is not finite, so a value hidden from some rows
+    of the tile reaches only the others (one more matmul, of 0/1 tiles, counts the hits)."""
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Keys at or past the logical length are never loaded (an unused KV-cache slot may hold NaN).
     m_n = o_n < klen
@@ -273,7 +280,15 @@ def _fwd_key_block(
     if HAS_DROPOUT:
         b_keep = _dropout_keep(seed, i_b, i_h, o_m, o_n, Hq, Lq, Lk, dropout_p)
         b_p = tl.where(b_keep, b_p * (1.0 / (1.0 - dropout_p)), 0.0)
-    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+    if NONFINITE_V:
+        # [BLOCK_N, BLOCK_DV] NaN/Inf entries (x - x is 0 exactly for finite x)
+        m_bad = (b_v - b_v) != 0.0
+        b_pv = tl.dot(b_p.to(b_v.dtype), tl.where(m_bad, 0.0, b_v), input_precision=DOT_PRECISION)
+        # [BLOCK_M, BLOCK_DV] how many non-finite values of each column the row sees
+        b_hits = tl.dot((b_s != float("-inf")).to(b_v.dtype), m_bad.to(b_v.dtype), input_precision=DOT_PRECISION)
+        b_acc = b_acc * b_alpha[:, None] + tl.where(b_hits > 0.0, float("nan"), b_pv)
+    else:
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
     return b_acc, b_l, b_m_new
 
 
@@ -306,7 +321,7 @@ def attention_fwd_kernel(
     HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, USE_BLOCK_MASK: tl.constexpr, MASK_SUB_M: tl.constexpr, MASK_SUB_N: tl.constexpr,
     PARTIAL_MASKS: tl.constexpr, HAS_DROPOUT: tl.constexpr, COUNT_BLOCKS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr, REDO_NONFINITE: tl.constexpr,
 ):
     """Grid ``(cdiv(rows, BLOCK_M), B * heads, splits)``: one program per block of query rows of one
     (batch, head) and one share of its key blocks.
@@ -321,6 +336,12 @@ def attention_fwd_kernel(
     ``p_counter`` (with ``COUNT_BLOCKS``) receives the number of key blocks each program visited.
     ``USE_TMA`` (Hopper and later, 16-byte aligned rows, see ``use_tensor_descriptors``) moves the
     K and V tiles, and the Q and O tiles of an unpacked program, through tensor descriptors (TMA).
+
+    ``REDO_NONFINITE`` (one split, launched after the others): a program whose rows of ``out`` hold
+    no NaN/Inf does nothing; the others compute their rows again with ``P V`` by selection (see
+    ``_fwd_key_block``) and overwrite them. A NaN or Inf value that some rows of a tile see reaches
+    the tile's other rows in the plain ``P V`` (0 * NaN), and only then is the output non-finite;
+    the hot loop of the first launch carries no check.
     """
     tl.static_assert(not (USE_BLOCK_MASK and GQA_PACK > 1), "a BlockMask's lists are per head: no GQA packing")
     # Query positions a tile's rows span: BLOCK_M, or fewer when GQA_PACK rows share a position.
@@ -361,6 +382,12 @@ def attention_fwd_kernel(
     i_b64 = i_b.to(tl.int64)
     o_h64 = i_h.to(tl.int64)  # scalar, or [BLOCK_M] when packed
     o_m64 = o_m.to(tl.int64)
+    if REDO_NONFINITE:
+        # [BLOCK_M, BLOCK_DV] the rows the first launch wrote
+        o_prev = i_b64 * stride_ob + o_h64 * stride_oh + o_m64 * stride_om
+        b_prev = tl.load(p_out + (o_prev[:, None] + o_dv[None, :]), mask=(o_m < Lq)[:, None] & (o_dv[None, :] < DV),
+                         other=0.0).to(tl.float32)
+        redo = tl.max(tl.max(((b_prev - b_prev) != 0.0).to(tl.int32), 1), 0) > 0
 
     k_bh = p_k + i_b64 * stride_kb + i_hk.to(tl.int64) * stride_kh
     v_bh = p_v + i_b64 * stride_vb + i_hk.to(tl.int64) * stride_vh
@@ -418,6 +445,8 @@ def attention_fwd_kernel(
         per_split = tl.cdiv(num_partial + num_full, num_splits)
         t_lo = tl.minimum(i_s * per_split, num_partial + num_full)
         t_hi = tl.minimum(t_lo + per_split, num_partial + num_full)
+        if REDO_NONFINITE:
+            t_hi = tl.where(redo, t_hi, t_lo)
         for t in range(t_lo, tl.minimum(t_hi, num_partial)):
             i_kb = tl.load(p_kv_idx + p_idx + t // MASK_SUB_N)
             i_n = i_kb * MASK_SUB_N + t % MASK_SUB_N
@@ -430,7 +459,7 @@ def attention_fwd_kernel(
                 i_b, i_h_tile, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
                 softcap, dropout_p, seed, p_mask_tile, stride_mask_m, stride_mask_n, row_lo, row_hi,
                 BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
-                HAS_LENGTHS, HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA,
+                HAS_LENGTHS, HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA, REDO_NONFINITE,
             )
         for t in range(tl.maximum(t_lo, num_partial) - num_partial, t_hi - num_partial):
             i_n = tl.load(p_full_idx + p_idx + t // MASK_SUB_N) * MASK_SUB_N + t % MASK_SUB_N
@@ -439,7 +468,7 @@ def attention_fwd_kernel(
                 i_b, i_h_tile, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
                 softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, row_lo, row_hi,
                 BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
-                HAS_LENGTHS, HAS_DROPOUT, True, False, DOT_PRECISION, DOT_FP32, USE_TMA,
+                HAS_LENGTHS, HAS_DROPOUT, True, False, DOT_PRECISION, DOT_FP32, USE_TMA, REDO_NONFINITE,
             )
         visited = t_hi - t_lo
     else:
@@ -452,6 +481,8 @@ def attention_fwd_kernel(
         per_split = tl.cdiv(n_hi - n_lo, num_splits)
         s_lo = tl.minimum(n_lo + i_s * per_split, n_hi)
         s_hi = tl.minimum(s_lo + per_split, n_hi)
+        if REDO_NONFINITE:
+            s_hi = tl.where(redo, s_hi, s_lo)
         if HAS_WINDOW_LEFT:  # without a left bound the band starts unmasked (n_mid_lo == n_lo)
             for i_n in range(s_lo, tl.minimum(n_mid_lo, s_hi)):
                 b_acc, b_l, b_m = _fwd_key_block(
@@ -459,7 +490,7 @@ def attention_fwd_kernel(
                     i_b, i_h_tile, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
                     softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, row_lo, row_hi,
                     BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
-                    HAS_LENGTHS, HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA,
+                    HAS_LENGTHS, HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA, REDO_NONFINITE,
                 )
         for i_n in range(tl.maximum(n_mid_lo, s_lo), tl.minimum(n_mid_hi, s_hi)):
             b_acc, b_l, b_m = _fwd_key_block(
@@ -467,7 +498,7 @@ def attention_fwd_kernel(
                 i_b, i_h_tile, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
                 softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, row_lo, row_hi,
                 BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
-                HAS_LENGTHS, HAS_DROPOUT, False, True, DOT_PRECISION, DOT_FP32, USE_TMA,
+                HAS_LENGTHS, HAS_DROPOUT, False, True, DOT_PRECISION, DOT_FP32, USE_TMA, REDO_NONFINITE,
             )
         for i_n in range(tl.maximum(n_mid_hi, s_lo), s_hi):
             b_acc, b_l, b_m = _fwd_key_block(
@@ -475,22 +506,25 @@ def attention_fwd_kernel(
                 i_b, i_h_tile, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
                 softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, row_lo, row_hi,
                 BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
-                HAS_LENGTHS, HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA,
+                HAS_LENGTHS, HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA, REDO_NONFINITE,
             )
         visited = s_hi - s_lo
 
     if COUNT_BLOCKS:
         tl.store(p_counter + (i_s * tl.num_programs(1) + i_bh) * tl.num_programs(0) + i_m, visited)
 
-    # Rows that saw no key (or lie past qlen) output 0 and lse = -inf.
-    m_row = (b_l > 0.0) & m_m
+    # Rows that saw no key (or lie past qlen) output 0 and lse = -inf; a row with a NaN sum (a NaN or
+    # Inf score it sees) is NaN, as in torch.
+    m_row = ((b_l > 0.0) | (b_l != b_l)) & m_m
     # [BLOCK_M, BLOCK_DV]
     b_out = b_acc / tl.where(m_row, b_l, 1.0)[:, None]
     b_out = tl.where(m_row[:, None], b_out, 0.0)
     # [BLOCK_M]
     b_lse = tl.where(m_row, (b_m + tl.log2(tl.where(m_row, b_l, 1.0))) * 0.6931471805599453, float("-inf"))
     m_store = o_m < Lq
-    if USE_TMA and GQA_PACK == 1:
+    if REDO_NONFINITE:
+        m_store = m_store & redo
+    if USE_TMA and GQA_PACK == 1 and not REDO_NONFINITE:
         p_out_bh = p_out + (i_s.to(tl.int64) * stride_os + i_b64 * stride_ob + o_h64 * stride_oh)
         _rows_desc(p_out_bh, Lq, DV, stride_om, BLOCK_M, BLOCK_DV).store([m0, 0], b_out.to(p_out.dtype.element_ty))
     else:
@@ -851,30 +885,35 @@ def attention_fwd(
     programs = triton.cdiv(rows, meta["BLOCK_M"]) * B * heads
     splits = num_splits or choose_num_splits(programs, triton.cdiv(Lk, meta["BLOCK_N"]), sm_count(q.device))
 
+    grid = (triton.cdiv(rows, meta["BLOCK_M"]), B * heads, splits)
     if (splits == 1 and not use_block_mask and not decoding and block_counter is None
             and configs.autotune_enabled(head_dim, q.element_size())):
-        grid = lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * Hq, 1)
-        torch.library.wrap_triton(attention_fwd_kernel_tuned)[grid](
-            **args, **final, GQA_PACK=1, MASK_SUB_M=1, MASK_SUB_N=1,
+        tuned_grid = lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * Hq, 1)
+        torch.library.wrap_triton(attention_fwd_kernel_tuned)[tuned_grid](
+            **args, **final, GQA_PACK=1, MASK_SUB_M=1, MASK_SUB_N=1, REDO_NONFINITE=False,
         )
-        return out, lse
-    grid = (triton.cdiv(rows, meta["BLOCK_M"]), B * heads, splits)
-    if splits == 1:
+    elif splits == 1:
         torch.library.wrap_triton(attention_fwd_kernel)[grid](
-            **args, **final, **meta, GQA_PACK=pack, MASK_SUB_M=sub_m, MASK_SUB_N=sub_n,
+            **args, **final, **meta, GQA_PACK=pack, MASK_SUB_M=sub_m, MASK_SUB_N=sub_n, REDO_NONFINITE=False,
         )
-        return out, lse
-    # Each split writes its partial result (float32) and lse; the combine kernel merges them.
-    out_part = torch.empty((splits, B, Hq, Lq, DV), dtype=torch.float32, device=q.device)
-    lse_part = torch.empty((splits, B, Hq, Lq), dtype=torch.float32, device=q.device)
-    partial = dict(
-        p_out=out_part, p_lse=lse_part, stride_os=out_part.stride(0), stride_ob=out_part.stride(1),
-        stride_oh=out_part.stride(2), stride_om=out_part.stride(3), stride_lse_s=lse_part.stride(0),
+    else:
+        # Each split writes its partial result (float32) and lse; the combine kernel merges them.
+        out_part = torch.empty((splits, B, Hq, Lq, DV), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((splits, B, Hq, Lq), dtype=torch.float32, device=q.device)
+        partial = dict(
+            p_out=out_part, p_lse=lse_part, stride_os=out_part.stride(0), stride_ob=out_part.stride(1),
+            stride_oh=out_part.stride(2), stride_om=out_part.stride(3), stride_lse_s=lse_part.stride(0),
+        )
+        torch.library.wrap_triton(attention_fwd_kernel)[grid](
+            **args, **partial, **meta, GQA_PACK=pack, MASK_SUB_M=sub_m, MASK_SUB_N=sub_n, REDO_NONFINITE=False,
+        )
+        attention_combine(out_part, lse_part, out, lse)
+    # Rows whose output holds NaN/Inf are computed again with P V by selection (the kernel's
+    # REDO_NONFINITE): a value hidden from them may have reached them as 0 * NaN. Others exit at once.
+    redo = dict(args, p_counter=None, COUNT_BLOCKS=False)
+    torch.library.wrap_triton(attention_fwd_kernel)[grid[:2] + (1,)](
+        **redo, **final, **meta, GQA_PACK=pack, MASK_SUB_M=sub_m, MASK_SUB_N=sub_n, REDO_NONFINITE=True,
     )
-    torch.library.wrap_triton(attention_fwd_kernel)[grid](
-        **args, **partial, **meta, GQA_PACK=pack, MASK_SUB_M=sub_m, MASK_SUB_N=sub_n,
-    )
-    attention_combine(out_part, lse_part, out, lse)
     return out, lse
 
 

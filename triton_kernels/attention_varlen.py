@@ -492,7 +492,7 @@ def attention_varlen_bwd(
         return dq.zero_(), dk.zero_(), dv.zero_()
     lse = lse.contiguous()
     # delta = rowsum(dO * O) - dlse, float32 (Hq, total_q): the padded preprocess kernel on a batch-1 view.
-    delta = row_delta(out[None].transpose(1, 2), dout[None].transpose(1, 2))[0]
+    delta = row_delta(out[None].transpose(1, 2), dout[None].transpose(1, 2))[0][0]
     if dlse is not None:
         delta = delta - dlse
     block_d, block_dv = head_dim_tile(D), head_dim_tile(DV)

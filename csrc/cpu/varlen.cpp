@@ -187,7 +187,8 @@ inline double rows_cost(const Params& p, const BatchGeometry& g, int64_t q0, int
 // Forward.
 // ---------------------------------------------------------------------------------------------
 
-template <typename scalar_t>
+// out_t: the output's element type, scalar_t; acc_t for the backward's float32 recomputation of out.
+template <typename scalar_t, typename out_t = scalar_t>
 void varlen_forward(const Params& p, const Packing& pk, int64_t seed, const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& v, at::Tensor& out, at::Tensor& lse) {
   using acc_t = typename AccType<scalar_t>::type;
@@ -212,7 +213,7 @@ void varlen_forward(const Params& p, const Packing& pk, int64_t seed, const at::
   const scalar_t* q_data = q.const_data_ptr<scalar_t>();
   const scalar_t* k_data = k.const_data_ptr<scalar_t>();
   const scalar_t* v_data = v.const_data_ptr<scalar_t>();
-  scalar_t* out_data = out.mutable_data_ptr<scalar_t>();  // (total_q, Hq, Dv) contiguous
+  out_t* out_data = out.mutable_data_ptr<out_t>();        // (total_q, Hq, Dv) contiguous
   acc_t* lse_data = lse.mutable_data_ptr<acc_t>();        // (Hq, total_q) contiguous
 
   parallel_balanced(cost, [&](int64_t begin, int64_t end) {
@@ -276,17 +277,17 @@ void varlen_forward(const Params& p, const Packing& pk, int64_t seed, const at::
         }
       }
 
-      scalar_t* o = out_data + ((pk.q_begin[s] + q0) * Hq + h) * Dv;
+      out_t* o = out_data + ((pk.q_begin[s] + q0) * Hq + h) * Dv;
       acc_t* row_lse = lse_data + h * total_q + pk.q_begin[s] + q0;
       for (int64_t r = 0; r < rows; ++r) {
         const bool seen = l[r] > acc_t(0);
         const acc_t inv = seen ? acc_t(1) / l[r] : acc_t(0);
         const acc_t* a = acc.data() + r * Dv;
-        scalar_t* orow = o + r * Hq * Dv;
-        for (int64_t c = 0; c < Dv; ++c) orow[c] = static_cast<scalar_t>(a[c] * inv);
+        out_t* orow = o + r * Hq * Dv;
+        for (int64_t c = 0; c < Dv; ++c) orow[c] = static_cast<out_t>(a[c] * inv);
         row_lse[r] = seen ? m[r] + std::log(l[r]) : neg_inf;
         if (bad[r]) {
-          for (int64_t c = 0; c < Dv; ++c) orow[c] = static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN());
+          for (int64_t c = 0; c < Dv; ++c) orow[c] = static_cast<out_t>(std::numeric_limits<float>::quiet_NaN());
           row_lse[r] = std::numeric_limits<acc_t>::quiet_NaN();
         }
       }
@@ -333,18 +334,37 @@ void varlen_backward(const Params& p, const Packing& pk, int64_t seed, const at:
   const acc_t* lse_data = lse.const_data_ptr<acc_t>();          // (Hq, total_q) contiguous
 
   // delta = rowsum(dO * O) - dlse in acc_t, (Hq, total_q): d lse / d S = P, so the lse gradient
-  // enters as dS = P * (dP - rowsum(dO * O) + dlse).
+  // enters as dS = P * (dP - rowsum(dO * O) + dlse). For bfloat16/half, O is the forward recomputed in
+  // acc_t where the op's out is its rounding (within one ulp; else out as given, as the dense backward's
+  // recompute_out_dot_dout does): the rounding of out would be all that is left of a dS that should
+  // cancel (a row with one visible key). One more forward pass, no (total_q, Lk) memory.
   std::vector<acc_t> delta(Hq * total_q);
   {
     const scalar_t* out_data = out.const_data_ptr<scalar_t>();  // (total_q, Hq, Dv) contiguous
     const float* dlse_data = dlse.has_value() ? dlse->const_data_ptr<float>() : nullptr;  // (Hq, total_q) contiguous
+    at::Tensor out_rec;  // (total_q, Hq, Dv) acc_t contiguous, for 16-bit inputs
+    const acc_t* rec_data = nullptr;
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+      const at::ScalarType acc_type = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+      out_rec = at::empty({total_q, Hq, Dv}, q.options().dtype(acc_type));
+      at::Tensor lse_rec = at::empty({Hq, total_q}, q.options().dtype(acc_type));
+      varlen_forward<scalar_t, acc_t>(p, pk, seed, q, k, v, out_rec, lse_rec);
+      rec_data = out_rec.const_data_ptr<acc_t>();
+    }
+    const acc_t ulp = static_cast<acc_t>(static_cast<float>(std::numeric_limits<scalar_t>::epsilon()));
+    const acc_t tiny = static_cast<acc_t>(static_cast<float>(std::numeric_limits<scalar_t>::denorm_min()));
     at::parallel_for(0, total_q, 64, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i)
         for (int64_t h = 0; h < Hq; ++h) {
           const scalar_t* o = out_data + (i * Hq + h) * Dv;
           const scalar_t* d = dout_data + (i * Hq + h) * Dv;
+          const acc_t* o_rec = rec_data ? rec_data + (i * Hq + h) * Dv : nullptr;
+          bool rounded = o_rec != nullptr;  // out is the rounding of O (false for NaN, which then comes from out)
+          for (int64_t c = 0; rounded && c < Dv; ++c)
+            rounded = std::abs(static_cast<acc_t>(o[c]) - o_rec[c]) <= ulp * std::abs(o_rec[c]) + tiny;
           acc_t sum = 0;
-          for (int64_t c = 0; c < Dv; ++c) sum += static_cast<acc_t>(o[c]) * static_cast<acc_t>(d[c]);
+          for (int64_t c = 0; c < Dv; ++c)
+            sum += (rounded ? o_rec[c] : static_cast<acc_t>(o[c])) * static_cast<acc_t>(d[c]);
           if (dlse_data) sum -= static_cast<acc_t>(dlse_data[h * total_q + i]);
           delta[h * total_q + i] = sum;
         }

@@ -179,6 +179,11 @@ inline PreparedInputs prepare(const at::Tensor& q_in, const at::Tensor& k_in, co
   p.scale = static_cast<float>(scale);
   p.softcap = static_cast<float>(softcap);
   p.inv_softcap = softcap > 0.0 ? static_cast<float>(1.0 / softcap) : 0.f;
+  // With both edges set, left + right < 0 leaves every row's band empty; such a window would also
+  // break the tile bookkeeping the deterministic backward orders dQ by (dq_rank), so it is refused.
+  TORCH_CHECK(!(window_left.has_value() && window_right.has_value()) || *window_left + *window_right >= 0,
+              "window_left + window_right must be >= 0 for the CUDA kernels (a narrower band hides every key), got (",
+              window_left.value_or(0), ", ", window_right.value_or(0), ")");
   // |i + offset - j| <= Lq + Lk, so clamping a window to that range changes no visibility.
   const int64_t limit = s.seqlen_q + s.seqlen_k + 1;
   p.has_window_left = window_left.has_value();

@@ -5,8 +5,8 @@ built for), float16 and bfloat16, head dims 64 and 128. The forward is FlashAtte
 (128-row query tiles, Q in registers, ``ldmatrix`` fragments, ``cp.async`` double-buffered K/V,
 features as template flags); the backward is FlashAttention-2's (one kernel per key block and query
 head doing the five products, dK/dV in registers, dQ summed with float32 atomics), and under
-``torch.use_deterministic_algorithms(True)`` bit-reproducible (dQ in its own pass, no atomics: 7
-products instead of 5). The automatic choice puts these kernels before
+``torch.use_deterministic_algorithms(True)`` bit-reproducible (the same five products, dQ added in
+a fixed key-block order instead of by atomics). The automatic choice puts these kernels before
 Triton only where measured evidence says so (:mod:`fastattn.backends.evidence`). Design notes:
 ``docs/cuda-kernels.md``.
 """

@@ -570,6 +570,70 @@ def test_cuda_ops_registered_in_the_cuda_build():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastattn::{op}", "CUDA")
 
 
+# The forward ops' arguments after q, k, v: optionals (mask .. lengths, 4 lists, 2 partial), block sizes,
+# scale, window, softcap, dropout_p, seed.
+_FWD_ARGS = (None,) * 10 + (0, 0, 0.125, None, None, 0.0, 0.0, 0)
+
+
+def _forward_ops() -> list:
+    """The CUDA forward ops this build registers (the Hopper op only where it was built)."""
+    ops = [torch.ops.fastattn.attention_fwd]
+    if hasattr(torch.ops.fastattn, "attention_fwd_sm90"):
+        ops.append(torch.ops.fastattn.attention_fwd_sm90)
+    return ops
+
+
+@pytest.mark.cuda_build
+@pytest.mark.parametrize(
+    "layout, B, H, L", [("BLHD", 2, 4, 97), ("BHLD", 2, 4, 97), ("BLHD", 1, 1, 97), ("BLHD", 2, 4, 1)],
+    ids=["transposed", "contiguous", "one-head", "one-row"],
+)
+def test_cuda_forward_fakes_put_out_in_q_layout(layout, B, H, L):
+    # What torch.compile sees of the CUDA forward ops (their fakes, run here on fake CUDA tensors,
+    # no GPU needed): out in q's layout by ops.output_like_q, the rule the kernels' host code
+    # (csrc/cuda/attention_checks.h output_like_q) applies; lse contiguous float32.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fastattn._extension.load()
+    if not fastattn._extension.build_info().get("cuda"):
+        pytest.skip("fastattn._C was built without CUDA")
+    from fastattn.ops import output_like_q
+
+    with FakeTensorMode():
+        def make(heads, length):
+            if layout == "BLHD":
+                return torch.empty(B, length, heads, 64, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+            return torch.empty(B, heads, length, 64, device="cuda", dtype=torch.bfloat16)
+
+        q, k, v = make(H, L), make(max(H // 2, 1), 50), make(max(H // 2, 1), 50)
+        expected = output_like_q(q, 64)
+        for op in _forward_ops():
+            out, lse = op(q, k, v, *_FWD_ARGS)
+            assert out.shape == (B, H, L, 64) and out.stride() == expected.stride(), (op, out.stride())
+            assert lse.shape == (B, H, L) and lse.dtype == torch.float32 and lse.is_contiguous()
+    if layout == "BLHD" and H > 1 and L > 1:
+        assert expected.transpose(1, 2).is_contiguous()  # (B, L, H, D) memory, as q
+
+
+@gpu
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_forward_out_in_q_layout_values_and_strides(D):
+    # A (B, L, H, D) tensor transposed to (B, H, L, D): both forward ops (the sm80 op and, where
+    # built, the Hopper op, which runs its own kernel on an H100) write out in that layout, with the
+    # reference's values, and the backward takes such an out and gives gradients in q's layout.
+    B, L, H = 2, 97, 4
+    q, k, v = (torch.randn(B, L, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+    ref = fastattn.reference.attention(q.float(), k.float(), v.float())
+    for op in _forward_ops():
+        out, _ = op(q, k, v, *_FWD_ARGS[:12], D**-0.5, *_FWD_ARGS[13:])
+        assert out.stride() == q.stride(), (op, out.stride(), q.stride())
+        assert out.transpose(1, 2).is_contiguous()
+        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=0)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = check_against_reference("cuda", q, k, v, causal=True)
+    assert out.stride() == q.stride()
+
+
 class _FakeExtension:
     def __init__(self, error):
         self.error = error

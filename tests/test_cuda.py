@@ -442,6 +442,24 @@ def test_dbias_of_a_broadcast_mask(D, dtype, shape):
 
 
 @gpu
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("shape", [(2, 1, 1, 130), (1, 1, 97, 130), (2, 2, 97, 1)], ids=["B11Lk", "11LqLk", "BHLq1"])
+def test_dbias_of_a_broadcast_mask_is_deterministic_when_asked(D, shape, deterministic):
+    # The deterministic mode sums a broadcast mask's gradient by torch over a dense float32 scratch
+    # (no atomics): bit-identical across runs, the reference's values.
+    q, k, v = _qkv(2, 2, 2, 97, 130, D, torch.bfloat16)
+    mask = (torch.randn(*shape, device="cuda", dtype=torch.float32) * 0.5).requires_grad_()
+    dout = torch.randn(2, 2, 97, D, device="cuda", dtype=torch.bfloat16)
+    grads = []
+    for _ in range(2):
+        out = fastattn.attention(q, k, v, attn_mask=mask, causal=True, backend="cuda")
+        grads.append(torch.autograd.grad(out, (q, mask), dout))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    check_against_reference("cuda", q, k, v, attn_mask=mask, causal=True)
+
+
+@gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", HEAD_DIMS)
 @pytest.mark.parametrize("scale", [-0.2, 0.0], ids=["negative", "zero"])

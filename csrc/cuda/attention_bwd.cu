@@ -163,19 +163,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   at::Tensor dk_heads = grouped ? at::empty({s.batch, s.heads_q, s.seqlen_k, s.head_dim}, q.options()) : dk;
   at::Tensor dv_heads = grouped ? at::empty({s.batch, s.heads_q, s.seqlen_k, s.head_dim}, q.options()) : dv;
   // dbias is accumulated in float32 in the mask's own broadcast shape (size 1 where the mask has
-  // stride 0 or size 1): a (B, 1, 1, Lk) padding mask needs B * Lk floats, not B * Hq * Lq * Lk.
-  // Every (query, key) pair the kernels skip has a zero gradient, hence zeros, not empty.
+  // stride 0 or size 1): a (B, 1, 1, Lk) padding mask needs B * Lk floats, not B * Hq * Lq * Lk,
+  // summed by float atomics. Atomics add in a varying order, so in the deterministic mode a
+  // broadcast mask's gradient is written once per (b, h, i, j) into a dense float32 scratch instead
+  // and summed over the broadcast dimensions by torch (a fixed order; B * Hq * Lq * Lk * 4 bytes,
+  // in that mode only). Every pair the kernels skip has a zero gradient, hence zeros, not empty.
   at::Tensor dbias = q.new_empty({0});
+  std::vector<int64_t> reduced(4);
+  bool broadcast_any = false, dense_scratch = false;
   if (compute_dbias) {
-    const int64_t full[4] = {s.batch, s.heads_q, s.seqlen_q, s.seqlen_k};
-    std::vector<int64_t> reduced(4);
+    const std::vector<int64_t> full{s.batch, s.heads_q, s.seqlen_q, s.seqlen_k};
     for (int d = 0; d < 4; ++d) {
       const bool broadcast = attn_mask->size(d) == 1 || attn_mask->stride(d) == 0;
       reduced[d] = broadcast ? 1 : full[d];
-      p.dbias_reduced = p.dbias_reduced || reduced[d] != full[d];
+      broadcast_any = broadcast_any || reduced[d] != full[d];
     }
-    dbias = at::zeros(reduced, f32);
-    for (int d = 0; d < 4; ++d) p.dbias_stride[d] = reduced[d] == 1 ? 0 : dbias.stride(d);
+    dense_scratch = broadcast_any && deterministic;
+    p.dbias_reduced = broadcast_any && !deterministic;
+    dbias = at::zeros(dense_scratch ? full : reduced, f32);
+    for (int d = 0; d < 4; ++d) p.dbias_stride[d] = dbias.size(d) == 1 ? 0 : dbias.stride(d);
     p.dbias = dbias.data_ptr<float>();
   }
   p.out = const_cast<void*>(out.data_ptr());
@@ -206,12 +212,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     dv.copy_(at::sum(dv_heads.view(group_shape), {2}, false, at::kFloat));
   }
   if (!compute_dbias) return {dq, dk, dv, dbias};
+  if (dense_scratch) dbias = dbias.sum_to_size(reduced);
   // The ops' shared fake (fastattn/ops.py) promises a dense (B, Hq, Lq, Lk) gradient and
   // torch.compile checks it. attn_mask is the user's mask expanded by fastattn/_inputs.py, whose
   // backward sums the gradient over the broadcast dimensions again: the sums therefore go to index
   // 0 of each broadcast dimension and zeros elsewhere (a copy of each sum everywhere would be
   // counted Hq * Lq times). The sums the caller sees are exact: adding zeros rounds nothing.
-  if (!p.dbias_reduced) return {dq, dk, dv, dbias.to(attn_mask->scalar_type())};
+  if (!broadcast_any) return {dq, dk, dv, dbias.to(attn_mask->scalar_type())};
   at::Tensor dense = at::zeros({s.batch, s.heads_q, s.seqlen_q, s.seqlen_k}, attn_mask->options());
   at::Tensor corner = dense;
   for (int d = 0; d < 4; ++d) corner = corner.narrow(d, 0, dbias.size(d));

@@ -491,8 +491,20 @@ def test_raw_op_rejects_bad_input():
     partial = (torch.ones(1, 64, 64, dtype=torch.bool, device="cuda"), torch.zeros(1, 1, 1, 1, dtype=torch.int32, device="cuda"))
     with pytest.raises(RuntimeError, match="partial_masks is not supported"):
         fwd(q, k, v, *args[:8], *partial, *args[10:])
-    with pytest.raises(RuntimeError, match="window_left \\+ window_right"):
-        fwd(q, k, v, *args[:13], 5, -6, 0.0, 0.0, 0)
+
+
+@gpu
+def test_window_narrower_than_one_key_sees_nothing(deterministic):
+    # A raw-op window with left + right < 0 hides every key: out 0, lse -inf, zero gradients, and
+    # the deterministic backward (whose dQ order needs non-empty bands) visits no tile and returns.
+    q, k, v = _qkv(1, 2, 2, 97, 130, 64, torch.float16, requires_grad=False)
+    args = (None,) * 10 + (0, 0, 0.125, 5, -6, 0.0, 0.0, 0)
+    out, lse = BACKEND.ops.fwd(q, k, v, *args)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    dq, dk, dv, _ = BACKEND.ops.bwd(torch.randn_like(out), q, k, v, out, lse, *(None,) * 4, *(None,) * 10,
+                                    *args[10:], False)
+    torch.cuda.synchronize()
+    assert all((g == 0).all() for g in (dq, dk, dv))
 
 
 @gpu

@@ -20,8 +20,7 @@ inline AttentionShape check_cuda_inputs(const at::Tensor& q, const at::Tensor& k
                                         const std::optional<at::Tensor>& alibi_slopes,
                                         const std::optional<at::Tensor>& key_lengths,
                                         const std::optional<at::Tensor>& query_lengths, double scale, double softcap,
-                                        double dropout_p, std::optional<int64_t> window_left,
-                                        std::optional<int64_t> window_right) {
+                                        double dropout_p) {
   TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got device ", q.device());
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
               "q must be float16 or bfloat16 for the CUDA kernels, got ", q.scalar_type());
@@ -44,11 +43,6 @@ inline AttentionShape check_cuda_inputs(const at::Tensor& q, const at::Tensor& k
     TORCH_CHECK(t == at::kBool || t == at::kHalf || t == at::kBFloat16 || t == at::kFloat,
                 "attn_mask must be bool, float16, bfloat16 or float32 for the CUDA kernels, got ", t);
   }
-  // With both edges set, left + right < 0 leaves every row's band empty; such a window would also
-  // break the tile bookkeeping the deterministic backward orders dQ by (dq_rank), so it is refused.
-  TORCH_CHECK(!(window_left.has_value() && window_right.has_value()) || *window_left + *window_right >= 0,
-              "window_left + window_right must be >= 0 for the CUDA kernels (a narrower band hides every key), got (",
-              window_left.value_or(0), ", ", window_right.value_or(0), ")");
   return s;
 }
 

@@ -129,7 +129,7 @@ inline PreparedInputs prepare(const at::Tensor& q_in, const at::Tensor& k_in, co
                               int64_t block_size_k, double scale, std::optional<int64_t> window_left,
                               std::optional<int64_t> window_right, double softcap, double dropout_p) {
   const AttentionShape s = check_cuda_inputs(q_in, k_in, v_in, attn_mask, alibi_slopes, key_lengths, query_lengths,
-                                             scale, softcap, dropout_p, window_left, window_right);
+                                             scale, softcap, dropout_p);
 
   PreparedInputs in;
   in.shape = s;
@@ -159,6 +159,14 @@ inline PreparedInputs prepare(const at::Tensor& q_in, const at::Tensor& k_in, co
   p.has_window_right = window_right.has_value();
   p.window_left = static_cast<int>(std::clamp<int64_t>(window_left.value_or(0), -limit, limit));
   p.window_right = static_cast<int>(std::clamp<int64_t>(window_right.value_or(0), -limit, limit));
+  // Both edges with left + right < 0: every row's band is empty. The tile bookkeeping assumes bands
+  // that are not (the tiles a band touches from either side agree only then, and the deterministic
+  // backward's dQ order, dq_rank, relies on it), so such a window becomes one that starts past every
+  // key: the same visibility (none), and no tile is visited.
+  if (p.has_window_left && p.has_window_right && p.window_left + p.window_right < 0) {
+    p.window_left = static_cast<int>(-limit);
+    p.window_right = 0;
+  }
   // Lengths are (B,) int32; a strided view is copied (B integers) so the kernels index them densely.
   if (key_lengths.has_value()) {
     in.key_lengths = key_lengths->contiguous();

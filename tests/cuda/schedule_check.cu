@@ -184,8 +184,8 @@ bool check_case(const Case& cs, int* checked) {
     }
     ++*checked;
   }
-  // The order needs each row's band to be non-empty where both edges are set (left + right >= 0,
-  // as the host requires); a narrower window hides every pair and makes the tile sets over-approximations.
+  // The order needs each row's band to be non-empty where both edges are set (left + right >= 0;
+  // the host turns a narrower window, which hides every pair, into one that visits no tile).
   const bool band_rows_nonempty = !(cs.left_on && cs.right_on) || cs.left + cs.right >= 0;
   if (kBackward && band_rows_nonempty) {
     for (int m = 0; m < static_cast<int>(visitors.size()); ++m) {

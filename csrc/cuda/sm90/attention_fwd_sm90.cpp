@@ -113,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_sm90_cuda(
   }
   // The sm80 ops' checks (one copy, attention_checks.h), each naming the argument that is wrong.
   const AttentionShape s = check_cuda_inputs(q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, scale,
-                                             softcap, dropout_p, window_left, window_right);
+                                             softcap, dropout_p);
   const at::cuda::CUDAGuard device_guard(q.device());
   const int smem = fwd_smem_bytes(static_cast<int>(s.head_dim));
   const auto* prop = at::cuda::getCurrentDeviceProperties();

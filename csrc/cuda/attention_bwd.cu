@@ -144,7 +144,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   at::Tensor dq_accum = at::empty({s.batch, s.heads_q, s.seqlen_q, s.head_dim}, f32);
   at::Tensor semaphore;
   if (deterministic) {
-    const int64_t query_tiles = ceil_div(s.seqlen_q, static_cast<int64_t>(bwd_block_m(static_cast<int>(s.head_dim), true)));
+    const int64_t tile = bwd_block_m(static_cast<int>(s.head_dim), true);
+    const int64_t query_tiles = ceil_div(s.seqlen_q, tile);
     semaphore = at::zeros({s.batch, s.heads_q, query_tiles}, q.options().dtype(at::kInt));
     p.dq_semaphore = semaphore.data_ptr<int>();
   }

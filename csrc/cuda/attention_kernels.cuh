@@ -221,9 +221,11 @@ FASTATTN_HOST_DEVICE int dq_rank(const AttentionParams& p, const HeadContext& c,
   const int* prefix = p.dq_rank_prefix + b * p.dq_rank_prefix_stride[0] + hq * p.dq_rank_prefix_stride[1] +
                       (m0 / p.mask_block_q) * p.dq_rank_prefix_stride[2];
   // Listed kernel tiles before tile x: whole listed blocks before x's, and x's place in its own.
-  const int before_n = prefix[n_block / sub] * sub + (prefix[n_block / sub + 1] - prefix[n_block / sub]) * (n_block % sub);
-  const int before_lo = prefix[lo / sub] * sub + (prefix[lo / sub + 1] - prefix[lo / sub]) * (lo % sub);
-  return before_n - before_lo;
+  auto listed_before = [&](int x) {
+    const int block = x / sub;
+    return prefix[block] * sub + (prefix[block + 1] - prefix[block]) * (x % sub);
+  };
+  return listed_before(n_block) - listed_before(lo);
 }
 
 template <bool V>
@@ -632,9 +634,12 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_delta_kernel(const Att
   }
 }
 
-// Query rows per tile of the backward at head dim D (BwdTraits::kBlockM; the host sizes the
-// deterministic mode's counters with it).
-constexpr int bwd_block_m(int head_dim, bool deterministic) { return (head_dim <= 64 ? 64 : 32) / (deterministic ? 2 : 1); }
+// Query rows per tile of the backward (BwdTraits::kBlockM; the host sizes the deterministic mode's
+// counters with it): half as many in the deterministic kernel, whose dQ staging and ordering need
+// the registers (with the full tile it spilled).
+constexpr int bwd_block_m(int head_dim, bool deterministic) {
+  return (head_dim <= 64 ? 64 : 32) / (deterministic ? 2 : 1);
+}
 
 // ------------------------------------------------------------------------------------------------
 // Backward (FlashAttention-2 on sm_80): one CTA per key block of one query head, five products per

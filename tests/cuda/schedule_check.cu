@@ -7,9 +7,9 @@
 //     for every live row of the query tile; backward: for every pair of the whole tile and key
 //     block, as its loads past the lengths are zeros), and is a full (not partial) BlockMask tile;
 //   * element-masked tiles come first;
-//   * backward (windows with left + right >= 0): dq_rank (the deterministic mode's dQ order) numbers the key blocks visiting each
-//     query tile 0, 1, 2, ... in increasing key-block order -- so each waits only for earlier ones,
-//     and the last release of every tile is reached (no key block waits for a rank nobody holds).
+//   * backward (windows with left + right >= 0): dq_rank (the deterministic mode's dQ order)
+//     numbers the key blocks visiting each query tile 0, 1, 2, ... in increasing key-block order --
+//     so each waits only for earlier ones, and no key block waits for a rank nobody holds.
 // Built and run by tests/test_cuda_static.py (nvcc, host code only: no GPU needed).
 // Prints "ok <query tiles checked>" or the first failure, and exits non-zero on a failure.
 #include <cstdio>
@@ -112,7 +112,9 @@ bool check_case(const Case& cs, int* checked) {
     // The deterministic mode's table (attention_bwd.cu dq_rank_prefix): listed key blocks before kb.
     prefix.assign(nqb * (nkb + 1), 0);
     for (int qb = 0; qb < nqb; ++qb) {
-      for (int kb = 0; kb < nkb; ++kb) prefix[qb * (nkb + 1) + kb + 1] = prefix[qb * (nkb + 1) + kb] + (entry(qb, kb) != 0);
+      for (int kb = 0; kb < nkb; ++kb) {
+        prefix[qb * (nkb + 1) + kb + 1] = prefix[qb * (nkb + 1) + kb] + (entry(qb, kb) != 0);
+      }
     }
     p.dq_rank_prefix = prefix.data();
     p.dq_rank_prefix_stride[2] = nkb + 1;

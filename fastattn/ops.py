@@ -20,8 +20,8 @@ Conventions of the op level (the public API normalises to them, see ``_inputs.py
   others receive the same mask as a dense ``attn_mask``.
 * ``window_left``/``window_right``: ``None`` = unbounded (bottom-right aligned offsets).
 * ``seed``: dropout seed drawn from torch's generator (ignored when ``dropout_p == 0``).
-* outputs: ``out (B, Hq, Lq, Dv)`` in q's dtype (in q's memory layout on cpu, reference and triton,
-  see :func:`output_like_q`; contiguous elsewhere) and ``lse (B, Hq, Lq)`` float32 (natural log;
+* outputs: ``out (B, Hq, Lq, Dv)`` in q's dtype, in q's memory layout (every backend, see
+  :func:`output_like_q`) and ``lse (B, Hq, Lq)`` float32 (natural log;
   ``-inf`` for rows that see no key). The backward returns ``dq, dk, dv`` (in the layouts of q, k,
   v, as ``empty_like`` gives them) and ``dbias``, the
   gradient of the scores w.r.t. an additive ``attn_mask`` ``(B, Hq, Lq, Lk)`` when
@@ -86,8 +86,8 @@ def fwd_fake_q_layout(q, k, v, *args, **kwargs):
 
 
 def extension_fwd_fake(q, k, v, *args, **kwargs):
-    """The C++ op's outputs: its CPU kernels write ``out`` in q's layout, its CUDA kernels contiguously."""
-    return _fwd_fake(q, k, v, q.device.type == "cpu")
+    """The C++ op's outputs: its CPU and CUDA kernels write ``out`` in q's layout."""
+    return _fwd_fake(q, k, v, True)
 
 
 # Position of compute_dbias among the backward's arguments after lse (attn_mask ... seed come first).

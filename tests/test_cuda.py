@@ -34,8 +34,8 @@ def _qkv(B, Hq, Hkv, Lq, Lk, D, dtype, **kwargs):
 
 @pytest.fixture
 def deterministic():
-    """``torch.use_deterministic_algorithms(True)`` for one test: the CUDA backward then computes dQ
-    in its own pass instead of with float atomics (bit-identical across runs). ``warn_only`` (which
+    """``torch.use_deterministic_algorithms(True)`` for one test: the CUDA backward then adds dQ in
+    a fixed key-block order instead of with float atomics (bit-identical across runs). ``warn_only`` (which
     selects the same path) lets the reference's cuBLAS matmuls run without CUBLAS_WORKSPACE_CONFIG."""
     before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -274,9 +274,10 @@ def test_lse(D, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", HEAD_DIMS)
 def test_backward_is_deterministic_when_asked(D, dtype, deterministic):
-    # torch.use_deterministic_algorithms(True): the four-product key-block kernel and the dQ pass
-    # run (no dQ atomics), and the gradients are bit-identical across runs and match the reference.
-    q, k, v = _qkv(2, 8, 2, 257, 300, D, dtype)
+    # torch.use_deterministic_algorithms(True): the generic key-block kernel adds dQ in key-block
+    # order (no atomics, no second pass); the gradients are bit-identical across runs and match the
+    # reference. Many key blocks per query tile (Lk = 1000) so that the order has work to do.
+    q, k, v = _qkv(2, 8, 2, 257, 1000, D, dtype)
     dout = torch.randn(2, 8, 257, D, device="cuda", dtype=dtype)
     grads = []
     for _ in range(3):
@@ -287,9 +288,39 @@ def test_backward_is_deterministic_when_asked(D, dtype, deterministic):
             assert torch.equal(a, b)
     out = fastattn.attention(q, k, v, causal=True, backend="cuda")
     names = _backward_kernels(lambda: torch.autograd.grad(out, (q, k, v), dout))
-    assert any("attention_bwd_dq_kernel" in n for n in names), names
-    assert any("attention_bwd_kernel" in n and "true, true, true, false" in n for n in names), names
+    assert any("attention_bwd_kernel" in n and "true, true, true, true" in n for n in names), names
+    assert not any("attention_bwd_dq_kernel" in n for n in names), names
     check_against_reference("cuda", q, k, v, causal=True)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize(
+    "case", ["window-lengths", "block-mask", "block-mask-128x192"], ids=["window-lengths", "bm64", "bm128x192"]
+)
+def test_deterministic_dq_order_skips_key_blocks(D, dtype, case, deterministic):
+    # Key blocks that skip a query tile (window, key/query lengths, BlockMask lists with empty
+    # blocks) are left out of that tile's dQ order: nothing waits for them, and two runs agree bit
+    # for bit and with the reference.
+    B, Hq, Hkv, Lq, Lk = 2, 4, 2, 300, 700
+    q, k, v = _qkv(B, Hq, Hkv, Lq, Lk, D, dtype)
+    if case == "window-lengths":
+        kwargs = {"window": (150, 40), "key_lengths": torch.tensor([700, 333], dtype=torch.int32, device="cuda"),
+                  "query_lengths": torch.tensor([300, 201], dtype=torch.int32, device="cuda")}
+    else:
+        bq, bk = (64, 64) if case == "block-mask" else (128, 192)
+        layout = torch.rand(B, Hq, -(-Lq // bq), -(-Lk // bk), device="cuda") > 0.4
+        layout[..., 0] = True
+        kwargs = {"block_mask": fastattn.BlockMask.from_layout(layout, block_size=(bq, bk), seq_lens=(Lq, Lk))}
+    dout = torch.randn(B, Hq, Lq, D, device="cuda", dtype=dtype)
+    runs = []
+    for _ in range(2):
+        out = fastattn.attention(q, k, v, backend="cuda", **kwargs)
+        runs.append(torch.autograd.grad(out, (q, k, v), dout))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    check_against_reference("cuda", q, k, v, **kwargs)
 
 
 @gpu
@@ -304,7 +335,7 @@ def test_backward_default_sums_dq_with_atomics(D, dtype):
     out = fastattn.attention(q, k, v, causal=True, backend="cuda")
     names = _backward_kernels(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
     assert not any("attention_bwd_dq_kernel" in n for n in names), names
-    assert any("attention_bwd_kernel" in n and "true, false, false, true" in n for n in names), names
+    assert any("attention_bwd_kernel" in n and "true, false, false, false" in n for n in names), names
     first = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
     second = torch.autograd.grad(out, (q, k, v), dout)
     assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
@@ -411,6 +442,24 @@ def test_dbias_of_a_broadcast_mask(D, dtype, shape):
 
 
 @gpu
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("shape", [(2, 1, 1, 130), (1, 1, 97, 130), (2, 2, 97, 1)], ids=["B11Lk", "11LqLk", "BHLq1"])
+def test_dbias_of_a_broadcast_mask_is_deterministic_when_asked(D, shape, deterministic):
+    # The deterministic mode sums a broadcast mask's gradient by torch over a dense float32 scratch
+    # (no atomics): bit-identical across runs, the reference's values.
+    q, k, v = _qkv(2, 2, 2, 97, 130, D, torch.bfloat16)
+    mask = (torch.randn(*shape, device="cuda", dtype=torch.float32) * 0.5).requires_grad_()
+    dout = torch.randn(2, 2, 97, D, device="cuda", dtype=torch.bfloat16)
+    grads = []
+    for _ in range(2):
+        out = fastattn.attention(q, k, v, attn_mask=mask, causal=True, backend="cuda")
+        grads.append(torch.autograd.grad(out, (q, mask), dout))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    check_against_reference("cuda", q, k, v, attn_mask=mask, causal=True)
+
+
+@gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", HEAD_DIMS)
 @pytest.mark.parametrize("scale", [-0.2, 0.0], ids=["negative", "zero"])
@@ -442,6 +491,37 @@ def test_raw_op_rejects_bad_input():
     partial = (torch.ones(1, 64, 64, dtype=torch.bool, device="cuda"), torch.zeros(1, 1, 1, 1, dtype=torch.int32, device="cuda"))
     with pytest.raises(RuntimeError, match="partial_masks is not supported"):
         fwd(q, k, v, *args[:8], *partial, *args[10:])
+
+
+@gpu
+def test_window_narrower_than_one_key_sees_nothing(deterministic):
+    # A raw-op window with left + right < 0 hides every key: out 0, lse -inf, zero gradients, and
+    # the deterministic backward (whose dQ order needs non-empty bands) visits no tile and returns.
+    q, k, v = _qkv(1, 2, 2, 97, 130, 64, torch.float16, requires_grad=False)
+    args = (None,) * 10 + (0, 0, 0.125, 5, -6, 0.0, 0.0, 0)
+    out, lse = BACKEND.ops.fwd(q, k, v, *args)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    dq, dk, dv, _ = BACKEND.ops.bwd(torch.randn_like(out), q, k, v, out, lse, *(None,) * 4, *(None,) * 10,
+                                    *args[10:], False)
+    torch.cuda.synchronize()
+    assert all((g == 0).all() for g in (dq, dk, dv))
+
+
+@gpu
+def test_deterministic_backward_refuses_lists_that_are_not_transposes(deterministic):
+    # The ordered dQ counts, per query block, the key blocks of the forward lists; backward lists
+    # that list other pairs would leave a key block waiting forever, so the op refuses them.
+    Lq = Lk = 128
+    q, k, v = _qkv(1, 1, 1, Lq, Lk, 64, torch.float16, requires_grad=False)
+    out, lse = BACKEND.ops.fwd(q, k, v, *(None,) * 10, 0, 0, 0.125, None, None, 0.0, 0.0, 0)
+    mask = fastattn.BlockMask.from_layout(torch.ones(2, 2, dtype=torch.bool, device="cuda"), block_size=64)
+    kv_lists, q_lists = list(mask.kv_lists), list(mask.q_lists)
+    counts = 2 if int(q_lists[2].sum()) > 0 else 0  # the full or the partial blocks' counts
+    q_lists[counts] = q_lists[counts].clone()
+    q_lists[counts].view(-1)[0] -= 1  # key block 0 lists one query block fewer than the forward lists say
+    with pytest.raises(RuntimeError, match="q_num_blocks"):
+        BACKEND.ops.bwd(torch.randn_like(out), q, k, v, out, lse, None, None, None, None, *kv_lists, *q_lists, None,
+                        None, 64, 64, 0.125, None, None, 0.0, 0.0, 0, False)
 
 
 def _compute_sanitizer() -> str | None:
@@ -518,6 +598,70 @@ def test_cuda_ops_registered_in_the_cuda_build():
     # The CUDA dispatch key has a kernel for both ops.
     for op in ("attention_fwd", "attention_bwd"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastattn::{op}", "CUDA")
+
+
+# The forward ops' arguments after q, k, v: optionals (mask .. lengths, 4 lists, 2 partial), block sizes,
+# scale, window, softcap, dropout_p, seed.
+_FWD_ARGS = (None,) * 10 + (0, 0, 0.125, None, None, 0.0, 0.0, 0)
+
+
+def _forward_ops() -> list:
+    """The CUDA forward ops this build registers (the Hopper op only where it was built)."""
+    ops = [torch.ops.fastattn.attention_fwd]
+    if hasattr(torch.ops.fastattn, "attention_fwd_sm90"):
+        ops.append(torch.ops.fastattn.attention_fwd_sm90)
+    return ops
+
+
+@pytest.mark.cuda_build
+@pytest.mark.parametrize(
+    "layout, B, H, L", [("BLHD", 2, 4, 97), ("BHLD", 2, 4, 97), ("BLHD", 1, 1, 97), ("BLHD", 2, 4, 1)],
+    ids=["transposed", "contiguous", "one-head", "one-row"],
+)
+def test_cuda_forward_fakes_put_out_in_q_layout(layout, B, H, L):
+    # What torch.compile sees of the CUDA forward ops (their fakes, run here on fake CUDA tensors,
+    # no GPU needed): out in q's layout by ops.output_like_q, the rule the kernels' host code
+    # (csrc/cuda/attention_checks.h output_like_q) applies; lse contiguous float32.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fastattn._extension.load()
+    if not fastattn._extension.build_info().get("cuda"):
+        pytest.skip("fastattn._C was built without CUDA")
+    from fastattn.ops import output_like_q
+
+    with FakeTensorMode():
+        def make(heads, length):
+            if layout == "BLHD":
+                return torch.empty(B, length, heads, 64, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+            return torch.empty(B, heads, length, 64, device="cuda", dtype=torch.bfloat16)
+
+        q, k, v = make(H, L), make(max(H // 2, 1), 50), make(max(H // 2, 1), 50)
+        expected = output_like_q(q, 64)
+        for op in _forward_ops():
+            out, lse = op(q, k, v, *_FWD_ARGS)
+            assert out.shape == (B, H, L, 64) and out.stride() == expected.stride(), (op, out.stride())
+            assert lse.shape == (B, H, L) and lse.dtype == torch.float32 and lse.is_contiguous()
+    if layout == "BLHD" and H > 1 and L > 1:
+        assert expected.transpose(1, 2).is_contiguous()  # (B, L, H, D) memory, as q
+
+
+@gpu
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_forward_out_in_q_layout_values_and_strides(D):
+    # A (B, L, H, D) tensor transposed to (B, H, L, D): both forward ops (the sm80 op and, where
+    # built, the Hopper op, which runs its own kernel on an H100) write out in that layout, with the
+    # reference's values, and the backward takes such an out and gives gradients in q's layout.
+    B, L, H = 2, 97, 4
+    q, k, v = (torch.randn(B, L, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+    ref = fastattn.reference.attention(q.float(), k.float(), v.float())
+    for op in _forward_ops():
+        out, _ = op(q, k, v, *_FWD_ARGS[:12], D**-0.5, *_FWD_ARGS[13:])
+        assert out.stride() == q.stride(), (op, out.stride(), q.stride())
+        assert out.transpose(1, 2).is_contiguous()
+        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=0)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = check_against_reference("cuda", q, k, v, causal=True)
+    assert out.stride() == q.stride()
 
 
 class _FakeExtension:

@@ -6,9 +6,9 @@ and the backward kernels) for sm_80 and sm_90a, then checks from ptxas and the S
 no kernel spills, and the forward's hot loop (the key-tile loop over interior tiles) spends at
 least 4 x 5.8% = 23.2% of its instructions on tensor cores (5.8%: the kernel before the sm_80
 rewrite, as issue 15 counted it; counted the way sass_report does, it was 3.8-4.1%). The backward's
-query-tile loop holds exactly the five products' tensor-core instructions (four plus the dQ kernel's
-three in the deterministic mode), its copies are cp.async, and the plain kernel carries no softcap
-or ALiBi code. The instruction mix is printed (``pytest -s``) for the record.
+query-tile loop holds exactly the five products' tensor-core instructions in both dQ modes (float
+atomics, and the deterministic mode's ordered adds), its copies are cp.async, and the plain kernel
+carries no softcap or ALiBi code. The instruction mix is printed (``pytest -s``) for the record.
 """
 
 from __future__ import annotations
@@ -82,9 +82,11 @@ BWD_THREADS = 128
 """Threads of a backward CTA (4 warps, BwdTraits::kThreads)."""
 
 
-def bwd_tiles(head_dim: int) -> tuple[int, int]:
-    """(query tile, key block) of the backward kernel at ``head_dim`` (BwdTraits::kBlockM, kBlockN)."""
-    return (64 if head_dim <= 64 else 32), 64
+def bwd_tiles(head_dim: int, deterministic: bool = False) -> tuple[int, int]:
+    """(query tile, key block) of the backward kernel at ``head_dim`` (BwdTraits::kBlockM, kBlockN):
+    the deterministic kernel's query tile is half as tall (its staging and ordering code needs the
+    registers)."""
+    return (64 if head_dim <= 64 else 32) // (2 if deterministic else 1), 64
 
 
 def ideal_hmma(products: int, m: int, n: int, k: int, warps: int = 4) -> int:
@@ -97,7 +99,7 @@ def test_backward_loop_does_five_products_with_pipelined_copies(report, head_dim
     # The interior query-tile loop of the plain backward: S^T = K Q^T, dP^T = V dO^T, dV += P^T dO,
     # dK += dS^T Q and dQ += dS K, each (query tile x key block x D), and not one HMMA more.
     bm, bn = bwd_tiles(head_dim)
-    loop = report[f"attention_bwd_kernel<bf16, BwdTraits<{head_dim}, false, false, false, true> >"].hot_loop
+    loop = report[f"attention_bwd_kernel<bf16, BwdTraits<{head_dim}, false, false, false, false> >"].hot_loop
     assert loop.hmma == ideal_hmma(5, bm, bn, head_dim), f"{loop.hmma} HMMA per warp per query tile"
     # Q, dO, lse and delta arrive by cp.async, double-buffered: one 16-byte copy per thread per row
     # pass of Q and of dO, and the 4-byte copies of lse and of delta (on different threads, two
@@ -118,9 +120,9 @@ def test_backward_plain_kernel_has_no_feature_code(report):
     # Features are template flags: the plain kernel has no tanh (softcap) and no int-to-float
     # conversion (ALiBi's |i - j|) anywhere; the interior loop of the causal kernel is the plain
     # one's (band checks only on boundary tiles), within a few instructions of schedule code.
-    plain = report["attention_bwd_kernel<bf16, BwdTraits<128, false, false, false, true> >"]
-    causal = report["attention_bwd_kernel<bf16, BwdTraits<128, true, false, false, true> >"]
-    every = report["attention_bwd_kernel<bf16, BwdTraits<128, true, true, true, true> >"]
+    plain = report["attention_bwd_kernel<bf16, BwdTraits<128, false, false, false, false> >"]
+    causal = report["attention_bwd_kernel<bf16, BwdTraits<128, true, false, false, false> >"]
+    every = report["attention_bwd_kernel<bf16, BwdTraits<128, true, true, true, false> >"]
     for r in (plain, causal):
         assert r.whole.tanh == 0 and r.whole.i2f == 0, r.name
     assert every.whole.tanh > 0 and every.whole.i2f > 0
@@ -129,21 +131,19 @@ def test_backward_plain_kernel_has_no_feature_code(report):
 
 
 @pytest.mark.parametrize("head_dim", [128, 64])
-def test_deterministic_backward_has_no_dq_atomics(report, head_dim):
-    # torch.use_deterministic_algorithms(True): the key-block kernel does four products and no dQ
-    # atomics (its only global reductions are the broadcast attn_mask gradient's, one per element,
-    # behind a run-time check); dQ comes from its own kernel's three products. The cost: 7 products
-    # per (query tile, key block) instead of 5, 1.4x the backward's tensor-core work.
-    bm, bn = bwd_tiles(head_dim)
-    loop = report[f"attention_bwd_kernel<bf16, BwdTraits<{head_dim}, true, true, true, false> >"].hot_loop
-    assert loop.hmma == ideal_hmma(4, bm, bn, head_dim)
-    assert loop.atomic == bm * bn // BWD_THREADS
-    dq_keys = 32 if head_dim == 128 else 64  # DqTraits::kBlockN
-    dq = report[f"attention_bwd_dq_kernel<bf16, DqTraits<{head_dim}> >"]
-    assert dq.whole.atomic == 0
-    assert dq.hot_loop.hmma == ideal_hmma(3, 64, dq_keys, head_dim)
-    # Its K/V tiles arrive by cp.async, double-buffered (one 16-byte copy per thread per row pass).
-    assert dq.hot_loop.ldgsts == 2 * dq_keys // (BWD_THREADS // (head_dim // 8))
+def test_deterministic_backward_does_five_products_without_dq_atomics(report, head_dim):
+    # torch.use_deterministic_algorithms(True): the same key-block kernel (generic: every feature
+    # decided at run time) with dQ added in key-block order -- still exactly the five products per
+    # query tile, no spills, and no dQ atomics: the loop's only global reductions are the broadcast
+    # attn_mask gradient's (one per score element, behind a run-time check) and the one release
+    # (red.release.gpu) that hands the tile to the next key block.
+    bm, bn = bwd_tiles(head_dim, deterministic=True)
+    r = report[f"attention_bwd_kernel<bf16, BwdTraits<{head_dim}, true, true, true, true> >"]
+    assert r.spill_bytes == 0 and 0 < r.registers <= 255
+    assert r.hot_loop.hmma == ideal_hmma(5, bm, bn, head_dim), f"{r.hot_loop.hmma} HMMA per warp per query tile"
+    assert r.hot_loop.atomic == bm * bn // BWD_THREADS + 1
+    assert r.hot_loop.ldgsts == 2 * bm // (BWD_THREADS // (head_dim // 8)) + 2 and r.hot_loop.ldsm > 0
+    assert not any(name.startswith("attention_bwd_dq_kernel") for name in report), "the old dQ pass is gone"
 
 
 def test_backward_registers_fit(report):
@@ -154,9 +154,10 @@ def test_backward_registers_fit(report):
 
 def test_tile_schedules_on_the_cpu(tmp_path):
     # The tile bookkeeping is host-compilable: tests/cuda/schedule_check.cu walks the forward's and
-    # the backward's schedules (key-block and dQ kernels) for 4,400 random shapes, lengths, windows, element masks and
-    # BlockMask lists and checks that every tile with a visible pair is visited once, and that
-    # interior (unchecked) tiles are entirely visible.
+    # the backward's schedules for 4,000 random shapes, lengths, windows, element masks and
+    # BlockMask lists and checks that every tile with a visible pair is visited once, that interior
+    # (unchecked) tiles are entirely visible, and that the deterministic dQ order (dq_rank) numbers
+    # each query tile's key blocks 0, 1, 2, ... in key-block order (so no key block waits forever).
     exe = tmp_path / "schedule_check"
     cmd = ["nvcc", "-std=c++17", "--expt-relaxed-constexpr", "-O1", f"-I{ROOT / 'csrc' / 'cuda'}",
            str(ROOT / "tests" / "cuda" / "schedule_check.cu"), "-o", str(exe)]

@@ -1,8 +1,10 @@
 // fastattn::attention_bwd for CUDA tensors: delta = rowsum(dO * O), then one kernel per key block
 // doing the five products with dQ summed by float atomics (FlashAttention-2); under
-// torch.use_deterministic_algorithms(True), dK/dV in that kernel and dQ in its own pass (no atomics).
+// torch.use_deterministic_algorithms(True), the same kernel adds dQ in a fixed key-block order.
 #include <ATen/Context.h>
 
+#include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "attention_host.h"
@@ -18,18 +20,48 @@ void launch_bwd(const AttentionParams& p) {
   launch(attention_bwd_kernel<T, Tr>, grid, Tr::kThreads, bwd_smem_bytes<T, Tr>(), p);
 }
 
-// The instantiation for these parameters: feature flags and dQ by atomics, or the generic
-// four-product kernel and the dQ pass when `deterministic`.
+// How often each (row block, column block) pair is listed in one direction's BlockMask lists,
+// (B', H', rows, cols) int32 with B', H' the lists' broadcast sizes (1 or B, 1 or Hq).
+at::Tensor listed_pairs(const at::Tensor& num, const at::Tensor& idx, const at::Tensor& full_num,
+                        const at::Tensor& full_idx, int64_t batch, int64_t heads, int64_t cols) {
+  const int64_t rows = num.size(2);
+  at::Tensor layout = at::zeros({batch, heads, rows, cols + 1}, num.options());
+  for (const auto& [n, i] : {std::pair{num, idx}, std::pair{full_num, full_idx}}) {
+    const at::Tensor entries = i.expand({batch, heads, rows, i.size(3)});
+    const at::Tensor valid = at::arange(i.size(3), i.options()).lt(n.expand({batch, heads, rows}).unsqueeze(-1));
+    // Column cols collects the unused entries (dropped below).
+    layout.scatter_add_(3, at::where(valid, entries.clamp(0, cols - 1), cols).to(at::kLong), valid.to(at::kInt));
+  }
+  return layout.narrow(3, 0, cols);
+}
+
+// The deterministic mode's dq_rank_prefix (AttentionParams): for each query block of the forward
+// lists, the number of listed key blocks before each key block, (B', H', nQB, nKB + 1) int32. The
+// ordered dQ needs the backward lists to be exactly the transpose of the forward ones (a BlockMask's
+// are): a key block waiting for a rank nobody holds would wait forever, so that is checked here
+// (one host synchronisation, in this mode only).
+at::Tensor dq_rank_prefix(const at::Tensor& kv_num, const at::Tensor& kv_idx,
+                          const at::Tensor& full_kv_num, const at::Tensor& full_kv_idx, const at::Tensor& q_num,
+                          const at::Tensor& q_idx, const at::Tensor& full_q_num, const at::Tensor& full_q_idx) {
+  int64_t batch = 1, heads = 1;
+  for (const at::Tensor* t : {&kv_num, &kv_idx, &full_kv_num, &full_kv_idx, &q_num, &q_idx, &full_q_num, &full_q_idx}) {
+    batch = std::max(batch, t->size(0));
+    heads = std::max(heads, t->size(1));
+  }
+  const int64_t nqb = kv_num.size(2), nkb = q_num.size(2);
+  const at::Tensor forward = listed_pairs(kv_num, kv_idx, full_kv_num, full_kv_idx, batch, heads, nkb);
+  const at::Tensor backward = listed_pairs(q_num, q_idx, full_q_num, full_q_idx, batch, heads, nqb);
+  TORCH_CHECK(at::equal(forward, backward.transpose(2, 3)) && forward.le(1).all().item<bool>(),
+              "under torch.use_deterministic_algorithms the CUDA backward needs q_num_blocks/q_indices (and the full "
+              "ones) to list exactly the pairs of kv_num_blocks/kv_indices, each once (as a BlockMask's lists do)");
+  return at::cat({at::zeros({batch, heads, nqb, 1}, forward.options()), forward.cumsum(3, at::kInt)}, 3);
+}
+
+// The instantiation for these parameters: feature flags and dQ by atomics, or the generic kernel
+// with dQ added in order when `deterministic`.
 template <typename T, int D>
 void dispatch_bwd(const AttentionParams& p, bool deterministic) {
-  if (deterministic) {
-    launch_bwd<T, BwdTraits<D, true, true, true, false>>(p);
-    using Dq = DqTraits<D>;
-    const dim3 grid(static_cast<unsigned>(ceil_div(p.seqlen_q, Dq::kBlockM)), static_cast<unsigned>(p.heads_q),
-                    static_cast<unsigned>(p.batch));
-    launch(attention_bwd_dq_kernel<T, Dq>, grid, Dq::kThreads, dq_smem_bytes<T, Dq>(), p);
-    return;
-  }
+  if (deterministic) return launch_bwd<T, BwdTraits<D, true, true, true, true>>(p);
   const bool window = p.has_window_left || p.has_window_right;
   // As in the forward: raw dot-product units need scale > 0 (a masked -inf times a negative or zero
   // scale would be +inf or NaN), so scale <= 0 takes the natural-unit (bias) kernels.
@@ -38,11 +70,11 @@ void dispatch_bwd(const AttentionParams& p, bool deterministic) {
   // the band checks (on masked tiles only: the interior loop is the same, see docs/cuda-kernels.md),
   // which saves three instantiations per dtype and head dim of build time.
   if (!(p.softcap > 0.f) && !bias) {
-    FASTATTN_BOOL_SWITCH(window, kWindow, [&] { launch_bwd<T, BwdTraits<D, kWindow, false, false, true>>(p); });
+    FASTATTN_BOOL_SWITCH(window, kWindow, [&] { launch_bwd<T, BwdTraits<D, kWindow, false, false, false>>(p); });
     return;
   }
   FASTATTN_BOOL_SWITCH(p.softcap > 0.f, kSoftcap, [&] {
-    FASTATTN_BOOL_SWITCH(bias, kBias, [&] { launch_bwd<T, BwdTraits<D, true, kSoftcap, kBias, true>>(p); });
+    FASTATTN_BOOL_SWITCH(bias, kBias, [&] { launch_bwd<T, BwdTraits<D, true, kSoftcap, kBias, false>>(p); });
   });
 }
 
@@ -103,32 +135,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   const bool deterministic = at::globalContext().deterministicAlgorithms();
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor delta = at::empty({s.batch, s.heads_q, s.seqlen_q}, f32);
-  // dQ: float32 atomics into an accumulator the delta kernel zeroes, or the dQ kernel's own output.
+  // dQ: summed in float32 into an accumulator the delta kernel zeroes (by atomics, or in the
+  // deterministic mode in key-block order, counted per query tile in `semaphore`: B * Hq * Lq / 16
+  // int32 at D = 128), then rounded once into dq.
   // dq, dk, dv have q's, k's and v's memory layouts (empty_like), as the ops' shared fake
   // (fastattn/ops.py bwd_fake) promises: torch.compile trusts those strides. (Their rows are
   // 16-byte aligned: a layout empty_like keeps is dense with a unit last stride.)
-  at::Tensor dq_accum = deterministic ? at::Tensor() : at::empty({s.batch, s.heads_q, s.seqlen_q, s.head_dim}, f32);
+  at::Tensor dq_accum = at::empty({s.batch, s.heads_q, s.seqlen_q, s.head_dim}, f32);
+  at::Tensor semaphore;
+  if (deterministic) {
+    const int64_t tile = bwd_block_m(static_cast<int>(s.head_dim), true);
+    const int64_t query_tiles = ceil_div(s.seqlen_q, tile);
+    semaphore = at::zeros({s.batch, s.heads_q, query_tiles}, q.options().dtype(at::kInt));
+    p.dq_semaphore = semaphore.data_ptr<int>();
+  }
   at::Tensor dq = at::empty_like(q);
   // dK, dV: one slice per query head (a CTA per key block and query head); a GQA group's slices
   // go to (B, Hq, Lk, D) buffers and are summed below, in float32 and a fixed order.
+  at::Tensor rank_prefix;
+  if (deterministic && p.use_block_lists) {
+    rank_prefix = dq_rank_prefix(*kv_num_blocks, *kv_indices, *full_kv_num_blocks, *full_kv_indices, *q_num_blocks,
+                                 *q_indices, *full_q_num_blocks, *full_q_indices);
+    p.dq_rank_prefix = rank_prefix.data_ptr<int>();
+    for (int d = 0; d < 3; ++d) p.dq_rank_prefix_stride[d] = broadcast_stride(rank_prefix, d);
+  }
   const bool grouped = s.heads_q != s.heads_kv;
   at::Tensor dk = at::empty_like(k), dv = at::empty_like(v);
   at::Tensor dk_heads = grouped ? at::empty({s.batch, s.heads_q, s.seqlen_k, s.head_dim}, q.options()) : dk;
   at::Tensor dv_heads = grouped ? at::empty({s.batch, s.heads_q, s.seqlen_k, s.head_dim}, q.options()) : dv;
   // dbias is accumulated in float32 in the mask's own broadcast shape (size 1 where the mask has
-  // stride 0 or size 1): a (B, 1, 1, Lk) padding mask needs B * Lk floats, not B * Hq * Lq * Lk.
-  // Every (query, key) pair the kernels skip has a zero gradient, hence zeros, not empty.
+  // stride 0 or size 1): a (B, 1, 1, Lk) padding mask needs B * Lk floats, not B * Hq * Lq * Lk,
+  // summed by float atomics. Atomics add in a varying order, so in the deterministic mode a
+  // broadcast mask's gradient is written once per (b, h, i, j) into a dense float32 scratch instead
+  // and summed over the broadcast dimensions by torch (a fixed order; B * Hq * Lq * Lk * 4 bytes,
+  // in that mode only). Every pair the kernels skip has a zero gradient, hence zeros, not empty.
   at::Tensor dbias = q.new_empty({0});
+  std::vector<int64_t> reduced(4);
+  bool broadcast_any = false, dense_scratch = false;
   if (compute_dbias) {
-    const int64_t full[4] = {s.batch, s.heads_q, s.seqlen_q, s.seqlen_k};
-    std::vector<int64_t> reduced(4);
+    const std::vector<int64_t> full{s.batch, s.heads_q, s.seqlen_q, s.seqlen_k};
     for (int d = 0; d < 4; ++d) {
       const bool broadcast = attn_mask->size(d) == 1 || attn_mask->stride(d) == 0;
       reduced[d] = broadcast ? 1 : full[d];
-      p.dbias_reduced = p.dbias_reduced || reduced[d] != full[d];
+      broadcast_any = broadcast_any || reduced[d] != full[d];
     }
-    dbias = at::zeros(reduced, f32);
-    for (int d = 0; d < 4; ++d) p.dbias_stride[d] = reduced[d] == 1 ? 0 : dbias.stride(d);
+    dense_scratch = broadcast_any && deterministic;
+    p.dbias_reduced = broadcast_any && !deterministic;
+    dbias = at::zeros(dense_scratch ? full : reduced, f32);
+    for (int d = 0; d < 4; ++d) p.dbias_stride[d] = dbias.size(d) == 1 ? 0 : dbias.stride(d);
     p.dbias = dbias.data_ptr<float>();
   }
   p.out = const_cast<void*>(out.data_ptr());
@@ -137,9 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   set_strides(p.dout_stride, dout);
   p.lse = const_cast<float*>(lse.data_ptr<float>());
   p.delta = delta.data_ptr<float>();
-  p.dq = dq.data_ptr();
-  set_strides(p.dq_stride, dq);
-  if (!deterministic) p.dq_accum = dq_accum.data_ptr<float>();
+  p.dq_accum = dq_accum.data_ptr<float>();
   p.dk = dk_heads.data_ptr();
   p.dv = dv_heads.data_ptr();
   set_strides(p.dk_stride, dk_heads);
@@ -154,19 +206,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     }
     dispatch_bwd<T, kHeadDim>(p, deterministic);
   });
-  if (!deterministic) dq.copy_(dq_accum);
+  dq.copy_(dq_accum);
   if (grouped) {
     const std::vector<int64_t> group_shape{s.batch, s.heads_kv, s.heads_q / s.heads_kv, s.seqlen_k, s.head_dim};
     dk.copy_(at::sum(dk_heads.view(group_shape), {2}, false, at::kFloat));
     dv.copy_(at::sum(dv_heads.view(group_shape), {2}, false, at::kFloat));
   }
   if (!compute_dbias) return {dq, dk, dv, dbias};
+  if (dense_scratch) dbias = dbias.sum_to_size(reduced);
   // The ops' shared fake (fastattn/ops.py) promises a dense (B, Hq, Lq, Lk) gradient and
   // torch.compile checks it. attn_mask is the user's mask expanded by fastattn/_inputs.py, whose
   // backward sums the gradient over the broadcast dimensions again: the sums therefore go to index
   // 0 of each broadcast dimension and zeros elsewhere (a copy of each sum everywhere would be
   // counted Hq * Lq times). The sums the caller sees are exact: adding zeros rounds nothing.
-  if (!p.dbias_reduced) return {dq, dk, dv, dbias.to(attn_mask->scalar_type())};
+  if (!broadcast_any) return {dq, dk, dv, dbias.to(attn_mask->scalar_type())};
   at::Tensor dense = at::zeros({s.batch, s.heads_q, s.seqlen_q, s.seqlen_k}, attn_mask->options());
   at::Tensor corner = dense;
   for (int d = 0; d < 4; ++d) corner = corner.narrow(d, 0, dbias.size(d));

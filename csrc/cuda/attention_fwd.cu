@@ -68,8 +68,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
                 "block lists were given without block_size_q/block_size_k");
   }
 
-  // Contiguous, as the ops' shared fake (fastattn/ops.py) says: torch.compile checks the strides.
-  at::Tensor out = at::empty({s.batch, s.heads_q, s.seqlen_q, s.head_dim}, q.options());
+  // In q's layout, as the op's fake (fastattn/ops.py output_like_q) says: torch.compile trusts the strides.
+  at::Tensor out = output_like_q(q, s);
   at::Tensor lse = at::empty({s.batch, s.heads_q, s.seqlen_q}, q.options().dtype(at::kFloat));
   p.out = out.data_ptr();
   set_strides(p.out_stride, out);

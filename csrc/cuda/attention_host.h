@@ -1,5 +1,6 @@
-// Host side shared by the CUDA forward and backward ops: input checks (reusing csrc/checks.h),
-// AttentionParams from tensors, the dtype / head-dim switch and the launch helper.
+// Host side shared by the sm80 kernels' forward and backward ops: AttentionParams from checked
+// tensors (the checks are attention_checks.h's, shared with the Hopper op), the dtype / head-dim
+// switch and the launch helper.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,8 +12,8 @@
 #include <algorithm>
 #include <optional>
 
+#include "attention_checks.h"
 #include "attention_kernels.cuh"
-#include "checks.h"
 
 namespace fastattn {
 namespace cuda {
@@ -84,15 +85,6 @@ inline void set_strides(int64_t out[3], const at::Tensor& t) {
   for (int d = 0; d < 3; ++d) out[d] = t.stride(d);
 }
 
-// Strides of a (possibly broadcast) tensor, 0 on dimensions of size 1.
-inline int64_t broadcast_stride(const at::Tensor& t, int d) { return t.size(d) == 1 ? 0 : t.stride(d); }
-
-inline void check_lists_broadcast(const std::optional<at::Tensor>& num, const AttentionShape& s, const char* name) {
-  if (!num.has_value()) return;
-  TORCH_CHECK((num->size(0) == 1 || num->size(0) == s.batch) && (num->size(1) == 1 || num->size(1) == s.heads_q),
-              name, " must have (B, H) = (1 or ", s.batch, ", 1 or ", s.heads_q, "), got ", num->sizes());
-}
-
 // Checks and fills a BlockLists from the four list tensors of one direction.
 inline BlockLists make_lists(const at::Tensor& q, const AttentionShape& s, const std::optional<at::Tensor>& num,
                              const std::optional<at::Tensor>& idx, const std::optional<at::Tensor>& full_num,
@@ -136,26 +128,8 @@ inline PreparedInputs prepare(const at::Tensor& q_in, const at::Tensor& k_in, co
                               const std::optional<at::Tensor>& query_lengths, int64_t block_size_q,
                               int64_t block_size_k, double scale, std::optional<int64_t> window_left,
                               std::optional<int64_t> window_right, double softcap, double dropout_p) {
-  TORCH_CHECK(q_in.is_cuda(), "q must be a CUDA tensor, got device ", q_in.device());
-  TORCH_CHECK(q_in.scalar_type() == at::kHalf || q_in.scalar_type() == at::kBFloat16,
-              "q must be float16 or bfloat16 for the CUDA kernels, got ", q_in.scalar_type());
-  const AttentionShape s = check_qkv(q_in, k_in, v_in);
-  check_optionals(s, q_in, attn_mask, alibi_slopes, key_lengths, query_lengths);
-  TORCH_CHECK(s.head_dim == 64 || s.head_dim == 128, "head_dim (q.size(-1)) must be 64 or 128 for the CUDA kernels, got ",
-              s.head_dim);
-  TORCH_CHECK(s.head_dim_v == s.head_dim, "v must have q's head_dim ", s.head_dim, " for the CUDA kernels, got ",
-              s.head_dim_v);
-  TORCH_CHECK(s.seqlen_q < (1 << 29) && s.seqlen_k < (1 << 29), "seqlen_q and seqlen_k must be below 2^29, got ",
-              s.seqlen_q, " and ", s.seqlen_k);
-  TORCH_CHECK(s.batch <= 65535 && s.heads_q <= 65535, "batch and heads must be at most 65535, got ", s.batch,
-              " and ", s.heads_q);
-  TORCH_CHECK(dropout_p == 0.0, "dropout_p must be 0: the CUDA kernels do not implement dropout, got ", dropout_p);
-  TORCH_CHECK(softcap >= 0.0, "softcap must be >= 0, got ", softcap);
-  if (attn_mask.has_value()) {
-    const auto t = attn_mask->scalar_type();
-    TORCH_CHECK(t == at::kBool || t == at::kHalf || t == at::kBFloat16 || t == at::kFloat,
-                "attn_mask must be bool, float16, bfloat16 or float32 for the CUDA kernels, got ", t);
-  }
+  const AttentionShape s = check_cuda_inputs(q_in, k_in, v_in, attn_mask, alibi_slopes, key_lengths, query_lengths,
+                                             scale, softcap, dropout_p);
 
   PreparedInputs in;
   in.shape = s;
@@ -185,6 +159,14 @@ inline PreparedInputs prepare(const at::Tensor& q_in, const at::Tensor& k_in, co
   p.has_window_right = window_right.has_value();
   p.window_left = static_cast<int>(std::clamp<int64_t>(window_left.value_or(0), -limit, limit));
   p.window_right = static_cast<int>(std::clamp<int64_t>(window_right.value_or(0), -limit, limit));
+  // Both edges with left + right < 0: every row's band is empty. The tile bookkeeping assumes bands
+  // that are not (the tiles a band touches from either side agree only then, and the deterministic
+  // backward's dQ order, dq_rank, relies on it), so such a window becomes one that starts past every
+  // key: the same visibility (none), and no tile is visited.
+  if (p.has_window_left && p.has_window_right && p.window_left + p.window_right < 0) {
+    p.window_left = static_cast<int>(-limit);
+    p.window_right = 0;
+  }
   // Lengths are (B,) int32; a strided view is copied (B integers) so the kernels index them densely.
   if (key_lengths.has_value()) {
     in.key_lengths = key_lengths->contiguous();

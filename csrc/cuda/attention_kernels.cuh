@@ -1,9 +1,10 @@
 // Tensor-core attention kernels (mma.sync m16n8k16, sm_80+): the forward, and the backward (delta =
-// rowsum(dO * O); one kernel per key block doing the five products with dQ by float atomics, or in
-// the deterministic mode four products there and dQ in its own kernel). See docs/cuda-kernels.md.
+// rowsum(dO * O); one kernel per key block doing the five products, dQ added to a float32
+// accumulator by atomics, or in the deterministic mode in a fixed key-block order). See
+// docs/cuda-kernels.md.
 //
-// Each warp owns 16 rows of the tile it accumulates (query rows in the forward and dQ kernels, key
-// rows in the key-block kernel); the forward runs 8 warps (128 query rows), the backward kernels 4.
+// Each warp owns 16 rows of the tile it accumulates (query rows in the forward, key rows in the
+// backward); the forward runs 8 warps (128 query rows), the backward 4.
 // Scores, softmax statistics and accumulators are float32; the probabilities and dS are rounded to
 // the input dtype for the second product, as flash-attention does.
 #pragma once
@@ -60,16 +61,21 @@ struct AttentionParams {
   float* lse = nullptr;      // (B, Hq, Lq) contiguous, natural log
   const void* dout = nullptr;  // (B, Hq, Lq, D)
   float* delta = nullptr;    // (B, Hq, Lq) contiguous
-  void* dq = nullptr;        // (B, Hq, Lq, D): the deterministic dQ kernel's output
-  float* dq_accum = nullptr; // (B, Hq, Lq, D) contiguous float32: dQ summed with atomics, or null
+  float* dq_accum = nullptr; // (B, Hq, Lq, D) contiguous float32: dQ, summed by the key-block kernel
+  // (B, Hq, ceil(Lq / kBlockM)) int32, zeros: the deterministic mode's count of the dQ additions
+  // done per query tile (the next key block in the order waits for its rank there), or null
+  int* dq_semaphore = nullptr;
+  // Deterministic mode with block lists: (B|1, Hq|1, nQB, nKB + 1) int32, entry [.., qb, kb] = the
+  // number of key blocks before kb in query block qb's lists (dq_rank), or null
+  const int* dq_rank_prefix = nullptr;
+  int64_t dq_rank_prefix_stride[3] = {0, 0, 0};
   void* dk = nullptr;        // (B, Hq, Lk, D): one slice per query head (the host sums GQA groups)
   void* dv = nullptr;        // (B, Hq, Lk, D)
   float* dbias = nullptr;    // d(loss)/d(additive attn_mask) in the mask's broadcast shape, or null
   int64_t dbias_stride[4] = {0, 0, 0, 0};  // 0 on the dimensions the mask broadcasts
   bool dbias_reduced = false;              // some dimension is summed over (atomics)
   // strides in elements: batch, head, row (the last stride is 1)
-  int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3], dout_stride[3], dq_stride[3], dk_stride[3],
-      dv_stride[3];
+  int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3], dout_stride[3], dk_stride[3], dv_stride[3];
   // sizes
   int batch, heads_q, heads_kv, group, seqlen_q, seqlen_k;
   // score transformations
@@ -198,6 +204,28 @@ FASTATTN_HOST_DEVICE TileRange query_tiles(const AttentionParams& p, const HeadC
   r.hi = i_hi / BM;
   if (p.use_block_lists) apply_lists(r, p.q_lists, b, hq, n0 / p.mask_block_k, p.mask_block_q / BM);
   return r;
+}
+
+// The deterministic backward adds the dQ of query tile [m0, m0 + BM) key block by key block, in
+// increasing key-block order over the key blocks that visit the tile. The rank of key block
+// `n_block` (which visits it) in that order is the number of such blocks before it: the key tiles
+// of key_tiles() from the band's first tile on, counted through a BlockMask's lists by the host's
+// prefix table (dq_rank_prefix) -- the same pairs the backward's query_tiles() walks from the
+// other side (tests/cuda/schedule_check.cu checks both against a brute force). O(1): no list scan.
+template <int BM, int BN>
+FASTATTN_HOST_DEVICE int dq_rank(const AttentionParams& p, const HeadContext& c, int b, int hq, int m0, int n_block) {
+  // key_tiles(m0).lo: the tile of the first key row m0 sees.
+  const int lo = (p.has_window_left ? max(0, m0 + c.offset - p.window_left) : 0) / BN;
+  if (!p.use_block_lists) return n_block - lo;
+  const int sub = p.mask_block_k / BN;  // kernel tiles per mask block
+  const int* prefix = p.dq_rank_prefix + b * p.dq_rank_prefix_stride[0] + hq * p.dq_rank_prefix_stride[1] +
+                      (m0 / p.mask_block_q) * p.dq_rank_prefix_stride[2];
+  // Listed kernel tiles before tile x: whole listed blocks before x's, and x's place in its own.
+  auto listed_before = [&](int x) {
+    const int block = x / sub;
+    return prefix[block] * sub + (prefix[block + 1] - prefix[block]) * (x % sub);
+  };
+  return listed_before(n_block) - listed_before(lo);
 }
 
 template <bool V>
@@ -584,7 +612,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
 
 // ------------------------------------------------------------------------------------------------
 // Backward preprocessing: delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d], one warp per row;
-// the same warp zeroes row i of the float32 dQ accumulator when there is one (no separate memset).
+// the same warp zeroes row i of the float32 dQ accumulator (no separate memset).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) attention_bwd_delta_kernel(const AttentionParams p, int head_dim) {
   const int64_t rows = (int64_t)p.batch * p.heads_q * p.seqlen_q;
@@ -601,11 +629,16 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_delta_kernel(const Att
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
   if (lane == 0) p.delta[row] = sum;
-  if (p.dq_accum != nullptr) {
-    for (int x = 4 * lane; x < head_dim; x += 128) {
-      *reinterpret_cast<float4*>(p.dq_accum + row * head_dim + x) = make_float4(0.f, 0.f, 0.f, 0.f);
-    }
+  for (int x = 4 * lane; x < head_dim; x += 128) {
+    *reinterpret_cast<float4*>(p.dq_accum + row * head_dim + x) = make_float4(0.f, 0.f, 0.f, 0.f);
   }
+}
+
+// Query rows per tile of the backward (BwdTraits::kBlockM; the host sizes the deterministic mode's
+// counters with it): half as many in the deterministic kernel, whose dQ staging and ordering need
+// the registers (with the full tile it spilled).
+constexpr int bwd_block_m(int head_dim, bool deterministic) {
+  return (head_dim <= 64 ? 64 : 32) / (deterministic ? 2 : 1);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -613,26 +646,26 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_delta_kernel(const Att
 // query tile, dK and dV in registers across the whole query loop.
 //
 // Flags as in the forward (kWindow, kSoftcap, kBias: no code for a feature a call does not use),
-// plus kAtomicDq: dQ is computed in the same loop (the fifth product) and added to a float32
-// accumulator with atomics. Without it (torch.use_deterministic_algorithms) the kernel does four
-// products and attention_bwd_dq_kernel computes dQ in its own pass over key tiles; that one
-// deterministic instantiation is generic (every feature decided at run time), so it adds one
-// kernel per dtype and head dim, not eight.
-template <int kHeadDim_, bool kWindow_, bool kSoftcap_, bool kBias_, bool kAtomicDq_>
+// plus kDeterministic (torch.use_deterministic_algorithms): the fifth product, dQ, is added to the
+// float32 accumulator in a fixed order instead of by atomics -- key block after key block, each
+// waiting on a per-query-tile counter for its rank (dq_rank) and adding its tile with plain loads
+// and stores. Bit-identical across runs, same products. The deterministic instantiation is generic
+// (every feature decided at run time): one kernel per dtype and head dim.
+template <int kHeadDim_, bool kWindow_, bool kSoftcap_, bool kBias_, bool kDeterministic_>
 struct BwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr bool kWindow = kWindow_;
   static constexpr bool kSoftcap = kSoftcap_;
   static constexpr bool kBias = kBias_;
-  static constexpr bool kAtomicDq = kAtomicDq_;
-  static constexpr bool kGeneric = !kAtomicDq;
-  static_assert(kAtomicDq || (kWindow && kSoftcap && kBias), "the deterministic kernel is the generic one");
+  static constexpr bool kDeterministic = kDeterministic_;
+  static constexpr bool kGeneric = kDeterministic;
+  static_assert(!kDeterministic || (kWindow && kSoftcap && kBias), "the deterministic kernel is the generic one");
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
-  // Keys per CTA: 16 per warp. Query tile: 64 rows at D = 64, 32 at D = 128, where dK and dV
-  // (2 x 16 x 128 floats per warp: 128 registers a thread) leave room for 32-column scores only.
+  // Keys per CTA: 16 per warp. Query tile: bwd_block_m (64 rows at D = 64, 32 at D = 128, where dK
+  // and dV, 2 x 16 x 128 floats per warp or 128 registers a thread, leave room for 32-column scores).
   static constexpr int kBlockN = 16 * kWarps;
-  static constexpr int kBlockM = kHeadDim <= 64 ? 64 : 32;
+  static constexpr int kBlockM = bwd_block_m(kHeadDim, kDeterministic);
   static constexpr bool kNaturalUnits = kBias;  // the forward's rule (FwdTraits)
   // dQ = dS K is split over the warps: kBlockM / 16 row blocks, the head dims over the rest, in
   // chunks of 32 columns (16 accumulator registers live at a time).
@@ -643,13 +676,15 @@ struct BwdTraits {
 };
 
 // Shared memory of a backward CTA: K and V (kBlockN, D + 8); two stages of Q and dO (kBlockM, D + 8);
-// dS^T (kBlockN, kBlockM + 8) when dQ is computed here; two stages of lse and delta (kBlockM floats).
+// dX^T (kBlockN, kBlockM + 8); two stages of lse and delta (kBlockM floats); kDeterministic: the
+// float32 dQ tile (kBlockM, D + 4) staged for its ordered add.
 template <typename T, class Tr>
 constexpr int bwd_smem_bytes() {
   constexpr int kLd = Tr::kHeadDim + 8;
-  constexpr int ds = Tr::kAtomicDq ? Tr::kBlockN * (Tr::kBlockM + 8) : 0;
-  return (2 * Tr::kBlockN * kLd + 4 * Tr::kBlockM * kLd + ds) * static_cast<int>(sizeof(T)) +
-         4 * Tr::kBlockM * static_cast<int>(sizeof(float));
+  constexpr int dq = Tr::kDeterministic ? Tr::kBlockM * (Tr::kHeadDim + 4) : 0;
+  return (2 * Tr::kBlockN * kLd + 4 * Tr::kBlockM * kLd + Tr::kBlockN * (Tr::kBlockM + 8)) *
+             static_cast<int>(sizeof(T)) +
+         (4 * Tr::kBlockM + dq) * static_cast<int>(sizeof(float));
 }
 
 // The query tiles of key block [n0, n0 + kBlockN) of head (b, hq): masked tiles (crossing
@@ -681,7 +716,7 @@ __device__ __forceinline__ float bwd_lse(float lse) {
 // the group's slices), warp w owns keys [16w, 16w + 16) and computes per query tile, transposed:
 //   S^T = K Q^T, dP^T = V dO^T, P^T = exp(S^T - lse), dS^T = P^T (dP^T - delta),
 //   dV += P^T dO, dK += dX^T Q  (dX = scale * dS * softcap derivative, rounded to T),
-//   dQ += dX K  (kAtomicDq: dX^T through shared memory, float atomics),
+//   dQ += dX K  (dX^T through shared memory; float atomics, or kDeterministic's ordered adds),
 // and writes dS to dbias when asked. Pipeline: the copies of the next query tile's Q, dO, lse and
 // delta (cp.async, one group per tile) are in flight while the current one is multiplied.
 template <typename T, class Tr>
@@ -693,9 +728,11 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_kernel(const Atten
   T* sV = sK + BN * kLd;               // [BN, D]
   T* sQ = sV + BN * kLd;               // [2][BM, D]
   T* sdO = sQ + 2 * BM * kLd;          // [2][BM, D]
-  T* sdS = sdO + 2 * BM * kLd;         // [BN, BM]: dX^T (kAtomicDq)
-  float* sLse = reinterpret_cast<float*>(sdS + (Tr::kAtomicDq ? BN * kLdS : 0));  // [2][BM]
-  float* sDelta = sLse + 2 * BM;                                                   // [2][BM]
+  T* sdS = sdO + 2 * BM * kLd;         // [BN, BM]: dX^T
+  float* sLse = reinterpret_cast<float*>(sdS + BN * kLdS);  // [2][BM]
+  float* sDelta = sLse + 2 * BM;                             // [2][BM]
+  constexpr int kLdQ = D + 4;
+  float* sdQ = sDelta + 2 * BM;  // [BM, D] float32: this tile's dQ (kDeterministic)
 
   const int n_block = blockIdx.x, hq = blockIdx.y, b = blockIdx.z;
   const int hk = hq / p.group;
@@ -806,7 +843,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_kernel(const Atten
       uint32_t ap[4], ads[4];
       accumulator_to_a<T>(ap, st[2 * kk], st[2 * kk + 1]);
       accumulator_to_a<T>(ads, dpt[2 * kk], dpt[2 * kk + 1]);
-      if constexpr (Tr::kAtomicDq) {
+      {
         // dX^T rows g and g + 8 of this warp's keys, query columns 16kk + 2t (+ 8): a[] as the mma
         // fragment holds them (bank-conflict free: rows are BM + 8 elements apart).
         T* row = sdS + (warp * 16 + g) * kLdS + kk * 16 + 2 * t;
@@ -826,7 +863,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_kernel(const Atten
         MmaTraits<T>::mma(dk[2 * np + 1], ads, bq + 2);
       }
     }
-    if constexpr (Tr::kAtomicDq) {
+    {
       __syncthreads();  // dX^T of every warp is in shared memory
       // dQ[rows of row block mr, this warp's columns] += dX K: A = dX from dX^T (ldmatrix.trans),
       // B = K as stored (keys x head dims).
@@ -836,7 +873,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_kernel(const Atten
       uint32_t ads[BN / 16][4];
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) ldsm_a_trans(ads[kk], sdS, kLdS, mr * 16, kk * 16, lane);
-      float* dq_rows = p.dq_accum + (stats + m0 + mr * 16 + g) * D;
+      float* dq_rows = Tr::kDeterministic ? nullptr : p.dq_accum + (stats + m0 + mr * 16 + g) * D;
       const bool row_live[2] = {m0 + mr * 16 + g < c.qlen, m0 + mr * 16 + g + 8 < c.qlen};
 #pragma unroll
       for (int chunk = 0; chunk < Tr::kDqCols / Tr::kDqChunk; ++chunk) {
@@ -856,11 +893,49 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_kernel(const Atten
         }
 #pragma unroll
         for (int nt = 0; nt < Tr::kDqChunk / 8; ++nt) {
+          if constexpr (Tr::kDeterministic) {
+            // Staged in shared memory (rows past query_lengths too: the ordered add skips them).
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            if (row_live[e / 2]) atomicAdd(dq_rows + (e / 2) * 8 * D + col0 + nt * 8 + 2 * t + (e % 2), acc[nt][e]);
+            for (int r = 0; r < 2; ++r) {
+              *reinterpret_cast<float2*>(sdQ + (mr * 16 + g + r * 8) * kLdQ + col0 + nt * 8 + 2 * t) =
+                  make_float2(acc[nt][2 * r], acc[nt][2 * r + 1]);
+            }
+          } else {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              if (row_live[e / 2]) atomicAdd(dq_rows + (e / 2) * 8 * D + col0 + nt * 8 + 2 * t + (e % 2), acc[nt][e]);
+            }
           }
         }
+      }
+      if constexpr (Tr::kDeterministic) {
+        // The ordered add: wait until the key blocks before this one in the tile's order have added
+        // theirs (thread 0 polls; the barrier passes its acquire on to the CTA), add the staged tile
+        // with L2 loads and stores (.cg: whatever L1 held), and release the next one. Only earlier
+        // key blocks of the same head are waited for: launched before this CTA, so resident or done.
+        auto semaphore = [&] {
+          return p.dq_semaphore + ((int64_t)blockIdx.z * p.heads_q + blockIdx.y) * ((p.seqlen_q + BM - 1) / BM) +
+                 step.tile;
+        };
+        if (tid == 0) {
+          // (The block indices are read again, not kept: registers are scarce here.)
+          const int rank = dq_rank<BM, BN>(p, c, blockIdx.z, blockIdx.y, m0, blockIdx.x);
+          while (ld_acquire_gpu(semaphore()) != rank) __nanosleep(32);
+        }
+        __syncthreads();
+        constexpr int kVecs = D / 4;  // float4 per row
+#pragma unroll 4
+        for (int x = tid; x < BM * kVecs; x += Tr::kThreads) {
+          const int row = x / kVecs, col = (x % kVecs) * 4;
+          if (m0 + row >= c.qlen) continue;
+          float4* dst = reinterpret_cast<float4*>(p.dq_accum + (stats + m0 + row) * D + col);
+          const float4 add = *reinterpret_cast<const float4*>(sdQ + row * kLdQ + col);
+          const float4 old = __ldcg(dst);
+          __stcg(dst, make_float4(old.x + add.x, old.y + add.y, old.z + add.z, old.w + add.w));
+        }
+        __threadfence();  // this thread's adds are visible on the GPU before the release
+        __syncthreads();
+        if (tid == 0) red_release_gpu_add(semaphore(), 1);  // rank + 1: this block holds the tile
       }
     }
   };
@@ -898,174 +973,6 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_kernel(const Atten
           MmaTraits<T>::pack(dk[nt][2 * r], dk[nt][2 * r + 1]);
       *reinterpret_cast<uint32_t*>(dv_out + (int64_t)j * p.dv_stride[2] + col) =
           MmaTraits<T>::pack(dv[nt][2 * r], dv[nt][2 * r + 1]);
-    }
-  }
-}
-
-// ------------------------------------------------------------------------------------------------
-// Backward dQ of the deterministic mode (the key-block kernel without kAtomicDq computes dK, dV):
-// grid (ceil(Lq / 64), Hq, B); CTA = 64 query rows of one head, warp w owns rows [16w, 16w + 16),
-// and walks its key tiles as the forward does (FwdSchedule: masked tiles first, K/V by cp.async
-// double-buffered): S = Q K^T, dP = dO V^T, P = exp(S - lse), dQ += dX K with
-// dX = scale * P (dP - delta) * softcap derivative. Generic (every feature decided at run time,
-// natural units), as the deterministic key-block kernel: one instantiation per dtype and head dim.
-// Key tiles: 64 at D = 64, 32 at D = 128 (the float32 S, dP and dQ then fit in registers, and the
-// shared memory, 69 632 bytes, fits sm_86/sm_89).
-template <int kHeadDim_>
-struct DqTraits {
-  static constexpr int kHeadDim = kHeadDim_;
-  static constexpr bool kWindow = true, kSoftcap = true, kBias = true, kGeneric = true, kNaturalUnits = true;
-  static constexpr int kBlockM = 64;
-  static constexpr int kBlockN = kHeadDim <= 64 ? 64 : 32;
-  static constexpr int kWarps = kBlockM / 16;
-  static constexpr int kThreads = 32 * kWarps;
-};
-
-// Shared memory of a dQ CTA: Q and dO (kBlockM, D + 8), two stages of K and V (kBlockN, D + 8).
-template <typename T, class Tr>
-constexpr int dq_smem_bytes() {
-  return (2 * Tr::kBlockM + 4 * Tr::kBlockN) * (Tr::kHeadDim + 8) * static_cast<int>(sizeof(T));
-}
-
-template <typename T, class Tr>
-__global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const AttentionParams p) {
-  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, kLd = D + 8;
-  static_assert(D % 16 == 0 && BN % 16 == 0, "tiles are multiples of the 16 x 16 mma step");
-  extern __shared__ __align__(16) unsigned char smem[];
-  T* sQ = reinterpret_cast<T*>(smem);  // [BM, D]
-  T* sdO = sQ + BM * kLd;              // [BM, D]
-  T* sK = sdO + BM * kLd;              // [2][BN, D]
-  T* sV = sK + 2 * BN * kLd;           // [2][BN, D]
-
-  const int m_block = blockIdx.x, hq = blockIdx.y, b = blockIdx.z;
-  const int hk = hq / p.group;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const int m0 = m_block * BM;
-  const HeadContext c = head_context(p, b, hq);
-
-  const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + hq * p.q_stride[1];
-  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_stride[0] + hq * p.dout_stride[1];
-  const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
-  const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
-
-  FwdSchedule<Tr> sched;
-  sched.init(p, c, b, hq, m0);
-  // Rows past query_lengths / key_lengths are zero-filled, never read.
-  const TileCopier<T, BN, D, Tr::kThreads> k_copier(k, p.k_stride[2], tid), v_copier(v, p.v_stride[2], tid);
-  constexpr int kStage = BN * kLd;
-  auto load_kv = [&](int stage, int tile) {
-    k_copier.issue(sK + stage, tile * BN, c.klen);
-    v_copier.issue(sV + stage, tile * BN, c.klen);
-  };
-  FwdStep cur = sched.first(p);
-  FwdStep nxt = sched.template next<true>(p, cur);
-  TileCopier<T, BM, D, Tr::kThreads>(q, p.q_stride[2], tid).issue(sQ, m0, c.qlen);
-  TileCopier<T, BM, D, Tr::kThreads>(dout, p.dout_stride[2], tid).issue(sdO, m0, c.qlen);
-  if (cur.tile >= 0) load_kv(0, cur.tile);
-  cp_async_commit();
-  if (nxt.tile >= 0) load_kv(kStage, nxt.tile);
-  cp_async_commit();
-
-  const int64_t stats = ((int64_t)b * p.heads_q + hq) * p.seqlen_q;
-  float lse[2], delta[2];  // rows g and g + 8 of this warp (natural units; +inf for empty rows)
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int i = m0 + warp * 16 + g + r * 8;
-    lse[r] = bwd_lse<Tr>(i < c.qlen ? p.lse[stats + i] : 0.f);
-    delta[r] = i < c.qlen ? p.delta[stats + i] : 0.f;
-  }
-  cp_async_wait<1>();  // Q, dO and the first key tile
-  __syncthreads();
-
-  float dq[D / 8][4];  // [16, D] of this warp's rows
-#pragma unroll
-  for (int nt = 0; nt < D / 8; ++nt) dq[nt][0] = dq[nt][1] = dq[nt][2] = dq[nt][3] = 0.f;
-  int stage = 0;
-
-  auto tile_body = [&](auto mask_tile, const FwdStep& step) {
-    constexpr bool kMaskTile = decltype(mask_tile)::value;
-    const T* k_s = sK + stage;
-    const T* v_s = sV + stage;
-    const int n0 = step.tile * BN;
-    float s[BN / 8][4], dp[BN / 8][4];  // [16, BN]: S, dP
-#pragma unroll
-    for (int nt = 0; nt < BN / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
-    }
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t aq[4], ado[4];
-      ldsm_a(aq, sQ, kLd, warp * 16, kk * 16, lane);
-      ldsm_a(ado, sdO, kLd, warp * 16, kk * 16, lane);
-#pragma unroll
-      for (int np = 0; np < BN / 16; ++np) {
-        uint32_t bk[4], bv[4];  // keys [16np, 16np + 16) x head dims [16kk, 16kk + 16)
-        ldsm_b_pair(bk, k_s, kLd, np * 16, kk * 16, lane);
-        ldsm_b_pair(bv, v_s, kLd, np * 16, kk * 16, lane);
-        MmaTraits<T>::mma(s[2 * np], aq, bk);
-        MmaTraits<T>::mma(s[2 * np + 1], aq, bk + 2);
-        MmaTraits<T>::mma(dp[2 * np], ado, bv);
-        MmaTraits<T>::mma(dp[2 * np + 1], ado, bv + 2);
-      }
-    }
-#pragma unroll
-    for (int nt = 0; nt < BN / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e / 2;
-        const int i = m0 + warp * 16 + g + r * 8;
-        const int j = n0 + nt * 8 + 2 * t + (e % 2);
-        float th = 0.f;
-        const float x = fwd_score<Tr, kMaskTile>(p, c, s[nt][e], i, j, step.use_mask, &th);
-        const float prob = fast_exp2((x - lse[r]) * kLog2e);
-        float ds = prob * (dp[nt][e] - delta[r]);
-        if constexpr (kMaskTile) ds = prob > 0.f ? ds : 0.f;  // a NaN in a hidden V row stays out
-        dp[nt][e] = ds * (p.scale * (1.f - th * th));
-      }
-    }
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      uint32_t ads[4];
-      accumulator_to_a<T>(ads, dp[2 * kk], dp[2 * kk + 1]);
-#pragma unroll
-      for (int np = 0; np < D / 16; ++np) {
-        uint32_t bk[4];  // keys [16kk, 16kk + 16) x head dims [16np, 16np + 16)
-        ldsm_b_pair_trans(bk, k_s, kLd, kk * 16, np * 16, lane);
-        MmaTraits<T>::mma(dq[2 * np], ads, bk);
-        MmaTraits<T>::mma(dq[2 * np + 1], ads, bk + 2);
-      }
-    }
-  };
-  auto advance = [&](auto masked_pass) {
-    const FwdStep after = sched.template next<decltype(masked_pass)::value>(p, nxt);
-    __syncthreads();  // every warp is done with `stage`
-    if (after.tile >= 0) load_kv(stage, after.tile);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-    cur = nxt;
-    nxt = after;
-    stage ^= kStage;
-  };
-  while (cur.tile >= 0 && cur.masked) {
-    tile_body(BoolConstant<true>{}, cur);
-    advance(BoolConstant<true>{});
-  }
-  while (cur.tile >= 0) {
-    tile_body(BoolConstant<false>{}, cur);
-    advance(BoolConstant<false>{});
-  }
-
-  T* dq_out = static_cast<T*>(p.dq) + b * p.dq_stride[0] + hq * p.dq_stride[1];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int i = m0 + warp * 16 + g + r * 8;
-    if (i >= p.seqlen_q) continue;
-#pragma unroll
-    for (int nt = 0; nt < D / 8; ++nt) {
-      *reinterpret_cast<uint32_t*>(dq_out + (int64_t)i * p.dq_stride[2] + nt * 8 + 2 * t) =
-          MmaTraits<T>::pack(dq[nt][2 * r], dq[nt][2 * r + 1]);
     }
   }
 }

@@ -115,6 +115,19 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// A counter in global memory shared by CTAs (the deterministic backward's dQ order): an acquire
+// load (later reads of this thread see what the releasing CTA wrote before its release) and a
+// release add.
+__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void red_release_gpu_add(int* p, int v) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+
 // Fragments of row-major shared tiles with row stride `ld` (elements), by ldmatrix:
 // the A fragment of the 16 x 16 block at (row0, col0);
 template <typename T>

@@ -3,7 +3,7 @@
 boundary tiles at both ends, block lists on the 128-row and the generic 64-row kernels, additive
 masks with a broadcast gradient, a strided mask, an offset input), with the backward's default dQ
 atomics and again in the deterministic mode (torch.use_deterministic_algorithms: the generic
-key-block kernel and the dQ pass). Exits non-zero on a wrong result.
+key-block kernel adding dQ in key-block order). Exits non-zero on a wrong result.
 
 Run on a GPU from the repository root, once per tool::
 

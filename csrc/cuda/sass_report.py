@@ -33,8 +33,8 @@ ARCHS = ("sm_80", "sm_90a")
 
 # The kernels the report compiles: bf16 (fp16 differs only in the mma type) at both head dims, the
 # forward in the flag combinations that matter most (plain, causal, softcap, bias, the generic
-# 64-row block-list kernel), the backward plain, causal, with every flag, and the deterministic pair
-# (generic four-product kernel + dQ kernel); the names follow the host dispatch in
+# 64-row block-list kernel), the backward plain, causal, with every flag, and the deterministic
+# (generic, dQ added in key-block order) kernel; the names follow the host dispatch in
 # attention_fwd.cu/attention_bwd.cu.
 KERNELS = (
     "attention_fwd_kernel<__nv_bfloat16, FwdTraits<128, false, false, false, 128>>",
@@ -43,14 +43,12 @@ KERNELS = (
     "attention_fwd_kernel<__nv_bfloat16, FwdTraits<128, true, false, true, 128>>",
     "attention_fwd_kernel<__nv_bfloat16, FwdTraits<128, true, true, true, 64>>",
     "attention_fwd_kernel<__nv_bfloat16, FwdTraits<64, false, false, false, 128>>",
-    "attention_bwd_kernel<__nv_bfloat16, BwdTraits<128, false, false, false, true>>",
-    "attention_bwd_kernel<__nv_bfloat16, BwdTraits<128, true, false, false, true>>",
-    "attention_bwd_kernel<__nv_bfloat16, BwdTraits<128, true, true, true, true>>",
+    "attention_bwd_kernel<__nv_bfloat16, BwdTraits<128, false, false, false, false>>",
+    "attention_bwd_kernel<__nv_bfloat16, BwdTraits<128, true, false, false, false>>",
     "attention_bwd_kernel<__nv_bfloat16, BwdTraits<128, true, true, true, false>>",
-    "attention_bwd_kernel<__nv_bfloat16, BwdTraits<64, false, false, false, true>>",
-    "attention_bwd_kernel<__nv_bfloat16, BwdTraits<64, true, true, true, false>>",
-    "attention_bwd_dq_kernel<__nv_bfloat16, DqTraits<128>>",
-    "attention_bwd_dq_kernel<__nv_bfloat16, DqTraits<64>>",
+    "attention_bwd_kernel<__nv_bfloat16, BwdTraits<128, true, true, true, true>>",
+    "attention_bwd_kernel<__nv_bfloat16, BwdTraits<64, false, false, false, false>>",
+    "attention_bwd_kernel<__nv_bfloat16, BwdTraits<64, true, true, true, true>>",
 )
 NVCC_FLAGS = ("-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr", "-Xptxas", "-v")
 

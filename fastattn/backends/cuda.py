@@ -5,8 +5,8 @@ built for), float16 and bfloat16, head dims 64 and 128. The forward is FlashAtte
 (128-row query tiles, Q in registers, ``ldmatrix`` fragments, ``cp.async`` double-buffered K/V,
 features as template flags); the backward is FlashAttention-2's (one kernel per key block and query
 head doing the five products, dK/dV in registers, dQ summed with float32 atomics), and under
-``torch.use_deterministic_algorithms(True)`` bit-reproducible (dQ in its own pass, no atomics: 7
-products instead of 5). The automatic choice puts these kernels before
+``torch.use_deterministic_algorithms(True)`` bit-reproducible (the same five products, dQ added in
+a fixed key-block order instead of by atomics). The automatic choice puts these kernels before
 Triton only where measured evidence says so (:mod:`fastattn.backends.evidence`). Design notes:
 ``docs/cuda-kernels.md``.
 """
@@ -17,7 +17,7 @@ import torch
 
 from .. import _extension
 from .._inputs import AttentionInputs
-from ..ops import BackendOps, fwd_fake
+from ..ops import BackendOps, fwd_fake_q_layout
 from .base import Backend, common_reasons
 
 HEAD_DIMS = (64, 128)
@@ -118,7 +118,8 @@ def _hopper_built() -> bool:
     """Whether the extension registers the Hopper forward (built with a 9.0a target and CUTLASS headers)."""
     if _extension.load()[0] is None or not hasattr(torch.ops.fastattn, "attention_fwd_sm90"):
         return False  # no extension, or one built before the op existed
-    torch.library.register_fake("fastattn::attention_fwd_sm90", fwd_fake)  # the schema is in every build
+    # The schema is in every build; out in q's layout, as attention_fwd's (ops.output_like_q).
+    torch.library.register_fake("fastattn::attention_fwd_sm90", fwd_fake_q_layout)
     return _BUILD_REASON is None and torch._C._dispatch_has_kernel_for_dispatch_key(
         "fastattn::attention_fwd_sm90", "CUDA"
     )

@@ -14,9 +14,8 @@
 #include <algorithm>
 #include <optional>
 #include <tuple>
-#include <utility>
 
-#include "checks.h"
+#include "cuda/attention_checks.h"
 #include "cuda/sm90/attention_fwd_sm90.h"
 
 namespace fastattn {
@@ -51,9 +50,6 @@ bool hopper_serves(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   return !has_element_mask && dropout_p == 0.0 && scale > 0.0;
 }
 
-// Strides of a (possibly broadcast) tensor, 0 on dimensions of size 1.
-int64_t broadcast_stride(const at::Tensor& t, int d) { return t.size(d) == 1 ? 0 : t.stride(d); }
-
 // A BlockMask's forward lists, checked (shapes, dtype, device; counts are clamped and indices
 // outside the band skipped by the kernel), as the kernel reads them.
 TileLists tile_lists(const at::Tensor& q, const AttentionShape& s, const OptTensor& num, const OptTensor& idx,
@@ -63,10 +59,8 @@ TileLists tile_lists(const at::Tensor& q, const AttentionShape& s, const OptTens
   check_block_lists(q, full_num, full_idx, rows, cols, "full_kv_num_blocks", "full_kv_indices");
   TORCH_CHECK(num.has_value() && full_num.has_value(),
               "kv_num_blocks and full_kv_num_blocks must be given together (a BlockMask passes both)");
-  for (auto [t, name] : {std::pair{&num, "kv_num_blocks"}, std::pair{&full_num, "full_kv_num_blocks"}}) {
-    TORCH_CHECK(((*t)->size(0) == 1 || (*t)->size(0) == s.batch) && ((*t)->size(1) == 1 || (*t)->size(1) == s.heads_q),
-                name, " must have (B, H) = (1 or ", s.batch, ", 1 or ", s.heads_q, "), got ", (*t)->sizes());
-  }
+  check_lists_broadcast(num, s, "kv_num_blocks");
+  check_lists_broadcast(full_num, s, "full_kv_num_blocks");
   TileLists l;
   l.num = num->data_ptr<int>();
   l.idx = idx->data_ptr<int>();
@@ -117,14 +111,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_sm90_cuda(
                      full_kv_num_blocks, full_kv_indices, partial_masks, partial_tile_ids, block_size_q, block_size_k,
                      scale, window_left, window_right, softcap, dropout_p, seed);
   }
-  const AttentionShape s = check_qkv(q, k, v);  // names the argument that is wrong
-  check_optionals(s, q, attn_mask, alibi_slopes, key_lengths, query_lengths);
-  check_scalars(scale, softcap, dropout_p);
-  // Below 2^29 (as the sm80 kernels): row + offset +- window stays within int32.
-  TORCH_CHECK(s.seqlen_q < (int64_t{1} << 29) && s.seqlen_k < (int64_t{1} << 29),
-              "seqlen_q and seqlen_k must be below 2^29 for the Hopper kernel, got ", s.seqlen_q, " and ", s.seqlen_k);
-  TORCH_CHECK(s.batch <= 65535 && s.heads_q <= 65535, "batch and heads (q.size(0), q.size(1)) must be at most 65535, got ",
-              s.batch, " and ", s.heads_q);
+  // The sm80 ops' checks (one copy, attention_checks.h), each naming the argument that is wrong.
+  const AttentionShape s = check_cuda_inputs(q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, scale,
+                                             softcap, dropout_p);
   const at::cuda::CUDAGuard device_guard(q.device());
   const int smem = fwd_smem_bytes(static_cast<int>(s.head_dim));
   const auto* prop = at::cuda::getCurrentDeviceProperties();
@@ -134,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_sm90_cuda(
   const at::Tensor q_ready = tma_ready(q);
   const at::Tensor k_ready = tma_ready(k);
   const at::Tensor v_ready = tma_ready(v);
-  at::Tensor out = at::empty({s.batch, s.heads_q, s.seqlen_q, s.head_dim}, q.options());
+  at::Tensor out = output_like_q(q, s);  // q's layout, as the op's fake (fastattn/ops.py) says
   at::Tensor lse = at::empty({s.batch, s.heads_q, s.seqlen_q}, q.options().dtype(at::kFloat));
 
   FwdArgs args{};

@@ -17,15 +17,20 @@ from .helpers import bwd_op_args, check_against_reference, make_qkv, op_args
 
 B, Hq, Hkv, Lq, Lk, D = 2, 4, 2, 17, 23, 16
 
-# The mask's shape as the caller gives it, and its 4-D own shape (what dbias must have).
-PATTERNS = [
-    pytest.param((1, 1, Lq, Lk), id="1-1-Lq-Lk"),
-    pytest.param((B, 1, 1, Lk), id="B-1-1-Lk"),
-    pytest.param((1, Hq, Lq, Lk), id="1-H-Lq-Lk"),
-    pytest.param((1, 1, Lq, 1), id="1-1-Lq-1"),
-    pytest.param((Hq, 1, Lk), id="H-1-Lk"),
-    pytest.param((B, Hq, Lq, Lk), id="dense"),
+# The mask's shape as the caller gives it, written with the call's dimensions.
+PATTERNS = ["1-1-Lq-Lk", "B-1-1-Lk", "1-H-Lq-Lk", "1-1-Lq-1", "H-1-Lk", "B-H-Lq-Lk"]
+# (B, Hq, Hkv, Lq, Lk, D) of the calls checked against the reference: GQA, Lq != Lk, a single query.
+SHAPES = [
+    pytest.param((B, Hq, Hkv, Lq, Lk, D), id="B2-H4-Hkv2-Lq17-Lk23-D16"),
+    pytest.param((1, 3, 1, 1, 97, 40), id="B1-H3-Hkv1-Lq1-Lk97-D40"),
 ]
+
+
+def _mask_shape(pattern: str, b: int, h: int, lq: int, lk: int) -> tuple[int, ...]:
+    sizes = {"1": 1, "B": b, "H": h, "Lq": lq, "Lk": lk}
+    return tuple(sizes[name] for name in pattern.split("-"))
+
+
 BACKENDS = ["reference", "cpu", pytest.param("triton", marks=pytest.mark.interpreter)]
 
 
@@ -39,11 +44,12 @@ def _own_shape(shape) -> tuple[int, ...]:
     return (1,) * (4 - len(shape)) + tuple(shape)
 
 
-@pytest.mark.parametrize("shape", PATTERNS)
+@pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_op_returns_dbias_in_the_masks_own_shape(backend, shape):
+def test_op_returns_dbias_in_the_masks_own_shape(backend, pattern):
     _usable(backend)
     torch.manual_seed(0)
+    shape = _mask_shape(pattern, B, Hq, Lq, Lk)
     q, k, v = make_qkv(B, Hq, Hkv, Lq, Lk, D, requires_grad=False)
     mask = torch.randn(shape)
     fwd, lists = op_args(q, k, v, backend=backend, attn_mask=mask, causal=True)
@@ -64,21 +70,24 @@ def test_op_returns_dbias_in_the_masks_own_shape(backend, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("shape", PATTERNS)
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("dims", SHAPES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_mask_gradient_matches_the_reference(backend, shape, dtype):
+def test_mask_gradient_matches_the_reference(backend, dims, pattern, dtype):
     _usable(backend)
     torch.manual_seed(1)
-    q, k, v = make_qkv(B, Hq, Hkv, Lq, Lk, D, dtype=dtype)
-    mask = torch.randn(shape, dtype=dtype, requires_grad=True)
+    b, hq, hkv, lq, lk, d = dims
+    q, k, v = make_qkv(b, hq, hkv, lq, lk, d, dtype=dtype)
+    mask = torch.randn(_mask_shape(pattern, b, hq, lq, lk), dtype=dtype, requires_grad=True)
     check_against_reference(backend, q, k, v, attn_mask=mask, window=(9, 3))
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("shape", [p for p in PATTERNS if p.id != "dense"])
-def test_triton_deterministic_mode_sums_a_dense_scratch_to_the_same_dbias(shape):
+@pytest.mark.parametrize("pattern", PATTERNS[:-1])  # the broadcast ones
+def test_triton_deterministic_mode_sums_a_dense_scratch_to_the_same_dbias(pattern):
     _usable("triton")
     torch.manual_seed(4)
+    shape = _mask_shape(pattern, B, Hq, Lq, Lk)
     q, k, v = make_qkv(B, Hq, Hkv, Lq, Lk, D, requires_grad=False)
     fwd, lists = op_args(q, k, v, backend="triton", attn_mask=torch.randn(shape), window=(5, 2))
     ops = fastattn.get_backend("triton").ops
@@ -114,11 +123,26 @@ def test_cpu_broadcast_mask_gradient_allocates_no_dense_buffer():
     assert bias.grad is None
 
 
+@pytest.mark.parametrize("pattern", PATTERNS[:-1])
+def test_cpu_broadcast_mask_gradient_is_deterministic(pattern):
+    _usable("cpu")
+    torch.manual_seed(5)
+    q, k, v = make_qkv(B, Hq, Hkv, 97, 130, D)
+    mask = torch.randn(_mask_shape(pattern, B, Hq, 97, 130), requires_grad=True)
+    dout = torch.randn(B, Hq, 97, D)
+    first, second = (
+        torch.autograd.grad(fastattn.attention(q, k, v, attn_mask=mask, backend="cpu"), mask, dout)[0]
+        for _ in range(2)
+    )
+    assert first.shape == mask.shape and torch.equal(first, second)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", PATTERNS)
-def test_cuda_mask_gradient_in_the_masks_own_shape(shape):
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_cuda_mask_gradient_in_the_masks_own_shape(pattern):
     _usable("cuda")
     torch.manual_seed(3)
+    shape = _mask_shape(pattern, B, Hq, Lq, Lk)
     q, k, v = make_qkv(B, Hq, Hkv, Lq, Lk, 64, dtype=torch.bfloat16, device="cuda", requires_grad=False)
     mask = torch.randn(shape, device="cuda")
     fwd, lists = op_args(q, k, v, backend="cuda", attn_mask=mask, causal=True)

@@ -244,14 +244,14 @@ def _dkdv_query_block(
     )
     b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
     b_dk += tl.dot(b_dxt.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
-    if COMPUTE_DBIAS:
-        # [BLOCK_N, BLOCK_M] pointers; stride 0 on the dimensions a broadcast mask sums over
+    if COMPUTE_DBIAS == 2:
+        # A broadcast mask: float32 atomics into its own shape (any order), stride 0 on the dimensions
+        # it sums over. [BLOCK_N, BLOCK_M] pointers
         p_dbias = p_dbias_bh + o_m[None, :] * stride_dbias_m + o_n[:, None] * stride_dbias_n
-        m_dbias = (o_m[None, :] < Lq) & (o_n[:, None] < Lk)
-        if COMPUTE_DBIAS == 2:  # a broadcast mask: float32 atomics into its own shape (any order)
-            tl.atomic_add(p_dbias, b_dst, mask=m_dbias, sem="relaxed")
-        else:  # every element written once
-            tl.store(p_dbias, b_dst.to(p_dbias_bh.dtype.element_ty), mask=m_dbias)
+        tl.atomic_add(p_dbias, b_dst, mask=(o_m[None, :] < Lq) & (o_n[:, None] < Lk), sem="relaxed")
+    elif COMPUTE_DBIAS:  # a dense buffer with contiguous rows: every element written once
+        p_dbias = p_dbias_bh + o_m[None, :] * stride_dbias_m + o_n[:, None]
+        tl.store(p_dbias, b_dst.to(p_dbias_bh.dtype.element_ty), mask=(o_m[None, :] < Lq) & (o_n[:, None] < Lk))
     return b_dk, b_dv
 
 

@@ -39,7 +39,8 @@ class AttentionInputs:
     ``attn_mask`` is bool (True = attend) or additive float, expanded (without a copy) to
     ``(B, Hq, Lq, Lk)``; ``attn_mask_own`` is the same mask 4-D in its own shape (size 1 on the
     dimensions it broadcasts), the tensor the autograd Function differentiates, so that the mask's
-    gradient is accumulated in that shape and never as a dense ``(B, Hq, Lq, Lk)`` tensor. ``alibi_slopes`` is float32 expanded to ``(B, Hq)``.
+    gradient is accumulated in that shape and never as a dense ``(B, Hq, Lq, Lk)`` tensor.
+    ``alibi_slopes`` is float32 expanded to ``(B, Hq)``.
     ``key_lengths``/``query_lengths`` are int32 ``(B,)``. ``sinks`` is floating ``(Hq,)`` (see
     :func:`_check_sinks`).
     """

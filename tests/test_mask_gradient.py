@@ -82,6 +82,21 @@ def test_mask_gradient_matches_the_reference(backend, dims, pattern, dtype):
     check_against_reference(backend, q, k, v, attn_mask=mask, window=(9, 3))
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_gradient_of_a_mask_the_caller_expanded(backend):
+    # An expanded mask that requires grad (a non-leaf view here) has a gradient of the expanded shape:
+    # each of its elements gets its own score gradient, and the caller's expand sums them.
+    _usable(backend)
+    torch.manual_seed(6)
+    q, k, v = make_qkv(B, Hq, Hkv, Lq, Lk, D)
+    base = torch.randn(1, 1, Lq, Lk, requires_grad=True)
+    out = fastattn.attention(q, k, v, attn_mask=base.expand(B, Hq, Lq, Lk), causal=True, backend=backend)
+    dout = torch.randn_like(out)
+    got, = torch.autograd.grad(out, base, dout)
+    want, = torch.autograd.grad(fastattn.reference.attention(q, k, v, attn_mask=base, causal=True), base, dout)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("pattern", PATTERNS[:-1])  # the broadcast ones
 def test_triton_deterministic_mode_sums_a_dense_scratch_to_the_same_dbias(pattern):

@@ -37,7 +37,10 @@ class AttentionInputs:
 
     Shapes: ``q (B, Hq, Lq, D)``, ``k (B, Hkv, Lk, D)``, ``v (B, Hkv, Lk, Dv)``.
     ``attn_mask`` is bool (True = attend) or additive float, expanded (without a copy) to
-    ``(B, Hq, Lq, Lk)``. ``alibi_slopes`` is float32 expanded to ``(B, Hq)``.
+    ``(B, Hq, Lq, Lk)``; ``attn_mask_own`` is the same mask 4-D in its own shape (size 1 on the
+    dimensions it broadcasts), the tensor the autograd Function differentiates, so that the mask's
+    gradient is accumulated in that shape and never as a dense ``(B, Hq, Lq, Lk)`` tensor.
+    ``alibi_slopes`` is float32 expanded to ``(B, Hq)``.
     ``key_lengths``/``query_lengths`` are int32 ``(B,)``. ``sinks`` is floating ``(Hq,)`` (see
     :func:`_check_sinks`).
     """
@@ -57,6 +60,7 @@ class AttentionInputs:
     query_lengths: torch.Tensor | None = None
     return_lse: bool = False  # the caller receives lse, which then carries a gradient
     sinks: torch.Tensor | None = None  # per-head sink logits (Hq,), applied by fastattn.autograd.fold_sinks
+    attn_mask_own: torch.Tensor | None = None  # attn_mask before the expand, 4-D (see above)
 
     @property
     def batch(self) -> int:
@@ -176,7 +180,11 @@ def _check_window(window) -> tuple[int | None, int | None]:
     return out[0], out[1]
 
 
-def _broadcast_mask(mask, B: int, H: int, Lq: int, Lk: int, q: torch.Tensor, name: str) -> torch.Tensor:
+def _broadcast_mask(
+    mask, B: int, H: int, Lq: int, Lk: int, q: torch.Tensor, name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(expanded, own)``: ``mask`` expanded without a copy to ``(B, H, Lq, Lk)``, and the 4-D view
+    it is expanded from (its own shape, size 1 on the dimensions it broadcasts)."""
     _check_tensor(mask, name)
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise InputTypeError(f"{name} must be bool (True = attend) or a floating additive mask, got {mask.dtype}")
@@ -185,12 +193,19 @@ def _broadcast_mask(mask, B: int, H: int, Lq: int, Lk: int, q: torch.Tensor, nam
     target = (B, H, Lq, Lk)
     if mask.dim() > 4 or any(s not in (1, t) for s, t in zip(mask.shape[::-1], target[::-1])):
         raise InputValueError(f"{name} of shape {tuple(mask.shape)} is not broadcastable to (B, Hq, Lq, Lk) = {target}")
-    if mask.dtype in (torch.float16, torch.bfloat16) and mask.requires_grad and torch.is_grad_enabled():
-        # Its gradient is the score gradient summed over the broadcast dims: cast before the expand, that
-        # sum runs in float32 and the result is rounded to the mask's dtype once. The forward is unchanged:
-        # kernels add masks in float32, and the cast is exact.
-        mask = mask.float()
-    return mask.expand(target)
+    own = mask[(None,) * (4 - mask.dim())] if mask.dim() < 4 else mask  # a view, leading size-1 dims
+    if mask.requires_grad and torch.is_grad_enabled():
+        if any(stride == 0 and size > 1 for stride, size in zip(own.stride(), own.shape)):
+            # An already expanded mask that wants a gradient: that gradient has the expanded shape, but
+            # the ops reduce their dbias over every stride-0 dimension. A copy gives each element its own
+            # gradient (the caller's expand then sums them); pass the unexpanded mask to avoid it.
+            own = own.contiguous()
+        if own.dtype in (torch.float16, torch.bfloat16):
+            # The ops accumulate the gradient in float32 and round it to the mask's dtype once: cast
+            # (a copy of the mask's own size, never the expanded one) so that rounding is the cast's
+            # backward. The forward is unchanged: kernels add masks in float32, and the cast is exact.
+            own = own.float()
+    return own.expand(target), own
 
 
 def _check_lengths(lengths, name: str, B: int, max_len: int, q: torch.Tensor) -> torch.Tensor | None:
@@ -289,8 +304,9 @@ def normalize(
     softcap = _check_number(softcap, "softcap", minimum=0.0)
     dropout_p = _check_number(dropout_p, "dropout_p", minimum=0.0, below=1.0)
 
+    attn_mask_own = None
     if attn_mask is not None:
-        attn_mask = _broadcast_mask(attn_mask, B, Hq, Lq, Lk, q, "attn_mask")
+        attn_mask, attn_mask_own = _broadcast_mask(attn_mask, B, Hq, Lq, Lk, q, "attn_mask")
 
     if block_mask is not None:
         if not isinstance(block_mask, BlockMask):
@@ -334,6 +350,7 @@ def normalize(
         window_left=window_left,
         window_right=window_right,
         attn_mask=attn_mask,
+        attn_mask_own=attn_mask_own,
         block_mask=block_mask,
         alibi_slopes=alibi_slopes,
         softcap=softcap,

@@ -102,6 +102,7 @@ class capture_attention(contextlib.AbstractContextManager):
                 detached = dataclasses.replace(
                     inputs, q=inputs.q.detach(), k=inputs.k.detach(), v=inputs.v.detach(),
                     attn_mask=None if inputs.attn_mask is None else inputs.attn_mask.detach(),
+                    attn_mask_own=None if inputs.attn_mask_own is None else inputs.attn_mask_own.detach(),
                 )
                 self.records.append(AttentionRecord(position, module, detached))
             return original(inputs, backend_name, return_lse)

@@ -53,6 +53,16 @@ def effective_attn_mask(inputs: AttentionInputs, backend_name: str | None = None
     return mask.masked_fill(~element, float("-inf"))
 
 
+def function_attn_mask(inputs: AttentionInputs, backend_name: str | None = None) -> torch.Tensor | None:
+    """The mask :class:`AttentionFunction` takes: :func:`effective_attn_mask` in its own 4-D shape
+    when that is the caller's ``attn_mask`` (``inputs.attn_mask_own``), so its gradient is accumulated
+    in that shape; the Function expands it (a stride-0 view) for the ops."""
+    mask = effective_attn_mask(inputs, backend_name)
+    if mask is inputs.attn_mask and inputs.attn_mask_own is not None:
+        return inputs.attn_mask_own
+    return mask
+
+
 def block_args(inputs: AttentionInputs, backend_name: str | None = None) -> tuple[list, int, int]:
     """The ten block-list tensors (or Nones): forward lists, backward lists, ``partial_masks`` and
     ``partial_tile_ids``; and the block sizes (0 without a BlockMask).
@@ -80,9 +90,17 @@ def block_args(inputs: AttentionInputs, backend_name: str | None = None) -> tupl
 
 
 class AttentionFunction(torch.autograd.Function):
+    """The op pair of one backend as a differentiable function.
+
+    ``attn_mask`` is 4-D and broadcastable to ``(B, Hq, Lq, Lk)``; the ops receive it expanded
+    (stride 0 on the dimensions it broadcasts) and return its gradient ``dbias`` in its own shape.
+    """
+
     @staticmethod
     def forward(ctx, backend_name, lse_differentiable, q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths,
                 *rest):
+        if attn_mask is not None:
+            attn_mask = attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])  # no copy
         lists, (block_size_q, block_size_k, scale, window_left, window_right, softcap, dropout_p, seed) = (
             rest[:_NUM_BLOCK_LISTS],
             rest[_NUM_BLOCK_LISTS:],
@@ -211,7 +229,8 @@ def run(inputs: AttentionInputs, backend_name: str, return_lse: bool):
     # With sinks the kernels' lse feeds the result, so its gradient must reach their backward.
     lse_differentiable = return_lse or inputs.sinks is not None
     out, lse = AttentionFunction.apply(
-        backend_name, lse_differentiable, inputs.q, inputs.k, inputs.v, effective_attn_mask(inputs, backend_name), inputs.alibi_slopes,
+        backend_name, lse_differentiable, inputs.q, inputs.k, inputs.v, function_attn_mask(inputs, backend_name),
+        inputs.alibi_slopes,
         inputs.key_lengths, inputs.query_lengths, *lists, block_size_q, block_size_k, inputs.scale,
         inputs.window_left, inputs.window_right, inputs.softcap, inputs.dropout_p, seed,
     )

@@ -9,7 +9,8 @@ outputs.
 Conventions of the op level (the public API normalises to them, see ``_inputs.py``):
 
 * ``q (B, Hq, Lq, D)``, ``k (B, Hkv, Lk, D)``, ``v (B, Hkv, Lk, Dv)``, any strides.
-* ``attn_mask``: bool (True = attend) or additive float, expanded to ``(B, Hq, Lq, Lk)``.
+* ``attn_mask``: bool (True = attend) or additive float, expanded to ``(B, Hq, Lq, Lk)`` (a
+  stride-0 view on the dimensions the caller's mask broadcasts: never a dense copy).
 * ``alibi_slopes``: float32 expanded to ``(B, Hq)``.
 * ``key_lengths``/``query_lengths``: int32 ``(B,)``.
 * block lists: see :class:`fastattn.BlockMask`; ``block_size_q``/``block_size_k`` are 0 without one.
@@ -24,8 +25,12 @@ Conventions of the op level (the public API normalises to them, see ``_inputs.py
   :func:`output_like_q`) and ``lse (B, Hq, Lq)`` float32 (natural log;
   ``-inf`` for rows that see no key). The backward returns ``dq, dk, dv`` (in the layouts of q, k,
   v, as ``empty_like`` gives them) and ``dbias``, the
-  gradient of the scores w.r.t. an additive ``attn_mask`` ``(B, Hq, Lq, Lk)`` when
-  ``compute_dbias`` (an empty tensor otherwise).
+  gradient w.r.t. an additive ``attn_mask`` when ``compute_dbias`` (an empty tensor otherwise):
+  contiguous, in the mask's dtype and in the mask's own shape, :func:`dbias_shape` (size 1 on
+  every dimension where ``attn_mask`` has size 1 or stride 0, i.e. summed over the dimensions the
+  mask broadcasts). Backends accumulate it in float32 (float64 for float64 inputs) in that shape
+  and round it once; no backend allocates a dense ``(B, Hq, Lq, Lk)`` buffer for a broadcast mask
+  (except the CUDA and Triton kernels' documented deterministic mode).
 * ``dlse`` (backward, optional): float32 ``(B, Hq, Lq)``, the gradient w.r.t. the returned ``lse``.
   Since ``d lse_i / d s_ij = P_ij``, it enters as ``delta = rowsum(dout * out) - dlse``
   (``dS = P * (dP - delta)``).
@@ -94,10 +99,15 @@ def extension_fwd_fake(q, k, v, *args, **kwargs):
 _COMPUTE_DBIAS_INDEX = 22
 
 
+def dbias_shape(attn_mask: torch.Tensor) -> tuple[int, ...]:
+    """The shape of the backward's ``dbias`` for an expanded ``attn_mask (B, Hq, Lq, Lk)``: the
+    mask's own shape, 1 where it has size 1 or stride 0 (the dimensions it broadcasts)."""
+    return tuple(1 if size == 1 or stride == 0 else size for size, stride in zip(attn_mask.shape, attn_mask.stride()))
+
+
 def bwd_fake(dout, q, k, v, out, lse, *args, dlse=None):
-    compute_dbias = args[_COMPUTE_DBIAS_INDEX]
-    B, Hq, Lq, _ = q.shape
-    dbias = q.new_empty((B, Hq, Lq, k.shape[2])) if compute_dbias else q.new_empty((0,))
+    attn_mask, compute_dbias = args[0], args[_COMPUTE_DBIAS_INDEX]
+    dbias = attn_mask.new_empty(dbias_shape(attn_mask)) if compute_dbias else q.new_empty((0,))
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 
 

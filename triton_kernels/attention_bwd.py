@@ -188,7 +188,7 @@ def _query_block_range(
 def _dkdv_query_block(
     b_dk, b_dv, b_k, b_v,  # [BLOCK_N, BLOCK_D], [BLOCK_N, BLOCK_DV], [BLOCK_N, BLOCK_D], [BLOCK_N, BLOCK_DV]
     i_m, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh, p_dbias_bh, stride_qm, stride_dom,
-    stride_dbias_m, i_b, i_h, Hq, Lq, Lk, D, DV,
+    stride_dbias_m, stride_dbias_n, i_b, i_h, Hq, Lq, Lk, D, DV,
     offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
     p_mask_bh, stride_mask_m, stride_mask_n,
     BLOCK_M: tl.constexpr,
@@ -244,7 +244,12 @@ def _dkdv_query_block(
     )
     b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
     b_dk += tl.dot(b_dxt.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
-    if COMPUTE_DBIAS:
+    if COMPUTE_DBIAS == 2:
+        # A broadcast mask: float32 atomics into its own shape (any order), stride 0 on the dimensions
+        # it sums over. [BLOCK_N, BLOCK_M] pointers
+        p_dbias = p_dbias_bh + o_m[None, :] * stride_dbias_m + o_n[:, None] * stride_dbias_n
+        tl.atomic_add(p_dbias, b_dst, mask=(o_m[None, :] < Lq) & (o_n[:, None] < Lk), sem="relaxed")
+    elif COMPUTE_DBIAS:  # a dense buffer with contiguous rows: every element written once
         p_dbias = p_dbias_bh + o_m[None, :] * stride_dbias_m + o_n[:, None]
         tl.store(p_dbias, b_dst.to(p_dbias_bh.dtype.element_ty), mask=(o_m[None, :] < Lq) & (o_n[:, None] < Lk))
     return b_dk, b_dv
@@ -264,7 +269,7 @@ def attention_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    stride_dbias_b, stride_dbias_h, stride_dbias_m,
+    stride_dbias_b, stride_dbias_h, stride_dbias_m, stride_dbias_n,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
     stride_alibi_b, stride_alibi_h,
     stride_num_b, stride_num_h, stride_num_n,
@@ -297,6 +302,7 @@ def attention_bwd_dkdv_kernel(
     stride_qm = tl.cast(stride_qm, tl.int64)
     stride_dom = tl.cast(stride_dom, tl.int64)
     stride_dbias_m = tl.cast(stride_dbias_m, tl.int64)
+    stride_dbias_n = tl.cast(stride_dbias_n, tl.int64)
     stride_mask_m = tl.cast(stride_mask_m, tl.int64)
     stride_mask_n = tl.cast(stride_mask_n, tl.int64)
 
@@ -370,7 +376,7 @@ def attention_bwd_dkdv_kernel(
                 )
                 b_dk, b_dv = _dkdv_query_block(
                     b_dk, b_dv, b_k, b_v, i_m, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh,
-                    p_dbias_bh, stride_qm, stride_dom, stride_dbias_m, i_b, i_h, Hq, Lq, Lk, D, DV,
+                    p_dbias_bh, stride_qm, stride_dom, stride_dbias_m, stride_dbias_n, i_b, i_h, Hq, Lq, Lk, D, DV,
                     offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
                     p_mask_tile, stride_mask_m, stride_mask_n, BLOCK_M,
                     HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
@@ -381,7 +387,7 @@ def attention_bwd_dkdv_kernel(
                 i_m = tl.load(p_full_idx + p_idx + t // MASK_SUB_M) * MASK_SUB_M + t % MASK_SUB_M
                 b_dk, b_dv = _dkdv_query_block(
                     b_dk, b_dv, b_k, b_v, i_m, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh,
-                    p_dbias_bh, stride_qm, stride_dom, stride_dbias_m, i_b, i_h, Hq, Lq, Lk, D, DV,
+                    p_dbias_bh, stride_qm, stride_dom, stride_dbias_m, stride_dbias_n, i_b, i_h, Hq, Lq, Lk, D, DV,
                     offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
                     p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_M,
                     HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
@@ -391,7 +397,7 @@ def attention_bwd_dkdv_kernel(
             for i_m in range(m_lo, m_mid_lo):
                 b_dk, b_dv = _dkdv_query_block(
                     b_dk, b_dv, b_k, b_v, i_m, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh,
-                    p_dbias_bh, stride_qm, stride_dom, stride_dbias_m, i_b, i_h, Hq, Lq, Lk, D, DV,
+                    p_dbias_bh, stride_qm, stride_dom, stride_dbias_m, stride_dbias_n, i_b, i_h, Hq, Lq, Lk, D, DV,
                     offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
                     p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_M,
                     HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
@@ -400,7 +406,7 @@ def attention_bwd_dkdv_kernel(
             for i_m in range(m_mid_lo, m_mid_hi):
                 b_dk, b_dv = _dkdv_query_block(
                     b_dk, b_dv, b_k, b_v, i_m, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh,
-                    p_dbias_bh, stride_qm, stride_dom, stride_dbias_m, i_b, i_h, Hq, Lq, Lk, D, DV,
+                    p_dbias_bh, stride_qm, stride_dom, stride_dbias_m, stride_dbias_n, i_b, i_h, Hq, Lq, Lk, D, DV,
                     offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
                     p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_M,
                     HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
@@ -409,7 +415,7 @@ def attention_bwd_dkdv_kernel(
             for i_m in range(m_mid_hi, m_hi):
                 b_dk, b_dv = _dkdv_query_block(
                     b_dk, b_dv, b_k, b_v, i_m, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh,
-                    p_dbias_bh, stride_qm, stride_dom, stride_dbias_m, i_b, i_h, Hq, Lq, Lk, D, DV,
+                    p_dbias_bh, stride_qm, stride_dom, stride_dbias_m, stride_dbias_n, i_b, i_h, Hq, Lq, Lk, D, DV,
                     offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
                     p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_M,
                     HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
@@ -696,7 +702,8 @@ def attention_bwd_dq_kernel(
                  mask=m_store[:, None] & (o_d[None, :] < D))
 
 
-# No reset_to_zero for dbias: every tuning run writes the same tiles, the others stay zero.
+# No reset_to_zero for dbias: every tuning run stores the same tiles, the others stay zero (the
+# launcher does not autotune when the kernel adds dbias with atomics).
 attention_bwd_dkdv_kernel_tuned = configs.autotune("dkdv", configs.DKDV_KEY)(attention_bwd_dkdv_kernel)
 attention_bwd_dq_kernel_tuned = configs.autotune("dq", configs.DQ_KEY)(attention_bwd_dq_kernel)
 
@@ -761,8 +768,9 @@ def attention_bwd(
     ``dlse`` (float32 ``(B, Hq, Lq)``, the gradient w.r.t. ``lse``, or None).
 
     Returns:
-        ``dq``, ``dk``, ``dv`` (dtypes and shapes of q, k, v) and ``dbias (B, Hq, Lq, Lk)`` in the
-        mask's dtype when ``compute_dbias`` (an empty tensor otherwise).
+        ``dq``, ``dk``, ``dv`` (dtypes and shapes of q, k, v) and ``dbias`` in the mask's dtype and
+        own shape (size 1 where ``attn_mask`` has size 1 or stride 0) when ``compute_dbias`` (an
+        empty tensor otherwise).
     """
     check_inputs(q, k, v, block_size_q, block_size_k, kv_num_blocks is not None)
     q, k, v, out, dout = (last_dim_contiguous(t) for t in (q, k, v, out, dout))
@@ -771,15 +779,32 @@ def attention_bwd(
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
+    # dbias has the mask's own shape: size 1 where attn_mask has size 1 or stride 0 (fastattn/ops.py,
+    # dbias_shape). A broadcast mask's elements receive dS of many (b, h, i, j): the kernel adds them
+    # with float32 atomics into a buffer of that shape (an order that varies from run to run), rounded
+    # once to the mask's dtype. Under torch.use_deterministic_algorithms it stores every dS once into
+    # a dense float32 (B, Hq, Lq, Lk) scratch instead (B * Hq * Lq * Lk * 4 bytes, in that mode only)
+    # and torch sums it over the broadcast dimensions in a fixed order.
+    # Tiles outside the band or the block lists are never visited: their gradient is 0, hence zeros.
+    full = (B, Hq, Lq, Lk)
+    dbias, dbias_shape = q.new_empty((0,)), full
+    dbias_mode = 0  # the kernel's COMPUTE_DBIAS: 0 none, 1 store each element once, 2 float32 atomics
     if compute_dbias:
-        # Tiles outside the band or the block lists are never visited: their gradient is 0.
-        dbias = torch.zeros((B, Hq, Lq, Lk), dtype=attn_mask.dtype, device=q.device)
-    else:
-        dbias = q.new_empty((0,))
+        dbias_shape = tuple(1 if n == 1 or st == 0 else n for n, st in zip(attn_mask.shape, attn_mask.stride()))
+        if dbias_shape == full:
+            dbias, dbias_mode = torch.zeros(full, dtype=attn_mask.dtype, device=q.device), 1
+        elif torch.are_deterministic_algorithms_enabled():
+            dbias, dbias_mode = torch.zeros(full, dtype=torch.float32, device=q.device), 1
+        else:
+            dbias, dbias_mode = torch.zeros(dbias_shape, dtype=torch.float32, device=q.device), 2
+
+    def finish_dbias(dbias):  # the mask's own shape and dtype, rounded once (no-ops for a dense mask)
+        return dbias.sum_to_size(dbias_shape).to(attn_mask.dtype) if dbias_mode else dbias
+
     if B * Hkv * Lk == 0:
-        return dq.zero_(), dk, dv, dbias  # no keys: nothing depends on q
+        return dq.zero_(), dk, dv, finish_dbias(dbias)  # no keys: nothing depends on q
     if Lq == 0:
-        return dq, dk.zero_(), dv.zero_(), dbias
+        return dq, dk.zero_(), dv.zero_(), finish_dbias(dbias)
     block_d, block_dv = head_dim_tile(D), head_dim_tile(DV)
     # delta = rowsum(dO * O) per query row, float32 (B, Hq, Lq); the dK/dV and dQ kernels read it. When
     # the mask's gradient is asked for 16-bit inputs, the delta pass below replaces it by the float32
@@ -823,12 +848,11 @@ def attention_bwd(
         p_q_num=q_num_blocks, p_q_idx=q_indices, p_full_num=full_q_num_blocks, p_full_idx=full_q_indices,
         stride_dkb=dk.stride(0), stride_dkh=dk.stride(1), stride_dkn=dk.stride(2),
         stride_dvb=dv.stride(0), stride_dvh=dv.stride(1), stride_dvn=dv.stride(2),
-        stride_dbias_b=dbias.stride(0) if compute_dbias else 0,
-        stride_dbias_h=dbias.stride(1) if compute_dbias else 0,
-        stride_dbias_m=dbias.stride(2) if compute_dbias else 0,
+        **{f"stride_dbias_{d}": dbias.stride(i) if compute_dbias and dbias.shape[i] > 1 else 0
+           for i, d in enumerate("bhmn")},
         stride_num_b=q_num_strides[0], stride_num_h=q_num_strides[1], stride_num_n=q_num_strides[2],
         stride_idx_b=q_idx_strides[0], stride_idx_h=q_idx_strides[1], stride_idx_n=q_idx_strides[2],
-        COMPUTE_DBIAS=compute_dbias,
+        COMPUTE_DBIAS=dbias_mode,
     )
     kv_num_strides, kv_idx_strides = list_strides(kv_num_blocks, kv_indices)
     dq_args = dict(
@@ -856,7 +880,8 @@ def attention_bwd(
     if dlse is not None:  # d lse / d S = P, so the lse gradient enters as delta - dlse (fastattn/ops.py)
         delta.sub_(dlse)
 
-    if not use_block_mask and configs.autotune_enabled(head_dim, q.element_size()):
+    # Autotuning runs the dK/dV kernel once per candidate: atomics would add each run's dbias.
+    if not use_block_mask and dbias_mode != 2 and configs.autotune_enabled(head_dim, q.element_size()):
         grid_dkdv = lambda META: (triton.cdiv(Lk, META["BLOCK_N"]), B * Hkv)
         grid_dq = lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * Hq)
         torch.library.wrap_triton(attention_bwd_dkdv_kernel_tuned)[grid_dkdv](**dkdv_args, MASK_SUB_M=1, MASK_SUB_N=1)
@@ -878,4 +903,4 @@ def attention_bwd(
     torch.library.wrap_triton(attention_bwd_dq_kernel)[(triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)](
         **dq_args, **meta, **sub, DELTA_PASS=False, REDO_NONFINITE=True,
     )
-    return dq, dk, dv, dbias
+    return dq, dk, dv, finish_dbias(dbias)

@@ -21,17 +21,24 @@
 namespace fastattn::cpu {
 namespace {
 
-// Writes a dS tile (rows x n, row stride n) into dbias (B, Hq, Lq, Lk), contiguous, attn_mask's dtype.
+// The mask gradient's accumulator: dS summed over the dimensions the additive mask broadcasts, in
+// acc_t, one (B', Hq', Lq', Lk') copy per key chunk when the mask broadcasts over the keys (chunks
+// then share its elements) and a single copy otherwise. Element strides are 0 on the summed dims.
 template <typename acc_t>
-void write_dbias(at::Tensor& dbias, int64_t b, int64_t h, int64_t q0, int64_t rows, int64_t k0, int64_t n,
-                 const acc_t* ds) {
-  const int64_t Hq = dbias.size(1), Lq = dbias.size(2), Lk = dbias.size(3);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dbias.scalar_type(), "fastattn_write_dbias", [&] {
-    scalar_t* base = dbias.mutable_data_ptr<scalar_t>() + ((b * Hq + h) * Lq + q0) * Lk + k0;
+struct DbiasAccumulator {
+  at::Tensor buffer;  // (copies, B', Hq', Lq', Lk') contiguous
+  acc_t* data = nullptr;
+  int64_t stride[4] = {0, 0, 0, 0};
+  int64_t copy_stride = 0;  // 0 when there is one copy
+
+  // Adds a dS tile (rows x n, row stride n) at (b, h, q0, k0), in a fixed order (rows, then keys).
+  void add(int64_t chunk, int64_t b, int64_t h, int64_t q0, int64_t rows, int64_t k0, int64_t n,
+           const acc_t* ds) const {
+    acc_t* base = data + chunk * copy_stride + b * stride[0] + h * stride[1] + q0 * stride[2] + k0 * stride[3];
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t j = 0; j < n; ++j) base[r * Lk + j] = static_cast<scalar_t>(ds[r * n + j]);
-  });
-}
+      for (int64_t j = 0; j < n; ++j) base[r * stride[2] + j * stride[3]] += ds[r * n + j];
+  }
+};
 
 // Each row's softmax statistics, max m and sum l (P = exp(S - m) / l), recomputed from Q and K in
 // acc_t, (B, Hq, Lq) contiguous; m is NaN for a row with a non-finite visible score, l is 0 for a row
@@ -277,10 +284,28 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
   std::vector<Range> key_tiles;
   backward_key_tiles(p, tile_k, key_tiles);
   const int64_t num_key_tiles = static_cast<int64_t>(key_tiles.size());
-  const int64_t units = B * p.Hkv;
+  // A mask broadcast over the batch or the heads sums dS of several (b, kv head) pairs into one
+  // element: a task then loops over those pairs itself (in order), so no two tasks write one element
+  // of the mask gradient and it is deterministic without a dense buffer.
+  const bool sum_batch = dbias != nullptr && dbias->size(0) == 1;
+  const bool sum_heads = dbias != nullptr && dbias->size(1) == 1;
+  const bool sum_keys = dbias != nullptr && dbias->size(3) == 1 && p.Lk > 1;
+  const int64_t task_heads = sum_heads ? 1 : p.Hkv, units = (sum_batch ? 1 : B) * task_heads;
+  const int64_t pair_heads = sum_heads ? p.Hkv : 1, pairs_per_task = (sum_batch ? B : 1) * pair_heads;
   const int64_t threads = at::get_num_threads();
   const int64_t chunks =
       std::max<int64_t>(1, std::min<int64_t>(num_key_tiles, units >= 2 * threads ? 1 : ceil_div_i64(2 * threads, units)));
+
+  DbiasAccumulator<acc_t> dbias_acc;
+  if (dbias != nullptr) {
+    const int64_t copies = sum_keys ? chunks : 1;
+    at::Tensor buffer = at::zeros({copies, dbias->size(0), dbias->size(1), dbias->size(2), dbias->size(3)},
+                                  q.options().dtype(std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat));
+    dbias_acc.data = buffer.mutable_data_ptr<acc_t>();
+    for (int d = 0; d < 4; ++d) dbias_acc.stride[d] = dbias->size(d) == 1 ? 0 : buffer.stride(d + 1);
+    dbias_acc.copy_stride = sum_keys ? buffer.stride(0) : 0;
+    dbias_acc.buffer = buffer;
+  }
 
   // dQ accumulators, one per chunk: (chunks, B, Hq, Lq, D).
   const at::ScalarType acc_type = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
@@ -313,83 +338,102 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
 
     for (int64_t task = begin; task < end; ++task) {
       const int64_t unit = task / chunks, chunk = task % chunks;
-      const int64_t b = unit / p.Hkv, hk = unit % p.Hkv;
-      const BatchGeometry g = batch_geometry(p, b);
+      const int64_t unit_b = unit / task_heads, unit_hk = unit % task_heads;
       const int64_t t0 = chunk * num_key_tiles / chunks, t1 = (chunk + 1) * num_key_tiles / chunks;
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t k0 = key_tiles[t].begin, k1 = key_tiles[t].end, n = k1 - k0;
-        int64_t ldk, ldv;
-        const acc_t* K = tile_as_acc<scalar_t, acc_t>(k_data + b * p.k_sb + hk * p.k_sh + k0 * p.k_sr, n, D, p.k_sr,
-                                                      k_buf.data(), &ldk);
-        const acc_t* V = tile_as_acc<scalar_t, acc_t>(v_data + b * p.v_sb + hk * p.v_sh + k0 * p.v_sr, n, Dv, p.v_sr,
-                                                      v_buf.data(), &ldv);
-        // dQ = dS K must not carry a non-finite key to a row that does not see it (0 * NaN = NaN): it runs
-        // on K without its non-finite entries; a row that sees one has NaN in P, so dS and dQ are NaN anyway.
-        const acc_t* K_dq = K;
-        int64_t ldk_dq = ldk;
-        if (!tile_finite(K, n, D, ldk)) {
-          K_dq = finite_or_zero(K, n, D, ldk, k_clean.data());
-          ldk_dq = D;
-        }
-        std::fill(dk_acc.begin(), dk_acc.begin() + n * D, acc_t(0));
-        std::fill(dv_acc.begin(), dv_acc.begin() + n * Dv, acc_t(0));
-
-        for (int64_t h = hk * p.group; h < (hk + 1) * p.group; ++h) {
-          backward_query_tiles(p, g, b, h, k0, k1, tile_q, list_scratch, query_tiles);
-          acc_t* dq_rows = dq_acc_data + ((chunk * B + b) * Hq + h) * Lq * D;
-          for (const Range& qr : query_tiles) {
-            const int64_t q0 = qr.begin, q1 = qr.end, rows = q1 - q0;
-            int64_t ldq, lddo;
-            const acc_t* Q = tile_as_acc<scalar_t, acc_t>(q_data + b * p.q_sb + h * p.q_sh + q0 * p.q_sr, rows, D,
-                                                          p.q_sr, q_buf.data(), &ldq);
-            const acc_t* dO = tile_as_acc<scalar_t, acc_t>(dout_data + b * do_sb + h * do_sh + q0 * do_sr, rows, Dv,
-                                                           do_sr, do_buf.data(), &lddo);
-            // P = exp(S - lse)  # [rows, n]
-            gemm(Trans::kNo, Trans::kYes, rows, n, D, static_cast<acc_t>(p.scale), Q, ldq, K, ldk, acc_t(0), S.data(),
-                 n);
-            transform_scores<acc_t>(p, g, b, h, q0, q1, k0, k1, S.data(), n, p.softcap > 0 ? dT.data() : nullptr);
-            for (int64_t r = 0; r < rows; ++r) softmax.apply(b, h, q0 + r, S.data() + r * n, n);
-            const acc_t* P_for_dv = S.data();
-            if (p.dropout_threshold) {
-              dropout_factors<acc_t>(p, b, h, q0, rows, k0, n, drop.data());
-              for (int64_t e = 0; e < rows * n; ++e) p_dropped[e] = S[e] * drop[e];
-              P_for_dv = p_dropped.data();
-            }
-            // dV += P_dropped^T dO  # [n, Dv]
-            gemm(Trans::kYes, Trans::kNo, n, Dv, rows, acc_t(1), P_for_dv, n, dO, lddo, acc_t(1), dv_acc.data(), Dv);
-            // dP = (dO V^T) * dropout factors  # [rows, n]
-            gemm(Trans::kNo, Trans::kYes, rows, n, Dv, acc_t(1), dO, lddo, V, ldv, acc_t(0), dP.data(), n);
-            if (p.dropout_threshold) {
-              for (int64_t e = 0; e < rows * n; ++e) dP[e] *= drop[e];
-            }
-            // dS = P * (dP - delta), then the softcap chain rule
-            for (int64_t r = 0; r < rows; ++r) {
-              const acc_t row_delta = delta[(b * Hq + h) * Lq + q0 + r];
-              const acc_t* pr = S.data() + r * n;
-              acc_t* ds = dP.data() + r * n;
-              // A selection, not a product: P = 0 (a hidden key) gives 0 even where dP is NaN.
-              for (int64_t j = 0; j < n; ++j) ds[j] = pr[j] == acc_t(0) ? acc_t(0) : pr[j] * (ds[j] - row_delta);
-            }
-            if (dbias != nullptr) write_dbias(*dbias, b, h, q0, rows, k0, n, dP.data());
-            if (p.softcap > 0) {  // selection again: dT is NaN on hidden keys holding NaN
-              for (int64_t e = 0; e < rows * n; ++e) dP[e] = dP[e] == acc_t(0) ? acc_t(0) : dP[e] * dT[e];
-            }
-            // dK += scale dS^T Q  # [n, D];  dQ += scale dS K  # [rows, D]
-            gemm(Trans::kYes, Trans::kNo, n, D, rows, static_cast<acc_t>(p.scale), dP.data(), n, Q, ldq, acc_t(1),
-                 dk_acc.data(), D);
-            gemm(Trans::kNo, Trans::kNo, rows, D, n, static_cast<acc_t>(p.scale), dP.data(), n, K_dq, ldk_dq,
-                 acc_t(1), dq_rows + q0 * D, D);
+      for (int64_t pair = 0; pair < pairs_per_task; ++pair) {
+        const int64_t b = sum_batch ? pair / pair_heads : unit_b;
+        const int64_t hk = sum_heads ? pair % pair_heads : unit_hk;
+        const BatchGeometry g = batch_geometry(p, b);
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t k0 = key_tiles[t].begin, k1 = key_tiles[t].end, n = k1 - k0;
+          int64_t ldk, ldv;
+          const acc_t* K = tile_as_acc<scalar_t, acc_t>(k_data + b * p.k_sb + hk * p.k_sh + k0 * p.k_sr, n, D, p.k_sr,
+                                                        k_buf.data(), &ldk);
+          const acc_t* V = tile_as_acc<scalar_t, acc_t>(v_data + b * p.v_sb + hk * p.v_sh + k0 * p.v_sr, n, Dv, p.v_sr,
+                                                        v_buf.data(), &ldv);
+          // dQ = dS K must not carry a non-finite key to a row that does not see it (0 * NaN = NaN): it runs
+          // on K without its non-finite entries; a row that sees one has NaN in P, so dS and dQ are NaN anyway.
+          const acc_t* K_dq = K;
+          int64_t ldk_dq = ldk;
+          if (!tile_finite(K, n, D, ldk)) {
+            K_dq = finite_or_zero(K, n, D, ldk, k_clean.data());
+            ldk_dq = D;
           }
-        }
-        for (int64_t j = 0; j < n; ++j) {
-          scalar_t* dkr = dk_data + b * dk_sb + hk * dk_sh + (k0 + j) * dk_sr;
-          scalar_t* dvr = dv_data + b * dv_sb + hk * dv_sh + (k0 + j) * dv_sr;
-          for (int64_t c = 0; c < D; ++c) dkr[c * dk_sc] = static_cast<scalar_t>(dk_acc[j * D + c]);
-          for (int64_t c = 0; c < Dv; ++c) dvr[c * dv_sc] = static_cast<scalar_t>(dv_acc[j * Dv + c]);
+          std::fill(dk_acc.begin(), dk_acc.begin() + n * D, acc_t(0));
+          std::fill(dv_acc.begin(), dv_acc.begin() + n * Dv, acc_t(0));
+
+          for (int64_t h = hk * p.group; h < (hk + 1) * p.group; ++h) {
+            backward_query_tiles(p, g, b, h, k0, k1, tile_q, list_scratch, query_tiles);
+            acc_t* dq_rows = dq_acc_data + ((chunk * B + b) * Hq + h) * Lq * D;
+            for (const Range& qr : query_tiles) {
+              const int64_t q0 = qr.begin, q1 = qr.end, rows = q1 - q0;
+              int64_t ldq, lddo;
+              const acc_t* Q = tile_as_acc<scalar_t, acc_t>(q_data + b * p.q_sb + h * p.q_sh + q0 * p.q_sr, rows, D,
+                                                            p.q_sr, q_buf.data(), &ldq);
+              const acc_t* dO = tile_as_acc<scalar_t, acc_t>(dout_data + b * do_sb + h * do_sh + q0 * do_sr, rows, Dv,
+                                                             do_sr, do_buf.data(), &lddo);
+              // P = exp(S - lse)  # [rows, n]
+              gemm(Trans::kNo, Trans::kYes, rows, n, D, static_cast<acc_t>(p.scale), Q, ldq, K, ldk, acc_t(0), S.data(),
+                   n);
+              transform_scores<acc_t>(p, g, b, h, q0, q1, k0, k1, S.data(), n, p.softcap > 0 ? dT.data() : nullptr);
+              for (int64_t r = 0; r < rows; ++r) softmax.apply(b, h, q0 + r, S.data() + r * n, n);
+              const acc_t* P_for_dv = S.data();
+              if (p.dropout_threshold) {
+                dropout_factors<acc_t>(p, b, h, q0, rows, k0, n, drop.data());
+                for (int64_t e = 0; e < rows * n; ++e) p_dropped[e] = S[e] * drop[e];
+                P_for_dv = p_dropped.data();
+              }
+              // dV += P_dropped^T dO  # [n, Dv]
+              gemm(Trans::kYes, Trans::kNo, n, Dv, rows, acc_t(1), P_for_dv, n, dO, lddo, acc_t(1), dv_acc.data(), Dv);
+              // dP = (dO V^T) * dropout factors  # [rows, n]
+              gemm(Trans::kNo, Trans::kYes, rows, n, Dv, acc_t(1), dO, lddo, V, ldv, acc_t(0), dP.data(), n);
+              if (p.dropout_threshold) {
+                for (int64_t e = 0; e < rows * n; ++e) dP[e] *= drop[e];
+              }
+              // dS = P * (dP - delta), then the softcap chain rule
+              for (int64_t r = 0; r < rows; ++r) {
+                const acc_t row_delta = delta[(b * Hq + h) * Lq + q0 + r];
+                const acc_t* pr = S.data() + r * n;
+                acc_t* ds = dP.data() + r * n;
+                // A selection, not a product: P = 0 (a hidden key) gives 0 even where dP is NaN.
+                for (int64_t j = 0; j < n; ++j) ds[j] = pr[j] == acc_t(0) ? acc_t(0) : pr[j] * (ds[j] - row_delta);
+              }
+              if (dbias != nullptr) dbias_acc.add(chunk, b, h, q0, rows, k0, n, dP.data());
+              if (p.softcap > 0) {  // selection again: dT is NaN on hidden keys holding NaN
+                for (int64_t e = 0; e < rows * n; ++e) dP[e] = dP[e] == acc_t(0) ? acc_t(0) : dP[e] * dT[e];
+              }
+              // dK += scale dS^T Q  # [n, D];  dQ += scale dS K  # [rows, D]
+              gemm(Trans::kYes, Trans::kNo, n, D, rows, static_cast<acc_t>(p.scale), dP.data(), n, Q, ldq, acc_t(1),
+                   dk_acc.data(), D);
+              gemm(Trans::kNo, Trans::kNo, rows, D, n, static_cast<acc_t>(p.scale), dP.data(), n, K_dq, ldk_dq,
+                   acc_t(1), dq_rows + q0 * D, D);
+            }
+          }
+          for (int64_t j = 0; j < n; ++j) {
+            scalar_t* dkr = dk_data + b * dk_sb + hk * dk_sh + (k0 + j) * dk_sr;
+            scalar_t* dvr = dv_data + b * dv_sb + hk * dv_sh + (k0 + j) * dv_sr;
+            for (int64_t c = 0; c < D; ++c) dkr[c * dk_sc] = static_cast<scalar_t>(dk_acc[j * D + c]);
+            for (int64_t c = 0; c < Dv; ++c) dvr[c * dv_sc] = static_cast<scalar_t>(dv_acc[j * Dv + c]);
+          }
         }
       }
     }
   });
+
+  // dbias = the accumulator's copies summed in chunk order, rounded once to the mask's dtype.
+  if (dbias != nullptr) {
+    const at::Tensor& buffer = dbias_acc.buffer;
+    at::Tensor sum = buffer[0];
+    if (sum_keys) {
+      const int64_t copies = buffer.size(0), numel = sum.numel();
+      acc_t* first = dbias_acc.data;
+      at::parallel_for(0, numel, 4096, [&](int64_t begin, int64_t end) {
+        for (int64_t e = begin; e < end; ++e)
+          for (int64_t c = 1; c < copies; ++c) first[e] += first[c * numel + e];
+      });
+    }
+    dbias->copy_(sum);
+  }
 
   // dQ = sum of the chunks' accumulators, in chunk order.
   scalar_t* dq_data = dq.mutable_data_ptr<scalar_t>();

@@ -188,8 +188,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
                                full_q_num_blocks, full_q_indices, partial_masks, partial_tile_ids, block_size_q,
                                block_size_k, scale, window_left, window_right, softcap, dropout_p, seed);
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  at::Tensor dbias = compute_dbias ? at::zeros({s.batch, s.heads_q, s.seqlen_q, s.seqlen_k}, attn_mask->options())
-                                   : at::empty({0}, q.options());
+  // dbias in the mask's own shape: size 1 where attn_mask has size 1 or stride 0 (fastattn/ops.py,
+  // dbias_shape); the kernel sums dS over those dimensions in acc_t and rounds once.
+  at::Tensor dbias = at::empty({0}, q.options());
+  if (compute_dbias) {
+    std::vector<int64_t> shape(4);
+    for (int d = 0; d < 4; ++d)
+      shape[d] = attn_mask->size(d) == 1 || attn_mask->stride(d) == 0 ? 1 : attn_mask->size(d);
+    dbias = at::empty(shape, attn_mask->options());
+  }
   attention_backward_dispatch(p, dout_r, q, k, v, out, lse, dlse.has_value() ? &*dlse : nullptr, dq, dk, dv,
                               compute_dbias ? &dbias : nullptr, kBlockQ, kBlockK);
   return {dq, dk, dv, dbias};

@@ -214,17 +214,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   }
   if (!compute_dbias) return {dq, dk, dv, dbias};
   if (dense_scratch) dbias = dbias.sum_to_size(reduced);
-  // The ops' shared fake (fastattn/ops.py) promises a dense (B, Hq, Lq, Lk) gradient and
-  // torch.compile checks it. attn_mask is the user's mask expanded by fastattn/_inputs.py, whose
-  // backward sums the gradient over the broadcast dimensions again: the sums therefore go to index
-  // 0 of each broadcast dimension and zeros elsewhere (a copy of each sum everywhere would be
-  // counted Hq * Lq times). The sums the caller sees are exact: adding zeros rounds nothing.
-  if (!broadcast_any) return {dq, dk, dv, dbias.to(attn_mask->scalar_type())};
-  at::Tensor dense = at::zeros({s.batch, s.heads_q, s.seqlen_q, s.seqlen_k}, attn_mask->options());
-  at::Tensor corner = dense;
-  for (int d = 0; d < 4; ++d) corner = corner.narrow(d, 0, dbias.size(d));
-  corner.copy_(dbias);
-  return {dq, dk, dv, dense};
+  // The mask's own shape (fastattn/ops.py, dbias_shape), rounded once to the mask's dtype.
+  return {dq, dk, dv, dbias.to(attn_mask->scalar_type())};
 }
 
 }  // namespace

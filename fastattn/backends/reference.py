@@ -7,7 +7,7 @@ import torch
 from .. import reference
 from .._inputs import AttentionInputs
 from ..block_mask import FULL, PARTIAL, BlockMask, layout_from_kv_lists
-from ..ops import BackendOps, define_ops, output_like_q
+from ..ops import BackendOps, dbias_shape, define_ops, output_like_q
 from .base import Backend
 
 
@@ -65,7 +65,9 @@ def _bwd(dout, q, k, v, out, lse, attn_mask, alibi_slopes, key_lengths, query_le
         window_left, window_right, softcap, dropout_p,
     )
     dq, dk, dv, dscores = reference.attention_backward_from_inputs(inputs, dout, _keep_mask(inputs, seed), dlse)
-    dbias = dscores.to(attn_mask.dtype).contiguous() if compute_dbias else q.new_empty((0,))
+    dbias = q.new_empty((0,))
+    if compute_dbias:  # summed over the dimensions the mask broadcasts, in the compute dtype, rounded once
+        dbias = dscores.sum_to_size(dbias_shape(attn_mask)).to(attn_mask.dtype).contiguous()
     # Gradients in the layouts of q, k, v, as the fake (empty_like) and the kernels give them: a transposed
     # (B, L, H, D) input then gets a gradient its leaf takes without a copy.
     grads = (torch.empty_like(t).copy_(g) for t, g in ((q, dq), (k, dk), (v, dv)))

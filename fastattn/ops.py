@@ -73,26 +73,11 @@ def output_like_q(q: torch.Tensor, head_dim_v: int) -> torch.Tensor:
     return q.new_empty((B, Hq, Lq, head_dim_v))
 
 
-def _fwd_fake(q, k, v, out_in_q_layout: bool):
-    B, Hq, Lq, _ = q.shape
-    out = output_like_q(q, v.shape[-1]) if out_in_q_layout else q.new_empty((B, Hq, Lq, v.shape[-1]))
-    lse = q.new_empty((B, Hq, Lq), dtype=torch.float32)
-    return out, lse
-
-
 def fwd_fake(q, k, v, *args, **kwargs):
-    """Outputs of a backend whose ``out`` is contiguous."""
-    return _fwd_fake(q, k, v, False)
-
-
-def fwd_fake_q_layout(q, k, v, *args, **kwargs):
-    """Outputs of a backend that writes ``out`` in q's layout (:func:`output_like_q`)."""
-    return _fwd_fake(q, k, v, True)
-
-
-def extension_fwd_fake(q, k, v, *args, **kwargs):
-    """The C++ op's outputs: its CPU and CUDA kernels write ``out`` in q's layout."""
-    return _fwd_fake(q, k, v, True)
+    """A forward op's outputs: every backend writes ``out`` in q's layout (:func:`output_like_q`)."""
+    out = output_like_q(q, v.shape[-1])
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    return out, lse
 
 
 # Position of compute_dbias among the backward's arguments after lse (attn_mask ... seed come first).
@@ -119,27 +104,24 @@ class BackendOps:
     bwd: Callable
 
 
-def define_ops(
-    name: str, fwd_impl: Callable, bwd_impl: Callable, *, use_triton_op: bool = False, out_in_q_layout: bool = False
-) -> BackendOps:
+def define_ops(name: str, fwd_impl: Callable, bwd_impl: Callable, *, use_triton_op: bool = False) -> BackendOps:
     """Register ``fastattn::{name}_fwd`` and ``fastattn::{name}_bwd`` with the shared schemas and fakes.
 
     ``use_triton_op`` registers them with ``torch.library.triton_op``, whose implementations launch
     kernels through ``torch.library.wrap_triton`` so torch.compile sees the Triton kernels themselves.
-    ``out_in_q_layout``: the forward writes ``out`` in q's layout (:func:`output_like_q`).
     """
     register = torch.library.triton_op if use_triton_op else torch.library.custom_op
     fwd = register(f"fastattn::{name}_fwd", fwd_impl, mutates_args=(), schema=FWD_SCHEMA)
     bwd = register(f"fastattn::{name}_bwd", bwd_impl, mutates_args=(), schema=BWD_SCHEMA)
     if not use_triton_op:  # triton_op traces its implementation for fake tensors itself
-        fwd.register_fake(fwd_fake_q_layout if out_in_q_layout else fwd_fake)
+        fwd.register_fake(fwd_fake)
         bwd.register_fake(bwd_fake)
     return BackendOps(fwd=fwd, bwd=bwd)
 
 
 def register_extension_fakes() -> None:
     """Fakes for the C++ ops ``fastattn::attention_fwd``/``attention_bwd`` (declared in csrc/bindings.cpp)."""
-    torch.library.register_fake("fastattn::attention_fwd", extension_fwd_fake)
+    torch.library.register_fake("fastattn::attention_fwd", fwd_fake)
     torch.library.register_fake("fastattn::attention_bwd", bwd_fake)
     if hasattr(torch.ops.fastattn, "varlen_fwd"):  # absent from an extension built before the varlen kernels
         torch.library.register_fake("fastattn::varlen_fwd", varlen_fwd_fake)

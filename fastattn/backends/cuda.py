@@ -17,7 +17,7 @@ import torch
 
 from .. import _extension
 from .._inputs import AttentionInputs
-from ..ops import BackendOps, fwd_fake_q_layout
+from ..ops import BackendOps, fwd_fake
 from .base import Backend, common_reasons
 
 HEAD_DIMS = (64, 128)
@@ -119,7 +119,7 @@ def _hopper_built() -> bool:
     if _extension.load()[0] is None or not hasattr(torch.ops.fastattn, "attention_fwd_sm90"):
         return False  # no extension, or one built before the op existed
     # The schema is in every build; out in q's layout, as attention_fwd's (ops.output_like_q).
-    torch.library.register_fake("fastattn::attention_fwd_sm90", fwd_fake_q_layout)
+    torch.library.register_fake("fastattn::attention_fwd_sm90", fwd_fake)
     return _BUILD_REASON is None and torch._C._dispatch_has_kernel_for_dispatch_key(
         "fastattn::attention_fwd_sm90", "CUDA"
     )

@@ -82,7 +82,7 @@ class ReferenceBackend(Backend):
         return []
 
     def build_ops(self) -> BackendOps:
-        return define_ops("reference", _fwd, _bwd, out_in_q_layout=True)
+        return define_ops("reference", _fwd, _bwd)
 
     def dropout_keep_mask(self, inputs: AttentionInputs, seed: int) -> torch.Tensor:
         return _keep_mask(inputs, seed)

@@ -137,7 +137,7 @@ class TritonBackend(Backend):
     def build_ops(self) -> BackendOps:
         # torch.compile traces a triton_op into its wrap_triton launches; interpreted kernels cannot
         # be traced (wrap_triton hands them back as they are), so there the ops are opaque custom ops.
-        return define_ops("triton", _fwd, _bwd, use_triton_op=not _in_interpreter(), out_in_q_layout=True)
+        return define_ops("triton", _fwd, _bwd, use_triton_op=not _in_interpreter())
 
     def dropout_keep_mask(self, inputs: AttentionInputs, seed: int) -> torch.Tensor:
         from ..triton_kernels.attention_fwd import dropout_keep_mask

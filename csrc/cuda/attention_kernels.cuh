@@ -274,6 +274,22 @@ struct FwdTraits {
   static constexpr bool kNaturalUnits = kBias;
 };
 
+// Replaces a NaN/Inf element of a [rows, D] shared-memory tile (row stride D + 8) by 0 and sets
+// bad[row] (a CTA-wide pass over the tile; the slow paths below only). Returns whether any was.
+template <typename T, int kRows, int D, int kThreads>
+__device__ __forceinline__ bool zero_nonfinite(T* tile, int* bad, int tid) {
+  bool any = false;
+  for (int x = tid; x < kRows * D; x += kThreads) {
+    T* e = tile + (x / D) * (D + 8) + x % D;
+    if (!isfinite(MmaTraits<T>::to_float(*e))) {
+      *reinterpret_cast<unsigned short*>(e) = 0;
+      atomicOr(bad + x / D, 1);
+      any = true;
+    }
+  }
+  return any;
+}
+
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -492,9 +508,14 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
   const T* k_frag = sK + ((lane / 16) * 8 + lane % 8) * kLd + ((lane / 8) % 2) * 8;
   const T* v_frag = sV + (((lane / 8) % 2) * 8 + lane % 8) * kLd + (lane / 16) * 8;
 
-  // One key tile: S = Q K^T, scores, online softmax, O += P V.
-  auto tile_body = [&](auto mask_tile, const FwdStep& step) {
+  // One key tile: S = Q K^T, scores, online softmax, O += P V. kRedo (the selective pass below):
+  // the row statistics are final (no rescaling), V's non-finite entries are 0 in shared memory and
+  // bad_keys[j] says which keys held one: a row that sees such a key becomes NaN by selection.
+  const int* bad_keys = reinterpret_cast<const int*>(sQ);  // [BN], in Q's space (Q is in registers)
+  auto tile_body = [&](auto mask_tile, auto redo, const FwdStep& step) {
     constexpr bool kMaskTile = decltype(mask_tile)::value;
+    constexpr bool kRedo = decltype(redo)::value;
+    static_assert(kMaskTile || !kRedo, "the selective pass checks every pair");
     const T* k_s = k_frag + stage;
     const T* v_s = v_frag + stage;
     const int n0 = step.tile * BN;
@@ -527,6 +548,11 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
     float m_use[2], neg_m[2], alpha[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
+      if constexpr (kRedo) {
+        m_use[r] = row_max[r] == -CUDART_INF_F ? 0.f : row_max[r];
+        neg_m[r] = -m_use[r] * kf;
+        continue;
+      }
       const float new_max = fmaxf(row_max[r], quad_max(tile_max[r]));
       // A row that has seen nothing keeps a finite base, so no -inf - -inf appears.
       m_use[r] = new_max == -CUDART_INF_F ? 0.f : new_max;
@@ -540,13 +566,18 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e / 2;
-        s[nt][e] = Tr::kNaturalUnits ? fast_exp2((s[nt][e] - m_use[r]) * kLog2e)
-                                     : fast_exp2(fmaf(s[nt][e], kf, neg_m[r]));
-        row_sum[r] += s[nt][e];
+        const float x = s[nt][e];
+        s[nt][e] = Tr::kNaturalUnits ? fast_exp2((x - m_use[r]) * kLog2e) : fast_exp2(fmaf(x, kf, neg_m[r]));
+        if constexpr (kRedo) {
+          // A visible key is a score that is not -inf (a probability that underflows still counts).
+          if (x != -CUDART_INF_F && bad_keys[nt * 8 + 2 * t + (e % 2)]) s[nt][e] = CUDART_NAN_F;
+        } else {
+          row_sum[r] += s[nt][e];
+        }
       }
     }
 #pragma unroll
-    for (int nt = 0; nt < D / 8; ++nt) {
+    for (int nt = 0; nt < D / 8 && !kRedo; ++nt) {
       acc[nt][0] *= alpha[0];
       acc[nt][1] *= alpha[0];
       acc[nt][2] *= alpha[1];
@@ -578,12 +609,38 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
     stage ^= kStage;
   };
   while (cur.tile >= 0 && cur.masked) {
-    tile_body(BoolConstant<true>{}, cur);
+    tile_body(BoolConstant<true>{}, BoolConstant<false>{}, cur);
     advance(BoolConstant<true>{});
   }
   while (cur.tile >= 0) {
-    tile_body(BoolConstant<false>{}, cur);
+    tile_body(BoolConstant<false>{}, BoolConstant<false>{}, cur);
     advance(BoolConstant<false>{});
+  }
+
+  // A NaN/Inf value hidden from some rows of a masked tile reaches them as 0 * NaN in P V, and then
+  // their output is non-finite: only then (one sum per thread, one barrier per CTA) the CTA runs
+  // its tiles again by selection, with the row statistics it has (they never involve V). Rows
+  // that see a non-finite value are non-finite either way; they pay the second pass too.
+  float finite_check = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) finite_check += (acc[nt][0] + acc[nt][1]) + (acc[nt][2] + acc[nt][3]);
+  if (__syncthreads_or(!isfinite(finite_check))) {
+    int* bad = reinterpret_cast<int*>(sQ);
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+    stage = 0;
+    for (FwdStep step = sched.first(p); step.tile >= 0; step = sched.template next<true>(p, step)) {
+      load_kv(0, step.tile);
+      cp_async_commit();
+      static_assert(BN <= Tr::kThreads, "one flag per thread");
+      if (tid < BN) bad[tid] = 0;
+      cp_async_wait<0>();
+      __syncthreads();
+      zero_nonfinite<T, BN, D, Tr::kThreads>(sV, bad, tid);
+      __syncthreads();
+      tile_body(BoolConstant<true>{}, BoolConstant<true>{}, step);
+      __syncthreads();  // every warp is done with the tile before the next one lands
+    }
   }
 
   T* out = static_cast<T*>(p.out) + b * p.out_stride[0] + hq * p.out_stride[1];
@@ -592,8 +649,9 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
     const float sum = quad_sum(row_sum[r]);
     const int i = m0 + warp * 16 + g + r * 8;
     if (i >= p.seqlen_q) continue;
-    // Rows past query_lengths and rows that see nothing return 0 and lse = -inf.
-    const bool live = i < c.qlen && sum > 0.f;
+    // Rows past query_lengths and rows that see nothing return 0 and lse = -inf; a NaN sum (a
+    // visible NaN score) is live: the row is NaN, never 0.
+    const bool live = i < c.qlen && sum != 0.f;
     const float inv = live ? 1.f / sum : 0.f;
 #pragma unroll
     for (int nt = 0; nt < D / 8; ++nt) {
@@ -677,14 +735,14 @@ struct BwdTraits {
 
 // Shared memory of a backward CTA: K and V (kBlockN, D + 8); two stages of Q and dO (kBlockM, D + 8);
 // dX^T (kBlockN, kBlockM + 8); two stages of lse and delta (kBlockM floats); kDeterministic: the
-// float32 dQ tile (kBlockM, D + 4) staged for its ordered add.
+// float32 dQ tile (kBlockM, D + 4) staged for its ordered add; one int per key (its K row held NaN/Inf).
 template <typename T, class Tr>
 constexpr int bwd_smem_bytes() {
   constexpr int kLd = Tr::kHeadDim + 8;
   constexpr int dq = Tr::kDeterministic ? Tr::kBlockM * (Tr::kHeadDim + 4) : 0;
   return (2 * Tr::kBlockN * kLd + 4 * Tr::kBlockM * kLd + Tr::kBlockN * (Tr::kBlockM + 8)) *
              static_cast<int>(sizeof(T)) +
-         (4 * Tr::kBlockM + dq) * static_cast<int>(sizeof(float));
+         (4 * Tr::kBlockM + dq + Tr::kBlockN) * static_cast<int>(sizeof(float));
 }
 
 // The query tiles of key block [n0, n0 + kBlockN) of head (b, hq): masked tiles (crossing
@@ -733,6 +791,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_kernel(const Atten
   float* sDelta = sLse + 2 * BM;                             // [2][BM]
   constexpr int kLdQ = D + 4;
   float* sdQ = sDelta + 2 * BM;  // [BM, D] float32: this tile's dQ (kDeterministic)
+  int* sKeyBad = reinterpret_cast<int*>(sdQ + (Tr::kDeterministic ? BM * kLdQ : 0));  // [BN]
 
   const int n_block = blockIdx.x, hq = blockIdx.y, b = blockIdx.z;
   const int hk = hq / p.group;
@@ -777,6 +836,40 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_kernel(const Atten
   cp_async_wait<1>();  // K, V and the first query tile
   __syncthreads();
 
+  // NaN/Inf in K would reach dQ of rows it is hidden from as 0 * NaN in dX K. Each warp checks its
+  // own 16 key rows once (two lanes a row) and zeroes such entries in shared memory; the keys that
+  // held one get a NaN score instead (so the rows that see them still turn NaN, by selection), and
+  // then every query tile takes the masked path, where that select sits (the walk starts again with
+  // no interior tiles, its first two tiles loaded anew). Finite K: one pass over the tile per CTA,
+  // a barrier, and nothing in the loop.
+  {
+    const int row = warp * 16 + lane / 2;
+    bool bad = false;
+    for (int col = (lane % 2) * (D / 2); col < (lane % 2 + 1) * (D / 2); ++col) {
+      T* e = sK + row * kLd + col;
+      if (!isfinite(MmaTraits<T>::to_float(*e))) {
+        *reinterpret_cast<unsigned short*>(e) = 0;
+        bad = true;
+      }
+    }
+    bad = bad || __shfl_xor_sync(0xffffffffu, bad, 1);
+    if (lane % 2 == 0) sKeyBad[row] = bad;
+    if (__syncthreads_or(bad)) {
+      sched.inner_lo = 1;
+      sched.inner_hi = 0;
+      cp_async_wait<0>();
+      __syncthreads();  // the loads of the old first two tiles have landed before they are overwritten
+      cur = sched.first(p);
+      nxt = sched.template next<true>(p, cur);
+      if (cur.tile >= 0) load_q(0, cur.tile);
+      cp_async_commit();
+      if (nxt.tile >= 0) load_q(kStage, nxt.tile);
+      cp_async_commit();
+      cp_async_wait<1>();
+      __syncthreads();
+    }
+  }
+
   float dk[D / 8][4], dv[D / 8][4];  // [16, D] of this warp's keys
 #pragma unroll
   for (int nt = 0; nt < D / 8; ++nt) {
@@ -817,6 +910,11 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_kernel(const Atten
       }
     }
     // P^T into st, dX^T into dpt.
+    bool key_bad[2] = {false, false};  // keys warp * 16 + g (+ 8) of this thread's scores
+    if constexpr (kMaskTile) {
+      key_bad[0] = sKeyBad[warp * 16 + g];
+      key_bad[1] = sKeyBad[warp * 16 + g + 8];
+    }
 #pragma unroll
     for (int nt = 0; nt < BM / 8; ++nt) {
 #pragma unroll
@@ -824,12 +922,17 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_kernel(const Atten
         const int r = nt * 8 + 2 * t + (e % 2);  // query row in the tile
         const int j = n0 + warp * 16 + g + (e / 2) * 8;
         float th = 0.f;
-        const float x = fwd_score<Tr, kMaskTile>(p, c, st[nt][e], m0 + r, j, step.use_mask, &th);
+        float x = fwd_score<Tr, kMaskTile>(p, c, st[nt][e], m0 + r, j, step.use_mask, &th);
+        // Selects on masked tiles (a hidden pair's score is -inf): a key whose K row held NaN/Inf
+        // (zeroed in shared memory) has a NaN score where it is visible; a NaN in a K or V row hidden
+        // from this query reaches neither dS nor dX. A visible pair's NaN stays NaN, even where its
+        // probability underflows to 0.
+        const bool hidden = kMaskTile && x == -CUDART_INF_F;
+        if constexpr (kMaskTile) x = key_bad[e / 2] && !hidden ? CUDART_NAN_F : x;
         const float lse = bwd_lse<Tr>(lse_s[r]);
         const float prob = Tr::kNaturalUnits ? fast_exp2((x - lse) * kLog2e) : fast_exp2(fmaf(x, kf, -lse));
         float ds = prob * (dpt[nt][e] - delta_s[r]);  // d(loss)/d(score)
-        // A select on masked tiles: a NaN in a V row hidden from this query never reaches dK.
-        if constexpr (kMaskTile) ds = prob > 0.f ? ds : 0.f;
+        if constexpr (kMaskTile) ds = hidden ? 0.f : ds;
         if constexpr (Tr::kBias) {
           if (p.dbias != nullptr && m0 + r < c.qlen && j < c.klen) write_dbias(p, b, hq, m0 + r, j, ds);
         }

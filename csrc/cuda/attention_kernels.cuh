@@ -825,23 +825,18 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_kernel(const Atten
       cp_async_4(sDelta + stage / kLd + r, p.delta + row, valid);
     }
   };
-  FwdStep cur = sched.first(p);
-  FwdStep nxt = sched.template next<true>(p, cur);
   TileCopier<T, BN, D, Tr::kThreads>(k, p.k_stride[2], tid).issue(sK, n0, c.klen);
   TileCopier<T, BN, D, Tr::kThreads>(v, p.v_stride[2], tid).issue(sV, n0, c.klen);
-  if (cur.tile >= 0) load_q(0, cur.tile);
   cp_async_commit();
-  if (nxt.tile >= 0) load_q(kStage, nxt.tile);
-  cp_async_commit();
-  cp_async_wait<1>();  // K, V and the first query tile
+  cp_async_wait<0>();  // K and V (the key check below decides the walk, so the first query tiles wait)
   __syncthreads();
 
   // NaN/Inf in K would reach dQ of rows it is hidden from as 0 * NaN in dX K. Each warp checks its
   // own 16 key rows once (two lanes a row) and zeroes such entries in shared memory; the keys that
   // held one get a NaN score instead (so the rows that see them still turn NaN, by selection), and
-  // then every query tile takes the masked path, where that select sits (the walk starts again with
-  // no interior tiles, its first two tiles loaded anew). Finite K: one pass over the tile per CTA,
-  // a barrier, and nothing in the loop.
+  // then every query tile takes the masked path, where that select sits (the walk has no interior
+  // tiles). Finite K: one pass over the tile per CTA, a barrier, the first query tile's load no
+  // longer overlapping K's and V's, and nothing in the loop.
   {
     const int row = warp * 16 + lane / 2;
     bool bad = false;
@@ -854,21 +849,17 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_kernel(const Atten
     }
     bad = bad || __shfl_xor_sync(0xffffffffu, bad, 1);
     if (lane % 2 == 0) sKeyBad[row] = bad;
-    if (__syncthreads_or(bad)) {
-      sched.inner_lo = 1;
-      sched.inner_hi = 0;
-      cp_async_wait<0>();
-      __syncthreads();  // the loads of the old first two tiles have landed before they are overwritten
-      cur = sched.first(p);
-      nxt = sched.template next<true>(p, cur);
-      if (cur.tile >= 0) load_q(0, cur.tile);
-      cp_async_commit();
-      if (nxt.tile >= 0) load_q(kStage, nxt.tile);
-      cp_async_commit();
-      cp_async_wait<1>();
-      __syncthreads();
-    }
+    if (__syncthreads_or(bad)) sched.inner_hi = -1;  // no interior tile
   }
+
+  FwdStep cur = sched.first(p);
+  FwdStep nxt = sched.template next<true>(p, cur);
+  if (cur.tile >= 0) load_q(0, cur.tile);
+  cp_async_commit();
+  if (nxt.tile >= 0) load_q(kStage, nxt.tile);
+  cp_async_commit();
+  cp_async_wait<1>();  // the first query tile
+  __syncthreads();
 
   float dk[D / 8][4], dv[D / 8][4];  // [16, D] of this warp's keys
 #pragma unroll

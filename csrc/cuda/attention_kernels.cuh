@@ -791,7 +791,6 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_kernel(const Atten
   float* sDelta = sLse + 2 * BM;                             // [2][BM]
   constexpr int kLdQ = D + 4;
   float* sdQ = sDelta + 2 * BM;  // [BM, D] float32: this tile's dQ (kDeterministic)
-  int* sKeyBad = reinterpret_cast<int*>(sdQ + (Tr::kDeterministic ? BM * kLdQ : 0));  // [BN]
 
   const int n_block = blockIdx.x, hq = blockIdx.y, b = blockIdx.z;
   const int hk = hq / p.group;
@@ -828,38 +827,36 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_kernel(const Atten
   TileCopier<T, BN, D, Tr::kThreads>(k, p.k_stride[2], tid).issue(sK, n0, c.klen);
   TileCopier<T, BN, D, Tr::kThreads>(v, p.v_stride[2], tid).issue(sV, n0, c.klen);
   cp_async_commit();
-  cp_async_wait<0>();  // K and V (the key check below decides the walk, so the first query tiles wait)
-  __syncthreads();
-
-  // NaN/Inf in K would reach dQ of rows it is hidden from as 0 * NaN in dX K. Each warp checks its
-  // own 16 key rows once (two lanes a row) and zeroes such entries in shared memory; the keys that
-  // held one get a NaN score instead (so the rows that see them still turn NaN, by selection), and
-  // then every query tile takes the masked path, where that select sits (the walk has no interior
-  // tiles). Finite K: one pass over the tile per CTA, a barrier, the first query tile's load no
-  // longer overlapping K's and V's, and nothing in the loop.
-  {
-    const int row = warp * 16 + lane / 2;
-    bool bad = false;
-    for (int col = (lane % 2) * (D / 2); col < (lane % 2 + 1) * (D / 2); ++col) {
-      T* e = sK + row * kLd + col;
-      if (!isfinite(MmaTraits<T>::to_float(*e))) {
-        *reinterpret_cast<unsigned short*>(e) = 0;
-        bad = true;
-      }
-    }
-    bad = bad || __shfl_xor_sync(0xffffffffu, bad, 1);
-    if (lane % 2 == 0) sKeyBad[row] = bad;
-    if (__syncthreads_or(bad)) sched.inner_hi = -1;  // no interior tile
-  }
-
   FwdStep cur = sched.first(p);
   FwdStep nxt = sched.template next<true>(p, cur);
   if (cur.tile >= 0) load_q(0, cur.tile);
   cp_async_commit();
   if (nxt.tile >= 0) load_q(kStage, nxt.tile);
   cp_async_commit();
-  cp_async_wait<1>();  // the first query tile
+  cp_async_wait<2>();  // K and V; the first query tiles are still in flight
   __syncthreads();
+
+  // NaN/Inf in K would reach dQ of the rows it is hidden from as 0 * NaN in dX K. Each warp looks at
+  // its own 16 key rows once (two lanes a row) and zeroes such entries in shared memory. The rows
+  // that see such a key lose nothing: its score was NaN (or +inf) in the forward, so their lse is
+  // NaN and every P, dS and dX of theirs is NaN here (dq, and dk / dv of the keys they see). Finite
+  // K: one read of the tile per CTA and one barrier.
+  {
+    uint32_t* row = reinterpret_cast<uint32_t*>(sK + (warp * 16 + lane / 2) * kLd + (lane % 2) * (D / 2));
+    uint32_t hits = 0;
+#pragma unroll
+    for (int w = 0; w < D / 4; w += 4) {
+      const uint4 x = *reinterpret_cast<const uint4*>(row + w);
+      hits |= nonfinite_mask<T>(x.x) | nonfinite_mask<T>(x.y) | nonfinite_mask<T>(x.z) | nonfinite_mask<T>(x.w);
+    }
+    if (hits) {
+#pragma unroll 1
+      for (int w = 0; w < D / 4; ++w) row[w] = zero_nonfinite_pair<T>(row[w]);
+    }
+  }
+  cp_async_wait<1>();  // the first query tile
+  __syncthreads();       // (and K's zeroed entries, read by every warp's dX K)
+
 
   float dk[D / 8][4], dv[D / 8][4];  // [16, D] of this warp's keys
 #pragma unroll
@@ -901,11 +898,6 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_kernel(const Atten
       }
     }
     // P^T into st, dX^T into dpt.
-    bool key_bad[2] = {false, false};  // keys warp * 16 + g (+ 8) of this thread's scores
-    if constexpr (kMaskTile) {
-      key_bad[0] = sKeyBad[warp * 16 + g];
-      key_bad[1] = sKeyBad[warp * 16 + g + 8];
-    }
 #pragma unroll
     for (int nt = 0; nt < BM / 8; ++nt) {
 #pragma unroll
@@ -913,21 +905,20 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_kernel(const Atten
         const int r = nt * 8 + 2 * t + (e % 2);  // query row in the tile
         const int j = n0 + warp * 16 + g + (e / 2) * 8;
         float th = 0.f;
-        float x = fwd_score<Tr, kMaskTile>(p, c, st[nt][e], m0 + r, j, step.use_mask, &th);
-        // Selects on masked tiles (a hidden pair's score is -inf): a key whose K row held NaN/Inf
-        // (zeroed in shared memory) has a NaN score where it is visible; a NaN in a K or V row hidden
-        // from this query reaches neither dS nor dX. A visible pair's NaN stays NaN, even where its
-        // probability underflows to 0.
-        const bool hidden = kMaskTile && x == -CUDART_INF_F;
-        if constexpr (kMaskTile) x = key_bad[e / 2] && !hidden ? CUDART_NAN_F : x;
+        const float x = fwd_score<Tr, kMaskTile>(p, c, st[nt][e], m0 + r, j, step.use_mask, &th);
         const float lse = bwd_lse<Tr>(lse_s[r]);
         const float prob = Tr::kNaturalUnits ? fast_exp2((x - lse) * kLog2e) : fast_exp2(fmaf(x, kf, -lse));
         float ds = prob * (dpt[nt][e] - delta_s[r]);  // d(loss)/d(score)
-        if constexpr (kMaskTile) ds = hidden ? 0.f : ds;
+        // Selects on masked tiles (a hidden pair's P is exp(-inf) = 0): a NaN in a K or V row hidden
+        // from this query reaches neither dS nor (through tanh' of its NaN score) dX. `== 0`, not
+        // `> 0`: a NaN P (a row that saw a NaN, whose lse is NaN) keeps its NaN.
+        const bool dropped = kMaskTile && prob == 0.f;
+        if constexpr (kMaskTile) ds = dropped ? 0.f : ds;
         if constexpr (Tr::kBias) {
           if (p.dbias != nullptr && m0 + r < c.qlen && j < c.klen) write_dbias(p, b, hq, m0 + r, j, ds);
         }
         st[nt][e] = prob;
+        if constexpr (kMaskTile && Tr::kSoftcap) th = dropped ? 0.f : th;
         dpt[nt][e] = Tr::kSoftcap ? ds * (p.scale * (1.f - th * th)) : ds * p.scale;
       }
     }

@@ -134,7 +134,10 @@ def parse_sass(text: str) -> dict[str, list[tuple[int, str, bool, str]]]:
 
 
 def hot_loop(code: list[tuple[int, str, bool, str]]) -> Mix:
-    """The mix of the loop (backward branch range) with the most HMMA; the smallest such loop."""
+    """The mix of the loop (backward branch range) with the largest HMMA share: the interior-tile
+    loop (the masked-tile loop holds the same HMMA in more instructions, and in the backward also the
+    cold copy of dQ's product for a K holding NaN/Inf; the forward's selective second pass is
+    another loop of the same HMMA)."""
     best: tuple[int, int, Mix] | None = None
     for addr, opcode, _, operands in code:
         if not opcode.startswith("BRA"):
@@ -147,7 +150,9 @@ def hot_loop(code: list[tuple[int, str, bool, str]]) -> Mix:
         for a, op, pred, _ in code:
             if lo <= a <= addr:
                 mix.add(op, pred)
-        key = (mix.hmma, -mix.instructions)
+        if mix.hmma == 0:
+            continue
+        key = (mix.hmma_share, mix.hmma)
         if best is None or key > best[:2]:
             best = (*key, mix)
     return best[2] if best else Mix()

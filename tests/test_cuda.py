@@ -401,9 +401,15 @@ def test_nan_in_cache_slots_past_key_lengths_never_reaches_a_result(D, dtype, de
     for kk, vv in ((k, v), [t.requires_grad_() for t in clean]):
         out = fastattn.attention(q, kk, vv, key_lengths=lengths, causal=True, backend="cuda")
         results.append((out, *torch.autograd.grad(out, (q, kk, vv), dout)))
+    # On sm_90 the Hopper forward's tile that crosses key_lengths holds the NaN rows (TMA loads whole
+    # tiles), so the poisoned run's rows are recomputed by the sm80 follow-up launch: equal within rounding.
+    hopper = cuda_backend.forward_path(fastattn._inputs.normalize(q, k, v, key_lengths=lengths, causal=True)) == "sm90"
     for name, poisoned, want in zip(("out", "dq", "dk", "dv"), *results):
         assert torch.isfinite(poisoned).all(), name
-        assert torch.equal(poisoned, want), name
+        if hopper:
+            torch.testing.assert_close(poisoned, want, atol=2e-2, rtol=2e-2)
+        else:
+            assert torch.equal(poisoned, want), name
     assert (results[0][2][1, :, 77:] == 0).all() and (results[0][3][1, :, 77:] == 0).all()
 
 
@@ -703,23 +709,17 @@ def test_kernel_image_probe_without_a_gpu_answers_with_a_reason():
 
 
 # ---------------------------------------------------------------- hidden NaN/Inf (issue 16, items 5 and 6) ----
-# NaN in k and Inf/NaN in v where rows cannot see them. The sm80 kernels are exact per (row, key): the
-# forward runs a CTA's tiles again by selection when its output is non-finite, the backward zeroes K's
-# non-finite entries once per key block and selects dS / dX (docs/cuda-kernels.md). The Hopper forward
-# (backend="cuda" on sm_90 without element masks) still multiplies P = 0 by a hidden V row of a tile
-# it loads (docs/cuda-hopper.md): those cases are strict xfails there.
-HOPPER_LEAK = "the Hopper forward multiplies P = 0 by a hidden NaN V row of a loaded tile (docs/cuda-hopper.md)"
+# NaN in k and Inf/NaN in v where rows cannot see them; exact per (row, key) pair. The sm80 forward
+# runs a CTA's tiles again by selection when its output is non-finite; the Hopper forward (plain calls
+# on sm_90) is followed by an sm80 launch that does the same for its non-finite row blocks; the
+# backward zeroes K's non-finite entries once per key block and selects dS (docs/cuda-kernels.md).
 
 
-def _poison_cuda(request, q, k, v, poison, rows=None, hopper_safe=False, **kwargs):
+def _poison_cuda(q, k, v, poison, rows=None, **kwargs):
     """Poison ``k[poison]`` (NaN) and ``v[poison]`` (Inf, NaN in the first column), ``poison`` bool
     ``(B, Hkv, Lk)``; the results of query ``rows`` (bool ``(Lq,)``, default all) must stay finite and
-    equal the clean run's (within rounding: a CTA that meets a non-finite value computes again); with
-    every row clean, dk and dv too."""
-    from fastattn._inputs import normalize
-
-    if not hopper_safe and cuda_backend.forward_path(normalize(q, k, v, **kwargs)) == "sm90":
-        request.node.add_marker(pytest.mark.xfail(strict=True, reason=HOPPER_LEAK))
+    equal the clean run's (within rounding: a row block that meets a non-finite value is computed
+    again); with every row clean, dk and dv too."""
     kp, vp = k.detach().clone(), v.detach().clone()
     kp[poison] = float("nan")
     vp[poison] = float("inf")
@@ -750,84 +750,83 @@ def _key_poison(B, Hkv, Lk, keys):
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", HEAD_DIMS)
-def test_hidden_nan_under_a_padding_column_of_a_bool_mask(request, D, dtype, deterministic):
+def test_hidden_nan_under_a_padding_column_of_a_bool_mask(D, dtype, deterministic):
     B, H, Lq, Lk = 2, 2, 97, 200
     q, k, v = _qkv(B, H, H, Lq, Lk, D, dtype)
     keep = torch.rand(B, 1, 1, Lk, device="cuda") < 0.6
     keep[..., 0] = True
     poison = (~keep[:, 0, 0, :])[:, None, :].expand(B, H, Lk)
-    _poison_cuda(request, q, k, v, poison, attn_mask=keep)
+    _poison_cuda(q, k, v, poison, attn_mask=keep)
 
 
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", HEAD_DIMS)
-def test_hidden_nan_outside_every_rows_window(request, D, dtype):
+def test_hidden_nan_outside_every_rows_window(D, dtype):
     q, k, v = _qkv(1, 2, 2, 4, 300, D, dtype)
     # Rows sit at keys 296..299: a left window of 5 hides keys 0..290 from every row (keys 256..290
     # share the rows' key tile).
-    _poison_cuda(request, q, k, v, _key_poison(1, 2, 300, slice(0, 291)), window=(5, 0))
+    _poison_cuda(q, k, v, _key_poison(1, 2, 300, slice(0, 291)), window=(5, 0))
 
 
 @gpu
 @pytest.mark.parametrize("block", [64, 128])
 @pytest.mark.parametrize("D", HEAD_DIMS)
-def test_hidden_nan_in_an_empty_block_mask_tile(request, D, block):
+def test_hidden_nan_in_an_empty_block_mask_tile(D, block):
     L = 4 * block
     q, k, v = _qkv(1, 1, 1, L, L, D, torch.bfloat16)
     layout = torch.ones(4, 4, dtype=torch.bool).tril()
     bm = fastattn.BlockMask.from_layout(layout, block_size=block).to("cuda")
     rows = torch.arange(L, device="cuda") < 3 * block  # key block 3 is empty for query blocks 0-2
-    _poison_cuda(request, q, k, v, _key_poison(1, 1, L, slice(3 * block, L)), rows=rows, hopper_safe=True,
-                 block_mask=bm)
+    _poison_cuda(q, k, v, _key_poison(1, 1, L, slice(3 * block, L)), rows=rows, block_mask=bm)
 
 
-def _mixed(request, q, k, v, j, seen_by, **kwargs):
+def _mixed(q, k, v, j, seen_by, **kwargs):
     """Key ``j`` poisoned, seen by rows ``seen_by`` only (others of the same tiles do not): those others
     keep their clean results; the rows that see it are NaN (a visible NaN propagates)."""
     B, Hkv, Lk = k.shape[:3]
-    out = _poison_cuda(request, q, k, v, _key_poison(B, Hkv, Lk, j), rows=~seen_by, **kwargs)[0]
+    out = _poison_cuda(q, k, v, _key_poison(B, Hkv, Lk, j), rows=~seen_by, **kwargs)[0]
     assert torch.isnan(out[:, :, seen_by]).all()
 
 
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", HEAD_DIMS)
-def test_hidden_nan_on_the_causal_diagonal(request, D, dtype, deterministic):
+def test_hidden_nan_on_the_causal_diagonal(D, dtype, deterministic):
     q, k, v = _qkv(2, 2, 1, 150, 150, D, dtype)
-    _mixed(request, q, k, v, 137, torch.arange(150, device="cuda") >= 137, causal=True)
+    _mixed(q, k, v, 137, torch.arange(150, device="cuda") >= 137, causal=True)
 
 
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", HEAD_DIMS)
-def test_hidden_nan_at_a_window_edge(request, D, dtype):
+def test_hidden_nan_at_a_window_edge(D, dtype):
     q, k, v = _qkv(1, 2, 2, 200, 200, D, dtype)
     i = torch.arange(200, device="cuda")
-    _mixed(request, q, k, v, 100, (i - 100).abs() <= 3, window=(3, 3))
+    _mixed(q, k, v, 100, (i - 100).abs() <= 3, window=(3, 3))
 
 
 @gpu
 @pytest.mark.parametrize("D", HEAD_DIMS)
-def test_hidden_nan_in_a_partial_block_mask_tile(request, D, deterministic):
+def test_hidden_nan_in_a_partial_block_mask_tile(D, deterministic):
     # Documents [0, 150) and [150, 256): key 160 shares partial tiles with rows 128..149 of the first
     # document, which do not see it.
     q, k, v = _qkv(1, 2, 1, 256, 256, D, torch.bfloat16)
     doc = (torch.arange(256) >= 150).long()[None]
     bm = fastattn.masks.document(doc, causal=True, block_size=64).to("cuda")
-    _mixed(request, q, k, v, 160, torch.arange(256, device="cuda") >= 160, block_mask=bm)
+    _mixed(q, k, v, 160, torch.arange(256, device="cuda") >= 160, block_mask=bm)
 
 
 @gpu
 @pytest.mark.parametrize("softcap", [0.0, 5.0], ids=["plain", "softcap"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", HEAD_DIMS)
-def test_hidden_nan_under_a_mixed_column_of_a_bool_mask(request, D, dtype, softcap):
+def test_hidden_nan_under_a_mixed_column_of_a_bool_mask(D, dtype, softcap):
     # With softcap the backward's tanh' of the hidden NaN score must not reach dX (dq, dk).
     q, k, v = _qkv(1, 3, 3, 129, 129, D, dtype)
     keep = torch.rand(1, 1, 129, 129, device="cuda") < 0.7
     keep[..., 11] = torch.arange(129, device="cuda") % 3 == 0  # key 11: seen by every third row only
-    _mixed(request, q, k, v, 11, keep[0, 0, :, 11], attn_mask=keep, softcap=softcap)
+    _mixed(q, k, v, 11, keep[0, 0, :, 11], attn_mask=keep, softcap=softcap)
 
 
 @gpu

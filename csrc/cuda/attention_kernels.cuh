@@ -94,6 +94,9 @@ struct AttentionParams {
   int mask_block_q = 0, mask_block_k = 0;
   BlockLists kv_lists;  // per query block: key blocks (forward, dQ)
   BlockLists q_lists;   // per key block: query blocks (dK/dV)
+  // Forward only: `out` and `lse` already hold another kernel's answer (the Hopper forward's); a
+  // CTA whose rows of `out` are all finite returns at once, the others compute theirs again.
+  bool redo_nonfinite = false;
 };
 
 // What one (batch, query head) sees: valid lengths, the diagonal offset, its ALiBi slope and mask.
@@ -469,6 +472,19 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + hq * p.q_stride[1];
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
+
+  if (p.redo_nonfinite) {
+    // Rows of `out` (16-byte chunks: rows are D contiguous elements, 16-byte aligned).
+    const T* o = static_cast<const T*>(p.out) + b * p.out_stride[0] + hq * p.out_stride[1];
+    uint32_t hits = 0;
+    for (int x = tid; x < BM * (D / 8); x += Tr::kThreads) {
+      const int i = m0 + x / (D / 8);
+      if (i >= p.seqlen_q) break;
+      const uint4 w = *reinterpret_cast<const uint4*>(o + (int64_t)i * p.out_stride[2] + (x % (D / 8)) * 8);
+      hits |= nonfinite_mask<T>(w.x) | nonfinite_mask<T>(w.y) | nonfinite_mask<T>(w.z) | nonfinite_mask<T>(w.w);
+    }
+    if (!__syncthreads_or(hits != 0)) return;
+  }
 
   FwdSchedule<Tr> sched;
   sched.init(p, c, b, hq, m0);

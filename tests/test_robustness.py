@@ -149,8 +149,9 @@ def _tensor(shape, dtype, layout: str, generator, *, transpose_last=False) -> to
     return t.to(dtype)
 
 
-def build(case: Case):
-    """``(q, k, v, kwargs)`` for ``fastattn.attention`` (leaves that require grad)."""
+def build(case: Case, device: str = "cpu"):
+    """``(q, k, v, kwargs)`` for ``fastattn.attention`` (leaves that require grad), drawn on the CPU
+    and moved to ``device``."""
     g = torch.Generator().manual_seed(case.seed)
     B, Hq, Hkv, Lq, Lk = case.B, case.Hkv * case.group, case.Hkv, case.Lq, case.Lk
     q = _tensor((B, Hq, Lq, case.D), case.dtype, case.layout, g)
@@ -203,6 +204,13 @@ def build(case: Case):
         kwargs["query_lengths"] = torch.randint(0, Lq + 1, (B,), generator=g)
     if case.dropout_p:
         kwargs["dropout_p"] = case.dropout_p
+    if device != "cpu":
+        q, k, v = (t.to(device) for t in (q, k, v))
+        for key, val in kwargs.items():
+            if isinstance(val, torch.Tensor):
+                kwargs[key] = val.detach().to(device).requires_grad_(val.requires_grad)
+            elif isinstance(val, fastattn.BlockMask):
+                kwargs[key] = val.to(device)
     return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), kwargs
 
 
@@ -228,13 +236,13 @@ def _poisoned(case: Case, q, k, v, kwargs) -> tuple[torch.Tensor, torch.Tensor, 
         if candidates.numel():
             b, hk, kb = candidates[0].tolist()
             bq, bk = bm.block_size
-            poison = torch.zeros(B, Hkv, Lk, dtype=torch.bool)
+            poison = torch.zeros(B, Hkv, Lk, dtype=torch.bool, device=k.device)
             poison[b, hk, kb * bk : (kb + 1) * bk] = True
             clean_blocks = per_kv[b, hk, :, kb]  # (nQB,)
-            rows = torch.ones(B, Hq, Lq, dtype=torch.bool)
+            rows = torch.ones(B, Hq, Lq, dtype=torch.bool, device=k.device)
             rows[b, hk * case.group : (hk + 1) * case.group] = clean_blocks.repeat_interleave(bq)[:Lq]
         else:
-            poison = torch.zeros(B, Hkv, Lk, dtype=torch.bool)
+            poison = torch.zeros(B, Hkv, Lk, dtype=torch.bool, device=k.device)
     else:
         seen = reference.visible_mask(inputs).expand(B, Hq, Lq, Lk)
         viewers = seen.reshape(B, Hkv, case.group, Lq, Lk).sum(dim=(2, 3))  # (B, Hkv, Lk)
@@ -264,8 +272,12 @@ def _check(name, got, ref32, ref_lp, floor):
     assert_close_to_reference(name, got[~neg_inf], ref32[~neg_inf], ref_lp[~neg_inf], atol_floor=floor)
 
 
+def _device(backend: str) -> str:
+    return "cuda" if backend == "cuda" else "cpu"
+
+
 def check_case(backend: str, case: Case) -> None:
-    q, k, v, kwargs = build(case)
+    q, k, v, kwargs = build(case, _device(backend))
     leaves = [q, k, v]
     mask = kwargs.get("attn_mask")
     if isinstance(mask, torch.Tensor) and mask.requires_grad:
@@ -302,10 +314,10 @@ def check_case(backend: str, case: Case) -> None:
     # lse is float32 on every backend (a float64 row at float64's minimum is -inf there).
     _check("lse", select(lse), select(ref32[1].float()), select(ref_lp[1].float()), max(floor, 1e-5))
 
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(case.seed + 1)).to(out.dtype)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(case.seed + 1)).to(out)
     outputs, grads_out = [out], [dout]
     if case.lse_grad:
-        dlse = torch.randn(lse.shape, generator=torch.Generator().manual_seed(case.seed + 2))
+        dlse = torch.randn(lse.shape, generator=torch.Generator().manual_seed(case.seed + 2)).to(lse)
         outputs.append(lse)
         grads_out.append(dlse)
     got = torch.autograd.grad(outputs, run_leaves, grads_out)
@@ -331,7 +343,7 @@ def test_fuzz_against_reference(backend):
     @_fuzz_settings(backend)
     @given(case=cases(backend))
     def run(case):
-        q, k, v, kwargs = build(case)
+        q, k, v, kwargs = build(case, _device(backend))
         inputs = normalize(q, k, v, **kwargs)
         if fastattn.get_backend(backend).not_supported_reasons(inputs):
             return

@@ -2,8 +2,9 @@
 
 Compiles the kernel templates of ``attention_kernels.cuh`` alone (no torch headers, seconds per
 architecture) with ``nvcc -cubin -Xptxas -v``, disassembles them with ``cuobjdump -sass``, and reports
-per kernel: registers, spill bytes, and for the loop that holds the most tensor-core instructions
-(the key-tile loop of the forward, the query-tile loop of the backward) its length in instructions,
+per kernel: registers, spill bytes, and for the loop with the largest share of tensor-core
+instructions (the interior key-tile loop of the forward, the interior query-tile loop of the
+backward) its length in instructions,
 its HMMA count and share, shared-memory matrix loads (LDSM), asynchronous copies (LDGSTS),
 exponentials (MUFU.EX2), tanh (MUFU.TANH), global atomics (RED/ATOM) and predicated instructions.
 

@@ -181,8 +181,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_sm90_cuda(
   const cudaError_t err = run_fwd(args, dtype, static_cast<int>(s.head_dim), at::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "the Hopper attention kernel failed to launch: ", cudaGetErrorString(err));
   // A NaN/Inf in a V row hidden from some rows of a loaded tile reaches them as 0 * NaN in P V:
-  // the sm80 forward recomputes, by selection, the row blocks whose output is non-finite.
-  attention_fwd_redo_nonfinite(q, k, v, alibi_slopes, key_lengths, query_lengths, kv_num_blocks, kv_indices,
+  // the sm80 forward recomputes, by selection, the row blocks whose output is non-finite (given the
+  // TMA-ready tensors, whose rows are aligned: no second copy of a misaligned input).
+  attention_fwd_redo_nonfinite(q_ready, k_ready, v_ready, alibi_slopes, key_lengths, query_lengths, kv_num_blocks, kv_indices,
                                full_kv_num_blocks, full_kv_indices, block_size_q, block_size_k, scale, window_left,
                                window_right, softcap, out, lse);
   return {out, lse};

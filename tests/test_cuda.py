@@ -401,9 +401,15 @@ def test_nan_in_cache_slots_past_key_lengths_never_reaches_a_result(D, dtype, de
     for kk, vv in ((k, v), [t.requires_grad_() for t in clean]):
         out = fastattn.attention(q, kk, vv, key_lengths=lengths, causal=True, backend="cuda")
         results.append((out, *torch.autograd.grad(out, (q, kk, vv), dout)))
+    # On sm_90 the Hopper forward's tile that crosses key_lengths holds the NaN rows (TMA loads whole
+    # tiles), so the poisoned run's rows are recomputed by the sm80 follow-up launch: equal within rounding.
+    hopper = cuda_backend.forward_path(fastattn._inputs.normalize(q, k, v, key_lengths=lengths, causal=True)) == "sm90"
     for name, poisoned, want in zip(("out", "dq", "dk", "dv"), *results):
         assert torch.isfinite(poisoned).all(), name
-        assert torch.equal(poisoned, want), name
+        if hopper:
+            torch.testing.assert_close(poisoned, want, atol=2e-2, rtol=2e-2)
+        else:
+            assert torch.equal(poisoned, want), name
     assert (results[0][2][1, :, 77:] == 0).all() and (results[0][3][1, :, 77:] == 0).all()
 
 
@@ -700,3 +706,156 @@ def test_kernel_image_probe_without_a_gpu_answers_with_a_reason():
         pytest.skip("a GPU is present: test_kernel_image_probe_finds_this_gpu covers it")
     error = module.cuda_kernel_image_error(0)
     assert isinstance(error, str) and error.startswith("cuda"), error
+
+
+# ---------------------------------------------------------------- hidden NaN/Inf (issue 16, items 5 and 6) ----
+# NaN in k and Inf/NaN in v where rows cannot see them; exact per (row, key) pair. The sm80 forward
+# runs a CTA's tiles again by selection when its output is non-finite; the Hopper forward (plain calls
+# on sm_90) is followed by an sm80 launch that does the same for its non-finite row blocks; the
+# backward zeroes K's non-finite entries once per key block and selects dS (docs/cuda-kernels.md).
+
+
+def _poison_cuda(q, k, v, poison, rows=None, **kwargs):
+    """Poison ``k[poison]`` (NaN) and ``v[poison]`` (Inf, NaN in the first column), ``poison`` bool
+    ``(B, Hkv, Lk)``; the results of query ``rows`` (bool ``(Lq,)``, default all) must stay finite and
+    equal the clean run's (within rounding: a row block that meets a non-finite value is computed
+    again); with every row clean, dk and dv too."""
+    kp, vp = k.detach().clone(), v.detach().clone()
+    kp[poison] = float("nan")
+    vp[poison] = float("inf")
+    vp[..., :1][poison] = float("nan")
+    runs = []
+    for kk, vv in ((kp, vp), (k.detach(), v.detach())):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, kk, vv)]
+        out, lse = fastattn.attention(*leaves, backend="cuda", return_lse=True, **kwargs)
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+        runs.append((out, lse, *torch.autograd.grad(out, leaves, dout)))
+    sel = (lambda t: t) if rows is None else (lambda t: t[:, :, rows])
+    tol = {"atol": 2e-2, "rtol": 2e-2}
+    for i, name in enumerate(("out", "lse", "dq", "dk", "dv")):
+        if rows is not None and name in ("dk", "dv"):
+            continue  # keys that some rows see legitimately carry NaN into their gradients
+        got, want = sel(runs[0][i]), sel(runs[1][i])
+        assert not torch.isnan(got).any(), f"a hidden NaN reached {name}"
+        torch.testing.assert_close(got.float(), want.float(), **tol, msg=lambda m, name=name: f"{name}: {m}")
+    return runs[0]
+
+
+def _key_poison(B, Hkv, Lk, keys):
+    poison = torch.zeros(B, Hkv, Lk, dtype=torch.bool, device="cuda")
+    poison[..., keys] = True
+    return poison
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_hidden_nan_under_a_padding_column_of_a_bool_mask(D, dtype, deterministic):
+    B, H, Lq, Lk = 2, 2, 97, 200
+    q, k, v = _qkv(B, H, H, Lq, Lk, D, dtype)
+    keep = torch.rand(B, 1, 1, Lk, device="cuda") < 0.6
+    keep[..., 0] = True
+    poison = (~keep[:, 0, 0, :])[:, None, :].expand(B, H, Lk)
+    _poison_cuda(q, k, v, poison, attn_mask=keep)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_hidden_nan_outside_every_rows_window(D, dtype):
+    q, k, v = _qkv(1, 2, 2, 4, 300, D, dtype)
+    # Rows sit at keys 296..299: a left window of 5 hides keys 0..290 from every row (keys 256..290
+    # share the rows' key tile).
+    _poison_cuda(q, k, v, _key_poison(1, 2, 300, slice(0, 291)), window=(5, 0))
+
+
+@gpu
+@pytest.mark.parametrize("block", [64, 128])
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_hidden_nan_in_an_empty_block_mask_tile(D, block):
+    L = 4 * block
+    q, k, v = _qkv(1, 1, 1, L, L, D, torch.bfloat16)
+    layout = torch.ones(4, 4, dtype=torch.bool).tril()
+    bm = fastattn.BlockMask.from_layout(layout, block_size=block).to("cuda")
+    rows = torch.arange(L, device="cuda") < 3 * block  # key block 3 is empty for query blocks 0-2
+    _poison_cuda(q, k, v, _key_poison(1, 1, L, slice(3 * block, L)), rows=rows, block_mask=bm)
+
+
+def _mixed(q, k, v, j, seen_by, **kwargs):
+    """Key ``j`` poisoned, seen by rows ``seen_by`` only (others of the same tiles do not): those others
+    keep their clean results; the rows that see it are NaN (a visible NaN propagates)."""
+    B, Hkv, Lk = k.shape[:3]
+    out = _poison_cuda(q, k, v, _key_poison(B, Hkv, Lk, j), rows=~seen_by, **kwargs)[0]
+    assert torch.isnan(out[:, :, seen_by]).all()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_hidden_nan_on_the_causal_diagonal(D, dtype, deterministic):
+    q, k, v = _qkv(2, 2, 1, 150, 150, D, dtype)
+    _mixed(q, k, v, 137, torch.arange(150, device="cuda") >= 137, causal=True)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_hidden_nan_at_a_window_edge(D, dtype):
+    q, k, v = _qkv(1, 2, 2, 200, 200, D, dtype)
+    i = torch.arange(200, device="cuda")
+    _mixed(q, k, v, 100, (i - 100).abs() <= 3, window=(3, 3))
+
+
+@gpu
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_hidden_nan_in_a_partial_block_mask_tile(D, deterministic):
+    # Documents [0, 150) and [150, 256): key 160 shares partial tiles with rows 128..149 of the first
+    # document, which do not see it.
+    q, k, v = _qkv(1, 2, 1, 256, 256, D, torch.bfloat16)
+    doc = (torch.arange(256) >= 150).long()[None]
+    bm = fastattn.masks.document(doc, causal=True, block_size=64).to("cuda")
+    _mixed(q, k, v, 160, torch.arange(256, device="cuda") >= 160, block_mask=bm)
+
+
+@gpu
+@pytest.mark.parametrize("softcap", [0.0, 5.0], ids=["plain", "softcap"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_hidden_nan_under_a_mixed_column_of_a_bool_mask(D, dtype, softcap):
+    # With softcap the backward's tanh' of the hidden NaN score must not reach dX (dq, dk).
+    q, k, v = _qkv(1, 3, 3, 129, 129, D, dtype)
+    keep = torch.rand(1, 1, 129, 129, device="cuda") < 0.7
+    keep[..., 11] = torch.arange(129, device="cuda") % 3 == 0  # key 11: seen by every third row only
+    _mixed(q, k, v, 11, keep[0, 0, :, 11], attn_mask=keep, softcap=softcap)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_a_nan_or_inf_query_row_is_nan_not_zero(D, dtype):
+    # Plain calls: the Hopper forward on sm_90, the sm80 one elsewhere; with a bool mask always sm80.
+    q, k, v = _qkv(1, 1, 1, 140, 140, D, dtype, requires_grad=False)
+    q[0, 0, 1, 3] = float("nan")
+    q[0, 0, 2, 0] = float("inf")
+    k[..., 0] = k[..., 0].abs() + 0.1  # row 2's scores are +inf
+    for kwargs in ({}, {"attn_mask": torch.ones(140, 140, dtype=torch.bool, device="cuda")}):
+        out, lse = fastattn.attention(q, k, v, backend="cuda", return_lse=True, **kwargs)
+        assert torch.isnan(out[0, 0, 1:3]).all() and torch.isnan(lse[0, 0, 1:3]).all()
+        others = torch.ones(140, dtype=torch.bool)
+        others[1:3] = False
+        assert torch.isfinite(out[0, 0, others]).all() and torch.isfinite(lse[0, 0, others]).all()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_visible_nan_key_makes_its_gradients_nan(dtype):
+    # The backward zeroes K's non-finite entries for dX K; a row that sees the key still gets NaN (its
+    # score is made NaN by selection), in dq and in that key's dk and dv.
+    q, k, v = _qkv(1, 2, 2, 97, 97, 64, dtype)
+    kp = k.detach().clone()
+    kp[0, 0, 40] = float("nan")
+    kp.requires_grad_()
+    out = fastattn.attention(q, kp, v, backend="cuda", causal=True)
+    dq, dk, dv = torch.autograd.grad(out, (q, kp, v), torch.randn_like(out))
+    assert torch.isnan(dq[0, 0, 40:]).all() and torch.isfinite(dq[0, 0, :40]).all() and torch.isfinite(dq[0, 1]).all()
+    assert torch.isnan(dk[0, 0, 40]).all() and torch.isnan(dv[0, 0, 40]).all()

@@ -164,6 +164,25 @@ def test_hopper_reasons_name_what_it_lacks(kwargs, reason):
     assert any(reason in r for r in cuda_backend.hopper_reasons(_inputs_for(**kwargs)))
 
 
+@pytest.mark.parametrize(
+    "kwargs, path",
+    [
+        pytest.param({}, "sm90", id="plain"),
+        pytest.param({"causal": True, "key_lengths": torch.tensor([30], dtype=torch.int32)}, "sm90", id="causal-lengths"),
+        pytest.param({"attn_mask": torch.ones(17, 33, dtype=torch.bool)}, "sm80", id="bool-mask"),
+        pytest.param({"attn_mask": torch.zeros(17, 33)}, "sm80", id="additive-mask"),
+        pytest.param({"dropout_p": 0.1}, "sm80", id="dropout"),
+        pytest.param({"block_mask": fastattn.masks.causal(17, 33), "key_lengths": torch.tensor([30], dtype=torch.int32)},
+                     "sm80", id="block_mask-element-mask"),
+    ],
+)
+def test_forward_path_sends_element_masks_and_dropout_to_sm80(monkeypatch, kwargs, path):
+    """The routing decision itself, without a GPU: in a build with the Hopper kernel (simulated), a
+    call with an element mask or dropout takes the sm80 forward, a plain one the Hopper kernel."""
+    monkeypatch.setattr(cuda_backend, "HOPPER_BUILT", True)
+    assert cuda_backend.forward_path(_inputs_for(**kwargs)) == path
+
+
 # Calls the Hopper kernel serves (its compile-time features), as keyword arguments of attention().
 SERVED = {
     "plain": {},

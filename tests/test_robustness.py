@@ -29,10 +29,10 @@ from fastattn._inputs import normalize
 
 from .tolerance import ATOL_FLOOR, assert_close_to_reference, high_precision
 
-_DEFAULT_EXAMPLES = {"reference": 40, "cpu": 120, "triton": 8}
+_DEFAULT_EXAMPLES = {"reference": 40, "cpu": 120, "triton": 8, "cuda": 60}
 # Backends on which a non-finite key or value reaches exactly the rows that see it, even when other rows
 # of the same tile do not (docs/design.md); the others are promised less.
-PER_ROW_EXACT = ("reference", "cpu", "triton")
+PER_ROW_EXACT = ("reference", "cpu", "triton", "cuda")
 
 
 def _examples(backend: str) -> int:
@@ -86,18 +86,22 @@ class Case:
 @st.composite
 def cases(draw, backend: str) -> Case:
     tiny = backend == "triton"  # the interpreter is slow: tiny shapes, fp32/fp16 (no bf16 dot there)
+    # The CUDA kernels: fp16/bf16, head dims 64 and 128, BlockMask blocks in multiples of 64; lengths
+    # past one tile so that interior and edge tiles both occur.
+    gpu = backend == "cuda"
     dtype = draw(st.sampled_from([torch.float32, torch.float16] if tiny else
+                                 [torch.bfloat16, torch.float16] if gpu else
                                  [torch.float32, torch.float64, torch.bfloat16, torch.float16]))
-    L_max = 20 if tiny else 40
+    L_max = 20 if tiny else 300 if gpu else 40
     Lq = draw(st.integers(0, L_max))
     Lk = draw(st.integers(0, L_max))
-    D = draw(st.sampled_from([16, 24, 40] if tiny else [1, 3, 8, 16, 17, 40]))
-    Dv = D if draw(st.booleans()) else draw(st.sampled_from([16, 24] if tiny else [2, 8, 24]))
+    D = draw(st.sampled_from([16, 24, 40] if tiny else [64, 128] if gpu else [1, 3, 8, 16, 17, 40]))
+    Dv = D if gpu or draw(st.booleans()) else draw(st.sampled_from([16, 24] if tiny else [2, 8, 24]))
     block = "none"
     block_size = (0, 0)
     if Lq and Lk and draw(st.integers(0, 3)) == 0:
         block = draw(st.sampled_from(["causal", "window", "document", "dense"] + (["prefix"] if Lq == Lk else [])))
-        sizes = [16, 32] if tiny else [1, 3, 4, 8, 16]
+        sizes = [16, 32] if tiny else [64, 128] if gpu else [1, 3, 4, 8, 16]
         block_size = (draw(st.sampled_from(sizes)), draw(st.sampled_from(sizes)))
     mask = draw(st.sampled_from(["none", "none", "bool", "bool_padding", "additive", "additive_inf", "additive_min"]))
     dropout_p = 0.3 if draw(st.integers(0, 4)) == 0 else 0.0
@@ -145,8 +149,9 @@ def _tensor(shape, dtype, layout: str, generator, *, transpose_last=False) -> to
     return t.to(dtype)
 
 
-def build(case: Case):
-    """``(q, k, v, kwargs)`` for ``fastattn.attention`` (leaves that require grad)."""
+def build(case: Case, device: str = "cpu"):
+    """``(q, k, v, kwargs)`` for ``fastattn.attention`` (leaves that require grad), drawn on the CPU
+    and moved to ``device``."""
     g = torch.Generator().manual_seed(case.seed)
     B, Hq, Hkv, Lq, Lk = case.B, case.Hkv * case.group, case.Hkv, case.Lq, case.Lk
     q = _tensor((B, Hq, Lq, case.D), case.dtype, case.layout, g)
@@ -199,6 +204,13 @@ def build(case: Case):
         kwargs["query_lengths"] = torch.randint(0, Lq + 1, (B,), generator=g)
     if case.dropout_p:
         kwargs["dropout_p"] = case.dropout_p
+    if device != "cpu":
+        q, k, v = (t.to(device) for t in (q, k, v))
+        for key, val in kwargs.items():
+            if isinstance(val, torch.Tensor):
+                kwargs[key] = val.detach().to(device).requires_grad_(val.requires_grad)
+            elif isinstance(val, fastattn.BlockMask):
+                kwargs[key] = val.to(device)
     return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), kwargs
 
 
@@ -224,13 +236,13 @@ def _poisoned(case: Case, q, k, v, kwargs) -> tuple[torch.Tensor, torch.Tensor, 
         if candidates.numel():
             b, hk, kb = candidates[0].tolist()
             bq, bk = bm.block_size
-            poison = torch.zeros(B, Hkv, Lk, dtype=torch.bool)
+            poison = torch.zeros(B, Hkv, Lk, dtype=torch.bool, device=k.device)
             poison[b, hk, kb * bk : (kb + 1) * bk] = True
             clean_blocks = per_kv[b, hk, :, kb]  # (nQB,)
-            rows = torch.ones(B, Hq, Lq, dtype=torch.bool)
+            rows = torch.ones(B, Hq, Lq, dtype=torch.bool, device=k.device)
             rows[b, hk * case.group : (hk + 1) * case.group] = clean_blocks.repeat_interleave(bq)[:Lq]
         else:
-            poison = torch.zeros(B, Hkv, Lk, dtype=torch.bool)
+            poison = torch.zeros(B, Hkv, Lk, dtype=torch.bool, device=k.device)
     else:
         seen = reference.visible_mask(inputs).expand(B, Hq, Lq, Lk)
         viewers = seen.reshape(B, Hkv, case.group, Lq, Lk).sum(dim=(2, 3))  # (B, Hkv, Lk)
@@ -260,8 +272,12 @@ def _check(name, got, ref32, ref_lp, floor):
     assert_close_to_reference(name, got[~neg_inf], ref32[~neg_inf], ref_lp[~neg_inf], atol_floor=floor)
 
 
+def _device(backend: str) -> str:
+    return "cuda" if backend == "cuda" else "cpu"
+
+
 def check_case(backend: str, case: Case) -> None:
-    q, k, v, kwargs = build(case)
+    q, k, v, kwargs = build(case, _device(backend))
     leaves = [q, k, v]
     mask = kwargs.get("attn_mask")
     if isinstance(mask, torch.Tensor) and mask.requires_grad:
@@ -298,10 +314,10 @@ def check_case(backend: str, case: Case) -> None:
     # lse is float32 on every backend (a float64 row at float64's minimum is -inf there).
     _check("lse", select(lse), select(ref32[1].float()), select(ref_lp[1].float()), max(floor, 1e-5))
 
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(case.seed + 1)).to(out.dtype)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(case.seed + 1)).to(out)
     outputs, grads_out = [out], [dout]
     if case.lse_grad:
-        dlse = torch.randn(lse.shape, generator=torch.Generator().manual_seed(case.seed + 2))
+        dlse = torch.randn(lse.shape, generator=torch.Generator().manual_seed(case.seed + 2)).to(lse)
         outputs.append(lse)
         grads_out.append(dlse)
     got = torch.autograd.grad(outputs, run_leaves, grads_out)
@@ -315,7 +331,8 @@ def check_case(backend: str, case: Case) -> None:
 
 
 @pytest.mark.parametrize(
-    "backend", ["reference", "cpu", pytest.param("triton", marks=pytest.mark.interpreter)]
+    "backend",
+    ["reference", "cpu", pytest.param("triton", marks=pytest.mark.interpreter), pytest.param("cuda", marks=pytest.mark.gpu)],
 )
 def test_fuzz_against_reference(backend):
     if fastattn.get_backend(backend).unavailable_reasons():
@@ -326,8 +343,9 @@ def test_fuzz_against_reference(backend):
     @_fuzz_settings(backend)
     @given(case=cases(backend))
     def run(case):
-        q, k, v, kwargs = build(case)
-        if fastattn.get_backend(backend).not_supported_reasons(normalize(q, k, v, **kwargs)):
+        q, k, v, kwargs = build(case, _device(backend))
+        inputs = normalize(q, k, v, **kwargs)
+        if fastattn.get_backend(backend).not_supported_reasons(inputs):
             return
         try:
             check_case(backend, case)

@@ -1,5 +1,6 @@
 // fastattn::attention_fwd for CUDA tensors: checks, the choice of kernel instantiation, launch.
 #include <string>
+#include <utility>
 
 #include "attention_host.h"
 
@@ -42,7 +43,9 @@ void dispatch_fwd(const AttentionParams& p) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
+// The forward. `into` (out, lse) given: they hold the Hopper forward's answer, and only the CTAs
+// whose rows of out are non-finite compute theirs again (AttentionParams::redo_nonfinite).
+std::tuple<at::Tensor, at::Tensor> run_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& key_lengths,
     const std::optional<at::Tensor>& query_lengths, const std::optional<at::Tensor>& kv_num_blocks,
@@ -50,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
     const std::optional<at::Tensor>& full_kv_indices, const std::optional<at::Tensor>& partial_masks,
     const std::optional<at::Tensor>& partial_tile_ids, int64_t block_size_q, int64_t block_size_k, double scale,
     std::optional<int64_t> window_left, std::optional<int64_t> window_right, double softcap, double dropout_p,
-    int64_t seed) {
+    int64_t seed, const std::optional<std::pair<at::Tensor, at::Tensor>>& into = std::nullopt) {
   (void)seed;  // dropout is refused in prepare()
   TORCH_CHECK(!partial_masks.has_value() && !partial_tile_ids.has_value(),
               "partial_masks is not supported by the CUDA kernels: pass the element mask as attn_mask");
@@ -69,8 +72,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   }
 
   // In q's layout, as the op's fake (fastattn/ops.py output_like_q) says: torch.compile trusts the strides.
-  at::Tensor out = output_like_q(q, s);
-  at::Tensor lse = at::empty({s.batch, s.heads_q, s.seqlen_q}, q.options().dtype(at::kFloat));
+  at::Tensor out = into ? into->first : output_like_q(q, s);
+  at::Tensor lse = into ? into->second : at::empty({s.batch, s.heads_q, s.seqlen_q}, q.options().dtype(at::kFloat));
+  p.redo_nonfinite = into.has_value();
   p.out = out.data_ptr();
   set_strides(p.out_stride, out);
   p.lse = lse.data_ptr<float>();
@@ -79,7 +83,42 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   return {out, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& key_lengths,
+    const std::optional<at::Tensor>& query_lengths, const std::optional<at::Tensor>& kv_num_blocks,
+    const std::optional<at::Tensor>& kv_indices, const std::optional<at::Tensor>& full_kv_num_blocks,
+    const std::optional<at::Tensor>& full_kv_indices, const std::optional<at::Tensor>& partial_masks,
+    const std::optional<at::Tensor>& partial_tile_ids, int64_t block_size_q, int64_t block_size_k, double scale,
+    std::optional<int64_t> window_left, std::optional<int64_t> window_right, double softcap, double dropout_p,
+    int64_t seed) {
+  return run_forward(q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_blocks, kv_indices,
+                     full_kv_num_blocks, full_kv_indices, partial_masks, partial_tile_ids, block_size_q,
+                     block_size_k, scale, window_left, window_right, softcap, dropout_p, seed);
+}
+
 }  // namespace
+
+// The Hopper forward's follow-up (attention_fwd_sm90.cpp): its P V multiplies P = 0 by the V rows of
+// a loaded tile that a row cannot see, so a NaN/Inf there makes the row non-finite. This launch
+// reads `out` back and recomputes, by selection, the 128-row blocks that hold a NaN/Inf (the same
+// grid as the forward; finite blocks return after one read of their rows). Same arguments as the
+// Hopper call (no element mask, no dropout).
+void attention_fwd_redo_nonfinite(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const std::optional<at::Tensor>& alibi_slopes,
+                                  const std::optional<at::Tensor>& key_lengths,
+                                  const std::optional<at::Tensor>& query_lengths,
+                                  const std::optional<at::Tensor>& kv_num_blocks,
+                                  const std::optional<at::Tensor>& kv_indices,
+                                  const std::optional<at::Tensor>& full_kv_num_blocks,
+                                  const std::optional<at::Tensor>& full_kv_indices, int64_t block_size_q,
+                                  int64_t block_size_k, double scale, std::optional<int64_t> window_left,
+                                  std::optional<int64_t> window_right, double softcap, const at::Tensor& out,
+                                  const at::Tensor& lse) {
+  run_forward(q, k, v, std::nullopt, alibi_slopes, key_lengths, query_lengths, kv_num_blocks, kv_indices,
+              full_kv_num_blocks, full_kv_indices, std::nullopt, std::nullopt, block_size_q, block_size_k, scale,
+              window_left, window_right, softcap, 0.0, 0, std::make_pair(out, lse));
+}
 
 // Why this extension's kernels cannot run on `device` (nullptr when they can): a GPU newer than the
 // architectures it was built for (TORCH_CUDA_ARCH_LIST, default 8.0;9.0a) has no kernel image, and

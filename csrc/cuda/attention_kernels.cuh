@@ -94,6 +94,9 @@ struct AttentionParams {
   int mask_block_q = 0, mask_block_k = 0;
   BlockLists kv_lists;  // per query block: key blocks (forward, dQ)
   BlockLists q_lists;   // per key block: query blocks (dK/dV)
+  // Forward only: `out` and `lse` already hold another kernel's answer (the Hopper forward's); a
+  // CTA whose rows of `out` are all finite returns at once, the others compute theirs again.
+  bool redo_nonfinite = false;
 };
 
 // What one (batch, query head) sees: valid lengths, the diagonal offset, its ALiBi slope and mask.
@@ -273,6 +276,22 @@ struct FwdTraits {
   // additive mask at float32's minimum (-3.4e38) would overflow to -inf when multiplied first.
   static constexpr bool kNaturalUnits = kBias;
 };
+
+// Replaces a NaN/Inf element of a [rows, D] shared-memory tile (row stride D + 8) by 0 and sets
+// bad[row] (a CTA-wide pass over the tile; the slow paths below only). Returns whether any was.
+template <typename T, int kRows, int D, int kThreads>
+__device__ __forceinline__ bool zero_nonfinite(T* tile, int* bad, int tid) {
+  bool any = false;
+  for (int x = tid; x < kRows * D; x += kThreads) {
+    T* e = tile + (x / D) * (D + 8) + x % D;
+    if (!isfinite(MmaTraits<T>::to_float(*e))) {
+      *reinterpret_cast<unsigned short*>(e) = 0;
+      atomicOr(bad + x / D, 1);
+      any = true;
+    }
+  }
+  return any;
+}
 
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
@@ -454,6 +473,19 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
 
+  if (p.redo_nonfinite) {
+    // Rows of `out` (16-byte chunks: rows are D contiguous elements, 16-byte aligned).
+    const T* o = static_cast<const T*>(p.out) + b * p.out_stride[0] + hq * p.out_stride[1];
+    uint32_t hits = 0;
+    for (int x = tid; x < BM * (D / 8); x += Tr::kThreads) {
+      const int i = m0 + x / (D / 8);
+      if (i >= p.seqlen_q) break;
+      const uint4 w = *reinterpret_cast<const uint4*>(o + (int64_t)i * p.out_stride[2] + (x % (D / 8)) * 8);
+      hits |= nonfinite_mask<T>(w.x) | nonfinite_mask<T>(w.y) | nonfinite_mask<T>(w.z) | nonfinite_mask<T>(w.w);
+    }
+    if (!__syncthreads_or(hits != 0)) return;
+  }
+
   FwdSchedule<Tr> sched;
   sched.init(p, c, b, hq, m0);
 
@@ -492,9 +524,14 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
   const T* k_frag = sK + ((lane / 16) * 8 + lane % 8) * kLd + ((lane / 8) % 2) * 8;
   const T* v_frag = sV + (((lane / 8) % 2) * 8 + lane % 8) * kLd + (lane / 16) * 8;
 
-  // One key tile: S = Q K^T, scores, online softmax, O += P V.
-  auto tile_body = [&](auto mask_tile, const FwdStep& step) {
+  // One key tile: S = Q K^T, scores, online softmax, O += P V. kRedo (the selective pass below):
+  // the row statistics are final (no rescaling), V's non-finite entries are 0 in shared memory and
+  // bad_keys[j] says which keys held one: a row that sees such a key becomes NaN by selection.
+  const int* bad_keys = reinterpret_cast<const int*>(sQ);  // [BN], in Q's space (Q is in registers)
+  auto tile_body = [&](auto mask_tile, auto redo, const FwdStep& step) {
     constexpr bool kMaskTile = decltype(mask_tile)::value;
+    constexpr bool kRedo = decltype(redo)::value;
+    static_assert(kMaskTile || !kRedo, "the selective pass checks every pair");
     const T* k_s = k_frag + stage;
     const T* v_s = v_frag + stage;
     const int n0 = step.tile * BN;
@@ -527,6 +564,11 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
     float m_use[2], neg_m[2], alpha[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
+      if constexpr (kRedo) {
+        m_use[r] = row_max[r] == -CUDART_INF_F ? 0.f : row_max[r];
+        neg_m[r] = -m_use[r] * kf;
+        continue;
+      }
       const float new_max = fmaxf(row_max[r], quad_max(tile_max[r]));
       // A row that has seen nothing keeps a finite base, so no -inf - -inf appears.
       m_use[r] = new_max == -CUDART_INF_F ? 0.f : new_max;
@@ -540,13 +582,18 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e / 2;
-        s[nt][e] = Tr::kNaturalUnits ? fast_exp2((s[nt][e] - m_use[r]) * kLog2e)
-                                     : fast_exp2(fmaf(s[nt][e], kf, neg_m[r]));
-        row_sum[r] += s[nt][e];
+        const float x = s[nt][e];
+        s[nt][e] = Tr::kNaturalUnits ? fast_exp2((x - m_use[r]) * kLog2e) : fast_exp2(fmaf(x, kf, neg_m[r]));
+        if constexpr (kRedo) {
+          // A visible key is a score that is not -inf (a probability that underflows still counts).
+          if (x != -CUDART_INF_F && bad_keys[nt * 8 + 2 * t + (e % 2)]) s[nt][e] = CUDART_NAN_F;
+        } else {
+          row_sum[r] += s[nt][e];
+        }
       }
     }
 #pragma unroll
-    for (int nt = 0; nt < D / 8; ++nt) {
+    for (int nt = 0; nt < D / 8 && !kRedo; ++nt) {
       acc[nt][0] *= alpha[0];
       acc[nt][1] *= alpha[0];
       acc[nt][2] *= alpha[1];
@@ -578,12 +625,38 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
     stage ^= kStage;
   };
   while (cur.tile >= 0 && cur.masked) {
-    tile_body(BoolConstant<true>{}, cur);
+    tile_body(BoolConstant<true>{}, BoolConstant<false>{}, cur);
     advance(BoolConstant<true>{});
   }
   while (cur.tile >= 0) {
-    tile_body(BoolConstant<false>{}, cur);
+    tile_body(BoolConstant<false>{}, BoolConstant<false>{}, cur);
     advance(BoolConstant<false>{});
+  }
+
+  // A NaN/Inf value hidden from some rows of a masked tile reaches them as 0 * NaN in P V, and then
+  // their output is non-finite: only then (one sum per thread, one barrier per CTA) the CTA runs
+  // its tiles again by selection, with the row statistics it has (they never involve V). Rows
+  // that see a non-finite value are non-finite either way; they pay the second pass too.
+  float finite_check = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) finite_check += (acc[nt][0] + acc[nt][1]) + (acc[nt][2] + acc[nt][3]);
+  if (__syncthreads_or(!isfinite(finite_check))) {
+    int* bad = reinterpret_cast<int*>(sQ);
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+    stage = 0;
+    for (FwdStep step = sched.first(p); step.tile >= 0; step = sched.template next<true>(p, step)) {
+      load_kv(0, step.tile);
+      cp_async_commit();
+      static_assert(BN <= Tr::kThreads, "one flag per thread");
+      if (tid < BN) bad[tid] = 0;
+      cp_async_wait<0>();
+      __syncthreads();
+      zero_nonfinite<T, BN, D, Tr::kThreads>(sV, bad, tid);
+      __syncthreads();
+      tile_body(BoolConstant<true>{}, BoolConstant<true>{}, step);
+      __syncthreads();  // every warp is done with the tile before the next one lands
+    }
   }
 
   T* out = static_cast<T*>(p.out) + b * p.out_stride[0] + hq * p.out_stride[1];
@@ -592,8 +665,9 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
     const float sum = quad_sum(row_sum[r]);
     const int i = m0 + warp * 16 + g + r * 8;
     if (i >= p.seqlen_q) continue;
-    // Rows past query_lengths and rows that see nothing return 0 and lse = -inf.
-    const bool live = i < c.qlen && sum > 0.f;
+    // Rows past query_lengths and rows that see nothing return 0 and lse = -inf; a NaN sum (a
+    // visible NaN score) is live: the row is NaN, never 0.
+    const bool live = i < c.qlen && sum != 0.f;
     const float inv = live ? 1.f / sum : 0.f;
 #pragma unroll
     for (int nt = 0; nt < D / 8; ++nt) {
@@ -677,14 +751,14 @@ struct BwdTraits {
 
 // Shared memory of a backward CTA: K and V (kBlockN, D + 8); two stages of Q and dO (kBlockM, D + 8);
 // dX^T (kBlockN, kBlockM + 8); two stages of lse and delta (kBlockM floats); kDeterministic: the
-// float32 dQ tile (kBlockM, D + 4) staged for its ordered add.
+// float32 dQ tile (kBlockM, D + 4) staged for its ordered add; one int per key (its K row held NaN/Inf).
 template <typename T, class Tr>
 constexpr int bwd_smem_bytes() {
   constexpr int kLd = Tr::kHeadDim + 8;
   constexpr int dq = Tr::kDeterministic ? Tr::kBlockM * (Tr::kHeadDim + 4) : 0;
   return (2 * Tr::kBlockN * kLd + 4 * Tr::kBlockM * kLd + Tr::kBlockN * (Tr::kBlockM + 8)) *
              static_cast<int>(sizeof(T)) +
-         (4 * Tr::kBlockM + dq) * static_cast<int>(sizeof(float));
+         (4 * Tr::kBlockM + dq + Tr::kBlockN) * static_cast<int>(sizeof(float));
 }
 
 // The query tiles of key block [n0, n0 + kBlockN) of head (b, hq): masked tiles (crossing
@@ -766,16 +840,39 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_kernel(const Atten
       cp_async_4(sDelta + stage / kLd + r, p.delta + row, valid);
     }
   };
-  FwdStep cur = sched.first(p);
-  FwdStep nxt = sched.template next<true>(p, cur);
   TileCopier<T, BN, D, Tr::kThreads>(k, p.k_stride[2], tid).issue(sK, n0, c.klen);
   TileCopier<T, BN, D, Tr::kThreads>(v, p.v_stride[2], tid).issue(sV, n0, c.klen);
+  cp_async_commit();
+  FwdStep cur = sched.first(p);
+  FwdStep nxt = sched.template next<true>(p, cur);
   if (cur.tile >= 0) load_q(0, cur.tile);
   cp_async_commit();
   if (nxt.tile >= 0) load_q(kStage, nxt.tile);
   cp_async_commit();
-  cp_async_wait<1>();  // K, V and the first query tile
+  cp_async_wait<2>();  // K and V; the first query tiles are still in flight
   __syncthreads();
+
+  // NaN/Inf in K would reach dQ of the rows it is hidden from as 0 * NaN in dX K. Each warp looks at
+  // its own 16 key rows once (two lanes a row) and zeroes such entries in shared memory. The rows
+  // that see such a key lose nothing: its score was NaN (or +inf) in the forward, so their lse is
+  // NaN and every P, dS and dX of theirs is NaN here (dq, and dk / dv of the keys they see). Finite
+  // K: one read of the tile per CTA and one barrier.
+  {
+    uint32_t* row = reinterpret_cast<uint32_t*>(sK + (warp * 16 + lane / 2) * kLd + (lane % 2) * (D / 2));
+    uint32_t hits = 0;
+#pragma unroll
+    for (int w = 0; w < D / 4; w += 4) {
+      const uint4 x = *reinterpret_cast<const uint4*>(row + w);
+      hits |= nonfinite_mask<T>(x.x) | nonfinite_mask<T>(x.y) | nonfinite_mask<T>(x.z) | nonfinite_mask<T>(x.w);
+    }
+    if (hits) {
+#pragma unroll 1
+      for (int w = 0; w < D / 4; ++w) row[w] = zero_nonfinite_pair<T>(row[w]);
+    }
+  }
+  cp_async_wait<1>();  // the first query tile
+  __syncthreads();       // (and K's zeroed entries, read by every warp's dX K)
+
 
   float dk[D / 8][4], dv[D / 8][4];  // [16, D] of this warp's keys
 #pragma unroll
@@ -828,12 +925,16 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_kernel(const Atten
         const float lse = bwd_lse<Tr>(lse_s[r]);
         const float prob = Tr::kNaturalUnits ? fast_exp2((x - lse) * kLog2e) : fast_exp2(fmaf(x, kf, -lse));
         float ds = prob * (dpt[nt][e] - delta_s[r]);  // d(loss)/d(score)
-        // A select on masked tiles: a NaN in a V row hidden from this query never reaches dK.
-        if constexpr (kMaskTile) ds = prob > 0.f ? ds : 0.f;
+        // Selects on masked tiles (a hidden pair's P is exp(-inf) = 0): a NaN in a K or V row hidden
+        // from this query reaches neither dS nor (through tanh' of its NaN score) dX. `== 0`, not
+        // `> 0`: a NaN P (a row that saw a NaN, whose lse is NaN) keeps its NaN.
+        const bool dropped = kMaskTile && prob == 0.f;
+        if constexpr (kMaskTile) ds = dropped ? 0.f : ds;
         if constexpr (Tr::kBias) {
           if (p.dbias != nullptr && m0 + r < c.qlen && j < c.klen) write_dbias(p, b, hq, m0 + r, j, ds);
         }
         st[nt][e] = prob;
+        if constexpr (kMaskTile && Tr::kSoftcap) th = dropped ? 0.f : th;
         dpt[nt][e] = Tr::kSoftcap ? ds * (p.scale * (1.f - th * th)) : ds * p.scale;
       }
     }

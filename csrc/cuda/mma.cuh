@@ -30,6 +30,7 @@ struct MmaTraits;
 
 template <>
 struct MmaTraits<__half> {
+  static constexpr uint32_t kExponent = 0x7c00u;  // all ones: Inf or NaN
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     __half2 h = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
@@ -47,6 +48,7 @@ struct MmaTraits<__half> {
 
 template <>
 struct MmaTraits<__nv_bfloat16> {
+  static constexpr uint32_t kExponent = 0x7f80u;
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
@@ -64,6 +66,22 @@ struct MmaTraits<__nv_bfloat16> {
 
 // The A fragment of the 16 x 16 block made of accumulator tiles c[2kk] and c[2kk + 1]
 // (columns 16kk .. 16kk+15 of a 16-row accumulator), rounded to T.
+// Nonzero when either of two packed 16-bit values is NaN/Inf.
+template <typename T>
+__device__ __forceinline__ uint32_t nonfinite_mask(uint32_t x) {
+  constexpr uint32_t kExp = MmaTraits<T>::kExponent;
+  return static_cast<uint32_t>((x & kExp) == kExp) | static_cast<uint32_t>(((x >> 16) & kExp) == kExp);
+}
+
+// Two packed 16-bit values with each NaN/Inf replaced by +0 (integer ops only; slow paths only).
+template <typename T>
+__device__ __forceinline__ uint32_t zero_nonfinite_pair(uint32_t x) {
+  constexpr uint32_t kExp = MmaTraits<T>::kExponent;
+  const uint32_t lo = (x & kExp) == kExp ? 0u : 0x0000ffffu;
+  const uint32_t hi = ((x >> 16) & kExp) == kExp ? 0u : 0xffff0000u;
+  return x & (lo | hi);
+}
+
 template <typename T>
 __device__ __forceinline__ void accumulator_to_a(uint32_t a[4], const float c0[4], const float c1[4]) {
   a[0] = MmaTraits<T>::pack(c0[0], c0[1]);

@@ -2,8 +2,9 @@
 
 Compiles the kernel templates of ``attention_kernels.cuh`` alone (no torch headers, seconds per
 architecture) with ``nvcc -cubin -Xptxas -v``, disassembles them with ``cuobjdump -sass``, and reports
-per kernel: registers, spill bytes, and for the loop that holds the most tensor-core instructions
-(the key-tile loop of the forward, the query-tile loop of the backward) its length in instructions,
+per kernel: registers, spill bytes, and for the loop with the largest share of tensor-core
+instructions (the interior key-tile loop of the forward, the interior query-tile loop of the
+backward) its length in instructions,
 its HMMA count and share, shared-memory matrix loads (LDSM), asynchronous copies (LDGSTS),
 exponentials (MUFU.EX2), tanh (MUFU.TANH), global atomics (RED/ATOM) and predicated instructions.
 
@@ -134,7 +135,10 @@ def parse_sass(text: str) -> dict[str, list[tuple[int, str, bool, str]]]:
 
 
 def hot_loop(code: list[tuple[int, str, bool, str]]) -> Mix:
-    """The mix of the loop (backward branch range) with the most HMMA; the smallest such loop."""
+    """The mix of the loop (backward branch range) with the largest HMMA share: the interior-tile
+    loop (the masked-tile loop holds the same HMMA in more instructions, and in the backward also the
+    cold copy of dQ's product for a K holding NaN/Inf; the forward's selective second pass is
+    another loop of the same HMMA)."""
     best: tuple[int, int, Mix] | None = None
     for addr, opcode, _, operands in code:
         if not opcode.startswith("BRA"):
@@ -147,7 +151,9 @@ def hot_loop(code: list[tuple[int, str, bool, str]]) -> Mix:
         for a, op, pred, _ in code:
             if lo <= a <= addr:
                 mix.add(op, pred)
-        key = (mix.hmma, -mix.instructions)
+        if mix.hmma == 0:
+            continue
+        key = (mix.hmma_share, mix.hmma)
         if best is None or key > best[:2]:
             best = (*key, mix)
     return best[2] if best else Mix()

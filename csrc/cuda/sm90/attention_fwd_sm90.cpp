@@ -20,6 +20,20 @@
 
 namespace fastattn {
 namespace cuda {
+
+// attention_fwd.cu: recomputes by selection the 128-row blocks of `out` that hold a NaN/Inf.
+void attention_fwd_redo_nonfinite(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const std::optional<at::Tensor>& alibi_slopes,
+                                  const std::optional<at::Tensor>& key_lengths,
+                                  const std::optional<at::Tensor>& query_lengths,
+                                  const std::optional<at::Tensor>& kv_num_blocks,
+                                  const std::optional<at::Tensor>& kv_indices,
+                                  const std::optional<at::Tensor>& full_kv_num_blocks,
+                                  const std::optional<at::Tensor>& full_kv_indices, int64_t block_size_q,
+                                  int64_t block_size_k, double scale, std::optional<int64_t> window_left,
+                                  std::optional<int64_t> window_right, double softcap, const at::Tensor& out,
+                                  const at::Tensor& lse);
+
 namespace sm90 {
 namespace {
 
@@ -166,6 +180,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_sm90_cuda(
   const DType dtype = q.scalar_type() == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
   const cudaError_t err = run_fwd(args, dtype, static_cast<int>(s.head_dim), at::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "the Hopper attention kernel failed to launch: ", cudaGetErrorString(err));
+  // A NaN/Inf in a V row hidden from some rows of a loaded tile reaches them as 0 * NaN in P V:
+  // the sm80 forward recomputes, by selection, the row blocks whose output is non-finite (given the
+  // TMA-ready tensors, whose rows are aligned: no second copy of a misaligned input).
+  attention_fwd_redo_nonfinite(q_ready, k_ready, v_ready, alibi_slopes, key_lengths, query_lengths, kv_num_blocks, kv_indices,
+                               full_kv_num_blocks, full_kv_indices, block_size_q, block_size_k, scale, window_left,
+                               window_right, softcap, out, lse);
   return {out, lse};
 }
 

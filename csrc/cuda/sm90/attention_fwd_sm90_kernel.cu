@@ -444,16 +444,18 @@ __global__ void __launch_bounds__(T::kThreads, 1) attention_fwd_sm90_kernel(CUTE
     const int row = row0 + get<0>(O_coords(r, 0));
     float sum = quad_sum(row_sum[r]);
     if constexpr (T::kLengths) sum = row < sched.qlen ? sum : 0.f;
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    if (row < p.seqlen_q && (tid % 4) == 0) lse[row] = sum > 0.f ? row_max[r] * p.score_to_ln + logf(sum) : -INFINITY;
+    // sum != 0, not sum > 0: a NaN sum (a NaN among the row's visible scores) makes the row NaN, never 0.
+    const bool live = sum != 0.f;
+    const float inv = live ? 1.f / sum : 0.f;
+    if (row < p.seqlen_q && (tid % 4) == 0) lse[row] = live ? row_max[r] * p.score_to_ln + logf(sum) : -INFINITY;
     CUTLASS_PRAGMA_UNROLL
     for (int c = 0; c < size<1>(O); c += 2) {
       // Columns c and c + 1 of a row are adjacent in memory: one 4-byte store.
       if (row < p.seqlen_q) {
         const int col = get<1>(O_coords(r, c));
         // A select, not O * 0: a row past query_lengths may hold NaN from padding it never shows.
-        cute::array<Element, 2> pair{static_cast<Element>(sum > 0.f ? O(r, c) * inv : 0.f),
-                                     static_cast<Element>(sum > 0.f ? O(r, c + 1) * inv : 0.f)};
+        cute::array<Element, 2> pair{static_cast<Element>(live ? O(r, c) * inv : 0.f),
+                                     static_cast<Element>(live ? O(r, c + 1) * inv : 0.f)};
         *reinterpret_cast<cute::array<Element, 2>*>(out + row * p.out_stride[2] + col) = pair;
       }
     }

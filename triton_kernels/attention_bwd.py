@@ -25,6 +25,10 @@ Per tile the math is (``P`` recomputed from the saved ``lse``)::
     dP = dO V^T * keep / (1 - p)   dS  = P * (dP - delta)          (= dbias)
     dX = dS * (1 - tanh(X / softcap)^2)                             (dX = dS without softcap)
     dQ += scale * dX K             dK += scale * dX^T Q
+
+With an additive mask, ``P = exp(S - m) / l`` with the row's max and sum recomputed where ``|lse|``
+is too large for float32 to keep ``log(l)`` in ``lse = m + log(l)`` (a row masked entirely at
+``finfo.min`` or -1e9): ``attention_row_stats`` (the forward kernel without V) runs first.
 """
 
 from __future__ import annotations

@@ -102,22 +102,26 @@ def attention_bwd_preprocess_kernel(
 
 # --------------------------------------------------------------------------- shared tile math
 @triton.jit
-def _load_row_stats(p_lse_bh, p_delta_bh, o_m, Lq, NATURAL: tl.constexpr):
-    """The rows' softmax shift (+inf where a row sees nothing or lies past Lq, so P = 0 there), log2
-    normaliser and ``delta``: ``P = exp2(s - shift)`` with ``shift = lse`` in log2 units, or with
-    ``NATURAL`` (an additive mask) ``P = exp2((s - shift) * log2(e) - norm)`` from the rows of
-    ``attention_row_stats`` at ``p_lse_bh`` (natural-unit shifts, then log2 normalisers); else ``norm`` is 0."""
+def _load_row_stats(p_lse_bh, p_delta_bh, o_m, Lq, NATURAL: tl.constexpr = False):
+    """The rows' softmax shift (+inf where a row sees nothing or lies past Lq, so P = 0 there) and
+    ``delta``: ``P = exp2(s - shift)`` with ``shift = lse`` in log2 units; with ``NATURAL`` (an additive
+    mask), ``p_lse_bh`` holds ``attention_row_stats``'s rows, natural-unit shifts then log2 normalisers
+    (``_load_row_norms``), and ``P = exp2((s - shift) * log2(e) - norm)``."""
     m_m = o_m < Lq
     # [BLOCK_M]
     b_lse = tl.load(p_lse_bh + o_m, mask=m_m, other=float("-inf"))
     if NATURAL:
         b_shift = tl.where(b_lse == float("-inf"), float("inf"), b_lse)
-        b_norm = tl.load(p_lse_bh + Lq + o_m, mask=m_m, other=0.0)
     else:
         b_shift = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
-        b_norm = 0.0
     b_delta = tl.load(p_delta_bh + o_m, mask=m_m, other=0.0)
-    return b_shift, b_norm, b_delta
+    return b_shift, b_delta
+
+
+@triton.jit
+def _load_row_norms(p_lse_bh, o_m, Lq):
+    """``[BLOCK_M]`` log2 normalisers of ``attention_row_stats``'s rows at ``p_lse_bh`` (see ``_load_row_stats``)."""
+    return tl.load(p_lse_bh + Lq + o_m, mask=o_m < Lq, other=0.0)
 
 
 @triton.jit
@@ -241,7 +245,10 @@ def _dkdv_query_block(
         b_q = b_q.to(tl.float32)
         b_do = b_do.to(tl.float32)
     # [BLOCK_M]
-    b_shift, b_norm, b_delta = _load_row_stats(p_lse_bh, p_delta_bh, o_m, Lq, HAS_MASK and not MASK_IS_BOOL)
+    b_shift, b_delta = _load_row_stats(p_lse_bh, p_delta_bh, o_m, Lq, HAS_MASK and not MASK_IS_BOOL)
+    b_norm = 0.0
+    if HAS_MASK and not MASK_IS_BOOL:
+        b_norm = _load_row_norms(p_lse_bh, o_m, Lq)[None, :]
     # The two independent matmuls back to back. [BLOCK_N, BLOCK_M]
     b_kq = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION)
     b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
@@ -255,8 +262,6 @@ def _dkdv_query_block(
     b_keep = b_st  # a placeholder without dropout
     if HAS_DROPOUT:
         b_keep = tl.trans(_dropout_keep(seed, i_b, i_h, o_m, o_n, Hq, Lq, Lk, dropout_p))
-    if HAS_MASK and not MASK_IS_BOOL:
-        b_norm = b_norm[None, :]
     b_pt, b_dst, b_dxt = _grad_scores(
         b_st, b_tanh, b_dpt, b_shift[None, :], b_norm, b_delta[None, :], b_keep, dropout_p, HAS_SOFTCAP, HAS_DROPOUT,
         HAS_MASK and not MASK_IS_BOOL,
@@ -450,8 +455,7 @@ def attention_bwd_dkdv_kernel(
 # --------------------------------------------------------------------------- dQ
 @triton.jit
 def _dq_key_block(
-    b_dq, b_q, b_do,  # [BLOCK_M, BLOCK_D], [BLOCK_M, BLOCK_D], [BLOCK_M, BLOCK_DV]
-    b_shift, b_norm, b_delta,  # [BLOCK_M] each (b_norm a scalar 0 without an additive mask), see _load_row_stats
+    b_dq, b_q, b_do, b_shift, b_delta,  # [BLOCK_M, BLOCK_D], [BLOCK_M, BLOCK_D], [BLOCK_M, BLOCK_DV], [BLOCK_M] x2
     i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn, stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV,
     offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
     p_mask_bh, stride_mask_m, stride_mask_n,
@@ -461,7 +465,7 @@ def _dq_key_block(
     HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     APPLY_INDEX_MASK: tl.constexpr, APPLY_ATTN_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr, DELTA_PASS: tl.constexpr = False,
-    NONFINITE_K: tl.constexpr = False,
+    NONFINITE_K: tl.constexpr = False, b_norm=0.0,  # [BLOCK_M] with an additive mask (_load_row_stats)
 ):
     """Accumulate one key block's contribution to dq (queries on the M dimension). With ``USE_TMA``,
     ``k_bh`` and ``v_bh`` are tensor descriptors of the head's first ``klen`` rows.
@@ -616,9 +620,10 @@ def attention_bwd_dq_kernel(
     if HAS_MASK and not MASK_IS_BOOL:  # p_lse: attention_row_stats's (B, Hq, 2, Lq)
         p_lse_bh = p_lse + i_bh.to(tl.int64) * (2 * Lq)
     # [BLOCK_M]
-    b_shift, b_norm, b_delta = _load_row_stats(
-        p_lse_bh, p_delta + i_bh.to(tl.int64) * Lq, o_m, Lq, HAS_MASK and not MASK_IS_BOOL
-    )
+    b_shift, b_delta = _load_row_stats(p_lse_bh, p_delta + i_bh.to(tl.int64) * Lq, o_m, Lq, HAS_MASK and not MASK_IS_BOOL)
+    b_norm = 0.0
+    if HAS_MASK and not MASK_IS_BOOL:
+        b_norm = _load_row_norms(p_lse_bh, o_m, Lq)
     if REDO_NONFINITE:
         # [BLOCK_M, BLOCK_D] the rows the plain launch wrote
         p_prev = p_dq + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
@@ -657,22 +662,22 @@ def attention_bwd_dq_kernel(
                 stride_tid_n, PARTIAL_MASKS, MASK_SUB_M * BLOCK_M, MASK_SUB_N * BLOCK_N,
             )
             b_dq = _dq_key_block(
-                b_dq, b_q, b_do, b_shift, b_norm, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
+                b_dq, b_q, b_do, b_shift, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
                 stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope,
                 sm_scale, softcap, dropout_p, seed, p_mask_tile, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
                 HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA, DELTA_PASS,
-                REDO_NONFINITE,
+                REDO_NONFINITE, b_norm=b_norm,
             )
         for t in range(0, num_full * MASK_SUB_N):
             i_n = tl.load(p_full_idx + p_idx + t // MASK_SUB_N) * MASK_SUB_N + t % MASK_SUB_N
             b_dq = _dq_key_block(
-                b_dq, b_q, b_do, b_shift, b_norm, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
+                b_dq, b_q, b_do, b_shift, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
                 stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope,
                 sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
                 HAS_DROPOUT, True, False, DOT_PRECISION, DOT_FP32, USE_TMA, DELTA_PASS,
-                REDO_NONFINITE,
+                REDO_NONFINITE, b_norm=b_norm,
             )
     else:
         n_lo, n_mid_lo, n_mid_hi, n_hi = _key_block_range(
@@ -685,30 +690,30 @@ def attention_bwd_dq_kernel(
             n_mid_hi = tl.minimum(n_mid_hi, n_hi)
         for i_n in range(n_lo, n_mid_lo):
             b_dq = _dq_key_block(
-                b_dq, b_q, b_do, b_shift, b_norm, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
+                b_dq, b_q, b_do, b_shift, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
                 stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope,
                 sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
                 HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA, DELTA_PASS,
-                REDO_NONFINITE,
+                REDO_NONFINITE, b_norm=b_norm,
             )
         for i_n in range(n_mid_lo, n_mid_hi):
             b_dq = _dq_key_block(
-                b_dq, b_q, b_do, b_shift, b_norm, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
+                b_dq, b_q, b_do, b_shift, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
                 stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope,
                 sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
                 HAS_DROPOUT, False, True, DOT_PRECISION, DOT_FP32, USE_TMA, DELTA_PASS,
-                REDO_NONFINITE,
+                REDO_NONFINITE, b_norm=b_norm,
             )
         for i_n in range(n_mid_hi, n_hi):
             b_dq = _dq_key_block(
-                b_dq, b_q, b_do, b_shift, b_norm, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
+                b_dq, b_q, b_do, b_shift, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
                 stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope,
                 sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
                 HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA, DELTA_PASS,
-                REDO_NONFINITE,
+                REDO_NONFINITE, b_norm=b_norm,
             )
 
     if DELTA_PASS:

@@ -465,7 +465,7 @@ def _dq_key_block(
     HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     APPLY_INDEX_MASK: tl.constexpr, APPLY_ATTN_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr, DELTA_PASS: tl.constexpr = False,
-    NONFINITE_K: tl.constexpr = False, b_norm=0.0,  # [BLOCK_M] with an additive mask (_load_row_stats)
+    NONFINITE_K: tl.constexpr = False,
 ):
     """Accumulate one key block's contribution to dq (queries on the M dimension). With ``USE_TMA``,
     ``k_bh`` and ``v_bh`` are tensor descriptors of the head's first ``klen`` rows.
@@ -506,10 +506,10 @@ def _dq_key_block(
     b_keep = b_s  # a placeholder without dropout
     if HAS_DROPOUT:
         b_keep = _dropout_keep(seed, i_b, i_h, o_m, o_n, Hq, Lq, Lk, dropout_p)
-    if HAS_MASK and not MASK_IS_BOOL:
-        b_norm = b_norm[:, None]
+    # With an additive mask, P without the rows' normalisers 2^-norm: the dQ kernel applies them to the
+    # finished rows (dS is linear in P), so no normaliser is live across its loop.
     _, b_ds, b_dx = _grad_scores(
-        b_s, b_tanh, b_dp, b_shift[:, None], b_norm, b_delta[:, None], b_keep, dropout_p, HAS_SOFTCAP, HAS_DROPOUT,
+        b_s, b_tanh, b_dp, b_shift[:, None], 0.0, b_delta[:, None], b_keep, dropout_p, HAS_SOFTCAP, HAS_DROPOUT,
         HAS_MASK and not MASK_IS_BOOL,
     )
     if DELTA_PASS:
@@ -621,9 +621,6 @@ def attention_bwd_dq_kernel(
         p_lse_bh = p_lse + i_bh.to(tl.int64) * (2 * Lq)
     # [BLOCK_M]
     b_shift, b_delta = _load_row_stats(p_lse_bh, p_delta + i_bh.to(tl.int64) * Lq, o_m, Lq, HAS_MASK and not MASK_IS_BOOL)
-    b_norm = 0.0
-    if HAS_MASK and not MASK_IS_BOOL:
-        b_norm = _load_row_norms(p_lse_bh, o_m, Lq)
     if REDO_NONFINITE:
         # [BLOCK_M, BLOCK_D] the rows the plain launch wrote
         p_prev = p_dq + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
@@ -667,7 +664,7 @@ def attention_bwd_dq_kernel(
                 sm_scale, softcap, dropout_p, seed, p_mask_tile, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
                 HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA, DELTA_PASS,
-                REDO_NONFINITE, b_norm=b_norm,
+                REDO_NONFINITE,
             )
         for t in range(0, num_full * MASK_SUB_N):
             i_n = tl.load(p_full_idx + p_idx + t // MASK_SUB_N) * MASK_SUB_N + t % MASK_SUB_N
@@ -677,7 +674,7 @@ def attention_bwd_dq_kernel(
                 sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
                 HAS_DROPOUT, True, False, DOT_PRECISION, DOT_FP32, USE_TMA, DELTA_PASS,
-                REDO_NONFINITE, b_norm=b_norm,
+                REDO_NONFINITE,
             )
     else:
         n_lo, n_mid_lo, n_mid_hi, n_hi = _key_block_range(
@@ -695,7 +692,7 @@ def attention_bwd_dq_kernel(
                 sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
                 HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA, DELTA_PASS,
-                REDO_NONFINITE, b_norm=b_norm,
+                REDO_NONFINITE,
             )
         for i_n in range(n_mid_lo, n_mid_hi):
             b_dq = _dq_key_block(
@@ -704,7 +701,7 @@ def attention_bwd_dq_kernel(
                 sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
                 HAS_DROPOUT, False, True, DOT_PRECISION, DOT_FP32, USE_TMA, DELTA_PASS,
-                REDO_NONFINITE, b_norm=b_norm,
+                REDO_NONFINITE,
             )
         for i_n in range(n_mid_hi, n_hi):
             b_dq = _dq_key_block(
@@ -713,9 +710,16 @@ def attention_bwd_dq_kernel(
                 sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
                 HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA, DELTA_PASS,
-                REDO_NONFINITE, b_norm=b_norm,
+                REDO_NONFINITE,
             )
 
+    if HAS_MASK and not MASK_IS_BOOL:
+        # [BLOCK_M] the rows' normalisers (see _dq_key_block); 1 but where attention_row_stats recomputed them
+        b_scale = tl.exp2(-_load_row_norms(p_lse_bh, o_m, Lq))
+        if DELTA_PASS:
+            b_dq = b_dq * b_scale
+        else:
+            b_dq = b_dq * b_scale[:, None]
     if DELTA_PASS:
         # Out is its rounding: delta from the float32 sums (NaN compares false: then out's NaN stays).
         b_tol = tl.load(p_tol + i_bh.to(tl.int64) * Lq + o_m, mask=o_m < Lq, other=0.0)

@@ -104,9 +104,11 @@ def attention_bwd_preprocess_kernel(
 @triton.jit
 def _load_row_stats(p_lse_bh, p_delta_bh, o_m, Lq, NATURAL: tl.constexpr = False):
     """The rows' softmax shift (+inf where a row sees nothing or lies past Lq, so P = 0 there) and
-    ``delta``: ``P = exp2(s - shift)`` with ``shift = lse`` in log2 units; with ``NATURAL`` (an additive
+    ``delta``: ``P = exp2(s - shift)`` with ``shift = lse`` in log2 units. With ``NATURAL`` (an additive
     mask), ``p_lse_bh`` holds ``attention_row_stats``'s rows, natural-unit shifts then log2 normalisers
-    (``_load_row_norms``), and ``P = exp2((s - shift) * log2(e) - norm)``."""
+    (``_load_row_norms``), and the kernels take ``P' = exp2((s - shift) * log2(e))``, which is
+    ``P * 2^norm``: the launcher scales dO (so dP and delta) by ``2^-norm`` per row, and every product
+    (``P' dO'``, ``P' (dP' - delta')``) is the true one. ``norm`` is 0 but in recomputed rows."""
     m_m = o_m < Lq
     # [BLOCK_M]
     b_lse = tl.load(p_lse_bh + o_m, mask=m_m, other=float("-inf"))
@@ -127,7 +129,7 @@ def _load_row_norms(p_lse_bh, o_m, Lq):
 @triton.jit
 def _grad_scores(
     b_s, b_tanh, b_dp,  # scores (-inf where not visible, units as _score_tile), tanh(x / softcap), dO V^T; one tile
-    b_shift, b_norm, b_delta,  # row statistics (_load_row_stats), broadcast against the tile ([BLOCK, 1] or [1, BLOCK])
+    b_shift, b_delta,  # row statistics (_load_row_stats), broadcast against the tile ([BLOCK, 1] or [1, BLOCK])
     b_keep, dropout_p,  # the tile's dropout keep pattern (unused without HAS_DROPOUT)
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, NATURAL: tl.constexpr,
 ):
@@ -138,7 +140,7 @@ def _grad_scores(
     selected to 0, never multiplied by 0, so a NaN or Inf that a row cannot see stays out of it.
     """
     if NATURAL:
-        b_p = tl.exp2((b_s - b_shift) * 1.4426950408889634 - b_norm)
+        b_p = tl.exp2((b_s - b_shift) * 1.4426950408889634)
     else:
         b_p = tl.exp2(b_s - b_shift)
     b_p_dropped = b_p
@@ -246,9 +248,6 @@ def _dkdv_query_block(
         b_do = b_do.to(tl.float32)
     # [BLOCK_M]
     b_shift, b_delta = _load_row_stats(p_lse_bh, p_delta_bh, o_m, Lq, HAS_MASK and not MASK_IS_BOOL)
-    b_norm = 0.0
-    if HAS_MASK and not MASK_IS_BOOL:
-        b_norm = _load_row_norms(p_lse_bh, o_m, Lq)[None, :]
     # The two independent matmuls back to back. [BLOCK_N, BLOCK_M]
     b_kq = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION)
     b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
@@ -263,7 +262,7 @@ def _dkdv_query_block(
     if HAS_DROPOUT:
         b_keep = tl.trans(_dropout_keep(seed, i_b, i_h, o_m, o_n, Hq, Lq, Lk, dropout_p))
     b_pt, b_dst, b_dxt = _grad_scores(
-        b_st, b_tanh, b_dpt, b_shift[None, :], b_norm, b_delta[None, :], b_keep, dropout_p, HAS_SOFTCAP, HAS_DROPOUT,
+        b_st, b_tanh, b_dpt, b_shift[None, :], b_delta[None, :], b_keep, dropout_p, HAS_SOFTCAP, HAS_DROPOUT,
         HAS_MASK and not MASK_IS_BOOL,
     )
     b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
@@ -506,10 +505,8 @@ def _dq_key_block(
     b_keep = b_s  # a placeholder without dropout
     if HAS_DROPOUT:
         b_keep = _dropout_keep(seed, i_b, i_h, o_m, o_n, Hq, Lq, Lk, dropout_p)
-    # With an additive mask, P without the rows' normalisers 2^-norm: the dQ kernel applies them to the
-    # finished rows (dS is linear in P), so no normaliser is live across its loop.
     _, b_ds, b_dx = _grad_scores(
-        b_s, b_tanh, b_dp, b_shift[:, None], 0.0, b_delta[:, None], b_keep, dropout_p, HAS_SOFTCAP, HAS_DROPOUT,
+        b_s, b_tanh, b_dp, b_shift[:, None], b_delta[:, None], b_keep, dropout_p, HAS_SOFTCAP, HAS_DROPOUT,
         HAS_MASK and not MASK_IS_BOOL,
     )
     if DELTA_PASS:
@@ -713,13 +710,9 @@ def attention_bwd_dq_kernel(
                 REDO_NONFINITE,
             )
 
-    if HAS_MASK and not MASK_IS_BOOL:
-        # [BLOCK_M] the rows' normalisers (see _dq_key_block); 1 but where attention_row_stats recomputed them
-        b_scale = tl.exp2(-_load_row_norms(p_lse_bh, o_m, Lq))
-        if DELTA_PASS:
-            b_dq = b_dq * b_scale
-        else:
-            b_dq = b_dq * b_scale[:, None]
+    if DELTA_PASS and HAS_MASK and not MASK_IS_BOOL:
+        # The sums of P' dP' (unnormalised P', dO scaled by 2^-norm) are rowsum(P * dP): scaled like dO.
+        b_dq = b_dq * tl.exp2(-_load_row_norms(p_lse_bh, o_m, Lq))
     if DELTA_PASS:
         # Out is its rounding: delta from the float32 sums (NaN compares false: then out's NaN stays).
         b_tol = tl.load(p_tol + i_bh.to(tl.int64) * Lq + o_m, mask=o_m < Lq, other=0.0)
@@ -826,6 +819,22 @@ def attention_bwd(
     # columns, where the rounding of out would be all that is left of sums that cancel. Otherwise
     # delta keeps out's rounding (2^-9 relative in bf16, as FlashAttention's backward), which saves the
     # pass's two matmuls per tile (+29% tensor-core work) on every 16-bit backward.
+    element_mask = attn_mask if partial_masks is None else partial_masks
+    if element_mask is not None and element_mask.dtype != torch.bool:
+        # With an additive mask the kernels take P from per-row (shift, log2 normaliser) pairs: (lse, 0), or
+        # (m, log2(l)) recomputed for rows whose lse is too large to keep log(l) in float32; the normaliser
+        # enters as dO (and dlse) scaled by 2^-norm (see _load_row_stats), exactly 1 in the other rows.
+        lse = attention_row_stats(
+            q, k, v, lse, attn_mask=attn_mask, alibi_slopes=alibi_slopes, key_lengths=key_lengths,
+            query_lengths=query_lengths, kv_num_blocks=kv_num_blocks, kv_indices=kv_indices,
+            full_kv_num_blocks=full_kv_num_blocks, full_kv_indices=full_kv_indices, partial_masks=partial_masks,
+            partial_tile_ids=partial_tile_ids, block_size_q=block_size_q, block_size_k=block_size_k, scale=scale,
+            window_left=window_left, window_right=window_right, softcap=softcap,
+        )
+        row_scale = torch.exp2(-lse[:, :, 1])  # (B, Hq, Lq)
+        dout = (dout * row_scale[..., None]).to(dout.dtype)
+        if dlse is not None:
+            dlse = dlse * row_scale
     delta, tol = row_delta(out, dout, exact=compute_dbias)
 
     lengths = both_lengths(key_lengths, query_lengths, B, Lq, Lk, q.device)
@@ -834,16 +843,6 @@ def attention_bwd(
     # The same tanh as the forward, so P is recomputed from the very scores its lse came from.
     flags["HAS_SOFTCAP"] = softcap_flag(softcap, q.dtype)
     use_block_mask = kv_num_blocks is not None
-    if flags["HAS_MASK"] and not flags["MASK_IS_BOOL"]:
-        # With an additive mask the kernels take P from per-row (shift, log2 normaliser) pairs: (lse, 0),
-        # or (m, log2(l)) recomputed for rows whose lse is too large to keep log(l) in float32.
-        lse = attention_row_stats(
-            q, k, v, lse, attn_mask=attn_mask, alibi_slopes=alibi_slopes, key_lengths=key_lengths,
-            query_lengths=query_lengths, kv_num_blocks=kv_num_blocks, kv_indices=kv_indices,
-            full_kv_num_blocks=full_kv_num_blocks, full_kv_indices=full_kv_indices, partial_masks=partial_masks,
-            partial_tile_ids=partial_tile_ids, block_size_q=block_size_q, block_size_k=block_size_k, scale=scale,
-            window_left=window_left, window_right=window_right, softcap=softcap,
-        )
     precision, dot_fp32 = dot_settings(q.dtype)
     bound = Lq + Lk + 1
     flags["USE_TMA"] = configs.tma_tiles("dq", max(block_d, block_dv), q.element_size()) and use_tensor_descriptors(

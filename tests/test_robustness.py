@@ -853,6 +853,30 @@ def test_fuzz_found_triton_rows_masked_entirely_at_a_huge_additive_value(backend
     torch.testing.assert_close(out.float()[seen], sdpa[seen], atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("Lq", [3, 21], ids=["decode-packed", "Lq21"])
+def test_triton_split_kv_merges_rows_masked_entirely_at_the_dtype_minimum(Lq):
+    # Each split's lse = min + log(l_s) rounds to min, so the merge weighted the splits equally instead
+    # of by their key counts; with an additive mask the splits give (max, log2 sum) instead.
+    _usable("triton")
+    from fastattn.backends.triton import ensure_kernels_importable
+
+    ensure_kernels_importable()
+    from fastattn.triton_kernels.attention_fwd import attention_fwd
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, Lq, 16, generator=g)
+    k, v = torch.randn(1, 2, 70, 16, generator=g), torch.randn(1, 2, 70, 16, generator=g)
+    mask = torch.zeros(1, 4, Lq, 70)
+    mask[:, :, 1, :] = torch.finfo(torch.float32).min
+    mask[:, 1, 2, 30:] = -1e5
+    want, want_lse = reference.attention(q.double(), k.double(), v.double(), attn_mask=mask.double(), return_lse=True)
+    for splits in (1, 3):
+        out, lse = attention_fwd(q, k, v, attn_mask=mask, scale=16**-0.5, num_splits=splits)
+        torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse.double(), want_lse.float().double(), atol=1e-5, rtol=1e-6)
+
+
 def test_fuzz_found_cpu_softcap_gradient_with_a_nan_key_past_key_lengths():
     # The softcap factor 1 - tanh^2 was NaN on the hidden key and multiplied into dS = 0.
     q, k, v = torch.randn(1, 1, 1, 4), torch.randn(1, 1, 11, 4), torch.randn(1, 1, 11, 4)

@@ -580,7 +580,14 @@ def attention_fwd_kernel(
             tl.store(p_out + (o_out[:, None] + o_dv[None, :]), b_out.to(p_out.dtype.element_ty),
                      mask=m_store[:, None] & (o_dv[None, :] < DV))
         o_lse = i_s.to(tl.int64) * stride_lse_s + (i_b64 * Hq + o_h64) * Lq + o_m64
-        tl.store(p_lse + o_lse, b_lse, mask=m_store)
+        if HAS_MASK and not MASK_IS_BOOL:
+            if num_splits > 1:  # (max, log2 sum) for attention_combine: lse would round log(l) away
+                tl.store(p_lse + o_lse, tl.where(m_row, b_m, b_lse), mask=m_store)
+                tl.store(p_lse + (o_lse + stride_lse_s // 2), tl.log2(b_l), mask=m_store)
+            else:
+                tl.store(p_lse + o_lse, b_lse, mask=m_store)
+        else:
+            tl.store(p_lse + o_lse, b_lse, mask=m_store)
 
 
 attention_fwd_kernel_tuned = configs.autotune("fwd", configs.FWD_KEY)(attention_fwd_kernel)
@@ -964,7 +971,9 @@ def attention_fwd(
     else:
         # Each split writes its partial result (float32) and lse; the combine kernel merges them.
         out_part = torch.empty((splits, B, Hq, Lq, DV), dtype=torch.float32, device=q.device)
-        lse_part = torch.empty((splits, B, Hq, Lq), dtype=torch.float32, device=q.device)
+        # With an additive mask each split gives its rows' (max, log2 sum) (attention_combine's PAIRS).
+        pairs = flags["HAS_MASK"] and not flags["MASK_IS_BOOL"]
+        lse_part = torch.empty((splits, *((2,) if pairs else ()), B, Hq, Lq), dtype=torch.float32, device=q.device)
         partial = dict(
             p_out=out_part, p_lse=lse_part, stride_os=out_part.stride(0), stride_ob=out_part.stride(1),
             stride_oh=out_part.stride(2), stride_om=out_part.stride(3), stride_lse_s=lse_part.stride(0),

@@ -342,7 +342,7 @@ def attention_fwd_kernel(
     HAS_LENGTHS: tl.constexpr, USE_BLOCK_MASK: tl.constexpr, MASK_SUB_M: tl.constexpr, MASK_SUB_N: tl.constexpr,
     PARTIAL_MASKS: tl.constexpr, HAS_DROPOUT: tl.constexpr, COUNT_BLOCKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr, REDO_NONFINITE: tl.constexpr,
-    ROW_STATS: tl.constexpr = False,
+    ROW_STATS: tl.constexpr = False, LSE_PAIRS: tl.constexpr = False,
 ):
     """Grid ``(cdiv(rows, BLOCK_M), B * heads, splits)``: one program per block of query rows of one
     (batch, head) and one share of its key blocks.
@@ -353,7 +353,8 @@ def attention_fwd_kernel(
     of the ``GROUP * Lq`` rows is query ``r // GROUP`` of head ``kv_head * GROUP + r % GROUP``, and
     the rows of a tile span at most ``SPAN_M`` query positions. With one split, out is
     ``(B, Hq, Lq, DV)`` and lse ``(B, Hq, Lq)``; with S splits, split ``s`` of the key blocks writes
-    its normalised partial result to ``out[s]`` (float32) and ``lse[s]`` for ``attention_combine``.
+    its normalised partial result to ``out[s]`` (float32) and ``lse[s]`` for ``attention_combine``
+    (with ``LSE_PAIRS``, an additive mask: the rows' max and log2 sum, ``lse (S, 2, B, Hq, Lq)``).
     ``p_counter`` (with ``COUNT_BLOCKS``) receives the number of key blocks each program visited.
     ``USE_TMA`` (Hopper and later, 16-byte aligned rows, see ``use_tensor_descriptors``) moves the
     K and V tiles, and the Q and O tiles of an unpacked program, through tensor descriptors (TMA).
@@ -580,12 +581,9 @@ def attention_fwd_kernel(
             tl.store(p_out + (o_out[:, None] + o_dv[None, :]), b_out.to(p_out.dtype.element_ty),
                      mask=m_store[:, None] & (o_dv[None, :] < DV))
         o_lse = i_s.to(tl.int64) * stride_lse_s + (i_b64 * Hq + o_h64) * Lq + o_m64
-        if HAS_MASK and not MASK_IS_BOOL:
-            if num_splits > 1:  # (max, log2 sum) for attention_combine: lse would round log(l) away
-                tl.store(p_lse + o_lse, tl.where(m_row, b_m, b_lse), mask=m_store)
-                tl.store(p_lse + (o_lse + stride_lse_s // 2), tl.log2(b_l), mask=m_store)
-            else:
-                tl.store(p_lse + o_lse, b_lse, mask=m_store)
+        if LSE_PAIRS:  # (max, log2 sum) for attention_combine: lse would round log(l) away
+            tl.store(p_lse + o_lse, tl.where(m_row, b_m, b_lse), mask=m_store)
+            tl.store(p_lse + (o_lse + stride_lse_s // 2), tl.log2(b_l), mask=m_store)
         else:
             tl.store(p_lse + o_lse, b_lse, mask=m_store)
 
@@ -980,6 +978,7 @@ def attention_fwd(
         )
         torch.library.wrap_triton(attention_fwd_kernel)[grid](
             **args, **partial, **meta, GQA_PACK=pack, MASK_SUB_M=sub_m, MASK_SUB_N=sub_n, REDO_NONFINITE=False,
+            LSE_PAIRS=pairs,
         )
         attention_combine(out_part, lse_part, out, lse)
     # Rows whose output holds NaN/Inf are computed again with P V by selection (the kernel's

@@ -46,10 +46,12 @@ DELTA_PASS = "attention_bwd_dq_kernel[DELTA_PASS]"
 # the forward's has a third matmul (which non-finite values each row sees).
 FWD_REDO = "attention_fwd_kernel[REDO_NONFINITE]"
 DQ_REDO = "attention_bwd_dq_kernel[REDO_NONFINITE]"
+# The backward's row statistics with an additive mask (the forward kernel's ROW_STATS: Q K^T only).
+ROW_STATS = "attention_fwd_kernel[ROW_STATS]"
 MATMULS_PER_TILE = {"attention_fwd_kernel": 2, "attention_bwd_dkdv_kernel": 4, "attention_bwd_dq_kernel": 3,
-                    DELTA_PASS: 2, FWD_REDO: 3, DQ_REDO: 3}
+                    DELTA_PASS: 2, FWD_REDO: 3, DQ_REDO: 3, ROW_STATS: 1}
 SHORT = {"attention_fwd_kernel": "fwd", "attention_bwd_dkdv_kernel": "dK/dV", "attention_bwd_dq_kernel": "dQ",
-         DELTA_PASS: "delta", FWD_REDO: "fwd redo", DQ_REDO: "dQ redo"}
+         DELTA_PASS: "delta", FWD_REDO: "fwd redo", DQ_REDO: "dQ redo", ROW_STATS: "row stats"}
 # The varlen kernels (feature "varlen": packed sequences through triton_kernels/attention_varlen.py).
 MATMULS_PER_TILE.update({k.replace("attention_", "attention_varlen_"): n for k, n in MATMULS_PER_TILE.items()})
 SHORT.update({k.replace("attention_", "attention_varlen_"): "varlen " + n for k, n in list(SHORT.items())})
@@ -93,9 +95,15 @@ def compile_launches(dtype_name: str, head_dim: int, features: set[str], length:
         k = triton_compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
         meta = {key: kwargs.get(key) for key in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV")}
         meta.update(num_warps=options.num_warps, num_stages=options.num_stages)
+        name = fn.__name__
+        if kwargs.get("DELTA_PASS"):
+            name = DELTA_PASS
+        elif kwargs.get("REDO_NONFINITE"):
+            name = f"{fn.__name__}[REDO_NONFINITE]"
+        elif kwargs.get("ROW_STATS"):
+            name = ROW_STATS
         compiled.append({
-            "kernel": DELTA_PASS if kwargs.get("DELTA_PASS") else f"{fn.__name__}[REDO_NONFINITE]"
-            if kwargs.get("REDO_NONFINITE") else fn.__name__, "meta": meta, "shared": k.metadata.shared, "ptx": k.asm["ptx"], "ttir": k.asm["ttir"],
+            "kernel": name, "meta": meta, "shared": k.metadata.shared, "ptx": k.asm["ptx"], "ttir": k.asm["ttir"],
         })
 
     class Compile:

@@ -822,6 +822,79 @@ def test_fuzz_found_cpu_gradients_of_a_row_masked_entirely_at_the_dtype_minimum(
         torch.testing.assert_close(g_, w)
 
 
+@pytest.mark.parametrize("value", ["min", -1e9, -1e5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_fuzz_found_triton_rows_masked_entirely_at_a_huge_additive_value(backend, dtype, value):
+    # Triton clamped scores at -FLT_MAX / log2(e) in log2 units (lse -2.36e38 instead of -3.40e38 at
+    # finfo(float32).min), and its backward took exp(S - lse) where lse = m + log(n) had lost log(n):
+    # P = 1 instead of 1/n, dq n times too large (also at -1e9). At -1e5 float32 still resolves the
+    # scores (the row is its unmasked softmax, as torch's SDPA gives), and the log2 rounding showed.
+    # In float16, -1e9 and -1e5 round to -inf: those rows see nothing (0, lse = -inf).
+    _usable(backend)
+    g = torch.Generator().manual_seed(7)
+    Lq, Lk = 21, 37  # several key blocks; one query block of the interpreter's tiles has no such row
+    q = torch.randn(1, 2, Lq, 16, generator=g)
+    k, v = torch.randn(1, 1, Lk, 16, generator=g), torch.randn(1, 1, Lk, 16, generator=g)  # GQA
+    fill = torch.finfo(dtype).min if value == "min" else value
+    mask = torch.randn(1, 2, Lq, Lk, generator=g)
+    mask[:, 0, 1, :] = fill  # row 1 of head 0: every key at the value
+    mask[:, :, 3, 5:] = fill  # row 3: the value on most keys
+    mask[:, 1, 19, :] = fill
+    slopes = torch.tensor([0.3, 0.7])  # distinct scores under the mask
+    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v, mask)]
+    out, lse = fastattn.attention(*leaves[:3], attn_mask=leaves[3], alibi_slopes=slopes, backend=backend,
+                                  return_lse=True)
+    hp = high_precision(dtype)
+    hp_leaves = [t.detach().to(hp).requires_grad_() for t in leaves]
+    lp_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    ref32 = reference.attention(*hp_leaves[:3], attn_mask=hp_leaves[3], alibi_slopes=slopes, return_lse=True)
+    ref_lp = reference.attention(*lp_leaves[:3], attn_mask=lp_leaves[3], alibi_slopes=slopes, return_lse=True)
+    floor = ATOL_FLOOR[dtype]
+    _check("out", out, ref32[0], ref_lp[0], floor)
+    _check("lse", lse, ref32[1].float(), ref_lp[1].float(), max(floor, 1e-5))
+    dout = torch.randn(out.shape, generator=g).to(dtype)
+    got = torch.autograd.grad(out, leaves, dout)
+    want32 = torch.autograd.grad(ref32[0], hp_leaves, dout.to(hp))
+    want_lp = torch.autograd.grad(ref_lp[0], lp_leaves, dout)
+    for name, g_, w32, wlp in zip(("dq", "dk", "dv", "dmask"), got, want32, want_lp):
+        _check(name, g_, w32, wlp, floor)
+    # And torch's SDPA agrees (rows that see nothing aside: torch gives NaN there). It adds ALiBi to the
+    # mask first; at -1e5 float32 rounds scores to 2^-7, so the order shows at 1e-2.
+    distance = (torch.arange(Lq)[:, None] + (Lk - Lq) - torch.arange(Lk)).abs()  # ALiBi, bottom-right aligned
+    bias = leaves[3].detach().float() - slopes[:, None, None] * distance
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q.to(dtype).float(), k.to(dtype).float().expand(1, 2, Lk, 16), v.to(dtype).float().expand(1, 2, Lk, 16),
+        attn_mask=bias,
+    )
+    seen = ~torch.isnan(sdpa)
+    torch.testing.assert_close(out.float()[seen], sdpa[seen], atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("Lq", [3, 21], ids=["decode-packed", "Lq21"])
+def test_triton_split_kv_merges_rows_masked_entirely_at_the_dtype_minimum(Lq):
+    # Each split's lse = min + log(l_s) rounds to min, so the merge weighted the splits equally instead
+    # of by their key counts; with an additive mask the splits give (max, log2 sum) instead.
+    _usable("triton")
+    from fastattn.backends.triton import ensure_kernels_importable
+
+    ensure_kernels_importable()
+    from fastattn.triton_kernels.attention_fwd import attention_fwd
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, Lq, 16, generator=g)
+    k, v = torch.randn(1, 2, 70, 16, generator=g), torch.randn(1, 2, 70, 16, generator=g)
+    mask = torch.zeros(1, 4, Lq, 70)
+    mask[:, :, 1, :] = torch.finfo(torch.float32).min
+    mask[:, 1, 2, 30:] = -1e5
+    want, want_lse = reference.attention(q.double(), k.double(), v.double(), attn_mask=mask.double(), return_lse=True)
+    for splits in (1, 3):
+        out, lse = attention_fwd(q, k, v, attn_mask=mask, scale=16**-0.5, num_splits=splits)
+        torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse.double(), want_lse.float().double(), atol=1e-5, rtol=1e-6)
+
+
 def test_fuzz_found_cpu_softcap_gradient_with_a_nan_key_past_key_lengths():
     # The softcap factor 1 - tanh^2 was NaN on the hidden key and multiplied into dS = 0.
     q, k, v = torch.randn(1, 1, 1, 4), torch.randn(1, 1, 11, 4), torch.randn(1, 1, 11, 4)

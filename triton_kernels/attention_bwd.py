@@ -25,6 +25,10 @@ Per tile the math is (``P`` recomputed from the saved ``lse``)::
     dP = dO V^T * keep / (1 - p)   dS  = P * (dP - delta)          (= dbias)
     dX = dS * (1 - tanh(X / softcap)^2)                             (dX = dS without softcap)
     dQ += scale * dX K             dK += scale * dX^T Q
+
+With an additive mask, ``P = exp(S - m) / l`` with the row's max and sum recomputed where ``|lse|``
+is too large for float32 to keep ``log(l)`` in ``lse = m + log(l)`` (a row masked entirely at
+``finfo.min`` or -1e9): ``attention_row_stats`` (the forward kernel without V) runs first.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from .attention_fwd import (
     _partial_tile_mask,
     _rows_desc,
     _score_tile,
+    attention_row_stats,
     both_lengths,
     check_inputs,
     clamp_window,
@@ -97,22 +102,36 @@ def attention_bwd_preprocess_kernel(
 
 # --------------------------------------------------------------------------- shared tile math
 @triton.jit
-def _load_row_stats(p_lse_bh, p_delta_bh, o_m, Lq):
-    """``lse`` in log2 units (+inf where a row sees nothing or lies past Lq, so P = 0 there) and ``delta``."""
+def _load_row_stats(p_lse_bh, p_delta_bh, o_m, Lq, NATURAL: tl.constexpr = False):
+    """The rows' softmax shift (+inf where a row sees nothing or lies past Lq, so P = 0 there) and
+    ``delta``: ``P = exp2(s - shift)`` with ``shift = lse`` in log2 units. With ``NATURAL`` (an additive
+    mask), ``p_lse_bh`` holds ``attention_row_stats``'s rows, natural-unit shifts then log2 normalisers
+    (``_load_row_norms``), and the kernels take ``P' = exp2((s - shift) * log2(e))``, which is
+    ``P * 2^norm``: the launcher scales dO (so dP and delta) by ``2^-norm`` per row, and every product
+    (``P' dO'``, ``P' (dP' - delta')``) is the true one. ``norm`` is 0 but in recomputed rows."""
     m_m = o_m < Lq
     # [BLOCK_M]
     b_lse = tl.load(p_lse_bh + o_m, mask=m_m, other=float("-inf"))
-    b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
+    if NATURAL:
+        b_shift = tl.where(b_lse == float("-inf"), float("inf"), b_lse)
+    else:
+        b_shift = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
     b_delta = tl.load(p_delta_bh + o_m, mask=m_m, other=0.0)
-    return b_lse2, b_delta
+    return b_shift, b_delta
+
+
+@triton.jit
+def _load_row_norms(p_lse_bh, o_m, Lq):
+    """``[BLOCK_M]`` log2 normalisers of ``attention_row_stats``'s rows at ``p_lse_bh`` (see ``_load_row_stats``)."""
+    return tl.load(p_lse_bh + Lq + o_m, mask=o_m < Lq, other=0.0)
 
 
 @triton.jit
 def _grad_scores(
-    b_s, b_tanh, b_dp,  # scores (log2 units, -inf where not visible), tanh(x / softcap), dO V^T; one tile
-    b_lse2, b_delta,  # row statistics, already broadcast against the tile ([BLOCK, 1] or [1, BLOCK])
+    b_s, b_tanh, b_dp,  # scores (-inf where not visible, units as _score_tile), tanh(x / softcap), dO V^T; one tile
+    b_shift, b_delta,  # row statistics (_load_row_stats), broadcast against the tile ([BLOCK, 1] or [1, BLOCK])
     b_keep, dropout_p,  # the tile's dropout keep pattern (unused without HAS_DROPOUT)
-    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, NATURAL: tl.constexpr,
 ):
     """Elementwise part of one backward tile; returns ``(P_dropped, dS, dX)``, float32, the tile's shape.
 
@@ -120,7 +139,10 @@ def _grad_scores(
     dK/dV kernel). Where ``P == 0`` (not visible, or a row that sees nothing) ``dS`` and ``dX`` are
     selected to 0, never multiplied by 0, so a NaN or Inf that a row cannot see stays out of it.
     """
-    b_p = tl.exp2(b_s - b_lse2)
+    if NATURAL:
+        b_p = tl.exp2((b_s - b_shift) * 1.4426950408889634)
+    else:
+        b_p = tl.exp2(b_s - b_shift)
     b_p_dropped = b_p
     if HAS_DROPOUT:
         b_p_dropped = tl.where(b_keep, b_p * (1.0 / (1.0 - dropout_p)), 0.0)
@@ -225,7 +247,7 @@ def _dkdv_query_block(
         b_q = b_q.to(tl.float32)
         b_do = b_do.to(tl.float32)
     # [BLOCK_M]
-    b_lse2, b_delta = _load_row_stats(p_lse_bh, p_delta_bh, o_m, Lq)
+    b_shift, b_delta = _load_row_stats(p_lse_bh, p_delta_bh, o_m, Lq, HAS_MASK and not MASK_IS_BOOL)
     # The two independent matmuls back to back. [BLOCK_N, BLOCK_M]
     b_kq = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION)
     b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
@@ -240,7 +262,8 @@ def _dkdv_query_block(
     if HAS_DROPOUT:
         b_keep = tl.trans(_dropout_keep(seed, i_b, i_h, o_m, o_n, Hq, Lq, Lk, dropout_p))
     b_pt, b_dst, b_dxt = _grad_scores(
-        b_st, b_tanh, b_dpt, b_lse2[None, :], b_delta[None, :], b_keep, dropout_p, HAS_SOFTCAP, HAS_DROPOUT
+        b_st, b_tanh, b_dpt, b_shift[None, :], b_delta[None, :], b_keep, dropout_p, HAS_SOFTCAP, HAS_DROPOUT,
+        HAS_MASK and not MASK_IS_BOOL,
     )
     b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
     b_dk += tl.dot(b_dxt.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
@@ -352,6 +375,8 @@ def attention_bwd_dkdv_kernel(
             q_bh = _rows_desc(q_bh, qlen, D, stride_qm, BLOCK_M, BLOCK_D)
             do_bh = _rows_desc(do_bh, qlen, DV, stride_dom, BLOCK_M, BLOCK_DV)
         p_lse_bh = p_lse + i_bh.to(tl.int64) * Lq
+        if HAS_MASK and not MASK_IS_BOOL:  # p_lse: attention_row_stats's (B, Hq, 2, Lq)
+            p_lse_bh = p_lse + i_bh.to(tl.int64) * (2 * Lq)
         p_delta_bh = p_delta + i_bh.to(tl.int64) * Lq
         p_dbias_bh = p_dbias
         if COMPUTE_DBIAS:
@@ -435,7 +460,7 @@ def attention_bwd_dkdv_kernel(
 # --------------------------------------------------------------------------- dQ
 @triton.jit
 def _dq_key_block(
-    b_dq, b_q, b_do, b_lse2, b_delta,  # [BLOCK_M, BLOCK_D], [BLOCK_M, BLOCK_D], [BLOCK_M, BLOCK_DV], [BLOCK_M] x2
+    b_dq, b_q, b_do, b_shift, b_delta,  # [BLOCK_M, BLOCK_D], [BLOCK_M, BLOCK_D], [BLOCK_M, BLOCK_DV], [BLOCK_M] x2
     i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn, stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV,
     offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
     p_mask_bh, stride_mask_m, stride_mask_n,
@@ -487,7 +512,8 @@ def _dq_key_block(
     if HAS_DROPOUT:
         b_keep = _dropout_keep(seed, i_b, i_h, o_m, o_n, Hq, Lq, Lk, dropout_p)
     _, b_ds, b_dx = _grad_scores(
-        b_s, b_tanh, b_dp, b_lse2[:, None], b_delta[:, None], b_keep, dropout_p, HAS_SOFTCAP, HAS_DROPOUT
+        b_s, b_tanh, b_dp, b_shift[:, None], b_delta[:, None], b_keep, dropout_p, HAS_SOFTCAP, HAS_DROPOUT,
+        HAS_MASK and not MASK_IS_BOOL,
     )
     if DELTA_PASS:
         b_dq += tl.sum(b_ds, 1)
@@ -593,8 +619,11 @@ def attention_bwd_dq_kernel(
     if DOT_FP32:
         b_q = b_q.to(tl.float32)
         b_do = b_do.to(tl.float32)
+    p_lse_bh = p_lse + i_bh.to(tl.int64) * Lq
+    if HAS_MASK and not MASK_IS_BOOL:  # p_lse: attention_row_stats's (B, Hq, 2, Lq)
+        p_lse_bh = p_lse + i_bh.to(tl.int64) * (2 * Lq)
     # [BLOCK_M]
-    b_lse2, b_delta = _load_row_stats(p_lse + i_bh.to(tl.int64) * Lq, p_delta + i_bh.to(tl.int64) * Lq, o_m, Lq)
+    b_shift, b_delta = _load_row_stats(p_lse_bh, p_delta + i_bh.to(tl.int64) * Lq, o_m, Lq, HAS_MASK and not MASK_IS_BOOL)
     if REDO_NONFINITE:
         # [BLOCK_M, BLOCK_D] the rows the plain launch wrote
         p_prev = p_dq + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
@@ -633,7 +662,7 @@ def attention_bwd_dq_kernel(
                 stride_tid_n, PARTIAL_MASKS, MASK_SUB_M * BLOCK_M, MASK_SUB_N * BLOCK_N,
             )
             b_dq = _dq_key_block(
-                b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
+                b_dq, b_q, b_do, b_shift, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
                 stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope,
                 sm_scale, softcap, dropout_p, seed, p_mask_tile, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
@@ -643,7 +672,7 @@ def attention_bwd_dq_kernel(
         for t in range(0, num_full * MASK_SUB_N):
             i_n = tl.load(p_full_idx + p_idx + t // MASK_SUB_N) * MASK_SUB_N + t % MASK_SUB_N
             b_dq = _dq_key_block(
-                b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
+                b_dq, b_q, b_do, b_shift, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
                 stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope,
                 sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
@@ -661,7 +690,7 @@ def attention_bwd_dq_kernel(
             n_mid_hi = tl.minimum(n_mid_hi, n_hi)
         for i_n in range(n_lo, n_mid_lo):
             b_dq = _dq_key_block(
-                b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
+                b_dq, b_q, b_do, b_shift, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
                 stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope,
                 sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
@@ -670,7 +699,7 @@ def attention_bwd_dq_kernel(
             )
         for i_n in range(n_mid_lo, n_mid_hi):
             b_dq = _dq_key_block(
-                b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
+                b_dq, b_q, b_do, b_shift, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
                 stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope,
                 sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
@@ -679,7 +708,7 @@ def attention_bwd_dq_kernel(
             )
         for i_n in range(n_mid_hi, n_hi):
             b_dq = _dq_key_block(
-                b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
+                b_dq, b_q, b_do, b_shift, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
                 stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope,
                 sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
@@ -687,6 +716,9 @@ def attention_bwd_dq_kernel(
                 REDO_NONFINITE,
             )
 
+    if DELTA_PASS and HAS_MASK and not MASK_IS_BOOL:
+        # The sums of P' dP' (unnormalised P', dO scaled by 2^-norm) are rowsum(P * dP): scaled like dO.
+        b_dq = b_dq * tl.exp2(-_load_row_norms(p_lse_bh, o_m, Lq))
     if DELTA_PASS:
         # Out is its rounding: delta from the float32 sums (NaN compares false: then out's NaN stays).
         b_tol = tl.load(p_tol + i_bh.to(tl.int64) * Lq + o_m, mask=o_m < Lq, other=0.0)
@@ -812,6 +844,22 @@ def attention_bwd(
     # columns, where the rounding of out would be all that is left of sums that cancel. Otherwise
     # delta keeps out's rounding (2^-9 relative in bf16, as FlashAttention's backward), which saves the
     # pass's two matmuls per tile (+29% tensor-core work) on every 16-bit backward.
+    element_mask = attn_mask if partial_masks is None else partial_masks
+    if element_mask is not None and element_mask.dtype != torch.bool:
+        # With an additive mask the kernels take P from per-row (shift, log2 normaliser) pairs: (lse, 0), or
+        # (m, log2(l)) recomputed for rows whose lse is too large to keep log(l) in float32; the normaliser
+        # enters as dO (and dlse) scaled by 2^-norm (see _load_row_stats), exactly 1 in the other rows.
+        lse = attention_row_stats(
+            q, k, v, lse, attn_mask=attn_mask, alibi_slopes=alibi_slopes, key_lengths=key_lengths,
+            query_lengths=query_lengths, kv_num_blocks=kv_num_blocks, kv_indices=kv_indices,
+            full_kv_num_blocks=full_kv_num_blocks, full_kv_indices=full_kv_indices, partial_masks=partial_masks,
+            partial_tile_ids=partial_tile_ids, block_size_q=block_size_q, block_size_k=block_size_k, scale=scale,
+            window_left=window_left, window_right=window_right, softcap=softcap,
+        )
+        row_scale = torch.exp2(-lse[:, :, 1])  # (B, Hq, Lq)
+        dout = (dout * row_scale[..., None]).to(dout.dtype)
+        if dlse is not None:
+            dlse = dlse * row_scale
     delta, tol = row_delta(out, dout, exact=compute_dbias)
 
     lengths = both_lengths(key_lengths, query_lengths, B, Lq, Lk, q.device)

@@ -8,6 +8,10 @@ writes, per query row, its softmax-normalised partial output ``out_s`` (float32)
     lse = log(sum_s exp(lse_s))        out = sum_s exp(lse_s - lse) * out_s
 
 A row that no split saw outputs 0 with ``lse = -inf`` (never NaN).
+
+Kernels with an additive mask give each split's ``(m_s, log2(l_s))`` instead of ``lse_s`` (``PAIRS``):
+a row under a mask at ``finfo(float32).min`` has ``lse_s = m_s + log(l_s)`` rounded to ``m_s``, so
+the splits' weights ``l_s`` would be lost; the merge is then ``w_s = exp(m_s - max m) * l_s``.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ def attention_combine_kernel(
     stride_part_s, stride_lse_s,
     stride_ob, stride_oh, stride_om,
     # meta-parameters
-    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, PAIRS: tl.constexpr = False,
 ):
     """Grid ``(B * Hq * Lq,)``: one program merges the splits of one query row into ``out``
-    ``(B, Hq, Lq, DV)`` (any strides, unit last stride) and ``lse`` ``(B, Hq, Lq)`` float32."""
+    ``(B, Hq, Lq, DV)`` (any strides, unit last stride) and ``lse`` ``(B, Hq, Lq)`` float32. With
+    ``PAIRS``, ``lse_part`` is ``(splits, 2, B, Hq, Lq)``: row maxima, then log2 sums."""
     i_row = tl.program_id(0).to(tl.int64)  # (b * Hq + h) * Lq + i
     i_m = i_row % Lq
     i_b = i_row // Lq // Hq
@@ -42,7 +47,12 @@ def attention_combine_kernel(
     b_lse = tl.load(p_lse_part + (o_s.to(tl.int64) * stride_lse_s + i_row), mask=m_s, other=float("-inf"))
     b_max = tl.max(b_lse, 0)
     b_max_safe = tl.where(b_max == float("-inf"), 0.0, b_max)
-    b_w = tl.exp(b_lse - b_max_safe)  # 0 for splits that saw no key
+    if PAIRS:
+        b_log2_sum = tl.load(p_lse_part + (o_s.to(tl.int64) * stride_lse_s + stride_lse_s // 2 + i_row), mask=m_s,
+                             other=float("-inf"))
+        b_w = tl.exp2((b_lse - b_max_safe) * 1.4426950408889634 + b_log2_sum)  # 0 for splits that saw no key
+    else:
+        b_w = tl.exp(b_lse - b_max_safe)  # 0 for splits that saw no key
     b_sum = tl.sum(b_w, 0)
     m_seen = b_sum > 0.0
     # [BLOCK_S, BLOCK_DV]
@@ -63,11 +73,13 @@ def attention_combine(out_part: torch.Tensor, lse_part: torch.Tensor, out: torch
 
     Args:
         out_part: float32 ``(S, B, Hq, Lq, DV)`` contiguous, each split's normalised output.
-        lse_part: float32 ``(S, B, Hq, Lq)`` contiguous, each split's lse (``-inf``: no key seen).
+        lse_part: float32 ``(S, B, Hq, Lq)`` contiguous, each split's lse (``-inf``: no key seen), or
+            ``(S, 2, B, Hq, Lq)``: each split's row max and log2 sum (see ``PAIRS``).
         out: ``(B, Hq, Lq, DV)``, any strides with a unit last stride.
         lse: float32 ``(B, Hq, Lq)`` contiguous.
     """
     S, B, Hq, Lq, DV = out_part.shape
+    pairs = lse_part.dim() == 5
     if B * Hq * Lq == 0:
         return
     torch.library.wrap_triton(attention_combine_kernel)[(B * Hq * Lq,)](
@@ -75,5 +87,5 @@ def attention_combine(out_part: torch.Tensor, lse_part: torch.Tensor, out: torch
         Hq=Hq, Lq=Lq, DV=DV, NUM_SPLITS=S,
         stride_part_s=out_part.stride(0), stride_lse_s=lse_part.stride(0),
         stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2),
-        BLOCK_S=triton.next_power_of_2(S), BLOCK_DV=triton.next_power_of_2(DV),
+        BLOCK_S=triton.next_power_of_2(S), BLOCK_DV=triton.next_power_of_2(DV), PAIRS=pairs,
     )

@@ -16,7 +16,11 @@ so a second launch (``REDO_NONFINITE``) computes exactly such rows again with ``
 The first launch's loop carries no check.
 
 Scores are kept in log2 units (``s * log2(e)``) so the softmax uses ``exp2``; without softcap,
-ALiBi or an additive mask, ``scale * log2(e)`` is folded into one multiply.
+ALiBi or an additive mask, ``scale * log2(e)`` is folded into one multiply. With an additive mask
+they stay in natural units (``NATURAL = HAS_MASK and not MASK_IS_BOOL`` in every kernel) and
+``log2(e)`` enters after the row max is subtracted:
+a mask at ``torch.finfo(float32).min`` (Hugging Face's padding value) would overflow to ``-inf`` in
+log2 units, and clamping it there changed the row's ``lse``.
 
 Every pointer offset that grows with a sequence length or a stride is computed in int64, so any
 strides and masks with ``Lq * Lk >= 2**31`` are addressed correctly.
@@ -36,10 +40,10 @@ from .attention_combine import attention_combine
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-# The largest natural-unit score magnitude that stays finite in log2 units: additive masks filled
-# with torch.finfo(dtype).min (Hugging Face's padding) are clamped to it instead of overflowing to
-# -inf, so a fully masked row averages V as the reference does.
-_MAX_NATURAL = tl.constexpr(3.4028234663852886e38 / LOG2E)
+# Above this |lse| (a row whose visible scores all sit at a mask value such as finfo(float32).min or
+# -1e9), float32 lse = m + log(l) resolves log(l) to no better than 2^-9, so exp(s - lse) is not the
+# backward's P; the backward recomputes such rows' (m, l) instead (``attention_row_stats``).
+LARGE_LSE = tl.constexpr(1024.0)
 
 # HAS_SOFTCAP values: how tanh is computed (see softcap_flag).
 SOFTCAP_EXACT = tl.constexpr(1)
@@ -102,7 +106,8 @@ def _score_tile(
     HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, APPLY_INDEX_MASK: tl.constexpr, APPLY_ATTN_MASK: tl.constexpr,
 ):
-    """Scores of one tile in log2 units with every mask applied (-inf where not visible).
+    """Scores of one tile with every mask applied (-inf where not visible), in log2 units, or in
+    natural units in kernels with an additive mask (``NATURAL``, see the module docstring).
 
     Returns the scores and ``tanh(x / softcap)`` (for the softcap gradient; unused otherwise).
     ``APPLY_INDEX_MASK`` masks sequence ends, lengths and the window; tiles wholly inside the
@@ -110,7 +115,8 @@ def _score_tile(
     ``SOFTCAP_EXACT`` or ``SOFTCAP_HW_TANH`` (see ``softcap_flag``). ``slope`` and ``p_mask_bh`` are
     scalars or ``[BLOCK_M, 1]`` columns (one head per row).
     """
-    USE_NATURAL: tl.constexpr = HAS_SOFTCAP or HAS_ALIBI or (HAS_MASK and APPLY_ATTN_MASK and not MASK_IS_BOOL)
+    NATURAL: tl.constexpr = HAS_MASK and not MASK_IS_BOOL
+    USE_NATURAL: tl.constexpr = HAS_SOFTCAP or HAS_ALIBI or NATURAL
     # [BLOCK_M, BLOCK_N]
     b_tanh = b_qk
     if USE_NATURAL:
@@ -131,11 +137,11 @@ def _score_tile(
             m_load = (o_m[:, None] < Lq) & (o_n[None, :] < Lk)
             # [BLOCK_M, BLOCK_N]
             b_bias = tl.load(p_mask_bh + o_mask, mask=m_load, other=0.0).to(tl.float32)
-            b_s = b_s + b_bias
             # A -inf bias hides the key (selected, so a NaN score stays out); finite biases such as
-            # finfo.min are clamped to stay finite in log2 units (a NaN score stays NaN).
-            b_s = tl.where(b_bias == float("-inf"), float("-inf"), tl.where(b_s < -_MAX_NATURAL, -_MAX_NATURAL, b_s))
-        b_s = b_s * 1.4426950408889634
+            # finfo.min are added as they are (natural units: no overflow), as the reference does.
+            b_s = tl.where(b_bias == float("-inf"), float("-inf"), b_s + b_bias)
+        if not NATURAL:
+            b_s = b_s * 1.4426950408889634
     else:
         b_s = b_qk * (sm_scale * 1.4426950408889634)
     if APPLY_INDEX_MASK:
@@ -219,6 +225,7 @@ def _fwd_key_block(
     HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     APPLY_INDEX_MASK: tl.constexpr, APPLY_ATTN_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr, NONFINITE_V: tl.constexpr = False,
+    STATS_ONLY: tl.constexpr = False,
 ):
     """One step of the online softmax over the key block ``i_n`` (``row_lo``, ``row_hi``: the first
     and last valid query position of the tile). With ``USE_TMA``, ``k_bh`` and ``v_bh`` are tensor
@@ -227,7 +234,10 @@ def _fwd_key_block(
     ``NONFINITE_V`` (the redo launch, see ``attention_fwd_kernel``) computes ``P V`` by selection:
     the product runs on V without its NaN/Inf entries, and a row that sees key ``j`` (its score is
     not -inf) gets NaN in the columns where ``V[j]`` is not finite, so a value hidden from some rows
-    of the tile reaches only the others (one more matmul, of 0/1 tiles, counts the hits)."""
+    of the tile reaches only the others (one more matmul, of 0/1 tiles, counts the hits).
+
+    ``STATS_ONLY`` (the backward's row statistics, see ``attention_fwd_kernel``) updates ``b_m`` and
+    ``b_l`` only: no V is loaded and ``b_acc`` is returned as it came."""
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Keys at or past the logical length are never loaded (an unused KV-cache slot may hold NaN).
     m_n = o_n < klen
@@ -242,21 +252,24 @@ def _fwd_key_block(
     if USE_TMA:
         # [BLOCK_D, BLOCK_N]
         b_kt = tl.trans(k_bh.load([i_n * BLOCK_N, 0]))
-        # [BLOCK_N, BLOCK_DV]
-        b_v = v_bh.load([i_n * BLOCK_N, 0])
-        if APPLY_INDEX_MASK and (HAS_WINDOW_LEFT or HAS_WINDOW_RIGHT):
-            b_v = tl.where(m_nv[:, None], b_v, 0.0)
+        if not STATS_ONLY:
+            # [BLOCK_N, BLOCK_DV]
+            b_v = v_bh.load([i_n * BLOCK_N, 0])
+            if APPLY_INDEX_MASK and (HAS_WINDOW_LEFT or HAS_WINDOW_RIGHT):
+                b_v = tl.where(m_nv[:, None], b_v, 0.0)
     else:
         o_n64 = o_n.to(tl.int64)
         # [BLOCK_D, BLOCK_N]
         b_kt = tl.load(k_bh + (o_n64[None, :] * stride_kn + o_d[:, None]), mask=m_n[None, :] & (o_d[:, None] < D),
                        other=0.0)
-        # [BLOCK_N, BLOCK_DV]
-        b_v = tl.load(v_bh + (o_n64[:, None] * stride_vn + o_dv[None, :]),
-                      mask=m_nv[:, None] & (o_dv[None, :] < DV), other=0.0)
+        if not STATS_ONLY:
+            # [BLOCK_N, BLOCK_DV]
+            b_v = tl.load(v_bh + (o_n64[:, None] * stride_vn + o_dv[None, :]),
+                          mask=m_nv[:, None] & (o_dv[None, :] < DV), other=0.0)
     if DOT_FP32:
         b_kt = b_kt.to(tl.float32)
-        b_v = b_v.to(tl.float32)
+        if not STATS_ONLY:
+            b_v = b_v.to(tl.float32)
     # [BLOCK_M, BLOCK_N]
     b_qk = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION)
     b_s, _ = _score_tile(
@@ -268,27 +281,34 @@ def _fwd_key_block(
     # [BLOCK_M]
     b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
     b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # rows that have seen no key yet
-    b_alpha = tl.exp2(b_m - b_m_safe)
-    # [BLOCK_M, BLOCK_N]
-    b_p = tl.exp2(b_s - b_m_safe[:, None])
-    b_l = b_l * b_alpha + tl.sum(b_p, 1)
-    if HAS_MASK and APPLY_ATTN_MASK:
-        # Values of keys the mask hides from every row of the tile are selected away (0 * NaN is NaN).
-        # [BLOCK_N]
-        m_seen = tl.max(tl.where(b_s == float("-inf"), 0, 1), 0) > 0
-        b_v = tl.where(m_seen[:, None], b_v, 0.0)
-    if HAS_DROPOUT:
-        b_keep = _dropout_keep(seed, i_b, i_h, o_m, o_n, Hq, Lq, Lk, dropout_p)
-        b_p = tl.where(b_keep, b_p * (1.0 / (1.0 - dropout_p)), 0.0)
-    if NONFINITE_V:
-        # [BLOCK_N, BLOCK_DV] NaN/Inf entries (x - x is 0 exactly for finite x)
-        m_bad = (b_v - b_v) != 0.0
-        b_pv = tl.dot(b_p.to(b_v.dtype), tl.where(m_bad, 0.0, b_v), input_precision=DOT_PRECISION)
-        # [BLOCK_M, BLOCK_DV] how many non-finite values of each column the row sees
-        b_hits = tl.dot((b_s != float("-inf")).to(b_v.dtype), m_bad.to(b_v.dtype), input_precision=DOT_PRECISION)
-        b_acc = b_acc * b_alpha[:, None] + tl.where(b_hits > 0.0, float("nan"), b_pv)
+    if HAS_MASK and not MASK_IS_BOOL:
+        # Natural units: the difference first (exact for scores at the same magnitude), then log2(e).
+        b_alpha = tl.exp2((b_m - b_m_safe) * 1.4426950408889634)
+        # [BLOCK_M, BLOCK_N]
+        b_p = tl.exp2((b_s - b_m_safe[:, None]) * 1.4426950408889634)
     else:
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+        b_alpha = tl.exp2(b_m - b_m_safe)
+        # [BLOCK_M, BLOCK_N]
+        b_p = tl.exp2(b_s - b_m_safe[:, None])
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    if not STATS_ONLY:
+        if HAS_MASK and APPLY_ATTN_MASK:
+            # Values of keys the mask hides from every row of the tile are selected away (0 * NaN is NaN).
+            # [BLOCK_N]
+            m_seen = tl.max(tl.where(b_s == float("-inf"), 0, 1), 0) > 0
+            b_v = tl.where(m_seen[:, None], b_v, 0.0)
+        if HAS_DROPOUT:
+            b_keep = _dropout_keep(seed, i_b, i_h, o_m, o_n, Hq, Lq, Lk, dropout_p)
+            b_p = tl.where(b_keep, b_p * (1.0 / (1.0 - dropout_p)), 0.0)
+        if NONFINITE_V:
+            # [BLOCK_N, BLOCK_DV] NaN/Inf entries (x - x is 0 exactly for finite x)
+            m_bad = (b_v - b_v) != 0.0
+            b_pv = tl.dot(b_p.to(b_v.dtype), tl.where(m_bad, 0.0, b_v), input_precision=DOT_PRECISION)
+            # [BLOCK_M, BLOCK_DV] how many non-finite values of each column the row sees
+            b_hits = tl.dot((b_s != float("-inf")).to(b_v.dtype), m_bad.to(b_v.dtype), input_precision=DOT_PRECISION)
+            b_acc = b_acc * b_alpha[:, None] + tl.where(b_hits > 0.0, float("nan"), b_pv)
+        else:
+            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
     return b_acc, b_l, b_m_new
 
 
@@ -322,6 +342,7 @@ def attention_fwd_kernel(
     HAS_LENGTHS: tl.constexpr, USE_BLOCK_MASK: tl.constexpr, MASK_SUB_M: tl.constexpr, MASK_SUB_N: tl.constexpr,
     PARTIAL_MASKS: tl.constexpr, HAS_DROPOUT: tl.constexpr, COUNT_BLOCKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr, REDO_NONFINITE: tl.constexpr,
+    ROW_STATS: tl.constexpr = False, LSE_PAIRS: tl.constexpr = False,
 ):
     """Grid ``(cdiv(rows, BLOCK_M), B * heads, splits)``: one program per block of query rows of one
     (batch, head) and one share of its key blocks.
@@ -332,7 +353,8 @@ def attention_fwd_kernel(
     of the ``GROUP * Lq`` rows is query ``r // GROUP`` of head ``kv_head * GROUP + r % GROUP``, and
     the rows of a tile span at most ``SPAN_M`` query positions. With one split, out is
     ``(B, Hq, Lq, DV)`` and lse ``(B, Hq, Lq)``; with S splits, split ``s`` of the key blocks writes
-    its normalised partial result to ``out[s]`` (float32) and ``lse[s]`` for ``attention_combine``.
+    its normalised partial result to ``out[s]`` (float32) and ``lse[s]`` for ``attention_combine``
+    (with ``LSE_PAIRS``, an additive mask: the rows' max and log2 sum, ``lse (S, 2, B, Hq, Lq)``).
     ``p_counter`` (with ``COUNT_BLOCKS``) receives the number of key blocks each program visited.
     ``USE_TMA`` (Hopper and later, 16-byte aligned rows, see ``use_tensor_descriptors``) moves the
     K and V tiles, and the Q and O tiles of an unpacked program, through tensor descriptors (TMA).
@@ -342,6 +364,13 @@ def attention_fwd_kernel(
     ``_fwd_key_block``) and overwrite them. A NaN or Inf value that some rows of a tile see reaches
     the tile's other rows in the plain ``P V`` (0 * NaN), and only then is the output non-finite;
     the hot loop of the first launch carries no check.
+
+    ``ROW_STATS`` (the backward's, with an additive mask; one split, no packing, no dropout): ``p_lse``
+    is ``stats (B, Hq, 2, Lq)`` float32, per head a row of shifts then a row of log2 normalisers,
+    given as ``(lse, 0)``. A program whose rows all have ``|lse| <= LARGE_LSE`` (or a non-finite one)
+    does nothing; the others compute the row max ``m`` and sum ``l`` again (no V, no ``P V``) and
+    overwrite the large rows with ``(m, log2(l))``, so that the backward's ``P = exp(s - m) / l`` is
+    exact where ``m + log(l)`` has lost ``log(l)`` in float32.
     """
     tl.static_assert(not (USE_BLOCK_MASK and GQA_PACK > 1), "a BlockMask's lists are per head: no GQA packing")
     # Query positions a tile's rows span: BLOCK_M, or fewer when GQA_PACK rows share a position.
@@ -388,6 +417,13 @@ def attention_fwd_kernel(
         b_prev = tl.load(p_out + (o_prev[:, None] + o_dv[None, :]), mask=(o_m < Lq)[:, None] & (o_dv[None, :] < DV),
                          other=0.0).to(tl.float32)
         redo = tl.max(tl.max(((b_prev - b_prev) != 0.0).to(tl.int32), 1), 0) > 0
+    if ROW_STATS:
+        tl.static_assert(HAS_MASK and not MASK_IS_BOOL and GQA_PACK == 1, "row statistics: additive masks only")
+        p_stats = p_lse + (i_b64 * Hq + o_h64) * 2 * Lq
+        # [BLOCK_M] the forward's lse
+        b_given = tl.load(p_stats + o_m64, mask=m_m, other=0.0)
+        m_large = (tl.abs(b_given) > LARGE_LSE) & ((b_given - b_given) == 0.0) & m_m
+        redo = tl.max(m_large.to(tl.int32), 0) > 0
 
     k_bh = p_k + i_b64 * stride_kb + i_hk.to(tl.int64) * stride_kh
     v_bh = p_v + i_b64 * stride_vb + i_hk.to(tl.int64) * stride_vh
@@ -445,7 +481,7 @@ def attention_fwd_kernel(
         per_split = tl.cdiv(num_partial + num_full, num_splits)
         t_lo = tl.minimum(i_s * per_split, num_partial + num_full)
         t_hi = tl.minimum(t_lo + per_split, num_partial + num_full)
-        if REDO_NONFINITE:
+        if REDO_NONFINITE or ROW_STATS:
             t_hi = tl.where(redo, t_hi, t_lo)
         for t in range(t_lo, tl.minimum(t_hi, num_partial)):
             i_kb = tl.load(p_kv_idx + p_idx + t // MASK_SUB_N)
@@ -460,6 +496,7 @@ def attention_fwd_kernel(
                 softcap, dropout_p, seed, p_mask_tile, stride_mask_m, stride_mask_n, row_lo, row_hi,
                 BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
                 HAS_LENGTHS, HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA, REDO_NONFINITE,
+                ROW_STATS,
             )
         for t in range(tl.maximum(t_lo, num_partial) - num_partial, t_hi - num_partial):
             i_n = tl.load(p_full_idx + p_idx + t // MASK_SUB_N) * MASK_SUB_N + t % MASK_SUB_N
@@ -469,6 +506,7 @@ def attention_fwd_kernel(
                 softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, row_lo, row_hi,
                 BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
                 HAS_LENGTHS, HAS_DROPOUT, True, False, DOT_PRECISION, DOT_FP32, USE_TMA, REDO_NONFINITE,
+                ROW_STATS,
             )
         visited = t_hi - t_lo
     else:
@@ -481,7 +519,7 @@ def attention_fwd_kernel(
         per_split = tl.cdiv(n_hi - n_lo, num_splits)
         s_lo = tl.minimum(n_lo + i_s * per_split, n_hi)
         s_hi = tl.minimum(s_lo + per_split, n_hi)
-        if REDO_NONFINITE:
+        if REDO_NONFINITE or ROW_STATS:
             s_hi = tl.where(redo, s_hi, s_lo)
         if HAS_WINDOW_LEFT:  # without a left bound the band starts unmasked (n_mid_lo == n_lo)
             for i_n in range(s_lo, tl.minimum(n_mid_lo, s_hi)):
@@ -491,6 +529,7 @@ def attention_fwd_kernel(
                     softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, row_lo, row_hi,
                     BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
                     HAS_LENGTHS, HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA, REDO_NONFINITE,
+                    ROW_STATS,
                 )
         for i_n in range(tl.maximum(n_mid_lo, s_lo), tl.minimum(n_mid_hi, s_hi)):
             b_acc, b_l, b_m = _fwd_key_block(
@@ -499,6 +538,7 @@ def attention_fwd_kernel(
                 softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, row_lo, row_hi,
                 BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
                 HAS_LENGTHS, HAS_DROPOUT, False, True, DOT_PRECISION, DOT_FP32, USE_TMA, REDO_NONFINITE,
+                ROW_STATS,
             )
         for i_n in range(tl.maximum(n_mid_hi, s_lo), s_hi):
             b_acc, b_l, b_m = _fwd_key_block(
@@ -507,6 +547,7 @@ def attention_fwd_kernel(
                 softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, row_lo, row_hi,
                 BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
                 HAS_LENGTHS, HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA, REDO_NONFINITE,
+                ROW_STATS,
             )
         visited = s_hi - s_lo
 
@@ -520,19 +561,31 @@ def attention_fwd_kernel(
     b_out = b_acc / tl.where(m_row, b_l, 1.0)[:, None]
     b_out = tl.where(m_row[:, None], b_out, 0.0)
     # [BLOCK_M]
-    b_lse = tl.where(m_row, (b_m + tl.log2(tl.where(m_row, b_l, 1.0))) * 0.6931471805599453, float("-inf"))
-    m_store = o_m < Lq
-    if REDO_NONFINITE:
-        m_store = m_store & redo
-    if USE_TMA and GQA_PACK == 1 and not REDO_NONFINITE:
-        p_out_bh = p_out + (i_s.to(tl.int64) * stride_os + i_b64 * stride_ob + o_h64 * stride_oh)
-        _rows_desc(p_out_bh, Lq, DV, stride_om, BLOCK_M, BLOCK_DV).store([m0, 0], b_out.to(p_out.dtype.element_ty))
+    if HAS_MASK and not MASK_IS_BOOL:  # natural units
+        b_lse = tl.where(m_row, b_m + tl.log2(tl.where(m_row, b_l, 1.0)) * 0.6931471805599453, float("-inf"))
     else:
-        o_out = i_s.to(tl.int64) * stride_os + i_b64 * stride_ob + o_h64 * stride_oh + o_m64 * stride_om
-        tl.store(p_out + (o_out[:, None] + o_dv[None, :]), b_out.to(p_out.dtype.element_ty),
-                 mask=m_store[:, None] & (o_dv[None, :] < DV))
-    o_lse = i_s.to(tl.int64) * stride_lse_s + (i_b64 * Hq + o_h64) * Lq + o_m64
-    tl.store(p_lse + o_lse, b_lse, mask=m_store)
+        b_lse = tl.where(m_row, (b_m + tl.log2(tl.where(m_row, b_l, 1.0))) * 0.6931471805599453, float("-inf"))
+    if ROW_STATS:
+        # Rows with a large lse saw a key: l >= 1.
+        tl.store(p_stats + o_m64, b_m, mask=m_large)
+        tl.store(p_stats + Lq + o_m64, tl.log2(b_l), mask=m_large)
+    else:
+        m_store = o_m < Lq
+        if REDO_NONFINITE:
+            m_store = m_store & redo
+        if USE_TMA and GQA_PACK == 1 and not REDO_NONFINITE:
+            p_out_bh = p_out + (i_s.to(tl.int64) * stride_os + i_b64 * stride_ob + o_h64 * stride_oh)
+            _rows_desc(p_out_bh, Lq, DV, stride_om, BLOCK_M, BLOCK_DV).store([m0, 0], b_out.to(p_out.dtype.element_ty))
+        else:
+            o_out = i_s.to(tl.int64) * stride_os + i_b64 * stride_ob + o_h64 * stride_oh + o_m64 * stride_om
+            tl.store(p_out + (o_out[:, None] + o_dv[None, :]), b_out.to(p_out.dtype.element_ty),
+                     mask=m_store[:, None] & (o_dv[None, :] < DV))
+        o_lse = i_s.to(tl.int64) * stride_lse_s + (i_b64 * Hq + o_h64) * Lq + o_m64
+        if LSE_PAIRS:  # (max, log2 sum) for attention_combine: lse would round log(l) away
+            tl.store(p_lse + o_lse, tl.where(m_row, b_m, b_lse), mask=m_store)
+            tl.store(p_lse + (o_lse + stride_lse_s // 2), tl.log2(b_l), mask=m_store)
+        else:
+            tl.store(p_lse + o_lse, b_lse, mask=m_store)
 
 
 attention_fwd_kernel_tuned = configs.autotune("fwd", configs.FWD_KEY)(attention_fwd_kernel)
@@ -777,6 +830,46 @@ def empty_output(q: torch.Tensor, head_dim_v: int) -> torch.Tensor:
     return q.new_empty((B, Hq, Lq, head_dim_v))
 
 
+def _kernel_args(
+    q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_blocks, kv_indices, full_kv_num_blocks,
+    full_kv_indices, partial_masks, partial_tile_ids, block_size_k, scale, window_left, window_right, softcap,
+    dropout_p, seed, block_counter, out,
+) -> tuple[dict, dict]:
+    """The forward kernel's arguments but for its output and tiles, and its feature flags (arguments
+    as :func:`attention_fwd`; ``out`` only decides ``USE_TMA``, None when nothing is written)."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
+    lengths = both_lengths(key_lengths, query_lengths, B, Lq, Lk, q.device)
+    element = element_mask_args(attn_mask, partial_masks, partial_tile_ids, block_size_k)
+    flags = feature_flags(element["p_mask"], alibi_slopes, lengths, window_left, window_right, softcap, dropout_p)
+    flags["HAS_SOFTCAP"] = softcap_flag(softcap, q.dtype)
+    flags["USE_TMA"] = use_tensor_descriptors(q, k, v, *([out] if out is not None else []))
+    precision, dot_fp32 = dot_settings(q.dtype)
+    bound = Lq + Lk + 1
+    num_strides, idx_strides = list_strides(kv_num_blocks, kv_indices)
+    args = dict(
+        p_q=q, p_k=k, p_v=v, p_alibi=alibi_slopes,
+        p_klen=lengths[0] if lengths else None, p_qlen=lengths[1] if lengths else None,
+        p_kv_num=kv_num_blocks, p_kv_idx=kv_indices, p_full_num=full_kv_num_blocks, p_full_idx=full_kv_indices,
+        p_counter=block_counter,
+        Hq=Hq, GROUP=Hq // Hkv, Lq=Lq, Lk=Lk, D=D, DV=DV,
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qm=q.stride(2),
+        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
+        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
+        **element,
+        stride_alibi_b=alibi_slopes.stride(0) if alibi_slopes is not None else 0,
+        stride_alibi_h=alibi_slopes.stride(1) if alibi_slopes is not None else 0,
+        stride_num_b=num_strides[0], stride_num_h=num_strides[1], stride_num_m=num_strides[2],
+        stride_idx_b=idx_strides[0], stride_idx_h=idx_strides[1], stride_idx_m=idx_strides[2],
+        sm_scale=float(scale), softcap=float(softcap),
+        window_left=clamp_window(window_left, bound), window_right=clamp_window(window_right, bound),
+        dropout_p=float(dropout_p), seed=int(seed), TUNE_LK=configs.tune_bucket(Lk),
+        BLOCK_D=head_dim_tile(D), BLOCK_DV=head_dim_tile(DV), **flags, USE_BLOCK_MASK=kv_num_blocks is not None,
+        COUNT_BLOCKS=block_counter is not None, DOT_PRECISION=precision, DOT_FP32=dot_fp32,
+    )
+    return args, flags
+
+
 # --------------------------------------------------------------------------- launcher
 def attention_fwd(
     q: torch.Tensor,
@@ -832,36 +925,13 @@ def attention_fwd(
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     if B * Hq * Lq == 0:
         return out, lse
-    lengths = both_lengths(key_lengths, query_lengths, B, Lq, Lk, q.device)
-    element = element_mask_args(attn_mask, partial_masks, partial_tile_ids, block_size_k)
-    flags = feature_flags(element["p_mask"], alibi_slopes, lengths, window_left, window_right, softcap, dropout_p)
-    flags["HAS_SOFTCAP"] = softcap_flag(softcap, q.dtype)
-    flags["USE_TMA"] = use_tensor_descriptors(q, k, v, out)
+    args, flags = _kernel_args(
+        q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_blocks, kv_indices,
+        full_kv_num_blocks, full_kv_indices, partial_masks, partial_tile_ids, block_size_k, scale,
+        window_left, window_right, softcap, dropout_p, seed, block_counter, out,
+    )
     use_block_mask = kv_num_blocks is not None
     block_d, block_dv = head_dim_tile(D), head_dim_tile(DV)
-    precision, dot_fp32 = dot_settings(q.dtype)
-    bound = Lq + Lk + 1
-    num_strides, idx_strides = list_strides(kv_num_blocks, kv_indices)
-    args = dict(
-        p_q=q, p_k=k, p_v=v, p_alibi=alibi_slopes,
-        p_klen=lengths[0] if lengths else None, p_qlen=lengths[1] if lengths else None,
-        p_kv_num=kv_num_blocks, p_kv_idx=kv_indices, p_full_num=full_kv_num_blocks, p_full_idx=full_kv_indices,
-        p_counter=block_counter,
-        Hq=Hq, GROUP=Hq // Hkv, Lq=Lq, Lk=Lk, D=D, DV=DV,
-        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qm=q.stride(2),
-        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
-        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
-        **element,
-        stride_alibi_b=alibi_slopes.stride(0) if alibi_slopes is not None else 0,
-        stride_alibi_h=alibi_slopes.stride(1) if alibi_slopes is not None else 0,
-        stride_num_b=num_strides[0], stride_num_h=num_strides[1], stride_num_m=num_strides[2],
-        stride_idx_b=idx_strides[0], stride_idx_h=idx_strides[1], stride_idx_m=idx_strides[2],
-        sm_scale=float(scale), softcap=float(softcap),
-        window_left=clamp_window(window_left, bound), window_right=clamp_window(window_right, bound),
-        dropout_p=float(dropout_p), seed=int(seed), TUNE_LK=configs.tune_bucket(Lk),
-        BLOCK_D=block_d, BLOCK_DV=block_dv, **flags, USE_BLOCK_MASK=use_block_mask,
-        COUNT_BLOCKS=block_counter is not None, DOT_PRECISION=precision, DOT_FP32=dot_fp32,
-    )
     final = dict(
         p_out=out, p_lse=lse, stride_os=0, stride_ob=out.stride(0), stride_oh=out.stride(1),
         stride_om=out.stride(2), stride_lse_s=0,
@@ -899,13 +969,16 @@ def attention_fwd(
     else:
         # Each split writes its partial result (float32) and lse; the combine kernel merges them.
         out_part = torch.empty((splits, B, Hq, Lq, DV), dtype=torch.float32, device=q.device)
-        lse_part = torch.empty((splits, B, Hq, Lq), dtype=torch.float32, device=q.device)
+        # With an additive mask each split gives its rows' (max, log2 sum) (attention_combine's PAIRS).
+        pairs = flags["HAS_MASK"] and not flags["MASK_IS_BOOL"]
+        lse_part = torch.empty((splits, *((2,) if pairs else ()), B, Hq, Lq), dtype=torch.float32, device=q.device)
         partial = dict(
             p_out=out_part, p_lse=lse_part, stride_os=out_part.stride(0), stride_ob=out_part.stride(1),
             stride_oh=out_part.stride(2), stride_om=out_part.stride(3), stride_lse_s=lse_part.stride(0),
         )
         torch.library.wrap_triton(attention_fwd_kernel)[grid](
             **args, **partial, **meta, GQA_PACK=pack, MASK_SUB_M=sub_m, MASK_SUB_N=sub_n, REDO_NONFINITE=False,
+            LSE_PAIRS=pairs,
         )
         attention_combine(out_part, lse_part, out, lse)
     # Rows whose output holds NaN/Inf are computed again with P V by selection (the kernel's
@@ -915,6 +988,62 @@ def attention_fwd(
         **redo, **final, **meta, GQA_PACK=pack, MASK_SUB_M=sub_m, MASK_SUB_N=sub_n, REDO_NONFINITE=True,
     )
     return out, lse
+
+
+def attention_row_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor,
+    alibi_slopes: torch.Tensor | None = None,
+    key_lengths: torch.Tensor | None = None,
+    query_lengths: torch.Tensor | None = None,
+    kv_num_blocks: torch.Tensor | None = None,
+    kv_indices: torch.Tensor | None = None,
+    full_kv_num_blocks: torch.Tensor | None = None,
+    full_kv_indices: torch.Tensor | None = None,
+    partial_masks: torch.Tensor | None = None,
+    partial_tile_ids: torch.Tensor | None = None,
+    block_size_q: int = 0,
+    block_size_k: int = 0,
+    scale: float,
+    window_left: int | None = None,
+    window_right: int | None = None,
+    softcap: float = 0.0,
+) -> torch.Tensor:
+    """The backward's row statistics for a call with an additive mask (the kernel's ``ROW_STATS``).
+
+    Args: as :func:`attention_fwd` (``attn_mask`` or ``partial_masks`` additive, no dropout), plus the
+    forward's ``lse (B, Hq, Lq)`` float32.
+
+    Returns:
+        ``stats (B, Hq, 2, Lq)`` float32: per row a shift ``c`` and a log2 normaliser ``g`` with
+        ``P = exp(s - c) / 2**g``: ``(lse, 0)``, or ``(m, log2(l))`` recomputed where ``|lse| > LARGE_LSE``.
+    """
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    B, Hq, Lq, D = q.shape
+    stats = torch.stack((lse, torch.zeros_like(lse)), dim=2)
+    if B * Hq * Lq * k.shape[2] == 0:
+        return stats
+    args, flags = _kernel_args(
+        q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_blocks, kv_indices,
+        full_kv_num_blocks, full_kv_indices, partial_masks, partial_tile_ids, block_size_k, scale,
+        window_left, window_right, softcap, 0.0, 0, None, None,
+    )
+    head_dim = max(head_dim_tile(D), head_dim_tile(v.shape[3]))
+    sub_m = sub_n = 1
+    if kv_num_blocks is not None:
+        meta = configs.block_mask_config("fwd", head_dim, block_size_q, block_size_k, q.element_size(), flags)
+        sub_m, sub_n = block_size_q // meta["BLOCK_M"], block_size_k // meta["BLOCK_N"]
+    else:
+        meta = configs.pinned_config("fwd", head_dim, q.element_size(), flags)
+    torch.library.wrap_triton(attention_fwd_kernel)[(triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq, 1)](
+        **args, p_out=None, p_lse=stats, stride_os=0, stride_ob=0, stride_oh=0, stride_om=0, stride_lse_s=0,
+        **meta, GQA_PACK=1, MASK_SUB_M=sub_m, MASK_SUB_N=sub_n, REDO_NONFINITE=False, ROW_STATS=True,
+    )
+    return stats
 
 
 def fwd_tiles(q: torch.Tensor, v: torch.Tensor, flags: dict | None = None) -> tuple[int, int]:

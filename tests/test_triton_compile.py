@@ -116,9 +116,10 @@ def test_pointer_path_is_spill_free_with_ideal_tensor_core_work():
         # spill (was 704 and 388 bytes with the plain tiles); at 64 dK/dV (was 412 B, forward 884 B).
         # The case's (L, L) mask broadcasts over B and Hq, so dK/dV adds its dS tile with float32
         # atomics into the mask's own shape (104 B stored, 120 B loaded; at most 80 B when it stored a
-        # dense dbias).
+        # dense dbias), and the natural-unit scores of additive masks (huge mask values) add a little:
+        # 132 B stored, 148 B loaded.
         pytest.param(128, "floatmask,lengths,dropout",
-                     {"attention_bwd_dkdv_kernel": 128, "attention_bwd_dq_kernel": 80}, id="D128-float-mask-dropout"),
+                     {"attention_bwd_dkdv_kernel": 160, "attention_bwd_dq_kernel": 80}, id="D128-float-mask-dropout"),
         pytest.param(64, "floatmask,lengths,dropout", {"attention_bwd_dkdv_kernel": 16}, id="D64-float-mask-dropout"),
     ],
 )

@@ -234,7 +234,7 @@ def _dkdv_query_blocks(
     for i_m in range(m_start, m_end):
         b_dk, b_dv = _dkdv_query_block(
             b_dk, b_dv, b_k, b_v, i_m, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh,
-            p_q, stride_qm, stride_dom, 0, 0, i_h, Hq, qlen, klen, D, DV,
+            p_q, stride_qm, stride_dom, 0, 0, 0, i_h, Hq, qlen, klen, D, DV,
             offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed_s,
             p_q, 0, 0, BLOCK_M,
             HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False,

@@ -44,6 +44,18 @@ from .attention_fwd import (
 # one loop helper each, called with the loop's bounds and its APPLY_INDEX_MASK: the shared tile step
 # is called in one place per kernel. Triton inlines the helpers (the compiled code is unchanged).
 @triton.jit
+def _sequence(p_cu_q, p_cu_k, i_s, seed):
+    """Sequence ``i_s`` of the packing: its first packed query and key rows and lengths (from
+    ``cu_seqlens``), the bottom-right offset ``klen - qlen``, and its dropout seed -- the padded
+    kernels' pattern for this sequence alone (batch 1, local indices) from ``seed + s``."""
+    q_start = tl.load(p_cu_q + i_s)
+    qlen = tl.load(p_cu_q + i_s + 1) - q_start
+    k_start = tl.load(p_cu_k + i_s)
+    klen = tl.load(p_cu_k + i_s + 1) - k_start
+    return q_start, qlen, k_start, klen, klen - qlen, seed.to(tl.int64) + i_s
+
+
+@triton.jit
 def _fwd_key_blocks(
     b_acc, b_l, b_m, b_q,  # [BLOCK_M, BLOCK_DV], [BLOCK_M], [BLOCK_M] running state; [BLOCK_M, BLOCK_D]
     n_start, n_end, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn, p_q, i_h, Hq, qlen, klen, D, DV,
@@ -87,16 +99,10 @@ def attention_varlen_fwd_kernel(
     i_s = i_sh // Hq
     i_h = i_sh % Hq
     i_hk = i_h // GROUP
-    q_start = tl.load(p_cu_q + i_s)
-    qlen = tl.load(p_cu_q + i_s + 1) - q_start
-    k_start = tl.load(p_cu_k + i_s)
-    klen = tl.load(p_cu_k + i_s + 1) - k_start
+    q_start, qlen, k_start, klen, offset, seed_s = _sequence(p_cu_q, p_cu_k, i_s, seed)
     m0 = i_m * BLOCK_M
     if m0 >= qlen:  # past this sequence's queries (the grid is sized for the longest)
         return
-    offset = klen - qlen
-    # Dropout: the padded kernels' pattern for this sequence alone (batch 1, local indices) from seed + s.
-    seed_s = seed.to(tl.int64) + i_s
 
     o_m = m0 + tl.arange(0, BLOCK_M)  # [BLOCK_M] local query positions
     o_d = tl.arange(0, BLOCK_D)
@@ -266,15 +272,9 @@ def attention_varlen_bwd_dkdv_kernel(
     Hkv = Hq // GROUP
     i_s = i_shk // Hkv
     i_hk = i_shk % Hkv
-    q_start = tl.load(p_cu_q + i_s)
-    qlen = tl.load(p_cu_q + i_s + 1) - q_start
-    k_start = tl.load(p_cu_k + i_s)
-    klen = tl.load(p_cu_k + i_s + 1) - k_start
+    q_start, qlen, k_start, klen, offset, seed_s = _sequence(p_cu_q, p_cu_k, i_s, seed)
     if i_n * BLOCK_N >= klen:  # past this sequence's keys
         return
-    offset = klen - qlen
-    # Dropout: the padded kernels' pattern for this sequence alone (batch 1, local indices) from seed + s.
-    seed_s = seed.to(tl.int64) + i_s
     stride_qm = tl.cast(stride_qm, tl.int64)
     stride_dom = tl.cast(stride_dom, tl.int64)
 
@@ -381,16 +381,10 @@ def attention_varlen_bwd_dq_kernel(
     i_s = i_sh // Hq
     i_h = i_sh % Hq
     i_hk = i_h // GROUP
-    q_start = tl.load(p_cu_q + i_s)
-    qlen = tl.load(p_cu_q + i_s + 1) - q_start
-    k_start = tl.load(p_cu_k + i_s)
-    klen = tl.load(p_cu_k + i_s + 1) - k_start
+    q_start, qlen, k_start, klen, offset, seed_s = _sequence(p_cu_q, p_cu_k, i_s, seed)
     m0 = i_m * BLOCK_M
     if m0 >= qlen:  # past this sequence's queries
         return
-    offset = klen - qlen
-    # Dropout: the padded kernels' pattern for this sequence alone (batch 1, local indices) from seed + s.
-    seed_s = seed.to(tl.int64) + i_s
     stride_kn = tl.cast(stride_kn, tl.int64)
     stride_vn = tl.cast(stride_vn, tl.int64)
 

@@ -151,7 +151,6 @@ void recompute_out_dot_dout(const Params& p, const at::Tensor& q, const at::Tens
   const int64_t tile_q = block_mask ? p.block_q : block_q;
   const int64_t tile_k = block_mask ? std::max(block_k, p.block_k) : block_k;
   const int64_t num_q_tiles = ceil_div_i64(p.Lq, tile_q);
-  const int64_t D = p.D, Dv = p.Dv;
   const scalar_t* q_data = q.const_data_ptr<scalar_t>();
   const scalar_t* k_data = k.const_data_ptr<scalar_t>();
   const scalar_t* v_data = v.const_data_ptr<scalar_t>();
@@ -159,58 +158,30 @@ void recompute_out_dot_dout(const Params& p, const at::Tensor& q, const at::Tens
   const int64_t do_sb = dout.stride(0), do_sh = dout.stride(1), do_sr = dout.stride(2);
   const scalar_t* out_data = out.const_data_ptr<scalar_t>();
   const int64_t o_sb = out.stride(0), o_sh = out.stride(1), o_sr = out.stride(2);
-  const acc_t ulp = static_cast<acc_t>(static_cast<float>(std::numeric_limits<scalar_t>::epsilon()));
-  const acc_t tiny = static_cast<acc_t>(static_cast<float>(std::numeric_limits<scalar_t>::denorm_min()));
   at::parallel_for(0, p.B * p.Hq * num_q_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> S(tile_q * tile_k), O(tile_q * Dv), q_buf(tile_q * D), k_buf(tile_k * D), v_buf(tile_k * Dv);
-    std::vector<acc_t> drop(p.dropout_threshold ? tile_q * tile_k : 0), v_clean(tile_k * Dv);
-    std::vector<char> seen(tile_q * tile_k);
-    std::vector<int32_t> list_scratch;
-    std::vector<Range> key_tiles;
+    ForwardScratch<scalar_t, acc_t> w(p, tile_q, tile_k);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (p.Hq * num_q_tiles), h = (task / num_q_tiles) % p.Hq;
       const int64_t q0 = (task % num_q_tiles) * tile_q, q1 = std::min(p.Lq, q0 + tile_q), rows = q1 - q0;
       const int64_t hk = h / p.group;
       const BatchGeometry g = batch_geometry(p, b);
-      std::fill(O.begin(), O.begin() + rows * Dv, acc_t(0));
-      forward_key_tiles(p, g, b, h, q0, q1, tile_k, list_scratch, key_tiles);
-      int64_t ldq, ldk, ldv;
-      const acc_t* Q = tile_as_acc<scalar_t, acc_t>(q_data + b * p.q_sb + h * p.q_sh + q0 * p.q_sr, rows, D, p.q_sr,
-                                                    q_buf.data(), &ldq);
-      for (const Range& kr : key_tiles) {
-        const int64_t k0 = kr.begin, n = kr.end - kr.begin;
-        const acc_t* K = tile_as_acc<scalar_t, acc_t>(k_data + b * p.k_sb + hk * p.k_sh + k0 * p.k_sr, n, D, p.k_sr,
-                                                      k_buf.data(), &ldk);
-        // P = exp(S - lse), dropped as the forward dropped it  # [rows, n]
-        gemm(Trans::kNo, Trans::kYes, rows, n, D, static_cast<acc_t>(p.scale), Q, ldq, K, ldk, acc_t(0), S.data(), n);
-        transform_scores<acc_t>(p, g, b, h, q0, q1, k0, kr.end, S.data(), n, nullptr);
-        const acc_t* V = tile_as_acc<scalar_t, acc_t>(v_data + b * p.v_sb + hk * p.v_sh + k0 * p.v_sr, n, Dv, p.v_sr,
-                                                      v_buf.data(), &ldv);
-        const bool v_finite = tile_finite(V, n, Dv, ldv);
-        if (!v_finite) seen_keys(S.data(), rows * n, seen.data());
-        for (int64_t r = 0; r < rows; ++r) softmax.apply(b, h, q0 + r, S.data() + r * n, n);
-        if (p.dropout_threshold) {
-          dropout_factors<acc_t>(p, b, h, q0, rows, k0, n, drop.data());
-          for (int64_t e = 0; e < rows * n; ++e) S[e] *= drop[e];
-        }
-        // O += P V  # [rows, Dv], as the forward computes it
-        if (v_finite) {
-          gemm(Trans::kNo, Trans::kNo, rows, Dv, n, acc_t(1), S.data(), n, V, ldv, acc_t(1), O.data(), Dv);
-        } else {
-          add_pv_nonfinite(S.data(), seen.data(), rows, n, V, ldv, Dv, v_clean.data(), O.data());
-        }
-      }
+      // P = exp(S - lse), dropped as the forward dropped it; O = P V as the forward computes it
+      const auto probabilities = [&](acc_t* S, int64_t tile_rows, int64_t n) {
+        for (int64_t r = 0; r < tile_rows; ++r) softmax.apply(b, h, q0 + r, S + r * n, n);
+      };
+      w.start(rows);
+      forward_key_tiles(p, g, b, h, q0, q1, tile_k, w.list_scratch, w.key_tiles);
+      int64_t ldq;
+      const acc_t* Q = tile_as_acc<scalar_t, acc_t>(q_data + b * p.q_sb + h * p.q_sh + q0 * p.q_sr, rows, p.D, p.q_sr,
+                                                    w.q_buf.data(), &ldq);
+      for (const Range& kr : w.key_tiles)
+        forward_tile_step(p, p, g, b, h, q0, q1, kr.begin, kr.end, Q, ldq,
+                          k_data + b * p.k_sb + hk * p.k_sh + kr.begin * p.k_sr,
+                          v_data + b * p.v_sb + hk * p.v_sh + kr.begin * p.v_sr, probabilities, w);
       for (int64_t r = 0; r < rows; ++r) {
-        const scalar_t* o = out_data + b * o_sb + h * o_sh + (q0 + r) * o_sr;
-        const scalar_t* d = dout_data + b * do_sb + h * do_sh + (q0 + r) * do_sr;
-        const acc_t* o_rec = O.data() + r * Dv;
-        bool rounded = true;  // out is the rounding of O (false for NaN, which then comes from out)
-        for (int64_t c = 0; c < Dv; ++c)
-          rounded &= std::abs(static_cast<acc_t>(o[c]) - o_rec[c]) <= ulp * std::abs(o_rec[c]) + tiny;
-        acc_t sum = 0;
-        for (int64_t c = 0; c < Dv; ++c)
-          sum += (rounded ? o_rec[c] : static_cast<acc_t>(o[c])) * static_cast<acc_t>(d[c]);
-        rowsum[(b * p.Hq + h) * p.Lq + q0 + r] = sum;
+        rowsum[(b * p.Hq + h) * p.Lq + q0 + r] =
+            out_dot_dout<scalar_t, acc_t>(out_data + b * o_sb + h * o_sh + (q0 + r) * o_sr, w.acc.data() + r * p.Dv,
+                                          dout_data + b * do_sb + h * do_sh + (q0 + r) * do_sr, p.Dv);
       }
     }
   });
@@ -255,11 +226,8 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t b = bh / Hq, h = bh % Hq;
         for (int64_t i = 0; i < Lq; ++i) {
-          const scalar_t* o = out_data + b * o_sb + h * o_sh + i * o_sr;
-          const scalar_t* d = dout_data + b * do_sb + h * do_sh + i * do_sr;
-          acc_t sum = 0;
-          for (int64_t c = 0; c < Dv; ++c) sum += static_cast<acc_t>(o[c]) * static_cast<acc_t>(d[c]);
-          delta[bh * Lq + i] = sum;
+          delta[bh * Lq + i] = out_dot_dout<scalar_t, acc_t>(out_data + b * o_sb + h * o_sh + i * o_sr, nullptr,
+                                                             dout_data + b * do_sb + h * do_sh + i * do_sr, Dv);
         }
       }
     });

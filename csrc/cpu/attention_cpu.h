@@ -1,5 +1,6 @@
-// Shared pieces of the fused CPU attention kernels (attention_fwd.cpp, attention_bwd.cpp):
-// the problem description (Params), the visibility geometry, the tile plans and the math on tiles.
+// Shared pieces of the fused CPU attention kernels (attention_fwd.cpp, attention_bwd.cpp, varlen.cpp):
+// the problem description (Params), the visibility geometry, the tile plans, the math on tiles and the
+// forward's and backward's steps on one (query tile, key tile) pair.
 //
 // The kernels never form an (Lq, Lk) buffer: they walk tiles of at most (BLOCK_Q, BLOCK_K) scores,
 // keep an online softmax per query row, and recompute the probabilities from lse in the backward.
@@ -480,6 +481,121 @@ void transform_scores(const Params& p, const BatchGeometry& g, int64_t b, int64_
       std::fill(s + hi, s + n, neg_inf);
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The forward's tile step (attention_fwd.cpp, varlen.cpp; the backward's recomputation of out).
+// ---------------------------------------------------------------------------------------------
+
+// One thread's buffers for the forward's tiles of at most (tile_q, tile_k), with a query tile's state:
+// the unnormalised output acc and the online softmax's running max m, sum l and bad rows.
+template <typename scalar_t, typename acc_t>
+struct ForwardScratch {
+  int64_t Dv;
+  std::vector<acc_t> S, acc, m, l;  // [tile_q, tile_k]: scores, then P; [tile_q, Dv]; [tile_q], [tile_q]
+  std::vector<acc_t> drop;          // [tile_q, tile_k]: dropout factors (dropout only)
+  std::vector<acc_t> v_clean;       // [tile_k, Dv]: a V tile without its non-finite entries (such tiles only)
+  std::vector<char> seen;           // [tile_q, tile_k]: the keys each row sees (tiles with a non-finite V only)
+  std::vector<char> bad;            // [tile_q]: rows with a non-finite visible score: NaN out and lse
+  std::vector<acc_t> q_buf, k_buf, v_buf;  // converted tiles (bfloat16/half inputs only)
+  std::vector<int32_t> list_scratch;       // for forward_key_tiles
+  std::vector<Range> key_tiles;
+
+  ForwardScratch(const Params& p, int64_t tile_q, int64_t tile_k)
+      : Dv(p.Dv),
+        S(tile_q * tile_k),
+        acc(tile_q * p.Dv),
+        m(tile_q),
+        l(tile_q),
+        drop(p.dropout_threshold ? tile_q * tile_k : 0),
+        v_clean(tile_k * p.Dv),
+        seen(tile_q * tile_k),
+        bad(tile_q) {
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+      q_buf.resize(tile_q * p.D);
+      k_buf.resize(tile_k * p.D);
+      v_buf.resize(tile_k * p.Dv);
+    }
+  }
+
+  // Clears the state for a query tile of `rows` rows.
+  void start(int64_t rows) {
+    std::fill(m.begin(), m.begin() + rows, -std::numeric_limits<acc_t>::infinity());
+    std::fill(l.begin(), l.begin() + rows, acc_t(0));
+    std::fill(acc.begin(), acc.begin() + rows * Dv, acc_t(0));
+    std::fill(bad.begin(), bad.begin() + rows, 0);
+  }
+
+  // The online softmax step (forward_tile_step's `probabilities` in the forward kernels).
+  void online_softmax(acc_t* scores, int64_t rows, int64_t n) {
+    online_softmax_step(scores, rows, n, m.data(), l.data(), bad.data(), acc.data(), Dv);
+  }
+
+  // out = acc / l (row stride o_sr) and lse = m + log l of the tile's rows: 0 and -inf for a row that
+  // saw nothing, NaN for a bad row.
+  template <typename out_t, typename lse_t>
+  void finish(int64_t rows, out_t* o, int64_t o_sr, lse_t* lse) const {
+    for (int64_t r = 0; r < rows; ++r) {
+      const bool seen_any = l[r] > acc_t(0);
+      const acc_t inv = seen_any ? acc_t(1) / l[r] : acc_t(0);
+      const acc_t* a = acc.data() + r * Dv;
+      for (int64_t c = 0; c < Dv; ++c) o[r * o_sr + c] = static_cast<out_t>(a[c] * inv);
+      lse[r] = seen_any ? static_cast<lse_t>(m[r] + std::log(l[r])) : -std::numeric_limits<lse_t>::infinity();
+      if (bad[r]) {
+        for (int64_t c = 0; c < Dv; ++c) o[r * o_sr + c] = static_cast<out_t>(std::numeric_limits<float>::quiet_NaN());
+        lse[r] = std::numeric_limits<lse_t>::quiet_NaN();
+      }
+    }
+  }
+};
+
+// Key tile [k0, k1) of query rows [q0, q1) of (b, h) in the forward: Q (rows x D, row stride ldq)
+// loaded, k and v pointing at key k0 (row strides p.k_sr, p.v_sr):
+//
+//   S = transform(scale Q K^T)         # [rows, n]
+//   probabilities(S, rows, n)          # in place: the online softmax step, or the backward's P from lse
+//   w.acc += (S * dropout factors) V   # [rows, Dv]; dropped with the pattern of `dropout`
+//
+// A V tile holding NaN/Inf reaches exactly the rows that see those keys (add_pv_nonfinite).
+template <typename scalar_t, typename acc_t, typename Probabilities>
+void forward_tile_step(const Params& p, const Params& dropout, const BatchGeometry& g, int64_t b, int64_t h,
+                       int64_t q0, int64_t q1, int64_t k0, int64_t k1, const acc_t* Q, int64_t ldq, const scalar_t* k,
+                       const scalar_t* v, const Probabilities& probabilities, ForwardScratch<scalar_t, acc_t>& w) {
+  const int64_t D = p.D, Dv = p.Dv, rows = q1 - q0, n = k1 - k0;
+  acc_t* S = w.S.data();
+  int64_t ldk, ldv;
+  const acc_t* K = tile_as_acc<scalar_t, acc_t>(k, n, D, p.k_sr, w.k_buf.data(), &ldk);
+  gemm(Trans::kNo, Trans::kYes, rows, n, D, static_cast<acc_t>(p.scale), Q, ldq, K, ldk, acc_t(0), S, n);
+  transform_scores<acc_t>(p, g, b, h, q0, q1, k0, k1, S, n, nullptr);
+  const acc_t* V = tile_as_acc<scalar_t, acc_t>(v, n, Dv, p.v_sr, w.v_buf.data(), &ldv);
+  const bool v_finite = tile_finite(V, n, Dv, ldv);
+  if (!v_finite) seen_keys(S, rows * n, w.seen.data());
+  probabilities(S, rows, n);
+  if (p.dropout_threshold) {  // the online softmax's l keeps the undropped sum; only P V sees the dropout
+    acc_t* drop = w.drop.data();
+    dropout_factors<acc_t>(dropout, b, h, q0, rows, k0, n, drop);
+    for (int64_t e = 0; e < rows * n; ++e) S[e] *= drop[e];
+  }
+  if (v_finite) {
+    gemm(Trans::kNo, Trans::kNo, rows, Dv, n, acc_t(1), S, n, V, ldv, acc_t(1), w.acc.data(), Dv);
+  } else {
+    add_pv_nonfinite(S, w.seen.data(), rows, n, V, ldv, Dv, w.v_clean.data(), w.acc.data());
+  }
+}
+
+// rowsum(dO * O) of one row (Dv values) for delta: O is o_rec, out recomputed in acc_t (null: none),
+// where out is its rounding (every value within one ulp of scalar_t), else out as given (a NaN, or the
+// merged output of a context-parallel call; see attention_bwd.cpp's recompute_out_dot_dout).
+template <typename scalar_t, typename acc_t>
+inline acc_t out_dot_dout(const scalar_t* o, const acc_t* o_rec, const scalar_t* d, int64_t Dv) {
+  const acc_t ulp = static_cast<acc_t>(static_cast<float>(std::numeric_limits<scalar_t>::epsilon()));
+  const acc_t tiny = static_cast<acc_t>(static_cast<float>(std::numeric_limits<scalar_t>::denorm_min()));
+  bool rounded = o_rec != nullptr;
+  for (int64_t c = 0; rounded && c < Dv; ++c)
+    rounded = std::abs(static_cast<acc_t>(o[c]) - o_rec[c]) <= ulp * std::abs(o_rec[c]) + tiny;
+  acc_t sum = 0;
+  for (int64_t c = 0; c < Dv; ++c) sum += (rounded ? o_rec[c] : static_cast<acc_t>(o[c])) * static_cast<acc_t>(d[c]);
+  return sum;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -192,7 +192,7 @@ template <typename scalar_t, typename out_t = scalar_t>
 void varlen_forward(const Params& p, const Packing& pk, int64_t seed, const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& v, at::Tensor& out, at::Tensor& lse) {
   using acc_t = typename AccType<scalar_t>::type;
-  const int64_t tile_q = kBlockQ, tile_k = kBlockK, D = p.D, Dv = p.Dv, Hq = p.Hq, total_q = p.Lq;
+  const int64_t tile_q = kBlockQ, tile_k = kBlockK, Hq = p.Hq, total_q = p.Lq;
 
   // Tasks: (sequence, query tile) x query head, the head fastest.
   struct Tile {
@@ -217,21 +217,8 @@ void varlen_forward(const Params& p, const Packing& pk, int64_t seed, const at::
   acc_t* lse_data = lse.mutable_data_ptr<acc_t>();        // (Hq, total_q) contiguous
 
   parallel_balanced(cost, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> S(tile_q * tile_k), acc(tile_q * Dv), m(tile_q), l(tile_q);
-    std::vector<acc_t> drop(p.dropout_threshold ? tile_q * tile_k : 0);  // dropout factors of a tile
-    std::vector<acc_t> v_clean(tile_k * Dv);  // a V tile without its non-finite entries (non-finite tiles only)
-    std::vector<char> seen(tile_q * tile_k);  // which keys each row sees (non-finite V tiles only)
-    std::vector<char> bad(tile_q);            // rows with a non-finite visible score: NaN out and lse
-    std::vector<acc_t> q_buf, k_buf, v_buf;   // converted tiles (bfloat16/half inputs only)
-    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-      q_buf.resize(tile_q * D);
-      k_buf.resize(tile_k * D);
-      v_buf.resize(tile_k * Dv);
-    }
-    std::vector<int32_t> list_scratch;
-    std::vector<Range> key_tiles;
-    const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-
+    ForwardScratch<scalar_t, acc_t> w(p, tile_q, tile_k);
+    const auto online_softmax = [&](acc_t* S, int64_t tile_rows, int64_t n) { w.online_softmax(S, tile_rows, n); };
     for (int64_t task = begin; task < end; ++task) {
       const Tile& tile = tiles[task / Hq];
       const int64_t s = tile.seq, h = task % Hq, hk = h / p.group;
@@ -242,55 +229,17 @@ void varlen_forward(const Params& p, const Packing& pk, int64_t seed, const at::
       const scalar_t* q_seq = q_data + pk.q_begin[s] * p.q_sr + h * p.q_sh;
       const scalar_t* k_seq = k_data + pk.k_begin[s] * p.k_sr + hk * p.k_sh;
       const scalar_t* v_seq = v_data + pk.k_begin[s] * p.v_sr + hk * p.v_sh;
-
-      std::fill(m.begin(), m.begin() + rows, neg_inf);
-      std::fill(l.begin(), l.begin() + rows, acc_t(0));
-      std::fill(acc.begin(), acc.begin() + rows * Dv, acc_t(0));
-      std::fill(bad.begin(), bad.begin() + rows, 0);
-
-      forward_key_tiles(p, g, 0, h, q0, q1, tile_k, list_scratch, key_tiles);  // the rows' band, no BlockMask
-      if (!key_tiles.empty()) {
+      w.start(rows);
+      forward_key_tiles(p, g, 0, h, q0, q1, tile_k, w.list_scratch, w.key_tiles);  // the rows' band, no BlockMask
+      if (!w.key_tiles.empty()) {
         int64_t ldq;
-        const acc_t* Q = tile_as_acc<scalar_t, acc_t>(q_seq + q0 * p.q_sr, rows, D, p.q_sr, q_buf.data(), &ldq);
-        for (const Range& kr : key_tiles) {
-          const int64_t k0 = kr.begin, n = kr.end - kr.begin;
-          int64_t ldk;
-          const acc_t* K = tile_as_acc<scalar_t, acc_t>(k_seq + k0 * p.k_sr, n, D, p.k_sr, k_buf.data(), &ldk);
-          // S = scale Q K^T  # [rows, n]
-          gemm(Trans::kNo, Trans::kYes, rows, n, D, static_cast<acc_t>(p.scale), Q, ldq, K, ldk, acc_t(0), S.data(), n);
-          transform_scores<acc_t>(p, g, 0, h, q0, q1, k0, kr.end, S.data(), n, nullptr);
-          int64_t ldv;
-          const acc_t* V = tile_as_acc<scalar_t, acc_t>(v_seq + k0 * p.v_sr, n, Dv, p.v_sr, v_buf.data(), &ldv);
-          const bool v_finite = tile_finite(V, n, Dv, ldv);
-          if (!v_finite) seen_keys(S.data(), rows * n, seen.data());
-          online_softmax_step(S.data(), rows, n, m.data(), l.data(), bad.data(), acc.data(), Dv);
-          if (p.dropout_threshold) {  // l keeps the undropped sum; only P V sees the dropout
-            dropout_factors<acc_t>(dp, 0, h, q0, rows, k0, n, drop.data());
-            for (int64_t e = 0; e < rows * n; ++e) S[e] *= drop[e];
-          }
-          // acc += P V  # [rows, Dv]; a non-finite value reaches exactly the rows that see it
-          if (v_finite) {
-            gemm(Trans::kNo, Trans::kNo, rows, Dv, n, acc_t(1), S.data(), n, V, ldv, acc_t(1), acc.data(), Dv);
-          } else {
-            add_pv_nonfinite(S.data(), seen.data(), rows, n, V, ldv, Dv, v_clean.data(), acc.data());
-          }
-        }
+        const acc_t* Q = tile_as_acc<scalar_t, acc_t>(q_seq + q0 * p.q_sr, rows, p.D, p.q_sr, w.q_buf.data(), &ldq);
+        for (const Range& kr : w.key_tiles)
+          forward_tile_step(p, dp, g, 0, h, q0, q1, kr.begin, kr.end, Q, ldq, k_seq + kr.begin * p.k_sr,
+                            v_seq + kr.begin * p.v_sr, online_softmax, w);
       }
-
-      out_t* o = out_data + ((pk.q_begin[s] + q0) * Hq + h) * Dv;
-      acc_t* row_lse = lse_data + h * total_q + pk.q_begin[s] + q0;
-      for (int64_t r = 0; r < rows; ++r) {
-        const bool seen = l[r] > acc_t(0);
-        const acc_t inv = seen ? acc_t(1) / l[r] : acc_t(0);
-        const acc_t* a = acc.data() + r * Dv;
-        out_t* orow = o + r * Hq * Dv;
-        for (int64_t c = 0; c < Dv; ++c) orow[c] = static_cast<out_t>(a[c] * inv);
-        row_lse[r] = seen ? m[r] + std::log(l[r]) : neg_inf;
-        if (bad[r]) {
-          for (int64_t c = 0; c < Dv; ++c) orow[c] = static_cast<out_t>(std::numeric_limits<float>::quiet_NaN());
-          row_lse[r] = std::numeric_limits<acc_t>::quiet_NaN();
-        }
-      }
+      w.finish(rows, out_data + ((pk.q_begin[s] + q0) * Hq + h) * p.Dv, Hq * p.Dv,
+               lse_data + h * total_q + pk.q_begin[s] + q0);
     }
   });
 }
@@ -351,20 +300,12 @@ void varlen_backward(const Params& p, const Packing& pk, int64_t seed, const at:
       varlen_forward<scalar_t, acc_t>(p, pk, seed, q, k, v, out_rec, lse_rec);
       rec_data = out_rec.const_data_ptr<acc_t>();
     }
-    const acc_t ulp = static_cast<acc_t>(static_cast<float>(std::numeric_limits<scalar_t>::epsilon()));
-    const acc_t tiny = static_cast<acc_t>(static_cast<float>(std::numeric_limits<scalar_t>::denorm_min()));
     at::parallel_for(0, total_q, 64, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i)
         for (int64_t h = 0; h < Hq; ++h) {
-          const scalar_t* o = out_data + (i * Hq + h) * Dv;
-          const scalar_t* d = dout_data + (i * Hq + h) * Dv;
-          const acc_t* o_rec = rec_data ? rec_data + (i * Hq + h) * Dv : nullptr;
-          bool rounded = o_rec != nullptr;  // out is the rounding of O (false for NaN, which then comes from out)
-          for (int64_t c = 0; rounded && c < Dv; ++c)
-            rounded = std::abs(static_cast<acc_t>(o[c]) - o_rec[c]) <= ulp * std::abs(o_rec[c]) + tiny;
-          acc_t sum = 0;
-          for (int64_t c = 0; c < Dv; ++c)
-            sum += (rounded ? o_rec[c] : static_cast<acc_t>(o[c])) * static_cast<acc_t>(d[c]);
+          const int64_t row = (i * Hq + h) * Dv;
+          acc_t sum = out_dot_dout<scalar_t, acc_t>(out_data + row, rec_data ? rec_data + row : nullptr,
+                                                    dout_data + row, Dv);
           if (dlse_data) sum -= static_cast<acc_t>(dlse_data[h * total_q + i]);
           delta[h * total_q + i] = sum;
         }

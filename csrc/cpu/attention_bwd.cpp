@@ -123,20 +123,13 @@ struct RowSoftmax {
   // Scores s[0, n) of row i of (b, h) -> probabilities in place: 0 for a row that sees nothing, NaN at
   // the visible keys of a NaN row (a non-finite visible input).
   void apply(int64_t b, int64_t h, int64_t i, acc_t* s, int64_t n) const {
-    const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
     const int64_t row = (b * Hq + h) * Lq + i;
     const acc_t shift = stats ? stats->m[row] : static_cast<acc_t>(lse[b * lse_sb + h * lse_sh + i * lse_sr]);
-    const bool unseen = stats ? stats->l[row] == acc_t(0) : shift == neg_inf;
-    if (std::isnan(shift)) {
-      for (int64_t j = 0; j < n; ++j) s[j] = s[j] == neg_inf ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
-    } else if (unseen) {
-      std::fill(s, s + n, acc_t(0));
-    } else {
-      exp_shift(s, n, shift);
-      if (stats) {
-        const acc_t inv = acc_t(1) / stats->l[row];
-        for (int64_t j = 0; j < n; ++j) s[j] *= inv;
-      }
+    const bool unseen = stats ? stats->l[row] == acc_t(0) : shift == -std::numeric_limits<acc_t>::infinity();
+    probabilities_from_shift(s, n, shift, unseen);
+    if (stats && !std::isnan(shift) && !unseen) {
+      const acc_t inv = acc_t(1) / stats->l[row];
+      for (int64_t j = 0; j < n; ++j) s[j] *= inv;
     }
   }
 };
@@ -158,7 +151,6 @@ void recompute_out_dot_dout(const Params& p, const at::Tensor& q, const at::Tens
   const int64_t tile_q = block_mask ? p.block_q : block_q;
   const int64_t tile_k = block_mask ? std::max(block_k, p.block_k) : block_k;
   const int64_t num_q_tiles = ceil_div_i64(p.Lq, tile_q);
-  const int64_t D = p.D, Dv = p.Dv;
   const scalar_t* q_data = q.const_data_ptr<scalar_t>();
   const scalar_t* k_data = k.const_data_ptr<scalar_t>();
   const scalar_t* v_data = v.const_data_ptr<scalar_t>();
@@ -166,58 +158,30 @@ void recompute_out_dot_dout(const Params& p, const at::Tensor& q, const at::Tens
   const int64_t do_sb = dout.stride(0), do_sh = dout.stride(1), do_sr = dout.stride(2);
   const scalar_t* out_data = out.const_data_ptr<scalar_t>();
   const int64_t o_sb = out.stride(0), o_sh = out.stride(1), o_sr = out.stride(2);
-  const acc_t ulp = static_cast<acc_t>(static_cast<float>(std::numeric_limits<scalar_t>::epsilon()));
-  const acc_t tiny = static_cast<acc_t>(static_cast<float>(std::numeric_limits<scalar_t>::denorm_min()));
   at::parallel_for(0, p.B * p.Hq * num_q_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> S(tile_q * tile_k), O(tile_q * Dv), q_buf(tile_q * D), k_buf(tile_k * D), v_buf(tile_k * Dv);
-    std::vector<acc_t> drop(p.dropout_threshold ? tile_q * tile_k : 0), v_clean(tile_k * Dv);
-    std::vector<char> seen(tile_q * tile_k);
-    std::vector<int32_t> list_scratch;
-    std::vector<Range> key_tiles;
+    ForwardScratch<scalar_t, acc_t> w(p, tile_q, tile_k);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (p.Hq * num_q_tiles), h = (task / num_q_tiles) % p.Hq;
       const int64_t q0 = (task % num_q_tiles) * tile_q, q1 = std::min(p.Lq, q0 + tile_q), rows = q1 - q0;
       const int64_t hk = h / p.group;
       const BatchGeometry g = batch_geometry(p, b);
-      std::fill(O.begin(), O.begin() + rows * Dv, acc_t(0));
-      forward_key_tiles(p, g, b, h, q0, q1, tile_k, list_scratch, key_tiles);
-      int64_t ldq, ldk, ldv;
-      const acc_t* Q = tile_as_acc<scalar_t, acc_t>(q_data + b * p.q_sb + h * p.q_sh + q0 * p.q_sr, rows, D, p.q_sr,
-                                                    q_buf.data(), &ldq);
-      for (const Range& kr : key_tiles) {
-        const int64_t k0 = kr.begin, n = kr.end - kr.begin;
-        const acc_t* K = tile_as_acc<scalar_t, acc_t>(k_data + b * p.k_sb + hk * p.k_sh + k0 * p.k_sr, n, D, p.k_sr,
-                                                      k_buf.data(), &ldk);
-        // P = exp(S - lse), dropped as the forward dropped it  # [rows, n]
-        gemm(Trans::kNo, Trans::kYes, rows, n, D, static_cast<acc_t>(p.scale), Q, ldq, K, ldk, acc_t(0), S.data(), n);
-        transform_scores<acc_t>(p, g, b, h, q0, q1, k0, kr.end, S.data(), n, nullptr);
-        const acc_t* V = tile_as_acc<scalar_t, acc_t>(v_data + b * p.v_sb + hk * p.v_sh + k0 * p.v_sr, n, Dv, p.v_sr,
-                                                      v_buf.data(), &ldv);
-        const bool v_finite = tile_finite(V, n, Dv, ldv);
-        if (!v_finite) seen_keys(S.data(), rows * n, seen.data());
-        for (int64_t r = 0; r < rows; ++r) softmax.apply(b, h, q0 + r, S.data() + r * n, n);
-        if (p.dropout_threshold) {
-          dropout_factors<acc_t>(p, b, h, q0, rows, k0, n, drop.data());
-          for (int64_t e = 0; e < rows * n; ++e) S[e] *= drop[e];
-        }
-        // O += P V  # [rows, Dv], as the forward computes it
-        if (v_finite) {
-          gemm(Trans::kNo, Trans::kNo, rows, Dv, n, acc_t(1), S.data(), n, V, ldv, acc_t(1), O.data(), Dv);
-        } else {
-          add_pv_nonfinite(S.data(), seen.data(), rows, n, V, ldv, Dv, v_clean.data(), O.data());
-        }
-      }
+      // P = exp(S - lse), dropped as the forward dropped it; O = P V as the forward computes it
+      const auto probabilities = [&](acc_t* S, int64_t tile_rows, int64_t n) {
+        for (int64_t r = 0; r < tile_rows; ++r) softmax.apply(b, h, q0 + r, S + r * n, n);
+      };
+      w.start(rows);
+      forward_key_tiles(p, g, b, h, q0, q1, tile_k, w.list_scratch, w.key_tiles);
+      int64_t ldq;
+      const acc_t* Q = tile_as_acc<scalar_t, acc_t>(q_data + b * p.q_sb + h * p.q_sh + q0 * p.q_sr, rows, p.D, p.q_sr,
+                                                    w.q_buf.data(), &ldq);
+      for (const Range& kr : w.key_tiles)
+        forward_tile_step(p, p, g, b, h, q0, q1, kr.begin, kr.end, Q, ldq,
+                          k_data + b * p.k_sb + hk * p.k_sh + kr.begin * p.k_sr,
+                          v_data + b * p.v_sb + hk * p.v_sh + kr.begin * p.v_sr, probabilities, w);
       for (int64_t r = 0; r < rows; ++r) {
-        const scalar_t* o = out_data + b * o_sb + h * o_sh + (q0 + r) * o_sr;
-        const scalar_t* d = dout_data + b * do_sb + h * do_sh + (q0 + r) * do_sr;
-        const acc_t* o_rec = O.data() + r * Dv;
-        bool rounded = true;  // out is the rounding of O (false for NaN, which then comes from out)
-        for (int64_t c = 0; c < Dv; ++c)
-          rounded &= std::abs(static_cast<acc_t>(o[c]) - o_rec[c]) <= ulp * std::abs(o_rec[c]) + tiny;
-        acc_t sum = 0;
-        for (int64_t c = 0; c < Dv; ++c)
-          sum += (rounded ? o_rec[c] : static_cast<acc_t>(o[c])) * static_cast<acc_t>(d[c]);
-        rowsum[(b * p.Hq + h) * p.Lq + q0 + r] = sum;
+        rowsum[(b * p.Hq + h) * p.Lq + q0 + r] =
+            out_dot_dout<scalar_t, acc_t>(out_data + b * o_sb + h * o_sh + (q0 + r) * o_sr, w.acc.data() + r * p.Dv,
+                                          dout_data + b * do_sb + h * do_sh + (q0 + r) * do_sr, p.Dv);
       }
     }
   });
@@ -262,11 +226,8 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t b = bh / Hq, h = bh % Hq;
         for (int64_t i = 0; i < Lq; ++i) {
-          const scalar_t* o = out_data + b * o_sb + h * o_sh + i * o_sr;
-          const scalar_t* d = dout_data + b * do_sb + h * do_sh + i * do_sr;
-          acc_t sum = 0;
-          for (int64_t c = 0; c < Dv; ++c) sum += static_cast<acc_t>(o[c]) * static_cast<acc_t>(d[c]);
-          delta[bh * Lq + i] = sum;
+          delta[bh * Lq + i] = out_dot_dout<scalar_t, acc_t>(out_data + b * o_sb + h * o_sh + i * o_sr, nullptr,
+                                                             dout_data + b * do_sb + h * do_sh + i * do_sr, Dv);
         }
       }
     });
@@ -318,24 +279,7 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
   const int64_t dv_sb = dv.stride(0), dv_sh = dv.stride(1), dv_sr = dv.stride(2), dv_sc = dv.stride(3);
 
   at::parallel_for(0, units * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> S(tile_q * tile_k), dP(tile_q * tile_k), dT, dk_acc(tile_k * D), dv_acc(tile_k * Dv);
-    if (p.softcap > 0) dT.resize(tile_q * tile_k);
-    std::vector<acc_t> drop, p_dropped;  // dropout factors and the dropped P of a tile
-    if (p.dropout_threshold) {
-      drop.resize(tile_q * tile_k);
-      p_dropped.resize(tile_q * tile_k);
-    }
-    std::vector<acc_t> q_buf, do_buf, k_buf, v_buf;  // converted tiles (bfloat16/half inputs only)
-    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-      q_buf.resize(tile_q * D);
-      do_buf.resize(tile_q * Dv);
-      k_buf.resize(tile_k * D);
-      v_buf.resize(tile_k * Dv);
-    }
-    std::vector<acc_t> k_clean(tile_k * D);  // a K tile without its non-finite entries (such tiles only)
-    std::vector<int32_t> list_scratch;
-    std::vector<Range> query_tiles;
-
+    BackwardScratch<scalar_t, acc_t> w(p, tile_q, tile_k);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t unit = task / chunks, chunk = task % chunks;
       const int64_t unit_b = unit / task_heads, unit_hk = unit % task_heads;
@@ -345,76 +289,25 @@ void attention_backward(const Params& p, const at::Tensor& dout, const at::Tenso
         const int64_t hk = sum_heads ? pair % pair_heads : unit_hk;
         const BatchGeometry g = batch_geometry(p, b);
         for (int64_t t = t0; t < t1; ++t) {
-          const int64_t k0 = key_tiles[t].begin, k1 = key_tiles[t].end, n = k1 - k0;
-          int64_t ldk, ldv;
-          const acc_t* K = tile_as_acc<scalar_t, acc_t>(k_data + b * p.k_sb + hk * p.k_sh + k0 * p.k_sr, n, D, p.k_sr,
-                                                        k_buf.data(), &ldk);
-          const acc_t* V = tile_as_acc<scalar_t, acc_t>(v_data + b * p.v_sb + hk * p.v_sh + k0 * p.v_sr, n, Dv, p.v_sr,
-                                                        v_buf.data(), &ldv);
-          // dQ = dS K must not carry a non-finite key to a row that does not see it (0 * NaN = NaN): it runs
-          // on K without its non-finite entries; a row that sees one has NaN in P, so dS and dQ are NaN anyway.
-          const acc_t* K_dq = K;
-          int64_t ldk_dq = ldk;
-          if (!tile_finite(K, n, D, ldk)) {
-            K_dq = finite_or_zero(K, n, D, ldk, k_clean.data());
-            ldk_dq = D;
-          }
-          std::fill(dk_acc.begin(), dk_acc.begin() + n * D, acc_t(0));
-          std::fill(dv_acc.begin(), dv_acc.begin() + n * Dv, acc_t(0));
-
+          const int64_t k0 = key_tiles[t].begin, k1 = key_tiles[t].end;
+          const BackwardKeyTile<acc_t> kt = w.load_keys(k0, k1, k_data + b * p.k_sb + hk * p.k_sh + k0 * p.k_sr, p.k_sr,
+                                                        v_data + b * p.v_sb + hk * p.v_sh + k0 * p.v_sr, p.v_sr);
           for (int64_t h = hk * p.group; h < (hk + 1) * p.group; ++h) {
-            backward_query_tiles(p, g, b, h, k0, k1, tile_q, list_scratch, query_tiles);
-            acc_t* dq_rows = dq_acc_data + ((chunk * B + b) * Hq + h) * Lq * D;
-            for (const Range& qr : query_tiles) {
-              const int64_t q0 = qr.begin, q1 = qr.end, rows = q1 - q0;
-              int64_t ldq, lddo;
-              const acc_t* Q = tile_as_acc<scalar_t, acc_t>(q_data + b * p.q_sb + h * p.q_sh + q0 * p.q_sr, rows, D,
-                                                            p.q_sr, q_buf.data(), &ldq);
-              const acc_t* dO = tile_as_acc<scalar_t, acc_t>(dout_data + b * do_sb + h * do_sh + q0 * do_sr, rows, Dv,
-                                                             do_sr, do_buf.data(), &lddo);
-              // P = exp(S - lse)  # [rows, n]
-              gemm(Trans::kNo, Trans::kYes, rows, n, D, static_cast<acc_t>(p.scale), Q, ldq, K, ldk, acc_t(0), S.data(),
-                   n);
-              transform_scores<acc_t>(p, g, b, h, q0, q1, k0, k1, S.data(), n, p.softcap > 0 ? dT.data() : nullptr);
-              for (int64_t r = 0; r < rows; ++r) softmax.apply(b, h, q0 + r, S.data() + r * n, n);
-              const acc_t* P_for_dv = S.data();
-              if (p.dropout_threshold) {
-                dropout_factors<acc_t>(p, b, h, q0, rows, k0, n, drop.data());
-                for (int64_t e = 0; e < rows * n; ++e) p_dropped[e] = S[e] * drop[e];
-                P_for_dv = p_dropped.data();
-              }
-              // dV += P_dropped^T dO  # [n, Dv]
-              gemm(Trans::kYes, Trans::kNo, n, Dv, rows, acc_t(1), P_for_dv, n, dO, lddo, acc_t(1), dv_acc.data(), Dv);
-              // dP = (dO V^T) * dropout factors  # [rows, n]
-              gemm(Trans::kNo, Trans::kYes, rows, n, Dv, acc_t(1), dO, lddo, V, ldv, acc_t(0), dP.data(), n);
-              if (p.dropout_threshold) {
-                for (int64_t e = 0; e < rows * n; ++e) dP[e] *= drop[e];
-              }
-              // dS = P * (dP - delta), then the softcap chain rule
-              for (int64_t r = 0; r < rows; ++r) {
-                const acc_t row_delta = delta[(b * Hq + h) * Lq + q0 + r];
-                const acc_t* pr = S.data() + r * n;
-                acc_t* ds = dP.data() + r * n;
-                // A selection, not a product: P = 0 (a hidden key) gives 0 even where dP is NaN.
-                for (int64_t j = 0; j < n; ++j) ds[j] = pr[j] == acc_t(0) ? acc_t(0) : pr[j] * (ds[j] - row_delta);
-              }
-              if (dbias != nullptr) dbias_acc.add(chunk, b, h, q0, rows, k0, n, dP.data());
-              if (p.softcap > 0) {  // selection again: dT is NaN on hidden keys holding NaN
-                for (int64_t e = 0; e < rows * n; ++e) dP[e] = dP[e] == acc_t(0) ? acc_t(0) : dP[e] * dT[e];
-              }
-              // dK += scale dS^T Q  # [n, D];  dQ += scale dS K  # [rows, D]
-              gemm(Trans::kYes, Trans::kNo, n, D, rows, static_cast<acc_t>(p.scale), dP.data(), n, Q, ldq, acc_t(1),
-                   dk_acc.data(), D);
-              gemm(Trans::kNo, Trans::kNo, rows, D, n, static_cast<acc_t>(p.scale), dP.data(), n, K_dq, ldk_dq,
-                   acc_t(1), dq_rows + q0 * D, D);
+            backward_query_tiles(p, g, b, h, k0, k1, tile_q, w.list_scratch, w.query_tiles);
+            const auto probabilities = [&](int64_t i, acc_t* s, int64_t n) { softmax.apply(b, h, i, s, n); };
+            for (const Range& qr : w.query_tiles) {
+              const BackwardQueryTile<acc_t> qt =
+                  w.load_queries(qr.begin, qr.end, q_data + b * p.q_sb + h * p.q_sh + qr.begin * p.q_sr, p.q_sr,
+                                 dout_data + b * do_sb + h * do_sh + qr.begin * do_sr, do_sr);
+              const auto add_dbias = [&](const acc_t* ds) {
+                if (dbias != nullptr) dbias_acc.add(chunk, b, h, qr.begin, qr.end - qr.begin, k0, k1 - k0, ds);
+              };
+              backward_tile_step(p, p, g, b, h, kt, qt, delta.data() + (b * Hq + h) * Lq, probabilities, add_dbias, w,
+                                 dq_acc_data + ((chunk * B + b) * Hq + h) * Lq * D);
             }
           }
-          for (int64_t j = 0; j < n; ++j) {
-            scalar_t* dkr = dk_data + b * dk_sb + hk * dk_sh + (k0 + j) * dk_sr;
-            scalar_t* dvr = dv_data + b * dv_sb + hk * dv_sh + (k0 + j) * dv_sr;
-            for (int64_t c = 0; c < D; ++c) dkr[c * dk_sc] = static_cast<scalar_t>(dk_acc[j * D + c]);
-            for (int64_t c = 0; c < Dv; ++c) dvr[c * dv_sc] = static_cast<scalar_t>(dv_acc[j * Dv + c]);
-          }
+          w.store_dk_dv(k1 - k0, dk_data + b * dk_sb + hk * dk_sh + k0 * dk_sr, dk_sr, dk_sc,
+                        dv_data + b * dv_sb + hk * dv_sh + k0 * dv_sr, dv_sr, dv_sc);
         }
       }
     }

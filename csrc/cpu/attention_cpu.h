@@ -1,5 +1,6 @@
-// Shared pieces of the fused CPU attention kernels (attention_fwd.cpp, attention_bwd.cpp):
-// the problem description (Params), the visibility geometry, the tile plans and the math on tiles.
+// Shared pieces of the fused CPU attention kernels (attention_fwd.cpp, attention_bwd.cpp, varlen.cpp):
+// the problem description (Params), the visibility geometry, the tile plans, the math on tiles and the
+// forward's and backward's steps on one (query tile, key tile) pair.
 //
 // The kernels never form an (Lq, Lk) buffer: they walk tiles of at most (BLOCK_Q, BLOCK_K) scores,
 // keep an online softmax per query row, and recompute the probabilities from lse in the backward.
@@ -480,6 +481,291 @@ void transform_scores(const Params& p, const BatchGeometry& g, int64_t b, int64_
       std::fill(s + hi, s + n, neg_inf);
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The forward's tile step (attention_fwd.cpp, varlen.cpp; the backward's recomputation of out).
+// ---------------------------------------------------------------------------------------------
+
+// One thread's buffers for the forward's tiles of at most (tile_q, tile_k), with a query tile's state:
+// the unnormalised output acc and the online softmax's running max m, sum l and bad rows.
+template <typename scalar_t, typename acc_t>
+struct ForwardScratch {
+  int64_t Dv;
+  std::vector<acc_t> S, acc, m, l;  // [tile_q, tile_k]: scores, then P; [tile_q, Dv]; [tile_q], [tile_q]
+  std::vector<acc_t> drop;          // [tile_q, tile_k]: dropout factors (dropout only)
+  std::vector<acc_t> v_clean;       // [tile_k, Dv]: a V tile without its non-finite entries (such tiles only)
+  std::vector<char> seen;           // [tile_q, tile_k]: the keys each row sees (tiles with a non-finite V only)
+  std::vector<char> bad;            // [tile_q]: rows with a non-finite visible score: NaN out and lse
+  std::vector<acc_t> q_buf, k_buf, v_buf;  // converted tiles (bfloat16/half inputs only)
+  std::vector<int32_t> list_scratch;       // for forward_key_tiles
+  std::vector<Range> key_tiles;
+
+  ForwardScratch(const Params& p, int64_t tile_q, int64_t tile_k)
+      : Dv(p.Dv),
+        S(tile_q * tile_k),
+        acc(tile_q * p.Dv),
+        m(tile_q),
+        l(tile_q),
+        drop(p.dropout_threshold ? tile_q * tile_k : 0),
+        v_clean(tile_k * p.Dv),
+        seen(tile_q * tile_k),
+        bad(tile_q) {
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+      q_buf.resize(tile_q * p.D);
+      k_buf.resize(tile_k * p.D);
+      v_buf.resize(tile_k * p.Dv);
+    }
+  }
+
+  // Clears the state for a query tile of `rows` rows.
+  void start(int64_t rows) {
+    std::fill(m.begin(), m.begin() + rows, -std::numeric_limits<acc_t>::infinity());
+    std::fill(l.begin(), l.begin() + rows, acc_t(0));
+    std::fill(acc.begin(), acc.begin() + rows * Dv, acc_t(0));
+    std::fill(bad.begin(), bad.begin() + rows, 0);
+  }
+
+  // The online softmax step (forward_tile_step's `probabilities` in the forward kernels).
+  void online_softmax(acc_t* scores, int64_t rows, int64_t n) {
+    online_softmax_step(scores, rows, n, m.data(), l.data(), bad.data(), acc.data(), Dv);
+  }
+
+  // out = acc / l (row stride o_sr) and lse = m + log l of the tile's rows: 0 and -inf for a row that
+  // saw nothing, NaN for a bad row.
+  template <typename out_t, typename lse_t>
+  void finish(int64_t rows, out_t* o, int64_t o_sr, lse_t* lse) const {
+    for (int64_t r = 0; r < rows; ++r) {
+      const bool seen_any = l[r] > acc_t(0);
+      const acc_t inv = seen_any ? acc_t(1) / l[r] : acc_t(0);
+      const acc_t* a = acc.data() + r * Dv;
+      for (int64_t c = 0; c < Dv; ++c) o[r * o_sr + c] = static_cast<out_t>(a[c] * inv);
+      lse[r] = seen_any ? static_cast<lse_t>(m[r] + std::log(l[r])) : -std::numeric_limits<lse_t>::infinity();
+      if (bad[r]) {
+        for (int64_t c = 0; c < Dv; ++c) o[r * o_sr + c] = static_cast<out_t>(std::numeric_limits<float>::quiet_NaN());
+        lse[r] = std::numeric_limits<lse_t>::quiet_NaN();
+      }
+    }
+  }
+};
+
+// Key tile [k0, k1) of query rows [q0, q1) of (b, h) in the forward: Q (rows x D, row stride ldq)
+// loaded, k and v pointing at key k0 (row strides p.k_sr, p.v_sr):
+//
+//   S = transform(scale Q K^T)         # [rows, n]
+//   probabilities(S, rows, n)          # in place: the online softmax step, or the backward's P from lse
+//   w.acc += (S * dropout factors) V   # [rows, Dv]; dropped with the pattern of `dropout`
+//
+// A V tile holding NaN/Inf reaches exactly the rows that see those keys (add_pv_nonfinite).
+template <typename scalar_t, typename acc_t, typename Probabilities>
+void forward_tile_step(const Params& p, const Params& dropout, const BatchGeometry& g, int64_t b, int64_t h,
+                       int64_t q0, int64_t q1, int64_t k0, int64_t k1, const acc_t* Q, int64_t ldq, const scalar_t* k,
+                       const scalar_t* v, const Probabilities& probabilities, ForwardScratch<scalar_t, acc_t>& w) {
+  const int64_t D = p.D, Dv = p.Dv, rows = q1 - q0, n = k1 - k0;
+  acc_t* S = w.S.data();
+  int64_t ldk, ldv;
+  const acc_t* K = tile_as_acc<scalar_t, acc_t>(k, n, D, p.k_sr, w.k_buf.data(), &ldk);
+  gemm(Trans::kNo, Trans::kYes, rows, n, D, static_cast<acc_t>(p.scale), Q, ldq, K, ldk, acc_t(0), S, n);
+  transform_scores<acc_t>(p, g, b, h, q0, q1, k0, k1, S, n, nullptr);
+  const acc_t* V = tile_as_acc<scalar_t, acc_t>(v, n, Dv, p.v_sr, w.v_buf.data(), &ldv);
+  const bool v_finite = tile_finite(V, n, Dv, ldv);
+  if (!v_finite) seen_keys(S, rows * n, w.seen.data());
+  probabilities(S, rows, n);
+  if (p.dropout_threshold) {  // the online softmax's l keeps the undropped sum; only P V sees the dropout
+    acc_t* drop = w.drop.data();
+    dropout_factors<acc_t>(dropout, b, h, q0, rows, k0, n, drop);
+    for (int64_t e = 0; e < rows * n; ++e) S[e] *= drop[e];
+  }
+  if (v_finite) {
+    gemm(Trans::kNo, Trans::kNo, rows, Dv, n, acc_t(1), S, n, V, ldv, acc_t(1), w.acc.data(), Dv);
+  } else {
+    add_pv_nonfinite(S, w.seen.data(), rows, n, V, ldv, Dv, w.v_clean.data(), w.acc.data());
+  }
+}
+
+// rowsum(dO * O) of one row (Dv values) for delta: O is o_rec, out recomputed in acc_t (null: none),
+// where out is its rounding (every value within one ulp of scalar_t), else out as given (a NaN, or the
+// merged output of a context-parallel call; see attention_bwd.cpp's recompute_out_dot_dout).
+template <typename scalar_t, typename acc_t>
+inline acc_t out_dot_dout(const scalar_t* o, const acc_t* o_rec, const scalar_t* d, int64_t Dv) {
+  const acc_t ulp = static_cast<acc_t>(static_cast<float>(std::numeric_limits<scalar_t>::epsilon()));
+  const acc_t tiny = static_cast<acc_t>(static_cast<float>(std::numeric_limits<scalar_t>::denorm_min()));
+  bool rounded = o_rec != nullptr;
+  for (int64_t c = 0; rounded && c < Dv; ++c)
+    rounded = std::abs(static_cast<acc_t>(o[c]) - o_rec[c]) <= ulp * std::abs(o_rec[c]) + tiny;
+  acc_t sum = 0;
+  for (int64_t c = 0; c < Dv; ++c) sum += (rounded ? o_rec[c] : static_cast<acc_t>(o[c])) * static_cast<acc_t>(d[c]);
+  return sum;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The backward's tile step (attention_bwd.cpp, varlen.cpp).
+// ---------------------------------------------------------------------------------------------
+
+// Scores s[0, n) of a row -> probabilities exp(s - shift) in place: 0 for a row that sees nothing
+// (unseen), NaN at the visible keys of a NaN row (shift NaN: a non-finite visible input).
+template <typename acc_t>
+inline void probabilities_from_shift(acc_t* s, int64_t n, acc_t shift, bool unseen) {
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  if (std::isnan(shift)) {
+    for (int64_t j = 0; j < n; ++j) s[j] = s[j] == neg_inf ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
+  } else if (unseen) {
+    std::fill(s, s + n, acc_t(0));
+  } else {
+    exp_shift(s, n, shift);
+  }
+}
+
+// A key tile of the backward as acc_t (BackwardScratch::load_keys).
+template <typename acc_t>
+struct BackwardKeyTile {
+  int64_t k0, k1;
+  const acc_t* K;     // [n, D], row stride ldk
+  const acc_t* V;     // [n, Dv], row stride ldv
+  const acc_t* K_dq;  // [n, D], row stride ldk_dq: K without its non-finite entries, for dQ = dS K
+  int64_t ldk, ldv, ldk_dq;
+};
+
+// A query tile of the backward as acc_t (BackwardScratch::load_queries).
+template <typename acc_t>
+struct BackwardQueryTile {
+  int64_t q0, q1;
+  const acc_t* Q;   // [rows, D], row stride ldq
+  const acc_t* dO;  // [rows, Dv], row stride lddo
+  int64_t ldq, lddo;
+};
+
+// One thread's buffers for the backward's tiles of at most (tile_q, tile_k). A task loads a key tile
+// (load_keys, which also clears its dK, dV), runs backward_tile_step for every query tile that sees
+// it (load_queries), then writes the key tile's dK, dV (store_dk_dv).
+template <typename scalar_t, typename acc_t>
+struct BackwardScratch {
+  int64_t D, Dv;
+  std::vector<acc_t> S, dP, dT;        // [tile_q, tile_k]: scores, then P; dP, then dS; softcap's 1 - tanh^2
+  std::vector<acc_t> drop, p_dropped;  // [tile_q, tile_k]: dropout factors and the dropped P (dropout only)
+  std::vector<acc_t> dk_acc, dv_acc;   // [tile_k, D], [tile_k, Dv]: the key tile's dK, dV
+  std::vector<acc_t> q_buf, do_buf, k_buf, v_buf;  // converted tiles (bfloat16/half inputs only)
+  std::vector<acc_t> k_clean;                      // a K tile without its non-finite entries (such tiles only)
+  std::vector<int32_t> list_scratch;               // for backward_query_tiles
+  std::vector<Range> query_tiles;
+
+  BackwardScratch(const Params& p, int64_t tile_q, int64_t tile_k)
+      : D(p.D),
+        Dv(p.Dv),
+        S(tile_q * tile_k),
+        dP(tile_q * tile_k),
+        dT(p.softcap > 0 ? tile_q * tile_k : 0),
+        drop(p.dropout_threshold ? tile_q * tile_k : 0),
+        p_dropped(p.dropout_threshold ? tile_q * tile_k : 0),
+        dk_acc(tile_k * p.D),
+        dv_acc(tile_k * p.Dv),
+        k_clean(tile_k * p.D) {
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+      q_buf.resize(tile_q * D);
+      do_buf.resize(tile_q * Dv);
+      k_buf.resize(tile_k * D);
+      v_buf.resize(tile_k * Dv);
+    }
+  }
+
+  // Keys [k0, k1) from k and v (pointing at key k0, row strides k_sr, v_sr); clears dK, dV.
+  BackwardKeyTile<acc_t> load_keys(int64_t k0, int64_t k1, const scalar_t* k, int64_t k_sr, const scalar_t* v,
+                                   int64_t v_sr) {
+    const int64_t n = k1 - k0;
+    BackwardKeyTile<acc_t> t{k0, k1};
+    t.K = tile_as_acc<scalar_t, acc_t>(k, n, D, k_sr, k_buf.data(), &t.ldk);
+    t.V = tile_as_acc<scalar_t, acc_t>(v, n, Dv, v_sr, v_buf.data(), &t.ldv);
+    // dQ = dS K must not carry a non-finite key to a row that does not see it (0 * NaN = NaN): it runs
+    // on K without its non-finite entries; a row that sees one has NaN in P, so dS and dQ are NaN anyway.
+    t.K_dq = t.K;
+    t.ldk_dq = t.ldk;
+    if (!tile_finite(t.K, n, D, t.ldk)) {
+      t.K_dq = finite_or_zero(t.K, n, D, t.ldk, k_clean.data());
+      t.ldk_dq = D;
+    }
+    std::fill(dk_acc.begin(), dk_acc.begin() + n * D, acc_t(0));
+    std::fill(dv_acc.begin(), dv_acc.begin() + n * Dv, acc_t(0));
+    return t;
+  }
+
+  // Query rows [q0, q1) from q and dout (pointing at row q0, row strides q_sr, do_sr).
+  BackwardQueryTile<acc_t> load_queries(int64_t q0, int64_t q1, const scalar_t* q, int64_t q_sr,
+                                        const scalar_t* dout, int64_t do_sr) {
+    BackwardQueryTile<acc_t> t{q0, q1};
+    t.Q = tile_as_acc<scalar_t, acc_t>(q, q1 - q0, D, q_sr, q_buf.data(), &t.ldq);
+    t.dO = tile_as_acc<scalar_t, acc_t>(dout, q1 - q0, Dv, do_sr, do_buf.data(), &t.lddo);
+    return t;
+  }
+
+  // dK, dV of the n keys of the tile into dk and dv (pointing at its first key; row, column strides).
+  void store_dk_dv(int64_t n, scalar_t* dk, int64_t dk_sr, int64_t dk_sc, scalar_t* dv, int64_t dv_sr,
+                   int64_t dv_sc) const {
+    for (int64_t j = 0; j < n; ++j) {
+      scalar_t* dkr = dk + j * dk_sr;
+      scalar_t* dvr = dv + j * dv_sr;
+      for (int64_t c = 0; c < D; ++c) dkr[c * dk_sc] = static_cast<scalar_t>(dk_acc[j * D + c]);
+      for (int64_t c = 0; c < Dv; ++c) dvr[c * dv_sc] = static_cast<scalar_t>(dv_acc[j * Dv + c]);
+    }
+  }
+};
+
+// The backward of one (query tile, key tile) pair of (b, h), for the forward's P (dropped with the
+// pattern of `dropout`; a kernel's own p, or a sequence's, varlen.cpp):
+//
+//   P  = probabilities(transform(scale Q K^T))    # [rows, n]
+//   dV += P_dropped^T dO                          # [n, Dv]
+//   dP = (dO V^T) * dropout factors               # [rows, n]
+//   dS = P * (dP - delta), 0 where P = 0          # [rows, n]; on_ds(dS) sees it (the mask gradient)
+//   dX = dS * (1 - tanh^2) with softcap, else dS
+//   dK += scale dX^T Q  # [n, D];  dQ += scale dX K  # [rows, D]
+//
+// probabilities(i, s, n) turns the scores s[0, n) of query row i into P in place; delta[i] is row i's
+// rowsum(dO * O) - dlse and dq row i's dQ accumulator (row stride D), both indexed from row 0.
+template <typename scalar_t, typename acc_t, typename Probabilities, typename OnDs>
+void backward_tile_step(const Params& p, const Params& dropout, const BatchGeometry& g, int64_t b, int64_t h,
+                        const BackwardKeyTile<acc_t>& kt, const BackwardQueryTile<acc_t>& qt, const acc_t* delta,
+                        const Probabilities& probabilities, const OnDs& on_ds, BackwardScratch<scalar_t, acc_t>& w,
+                        acc_t* dq) {
+  const int64_t D = p.D, Dv = p.Dv, q0 = qt.q0, rows = qt.q1 - qt.q0, k0 = kt.k0, n = kt.k1 - kt.k0;
+  acc_t* S = w.S.data();
+  acc_t* dP = w.dP.data();
+  acc_t* dT = w.dT.data();
+  acc_t* drop = w.drop.data();
+  // P = exp(S - lse)  # [rows, n]
+  gemm(Trans::kNo, Trans::kYes, rows, n, D, static_cast<acc_t>(p.scale), qt.Q, qt.ldq, kt.K, kt.ldk, acc_t(0), S, n);
+  transform_scores<acc_t>(p, g, b, h, q0, qt.q1, k0, kt.k1, S, n, p.softcap > 0 ? dT : nullptr);
+  for (int64_t r = 0; r < rows; ++r) probabilities(q0 + r, S + r * n, n);
+  const acc_t* P_for_dv = S;
+  if (p.dropout_threshold) {
+    acc_t* p_dropped = w.p_dropped.data();
+    dropout_factors<acc_t>(dropout, b, h, q0, rows, k0, n, drop);
+    for (int64_t e = 0; e < rows * n; ++e) p_dropped[e] = S[e] * drop[e];
+    P_for_dv = p_dropped;
+  }
+  // dV += P_dropped^T dO  # [n, Dv]
+  gemm(Trans::kYes, Trans::kNo, n, Dv, rows, acc_t(1), P_for_dv, n, qt.dO, qt.lddo, acc_t(1), w.dv_acc.data(), Dv);
+  // dP = (dO V^T) * dropout factors  # [rows, n]
+  gemm(Trans::kNo, Trans::kYes, rows, n, Dv, acc_t(1), qt.dO, qt.lddo, kt.V, kt.ldv, acc_t(0), dP, n);
+  if (p.dropout_threshold) {
+    for (int64_t e = 0; e < rows * n; ++e) dP[e] *= drop[e];
+  }
+  // dS = P * (dP - delta), in place of dP
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t row_delta = delta[q0 + r];
+    const acc_t* pr = S + r * n;
+    acc_t* ds = dP + r * n;
+    // A selection, not a product: P = 0 (a hidden key) gives 0 even where dP is NaN.
+    for (int64_t j = 0; j < n; ++j) ds[j] = pr[j] == acc_t(0) ? acc_t(0) : pr[j] * (ds[j] - row_delta);
+  }
+  on_ds(static_cast<const acc_t*>(dP));
+  if (p.softcap > 0) {  // the softcap chain rule, a selection again: dT is NaN on hidden keys holding NaN
+    for (int64_t e = 0; e < rows * n; ++e) dP[e] = dP[e] == acc_t(0) ? acc_t(0) : dP[e] * dT[e];
+  }
+  // dK += scale dS^T Q  # [n, D];  dQ += scale dS K  # [rows, D]
+  gemm(Trans::kYes, Trans::kNo, n, D, rows, static_cast<acc_t>(p.scale), dP, n, qt.Q, qt.ldq, acc_t(1),
+       w.dk_acc.data(), D);
+  gemm(Trans::kNo, Trans::kNo, rows, D, n, static_cast<acc_t>(p.scale), dP, n, kt.K_dq, kt.ldk_dq, acc_t(1),
+       dq + q0 * D, D);
 }
 
 // Kernel entry points (attention_fwd.cpp, attention_bwd.cpp): dtype dispatch over float, double,

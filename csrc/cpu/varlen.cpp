@@ -192,7 +192,7 @@ template <typename scalar_t, typename out_t = scalar_t>
 void varlen_forward(const Params& p, const Packing& pk, int64_t seed, const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& v, at::Tensor& out, at::Tensor& lse) {
   using acc_t = typename AccType<scalar_t>::type;
-  const int64_t tile_q = kBlockQ, tile_k = kBlockK, D = p.D, Dv = p.Dv, Hq = p.Hq, total_q = p.Lq;
+  const int64_t tile_q = kBlockQ, tile_k = kBlockK, Hq = p.Hq, total_q = p.Lq;
 
   // Tasks: (sequence, query tile) x query head, the head fastest.
   struct Tile {
@@ -217,21 +217,8 @@ void varlen_forward(const Params& p, const Packing& pk, int64_t seed, const at::
   acc_t* lse_data = lse.mutable_data_ptr<acc_t>();        // (Hq, total_q) contiguous
 
   parallel_balanced(cost, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> S(tile_q * tile_k), acc(tile_q * Dv), m(tile_q), l(tile_q);
-    std::vector<acc_t> drop(p.dropout_threshold ? tile_q * tile_k : 0);  // dropout factors of a tile
-    std::vector<acc_t> v_clean(tile_k * Dv);  // a V tile without its non-finite entries (non-finite tiles only)
-    std::vector<char> seen(tile_q * tile_k);  // which keys each row sees (non-finite V tiles only)
-    std::vector<char> bad(tile_q);            // rows with a non-finite visible score: NaN out and lse
-    std::vector<acc_t> q_buf, k_buf, v_buf;   // converted tiles (bfloat16/half inputs only)
-    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-      q_buf.resize(tile_q * D);
-      k_buf.resize(tile_k * D);
-      v_buf.resize(tile_k * Dv);
-    }
-    std::vector<int32_t> list_scratch;
-    std::vector<Range> key_tiles;
-    const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-
+    ForwardScratch<scalar_t, acc_t> w(p, tile_q, tile_k);
+    const auto online_softmax = [&](acc_t* S, int64_t tile_rows, int64_t n) { w.online_softmax(S, tile_rows, n); };
     for (int64_t task = begin; task < end; ++task) {
       const Tile& tile = tiles[task / Hq];
       const int64_t s = tile.seq, h = task % Hq, hk = h / p.group;
@@ -242,55 +229,17 @@ void varlen_forward(const Params& p, const Packing& pk, int64_t seed, const at::
       const scalar_t* q_seq = q_data + pk.q_begin[s] * p.q_sr + h * p.q_sh;
       const scalar_t* k_seq = k_data + pk.k_begin[s] * p.k_sr + hk * p.k_sh;
       const scalar_t* v_seq = v_data + pk.k_begin[s] * p.v_sr + hk * p.v_sh;
-
-      std::fill(m.begin(), m.begin() + rows, neg_inf);
-      std::fill(l.begin(), l.begin() + rows, acc_t(0));
-      std::fill(acc.begin(), acc.begin() + rows * Dv, acc_t(0));
-      std::fill(bad.begin(), bad.begin() + rows, 0);
-
-      forward_key_tiles(p, g, 0, h, q0, q1, tile_k, list_scratch, key_tiles);  // the rows' band, no BlockMask
-      if (!key_tiles.empty()) {
+      w.start(rows);
+      forward_key_tiles(p, g, 0, h, q0, q1, tile_k, w.list_scratch, w.key_tiles);  // the rows' band, no BlockMask
+      if (!w.key_tiles.empty()) {
         int64_t ldq;
-        const acc_t* Q = tile_as_acc<scalar_t, acc_t>(q_seq + q0 * p.q_sr, rows, D, p.q_sr, q_buf.data(), &ldq);
-        for (const Range& kr : key_tiles) {
-          const int64_t k0 = kr.begin, n = kr.end - kr.begin;
-          int64_t ldk;
-          const acc_t* K = tile_as_acc<scalar_t, acc_t>(k_seq + k0 * p.k_sr, n, D, p.k_sr, k_buf.data(), &ldk);
-          // S = scale Q K^T  # [rows, n]
-          gemm(Trans::kNo, Trans::kYes, rows, n, D, static_cast<acc_t>(p.scale), Q, ldq, K, ldk, acc_t(0), S.data(), n);
-          transform_scores<acc_t>(p, g, 0, h, q0, q1, k0, kr.end, S.data(), n, nullptr);
-          int64_t ldv;
-          const acc_t* V = tile_as_acc<scalar_t, acc_t>(v_seq + k0 * p.v_sr, n, Dv, p.v_sr, v_buf.data(), &ldv);
-          const bool v_finite = tile_finite(V, n, Dv, ldv);
-          if (!v_finite) seen_keys(S.data(), rows * n, seen.data());
-          online_softmax_step(S.data(), rows, n, m.data(), l.data(), bad.data(), acc.data(), Dv);
-          if (p.dropout_threshold) {  // l keeps the undropped sum; only P V sees the dropout
-            dropout_factors<acc_t>(dp, 0, h, q0, rows, k0, n, drop.data());
-            for (int64_t e = 0; e < rows * n; ++e) S[e] *= drop[e];
-          }
-          // acc += P V  # [rows, Dv]; a non-finite value reaches exactly the rows that see it
-          if (v_finite) {
-            gemm(Trans::kNo, Trans::kNo, rows, Dv, n, acc_t(1), S.data(), n, V, ldv, acc_t(1), acc.data(), Dv);
-          } else {
-            add_pv_nonfinite(S.data(), seen.data(), rows, n, V, ldv, Dv, v_clean.data(), acc.data());
-          }
-        }
+        const acc_t* Q = tile_as_acc<scalar_t, acc_t>(q_seq + q0 * p.q_sr, rows, p.D, p.q_sr, w.q_buf.data(), &ldq);
+        for (const Range& kr : w.key_tiles)
+          forward_tile_step(p, dp, g, 0, h, q0, q1, kr.begin, kr.end, Q, ldq, k_seq + kr.begin * p.k_sr,
+                            v_seq + kr.begin * p.v_sr, online_softmax, w);
       }
-
-      out_t* o = out_data + ((pk.q_begin[s] + q0) * Hq + h) * Dv;
-      acc_t* row_lse = lse_data + h * total_q + pk.q_begin[s] + q0;
-      for (int64_t r = 0; r < rows; ++r) {
-        const bool seen = l[r] > acc_t(0);
-        const acc_t inv = seen ? acc_t(1) / l[r] : acc_t(0);
-        const acc_t* a = acc.data() + r * Dv;
-        out_t* orow = o + r * Hq * Dv;
-        for (int64_t c = 0; c < Dv; ++c) orow[c] = static_cast<out_t>(a[c] * inv);
-        row_lse[r] = seen ? m[r] + std::log(l[r]) : neg_inf;
-        if (bad[r]) {
-          for (int64_t c = 0; c < Dv; ++c) orow[c] = static_cast<out_t>(std::numeric_limits<float>::quiet_NaN());
-          row_lse[r] = std::numeric_limits<acc_t>::quiet_NaN();
-        }
-      }
+      w.finish(rows, out_data + ((pk.q_begin[s] + q0) * Hq + h) * p.Dv, Hq * p.Dv,
+               lse_data + h * total_q + pk.q_begin[s] + q0);
     }
   });
 }
@@ -351,20 +300,12 @@ void varlen_backward(const Params& p, const Packing& pk, int64_t seed, const at:
       varlen_forward<scalar_t, acc_t>(p, pk, seed, q, k, v, out_rec, lse_rec);
       rec_data = out_rec.const_data_ptr<acc_t>();
     }
-    const acc_t ulp = static_cast<acc_t>(static_cast<float>(std::numeric_limits<scalar_t>::epsilon()));
-    const acc_t tiny = static_cast<acc_t>(static_cast<float>(std::numeric_limits<scalar_t>::denorm_min()));
     at::parallel_for(0, total_q, 64, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i)
         for (int64_t h = 0; h < Hq; ++h) {
-          const scalar_t* o = out_data + (i * Hq + h) * Dv;
-          const scalar_t* d = dout_data + (i * Hq + h) * Dv;
-          const acc_t* o_rec = rec_data ? rec_data + (i * Hq + h) * Dv : nullptr;
-          bool rounded = o_rec != nullptr;  // out is the rounding of O (false for NaN, which then comes from out)
-          for (int64_t c = 0; rounded && c < Dv; ++c)
-            rounded = std::abs(static_cast<acc_t>(o[c]) - o_rec[c]) <= ulp * std::abs(o_rec[c]) + tiny;
-          acc_t sum = 0;
-          for (int64_t c = 0; c < Dv; ++c)
-            sum += (rounded ? o_rec[c] : static_cast<acc_t>(o[c])) * static_cast<acc_t>(d[c]);
+          const int64_t row = (i * Hq + h) * Dv;
+          acc_t sum = out_dot_dout<scalar_t, acc_t>(out_data + row, rec_data ? rec_data + row : nullptr,
+                                                    dout_data + row, Dv);
           if (dlse_data) sum -= static_cast<acc_t>(dlse_data[h * total_q + i]);
           delta[h * total_q + i] = sum;
         }
@@ -428,24 +369,8 @@ void varlen_backward(const Params& p, const Packing& pk, int64_t seed, const at:
   scalar_t* dv_data = dv.mutable_data_ptr<scalar_t>();  // (total_k, Hkv, Dv) contiguous
 
   parallel_balanced(task_cost, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> S(tile_q * tile_k), dP(tile_q * tile_k), dT, dk_acc(tile_k * D), dv_acc(tile_k * Dv);
-    if (p.softcap > 0) dT.resize(tile_q * tile_k);
-    std::vector<acc_t> drop, p_dropped;  // dropout factors and the dropped P of a tile
-    if (p.dropout_threshold) {
-      drop.resize(tile_q * tile_k);
-      p_dropped.resize(tile_q * tile_k);
-    }
-    std::vector<acc_t> q_buf, do_buf, k_buf, v_buf;  // converted tiles (bfloat16/half inputs only)
-    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-      q_buf.resize(tile_q * D);
-      do_buf.resize(tile_q * Dv);
-      k_buf.resize(tile_k * D);
-      v_buf.resize(tile_k * Dv);
-    }
-    std::vector<acc_t> k_clean(tile_k * D);  // a K tile without its non-finite entries (non-finite tiles only)
-    std::vector<int32_t> list_scratch;
-    std::vector<Range> query_tiles;
-
+    BackwardScratch<scalar_t, acc_t> w(p, tile_q, tile_k);
+    const auto no_dbias = [](const acc_t*) {};
     for (int64_t ti = begin; ti < end; ++ti) {
       const Task& task = tasks[ti];
       const int64_t s = task.seq, hk = task.hk, qb = pk.q_begin[s], kb = pk.k_begin[s];
@@ -454,84 +379,26 @@ void varlen_backward(const Params& p, const Packing& pk, int64_t seed, const at:
       const scalar_t* k_seq = k_data + kb * p.k_sr + hk * p.k_sh;
       const scalar_t* v_seq = v_data + kb * p.v_sr + hk * p.v_sh;
       for (int64_t t = task.t0; t < task.t1; ++t) {
-        const int64_t k0 = t * tile_k, k1 = std::min(g.klen, k0 + tile_k), n = k1 - k0;
-        int64_t ldk, ldv;
-        const acc_t* K = tile_as_acc<scalar_t, acc_t>(k_seq + k0 * p.k_sr, n, D, p.k_sr, k_buf.data(), &ldk);
-        const acc_t* V = tile_as_acc<scalar_t, acc_t>(v_seq + k0 * p.v_sr, n, Dv, p.v_sr, v_buf.data(), &ldv);
-        const bool k_finite = tile_finite(K, n, D, ldk);
-        std::fill(dk_acc.begin(), dk_acc.begin() + n * D, acc_t(0));
-        std::fill(dv_acc.begin(), dv_acc.begin() + n * Dv, acc_t(0));
-
+        const int64_t k0 = t * tile_k, k1 = std::min(g.klen, k0 + tile_k);
+        const BackwardKeyTile<acc_t> kt = w.load_keys(k0, k1, k_seq + k0 * p.k_sr, p.k_sr, v_seq + k0 * p.v_sr, p.v_sr);
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-          backward_query_tiles(p, g, 0, h, k0, k1, tile_q, list_scratch, query_tiles);  // the band, no BlockMask
+          backward_query_tiles(p, g, 0, h, k0, k1, tile_q, w.list_scratch, w.query_tiles);  // the band, no BlockMask
           const scalar_t* q_seq = q_data + qb * p.q_sr + h * p.q_sh;
           const scalar_t* do_seq = dout_data + (qb * Hq + h) * Dv;
+          const acc_t* lse_seq = lse_data + h * total_q + qb;
+          const auto probabilities = [&](int64_t i, acc_t* sr, int64_t n) {
+            probabilities_from_shift(sr, n, lse_seq[i], lse_seq[i] == neg_inf);
+          };
           acc_t* dq_rows = dq_acc_data + (seq_slot[s] + task.slot + (h - hk * group) * g.qlen) * D;
-          for (const Range& qr : query_tiles) {
-            const int64_t q0 = qr.begin, q1 = qr.end, rows = q1 - q0;
-            int64_t ldq, lddo;
-            const acc_t* Q = tile_as_acc<scalar_t, acc_t>(q_seq + q0 * p.q_sr, rows, D, p.q_sr, q_buf.data(), &ldq);
-            const acc_t* dO = tile_as_acc<scalar_t, acc_t>(do_seq + q0 * Hq * Dv, rows, Dv, Hq * Dv, do_buf.data(),
-                                                           &lddo);
-            // P = exp(S - lse)  # [rows, n]
-            gemm(Trans::kNo, Trans::kYes, rows, n, D, static_cast<acc_t>(p.scale), Q, ldq, K, ldk, acc_t(0), S.data(),
-                 n);
-            transform_scores<acc_t>(p, g, 0, h, q0, q1, k0, k1, S.data(), n, p.softcap > 0 ? dT.data() : nullptr);
-            for (int64_t r = 0; r < rows; ++r) {
-              acc_t* sr = S.data() + r * n;
-              const acc_t row_lse = lse_data[h * total_q + qb + q0 + r];
-              if (std::isnan(row_lse)) {  // a NaN row (non-finite visible input): NaN where it sees
-                for (int64_t j = 0; j < n; ++j)
-                  sr[j] = sr[j] == neg_inf ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
-              } else if (row_lse == neg_inf) {
-                std::fill(sr, sr + n, acc_t(0));
-              } else {
-                exp_shift(sr, n, row_lse);
-              }
-            }
-            // dQ = dS K on K without its non-finite entries: a row that sees one is NaN through dS already.
-            const acc_t* K_dq = K;
-            int64_t ldk_dq = ldk;
-            if (!k_finite) {
-              K_dq = finite_or_zero(K, n, D, ldk, k_clean.data());
-              ldk_dq = D;
-            }
-            const acc_t* P_for_dv = S.data();
-            if (p.dropout_threshold) {
-              dropout_factors<acc_t>(dp, 0, h, q0, rows, k0, n, drop.data());
-              for (int64_t e = 0; e < rows * n; ++e) p_dropped[e] = S[e] * drop[e];
-              P_for_dv = p_dropped.data();
-            }
-            // dV += P_dropped^T dO  # [n, Dv]
-            gemm(Trans::kYes, Trans::kNo, n, Dv, rows, acc_t(1), P_for_dv, n, dO, lddo, acc_t(1), dv_acc.data(), Dv);
-            // dP = (dO V^T) * dropout factors  # [rows, n]
-            gemm(Trans::kNo, Trans::kYes, rows, n, Dv, acc_t(1), dO, lddo, V, ldv, acc_t(0), dP.data(), n);
-            if (p.dropout_threshold) {
-              for (int64_t e = 0; e < rows * n; ++e) dP[e] *= drop[e];
-            }
-            // dS = P * (dP - delta), a selection where P = 0 (a hidden key) so a NaN dP stays out
-            for (int64_t r = 0; r < rows; ++r) {
-              const acc_t row_delta = delta[h * total_q + qb + q0 + r];
-              const acc_t* pr = S.data() + r * n;
-              acc_t* ds = dP.data() + r * n;
-              for (int64_t j = 0; j < n; ++j) ds[j] = pr[j] == acc_t(0) ? acc_t(0) : pr[j] * (ds[j] - row_delta);
-            }
-            if (p.softcap > 0) {  // the softcap chain rule, a selection again: dT is NaN on hidden NaN keys
-              for (int64_t e = 0; e < rows * n; ++e) dP[e] = dP[e] == acc_t(0) ? acc_t(0) : dP[e] * dT[e];
-            }
-            // dK += scale dS^T Q  # [n, D];  dQ += scale dS K  # [rows, D]
-            gemm(Trans::kYes, Trans::kNo, n, D, rows, static_cast<acc_t>(p.scale), dP.data(), n, Q, ldq, acc_t(1),
-                 dk_acc.data(), D);
-            gemm(Trans::kNo, Trans::kNo, rows, D, n, static_cast<acc_t>(p.scale), dP.data(), n, K_dq, ldk_dq,
-                 acc_t(1), dq_rows + q0 * D, D);
+          for (const Range& qr : w.query_tiles) {
+            const BackwardQueryTile<acc_t> qt = w.load_queries(qr.begin, qr.end, q_seq + qr.begin * p.q_sr, p.q_sr,
+                                                               do_seq + qr.begin * Hq * Dv, Hq * Dv);
+            backward_tile_step(p, dp, g, 0, h, kt, qt, delta.data() + h * total_q + qb, probabilities, no_dbias, w,
+                               dq_rows);
           }
         }
-        for (int64_t j = 0; j < n; ++j) {
-          scalar_t* dkr = dk_data + ((kb + k0 + j) * Hkv + hk) * D;
-          scalar_t* dvr = dv_data + ((kb + k0 + j) * Hkv + hk) * Dv;
-          for (int64_t c = 0; c < D; ++c) dkr[c] = static_cast<scalar_t>(dk_acc[j * D + c]);
-          for (int64_t c = 0; c < Dv; ++c) dvr[c] = static_cast<scalar_t>(dv_acc[j * Dv + c]);
-        }
+        w.store_dk_dv(k1 - k0, dk_data + ((kb + k0) * Hkv + hk) * D, Hkv * D, 1, dv_data + ((kb + k0) * Hkv + hk) * Dv,
+                      Hkv * Dv, 1);
       }
     }
   });

@@ -11,6 +11,8 @@
 
 #include <ATen/ATen.h>
 
+#include "checks.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -139,6 +141,24 @@ inline void set_dropout(Params& p, double dropout_p, int64_t seed) {
   p.dropout_threshold = std::max<uint32_t>(1, static_cast<uint32_t>(dropout_p * 16777216.0));
   p.dropout_key = dropout_key_from_seed(seed);
   p.dropout_scale = 1.0 / (1.0 - dropout_p);
+}
+
+// Sets the Params fields every op shares (all but the batch and the strides): sizes from s, scale, softcap,
+// dropout, and the window. |i + offset - j| <= Lq + Lk, so clamping the window there changes no visibility and
+// avoids overflow.
+inline void set_shape_and_options(Params& p, const AttentionShape& s, double scale, double softcap, double dropout_p,
+                                  int64_t seed, std::optional<int64_t> window_left,
+                                  std::optional<int64_t> window_right) {
+  p.Hq = s.heads_q, p.Hkv = s.heads_kv, p.Lq = s.seqlen_q, p.Lk = s.seqlen_k;
+  p.D = s.head_dim, p.Dv = s.head_dim_v, p.group = s.heads_q / s.heads_kv;
+  p.scale = scale;
+  p.softcap = softcap;
+  set_dropout(p, dropout_p, seed);
+  const int64_t bound = s.seqlen_q + s.seqlen_k + 1;
+  p.has_left = window_left.has_value();
+  p.has_right = window_right.has_value();
+  p.window_left = p.has_left ? std::clamp<int64_t>(*window_left, -bound, bound) : 0;
+  p.window_right = p.has_right ? std::clamp<int64_t>(*window_right, -bound, bound) : 0;
 }
 
 // Writes keep / (1 - p) (or 0) for rows [q0, q0 + rows) and keys [k0, k0 + n) of (b, h) into f (row stride n).

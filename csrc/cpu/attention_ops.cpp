@@ -60,20 +60,11 @@ Params make_params(const AttentionShape& s, const at::Tensor& q, const at::Tenso
                    int64_t block_size_k, double scale, std::optional<int64_t> window_left,
                    std::optional<int64_t> window_right, double softcap, double dropout_p, int64_t seed) {
   Params p;
-  p.B = s.batch, p.Hq = s.heads_q, p.Hkv = s.heads_kv, p.Lq = s.seqlen_q, p.Lk = s.seqlen_k;
-  p.D = s.head_dim, p.Dv = s.head_dim_v, p.group = s.heads_q / s.heads_kv;
+  p.B = s.batch;
+  set_shape_and_options(p, s, scale, softcap, dropout_p, seed, window_left, window_right);
   p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_sr = q.stride(2);
   p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_sr = k.stride(2);
   p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_sr = v.stride(2);
-  p.scale = scale;
-  p.softcap = softcap;
-  set_dropout(p, dropout_p, seed);
-  // |i + offset - j| <= Lq + Lk, so clamping the window there changes no visibility and avoids overflow.
-  const int64_t bound = s.seqlen_q + s.seqlen_k + 1;
-  p.has_left = window_left.has_value();
-  p.has_right = window_right.has_value();
-  p.window_left = p.has_left ? std::clamp<int64_t>(*window_left, -bound, bound) : 0;
-  p.window_right = p.has_right ? std::clamp<int64_t>(*window_right, -bound, bound) : 0;
   if (key_lengths.has_value()) {
     p.key_lengths = key_lengths->const_data_ptr<int32_t>();
     p.key_lengths_s = key_lengths->stride(0);

@@ -101,20 +101,11 @@ Params make_params(const AttentionShape& s, const at::Tensor& q, const at::Tenso
                    std::optional<int64_t> window_right, double softcap, double dropout_p, int64_t seed) {
   check_scalars(scale, softcap, dropout_p);
   Params p;
-  p.B = 1, p.Hq = s.heads_q, p.Hkv = s.heads_kv, p.Lq = s.seqlen_q, p.Lk = s.seqlen_k;
-  p.D = s.head_dim, p.Dv = s.head_dim_v, p.group = s.heads_q / s.heads_kv;
+  p.B = 1;  // packed: s's lengths are the totals, which bound every sequence's window too
+  set_shape_and_options(p, s, scale, softcap, dropout_p, seed, window_left, window_right);
   p.q_sh = q.stride(1), p.q_sr = q.stride(0);
   p.k_sh = k.stride(1), p.k_sr = k.stride(0);
   p.v_sh = v.stride(1), p.v_sr = v.stride(0);
-  p.scale = scale;
-  p.softcap = softcap;
-  set_dropout(p, dropout_p, seed);
-  // |i + offset - j| <= total_q + total_k within any sequence: clamping there changes no visibility.
-  const int64_t bound = s.seqlen_q + s.seqlen_k + 1;
-  p.has_left = window_left.has_value();
-  p.has_right = window_right.has_value();
-  p.window_left = p.has_left ? std::clamp<int64_t>(*window_left, -bound, bound) : 0;
-  p.window_right = p.has_right ? std::clamp<int64_t>(*window_right, -bound, bound) : 0;
   if (alibi_slopes.has_value()) {
     const at::Tensor& a = *alibi_slopes;
     check_same_device(a, q, "alibi_slopes");

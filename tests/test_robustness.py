@@ -943,17 +943,17 @@ def test_fuzz_found_cpu_bf16_dq_of_a_row_with_one_visible_key():
 
 
 # The one open Triton family: float16, a row with at most one visible key, dropout, an lse gradient.
-_TRITON_DELTA_CASE = Case(dtype=torch.float16, B=2, Hkv=2, group=2, Lq=9, Lk=1, D=16, Dv=16, layout="contiguous",
+_TRITON_DELTA_CASE = Case(dtype=torch.float16, B=1, Hkv=1, group=1, Lq=32, Lk=1, D=16, Dv=16, layout="contiguous",
                           band="window", window=(2, 3), alibi=False, softcap=2.5, mask="none", mask_shape="full",
                           mask_grad=False, block="none", block_size=(0, 0), key_lengths=False, query_lengths=False,
-                          dropout_p=0.3, lse_grad=True, poison="none", seed=9)
+                          dropout_p=0.3, lse_grad=True, poison="none", seed=19)
 
 
 @pytest.mark.interpreter
 def test_fuzz_found_triton_fp16_dq_of_a_row_with_one_visible_key_is_within_the_delta_rounding_bound():
     # The Triton 16-bit backward takes delta = rowsum(dO * O) from the rounded output unless a mask gradient
     # is asked (docs/perf-notes.md). A row that sees one key keeps only that rounding in dS, where the
-    # reference is exact, so the plain rule fails (dq error 2.25e-3 > 1.87e-3 allowed) and the fuzzer adds
+    # reference is exact, so the plain rule fails (dq error 1.87e-3 > 1.23e-3 allowed) and the fuzzer adds
     # tests/tolerance.py's delta_rounding_bound for exactly this backend and case.
     _usable("triton")
     with pytest.raises(AssertionError, match="dq: max error"):
@@ -971,9 +971,8 @@ def test_fuzz_found_triton_fp16_dq_of_a_row_with_one_visible_key_is_within_the_d
     dq_bound, dk_bound = delta_rounding_bound(q, k, v, out, dout, keep, **kwargs)
     inputs = normalize(*(t.detach().double() for t in (q, k, v)), **kwargs)
     p, _ = reference.probabilities(inputs)
-    o_abs = (p * keep / (1 - inputs.dropout_p)) @ v.detach().double().abs().repeat_interleave(2, dim=1)
-    size = inputs.scale * (dout.double().abs() * o_abs).sum(-1, keepdim=True) * (p @ k.detach().double().abs()
-                                                                                   .repeat_interleave(2, dim=1))
+    o_abs = (p * keep / (1 - inputs.dropout_p)) @ v.detach().double().abs()
+    size = inputs.scale * (dout.double().abs() * o_abs).sum(-1, keepdim=True) * (p @ k.detach().double().abs())
     seen = size > 0
     assert seen.any() and (dq_bound[~seen] == 0).all() and (dk_bound >= 0).all()
     ratio = dq_bound[seen] / size[seen]

@@ -898,7 +898,7 @@ def test_triton_split_kv_merges_rows_masked_entirely_at_the_dtype_minimum(Lq):
     from fastattn.backends.triton import ensure_kernels_importable
 
     ensure_kernels_importable()
-    from fastattn.triton_kernels.attention_fwd import attention_fwd
+    from fastattn.triton_kernels.attention_fwd import MaskArgs, attention_fwd
 
     g = torch.Generator().manual_seed(3)
     q = torch.randn(1, 4, Lq, 16, generator=g)
@@ -908,7 +908,7 @@ def test_triton_split_kv_merges_rows_masked_entirely_at_the_dtype_minimum(Lq):
     mask[:, 1, 2, 30:] = -1e5
     want, want_lse = reference.attention(q.double(), k.double(), v.double(), attn_mask=mask.double(), return_lse=True)
     for splits in (1, 3):
-        out, lse = attention_fwd(q, k, v, attn_mask=mask, scale=16**-0.5, num_splits=splits)
+        out, lse = attention_fwd(q, k, v, MaskArgs(attn_mask=mask), scale=16**-0.5, num_splits=splits)
         torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lse.double(), want_lse.float().double(), atol=1e-5, rtol=1e-6)
 

@@ -166,11 +166,15 @@ def compile_launches(dtype_name: str, head_dim: int, features: set[str], length:
     if "varlen" in features:  # the same features on packed sequences (lengths 0 and 1 among them)
         _compile_varlen(dtype, head_dim, Hq, Hkv, kwargs)
         return compiled
+    # The launchers take the mask arguments as one MaskArgs, the scale and dropout as keywords.
+    fields = fwd_module.MaskArgs._fields
+    mask_args = fwd_module.MaskArgs(**{key: val for key, val in {**kwargs, **lists}.items() if key in fields})
+    rest = {key: val for key, val in kwargs.items() if key not in fields}
     if "nofwd" not in features:
-        attention_fwd(q, k, v, **kwargs)
+        attention_fwd(q, k, v, mask_args, **rest)
     out, lse = torch.zeros(B, Hq, L, head_dim, dtype=dtype), torch.zeros(B, Hq, L)
     dbias = "floatmask" in features and "nodbias" not in features
-    attention_bwd(torch.randn_like(out), q, k, v, out, lse, **kwargs, **lists, compute_dbias=dbias)
+    attention_bwd(torch.randn_like(out), q, k, v, out, lse, mask_args, **rest, compute_dbias=dbias)
     return compiled
 
 

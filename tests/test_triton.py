@@ -27,7 +27,7 @@ triton = pytest.importorskip("triton")
 ensure_kernels_importable()  # a source tree built in place (the GPU check) has no installed mapping
 
 from fastattn.triton_kernels import configs  # noqa: E402
-from fastattn.triton_kernels.attention_fwd import attention_fwd, fwd_tiles  # noqa: E402
+from fastattn.triton_kernels.attention_fwd import MaskArgs, attention_fwd, fwd_tiles  # noqa: E402
 
 pytestmark = pytest.mark.interpreter
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -445,9 +445,8 @@ def test_forward_visits_only_visible_key_blocks(Lq, Lk, window):
     block_m, block_n = fwd_tiles(q, v)
     num_m = math.ceil(Lq / block_m)
     counter = torch.full((num_m,), -1, dtype=torch.int32, device=DEVICE)
-    out, _ = attention_fwd(
-        q, k, v, scale=0.25, window_left=window[0], window_right=window[1], block_counter=counter
-    )
+    out, _ = attention_fwd(q, k, v, MaskArgs(window_left=window[0], window_right=window[1]), scale=0.25,
+                           block_counter=counter)
     inputs = fastattn._inputs.normalize(q, k, v, window_override=window)
     visible = reference.visible_mask(inputs)[0, 0]
     padded = torch.zeros(num_m * block_m, math.ceil(Lk / block_n) * block_n, dtype=torch.bool, device=DEVICE)
@@ -472,11 +471,9 @@ def test_forward_visits_only_listed_block_mask_tiles(block_size):
     lists, bq, bk = block_args(inputs)
     num_m = math.ceil(L / bq)
     counter = torch.full((B * H * num_m,), -1, dtype=torch.int32, device=DEVICE)
-    out, _ = attention_fwd(
-        q, k, v, attn_mask=effective_attn_mask(inputs), kv_num_blocks=lists[0], kv_indices=lists[1],
-        full_kv_num_blocks=lists[2], full_kv_indices=lists[3], block_size_q=bq, block_size_k=bk,
-        scale=inputs.scale, block_counter=counter,
-    )
+    masks_ = MaskArgs(attn_mask=effective_attn_mask(inputs), kv_num_blocks=lists[0], kv_indices=lists[1],
+                      full_kv_num_blocks=lists[2], full_kv_indices=lists[3], block_size_q=bq, block_size_k=bk)
+    out, _ = attention_fwd(q, k, v, masks_, scale=inputs.scale, block_counter=counter)
     padded = torch.zeros(B, H, num_m * bq, math.ceil(L / bk) * bk, dtype=torch.bool, device=DEVICE)
     padded[..., :L, :L] = dense
     tiles = padded.view(B, H, num_m, bq, -1, bk).any(dim=5).any(dim=3)  # (B, H, num_m, num_n)
@@ -540,8 +537,8 @@ def test_launcher_refuses_block_sizes_that_cannot_be_tiles():
     q, k, v = qkv(1, 1, 1, 30, 30, 16, requires_grad=False)
     lists = BlockMask.from_dense(torch.ones(30, 30, dtype=torch.bool, device=DEVICE), block_size=24).kv_lists
     with pytest.raises(ValueError, match="block_size_q and block_size_k"):
-        attention_fwd(q, k, v, scale=0.25, kv_num_blocks=lists[0], kv_indices=lists[1], full_kv_num_blocks=lists[2],
-                      full_kv_indices=lists[3], block_size_q=24, block_size_k=24)
+        attention_fwd(q, k, v, MaskArgs(kv_num_blocks=lists[0], kv_indices=lists[1], full_kv_num_blocks=lists[2],
+                                        full_kv_indices=lists[3], block_size_q=24, block_size_k=24), scale=0.25)
 
 
 def test_interpreter_is_not_auto_selected():

@@ -36,13 +36,14 @@ def launch(fwd_args: list, num_splits: int | None, block_counter=None):
     """``attention_fwd`` on the op arguments ``op_args`` gives (FWD_SCHEMA order)."""
     (q, k, v, attn_mask, alibi, klen, qlen, kv_num, kv_idx, full_num, full_idx, partial, tile_ids,
      bq, bk, scale, left, right, softcap, dropout_p, seed) = fwd_args
-    return fwd.attention_fwd(
-        q, k, v, attn_mask=attn_mask, alibi_slopes=alibi, key_lengths=klen, query_lengths=qlen,
+    masks = fwd.MaskArgs(
+        attn_mask=attn_mask, alibi_slopes=alibi, key_lengths=klen, query_lengths=qlen,
         kv_num_blocks=kv_num, kv_indices=kv_idx, full_kv_num_blocks=full_num, full_kv_indices=full_idx,
-        partial_masks=partial, partial_tile_ids=tile_ids, block_size_q=bq, block_size_k=bk, scale=scale,
-        window_left=left, window_right=right, softcap=softcap, dropout_p=dropout_p, seed=seed,
-        num_splits=num_splits, block_counter=block_counter,
+        partial_masks=partial, partial_tile_ids=tile_ids, block_size_q=bq, block_size_k=bk,
+        window_left=left, window_right=right, softcap=softcap,
     )
+    return fwd.attention_fwd(q, k, v, masks, scale=scale, dropout_p=dropout_p, seed=seed, num_splits=num_splits,
+                             block_counter=block_counter)
 
 
 def check_split(q, k, v, num_splits: int, **kwargs):

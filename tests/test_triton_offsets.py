@@ -86,16 +86,17 @@ def _compile_all() -> list[dict]:
     torch.library.wrap_triton = lambda kernel: Compile(kernel, case)
     B, Hq, L, D = 1, 4, 300, 32
     q, k, v = (torch.randn(B, Hq, L, D, dtype=F16) for _ in range(3))
-    common = dict(scale=D**-0.5, alibi_slopes=torch.rand(B, Hq), key_lengths=torch.tensor([250], dtype=torch.int32),
+    common = dict(alibi_slopes=torch.rand(B, Hq), key_lengths=torch.tensor([250], dtype=torch.int32),
                   query_lengths=torch.tensor([200], dtype=torch.int32))
     case[0] = "dense: float mask, alibi, lengths, dropout, causal"
-    fwd.attention_fwd(q, k, v, attn_mask=torch.randn(L, L, dtype=F16).expand(B, Hq, L, L), window_right=0,
-                      dropout_p=0.1, seed=3, **common)
+    fwd.attention_fwd(q, k, v, fwd.MaskArgs(attn_mask=torch.randn(L, L, dtype=F16).expand(B, Hq, L, L),
+                                            window_right=0, **common), scale=D**-0.5, dropout_p=0.1, seed=3)
     case[0] = "decode: GQA packed, bool mask, alibi, lengths, 3 splits"
     kv = torch.randn(B, 1, L, D, dtype=F16)
-    fwd.attention_fwd(q[:, :, :1], kv, kv, attn_mask=(torch.rand(B, Hq, 1, L) > 0.5), num_splits=3, **common)
+    fwd.attention_fwd(q[:, :, :1], kv, kv, fwd.MaskArgs(attn_mask=(torch.rand(B, Hq, 1, L) > 0.5), **common),
+                      scale=D**-0.5, num_splits=3)
     case[0] = "softcap"
-    fwd.attention_fwd(q, k, v, scale=D**-0.5, softcap=20.0)
+    fwd.attention_fwd(q, k, v, fwd.MaskArgs(softcap=20.0), scale=D**-0.5)
     case[0] = "no softcap"
     fwd.attention_fwd(q, k, v, scale=D**-0.5)
     case[0] = "dropout pattern"
@@ -165,7 +166,7 @@ def test_rows_past_int32_offsets_are_read_right(sparse_storage):
     mask = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.0, 0.0], [0.0, -2.0, 1.0]])
     strided_mask = sparse_storage[4 * D:].as_strided((1, 1, L, L), (0, 0, row, 1))
     strided_mask.copy_(mask)
-    out, lse = fwd.attention_fwd(q, k, v, attn_mask=strided_mask, scale=D**-0.5)
+    out, lse = fwd.attention_fwd(q, k, v, fwd.MaskArgs(attn_mask=strided_mask), scale=D**-0.5)
     want, want_lse = reference.attention(*(t.double().contiguous() for t in (q, k, v)), attn_mask=mask.double(),
                                          return_lse=True)
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)

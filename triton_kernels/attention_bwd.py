@@ -39,6 +39,8 @@ import triton.language as tl
 
 from . import configs
 from .attention_fwd import (
+    NO_MASKS,
+    MaskArgs,
     _dropout_keep,
     _key_block_range,
     _partial_tile_mask,
@@ -767,27 +769,9 @@ def attention_bwd(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
+    masks: MaskArgs = NO_MASKS,
     *,
-    attn_mask: torch.Tensor | None = None,
-    alibi_slopes: torch.Tensor | None = None,
-    key_lengths: torch.Tensor | None = None,
-    query_lengths: torch.Tensor | None = None,
-    kv_num_blocks: torch.Tensor | None = None,
-    kv_indices: torch.Tensor | None = None,
-    full_kv_num_blocks: torch.Tensor | None = None,
-    full_kv_indices: torch.Tensor | None = None,
-    q_num_blocks: torch.Tensor | None = None,
-    q_indices: torch.Tensor | None = None,
-    full_q_num_blocks: torch.Tensor | None = None,
-    full_q_indices: torch.Tensor | None = None,
-    partial_masks: torch.Tensor | None = None,
-    partial_tile_ids: torch.Tensor | None = None,
-    block_size_q: int = 0,
-    block_size_k: int = 0,
     scale: float,
-    window_left: int | None = None,
-    window_right: int | None = None,
-    softcap: float = 0.0,
     dropout_p: float = 0.0,
     seed: int = 0,
     compute_dbias: bool = False,
@@ -795,17 +779,20 @@ def attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the three backward kernels.
 
-    Args: as :func:`attention_fwd`, plus ``dout (B, Hq, Lq, DV)``, the forward's ``out`` and ``lse``,
-    the BlockMask's transposed lists, ``compute_dbias`` (gradient w.r.t. an additive attn_mask) and
-    ``dlse`` (float32 ``(B, Hq, Lq)``, the gradient w.r.t. ``lse``, or None).
+    Args: as :func:`attention_fwd` (``masks`` with the BlockMask's transposed lists), plus
+    ``dout (B, Hq, Lq, DV)``, the forward's ``out`` and ``lse``, ``compute_dbias`` (gradient w.r.t. an
+    additive ``masks.attn_mask``) and ``dlse`` (float32 ``(B, Hq, Lq)``, the gradient w.r.t. ``lse``, or None).
 
     Returns:
         ``dq``, ``dk``, ``dv`` (dtypes and shapes of q, k, v) and ``dbias`` in the mask's dtype and
         own shape (size 1 where ``attn_mask`` has size 1 or stride 0) when ``compute_dbias`` (an
         empty tensor otherwise).
     """
-    check_inputs(q, k, v, block_size_q, block_size_k, kv_num_blocks is not None)
+    check_inputs(q, k, v, masks.block_size_q, masks.block_size_k, masks.use_block_mask)
     q, k, v, out, dout = (last_dim_contiguous(t) for t in (q, k, v, out, dout))
+    attn_mask, alibi_slopes, partial_masks = masks.attn_mask, masks.alibi_slopes, masks.partial_masks
+    window_left, window_right, softcap = masks.window_left, masks.window_right, masks.softcap
+    block_size_q, block_size_k = masks.block_size_q, masks.block_size_k
     B, Hq, Lq, D = q.shape
     Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
     dq = torch.empty_like(q)
@@ -849,25 +836,19 @@ def attention_bwd(
         # With an additive mask the kernels take P from per-row (shift, log2 normaliser) pairs: (lse, 0), or
         # (m, log2(l)) recomputed for rows whose lse is too large to keep log(l) in float32; the normaliser
         # enters as dO (and dlse) scaled by 2^-norm (see _load_row_stats), exactly 1 in the other rows.
-        lse = attention_row_stats(
-            q, k, v, lse, attn_mask=attn_mask, alibi_slopes=alibi_slopes, key_lengths=key_lengths,
-            query_lengths=query_lengths, kv_num_blocks=kv_num_blocks, kv_indices=kv_indices,
-            full_kv_num_blocks=full_kv_num_blocks, full_kv_indices=full_kv_indices, partial_masks=partial_masks,
-            partial_tile_ids=partial_tile_ids, block_size_q=block_size_q, block_size_k=block_size_k, scale=scale,
-            window_left=window_left, window_right=window_right, softcap=softcap,
-        )
+        lse = attention_row_stats(q, k, v, lse, masks, scale=scale)
         row_scale = torch.exp2(-lse[:, :, 1])  # (B, Hq, Lq)
         dout = (dout * row_scale[..., None]).to(dout.dtype)
         if dlse is not None:
             dlse = dlse * row_scale
     delta, tol = row_delta(out, dout, exact=compute_dbias)
 
-    lengths = both_lengths(key_lengths, query_lengths, B, Lq, Lk, q.device)
-    element = element_mask_args(attn_mask, partial_masks, partial_tile_ids, block_size_k)
+    lengths = both_lengths(masks.key_lengths, masks.query_lengths, B, Lq, Lk, q.device)
+    element = element_mask_args(attn_mask, partial_masks, masks.partial_tile_ids, block_size_k)
     flags = feature_flags(element["p_mask"], alibi_slopes, lengths, window_left, window_right, softcap, dropout_p)
     # The same tanh as the forward, so P is recomputed from the very scores its lse came from.
     flags["HAS_SOFTCAP"] = softcap_flag(softcap, q.dtype)
-    use_block_mask = kv_num_blocks is not None
+    use_block_mask = masks.use_block_mask
     precision, dot_fp32 = dot_settings(q.dtype)
     bound = Lq + Lk + 1
     flags["USE_TMA"] = configs.tma_tiles("dq", max(block_d, block_dv), q.element_size()) and use_tensor_descriptors(
@@ -890,10 +871,11 @@ def attention_bwd(
         BLOCK_D=block_d, BLOCK_DV=block_dv, **flags, USE_BLOCK_MASK=use_block_mask,
         DOT_PRECISION=precision, DOT_FP32=dot_fp32,
     )
-    q_num_strides, q_idx_strides = list_strides(q_num_blocks, q_indices)
+    q_num_strides, q_idx_strides = list_strides(masks.q_num_blocks, masks.q_indices)
     dkdv_args = dict(
         common, p_dk=dk, p_dv=dv, p_dbias=dbias,
-        p_q_num=q_num_blocks, p_q_idx=q_indices, p_full_num=full_q_num_blocks, p_full_idx=full_q_indices,
+        p_q_num=masks.q_num_blocks, p_q_idx=masks.q_indices, p_full_num=masks.full_q_num_blocks,
+        p_full_idx=masks.full_q_indices,
         stride_dkb=dk.stride(0), stride_dkh=dk.stride(1), stride_dkn=dk.stride(2),
         stride_dvb=dv.stride(0), stride_dvh=dv.stride(1), stride_dvn=dv.stride(2),
         **{f"stride_dbias_{d}": dbias.stride(i) if compute_dbias and dbias.shape[i] > 1 else 0
@@ -902,10 +884,11 @@ def attention_bwd(
         stride_idx_b=q_idx_strides[0], stride_idx_h=q_idx_strides[1], stride_idx_n=q_idx_strides[2],
         COMPUTE_DBIAS=dbias_mode,
     )
-    kv_num_strides, kv_idx_strides = list_strides(kv_num_blocks, kv_indices)
+    kv_num_strides, kv_idx_strides = list_strides(masks.kv_num_blocks, masks.kv_indices)
     dq_args = dict(
         common, p_dq=dq, p_tol=tol,
-        p_kv_num=kv_num_blocks, p_kv_idx=kv_indices, p_full_num=full_kv_num_blocks, p_full_idx=full_kv_indices,
+        p_kv_num=masks.kv_num_blocks, p_kv_idx=masks.kv_indices, p_full_num=masks.full_kv_num_blocks,
+        p_full_idx=masks.full_kv_indices,
         stride_dqb=dq.stride(0), stride_dqh=dq.stride(1), stride_dqm=dq.stride(2),
         stride_num_b=kv_num_strides[0], stride_num_h=kv_num_strides[1], stride_num_m=kv_num_strides[2],
         stride_idx_b=kv_idx_strides[0], stride_idx_h=kv_idx_strides[1], stride_idx_m=kv_idx_strides[2],

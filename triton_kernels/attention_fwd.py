@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -830,17 +831,64 @@ def empty_output(q: torch.Tensor, head_dim_v: int) -> torch.Tensor:
     return q.new_empty((B, Hq, Lq, head_dim_v))
 
 
+class MaskArgs(NamedTuple):
+    """What a call lets each query row see, and how its scores are shaped: the mask, lengths,
+    BlockMask, window and softcap arguments of :func:`attention_fwd`, :func:`attention_row_stats` and
+    ``attention_bwd``, built once per call (``fastattn/backends/triton.py``).
+
+    Attributes:
+        attn_mask: bool or float ``(B, Hq, Lq, Lk)`` (zero strides allowed), or None.
+        alibi_slopes: float32 ``(B, Hq)``, or None.
+        key_lengths, query_lengths: int32 ``(B,)``, or None.
+        kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices: the BlockMask's lists per query
+            block (forward and dQ), or None.
+        q_num_blocks, q_indices, full_q_num_blocks, full_q_indices: its transposed lists per key block
+            (dK/dV; the forward ignores them), or None.
+        partial_masks, partial_tile_ids: the BlockMask's per-tile element masks (instead of attn_mask).
+        block_size_q, block_size_k: the BlockMask's tiles (powers of two in [16, 128]); 0 without one.
+        window_left, window_right: the band around the bottom-right diagonal; None is unbounded.
+        softcap: ``softcap * tanh(s / softcap)`` on the scores when > 0.
+    """
+
+    attn_mask: torch.Tensor | None = None
+    alibi_slopes: torch.Tensor | None = None
+    key_lengths: torch.Tensor | None = None
+    query_lengths: torch.Tensor | None = None
+    kv_num_blocks: torch.Tensor | None = None
+    kv_indices: torch.Tensor | None = None
+    full_kv_num_blocks: torch.Tensor | None = None
+    full_kv_indices: torch.Tensor | None = None
+    q_num_blocks: torch.Tensor | None = None
+    q_indices: torch.Tensor | None = None
+    full_q_num_blocks: torch.Tensor | None = None
+    full_q_indices: torch.Tensor | None = None
+    partial_masks: torch.Tensor | None = None
+    partial_tile_ids: torch.Tensor | None = None
+    block_size_q: int = 0
+    block_size_k: int = 0
+    window_left: int | None = None
+    window_right: int | None = None
+    softcap: float = 0.0
+
+    @property
+    def use_block_mask(self) -> bool:
+        return self.kv_num_blocks is not None
+
+
+NO_MASKS = MaskArgs()  # a call that sees every key
+
+
 def _kernel_args(
-    q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_blocks, kv_indices, full_kv_num_blocks,
-    full_kv_indices, partial_masks, partial_tile_ids, block_size_k, scale, window_left, window_right, softcap,
-    dropout_p, seed, block_counter, out,
+    q, k, v, masks: MaskArgs, scale, dropout_p, seed, block_counter, out,
 ) -> tuple[dict, dict]:
     """The forward kernel's arguments but for its output and tiles, and its feature flags (arguments
     as :func:`attention_fwd`; ``out`` only decides ``USE_TMA``, None when nothing is written)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
-    lengths = both_lengths(key_lengths, query_lengths, B, Lq, Lk, q.device)
-    element = element_mask_args(attn_mask, partial_masks, partial_tile_ids, block_size_k)
+    alibi_slopes, window_left, window_right, softcap = masks.alibi_slopes, masks.window_left, masks.window_right, masks.softcap
+    kv_num_blocks, kv_indices = masks.kv_num_blocks, masks.kv_indices
+    lengths = both_lengths(masks.key_lengths, masks.query_lengths, B, Lq, Lk, q.device)
+    element = element_mask_args(masks.attn_mask, masks.partial_masks, masks.partial_tile_ids, masks.block_size_k)
     flags = feature_flags(element["p_mask"], alibi_slopes, lengths, window_left, window_right, softcap, dropout_p)
     flags["HAS_SOFTCAP"] = softcap_flag(softcap, q.dtype)
     flags["USE_TMA"] = use_tensor_descriptors(q, k, v, *([out] if out is not None else []))
@@ -850,8 +898,8 @@ def _kernel_args(
     args = dict(
         p_q=q, p_k=k, p_v=v, p_alibi=alibi_slopes,
         p_klen=lengths[0] if lengths else None, p_qlen=lengths[1] if lengths else None,
-        p_kv_num=kv_num_blocks, p_kv_idx=kv_indices, p_full_num=full_kv_num_blocks, p_full_idx=full_kv_indices,
-        p_counter=block_counter,
+        p_kv_num=kv_num_blocks, p_kv_idx=kv_indices, p_full_num=masks.full_kv_num_blocks,
+        p_full_idx=masks.full_kv_indices, p_counter=block_counter,
         Hq=Hq, GROUP=Hq // Hkv, Lq=Lq, Lk=Lk, D=D, DV=DV,
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qm=q.stride(2),
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
@@ -875,23 +923,9 @@ def attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    masks: MaskArgs = NO_MASKS,
     *,
-    attn_mask: torch.Tensor | None = None,
-    alibi_slopes: torch.Tensor | None = None,
-    key_lengths: torch.Tensor | None = None,
-    query_lengths: torch.Tensor | None = None,
-    kv_num_blocks: torch.Tensor | None = None,
-    kv_indices: torch.Tensor | None = None,
-    full_kv_num_blocks: torch.Tensor | None = None,
-    full_kv_indices: torch.Tensor | None = None,
-    partial_masks: torch.Tensor | None = None,
-    partial_tile_ids: torch.Tensor | None = None,
-    block_size_q: int = 0,
-    block_size_k: int = 0,
     scale: float,
-    window_left: int | None = None,
-    window_right: int | None = None,
-    softcap: float = 0.0,
     dropout_p: float = 0.0,
     seed: int = 0,
     block_counter: torch.Tensor | None = None,
@@ -901,11 +935,8 @@ def attention_fwd(
 
     Args:
         q: ``(B, Hq, Lq, D)``; k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, DV)``; any strides.
-        attn_mask: bool or float ``(B, Hq, Lq, Lk)`` (zero strides allowed), or None.
-        alibi_slopes: float32 ``(B, Hq)``. key_lengths, query_lengths: int32 ``(B,)``.
-        kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices: BlockMask forward lists.
-        partial_masks, partial_tile_ids: the BlockMask's per-tile element masks (instead of attn_mask).
-        block_size_q, block_size_k: the BlockMask's tiles (powers of two in [16, 128]); 0 without one.
+        masks: the call's masks, lengths, BlockMask, window and softcap (:class:`MaskArgs`).
+        scale: the scores' scale. dropout_p, seed: dropout on the probabilities and its pattern's seed.
         block_counter: optional int32 buffer, one entry per program (``splits * B * heads *
             row_blocks``), that receives the number of key blocks each program visits (pins the
             untuned config; for tests).
@@ -915,7 +946,7 @@ def attention_fwd(
     Returns:
         ``out (B, Hq, Lq, DV)`` in q's dtype and dim order, and ``lse (B, Hq, Lq)`` float32.
     """
-    check_inputs(q, k, v, block_size_q, block_size_k, kv_num_blocks is not None)
+    check_inputs(q, k, v, masks.block_size_q, masks.block_size_k, masks.use_block_mask)
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be at least 1 (or None to choose), got {num_splits}")
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
@@ -925,12 +956,8 @@ def attention_fwd(
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     if B * Hq * Lq == 0:
         return out, lse
-    args, flags = _kernel_args(
-        q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_blocks, kv_indices,
-        full_kv_num_blocks, full_kv_indices, partial_masks, partial_tile_ids, block_size_k, scale,
-        window_left, window_right, softcap, dropout_p, seed, block_counter, out,
-    )
-    use_block_mask = kv_num_blocks is not None
+    args, flags = _kernel_args(q, k, v, masks, scale, dropout_p, seed, block_counter, out)
+    use_block_mask, block_size_q, block_size_k = masks.use_block_mask, masks.block_size_q, masks.block_size_k
     block_d, block_dv = head_dim_tile(D), head_dim_tile(DV)
     final = dict(
         p_out=out, p_lse=lse, stride_os=0, stride_ob=out.stride(0), stride_oh=out.stride(1),
@@ -995,28 +1022,14 @@ def attention_row_stats(
     k: torch.Tensor,
     v: torch.Tensor,
     lse: torch.Tensor,
+    masks: MaskArgs,
     *,
-    attn_mask: torch.Tensor,
-    alibi_slopes: torch.Tensor | None = None,
-    key_lengths: torch.Tensor | None = None,
-    query_lengths: torch.Tensor | None = None,
-    kv_num_blocks: torch.Tensor | None = None,
-    kv_indices: torch.Tensor | None = None,
-    full_kv_num_blocks: torch.Tensor | None = None,
-    full_kv_indices: torch.Tensor | None = None,
-    partial_masks: torch.Tensor | None = None,
-    partial_tile_ids: torch.Tensor | None = None,
-    block_size_q: int = 0,
-    block_size_k: int = 0,
     scale: float,
-    window_left: int | None = None,
-    window_right: int | None = None,
-    softcap: float = 0.0,
 ) -> torch.Tensor:
     """The backward's row statistics for a call with an additive mask (the kernel's ``ROW_STATS``).
 
-    Args: as :func:`attention_fwd` (``attn_mask`` or ``partial_masks`` additive, no dropout), plus the
-    forward's ``lse (B, Hq, Lq)`` float32.
+    Args: as :func:`attention_fwd` (``masks.attn_mask`` or ``masks.partial_masks`` additive, no dropout),
+    plus the forward's ``lse (B, Hq, Lq)`` float32.
 
     Returns:
         ``stats (B, Hq, 2, Lq)`` float32: per row a shift ``c`` and a log2 normaliser ``g`` with
@@ -1027,16 +1040,13 @@ def attention_row_stats(
     stats = torch.stack((lse, torch.zeros_like(lse)), dim=2)
     if B * Hq * Lq * k.shape[2] == 0:
         return stats
-    args, flags = _kernel_args(
-        q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_blocks, kv_indices,
-        full_kv_num_blocks, full_kv_indices, partial_masks, partial_tile_ids, block_size_k, scale,
-        window_left, window_right, softcap, 0.0, 0, None, None,
-    )
+    args, flags = _kernel_args(q, k, v, masks, scale, 0.0, 0, None, None)
     head_dim = max(head_dim_tile(D), head_dim_tile(v.shape[3]))
     sub_m = sub_n = 1
-    if kv_num_blocks is not None:
-        meta = configs.block_mask_config("fwd", head_dim, block_size_q, block_size_k, q.element_size(), flags)
-        sub_m, sub_n = block_size_q // meta["BLOCK_M"], block_size_k // meta["BLOCK_N"]
+    if masks.use_block_mask:
+        bq, bk = masks.block_size_q, masks.block_size_k
+        meta = configs.block_mask_config("fwd", head_dim, bq, bk, q.element_size(), flags)
+        sub_m, sub_n = bq // meta["BLOCK_M"], bk // meta["BLOCK_N"]
     else:
         meta = configs.pinned_config("fwd", head_dim, q.element_size(), flags)
     torch.library.wrap_triton(attention_fwd_kernel)[(triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq, 1)](

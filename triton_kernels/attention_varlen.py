@@ -68,11 +68,16 @@ def _fwd_key_blocks(
     kernel's step with the sequence's lengths (batch 0: dropout is keyed by ``seed_s``)."""
     for i_n in range(n_start, n_end):
         b_acc, b_l, b_m = _fwd_key_block(
-            b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
-            0, i_h, Hq, qlen, klen, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
-            softcap, dropout_p, seed_s, p_q, 0, 0, row_lo, row_hi,
-            BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False,
-            True, HAS_DROPOUT, APPLY_INDEX_MASK, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
+            b_acc=b_acc, b_l=b_l, b_m=b_m, b_q=b_q,
+            i_n=i_n, o_m=o_m, o_d=o_d, o_dv=o_dv, k_bh=k_bh, v_bh=v_bh, stride_kn=stride_kn, stride_vn=stride_vn,
+            i_b=0, i_h=i_h, Hq=Hq, Lq=qlen, Lk=klen, D=D, DV=DV,
+            offset=offset, qlen=qlen, klen=klen, window_left=window_left, window_right=window_right, slope=slope,
+            sm_scale=sm_scale, softcap=softcap, dropout_p=dropout_p, seed=seed_s,
+            p_mask_bh=p_q, stride_mask_m=0, stride_mask_n=0, row_lo=row_lo, row_hi=row_hi,  # no mask: p_q unread
+            BLOCK_N=BLOCK_N, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT, HAS_ALIBI=HAS_ALIBI,
+            HAS_SOFTCAP=HAS_SOFTCAP, HAS_MASK=False, MASK_IS_BOOL=False, HAS_LENGTHS=True, HAS_DROPOUT=HAS_DROPOUT,
+            APPLY_INDEX_MASK=APPLY_INDEX_MASK, APPLY_ATTN_MASK=False, DOT_PRECISION=DOT_PRECISION, DOT_FP32=DOT_FP32,
+            USE_TMA=False,  # pointer loads
         )
     return b_acc, b_l, b_m
 
@@ -239,12 +244,17 @@ def _dkdv_query_blocks(
     """dK, dV of one key block from query blocks ``[m_start, m_end)`` of one (sequence, query head)."""
     for i_m in range(m_start, m_end):
         b_dk, b_dv = _dkdv_query_block(
-            b_dk, b_dv, b_k, b_v, i_m, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh,
-            p_q, stride_qm, stride_dom, 0, 0, 0, i_h, Hq, qlen, klen, D, DV,
-            offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed_s,
-            p_q, 0, 0, BLOCK_M,
-            HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False,
-            True, HAS_DROPOUT, APPLY_INDEX_MASK, False, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off
+            b_dk=b_dk, b_dv=b_dv, b_k=b_k, b_v=b_v,
+            i_m=i_m, o_n=o_n, o_d=o_d, o_dv=o_dv, row_lo=row_lo, row_hi=row_hi, q_bh=q_bh, do_bh=do_bh,
+            p_lse_bh=p_lse_bh, p_delta_bh=p_delta_bh, p_dbias_bh=p_q, stride_qm=stride_qm, stride_dom=stride_dom,
+            stride_dbias_m=0, stride_dbias_n=0, i_b=0, i_h=i_h, Hq=Hq, Lq=qlen, Lk=klen, D=D, DV=DV,
+            offset=offset, qlen=qlen, klen=klen, window_left=window_left, window_right=window_right, slope=slope,
+            sm_scale=sm_scale, softcap=softcap, dropout_p=dropout_p, seed=seed_s,
+            p_mask_bh=p_q, stride_mask_m=0, stride_mask_n=0,  # no mask, no mask gradient: p_q is never read
+            BLOCK_M=BLOCK_M, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT, HAS_ALIBI=HAS_ALIBI,
+            HAS_SOFTCAP=HAS_SOFTCAP, HAS_MASK=False, MASK_IS_BOOL=False, HAS_LENGTHS=True, HAS_DROPOUT=HAS_DROPOUT,
+            APPLY_INDEX_MASK=APPLY_INDEX_MASK, APPLY_ATTN_MASK=False, COMPUTE_DBIAS=False,
+            DOT_PRECISION=DOT_PRECISION, DOT_FP32=DOT_FP32, USE_TMA=False,  # pointer loads
         )
     return b_dk, b_dv
 
@@ -349,11 +359,16 @@ def _dq_key_blocks(
     """dQ of one query block from key blocks ``[n_start, n_end)`` of one sequence."""
     for i_n in range(n_start, n_end):
         b_dq = _dq_key_block(
-            b_dq, b_q, b_do, b_lse2, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
-            stride_vn, 0, i_h, Hq, qlen, klen, D, DV, offset, qlen, klen, window_left, window_right, slope,
-            sm_scale, softcap, dropout_p, seed_s, p_q, 0, 0, BLOCK_N,
-            HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, False, True,
-            HAS_DROPOUT, APPLY_INDEX_MASK, False, DOT_PRECISION, DOT_FP32, False,  # USE_TMA off: pointer loads
+            b_dq=b_dq, b_q=b_q, b_do=b_do, b_shift=b_lse2, b_delta=b_delta,
+            i_n=i_n, o_m=o_m, o_d=o_d, o_dv=o_dv, key_lo=key_lo, key_hi=key_hi, k_bh=k_bh, v_bh=v_bh,
+            stride_kn=stride_kn, stride_vn=stride_vn, i_b=0, i_h=i_h, Hq=Hq, Lq=qlen, Lk=klen, D=D, DV=DV,
+            offset=offset, qlen=qlen, klen=klen, window_left=window_left, window_right=window_right, slope=slope,
+            sm_scale=sm_scale, softcap=softcap, dropout_p=dropout_p, seed=seed_s,
+            p_mask_bh=p_q, stride_mask_m=0, stride_mask_n=0,  # no mask: p_q is never read
+            BLOCK_N=BLOCK_N, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT, HAS_ALIBI=HAS_ALIBI,
+            HAS_SOFTCAP=HAS_SOFTCAP, HAS_MASK=False, MASK_IS_BOOL=False, HAS_LENGTHS=True, HAS_DROPOUT=HAS_DROPOUT,
+            APPLY_INDEX_MASK=APPLY_INDEX_MASK, APPLY_ATTN_MASK=False, DOT_PRECISION=DOT_PRECISION, DOT_FP32=DOT_FP32,
+            USE_TMA=False,  # pointer loads
         )
     return b_dq
 

@@ -71,18 +71,29 @@ def ensure_kernels_importable() -> None:
     sys.modules["fastattn"].triton_kernels = module
 
 
+def _mask_args(attn_mask, alibi_slopes, key_lengths, query_lengths, kv_lists, q_lists, partial_masks,
+               partial_tile_ids, block_size_q, block_size_k, window_left, window_right, softcap):
+    """The op's mask arguments as the launchers take them (``MaskArgs``), built once per call."""
+    from ..triton_kernels.attention_fwd import MaskArgs
+
+    return MaskArgs(
+        attn_mask=attn_mask, alibi_slopes=alibi_slopes, key_lengths=key_lengths, query_lengths=query_lengths,
+        kv_num_blocks=kv_lists[0], kv_indices=kv_lists[1], full_kv_num_blocks=kv_lists[2], full_kv_indices=kv_lists[3],
+        q_num_blocks=q_lists[0], q_indices=q_lists[1], full_q_num_blocks=q_lists[2], full_q_indices=q_lists[3],
+        partial_masks=partial_masks, partial_tile_ids=partial_tile_ids, block_size_q=block_size_q,
+        block_size_k=block_size_k, window_left=window_left, window_right=window_right, softcap=softcap,
+    )
+
+
 def _fwd(q, k, v, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_blocks, kv_indices,
          full_kv_num_blocks, full_kv_indices, partial_masks, partial_tile_ids, block_size_q, block_size_k, scale,
          window_left, window_right, softcap, dropout_p, seed):
     from ..triton_kernels.attention_fwd import attention_fwd
 
-    return attention_fwd(
-        q, k, v, attn_mask=attn_mask, alibi_slopes=alibi_slopes, key_lengths=key_lengths,
-        query_lengths=query_lengths, kv_num_blocks=kv_num_blocks, kv_indices=kv_indices,
-        full_kv_num_blocks=full_kv_num_blocks, full_kv_indices=full_kv_indices, partial_masks=partial_masks,
-        partial_tile_ids=partial_tile_ids, block_size_q=block_size_q, block_size_k=block_size_k, scale=scale,
-        window_left=window_left, window_right=window_right, softcap=softcap, dropout_p=dropout_p, seed=seed,
-    )
+    masks = _mask_args(attn_mask, alibi_slopes, key_lengths, query_lengths,
+                       (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices), (None,) * 4,
+                       partial_masks, partial_tile_ids, block_size_q, block_size_k, window_left, window_right, softcap)
+    return attention_fwd(q, k, v, masks, scale=scale, dropout_p=dropout_p, seed=seed)
 
 
 def _bwd(dout, q, k, v, out, lse, attn_mask, alibi_slopes, key_lengths, query_lengths, kv_num_blocks, kv_indices,
@@ -91,15 +102,12 @@ def _bwd(dout, q, k, v, out, lse, attn_mask, alibi_slopes, key_lengths, query_le
          dropout_p, seed, compute_dbias, dlse=None):
     from ..triton_kernels.attention_bwd import attention_bwd
 
-    return attention_bwd(
-        dout, q, k, v, out, lse, attn_mask=attn_mask, alibi_slopes=alibi_slopes, key_lengths=key_lengths,
-        query_lengths=query_lengths, kv_num_blocks=kv_num_blocks, kv_indices=kv_indices,
-        full_kv_num_blocks=full_kv_num_blocks, full_kv_indices=full_kv_indices, q_num_blocks=q_num_blocks,
-        q_indices=q_indices, full_q_num_blocks=full_q_num_blocks, full_q_indices=full_q_indices,
-        partial_masks=partial_masks, partial_tile_ids=partial_tile_ids, block_size_q=block_size_q,
-        block_size_k=block_size_k, scale=scale, window_left=window_left, window_right=window_right,
-        softcap=softcap, dropout_p=dropout_p, seed=seed, compute_dbias=compute_dbias, dlse=dlse,
-    )
+    masks = _mask_args(attn_mask, alibi_slopes, key_lengths, query_lengths,
+                       (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices),
+                       (q_num_blocks, q_indices, full_q_num_blocks, full_q_indices),
+                       partial_masks, partial_tile_ids, block_size_q, block_size_k, window_left, window_right, softcap)
+    return attention_bwd(dout, q, k, v, out, lse, masks, scale=scale, dropout_p=dropout_p, seed=seed,
+                         compute_dbias=compute_dbias, dlse=dlse)
 
 
 class TritonBackend(Backend):

@@ -249,6 +249,32 @@ def test_cpu_kernel_low_precision(dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize(
+    "D, Dv, dtype, lengths",
+    [
+        (128, 128, torch.float32, [200, 1]),  # blocks of 64 keys and a tail of 8: requests clamp at the split's end
+        (32, 48, torch.float32, [97, 17]),  # Dv != D: value rows requested on their own
+        (24, 24, torch.float64, [97, 0]),  # the scalar dot products, a sequence with no keys
+    ],
+)
+def test_cpu_kernel_prefetch_paths(D, Dv, dtype, lengths):
+    """A GQA group of 4 query heads per key head, uneven splits: the key/value row requests carried
+    by the score loop (or issued on their own) never change a result."""
+    g = torch.Generator().manual_seed(2)
+    B, L, Hq, Hkv = 2, max(lengths), 8, 2
+    q = torch.randn(B, 1, Hq, D, generator=g, dtype=dtype)
+    k_cache = torch.randn(B, L, Hkv, D, generator=g, dtype=dtype)
+    v_cache = torch.randn(B, L, Hkv, Dv, generator=g, dtype=dtype)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    out, lse = torch.ops.fastattn.decode_attention(q, k_cache, v_cache, None, None, seqlens, None, None, None, None,
+                                                   D ** -0.5, None, None, 0.0, 3)
+    ref, ref_lse = _reference(q, k_cache, v_cache, seqlens)
+    ref_lp, _ = _reference(q, k_cache, v_cache, seqlens, dtype=dtype)
+    assert_close_to_reference("out", out, ref, ref_lp)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-4, rtol=1e-4)
+
+
+@needs_kernel
 def test_cpu_kernel_sinks():
     """The op's sink: one more logit per head in each row's softmax (no value); a row without keys gets lse = sink."""
     g = torch.Generator().manual_seed(1)

@@ -100,9 +100,17 @@ inline __attribute__((always_inline)) acc_t dot(const acc_t* a, const acc_t* b, 
   return s;
 }
 
-// out[r * ldo] = a_r . b for the 4 rows a_r = a + r * lda: b is loaded once for the four.
-template <typename acc_t>
-inline __attribute__((always_inline)) void dot4(const acc_t* a, int64_t lda, const acc_t* b, int64_t n, acc_t* out, int64_t ldo) {
+// out[r * ldo] = a_r . b for the 4 rows a_r = a + r * lda: b is loaded once for the four. With
+// pf0 and pf1 (rows of n elements of the cache), their cache lines are requested along the way.
+template <typename acc_t, typename T = acc_t>
+inline __attribute__((always_inline)) void dot4(const acc_t* a, int64_t lda, const acc_t* b, int64_t n, acc_t* out,
+                                                int64_t ldo, const T* pf0 = nullptr, const T* pf1 = nullptr) {
+  if (pf0) {
+    for (int64_t c = 0; c < n * int64_t(sizeof(T)); c += 64) {
+      __builtin_prefetch(reinterpret_cast<const char*>(pf0) + c, 0, 3);
+      __builtin_prefetch(reinterpret_cast<const char*>(pf1) + c, 0, 3);
+    }
+  }
   acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
   const acc_t *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda;
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
@@ -192,7 +200,10 @@ inline __attribute__((always_inline)) void hsum4(fv a, fv b, fv c, fv d, float* 
   const iv lo2 = {0, 1, 4, 5, 8, 9, 12, 13, 0, 1, 4, 5, 8, 9, 12, 13};
   const iv hi2 = {2, 3, 6, 7, 10, 11, 14, 15, 2, 3, 6, 7, 10, 11, 14, 15};
   const fv y = __builtin_shuffle(x, lo2) + __builtin_shuffle(x, hi2);  // [a 2 | b 2 | c 2 | d 2 | ...]
-  out[0] = y[0] + y[1], out[1] = y[2] + y[3], out[2] = y[4] + y[5], out[3] = y[6] + y[7];
+  const iv lo1 = {0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6};
+  const iv hi1 = {1, 3, 5, 7, 1, 3, 5, 7, 1, 3, 5, 7, 1, 3, 5, 7};
+  const fv z = __builtin_shuffle(y, lo1) + __builtin_shuffle(y, hi1);  // [a | b | c | d | ...]
+  out[0] = z[0], out[1] = z[1], out[2] = z[2], out[3] = z[3];
 #endif
 }
 
@@ -205,11 +216,15 @@ inline __attribute__((always_inline)) float dot(const float* a, const float* b, 
   return t;
 }
 
+// The requests of pf0 and pf1 ride in the loop, one of each per 16 elements (a 64-byte line of
+// float rows, half of one of bfloat16 ones): no loop of their own.
+template <typename T = float>
 inline __attribute__((always_inline)) void dot4(const float* a, int64_t lda, const float* b, int64_t n, float* out,
-                                                int64_t ldo) {
+                                                int64_t ldo, const T* pf0 = nullptr, const T* pf1 = nullptr) {
   fv s0 = {}, s1 = {}, s2 = {}, s3 = {};
   int64_t c = 0;
   for (; c + kLanes <= n; c += kLanes) {
+    if (pf0) __builtin_prefetch(pf0 + c, 0, 3), __builtin_prefetch(pf1 + c, 0, 3);
     const fv x = loadv(b + c);
     s0 += loadv(a + c) * x;
     s1 += loadv(a + lda + c) * x;
@@ -355,10 +370,17 @@ inline __attribute__((always_inline)) void decode_task(const DecodeParams& p, co
     // order, requested kKeysAhead rows ahead); the block's value rows are requested meanwhile.
     for (int64_t j = 0; j < n; ++j) {
       for (int64_t hk = 0; hk < p.Hkv; ++hk) {
-        prefetch_row(v + t.voff[j] + hk * p.v_sh, v_bytes);
-        if (j + kKeysAhead < ahead) prefetch_row(k + t.koff[j + kKeysAhead] + hk * p.k_sh, k_bytes);
+        const scalar_t* kpf = k + t.koff[std::min(j + kKeysAhead, ahead - 1)] + hk * p.k_sh;
+        const scalar_t* vpf = v + t.voff[j] + hk * p.v_sh;
         const acc_t* kr = row_as_acc<scalar_t, acc_t>(k + t.koff[j] + hk * p.k_sh, D, t.kbuf.data());
         int64_t r = hk * rows_per_kv;
+        if (D == Dv && rows_per_kv >= 4) {  // the requests ride in the first dot4's loop
+          dot4(Q + r * D, D, kr, D, S + r * BK + j, BK, kpf, vpf);
+          r += 4;
+        } else {
+          prefetch_row(vpf, v_bytes);
+          prefetch_row(kpf, k_bytes);
+        }
         for (; r + 4 <= (hk + 1) * rows_per_kv; r += 4) dot4(Q + r * D, D, kr, D, S + r * BK + j, BK);
         for (; r < (hk + 1) * rows_per_kv; ++r) S[r * BK + j] = dot(Q + r * D, kr, D);
       }

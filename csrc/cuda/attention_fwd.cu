@@ -120,6 +120,15 @@ void attention_fwd_redo_nonfinite(const at::Tensor& q, const at::Tensor& k, cons
               window_left, window_right, softcap, 0.0, 0, std::make_pair(out, lse));
 }
 
+// The backward's row-statistics pass (AttentionParams::row_shift): the forward kernel these
+// parameters select, with an additive mask (so a natural-unit, kBias, instantiation).
+void attention_fwd_row_stats(const AttentionParams& p, at::ScalarType dtype, int64_t head_dim) {
+  TORCH_CHECK(p.row_shift != nullptr && p.row_factor != nullptr && p.mask_kind != kNoMask &&
+                  p.mask_kind != kBoolMask,
+              "the row-statistics pass needs its outputs and an additive attn_mask");
+  FASTATTN_CUDA_DISPATCH(dtype, head_dim, [&] { dispatch_fwd<T, kHeadDim>(p); });
+}
+
 // Why this extension's kernels cannot run on `device` (nullptr when they can): a GPU newer than the
 // architectures it was built for (TORCH_CUDA_ARCH_LIST, default 8.0;9.0a) has no kernel image, and
 // cudaFuncGetAttributes says so before any launch would fail. Called from fastattn._C.

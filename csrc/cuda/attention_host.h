@@ -114,6 +114,9 @@ inline BlockLists make_lists(const at::Tensor& q, const AttentionShape& s, const
   return l;
 }
 
+// The backward's row-statistics pass (attention_fwd.cu; AttentionParams::row_shift).
+void attention_fwd_row_stats(const AttentionParams& p, at::ScalarType dtype, int64_t head_dim);
+
 // The inputs of one call, checked, with the tensors the kernels read kept alive.
 struct PreparedInputs {
   at::Tensor q, k, v, key_lengths, query_lengths;

@@ -28,15 +28,20 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 enum MaskKind : int { kNoMask = 0, kBoolMask = 1, kHalfMask = 2, kBFloat16Mask = 3, kFloatMask = 4 };
 
-// Scores with an additive mask are floored here, just below float16's minimum (-65504). Hugging
-// Face pads with finfo(dtype).min (-3.4e38 in bfloat16/float32); a row masked everywhere at that
-// value then has lse = m + log(n) with m so large that log(n) is lost in float32, and the backward's
-// P = exp(s - lse) would be 1 instead of 1/n. At the floor float32 still resolves log(n) to 2^-7,
-// and the forward result (equal weights over the masked keys) is the reference's.
-constexpr float kAdditiveMaskFloor = -65536.f;
+// Scores with an additive mask stay in natural units and are added as they are, with no floor: a
+// mask at finfo(float32).min (Hugging Face's padding) gives scores near -3.4e38 that stay finite, and
+// log2(e) multiplies s - m, never s (FwdTraits::kNaturalUnits). A row whose every visible score sits
+// under such a mask then has |lse| = |m + log l| so large that float32 has lost log l (at 3.4e38 or
+// 1e9), or rounds it coarsely (2^-7 at 1e5), so the backward cannot take P = exp(s - lse). Rows with
+// |lse| > kHugeLse get their (m, 1 / l) recomputed by the forward kernel in a statistics mode
+// (AttentionParams::row_shift), and the backward takes P' = exp(s - m) = l P with dO scaled by 1 / l
+// (attention_bwd_delta_kernel), so that P' dO' and P' (dP' - delta') are the true products. Below
+// the threshold, lse's rounding (at most 2^-14) is no more than float32's rounding of such scores.
+constexpr float kHugeLse = 1024.f;
 
-// A select, not fmaxf: a NaN score stays NaN (fmaxf would turn it into the floor).
-__device__ __forceinline__ float floor_masked_score(float s) { return s < kAdditiveMaskFloor ? kAdditiveMaskFloor : s; }
+// Whether a row's lse needs the recomputed statistics (finite: a row that saw nothing has -inf and
+// keeps it, a row that saw a NaN keeps its NaN).
+__device__ __forceinline__ bool huge_lse(float lse) { return fabsf(lse) > kHugeLse && fabsf(lse) != CUDART_INF_F; }
 
 // One BlockMask's tile lists (fastattn/block_mask.py): counts (B|1, H|1, rows) and indices
 // (B|1, H|1, rows, cols), int32; strides are 0 on broadcast dimensions.
@@ -97,6 +102,15 @@ struct AttentionParams {
   // Forward only: `out` and `lse` already hold another kernel's answer (the Hopper forward's); a
   // CTA whose rows of `out` are all finite returns at once, the others compute theirs again.
   bool redo_nonfinite = false;
+  // The backward's row-statistics pass (the forward kernel with an additive mask; kHugeLse): `lse`
+  // holds the forward's answer, read only; a CTA returns at once unless one of its rows has a huge
+  // lse, and writes for those rows their max m to row_shift and 1 / l to row_factor, (B, Hq, Lq)
+  // float32 contiguous (nothing else). Null otherwise.
+  float* row_shift = nullptr;
+  float* row_factor = nullptr;
+  // Delta kernel: when set, dO times row_factor (per row) is rounded to T and written here,
+  // (B, Hq, Lq, D) contiguous, and delta is taken from it (the backward then reads dO from here).
+  void* dout_scaled = nullptr;
 };
 
 // What one (batch, query head) sees: valid lengths, the diagonal offset, its ALiBi slope and mask.
@@ -442,7 +456,6 @@ __device__ __forceinline__ float fwd_score(const AttentionParams& p, const HeadC
         } else {
           x += reinterpret_cast<const float*>(c.mask)[o];
         }
-        x = floor_masked_score(x);
       }
     }
     x = visible ? x : -CUDART_INF_F;  // a select: a NaN in a hidden score never gets through
@@ -484,6 +497,16 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
       hits |= nonfinite_mask<T>(w.x) | nonfinite_mask<T>(w.y) | nonfinite_mask<T>(w.z) | nonfinite_mask<T>(w.w);
     }
     if (!__syncthreads_or(hits != 0)) return;
+  }
+  const int64_t stats = ((int64_t)b * p.heads_q + hq) * p.seqlen_q;  // row 0 of (b, hq) in lse
+  // The backward's row-statistics pass (AttentionParams::row_shift): only with an additive mask.
+  const bool stats_only = Tr::kBias && p.row_shift != nullptr;
+  if constexpr (Tr::kBias) {
+    if (stats_only) {
+      static_assert(BM <= Tr::kThreads, "one row per thread");
+      const bool huge = tid < BM && m0 + tid < p.seqlen_q && huge_lse(p.lse[stats + m0 + tid]);
+      if (!__syncthreads_or(huge)) return;
+    }
   }
 
   FwdSchedule<Tr> sched;
@@ -669,6 +692,14 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
     // visible NaN score) is live: the row is NaN, never 0.
     const bool live = i < c.qlen && sum != 0.f;
     const float inv = live ? 1.f / sum : 0.f;
+    if (stats_only) {
+      // Natural units (kBias): m is the row max of the scores, and sum >= 1 (the max's own term).
+      if (t == 0 && huge_lse(p.lse[stats + i])) {
+        p.row_shift[stats + i] = row_max[r];
+        p.row_factor[stats + i] = inv;
+      }
+      continue;
+    }
 #pragma unroll
     for (int nt = 0; nt < D / 8; ++nt) {
       *reinterpret_cast<uint32_t*>(out + (int64_t)i * p.out_stride[2] + nt * 8 + 2 * t) =
@@ -679,7 +710,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
       if (live) {
         lse = Tr::kNaturalUnits ? row_max[r] + log2f(sum) * kLn2 : (row_max[r] * kf + log2f(sum)) * kLn2;
       }
-      p.lse[((int64_t)b * p.heads_q + hq) * p.seqlen_q + i] = lse;
+      p.lse[stats + i] = lse;
     }
   }
 }
@@ -698,8 +729,19 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_delta_kernel(const Att
   const int b = static_cast<int>(row / ((int64_t)p.seqlen_q * p.heads_q));
   const T* o = static_cast<const T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i * p.out_stride[2];
   const T* d = static_cast<const T*>(p.dout) + b * p.dout_stride[0] + h * p.dout_stride[1] + i * p.dout_stride[2];
+  // With row_factor (rows recomputed for a huge lse), dO' = dO / l rounded to T, and delta from dO'.
+  T* scaled = p.dout_scaled ? static_cast<T*>(p.dout_scaled) + row * head_dim : nullptr;
+  const float factor = scaled ? p.row_factor[row] : 1.f;
   float sum = 0.f;
-  for (int x = lane; x < head_dim; x += 32) sum += MmaTraits<T>::to_float(o[x]) * MmaTraits<T>::to_float(d[x]);
+  for (int x = lane; x < head_dim; x += 32) {
+    float dx = MmaTraits<T>::to_float(d[x]);
+    if (scaled) {
+      const T rounded = MmaTraits<T>::from_float(dx * factor);
+      scaled[x] = rounded;
+      dx = MmaTraits<T>::to_float(rounded);
+    }
+    sum += MmaTraits<T>::to_float(o[x]) * dx;
+  }
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
   if (lane == 0) p.delta[row] = sum;

@@ -99,11 +99,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
 
 }  // namespace
 
-// The Hopper forward's follow-up (attention_fwd_sm90.cpp): its P V multiplies P = 0 by the V rows of
-// a loaded tile that a row cannot see, so a NaN/Inf there makes the row non-finite. This launch
-// reads `out` back and recomputes, by selection, the 128-row blocks that hold a NaN/Inf (the same
-// grid as the forward; finite blocks return after one read of their rows). Same arguments as the
-// Hopper call (no element mask, no dropout).
+// The Hopper forward's follow-up (declared in attention_checks.h): its P V multiplies P = 0 by the
+// V rows of a loaded tile that a row cannot see, so a NaN/Inf there makes the row non-finite. This
+// launch reads `out` back and recomputes, by selection, the 128-row blocks that hold a NaN/Inf (the
+// same grid as the forward; finite blocks return after one read of their rows).
 void attention_fwd_redo_nonfinite(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   const std::optional<at::Tensor>& alibi_slopes,
                                   const std::optional<at::Tensor>& key_lengths,

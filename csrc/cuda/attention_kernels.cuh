@@ -12,6 +12,7 @@
 #include <math_constants.h>
 #include <stdint.h>
 
+#include "block_lists.h"
 #include "mma.cuh"
 
 namespace fastattn {
@@ -42,20 +43,6 @@ constexpr float kHugeLse = 1024.f;
 // Whether a row's lse needs the recomputed statistics (finite: a row that saw nothing has -inf and
 // keeps it, a row that saw a NaN keeps its NaN).
 __device__ __forceinline__ bool huge_lse(float lse) { return fabsf(lse) > kHugeLse && fabsf(lse) != CUDART_INF_F; }
-
-// One BlockMask's tile lists (fastattn/block_mask.py): counts (B|1, H|1, rows) and indices
-// (B|1, H|1, rows, cols), int32; strides are 0 on broadcast dimensions.
-struct BlockLists {
-  const int* num = nullptr;
-  const int* idx = nullptr;
-  const int* full_num = nullptr;
-  const int* full_idx = nullptr;
-  int64_t num_stride[3] = {0, 0, 0};
-  int64_t idx_stride[4] = {0, 0, 0, 0};
-  int64_t full_num_stride[3] = {0, 0, 0};
-  int64_t full_idx_stride[4] = {0, 0, 0, 0};
-  int cols = 0;  // entries per row of idx
-};
 
 struct AttentionParams {
   // pointers (T = the input dtype)
@@ -397,6 +384,35 @@ struct TileWalk {
   }
 };
 
+// The double-buffered walk of a CTA's tiles, shared by the forward (key tiles) and the backward
+// (query tiles): every masked tile, then every interior one. On entry `cur` has landed in stage
+// `stage` and `nxt` is in flight to the other one (stage_size apart); after each tile, the stage it
+// used is refilled with the tile after next (`load(stage, tile)`, one cp.async group per tile).
+// `body(BoolConstant<masked>, step)` runs one tile from stage `stage`.
+template <class Body, class Load>
+__device__ __forceinline__ void pipelined_walk(const AttentionParams& p, const TileWalk& walk, FwdStep cur,
+                                               FwdStep nxt, int& stage, int stage_size, Body&& body, Load&& load) {
+  auto advance = [&](auto masked_pass) {
+    const FwdStep after = walk.next<decltype(masked_pass)::value>(p, nxt);
+    __syncthreads();  // every warp is done with `stage` (and, in the backward, with dX^T)
+    if (after.tile >= 0) load(stage, after.tile);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    cur = nxt;
+    nxt = after;
+    stage ^= stage_size;
+  };
+  while (cur.tile >= 0 && cur.masked) {
+    body(BoolConstant<true>{}, cur);
+    advance(BoolConstant<true>{});
+  }
+  while (cur.tile >= 0) {
+    body(BoolConstant<false>{}, cur);
+    advance(BoolConstant<false>{});
+  }
+}
+
 // The key tiles of query rows [m0, m0 + kBlockM).
 template <class Tr>
 struct FwdSchedule : TileWalk {
@@ -635,26 +651,9 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
       }
     }
   };
-  // After a tile: refill the stage it used with the tile after next, and wait for the next one.
-  auto advance = [&](auto masked_pass) {
-    const FwdStep after = sched.template next<decltype(masked_pass)::value>(p, nxt);
-    __syncthreads();  // every warp is done with `stage`
-    if (after.tile >= 0) load_kv(stage, after.tile);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-    cur = nxt;
-    nxt = after;
-    stage ^= kStage;
-  };
-  while (cur.tile >= 0 && cur.masked) {
-    tile_body(BoolConstant<true>{}, BoolConstant<false>{}, cur);
-    advance(BoolConstant<true>{});
-  }
-  while (cur.tile >= 0) {
-    tile_body(BoolConstant<false>{}, BoolConstant<false>{}, cur);
-    advance(BoolConstant<false>{});
-  }
+  pipelined_walk(
+      p, sched, cur, nxt, stage, kStage,
+      [&](auto mask_tile, const FwdStep& step) { tile_body(mask_tile, BoolConstant<false>{}, step); }, load_kv);
 
   // A NaN/Inf value hidden from some rows of a masked tile reaches them as 0 * NaN in P V, and then
   // their output is non-finite: only then (one sum per thread, one barrier per CTA) the CTA runs
@@ -1082,26 +1081,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_kernel(const Atten
       }
     }
   };
-  // After a tile: refill the stage it used with the tile after next, and wait for the next one.
-  auto advance = [&](auto masked_pass) {
-    const FwdStep after = sched.template next<decltype(masked_pass)::value>(p, nxt);
-    __syncthreads();  // every warp is done with `stage` (and with dX^T)
-    if (after.tile >= 0) load_q(stage, after.tile);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-    cur = nxt;
-    nxt = after;
-    stage ^= kStage;
-  };
-  while (cur.tile >= 0 && cur.masked) {
-    tile_body(BoolConstant<true>{}, cur);
-    advance(BoolConstant<true>{});
-  }
-  while (cur.tile >= 0) {
-    tile_body(BoolConstant<false>{}, cur);
-    advance(BoolConstant<false>{});
-  }
+  pipelined_walk(p, sched, cur, nxt, stage, kStage, tile_body, load_q);
 
   T* dk_out = static_cast<T*>(p.dk) + b * p.dk_stride[0] + hq * p.dk_stride[1];
   T* dv_out = static_cast<T*>(p.dv) + b * p.dv_stride[0] + hq * p.dv_stride[1];

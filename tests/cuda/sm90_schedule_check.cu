@@ -52,7 +52,7 @@ bool check_case(const Case& cs, int* checked) {
         else full_idx[r * nkb + full_num[r]++] = c;
       }
     }
-    BlockLists& l = a.lists;
+    fastattn::cuda::BlockLists& l = a.lists;
     l.num = num.data();
     l.idx = idx.data();
     l.full_num = full_num.data();

@@ -1007,3 +1007,94 @@ def test_14_varlen_bf16_dq_is_zero_when_a_sequence_has_one_key_vector(backend):
     want = fastattn.varlen_attention(q32, k32, v32, cu, cu, 17, 17, causal=True, backend="cpu")
     for got, w in zip((dk, dv), torch.autograd.grad(want, (k32, v32), dout.float())):
         torch.testing.assert_close(got.float(), w, atol=2e-2, rtol=2e-2)
+
+
+# --- CUDA (issue 16 item 7): additive masks at huge values, on the GPU. Owned by the CUDA kernels'
+# engineer; kept apart from the functions above.
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("value", ["min", -1e9, -1e5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_rows_masked_entirely_at_a_huge_additive_value(dtype, value, D):
+    # The CUDA kernels floored masked scores at -65536: right outputs at the minimum, but lse there was
+    # -65536 + log n instead of the reference's -3.40e38, and at -1e5 (float32 still resolves the
+    # scores: the row is its unmasked softmax) they gave equal weights. Now scores stay unfloored in
+    # natural units and the backward recomputes (max, sum) of rows with |lse| > 1024. The CUDA kernels
+    # take float16/bfloat16 inputs: `dtype` is the mask's, with bfloat16 q, k, v for a float32 mask.
+    _usable("cuda")
+    qkv_dtype = torch.bfloat16 if dtype == torch.float32 else dtype
+    g = torch.Generator().manual_seed(11)
+    Lq, Lk = 150, 200  # two query tiles of the forward (the second one of head 0 has no such row)
+    q = torch.randn(1, 2, Lq, D, generator=g)
+    k, v = torch.randn(1, 1, Lk, D, generator=g), torch.randn(1, 1, Lk, D, generator=g)  # GQA
+    fill = torch.finfo(dtype).min if value == "min" else value
+    mask = torch.randn(1, 2, Lq, Lk, generator=g)
+    mask[:, 0, 1, :] = fill  # row 1 of head 0: every key at the value
+    mask[:, :, 3, 5:] = fill  # row 3: the value on most keys
+    mask[:, 1, 19, :] = fill
+    mask[:, 1, 140, :] = fill  # in the second query tile
+    slopes = torch.tensor([0.3, 0.7], device="cuda")  # distinct scores under the mask
+    leaves = [t.to("cuda", qkv_dtype).requires_grad_() for t in (q, k, v)]
+    leaves.append(mask.to("cuda", dtype).requires_grad_())
+    out, lse = fastattn.attention(*leaves[:3], attn_mask=leaves[3], alibi_slopes=slopes, backend="cuda",
+                                  return_lse=True)
+    hp = high_precision(qkv_dtype)
+    hp_leaves = [t.detach().to(hp).requires_grad_() for t in leaves]
+    lp_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    ref32 = reference.attention(*hp_leaves[:3], attn_mask=hp_leaves[3], alibi_slopes=slopes, return_lse=True)
+    ref_lp = reference.attention(*lp_leaves[:3], attn_mask=lp_leaves[3], alibi_slopes=slopes, return_lse=True)
+    floor = ATOL_FLOOR[qkv_dtype]
+    _check("out", out, ref32[0], ref_lp[0], floor)
+    _check("lse", lse, ref32[1].float(), ref_lp[1].float(), max(floor, 1e-5))
+    if value == "min" and dtype != torch.float16:
+        assert lse[0, 0, 1].item() < -3e38  # the reference's lse, not a floor's
+    dout = torch.randn(out.shape, generator=g).to("cuda", qkv_dtype)
+    got = torch.autograd.grad(out, leaves, dout)
+    want32 = torch.autograd.grad(ref32[0], hp_leaves, dout.to(hp))
+    want_lp = torch.autograd.grad(ref_lp[0], lp_leaves, dout)
+    for name, g_, w32, wlp in zip(("dq", "dk", "dv", "dmask"), got, want32, want_lp):
+        _check(name, g_, w32, wlp, floor)
+    # And torch's SDPA agrees (rows that see nothing aside: torch gives NaN there). It adds ALiBi to the
+    # mask first: at -1e9 float32 rounds in steps of 64, more than these ALiBi terms (0.7 * 200), so a
+    # row with every key at -1e9 is decided by that order; those rows are left to the reference check.
+    distance = (torch.arange(Lq)[:, None] + (Lk - Lq) - torch.arange(Lk)).abs().cuda()  # bottom-right ALiBi
+    bias = leaves[3].detach().float() - slopes[:, None, None] * distance
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        *(t.detach().float().expand(1, 2, -1, D) for t in leaves[:3]), attn_mask=bias
+    )
+    seen = ~torch.isnan(sdpa)
+    if value == -1e9:
+        seen &= ~(leaves[3].detach() == leaves[3].detach().amin()).all(dim=-1, keepdim=True)
+    torch.testing.assert_close(out.float()[seen], sdpa[seen], atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_fully_masked_row_at_the_dtype_minimum_returns_the_mean_of_v(dtype):
+    # test_7's check on the CUDA backend (bfloat16 q, k, v under a float32 mask), with the
+    # deterministic backward too: a padding row's gradients match the reference's.
+    _usable("cuda")
+    qkv_dtype = torch.bfloat16 if dtype == torch.float32 else dtype
+    q, k, v = (torch.randn(2, 2, 37, 64, device="cuda", dtype=qkv_dtype, requires_grad=True) for _ in range(3))
+    mask = torch.zeros(2, 1, 37, 37, device="cuda", dtype=dtype)
+    mask[..., 1, :] = torch.finfo(dtype).min
+    mask[0, ..., 3, 2:] = torch.finfo(dtype).min
+    out = fastattn.attention(q, k, v, attn_mask=mask, backend="cuda")
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.float())
+    if dtype != torch.float16:  # float16's minimum does not absorb float32 scores
+        torch.testing.assert_close(out[:, :, 1].float(), v.detach().float().mean(dim=2), atol=2e-2, rtol=0)
+    torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
+    dout = torch.randn_like(out)
+    hp = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference.attention(*hp, attn_mask=mask.double())
+    want_grads = torch.autograd.grad(ref, hp, dout.double())
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            grads = torch.autograd.grad(fastattn.attention(q, k, v, attn_mask=mask, backend="cuda"), (q, k, v), dout)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        for name, g_, w in zip(("dq", "dk", "dv"), grads, want_grads):
+            torch.testing.assert_close(g_.double(), w, atol=3e-2, rtol=3e-2, msg=lambda m, n=name: f"{n}: {m}")

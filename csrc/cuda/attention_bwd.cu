@@ -198,11 +198,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   set_strides(p.dv_stride, dv_heads);
 
   const int64_t rows = s.batch * s.heads_q * s.seqlen_q;
+  // An additive mask can put every visible score of a row near -3.4e38 (finfo.min) or -1e9, where
+  // float32 lse = m + log l has lost log l and P = exp(s - lse) would be wrong (kHugeLse in
+  // attention_kernels.cuh). The forward kernel first recomputes (m, 1 / l) of those rows (a CTA
+  // without such a row returns after reading its lse); the backward then takes m as their shift
+  // (the others keep lse) and dO / l, rounded to the input dtype once by the delta kernel, as dO:
+  // P' = l P, so P' dO' and P' (dP' - delta') are the true products and its loops are unchanged.
+  const bool additive = p.mask_kind != kNoMask && p.mask_kind != kBoolMask;
+  at::Tensor shift, factor, dout_scaled;
+  if (additive && rows > 0) {
+    shift = lse.clone();
+    factor = at::ones_like(lse);
+    dout_scaled = at::empty(q_shape, dout.options());
+    AttentionParams stats_params = p;
+    stats_params.row_shift = shift.data_ptr<float>();
+    stats_params.row_factor = factor.data_ptr<float>();
+    attention_fwd_row_stats(stats_params, q.scalar_type(), s.head_dim);
+    p.lse = shift.data_ptr<float>();
+    p.row_factor = factor.data_ptr<float>();
+    p.dout_scaled = dout_scaled.data_ptr();
+  }
   const dim3 delta_grid(static_cast<unsigned>(ceil_div(rows, kWarps)));
   FASTATTN_CUDA_DISPATCH(q.scalar_type(), s.head_dim, [&] {
     if (rows > 0) {
       attention_bwd_delta_kernel<T><<<delta_grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p, kHeadDim);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (p.dout_scaled != nullptr) {
+      p.dout = p.dout_scaled;
+      set_strides(p.dout_stride, dout_scaled);
     }
     dispatch_bwd<T, kHeadDim>(p, deterministic);
   });

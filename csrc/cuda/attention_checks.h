@@ -1,7 +1,8 @@
 // Host side shared by every CUDA attention op -- the sm80 kernels' ops (attention_fwd.cu,
 // attention_bwd.cu, through attention_host.h) and the Hopper forward (sm90/attention_fwd_sm90.cpp):
-// the input checks and the output allocation. Host code only (no kernel headers), so plain C++
-// translation units include it too.
+// the input checks, BlockMask lists, the output allocation, and the sm80 forward's follow-up launch
+// that the Hopper op calls. Host code only (no kernel headers), so plain C++ translation units
+// include it too.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -9,6 +10,7 @@
 #include <optional>
 
 #include "checks.h"
+#include "block_lists.h"
 
 namespace fastattn {
 namespace cuda {
@@ -56,6 +58,36 @@ inline void check_lists_broadcast(const std::optional<at::Tensor>& num, const At
               name, " must have (B, H) = (1 or ", s.batch, ", 1 or ", s.heads_q, "), got ", num->sizes());
 }
 
+// Checks one direction's four BlockMask list tensors (num and idx: (B|1, Hq|1, rows) and
+// (B|1, Hq|1, rows, cols) int32 on q's device) and returns them as the kernels read them.
+inline BlockLists make_lists(const at::Tensor& q, const AttentionShape& s, const std::optional<at::Tensor>& num,
+                             const std::optional<at::Tensor>& idx, const std::optional<at::Tensor>& full_num,
+                             const std::optional<at::Tensor>& full_idx, int64_t rows, int64_t cols,
+                             const char* num_name, const char* idx_name, const char* full_num_name,
+                             const char* full_idx_name) {
+  check_block_lists(q, num, idx, rows, cols, num_name, idx_name);
+  check_block_lists(q, full_num, full_idx, rows, cols, full_num_name, full_idx_name);
+  TORCH_CHECK(num.has_value() && full_num.has_value(), num_name, " and ", full_num_name,
+              " must be given together (a BlockMask passes both)");
+  check_lists_broadcast(num, s, num_name);
+  check_lists_broadcast(full_num, s, full_num_name);
+  BlockLists l;
+  l.num = num->data_ptr<int>();
+  l.idx = idx->data_ptr<int>();
+  l.full_num = full_num->data_ptr<int>();
+  l.full_idx = full_idx->data_ptr<int>();
+  for (int d = 0; d < 3; ++d) {
+    l.num_stride[d] = broadcast_stride(*num, d);
+    l.full_num_stride[d] = broadcast_stride(*full_num, d);
+  }
+  for (int d = 0; d < 4; ++d) {
+    l.idx_stride[d] = broadcast_stride(*idx, d);
+    l.full_idx_stride[d] = broadcast_stride(*full_idx, d);
+  }
+  l.cols = static_cast<int>(cols);
+  return l;
+}
+
 // An empty out (B, Hq, Lq, Dv) in q's memory layout: (B, L, H, Dv) memory when q is a transposed
 // (B, L, H, D) view, so a caller holding that layout needs no copy back; contiguous otherwise. The
 // rule of fastattn/ops.py output_like_q, which the ops' fakes state and torch.compile trusts.
@@ -65,6 +97,21 @@ inline at::Tensor output_like_q(const at::Tensor& q, const AttentionShape& s) {
   }
   return at::empty({s.batch, s.heads_q, s.seqlen_q, s.head_dim_v}, q.options());
 }
+
+// The Hopper forward's follow-up (defined in attention_fwd.cu, called by sm90/attention_fwd_sm90.cpp):
+// the sm80 forward recomputes, by selection, the 128-row blocks of `out` (and their lse) that hold a
+// NaN/Inf. Same arguments as the Hopper call (no element mask, no dropout).
+void attention_fwd_redo_nonfinite(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const std::optional<at::Tensor>& alibi_slopes,
+                                  const std::optional<at::Tensor>& key_lengths,
+                                  const std::optional<at::Tensor>& query_lengths,
+                                  const std::optional<at::Tensor>& kv_num_blocks,
+                                  const std::optional<at::Tensor>& kv_indices,
+                                  const std::optional<at::Tensor>& full_kv_num_blocks,
+                                  const std::optional<at::Tensor>& full_kv_indices, int64_t block_size_q,
+                                  int64_t block_size_k, double scale, std::optional<int64_t> window_left,
+                                  std::optional<int64_t> window_right, double softcap, const at::Tensor& out,
+                                  const at::Tensor& lse);
 
 }  // namespace cuda
 }  // namespace fastattn

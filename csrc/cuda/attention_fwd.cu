@@ -99,11 +99,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
 
 }  // namespace
 
-// The Hopper forward's follow-up (attention_fwd_sm90.cpp): its P V multiplies P = 0 by the V rows of
-// a loaded tile that a row cannot see, so a NaN/Inf there makes the row non-finite. This launch
-// reads `out` back and recomputes, by selection, the 128-row blocks that hold a NaN/Inf (the same
-// grid as the forward; finite blocks return after one read of their rows). Same arguments as the
-// Hopper call (no element mask, no dropout).
+// The Hopper forward's follow-up (declared in attention_checks.h): its P V multiplies P = 0 by the
+// V rows of a loaded tile that a row cannot see, so a NaN/Inf there makes the row non-finite. This
+// launch reads `out` back and recomputes, by selection, the 128-row blocks that hold a NaN/Inf (the
+// same grid as the forward; finite blocks return after one read of their rows).
 void attention_fwd_redo_nonfinite(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   const std::optional<at::Tensor>& alibi_slopes,
                                   const std::optional<at::Tensor>& key_lengths,
@@ -118,6 +117,15 @@ void attention_fwd_redo_nonfinite(const at::Tensor& q, const at::Tensor& k, cons
   run_forward(q, k, v, std::nullopt, alibi_slopes, key_lengths, query_lengths, kv_num_blocks, kv_indices,
               full_kv_num_blocks, full_kv_indices, std::nullopt, std::nullopt, block_size_q, block_size_k, scale,
               window_left, window_right, softcap, 0.0, 0, std::make_pair(out, lse));
+}
+
+// The backward's row-statistics pass (AttentionParams::row_shift): the forward kernel these
+// parameters select, with an additive mask (so a natural-unit, kBias, instantiation).
+void attention_fwd_row_stats(const AttentionParams& p, at::ScalarType dtype, int64_t head_dim) {
+  TORCH_CHECK(p.row_shift != nullptr && p.row_factor != nullptr && p.mask_kind != kNoMask &&
+                  p.mask_kind != kBoolMask,
+              "the row-statistics pass needs its outputs and an additive attn_mask");
+  FASTATTN_CUDA_DISPATCH(dtype, head_dim, [&] { dispatch_fwd<T, kHeadDim>(p); });
 }
 
 // Why this extension's kernels cannot run on `device` (nullptr when they can): a GPU newer than the

@@ -85,34 +85,8 @@ inline void set_strides(int64_t out[3], const at::Tensor& t) {
   for (int d = 0; d < 3; ++d) out[d] = t.stride(d);
 }
 
-// Checks and fills a BlockLists from the four list tensors of one direction.
-inline BlockLists make_lists(const at::Tensor& q, const AttentionShape& s, const std::optional<at::Tensor>& num,
-                             const std::optional<at::Tensor>& idx, const std::optional<at::Tensor>& full_num,
-                             const std::optional<at::Tensor>& full_idx, int64_t rows, int64_t cols,
-                             const char* num_name, const char* idx_name, const char* full_num_name,
-                             const char* full_idx_name) {
-  check_block_lists(q, num, idx, rows, cols, num_name, idx_name);
-  check_block_lists(q, full_num, full_idx, rows, cols, full_num_name, full_idx_name);
-  TORCH_CHECK(num.has_value() && full_num.has_value(), num_name, " and ", full_num_name,
-              " must be given together (a BlockMask passes both)");
-  check_lists_broadcast(num, s, num_name);
-  check_lists_broadcast(full_num, s, full_num_name);
-  BlockLists l;
-  l.num = num->data_ptr<int>();
-  l.idx = idx->data_ptr<int>();
-  l.full_num = full_num->data_ptr<int>();
-  l.full_idx = full_idx->data_ptr<int>();
-  for (int d = 0; d < 3; ++d) {
-    l.num_stride[d] = broadcast_stride(*num, d);
-    l.full_num_stride[d] = broadcast_stride(*full_num, d);
-  }
-  for (int d = 0; d < 4; ++d) {
-    l.idx_stride[d] = broadcast_stride(*idx, d);
-    l.full_idx_stride[d] = broadcast_stride(*full_idx, d);
-  }
-  l.cols = static_cast<int>(cols);
-  return l;
-}
+// The backward's row-statistics pass (attention_fwd.cu; AttentionParams::row_shift).
+void attention_fwd_row_stats(const AttentionParams& p, at::ScalarType dtype, int64_t head_dim);
 
 // The inputs of one call, checked, with the tensors the kernels read kept alive.
 struct PreparedInputs {

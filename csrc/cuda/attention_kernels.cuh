@@ -12,6 +12,7 @@
 #include <math_constants.h>
 #include <stdint.h>
 
+#include "block_lists.h"
 #include "mma.cuh"
 
 namespace fastattn {
@@ -28,29 +29,20 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 enum MaskKind : int { kNoMask = 0, kBoolMask = 1, kHalfMask = 2, kBFloat16Mask = 3, kFloatMask = 4 };
 
-// Scores with an additive mask are floored here, just below float16's minimum (-65504). Hugging
-// Face pads with finfo(dtype).min (-3.4e38 in bfloat16/float32); a row masked everywhere at that
-// value then has lse = m + log(n) with m so large that log(n) is lost in float32, and the backward's
-// P = exp(s - lse) would be 1 instead of 1/n. At the floor float32 still resolves log(n) to 2^-7,
-// and the forward result (equal weights over the masked keys) is the reference's.
-constexpr float kAdditiveMaskFloor = -65536.f;
+// Scores with an additive mask stay in natural units and are added as they are, with no floor: a
+// mask at finfo(float32).min (Hugging Face's padding) gives scores near -3.4e38 that stay finite, and
+// log2(e) multiplies s - m, never s (FwdTraits::kNaturalUnits). A row whose every visible score sits
+// under such a mask then has |lse| = |m + log l| so large that float32 has lost log l (at 3.4e38 or
+// 1e9), or rounds it coarsely (2^-7 at 1e5), so the backward cannot take P = exp(s - lse). Rows with
+// |lse| > kHugeLse get their (m, 1 / l) recomputed by the forward kernel in a statistics mode
+// (AttentionParams::row_shift), and the backward takes P' = exp(s - m) = l P with dO scaled by 1 / l
+// (attention_bwd_delta_kernel), so that P' dO' and P' (dP' - delta') are the true products. Below
+// the threshold, lse's rounding (at most 2^-14) is no more than float32's rounding of such scores.
+constexpr float kHugeLse = 1024.f;
 
-// A select, not fmaxf: a NaN score stays NaN (fmaxf would turn it into the floor).
-__device__ __forceinline__ float floor_masked_score(float s) { return s < kAdditiveMaskFloor ? kAdditiveMaskFloor : s; }
-
-// One BlockMask's tile lists (fastattn/block_mask.py): counts (B|1, H|1, rows) and indices
-// (B|1, H|1, rows, cols), int32; strides are 0 on broadcast dimensions.
-struct BlockLists {
-  const int* num = nullptr;
-  const int* idx = nullptr;
-  const int* full_num = nullptr;
-  const int* full_idx = nullptr;
-  int64_t num_stride[3] = {0, 0, 0};
-  int64_t idx_stride[4] = {0, 0, 0, 0};
-  int64_t full_num_stride[3] = {0, 0, 0};
-  int64_t full_idx_stride[4] = {0, 0, 0, 0};
-  int cols = 0;  // entries per row of idx
-};
+// Whether a row's lse needs the recomputed statistics (finite: a row that saw nothing has -inf and
+// keeps it, a row that saw a NaN keeps its NaN).
+__device__ __forceinline__ bool huge_lse(float lse) { return fabsf(lse) > kHugeLse && fabsf(lse) != CUDART_INF_F; }
 
 struct AttentionParams {
   // pointers (T = the input dtype)
@@ -97,6 +89,15 @@ struct AttentionParams {
   // Forward only: `out` and `lse` already hold another kernel's answer (the Hopper forward's); a
   // CTA whose rows of `out` are all finite returns at once, the others compute theirs again.
   bool redo_nonfinite = false;
+  // The backward's row-statistics pass (the forward kernel with an additive mask; kHugeLse): `lse`
+  // holds the forward's answer, read only; a CTA returns at once unless one of its rows has a huge
+  // lse, and writes for those rows their max m to row_shift and 1 / l to row_factor, (B, Hq, Lq)
+  // float32 contiguous (nothing else). Null otherwise.
+  float* row_shift = nullptr;
+  float* row_factor = nullptr;
+  // Delta kernel: when set, dO times row_factor (per row) is rounded to T and written here,
+  // (B, Hq, Lq, D) contiguous, and delta is taken from it (the backward then reads dO from here).
+  void* dout_scaled = nullptr;
 };
 
 // What one (batch, query head) sees: valid lengths, the diagonal offset, its ALiBi slope and mask.
@@ -383,6 +384,35 @@ struct TileWalk {
   }
 };
 
+// The double-buffered walk of a CTA's tiles, shared by the forward (key tiles) and the backward
+// (query tiles): every masked tile, then every interior one. On entry `cur` has landed in stage
+// `stage` and `nxt` is in flight to the other one (stage_size apart); after each tile, the stage it
+// used is refilled with the tile after next (`load(stage, tile)`, one cp.async group per tile).
+// `body(BoolConstant<masked>, step)` runs one tile from stage `stage`.
+template <class Body, class Load>
+__device__ __forceinline__ void pipelined_walk(const AttentionParams& p, const TileWalk& walk, FwdStep cur,
+                                               FwdStep nxt, int& stage, int stage_size, Body&& body, Load&& load) {
+  auto advance = [&](auto masked_pass) {
+    const FwdStep after = walk.next<decltype(masked_pass)::value>(p, nxt);
+    __syncthreads();  // every warp is done with `stage` (and, in the backward, with dX^T)
+    if (after.tile >= 0) load(stage, after.tile);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    cur = nxt;
+    nxt = after;
+    stage ^= stage_size;
+  };
+  while (cur.tile >= 0 && cur.masked) {
+    body(BoolConstant<true>{}, cur);
+    advance(BoolConstant<true>{});
+  }
+  while (cur.tile >= 0) {
+    body(BoolConstant<false>{}, cur);
+    advance(BoolConstant<false>{});
+  }
+}
+
 // The key tiles of query rows [m0, m0 + kBlockM).
 template <class Tr>
 struct FwdSchedule : TileWalk {
@@ -442,7 +472,6 @@ __device__ __forceinline__ float fwd_score(const AttentionParams& p, const HeadC
         } else {
           x += reinterpret_cast<const float*>(c.mask)[o];
         }
-        x = floor_masked_score(x);
       }
     }
     x = visible ? x : -CUDART_INF_F;  // a select: a NaN in a hidden score never gets through
@@ -484,6 +513,16 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
       hits |= nonfinite_mask<T>(w.x) | nonfinite_mask<T>(w.y) | nonfinite_mask<T>(w.z) | nonfinite_mask<T>(w.w);
     }
     if (!__syncthreads_or(hits != 0)) return;
+  }
+  const int64_t stats = ((int64_t)b * p.heads_q + hq) * p.seqlen_q;  // row 0 of (b, hq) in lse
+  // The backward's row-statistics pass (AttentionParams::row_shift): only with an additive mask.
+  const bool stats_only = Tr::kBias && p.row_shift != nullptr;
+  if constexpr (Tr::kBias) {
+    if (stats_only) {
+      static_assert(BM <= Tr::kThreads, "one row per thread");
+      const bool huge = tid < BM && m0 + tid < p.seqlen_q && huge_lse(p.lse[stats + m0 + tid]);
+      if (!__syncthreads_or(huge)) return;
+    }
   }
 
   FwdSchedule<Tr> sched;
@@ -612,26 +651,9 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
       }
     }
   };
-  // After a tile: refill the stage it used with the tile after next, and wait for the next one.
-  auto advance = [&](auto masked_pass) {
-    const FwdStep after = sched.template next<decltype(masked_pass)::value>(p, nxt);
-    __syncthreads();  // every warp is done with `stage`
-    if (after.tile >= 0) load_kv(stage, after.tile);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-    cur = nxt;
-    nxt = after;
-    stage ^= kStage;
-  };
-  while (cur.tile >= 0 && cur.masked) {
-    tile_body(BoolConstant<true>{}, BoolConstant<false>{}, cur);
-    advance(BoolConstant<true>{});
-  }
-  while (cur.tile >= 0) {
-    tile_body(BoolConstant<false>{}, BoolConstant<false>{}, cur);
-    advance(BoolConstant<false>{});
-  }
+  pipelined_walk(
+      p, sched, cur, nxt, stage, kStage,
+      [&](auto mask_tile, const FwdStep& step) { tile_body(mask_tile, BoolConstant<false>{}, step); }, load_kv);
 
   // A NaN/Inf value hidden from some rows of a masked tile reaches them as 0 * NaN in P V, and then
   // their output is non-finite: only then (one sum per thread, one barrier per CTA) the CTA runs
@@ -669,6 +691,14 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
     // visible NaN score) is live: the row is NaN, never 0.
     const bool live = i < c.qlen && sum != 0.f;
     const float inv = live ? 1.f / sum : 0.f;
+    if (stats_only) {
+      // Natural units (kBias): m is the row max of the scores, and sum >= 1 (the max's own term).
+      if (t == 0 && huge_lse(p.lse[stats + i])) {
+        p.row_shift[stats + i] = row_max[r];
+        p.row_factor[stats + i] = inv;
+      }
+      continue;
+    }
 #pragma unroll
     for (int nt = 0; nt < D / 8; ++nt) {
       *reinterpret_cast<uint32_t*>(out + (int64_t)i * p.out_stride[2] + nt * 8 + 2 * t) =
@@ -679,7 +709,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
       if (live) {
         lse = Tr::kNaturalUnits ? row_max[r] + log2f(sum) * kLn2 : (row_max[r] * kf + log2f(sum)) * kLn2;
       }
-      p.lse[((int64_t)b * p.heads_q + hq) * p.seqlen_q + i] = lse;
+      p.lse[stats + i] = lse;
     }
   }
 }
@@ -698,8 +728,19 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_delta_kernel(const Att
   const int b = static_cast<int>(row / ((int64_t)p.seqlen_q * p.heads_q));
   const T* o = static_cast<const T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i * p.out_stride[2];
   const T* d = static_cast<const T*>(p.dout) + b * p.dout_stride[0] + h * p.dout_stride[1] + i * p.dout_stride[2];
+  // With row_factor (rows recomputed for a huge lse), dO' = dO / l rounded to T, and delta from dO'.
+  T* scaled = p.dout_scaled ? static_cast<T*>(p.dout_scaled) + row * head_dim : nullptr;
+  const float factor = scaled ? p.row_factor[row] : 1.f;
   float sum = 0.f;
-  for (int x = lane; x < head_dim; x += 32) sum += MmaTraits<T>::to_float(o[x]) * MmaTraits<T>::to_float(d[x]);
+  for (int x = lane; x < head_dim; x += 32) {
+    float dx = MmaTraits<T>::to_float(d[x]);
+    if (scaled) {
+      const T rounded = MmaTraits<T>::from_float(dx * factor);
+      scaled[x] = rounded;
+      dx = MmaTraits<T>::to_float(rounded);
+    }
+    sum += MmaTraits<T>::to_float(o[x]) * dx;
+  }
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
   if (lane == 0) p.delta[row] = sum;
@@ -1040,26 +1081,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_kernel(const Atten
       }
     }
   };
-  // After a tile: refill the stage it used with the tile after next, and wait for the next one.
-  auto advance = [&](auto masked_pass) {
-    const FwdStep after = sched.template next<decltype(masked_pass)::value>(p, nxt);
-    __syncthreads();  // every warp is done with `stage` (and with dX^T)
-    if (after.tile >= 0) load_q(stage, after.tile);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-    cur = nxt;
-    nxt = after;
-    stage ^= kStage;
-  };
-  while (cur.tile >= 0 && cur.masked) {
-    tile_body(BoolConstant<true>{}, cur);
-    advance(BoolConstant<true>{});
-  }
-  while (cur.tile >= 0) {
-    tile_body(BoolConstant<false>{}, cur);
-    advance(BoolConstant<false>{});
-  }
+  pipelined_walk(p, sched, cur, nxt, stage, kStage, tile_body, load_q);
 
   T* dk_out = static_cast<T*>(p.dk) + b * p.dk_stride[0] + hq * p.dk_stride[1];
   T* dv_out = static_cast<T*>(p.dv) + b * p.dv_stride[0] + hq * p.dv_stride[1];

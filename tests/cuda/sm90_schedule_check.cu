@@ -52,7 +52,7 @@ bool check_case(const Case& cs, int* checked) {
         else full_idx[r * nkb + full_num[r]++] = c;
       }
     }
-    TileLists& l = a.lists;
+    fastattn::cuda::BlockLists& l = a.lists;
     l.num = num.data();
     l.idx = idx.data();
     l.full_num = full_num.data();
@@ -61,8 +61,8 @@ bool check_case(const Case& cs, int* checked) {
     l.idx_stride[2] = l.full_idx_stride[2] = nkb;
     l.idx_stride[3] = l.full_idx_stride[3] = 1;
     l.cols = nkb;
-    l.block_q = cs.bq;
-    l.block_k = cs.bk;
+    a.mask_block_q = cs.bq;
+    a.mask_block_k = cs.bk;
   }
   const int qlen = cs.lengths ? cs.qlen : cs.Lq, klen = cs.lengths ? cs.klen : cs.Lk, offset = klen - qlen;
   auto visible = [&](int i, int j) {  // band, lengths and lists

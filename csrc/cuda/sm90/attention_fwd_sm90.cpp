@@ -20,20 +20,6 @@
 
 namespace fastattn {
 namespace cuda {
-
-// attention_fwd.cu: recomputes by selection the 128-row blocks of `out` that hold a NaN/Inf.
-void attention_fwd_redo_nonfinite(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                  const std::optional<at::Tensor>& alibi_slopes,
-                                  const std::optional<at::Tensor>& key_lengths,
-                                  const std::optional<at::Tensor>& query_lengths,
-                                  const std::optional<at::Tensor>& kv_num_blocks,
-                                  const std::optional<at::Tensor>& kv_indices,
-                                  const std::optional<at::Tensor>& full_kv_num_blocks,
-                                  const std::optional<at::Tensor>& full_kv_indices, int64_t block_size_q,
-                                  int64_t block_size_k, double scale, std::optional<int64_t> window_left,
-                                  std::optional<int64_t> window_right, double softcap, const at::Tensor& out,
-                                  const at::Tensor& lse);
-
 namespace sm90 {
 namespace {
 
@@ -62,36 +48,6 @@ bool hopper_serves(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     return false;
   }
   return !has_element_mask && dropout_p == 0.0 && scale > 0.0;
-}
-
-// A BlockMask's forward lists, checked (shapes, dtype, device; counts are clamped and indices
-// outside the band skipped by the kernel), as the kernel reads them.
-TileLists tile_lists(const at::Tensor& q, const AttentionShape& s, const OptTensor& num, const OptTensor& idx,
-                     const OptTensor& full_num, const OptTensor& full_idx, int64_t block_q, int64_t block_k) {
-  const int64_t rows = ceil_div(s.seqlen_q, block_q), cols = ceil_div(s.seqlen_k, block_k);
-  check_block_lists(q, num, idx, rows, cols, "kv_num_blocks", "kv_indices");
-  check_block_lists(q, full_num, full_idx, rows, cols, "full_kv_num_blocks", "full_kv_indices");
-  TORCH_CHECK(num.has_value() && full_num.has_value(),
-              "kv_num_blocks and full_kv_num_blocks must be given together (a BlockMask passes both)");
-  check_lists_broadcast(num, s, "kv_num_blocks");
-  check_lists_broadcast(full_num, s, "full_kv_num_blocks");
-  TileLists l;
-  l.num = num->data_ptr<int>();
-  l.idx = idx->data_ptr<int>();
-  l.full_num = full_num->data_ptr<int>();
-  l.full_idx = full_idx->data_ptr<int>();
-  for (int d = 0; d < 3; ++d) {
-    l.num_stride[d] = broadcast_stride(*num, d);
-    l.full_num_stride[d] = broadcast_stride(*full_num, d);
-  }
-  for (int d = 0; d < 4; ++d) {
-    l.idx_stride[d] = broadcast_stride(*idx, d);
-    l.full_idx_stride[d] = broadcast_stride(*full_idx, d);
-  }
-  l.cols = static_cast<int>(cols);
-  l.block_q = static_cast<int>(block_q);
-  l.block_k = static_cast<int>(block_k);
-  return l;
 }
 
 // TMA reads rows through a descriptor whose base must be 16-byte aligned and whose strides must
@@ -174,8 +130,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_sm90_cuda(
   if (klens.defined()) args.key_lengths = klens.data_ptr<int>();
   if (qlens.defined()) args.query_lengths = qlens.data_ptr<int>();
   if (has_lists) {
-    args.lists = tile_lists(q, s, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_size_q,
-                            block_size_k);
+    // Counts are clamped and indices outside the band skipped by the kernel.
+    args.lists = make_lists(q, s, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+                            ceil_div(s.seqlen_q, block_size_q), ceil_div(s.seqlen_k, block_size_k), "kv_num_blocks",
+                            "kv_indices", "full_kv_num_blocks", "full_kv_indices");
+    args.mask_block_q = static_cast<int>(block_size_q);
+    args.mask_block_k = static_cast<int>(block_size_k);
   }
   const DType dtype = q.scalar_type() == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
   const cudaError_t err = run_fwd(args, dtype, static_cast<int>(s.head_dim), at::cuda::getCurrentCUDAStream().stream());

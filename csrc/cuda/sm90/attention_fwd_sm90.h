@@ -8,26 +8,11 @@
 
 #include <cstdint>
 
+#include "../block_lists.h"
+
 namespace fastattn {
 namespace cuda {
 namespace sm90 {
-
-// A BlockMask's forward tile lists (fastattn/block_mask.py): counts (B|1, Hq|1, nQB) and indices
-// (B|1, Hq|1, nQB, nKB), int32, strides in elements with 0 on broadcast dimensions. The kernel
-// visits only the listed key blocks (partial and full alike: without an element mask, the band
-// and the lengths are all that masks a partial tile). Block sizes are multiples of 128 (the tiles).
-struct TileLists {
-  const int* num = nullptr;  // null: no BlockMask
-  const int* idx = nullptr;
-  const int* full_num = nullptr;
-  const int* full_idx = nullptr;
-  int64_t num_stride[3] = {0, 0, 0};
-  int64_t idx_stride[4] = {0, 0, 0, 0};
-  int64_t full_num_stride[3] = {0, 0, 0};
-  int64_t full_idx_stride[4] = {0, 0, 0, 0};
-  int cols = 0;  // entries per row of idx (key blocks)
-  int block_q = 0, block_k = 0;
-};
 
 // One forward call. q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D), out (B, Hq, Lq, D) with unit last
 // stride; strides in elements as (batch, head, row). Every base pointer is 16-byte aligned and every
@@ -60,7 +45,11 @@ struct FwdArgs {
   int64_t alibi_stride[2] = {0, 0};
   const int* key_lengths = nullptr;    // (B,) int32, contiguous, or null
   const int* query_lengths = nullptr;  // (B,) int32, contiguous, or null
-  TileLists lists;
+  // A BlockMask's forward lists (key blocks per query block; lists.num null: none) and its block
+  // sizes, multiples of 128 (the tiles). The kernel visits only the listed key blocks (partial and
+  // full alike: without an element mask, the band and the lengths are all that masks a partial tile).
+  BlockLists lists;
+  int mask_block_q = 0, mask_block_k = 0;
 };
 
 // The compile-time feature flags of a kernel instantiation (bits of its Traits).

@@ -136,7 +136,8 @@ struct Params {
   int64_t alibi_stride[2];
   const int* key_lengths;
   const int* query_lengths;
-  TileLists lists;
+  BlockLists lists;
+  int mask_block_q, mask_block_k;
 };
 
 // An accumulator fragment ((2 cols, 2 rows, V col groups), MMA_M, MMA_N) of a 64-row wgmma seen
@@ -507,6 +508,8 @@ cudaError_t launch(const FwdArgs& a, cudaStream_t stream) {
       a.key_lengths,
       a.query_lengths,
       a.lists,
+      a.mask_block_q,
+      a.mask_block_k,
   };
   auto kernel = attention_fwd_sm90_kernel<T>;
   const int smem = smem_bytes<T>();

@@ -71,9 +71,9 @@ FASTATTN_SM90_HD Schedule make_schedule(const P& p, int batch, int head, int m_b
   s.hi = key_hi / kBlockN;
   s.steps = s.hi - s.lo + 1;
   if constexpr (kBlockLists) {
-    const TileLists& l = p.lists;
+    const BlockLists& l = p.lists;
     if (l.num != nullptr) {
-      const int row = row0 / l.block_q;
+      const int row = row0 / p.mask_block_q;
       const int64_t n = batch * l.num_stride[0] + head * l.num_stride[1] + row * l.num_stride[2];
       const int64_t fn = batch * l.full_num_stride[0] + head * l.full_num_stride[1] + row * l.full_num_stride[2];
       s.num_partial = imin(imax(l.num[n], 0), l.cols);
@@ -82,7 +82,7 @@ FASTATTN_SM90_HD Schedule make_schedule(const P& p, int batch, int head, int m_b
       s.full = l.full_idx + batch * l.full_idx_stride[0] + head * l.full_idx_stride[1] + row * l.full_idx_stride[2];
       s.partial_stride = static_cast<int>(l.idx_stride[3]);
       s.full_stride = static_cast<int>(l.full_idx_stride[3]);
-      s.sub = l.block_k / kBlockN;
+      s.sub = p.mask_block_k / kBlockN;
       s.steps = (s.num_partial + num_full) * s.sub;
     }
   }

@@ -840,6 +840,54 @@ def test_fuzz_found_cpu_gradients_of_a_row_masked_entirely_at_the_dtype_minimum(
         torch.testing.assert_close(g_, w)
 
 
+def _check_rows_masked_at_a_huge_additive_value(backend, device, dtype, qkv_dtype, value, Lq, Lk, D, seed):
+    """Rows with every key (or most keys) at `value` in a `dtype` additive mask, under ALiBi and GQA:
+    out, lse and every gradient against the reference (the tolerance rule), out against torch's SDPA."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 2, Lq, D, generator=g)
+    k, v = torch.randn(1, 1, Lk, D, generator=g), torch.randn(1, 1, Lk, D, generator=g)  # GQA
+    fill = torch.finfo(dtype).min if value == "min" else value
+    mask = torch.randn(1, 2, Lq, Lk, generator=g)
+    mask[:, 0, 1, :] = fill  # row 1 of head 0: every key at the value
+    mask[:, :, 3, 5:] = fill  # row 3: the value on most keys
+    mask[:, 1, 19, :] = fill
+    mask[:, 1, Lq - 10, :] = fill  # in the last query tile of the CUDA shapes
+    slopes = torch.tensor([0.3, 0.7], device=device)  # distinct scores under the mask
+    leaves = [t.to(device, qkv_dtype).requires_grad_() for t in (q, k, v)]
+    leaves.append(mask.to(device, dtype).requires_grad_())
+    out, lse = fastattn.attention(*leaves[:3], attn_mask=leaves[3], alibi_slopes=slopes, backend=backend,
+                                  return_lse=True)
+    hp = high_precision(qkv_dtype)
+    hp_leaves = [t.detach().to(hp).requires_grad_() for t in leaves]
+    lp_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    ref32 = reference.attention(*hp_leaves[:3], attn_mask=hp_leaves[3], alibi_slopes=slopes, return_lse=True)
+    ref_lp = reference.attention(*lp_leaves[:3], attn_mask=lp_leaves[3], alibi_slopes=slopes, return_lse=True)
+    floor = ATOL_FLOOR[qkv_dtype]
+    _check("out", out, ref32[0], ref_lp[0], floor)
+    _check("lse", lse, ref32[1].float(), ref_lp[1].float(), max(floor, 1e-5))
+    if value == "min" and dtype != torch.float16:
+        assert lse[0, 0, 1].item() < -3e38  # the reference's lse, not a floor's
+    dout = torch.randn(out.shape, generator=g).to(device, qkv_dtype)
+    got = torch.autograd.grad(out, leaves, dout)
+    want32 = torch.autograd.grad(ref32[0], hp_leaves, dout.to(hp))
+    want_lp = torch.autograd.grad(ref_lp[0], lp_leaves, dout)
+    for name, g_, w32, wlp in zip(("dq", "dk", "dv", "dmask"), got, want32, want_lp):
+        _check(name, g_, w32, wlp, floor)
+    # And torch's SDPA agrees (rows that see nothing aside: torch gives NaN there). It adds ALiBi to the
+    # mask first: at -1e5 float32 rounds scores to 2^-7, so the order shows at 1e-2; at -1e9 it rounds
+    # in steps of 64, more than the ALiBi terms, so a row with every key at -1e9 is decided by that
+    # order: those rows are left to the reference check above.
+    distance = (torch.arange(Lq)[:, None] + (Lk - Lq) - torch.arange(Lk)).abs().to(device)  # bottom-right
+    bias = leaves[3].detach().float() - slopes[:, None, None] * distance
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        *(t.detach().float().expand(1, 2, -1, D) for t in leaves[:3]), attn_mask=bias
+    )
+    seen = ~torch.isnan(sdpa)
+    if value == -1e9:
+        seen &= ~(leaves[3].detach() == leaves[3].detach().amin()).all(dim=-1, keepdim=True)
+    torch.testing.assert_close(out.float()[seen], sdpa[seen], atol=1e-2, rtol=1e-2)
+
+
 @pytest.mark.parametrize("value", ["min", -1e9, -1e5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.interpreter)])
@@ -849,44 +897,9 @@ def test_fuzz_found_triton_rows_masked_entirely_at_a_huge_additive_value(backend
     # P = 1 instead of 1/n, dq n times too large (also at -1e9). At -1e5 float32 still resolves the
     # scores (the row is its unmasked softmax, as torch's SDPA gives), and the log2 rounding showed.
     # In float16, -1e9 and -1e5 round to -inf: those rows see nothing (0, lse = -inf).
+    # Lq 21, Lk 37: several key blocks; one query block of the interpreter's tiles has no such row.
     _usable(backend)
-    g = torch.Generator().manual_seed(7)
-    Lq, Lk = 21, 37  # several key blocks; one query block of the interpreter's tiles has no such row
-    q = torch.randn(1, 2, Lq, 16, generator=g)
-    k, v = torch.randn(1, 1, Lk, 16, generator=g), torch.randn(1, 1, Lk, 16, generator=g)  # GQA
-    fill = torch.finfo(dtype).min if value == "min" else value
-    mask = torch.randn(1, 2, Lq, Lk, generator=g)
-    mask[:, 0, 1, :] = fill  # row 1 of head 0: every key at the value
-    mask[:, :, 3, 5:] = fill  # row 3: the value on most keys
-    mask[:, 1, 19, :] = fill
-    slopes = torch.tensor([0.3, 0.7])  # distinct scores under the mask
-    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v, mask)]
-    out, lse = fastattn.attention(*leaves[:3], attn_mask=leaves[3], alibi_slopes=slopes, backend=backend,
-                                  return_lse=True)
-    hp = high_precision(dtype)
-    hp_leaves = [t.detach().to(hp).requires_grad_() for t in leaves]
-    lp_leaves = [t.detach().clone().requires_grad_() for t in leaves]
-    ref32 = reference.attention(*hp_leaves[:3], attn_mask=hp_leaves[3], alibi_slopes=slopes, return_lse=True)
-    ref_lp = reference.attention(*lp_leaves[:3], attn_mask=lp_leaves[3], alibi_slopes=slopes, return_lse=True)
-    floor = ATOL_FLOOR[dtype]
-    _check("out", out, ref32[0], ref_lp[0], floor)
-    _check("lse", lse, ref32[1].float(), ref_lp[1].float(), max(floor, 1e-5))
-    dout = torch.randn(out.shape, generator=g).to(dtype)
-    got = torch.autograd.grad(out, leaves, dout)
-    want32 = torch.autograd.grad(ref32[0], hp_leaves, dout.to(hp))
-    want_lp = torch.autograd.grad(ref_lp[0], lp_leaves, dout)
-    for name, g_, w32, wlp in zip(("dq", "dk", "dv", "dmask"), got, want32, want_lp):
-        _check(name, g_, w32, wlp, floor)
-    # And torch's SDPA agrees (rows that see nothing aside: torch gives NaN there). It adds ALiBi to the
-    # mask first; at -1e5 float32 rounds scores to 2^-7, so the order shows at 1e-2.
-    distance = (torch.arange(Lq)[:, None] + (Lk - Lq) - torch.arange(Lk)).abs()  # ALiBi, bottom-right aligned
-    bias = leaves[3].detach().float() - slopes[:, None, None] * distance
-    sdpa = torch.nn.functional.scaled_dot_product_attention(
-        q.to(dtype).float(), k.to(dtype).float().expand(1, 2, Lk, 16), v.to(dtype).float().expand(1, 2, Lk, 16),
-        attn_mask=bias,
-    )
-    seen = ~torch.isnan(sdpa)
-    torch.testing.assert_close(out.float()[seen], sdpa[seen], atol=1e-2, rtol=1e-2)
+    _check_rows_masked_at_a_huge_additive_value(backend, "cpu", dtype, dtype, value, Lq=21, Lk=37, D=16, seed=7)
 
 
 @pytest.mark.interpreter
@@ -1009,8 +1022,7 @@ def test_14_varlen_bf16_dq_is_zero_when_a_sequence_has_one_key_vector(backend):
         torch.testing.assert_close(got.float(), w, atol=2e-2, rtol=2e-2)
 
 
-# --- CUDA (issue 16 item 7): additive masks at huge values, on the GPU. Owned by the CUDA kernels'
-# engineer; kept apart from the functions above.
+# CUDA (issue 16 item 7): additive masks at huge values, on the GPU.
 
 
 @pytest.mark.gpu
@@ -1023,51 +1035,10 @@ def test_cuda_rows_masked_entirely_at_a_huge_additive_value(dtype, value, D):
     # scores: the row is its unmasked softmax) they gave equal weights. Now scores stay unfloored in
     # natural units and the backward recomputes (max, sum) of rows with |lse| > 1024. The CUDA kernels
     # take float16/bfloat16 inputs: `dtype` is the mask's, with bfloat16 q, k, v for a float32 mask.
+    # Lq 150: two query tiles of the forward (the second one of head 0 has no such row).
     _usable("cuda")
     qkv_dtype = torch.bfloat16 if dtype == torch.float32 else dtype
-    g = torch.Generator().manual_seed(11)
-    Lq, Lk = 150, 200  # two query tiles of the forward (the second one of head 0 has no such row)
-    q = torch.randn(1, 2, Lq, D, generator=g)
-    k, v = torch.randn(1, 1, Lk, D, generator=g), torch.randn(1, 1, Lk, D, generator=g)  # GQA
-    fill = torch.finfo(dtype).min if value == "min" else value
-    mask = torch.randn(1, 2, Lq, Lk, generator=g)
-    mask[:, 0, 1, :] = fill  # row 1 of head 0: every key at the value
-    mask[:, :, 3, 5:] = fill  # row 3: the value on most keys
-    mask[:, 1, 19, :] = fill
-    mask[:, 1, 140, :] = fill  # in the second query tile
-    slopes = torch.tensor([0.3, 0.7], device="cuda")  # distinct scores under the mask
-    leaves = [t.to("cuda", qkv_dtype).requires_grad_() for t in (q, k, v)]
-    leaves.append(mask.to("cuda", dtype).requires_grad_())
-    out, lse = fastattn.attention(*leaves[:3], attn_mask=leaves[3], alibi_slopes=slopes, backend="cuda",
-                                  return_lse=True)
-    hp = high_precision(qkv_dtype)
-    hp_leaves = [t.detach().to(hp).requires_grad_() for t in leaves]
-    lp_leaves = [t.detach().clone().requires_grad_() for t in leaves]
-    ref32 = reference.attention(*hp_leaves[:3], attn_mask=hp_leaves[3], alibi_slopes=slopes, return_lse=True)
-    ref_lp = reference.attention(*lp_leaves[:3], attn_mask=lp_leaves[3], alibi_slopes=slopes, return_lse=True)
-    floor = ATOL_FLOOR[qkv_dtype]
-    _check("out", out, ref32[0], ref_lp[0], floor)
-    _check("lse", lse, ref32[1].float(), ref_lp[1].float(), max(floor, 1e-5))
-    if value == "min" and dtype != torch.float16:
-        assert lse[0, 0, 1].item() < -3e38  # the reference's lse, not a floor's
-    dout = torch.randn(out.shape, generator=g).to("cuda", qkv_dtype)
-    got = torch.autograd.grad(out, leaves, dout)
-    want32 = torch.autograd.grad(ref32[0], hp_leaves, dout.to(hp))
-    want_lp = torch.autograd.grad(ref_lp[0], lp_leaves, dout)
-    for name, g_, w32, wlp in zip(("dq", "dk", "dv", "dmask"), got, want32, want_lp):
-        _check(name, g_, w32, wlp, floor)
-    # And torch's SDPA agrees (rows that see nothing aside: torch gives NaN there). It adds ALiBi to the
-    # mask first: at -1e9 float32 rounds in steps of 64, more than these ALiBi terms (0.7 * 200), so a
-    # row with every key at -1e9 is decided by that order; those rows are left to the reference check.
-    distance = (torch.arange(Lq)[:, None] + (Lk - Lq) - torch.arange(Lk)).abs().cuda()  # bottom-right ALiBi
-    bias = leaves[3].detach().float() - slopes[:, None, None] * distance
-    sdpa = torch.nn.functional.scaled_dot_product_attention(
-        *(t.detach().float().expand(1, 2, -1, D) for t in leaves[:3]), attn_mask=bias
-    )
-    seen = ~torch.isnan(sdpa)
-    if value == -1e9:
-        seen &= ~(leaves[3].detach() == leaves[3].detach().amin()).all(dim=-1, keepdim=True)
-    torch.testing.assert_close(out.float()[seen], sdpa[seen], atol=1e-2, rtol=1e-2)
+    _check_rows_masked_at_a_huge_additive_value("cuda", "cuda", dtype, qkv_dtype, value, Lq=150, Lk=200, D=D, seed=11)
 
 
 @pytest.mark.gpu

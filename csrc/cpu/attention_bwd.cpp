@@ -169,15 +169,8 @@ void recompute_out_dot_dout(const Params& p, const at::Tensor& q, const at::Tens
       const auto probabilities = [&](acc_t* S, int64_t tile_rows, int64_t n) {
         for (int64_t r = 0; r < tile_rows; ++r) softmax.apply(b, h, q0 + r, S + r * n, n);
       };
-      w.start(rows);
-      forward_key_tiles(p, g, b, h, q0, q1, tile_k, w.list_scratch, w.key_tiles);
-      int64_t ldq;
-      const acc_t* Q = tile_as_acc<scalar_t, acc_t>(q_data + b * p.q_sb + h * p.q_sh + q0 * p.q_sr, rows, p.D, p.q_sr,
-                                                    w.q_buf.data(), &ldq);
-      for (const Range& kr : w.key_tiles)
-        forward_tile_step(p, p, g, b, h, q0, q1, kr.begin, kr.end, Q, ldq,
-                          k_data + b * p.k_sb + hk * p.k_sh + kr.begin * p.k_sr,
-                          v_data + b * p.v_sb + hk * p.v_sh + kr.begin * p.v_sr, probabilities, w);
+      forward_rows(p, p, g, b, h, q0, q1, tile_k, q_data + b * p.q_sb + h * p.q_sh + q0 * p.q_sr,
+                   k_data + b * p.k_sb + hk * p.k_sh, v_data + b * p.v_sb + hk * p.v_sh, probabilities, w);
       for (int64_t r = 0; r < rows; ++r) {
         rowsum[(b * p.Hq + h) * p.Lq + q0 + r] =
             out_dot_dout<scalar_t, acc_t>(out_data + b * o_sb + h * o_sh + (q0 + r) * o_sr, w.acc.data() + r * p.Dv,

@@ -603,6 +603,23 @@ void forward_tile_step(const Params& p, const Params& dropout, const BatchGeomet
   }
 }
 
+// Query rows [q0, q1) of (b, h) over every key tile they see (forward_key_tiles, tiles of tile_k): the
+// state cleared, then forward_tile_step per tile. q points at row q0 (row stride p.q_sr), k and v at
+// key 0 of the rows' key head (row strides p.k_sr, p.v_sr). The state is left in w for w.finish.
+template <typename scalar_t, typename acc_t, typename Probabilities>
+void forward_rows(const Params& p, const Params& dropout, const BatchGeometry& g, int64_t b, int64_t h, int64_t q0,
+                  int64_t q1, int64_t tile_k, const scalar_t* q, const scalar_t* k, const scalar_t* v,
+                  const Probabilities& probabilities, ForwardScratch<scalar_t, acc_t>& w) {
+  w.start(q1 - q0);
+  forward_key_tiles(p, g, b, h, q0, q1, tile_k, w.list_scratch, w.key_tiles);
+  if (w.key_tiles.empty()) return;
+  int64_t ldq;
+  const acc_t* Q = tile_as_acc<scalar_t, acc_t>(q, q1 - q0, p.D, p.q_sr, w.q_buf.data(), &ldq);
+  for (const Range& kr : w.key_tiles)
+    forward_tile_step(p, dropout, g, b, h, q0, q1, kr.begin, kr.end, Q, ldq, k + kr.begin * p.k_sr,
+                      v + kr.begin * p.v_sr, probabilities, w);
+}
+
 // rowsum(dO * O) of one row (Dv values) for delta: O is o_rec, out recomputed in acc_t (null: none),
 // where out is its rounding (every value within one ulp of scalar_t), else out as given (a NaN, or the
 // merged output of a context-parallel call; see attention_bwd.cpp's recompute_out_dot_dout).

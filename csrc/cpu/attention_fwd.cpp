@@ -46,17 +46,8 @@ void attention_forward(const Params& p, const at::Tensor& q, const at::Tensor& k
       const int64_t q0 = (task % num_q_tiles) * tile_q, q1 = std::min(p.Lq, q0 + tile_q), rows = q1 - q0;
       const int64_t hk = h / p.group;
       const BatchGeometry g = batch_geometry(p, b);
-      w.start(rows);
-      forward_key_tiles(p, g, b, h, q0, q1, tile_k, w.list_scratch, w.key_tiles);
-      if (!w.key_tiles.empty()) {
-        int64_t ldq;
-        const acc_t* Q = tile_as_acc<scalar_t, acc_t>(q_data + b * p.q_sb + h * p.q_sh + q0 * p.q_sr, rows, p.D, p.q_sr,
-                                                      w.q_buf.data(), &ldq);
-        for (const Range& kr : w.key_tiles)
-          forward_tile_step(p, p, g, b, h, q0, q1, kr.begin, kr.end, Q, ldq,
-                            k_data + b * p.k_sb + hk * p.k_sh + kr.begin * p.k_sr,
-                            v_data + b * p.v_sb + hk * p.v_sh + kr.begin * p.v_sr, online_softmax, w);
-      }
+      forward_rows(p, p, g, b, h, q0, q1, tile_k, q_data + b * p.q_sb + h * p.q_sh + q0 * p.q_sr,
+                   k_data + b * p.k_sb + hk * p.k_sh, v_data + b * p.v_sb + hk * p.v_sh, online_softmax, w);
       w.finish(rows, out_data + b * o_sb + h * o_sh + q0 * o_sr, o_sr, lse_data + (b * p.Hq + h) * p.Lq + q0);
     }
   });

@@ -220,15 +220,7 @@ void varlen_forward(const Params& p, const Packing& pk, int64_t seed, const at::
       const scalar_t* q_seq = q_data + pk.q_begin[s] * p.q_sr + h * p.q_sh;
       const scalar_t* k_seq = k_data + pk.k_begin[s] * p.k_sr + hk * p.k_sh;
       const scalar_t* v_seq = v_data + pk.k_begin[s] * p.v_sr + hk * p.v_sh;
-      w.start(rows);
-      forward_key_tiles(p, g, 0, h, q0, q1, tile_k, w.list_scratch, w.key_tiles);  // the rows' band, no BlockMask
-      if (!w.key_tiles.empty()) {
-        int64_t ldq;
-        const acc_t* Q = tile_as_acc<scalar_t, acc_t>(q_seq + q0 * p.q_sr, rows, p.D, p.q_sr, w.q_buf.data(), &ldq);
-        for (const Range& kr : w.key_tiles)
-          forward_tile_step(p, dp, g, 0, h, q0, q1, kr.begin, kr.end, Q, ldq, k_seq + kr.begin * p.k_sr,
-                            v_seq + kr.begin * p.v_sr, online_softmax, w);
-      }
+      forward_rows(p, dp, g, 0, h, q0, q1, tile_k, q_seq + q0 * p.q_sr, k_seq, v_seq, online_softmax, w);  // no BlockMask
       w.finish(rows, out_data + ((pk.q_begin[s] + q0) * Hq + h) * p.Dv, Hq * p.Dv,
                lse_data + h * total_q + pk.q_begin[s] + q0);
     }

@@ -274,10 +274,12 @@ def _fwd_key_block(
     # [BLOCK_M, BLOCK_N]
     b_qk = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION)
     b_s, _ = _score_tile(
-        b_qk, o_m, o_n, offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap,
-        p_mask_bh, stride_mask_m, stride_mask_n, Lq, Lk,
-        HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
-        APPLY_INDEX_MASK, APPLY_ATTN_MASK,
+        b_qk=b_qk, o_m=o_m, o_n=o_n, offset=offset, qlen=qlen, klen=klen, window_left=window_left,
+        window_right=window_right, slope=slope, sm_scale=sm_scale, softcap=softcap,
+        p_mask_bh=p_mask_bh, stride_mask_m=stride_mask_m, stride_mask_n=stride_mask_n, Lq=Lq, Lk=Lk,
+        HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT, HAS_ALIBI=HAS_ALIBI,
+        HAS_SOFTCAP=HAS_SOFTCAP, HAS_MASK=HAS_MASK, MASK_IS_BOOL=MASK_IS_BOOL, HAS_LENGTHS=HAS_LENGTHS,
+        APPLY_INDEX_MASK=APPLY_INDEX_MASK, APPLY_ATTN_MASK=APPLY_ATTN_MASK,
     )
     # [BLOCK_M]
     b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
@@ -299,7 +301,9 @@ def _fwd_key_block(
             m_seen = tl.max(tl.where(b_s == float("-inf"), 0, 1), 0) > 0
             b_v = tl.where(m_seen[:, None], b_v, 0.0)
         if HAS_DROPOUT:
-            b_keep = _dropout_keep(seed, i_b, i_h, o_m, o_n, Hq, Lq, Lk, dropout_p)
+            b_keep = _dropout_keep(
+                seed=seed, i_b=i_b, i_h=i_h, o_m=o_m, o_n=o_n, Hq=Hq, Lq=Lq, Lk=Lk, dropout_p=dropout_p,
+            )
             b_p = tl.where(b_keep, b_p * (1.0 / (1.0 - dropout_p)), 0.0)
         if NONFINITE_V:
             # [BLOCK_N, BLOCK_DV] NaN/Inf entries (x - x is 0 exactly for finite x)
@@ -488,34 +492,46 @@ def attention_fwd_kernel(
             i_kb = tl.load(p_kv_idx + p_idx + t // MASK_SUB_N)
             i_n = i_kb * MASK_SUB_N + t % MASK_SUB_N
             p_mask_tile = _partial_tile_mask(
-                p_mask, p_mask_bh, p_tile_ids, i_b, i_h, i_qb, i_kb, stride_tid_b, stride_tid_h, stride_tid_m,
-                stride_tid_n, PARTIAL_MASKS, MASK_SUB_M * BLOCK_M, MASK_SUB_N * BLOCK_N,
+                p_mask=p_mask, p_mask_bh=p_mask_bh, p_tile_ids=p_tile_ids, i_b=i_b, i_h=i_h, i_qb=i_qb, i_kb=i_kb,
+                stride_tid_b=stride_tid_b, stride_tid_h=stride_tid_h, stride_tid_m=stride_tid_m,
+                stride_tid_n=stride_tid_n, PARTIAL_MASKS=PARTIAL_MASKS, BLOCK_Q=MASK_SUB_M * BLOCK_M,
+                BLOCK_K=MASK_SUB_N * BLOCK_N,
             )
             b_acc, b_l, b_m = _fwd_key_block(
-                b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
-                i_b, i_h_tile, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
-                softcap, dropout_p, seed, p_mask_tile, stride_mask_m, stride_mask_n, row_lo, row_hi,
-                BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
-                HAS_LENGTHS, HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA, REDO_NONFINITE,
-                ROW_STATS,
+                b_acc=b_acc, b_l=b_l, b_m=b_m, b_q=b_q, i_n=i_n, o_m=o_m, o_d=o_d, o_dv=o_dv, k_bh=k_bh, v_bh=v_bh,
+                stride_kn=stride_kn, stride_vn=stride_vn,
+                i_b=i_b, i_h=i_h_tile, Hq=Hq, Lq=Lq, Lk=Lk, D=D, DV=DV, offset=offset, qlen=qlen, klen=klen,
+                window_left=window_left, window_right=window_right, slope=slope, sm_scale=sm_scale,
+                softcap=softcap, dropout_p=dropout_p, seed=seed, p_mask_bh=p_mask_tile, stride_mask_m=stride_mask_m,
+                stride_mask_n=stride_mask_n, row_lo=row_lo, row_hi=row_hi,
+                BLOCK_N=BLOCK_N, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT,
+                HAS_ALIBI=HAS_ALIBI, HAS_SOFTCAP=HAS_SOFTCAP, HAS_MASK=HAS_MASK, MASK_IS_BOOL=MASK_IS_BOOL,
+                HAS_LENGTHS=HAS_LENGTHS, HAS_DROPOUT=HAS_DROPOUT, APPLY_INDEX_MASK=True, APPLY_ATTN_MASK=True,
+                DOT_PRECISION=DOT_PRECISION, DOT_FP32=DOT_FP32, USE_TMA=USE_TMA, NONFINITE_V=REDO_NONFINITE,
+                STATS_ONLY=ROW_STATS,
             )
         for t in range(tl.maximum(t_lo, num_partial) - num_partial, t_hi - num_partial):
             i_n = tl.load(p_full_idx + p_idx + t // MASK_SUB_N) * MASK_SUB_N + t % MASK_SUB_N
             b_acc, b_l, b_m = _fwd_key_block(
-                b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
-                i_b, i_h_tile, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
-                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, row_lo, row_hi,
-                BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
-                HAS_LENGTHS, HAS_DROPOUT, True, False, DOT_PRECISION, DOT_FP32, USE_TMA, REDO_NONFINITE,
-                ROW_STATS,
+                b_acc=b_acc, b_l=b_l, b_m=b_m, b_q=b_q, i_n=i_n, o_m=o_m, o_d=o_d, o_dv=o_dv, k_bh=k_bh, v_bh=v_bh,
+                stride_kn=stride_kn, stride_vn=stride_vn,
+                i_b=i_b, i_h=i_h_tile, Hq=Hq, Lq=Lq, Lk=Lk, D=D, DV=DV, offset=offset, qlen=qlen, klen=klen,
+                window_left=window_left, window_right=window_right, slope=slope, sm_scale=sm_scale,
+                softcap=softcap, dropout_p=dropout_p, seed=seed, p_mask_bh=p_mask_bh, stride_mask_m=stride_mask_m,
+                stride_mask_n=stride_mask_n, row_lo=row_lo, row_hi=row_hi,
+                BLOCK_N=BLOCK_N, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT,
+                HAS_ALIBI=HAS_ALIBI, HAS_SOFTCAP=HAS_SOFTCAP, HAS_MASK=HAS_MASK, MASK_IS_BOOL=MASK_IS_BOOL,
+                HAS_LENGTHS=HAS_LENGTHS, HAS_DROPOUT=HAS_DROPOUT, APPLY_INDEX_MASK=True, APPLY_ATTN_MASK=False,
+                DOT_PRECISION=DOT_PRECISION, DOT_FP32=DOT_FP32, USE_TMA=USE_TMA, NONFINITE_V=REDO_NONFINITE,
+                STATS_ONLY=ROW_STATS,
             )
         visited = t_hi - t_lo
     else:
         # The visible band only: masked edge blocks, unmasked interior, masked edge blocks; split s
         # takes its share [s_lo, s_hi) of the band.
         n_lo, n_mid_lo, n_mid_hi, n_hi = _key_block_range(
-            m0, qlen, klen, offset, window_left, window_right,
-            SPAN_M, BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
+            m0=m0, qlen=qlen, klen=klen, offset=offset, window_left=window_left, window_right=window_right,
+            BLOCK_M=SPAN_M, BLOCK_N=BLOCK_N, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT,
         )
         per_split = tl.cdiv(n_hi - n_lo, num_splits)
         s_lo = tl.minimum(n_lo + i_s * per_split, n_hi)
@@ -525,30 +541,45 @@ def attention_fwd_kernel(
         if HAS_WINDOW_LEFT:  # without a left bound the band starts unmasked (n_mid_lo == n_lo)
             for i_n in range(s_lo, tl.minimum(n_mid_lo, s_hi)):
                 b_acc, b_l, b_m = _fwd_key_block(
-                    b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
-                    i_b, i_h_tile, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
-                    softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, row_lo, row_hi,
-                    BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
-                    HAS_LENGTHS, HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA, REDO_NONFINITE,
-                    ROW_STATS,
+                    b_acc=b_acc, b_l=b_l, b_m=b_m, b_q=b_q, i_n=i_n, o_m=o_m, o_d=o_d, o_dv=o_dv, k_bh=k_bh, v_bh=v_bh,
+                    stride_kn=stride_kn, stride_vn=stride_vn,
+                    i_b=i_b, i_h=i_h_tile, Hq=Hq, Lq=Lq, Lk=Lk, D=D, DV=DV, offset=offset, qlen=qlen, klen=klen,
+                    window_left=window_left, window_right=window_right, slope=slope, sm_scale=sm_scale,
+                    softcap=softcap, dropout_p=dropout_p, seed=seed, p_mask_bh=p_mask_bh, stride_mask_m=stride_mask_m,
+                    stride_mask_n=stride_mask_n, row_lo=row_lo, row_hi=row_hi,
+                    BLOCK_N=BLOCK_N, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT,
+                    HAS_ALIBI=HAS_ALIBI, HAS_SOFTCAP=HAS_SOFTCAP, HAS_MASK=HAS_MASK, MASK_IS_BOOL=MASK_IS_BOOL,
+                    HAS_LENGTHS=HAS_LENGTHS, HAS_DROPOUT=HAS_DROPOUT, APPLY_INDEX_MASK=True, APPLY_ATTN_MASK=True,
+                    DOT_PRECISION=DOT_PRECISION, DOT_FP32=DOT_FP32, USE_TMA=USE_TMA, NONFINITE_V=REDO_NONFINITE,
+                    STATS_ONLY=ROW_STATS,
                 )
         for i_n in range(tl.maximum(n_mid_lo, s_lo), tl.minimum(n_mid_hi, s_hi)):
             b_acc, b_l, b_m = _fwd_key_block(
-                b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
-                i_b, i_h_tile, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
-                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, row_lo, row_hi,
-                BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
-                HAS_LENGTHS, HAS_DROPOUT, False, True, DOT_PRECISION, DOT_FP32, USE_TMA, REDO_NONFINITE,
-                ROW_STATS,
+                b_acc=b_acc, b_l=b_l, b_m=b_m, b_q=b_q, i_n=i_n, o_m=o_m, o_d=o_d, o_dv=o_dv, k_bh=k_bh, v_bh=v_bh,
+                stride_kn=stride_kn, stride_vn=stride_vn,
+                i_b=i_b, i_h=i_h_tile, Hq=Hq, Lq=Lq, Lk=Lk, D=D, DV=DV, offset=offset, qlen=qlen, klen=klen,
+                window_left=window_left, window_right=window_right, slope=slope, sm_scale=sm_scale,
+                softcap=softcap, dropout_p=dropout_p, seed=seed, p_mask_bh=p_mask_bh, stride_mask_m=stride_mask_m,
+                stride_mask_n=stride_mask_n, row_lo=row_lo, row_hi=row_hi,
+                BLOCK_N=BLOCK_N, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT,
+                HAS_ALIBI=HAS_ALIBI, HAS_SOFTCAP=HAS_SOFTCAP, HAS_MASK=HAS_MASK, MASK_IS_BOOL=MASK_IS_BOOL,
+                HAS_LENGTHS=HAS_LENGTHS, HAS_DROPOUT=HAS_DROPOUT, APPLY_INDEX_MASK=False, APPLY_ATTN_MASK=True,
+                DOT_PRECISION=DOT_PRECISION, DOT_FP32=DOT_FP32, USE_TMA=USE_TMA, NONFINITE_V=REDO_NONFINITE,
+                STATS_ONLY=ROW_STATS,
             )
         for i_n in range(tl.maximum(n_mid_hi, s_lo), s_hi):
             b_acc, b_l, b_m = _fwd_key_block(
-                b_acc, b_l, b_m, b_q, i_n, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn,
-                i_b, i_h_tile, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope, sm_scale,
-                softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, row_lo, row_hi,
-                BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
-                HAS_LENGTHS, HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA, REDO_NONFINITE,
-                ROW_STATS,
+                b_acc=b_acc, b_l=b_l, b_m=b_m, b_q=b_q, i_n=i_n, o_m=o_m, o_d=o_d, o_dv=o_dv, k_bh=k_bh, v_bh=v_bh,
+                stride_kn=stride_kn, stride_vn=stride_vn,
+                i_b=i_b, i_h=i_h_tile, Hq=Hq, Lq=Lq, Lk=Lk, D=D, DV=DV, offset=offset, qlen=qlen, klen=klen,
+                window_left=window_left, window_right=window_right, slope=slope, sm_scale=sm_scale,
+                softcap=softcap, dropout_p=dropout_p, seed=seed, p_mask_bh=p_mask_bh, stride_mask_m=stride_mask_m,
+                stride_mask_n=stride_mask_n, row_lo=row_lo, row_hi=row_hi,
+                BLOCK_N=BLOCK_N, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT,
+                HAS_ALIBI=HAS_ALIBI, HAS_SOFTCAP=HAS_SOFTCAP, HAS_MASK=HAS_MASK, MASK_IS_BOOL=MASK_IS_BOOL,
+                HAS_LENGTHS=HAS_LENGTHS, HAS_DROPOUT=HAS_DROPOUT, APPLY_INDEX_MASK=True, APPLY_ATTN_MASK=True,
+                DOT_PRECISION=DOT_PRECISION, DOT_FP32=DOT_FP32, USE_TMA=USE_TMA, NONFINITE_V=REDO_NONFINITE,
+                STATS_ONLY=ROW_STATS,
             )
         visited = s_hi - s_lo
 
@@ -612,7 +643,9 @@ def dropout_keep_kernel(
     for n0 in range(0, Lk, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
         # [BLOCK_M, BLOCK_N]
-        b_keep = _dropout_keep(seed, i_b, i_h, o_m, o_n, Hq, Lq, Lk, dropout_p)
+        b_keep = _dropout_keep(
+            seed=seed, i_b=i_b, i_h=i_h, o_m=o_m, o_n=o_n, Hq=Hq, Lq=Lq, Lk=Lk, dropout_p=dropout_p,
+        )
         p_tile = p_keep + ((i_bh.to(tl.int64) * Lq + o_m[:, None]) * Lk + o_n[None, :])
         tl.store(p_tile, b_keep.to(tl.int1), mask=(o_m[:, None] < Lq) & (o_n[None, :] < Lk))
 

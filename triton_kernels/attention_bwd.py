@@ -194,7 +194,10 @@ def _query_block_range(
     """
     n_end = tl.minimum(n0 + BLOCK_N, klen)
     n_last = n_end - 1
-    lo, hi = _band_rows(n0, n_end, qlen, offset, window_left, window_right, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT)
+    lo, hi = _band_rows(
+        n0=n0, n_end=n_end, qlen=qlen, offset=offset, window_left=window_left, window_right=window_right,
+        HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT,
+    )
     m_lo = lo // BLOCK_M
     m_hi = tl.where(hi > lo, (hi + BLOCK_M - 1) // BLOCK_M, m_lo)
     full_lo = m_lo
@@ -255,17 +258,22 @@ def _dkdv_query_block(
     b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
     # The score tile with the roles of queries and keys swapped (see _band_rows): rows are keys.
     b_st, b_tanh = _score_tile(
-        b_kq, o_n, o_m, -offset, klen, qlen, window_right, window_left, slope, sm_scale, softcap,
-        p_mask_bh, stride_mask_n, stride_mask_m, Lk, Lq,
-        HAS_WINDOW_RIGHT, HAS_WINDOW_LEFT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
-        APPLY_INDEX_MASK, APPLY_ATTN_MASK,
+        b_qk=b_kq, o_m=o_n, o_n=o_m, offset=-offset, qlen=klen, klen=qlen, window_left=window_right,
+        window_right=window_left, slope=slope, sm_scale=sm_scale, softcap=softcap,
+        p_mask_bh=p_mask_bh, stride_mask_m=stride_mask_n, stride_mask_n=stride_mask_m, Lq=Lk, Lk=Lq,
+        HAS_WINDOW_LEFT=HAS_WINDOW_RIGHT, HAS_WINDOW_RIGHT=HAS_WINDOW_LEFT, HAS_ALIBI=HAS_ALIBI,
+        HAS_SOFTCAP=HAS_SOFTCAP, HAS_MASK=HAS_MASK, MASK_IS_BOOL=MASK_IS_BOOL, HAS_LENGTHS=HAS_LENGTHS,
+        APPLY_INDEX_MASK=APPLY_INDEX_MASK, APPLY_ATTN_MASK=APPLY_ATTN_MASK,
     )
     b_keep = b_st  # a placeholder without dropout
     if HAS_DROPOUT:
-        b_keep = tl.trans(_dropout_keep(seed, i_b, i_h, o_m, o_n, Hq, Lq, Lk, dropout_p))
+        b_keep = tl.trans(_dropout_keep(
+            seed=seed, i_b=i_b, i_h=i_h, o_m=o_m, o_n=o_n, Hq=Hq, Lq=Lq, Lk=Lk, dropout_p=dropout_p,
+        ))
     b_pt, b_dst, b_dxt = _grad_scores(
-        b_st, b_tanh, b_dpt, b_shift[None, :], b_delta[None, :], b_keep, dropout_p, HAS_SOFTCAP, HAS_DROPOUT,
-        HAS_MASK and not MASK_IS_BOOL,
+        b_s=b_st, b_tanh=b_tanh, b_dp=b_dpt, b_shift=b_shift[None, :], b_delta=b_delta[None, :], b_keep=b_keep,
+        dropout_p=dropout_p, HAS_SOFTCAP=HAS_SOFTCAP, HAS_DROPOUT=HAS_DROPOUT,
+        NATURAL=HAS_MASK and not MASK_IS_BOOL,
     )
     b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
     b_dk += tl.dot(b_dxt.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
@@ -364,8 +372,8 @@ def attention_bwd_dkdv_kernel(
     b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
     m_lo, m_mid_lo, m_mid_hi, m_hi, row_lo, row_hi = _query_block_range(
-        i_n * BLOCK_N, qlen, klen, offset, window_left, window_right,
-        BLOCK_M, BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
+        n0=i_n * BLOCK_N, qlen=qlen, klen=klen, offset=offset, window_left=window_left, window_right=window_right,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT,
     )
 
     for g in range(0, GROUP):
@@ -398,55 +406,82 @@ def attention_bwd_dkdv_kernel(
                 i_qb = tl.load(p_q_idx + p_idx + t // MASK_SUB_M)
                 i_m = i_qb * MASK_SUB_M + t % MASK_SUB_M
                 p_mask_tile = _partial_tile_mask(
-                    p_mask, p_mask_bh, p_tile_ids, i_b, i_h, i_qb, i_kb, stride_tid_b, stride_tid_h, stride_tid_m,
-                    stride_tid_n, PARTIAL_MASKS, MASK_SUB_M * BLOCK_M, MASK_SUB_N * BLOCK_N,
+                    p_mask=p_mask, p_mask_bh=p_mask_bh, p_tile_ids=p_tile_ids, i_b=i_b, i_h=i_h, i_qb=i_qb, i_kb=i_kb,
+                    stride_tid_b=stride_tid_b, stride_tid_h=stride_tid_h, stride_tid_m=stride_tid_m,
+                    stride_tid_n=stride_tid_n, PARTIAL_MASKS=PARTIAL_MASKS, BLOCK_Q=MASK_SUB_M * BLOCK_M,
+                    BLOCK_K=MASK_SUB_N * BLOCK_N,
                 )
                 b_dk, b_dv = _dkdv_query_block(
-                    b_dk, b_dv, b_k, b_v, i_m, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh,
-                    p_dbias_bh, stride_qm, stride_dom, stride_dbias_m, stride_dbias_n, i_b, i_h, Hq, Lq, Lk, D, DV,
-                    offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
-                    p_mask_tile, stride_mask_m, stride_mask_n, BLOCK_M,
-                    HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
-                    HAS_LENGTHS, HAS_DROPOUT, True, True, COMPUTE_DBIAS, DOT_PRECISION, DOT_FP32, USE_TMA,
+                    b_dk=b_dk, b_dv=b_dv, b_k=b_k, b_v=b_v, i_m=i_m, o_n=o_n, o_d=o_d, o_dv=o_dv, row_lo=row_lo,
+                    row_hi=row_hi, q_bh=q_bh, do_bh=do_bh, p_lse_bh=p_lse_bh, p_delta_bh=p_delta_bh,
+                    p_dbias_bh=p_dbias_bh, stride_qm=stride_qm, stride_dom=stride_dom, stride_dbias_m=stride_dbias_m,
+                    stride_dbias_n=stride_dbias_n, i_b=i_b, i_h=i_h, Hq=Hq, Lq=Lq, Lk=Lk, D=D, DV=DV,
+                    offset=offset, qlen=qlen, klen=klen, window_left=window_left, window_right=window_right,
+                    slope=slope, sm_scale=sm_scale, softcap=softcap, dropout_p=dropout_p, seed=seed,
+                    p_mask_bh=p_mask_tile, stride_mask_m=stride_mask_m, stride_mask_n=stride_mask_n, BLOCK_M=BLOCK_M,
+                    HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT, HAS_ALIBI=HAS_ALIBI,
+                    HAS_SOFTCAP=HAS_SOFTCAP, HAS_MASK=HAS_MASK, MASK_IS_BOOL=MASK_IS_BOOL,
+                    HAS_LENGTHS=HAS_LENGTHS, HAS_DROPOUT=HAS_DROPOUT, APPLY_INDEX_MASK=True, APPLY_ATTN_MASK=True,
+                    COMPUTE_DBIAS=COMPUTE_DBIAS, DOT_PRECISION=DOT_PRECISION, DOT_FP32=DOT_FP32, USE_TMA=USE_TMA,
                 )
             num_full = tl.load(p_full_num + p_num)
             for t in range(0, num_full * MASK_SUB_M):
                 i_m = tl.load(p_full_idx + p_idx + t // MASK_SUB_M) * MASK_SUB_M + t % MASK_SUB_M
                 b_dk, b_dv = _dkdv_query_block(
-                    b_dk, b_dv, b_k, b_v, i_m, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh,
-                    p_dbias_bh, stride_qm, stride_dom, stride_dbias_m, stride_dbias_n, i_b, i_h, Hq, Lq, Lk, D, DV,
-                    offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
-                    p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_M,
-                    HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
-                    HAS_LENGTHS, HAS_DROPOUT, True, False, COMPUTE_DBIAS, DOT_PRECISION, DOT_FP32, USE_TMA,
+                    b_dk=b_dk, b_dv=b_dv, b_k=b_k, b_v=b_v, i_m=i_m, o_n=o_n, o_d=o_d, o_dv=o_dv, row_lo=row_lo,
+                    row_hi=row_hi, q_bh=q_bh, do_bh=do_bh, p_lse_bh=p_lse_bh, p_delta_bh=p_delta_bh,
+                    p_dbias_bh=p_dbias_bh, stride_qm=stride_qm, stride_dom=stride_dom, stride_dbias_m=stride_dbias_m,
+                    stride_dbias_n=stride_dbias_n, i_b=i_b, i_h=i_h, Hq=Hq, Lq=Lq, Lk=Lk, D=D, DV=DV,
+                    offset=offset, qlen=qlen, klen=klen, window_left=window_left, window_right=window_right,
+                    slope=slope, sm_scale=sm_scale, softcap=softcap, dropout_p=dropout_p, seed=seed,
+                    p_mask_bh=p_mask_bh, stride_mask_m=stride_mask_m, stride_mask_n=stride_mask_n, BLOCK_M=BLOCK_M,
+                    HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT, HAS_ALIBI=HAS_ALIBI,
+                    HAS_SOFTCAP=HAS_SOFTCAP, HAS_MASK=HAS_MASK, MASK_IS_BOOL=MASK_IS_BOOL,
+                    HAS_LENGTHS=HAS_LENGTHS, HAS_DROPOUT=HAS_DROPOUT, APPLY_INDEX_MASK=True, APPLY_ATTN_MASK=False,
+                    COMPUTE_DBIAS=COMPUTE_DBIAS, DOT_PRECISION=DOT_PRECISION, DOT_FP32=DOT_FP32, USE_TMA=USE_TMA,
                 )
         else:
             for i_m in range(m_lo, m_mid_lo):
                 b_dk, b_dv = _dkdv_query_block(
-                    b_dk, b_dv, b_k, b_v, i_m, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh,
-                    p_dbias_bh, stride_qm, stride_dom, stride_dbias_m, stride_dbias_n, i_b, i_h, Hq, Lq, Lk, D, DV,
-                    offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
-                    p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_M,
-                    HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
-                    HAS_LENGTHS, HAS_DROPOUT, True, True, COMPUTE_DBIAS, DOT_PRECISION, DOT_FP32, USE_TMA,
+                    b_dk=b_dk, b_dv=b_dv, b_k=b_k, b_v=b_v, i_m=i_m, o_n=o_n, o_d=o_d, o_dv=o_dv, row_lo=row_lo,
+                    row_hi=row_hi, q_bh=q_bh, do_bh=do_bh, p_lse_bh=p_lse_bh, p_delta_bh=p_delta_bh,
+                    p_dbias_bh=p_dbias_bh, stride_qm=stride_qm, stride_dom=stride_dom, stride_dbias_m=stride_dbias_m,
+                    stride_dbias_n=stride_dbias_n, i_b=i_b, i_h=i_h, Hq=Hq, Lq=Lq, Lk=Lk, D=D, DV=DV,
+                    offset=offset, qlen=qlen, klen=klen, window_left=window_left, window_right=window_right,
+                    slope=slope, sm_scale=sm_scale, softcap=softcap, dropout_p=dropout_p, seed=seed,
+                    p_mask_bh=p_mask_bh, stride_mask_m=stride_mask_m, stride_mask_n=stride_mask_n, BLOCK_M=BLOCK_M,
+                    HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT, HAS_ALIBI=HAS_ALIBI,
+                    HAS_SOFTCAP=HAS_SOFTCAP, HAS_MASK=HAS_MASK, MASK_IS_BOOL=MASK_IS_BOOL,
+                    HAS_LENGTHS=HAS_LENGTHS, HAS_DROPOUT=HAS_DROPOUT, APPLY_INDEX_MASK=True, APPLY_ATTN_MASK=True,
+                    COMPUTE_DBIAS=COMPUTE_DBIAS, DOT_PRECISION=DOT_PRECISION, DOT_FP32=DOT_FP32, USE_TMA=USE_TMA,
                 )
             for i_m in range(m_mid_lo, m_mid_hi):
                 b_dk, b_dv = _dkdv_query_block(
-                    b_dk, b_dv, b_k, b_v, i_m, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh,
-                    p_dbias_bh, stride_qm, stride_dom, stride_dbias_m, stride_dbias_n, i_b, i_h, Hq, Lq, Lk, D, DV,
-                    offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
-                    p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_M,
-                    HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
-                    HAS_LENGTHS, HAS_DROPOUT, False, True, COMPUTE_DBIAS, DOT_PRECISION, DOT_FP32, USE_TMA,
+                    b_dk=b_dk, b_dv=b_dv, b_k=b_k, b_v=b_v, i_m=i_m, o_n=o_n, o_d=o_d, o_dv=o_dv, row_lo=row_lo,
+                    row_hi=row_hi, q_bh=q_bh, do_bh=do_bh, p_lse_bh=p_lse_bh, p_delta_bh=p_delta_bh,
+                    p_dbias_bh=p_dbias_bh, stride_qm=stride_qm, stride_dom=stride_dom, stride_dbias_m=stride_dbias_m,
+                    stride_dbias_n=stride_dbias_n, i_b=i_b, i_h=i_h, Hq=Hq, Lq=Lq, Lk=Lk, D=D, DV=DV,
+                    offset=offset, qlen=qlen, klen=klen, window_left=window_left, window_right=window_right,
+                    slope=slope, sm_scale=sm_scale, softcap=softcap, dropout_p=dropout_p, seed=seed,
+                    p_mask_bh=p_mask_bh, stride_mask_m=stride_mask_m, stride_mask_n=stride_mask_n, BLOCK_M=BLOCK_M,
+                    HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT, HAS_ALIBI=HAS_ALIBI,
+                    HAS_SOFTCAP=HAS_SOFTCAP, HAS_MASK=HAS_MASK, MASK_IS_BOOL=MASK_IS_BOOL,
+                    HAS_LENGTHS=HAS_LENGTHS, HAS_DROPOUT=HAS_DROPOUT, APPLY_INDEX_MASK=False, APPLY_ATTN_MASK=True,
+                    COMPUTE_DBIAS=COMPUTE_DBIAS, DOT_PRECISION=DOT_PRECISION, DOT_FP32=DOT_FP32, USE_TMA=USE_TMA,
                 )
             for i_m in range(m_mid_hi, m_hi):
                 b_dk, b_dv = _dkdv_query_block(
-                    b_dk, b_dv, b_k, b_v, i_m, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh,
-                    p_dbias_bh, stride_qm, stride_dom, stride_dbias_m, stride_dbias_n, i_b, i_h, Hq, Lq, Lk, D, DV,
-                    offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed,
-                    p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_M,
-                    HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL,
-                    HAS_LENGTHS, HAS_DROPOUT, True, True, COMPUTE_DBIAS, DOT_PRECISION, DOT_FP32, USE_TMA,
+                    b_dk=b_dk, b_dv=b_dv, b_k=b_k, b_v=b_v, i_m=i_m, o_n=o_n, o_d=o_d, o_dv=o_dv, row_lo=row_lo,
+                    row_hi=row_hi, q_bh=q_bh, do_bh=do_bh, p_lse_bh=p_lse_bh, p_delta_bh=p_delta_bh,
+                    p_dbias_bh=p_dbias_bh, stride_qm=stride_qm, stride_dom=stride_dom, stride_dbias_m=stride_dbias_m,
+                    stride_dbias_n=stride_dbias_n, i_b=i_b, i_h=i_h, Hq=Hq, Lq=Lq, Lk=Lk, D=D, DV=DV,
+                    offset=offset, qlen=qlen, klen=klen, window_left=window_left, window_right=window_right,
+                    slope=slope, sm_scale=sm_scale, softcap=softcap, dropout_p=dropout_p, seed=seed,
+                    p_mask_bh=p_mask_bh, stride_mask_m=stride_mask_m, stride_mask_n=stride_mask_n, BLOCK_M=BLOCK_M,
+                    HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT, HAS_ALIBI=HAS_ALIBI,
+                    HAS_SOFTCAP=HAS_SOFTCAP, HAS_MASK=HAS_MASK, MASK_IS_BOOL=MASK_IS_BOOL,
+                    HAS_LENGTHS=HAS_LENGTHS, HAS_DROPOUT=HAS_DROPOUT, APPLY_INDEX_MASK=True, APPLY_ATTN_MASK=True,
+                    COMPUTE_DBIAS=COMPUTE_DBIAS, DOT_PRECISION=DOT_PRECISION, DOT_FP32=DOT_FP32, USE_TMA=USE_TMA,
                 )
 
     b_dk = b_dk * sm_scale
@@ -505,17 +540,22 @@ def _dq_key_block(
     b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
     b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
     b_s, b_tanh = _score_tile(
-        b_qk, o_m, o_n, offset, qlen, klen, window_left, window_right, slope, sm_scale, softcap,
-        p_mask_bh, stride_mask_m, stride_mask_n, Lq, Lk,
-        HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
-        APPLY_INDEX_MASK, APPLY_ATTN_MASK,
+        b_qk=b_qk, o_m=o_m, o_n=o_n, offset=offset, qlen=qlen, klen=klen, window_left=window_left,
+        window_right=window_right, slope=slope, sm_scale=sm_scale, softcap=softcap,
+        p_mask_bh=p_mask_bh, stride_mask_m=stride_mask_m, stride_mask_n=stride_mask_n, Lq=Lq, Lk=Lk,
+        HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT, HAS_ALIBI=HAS_ALIBI,
+        HAS_SOFTCAP=HAS_SOFTCAP, HAS_MASK=HAS_MASK, MASK_IS_BOOL=MASK_IS_BOOL, HAS_LENGTHS=HAS_LENGTHS,
+        APPLY_INDEX_MASK=APPLY_INDEX_MASK, APPLY_ATTN_MASK=APPLY_ATTN_MASK,
     )
     b_keep = b_s  # a placeholder without dropout
     if HAS_DROPOUT:
-        b_keep = _dropout_keep(seed, i_b, i_h, o_m, o_n, Hq, Lq, Lk, dropout_p)
+        b_keep = _dropout_keep(
+            seed=seed, i_b=i_b, i_h=i_h, o_m=o_m, o_n=o_n, Hq=Hq, Lq=Lq, Lk=Lk, dropout_p=dropout_p,
+        )
     _, b_ds, b_dx = _grad_scores(
-        b_s, b_tanh, b_dp, b_shift[:, None], b_delta[:, None], b_keep, dropout_p, HAS_SOFTCAP, HAS_DROPOUT,
-        HAS_MASK and not MASK_IS_BOOL,
+        b_s=b_s, b_tanh=b_tanh, b_dp=b_dp, b_shift=b_shift[:, None], b_delta=b_delta[:, None], b_keep=b_keep,
+        dropout_p=dropout_p, HAS_SOFTCAP=HAS_SOFTCAP, HAS_DROPOUT=HAS_DROPOUT,
+        NATURAL=HAS_MASK and not MASK_IS_BOOL,
     )
     if DELTA_PASS:
         b_dq += tl.sum(b_ds, 1)
@@ -643,8 +683,9 @@ def attention_bwd_dq_kernel(
     # Keys [key_lo, key_hi) are those some row of the block sees (the band with the roles swapped).
     m0 = i_m * BLOCK_M
     key_lo, key_hi = _band_rows(
-        m0, tl.minimum(m0 + BLOCK_M, qlen), klen, -offset, window_right, window_left,
-        HAS_WINDOW_RIGHT, HAS_WINDOW_LEFT,
+        n0=m0, n_end=tl.minimum(m0 + BLOCK_M, qlen), qlen=klen, offset=-offset, window_left=window_right,
+        window_right=window_left,
+        HAS_WINDOW_LEFT=HAS_WINDOW_RIGHT, HAS_WINDOW_RIGHT=HAS_WINDOW_LEFT,
     )
 
     if USE_BLOCK_MASK:
@@ -660,31 +701,43 @@ def attention_bwd_dq_kernel(
             i_kb = tl.load(p_kv_idx + p_idx + t // MASK_SUB_N)
             i_n = i_kb * MASK_SUB_N + t % MASK_SUB_N
             p_mask_tile = _partial_tile_mask(
-                p_mask, p_mask_bh, p_tile_ids, i_b, i_h, i_qb, i_kb, stride_tid_b, stride_tid_h, stride_tid_m,
-                stride_tid_n, PARTIAL_MASKS, MASK_SUB_M * BLOCK_M, MASK_SUB_N * BLOCK_N,
+                p_mask=p_mask, p_mask_bh=p_mask_bh, p_tile_ids=p_tile_ids, i_b=i_b, i_h=i_h, i_qb=i_qb, i_kb=i_kb,
+                stride_tid_b=stride_tid_b, stride_tid_h=stride_tid_h, stride_tid_m=stride_tid_m,
+                stride_tid_n=stride_tid_n, PARTIAL_MASKS=PARTIAL_MASKS, BLOCK_Q=MASK_SUB_M * BLOCK_M,
+                BLOCK_K=MASK_SUB_N * BLOCK_N,
             )
             b_dq = _dq_key_block(
-                b_dq, b_q, b_do, b_shift, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
-                stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope,
-                sm_scale, softcap, dropout_p, seed, p_mask_tile, stride_mask_m, stride_mask_n, BLOCK_N,
-                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
-                HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA, DELTA_PASS,
-                REDO_NONFINITE,
+                b_dq=b_dq, b_q=b_q, b_do=b_do, b_shift=b_shift, b_delta=b_delta, i_n=i_n, o_m=o_m, o_d=o_d, o_dv=o_dv,
+                key_lo=key_lo, key_hi=key_hi, k_bh=k_bh, v_bh=v_bh, stride_kn=stride_kn,
+                stride_vn=stride_vn, i_b=i_b, i_h=i_h, Hq=Hq, Lq=Lq, Lk=Lk, D=D, DV=DV, offset=offset, qlen=qlen,
+                klen=klen, window_left=window_left, window_right=window_right, slope=slope,
+                sm_scale=sm_scale, softcap=softcap, dropout_p=dropout_p, seed=seed, p_mask_bh=p_mask_tile,
+                stride_mask_m=stride_mask_m, stride_mask_n=stride_mask_n, BLOCK_N=BLOCK_N,
+                HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT, HAS_ALIBI=HAS_ALIBI,
+                HAS_SOFTCAP=HAS_SOFTCAP, HAS_MASK=HAS_MASK, MASK_IS_BOOL=MASK_IS_BOOL, HAS_LENGTHS=HAS_LENGTHS,
+                HAS_DROPOUT=HAS_DROPOUT, APPLY_INDEX_MASK=True, APPLY_ATTN_MASK=True, DOT_PRECISION=DOT_PRECISION,
+                DOT_FP32=DOT_FP32, USE_TMA=USE_TMA, DELTA_PASS=DELTA_PASS,
+                NONFINITE_K=REDO_NONFINITE,
             )
         for t in range(0, num_full * MASK_SUB_N):
             i_n = tl.load(p_full_idx + p_idx + t // MASK_SUB_N) * MASK_SUB_N + t % MASK_SUB_N
             b_dq = _dq_key_block(
-                b_dq, b_q, b_do, b_shift, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
-                stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope,
-                sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
-                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
-                HAS_DROPOUT, True, False, DOT_PRECISION, DOT_FP32, USE_TMA, DELTA_PASS,
-                REDO_NONFINITE,
+                b_dq=b_dq, b_q=b_q, b_do=b_do, b_shift=b_shift, b_delta=b_delta, i_n=i_n, o_m=o_m, o_d=o_d, o_dv=o_dv,
+                key_lo=key_lo, key_hi=key_hi, k_bh=k_bh, v_bh=v_bh, stride_kn=stride_kn,
+                stride_vn=stride_vn, i_b=i_b, i_h=i_h, Hq=Hq, Lq=Lq, Lk=Lk, D=D, DV=DV, offset=offset, qlen=qlen,
+                klen=klen, window_left=window_left, window_right=window_right, slope=slope,
+                sm_scale=sm_scale, softcap=softcap, dropout_p=dropout_p, seed=seed, p_mask_bh=p_mask_bh,
+                stride_mask_m=stride_mask_m, stride_mask_n=stride_mask_n, BLOCK_N=BLOCK_N,
+                HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT, HAS_ALIBI=HAS_ALIBI,
+                HAS_SOFTCAP=HAS_SOFTCAP, HAS_MASK=HAS_MASK, MASK_IS_BOOL=MASK_IS_BOOL, HAS_LENGTHS=HAS_LENGTHS,
+                HAS_DROPOUT=HAS_DROPOUT, APPLY_INDEX_MASK=True, APPLY_ATTN_MASK=False, DOT_PRECISION=DOT_PRECISION,
+                DOT_FP32=DOT_FP32, USE_TMA=USE_TMA, DELTA_PASS=DELTA_PASS,
+                NONFINITE_K=REDO_NONFINITE,
             )
     else:
         n_lo, n_mid_lo, n_mid_hi, n_hi = _key_block_range(
-            m0, qlen, klen, offset, window_left, window_right,
-            BLOCK_M, BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
+            m0=m0, qlen=qlen, klen=klen, offset=offset, window_left=window_left, window_right=window_right,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT,
         )
         if REDO_NONFINITE:
             n_hi = tl.where(redo, n_hi, n_lo)
@@ -692,30 +745,45 @@ def attention_bwd_dq_kernel(
             n_mid_hi = tl.minimum(n_mid_hi, n_hi)
         for i_n in range(n_lo, n_mid_lo):
             b_dq = _dq_key_block(
-                b_dq, b_q, b_do, b_shift, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
-                stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope,
-                sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
-                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
-                HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA, DELTA_PASS,
-                REDO_NONFINITE,
+                b_dq=b_dq, b_q=b_q, b_do=b_do, b_shift=b_shift, b_delta=b_delta, i_n=i_n, o_m=o_m, o_d=o_d, o_dv=o_dv,
+                key_lo=key_lo, key_hi=key_hi, k_bh=k_bh, v_bh=v_bh, stride_kn=stride_kn,
+                stride_vn=stride_vn, i_b=i_b, i_h=i_h, Hq=Hq, Lq=Lq, Lk=Lk, D=D, DV=DV, offset=offset, qlen=qlen,
+                klen=klen, window_left=window_left, window_right=window_right, slope=slope,
+                sm_scale=sm_scale, softcap=softcap, dropout_p=dropout_p, seed=seed, p_mask_bh=p_mask_bh,
+                stride_mask_m=stride_mask_m, stride_mask_n=stride_mask_n, BLOCK_N=BLOCK_N,
+                HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT, HAS_ALIBI=HAS_ALIBI,
+                HAS_SOFTCAP=HAS_SOFTCAP, HAS_MASK=HAS_MASK, MASK_IS_BOOL=MASK_IS_BOOL, HAS_LENGTHS=HAS_LENGTHS,
+                HAS_DROPOUT=HAS_DROPOUT, APPLY_INDEX_MASK=True, APPLY_ATTN_MASK=True, DOT_PRECISION=DOT_PRECISION,
+                DOT_FP32=DOT_FP32, USE_TMA=USE_TMA, DELTA_PASS=DELTA_PASS,
+                NONFINITE_K=REDO_NONFINITE,
             )
         for i_n in range(n_mid_lo, n_mid_hi):
             b_dq = _dq_key_block(
-                b_dq, b_q, b_do, b_shift, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
-                stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope,
-                sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
-                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
-                HAS_DROPOUT, False, True, DOT_PRECISION, DOT_FP32, USE_TMA, DELTA_PASS,
-                REDO_NONFINITE,
+                b_dq=b_dq, b_q=b_q, b_do=b_do, b_shift=b_shift, b_delta=b_delta, i_n=i_n, o_m=o_m, o_d=o_d, o_dv=o_dv,
+                key_lo=key_lo, key_hi=key_hi, k_bh=k_bh, v_bh=v_bh, stride_kn=stride_kn,
+                stride_vn=stride_vn, i_b=i_b, i_h=i_h, Hq=Hq, Lq=Lq, Lk=Lk, D=D, DV=DV, offset=offset, qlen=qlen,
+                klen=klen, window_left=window_left, window_right=window_right, slope=slope,
+                sm_scale=sm_scale, softcap=softcap, dropout_p=dropout_p, seed=seed, p_mask_bh=p_mask_bh,
+                stride_mask_m=stride_mask_m, stride_mask_n=stride_mask_n, BLOCK_N=BLOCK_N,
+                HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT, HAS_ALIBI=HAS_ALIBI,
+                HAS_SOFTCAP=HAS_SOFTCAP, HAS_MASK=HAS_MASK, MASK_IS_BOOL=MASK_IS_BOOL, HAS_LENGTHS=HAS_LENGTHS,
+                HAS_DROPOUT=HAS_DROPOUT, APPLY_INDEX_MASK=False, APPLY_ATTN_MASK=True, DOT_PRECISION=DOT_PRECISION,
+                DOT_FP32=DOT_FP32, USE_TMA=USE_TMA, DELTA_PASS=DELTA_PASS,
+                NONFINITE_K=REDO_NONFINITE,
             )
         for i_n in range(n_mid_hi, n_hi):
             b_dq = _dq_key_block(
-                b_dq, b_q, b_do, b_shift, b_delta, i_n, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn,
-                stride_vn, i_b, i_h, Hq, Lq, Lk, D, DV, offset, qlen, klen, window_left, window_right, slope,
-                sm_scale, softcap, dropout_p, seed, p_mask_bh, stride_mask_m, stride_mask_n, BLOCK_N,
-                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_LENGTHS,
-                HAS_DROPOUT, True, True, DOT_PRECISION, DOT_FP32, USE_TMA, DELTA_PASS,
-                REDO_NONFINITE,
+                b_dq=b_dq, b_q=b_q, b_do=b_do, b_shift=b_shift, b_delta=b_delta, i_n=i_n, o_m=o_m, o_d=o_d, o_dv=o_dv,
+                key_lo=key_lo, key_hi=key_hi, k_bh=k_bh, v_bh=v_bh, stride_kn=stride_kn,
+                stride_vn=stride_vn, i_b=i_b, i_h=i_h, Hq=Hq, Lq=Lq, Lk=Lk, D=D, DV=DV, offset=offset, qlen=qlen,
+                klen=klen, window_left=window_left, window_right=window_right, slope=slope,
+                sm_scale=sm_scale, softcap=softcap, dropout_p=dropout_p, seed=seed, p_mask_bh=p_mask_bh,
+                stride_mask_m=stride_mask_m, stride_mask_n=stride_mask_n, BLOCK_N=BLOCK_N,
+                HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT, HAS_ALIBI=HAS_ALIBI,
+                HAS_SOFTCAP=HAS_SOFTCAP, HAS_MASK=HAS_MASK, MASK_IS_BOOL=MASK_IS_BOOL, HAS_LENGTHS=HAS_LENGTHS,
+                HAS_DROPOUT=HAS_DROPOUT, APPLY_INDEX_MASK=True, APPLY_ATTN_MASK=True, DOT_PRECISION=DOT_PRECISION,
+                DOT_FP32=DOT_FP32, USE_TMA=USE_TMA, DELTA_PASS=DELTA_PASS,
+                NONFINITE_K=REDO_NONFINITE,
             )
 
     if DELTA_PASS and HAS_MASK and not MASK_IS_BOOL:

@@ -138,22 +138,35 @@ def attention_varlen_fwd_kernel(
     # The visible band: masked edge blocks, unmasked interior, masked edge blocks. The sequence's
     # lengths play the padded kernel's (qlen, klen) with HAS_LENGTHS; there is no attn_mask.
     n_lo, n_mid_lo, n_mid_hi, n_hi = _key_block_range(
-        m0, qlen, klen, offset, window_left, window_right, BLOCK_M, BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
+        m0=m0, qlen=qlen, klen=klen, offset=offset, window_left=window_left, window_right=window_right, BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT,
     )
     b_acc, b_l, b_m = _fwd_key_blocks(
-        b_acc, b_l, b_m, b_q, n_lo, n_mid_lo, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn, p_q, i_h, Hq, qlen, klen,
-        D, DV, offset, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed_s, row_lo, row_hi,
-        BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, True, DOT_PRECISION, DOT_FP32,
+        b_acc=b_acc, b_l=b_l, b_m=b_m, b_q=b_q, n_start=n_lo, n_end=n_mid_lo, o_m=o_m, o_d=o_d, o_dv=o_dv, k_bh=k_bh,
+        v_bh=v_bh, stride_kn=stride_kn, stride_vn=stride_vn, p_q=p_q, i_h=i_h, Hq=Hq, qlen=qlen, klen=klen,
+        D=D, DV=DV, offset=offset, window_left=window_left, window_right=window_right, slope=slope, sm_scale=sm_scale,
+        softcap=softcap, dropout_p=dropout_p, seed_s=seed_s, row_lo=row_lo, row_hi=row_hi,
+        BLOCK_N=BLOCK_N, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT, HAS_ALIBI=HAS_ALIBI,
+        HAS_SOFTCAP=HAS_SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, APPLY_INDEX_MASK=True, DOT_PRECISION=DOT_PRECISION,
+        DOT_FP32=DOT_FP32,
     )
     b_acc, b_l, b_m = _fwd_key_blocks(
-        b_acc, b_l, b_m, b_q, n_mid_lo, n_mid_hi, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn, p_q, i_h, Hq, qlen, klen,
-        D, DV, offset, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed_s, row_lo, row_hi,
-        BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, False, DOT_PRECISION, DOT_FP32,
+        b_acc=b_acc, b_l=b_l, b_m=b_m, b_q=b_q, n_start=n_mid_lo, n_end=n_mid_hi, o_m=o_m, o_d=o_d, o_dv=o_dv,
+        k_bh=k_bh, v_bh=v_bh, stride_kn=stride_kn, stride_vn=stride_vn, p_q=p_q, i_h=i_h, Hq=Hq, qlen=qlen, klen=klen,
+        D=D, DV=DV, offset=offset, window_left=window_left, window_right=window_right, slope=slope, sm_scale=sm_scale,
+        softcap=softcap, dropout_p=dropout_p, seed_s=seed_s, row_lo=row_lo, row_hi=row_hi,
+        BLOCK_N=BLOCK_N, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT, HAS_ALIBI=HAS_ALIBI,
+        HAS_SOFTCAP=HAS_SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, APPLY_INDEX_MASK=False, DOT_PRECISION=DOT_PRECISION,
+        DOT_FP32=DOT_FP32,
     )
     b_acc, b_l, b_m = _fwd_key_blocks(
-        b_acc, b_l, b_m, b_q, n_mid_hi, n_hi, o_m, o_d, o_dv, k_bh, v_bh, stride_kn, stride_vn, p_q, i_h, Hq, qlen, klen,
-        D, DV, offset, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed_s, row_lo, row_hi,
-        BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, True, DOT_PRECISION, DOT_FP32,
+        b_acc=b_acc, b_l=b_l, b_m=b_m, b_q=b_q, n_start=n_mid_hi, n_end=n_hi, o_m=o_m, o_d=o_d, o_dv=o_dv, k_bh=k_bh,
+        v_bh=v_bh, stride_kn=stride_kn, stride_vn=stride_vn, p_q=p_q, i_h=i_h, Hq=Hq, qlen=qlen, klen=klen,
+        D=D, DV=DV, offset=offset, window_left=window_left, window_right=window_right, slope=slope, sm_scale=sm_scale,
+        softcap=softcap, dropout_p=dropout_p, seed_s=seed_s, row_lo=row_lo, row_hi=row_hi,
+        BLOCK_N=BLOCK_N, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT, HAS_ALIBI=HAS_ALIBI,
+        HAS_SOFTCAP=HAS_SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, APPLY_INDEX_MASK=True, DOT_PRECISION=DOT_PRECISION,
+        DOT_FP32=DOT_FP32,
     )
 
     # Rows that saw no key output 0 and lse = -inf.
@@ -308,8 +321,9 @@ def attention_varlen_bwd_dkdv_kernel(
     b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
     m_lo, m_mid_lo, m_mid_hi, m_hi, row_lo, row_hi = _query_block_range(
-        i_n * BLOCK_N, qlen, klen, offset, window_left, window_right, BLOCK_M, BLOCK_N, HAS_WINDOW_LEFT,
-        HAS_WINDOW_RIGHT,
+        n0=i_n * BLOCK_N, qlen=qlen, klen=klen, offset=offset, window_left=window_left, window_right=window_right,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT,
+        HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT,
     )
     for g in range(0, GROUP):
         i_h = i_hk * GROUP + g
@@ -322,22 +336,31 @@ def attention_varlen_bwd_dkdv_kernel(
         if HAS_ALIBI:
             slope = tl.load(p_alibi + i_h * stride_alibi_h)
         b_dk, b_dv = _dkdv_query_blocks(
-            b_dk, b_dv, b_k, b_v, m_lo, m_mid_lo, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh,
-            p_q, stride_qm, stride_dom, i_h, Hq, qlen, klen, D, DV, offset, window_left, window_right, slope, sm_scale,
-            softcap, dropout_p, seed_s, BLOCK_M, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP,
-            HAS_DROPOUT, True, DOT_PRECISION, DOT_FP32,
+            b_dk=b_dk, b_dv=b_dv, b_k=b_k, b_v=b_v, m_start=m_lo, m_end=m_mid_lo, o_n=o_n, o_d=o_d, o_dv=o_dv,
+            row_lo=row_lo, row_hi=row_hi, q_bh=q_bh, do_bh=do_bh, p_lse_bh=p_lse_bh, p_delta_bh=p_delta_bh,
+            p_q=p_q, stride_qm=stride_qm, stride_dom=stride_dom, i_h=i_h, Hq=Hq, qlen=qlen, klen=klen, D=D, DV=DV,
+            offset=offset, window_left=window_left, window_right=window_right, slope=slope, sm_scale=sm_scale,
+            softcap=softcap, dropout_p=dropout_p, seed_s=seed_s, BLOCK_M=BLOCK_M, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT,
+            HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT, HAS_ALIBI=HAS_ALIBI, HAS_SOFTCAP=HAS_SOFTCAP,
+            HAS_DROPOUT=HAS_DROPOUT, APPLY_INDEX_MASK=True, DOT_PRECISION=DOT_PRECISION, DOT_FP32=DOT_FP32,
         )
         b_dk, b_dv = _dkdv_query_blocks(
-            b_dk, b_dv, b_k, b_v, m_mid_lo, m_mid_hi, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh,
-            p_q, stride_qm, stride_dom, i_h, Hq, qlen, klen, D, DV, offset, window_left, window_right, slope, sm_scale,
-            softcap, dropout_p, seed_s, BLOCK_M, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP,
-            HAS_DROPOUT, False, DOT_PRECISION, DOT_FP32,
+            b_dk=b_dk, b_dv=b_dv, b_k=b_k, b_v=b_v, m_start=m_mid_lo, m_end=m_mid_hi, o_n=o_n, o_d=o_d, o_dv=o_dv,
+            row_lo=row_lo, row_hi=row_hi, q_bh=q_bh, do_bh=do_bh, p_lse_bh=p_lse_bh, p_delta_bh=p_delta_bh,
+            p_q=p_q, stride_qm=stride_qm, stride_dom=stride_dom, i_h=i_h, Hq=Hq, qlen=qlen, klen=klen, D=D, DV=DV,
+            offset=offset, window_left=window_left, window_right=window_right, slope=slope, sm_scale=sm_scale,
+            softcap=softcap, dropout_p=dropout_p, seed_s=seed_s, BLOCK_M=BLOCK_M, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT,
+            HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT, HAS_ALIBI=HAS_ALIBI, HAS_SOFTCAP=HAS_SOFTCAP,
+            HAS_DROPOUT=HAS_DROPOUT, APPLY_INDEX_MASK=False, DOT_PRECISION=DOT_PRECISION, DOT_FP32=DOT_FP32,
         )
         b_dk, b_dv = _dkdv_query_blocks(
-            b_dk, b_dv, b_k, b_v, m_mid_hi, m_hi, o_n, o_d, o_dv, row_lo, row_hi, q_bh, do_bh, p_lse_bh, p_delta_bh,
-            p_q, stride_qm, stride_dom, i_h, Hq, qlen, klen, D, DV, offset, window_left, window_right, slope, sm_scale,
-            softcap, dropout_p, seed_s, BLOCK_M, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP,
-            HAS_DROPOUT, True, DOT_PRECISION, DOT_FP32,
+            b_dk=b_dk, b_dv=b_dv, b_k=b_k, b_v=b_v, m_start=m_mid_hi, m_end=m_hi, o_n=o_n, o_d=o_d, o_dv=o_dv,
+            row_lo=row_lo, row_hi=row_hi, q_bh=q_bh, do_bh=do_bh, p_lse_bh=p_lse_bh, p_delta_bh=p_delta_bh,
+            p_q=p_q, stride_qm=stride_qm, stride_dom=stride_dom, i_h=i_h, Hq=Hq, qlen=qlen, klen=klen, D=D, DV=DV,
+            offset=offset, window_left=window_left, window_right=window_right, slope=slope, sm_scale=sm_scale,
+            softcap=softcap, dropout_p=dropout_p, seed_s=seed_s, BLOCK_M=BLOCK_M, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT,
+            HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT, HAS_ALIBI=HAS_ALIBI, HAS_SOFTCAP=HAS_SOFTCAP,
+            HAS_DROPOUT=HAS_DROPOUT, APPLY_INDEX_MASK=True, DOT_PRECISION=DOT_PRECISION, DOT_FP32=DOT_FP32,
         )
 
     b_dk = b_dk * sm_scale
@@ -429,29 +452,41 @@ def attention_varlen_bwd_dq_kernel(
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # Keys [key_lo, key_hi) are those some row of the block sees (the band with the roles swapped).
     key_lo, key_hi = _band_rows(
-        m0, tl.minimum(m0 + BLOCK_M, qlen), klen, -offset, window_right, window_left, HAS_WINDOW_RIGHT,
-        HAS_WINDOW_LEFT,
+        n0=m0, n_end=tl.minimum(m0 + BLOCK_M, qlen), qlen=klen, offset=-offset, window_left=window_right,
+        window_right=window_left, HAS_WINDOW_LEFT=HAS_WINDOW_RIGHT,
+        HAS_WINDOW_RIGHT=HAS_WINDOW_LEFT,
     )
     n_lo, n_mid_lo, n_mid_hi, n_hi = _key_block_range(
-        m0, qlen, klen, offset, window_left, window_right, BLOCK_M, BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
+        m0=m0, qlen=qlen, klen=klen, offset=offset, window_left=window_left, window_right=window_right, BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT,
     )
     b_dq = _dq_key_blocks(
-        b_dq, b_q, b_do, b_lse2, b_delta, n_lo, n_mid_lo, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn, stride_vn,
-        p_q, i_h, Hq, qlen, klen, D, DV, offset, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed_s,
-        BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, True, DOT_PRECISION,
-        DOT_FP32,
+        b_dq=b_dq, b_q=b_q, b_do=b_do, b_lse2=b_lse2, b_delta=b_delta, n_start=n_lo, n_end=n_mid_lo, o_m=o_m, o_d=o_d,
+        o_dv=o_dv, key_lo=key_lo, key_hi=key_hi, k_bh=k_bh, v_bh=v_bh, stride_kn=stride_kn, stride_vn=stride_vn,
+        p_q=p_q, i_h=i_h, Hq=Hq, qlen=qlen, klen=klen, D=D, DV=DV, offset=offset, window_left=window_left,
+        window_right=window_right, slope=slope, sm_scale=sm_scale, softcap=softcap, dropout_p=dropout_p, seed_s=seed_s,
+        BLOCK_N=BLOCK_N, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT, HAS_ALIBI=HAS_ALIBI,
+        HAS_SOFTCAP=HAS_SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, APPLY_INDEX_MASK=True, DOT_PRECISION=DOT_PRECISION,
+        DOT_FP32=DOT_FP32,
     )
     b_dq = _dq_key_blocks(
-        b_dq, b_q, b_do, b_lse2, b_delta, n_mid_lo, n_mid_hi, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn, stride_vn,
-        p_q, i_h, Hq, qlen, klen, D, DV, offset, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed_s,
-        BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, False, DOT_PRECISION,
-        DOT_FP32,
+        b_dq=b_dq, b_q=b_q, b_do=b_do, b_lse2=b_lse2, b_delta=b_delta, n_start=n_mid_lo, n_end=n_mid_hi, o_m=o_m,
+        o_d=o_d, o_dv=o_dv, key_lo=key_lo, key_hi=key_hi, k_bh=k_bh, v_bh=v_bh, stride_kn=stride_kn,
+        stride_vn=stride_vn,
+        p_q=p_q, i_h=i_h, Hq=Hq, qlen=qlen, klen=klen, D=D, DV=DV, offset=offset, window_left=window_left,
+        window_right=window_right, slope=slope, sm_scale=sm_scale, softcap=softcap, dropout_p=dropout_p, seed_s=seed_s,
+        BLOCK_N=BLOCK_N, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT, HAS_ALIBI=HAS_ALIBI,
+        HAS_SOFTCAP=HAS_SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, APPLY_INDEX_MASK=False, DOT_PRECISION=DOT_PRECISION,
+        DOT_FP32=DOT_FP32,
     )
     b_dq = _dq_key_blocks(
-        b_dq, b_q, b_do, b_lse2, b_delta, n_mid_hi, n_hi, o_m, o_d, o_dv, key_lo, key_hi, k_bh, v_bh, stride_kn, stride_vn,
-        p_q, i_h, Hq, qlen, klen, D, DV, offset, window_left, window_right, slope, sm_scale, softcap, dropout_p, seed_s,
-        BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, True, DOT_PRECISION,
-        DOT_FP32,
+        b_dq=b_dq, b_q=b_q, b_do=b_do, b_lse2=b_lse2, b_delta=b_delta, n_start=n_mid_hi, n_end=n_hi, o_m=o_m, o_d=o_d,
+        o_dv=o_dv, key_lo=key_lo, key_hi=key_hi, k_bh=k_bh, v_bh=v_bh, stride_kn=stride_kn, stride_vn=stride_vn,
+        p_q=p_q, i_h=i_h, Hq=Hq, qlen=qlen, klen=klen, D=D, DV=DV, offset=offset, window_left=window_left,
+        window_right=window_right, slope=slope, sm_scale=sm_scale, softcap=softcap, dropout_p=dropout_p, seed_s=seed_s,
+        BLOCK_N=BLOCK_N, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT=HAS_WINDOW_RIGHT, HAS_ALIBI=HAS_ALIBI,
+        HAS_SOFTCAP=HAS_SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, APPLY_INDEX_MASK=True, DOT_PRECISION=DOT_PRECISION,
+        DOT_FP32=DOT_FP32,
     )
 
     b_dq = b_dq * sm_scale

@@ -64,8 +64,12 @@ def _whole_sequence_state(b_s, p_k0, p_v0, L, stride_kl, stride_km, stride_vl, s
     for i_c in range(0, tl.cdiv(L, BLOCK_T)):
         o_l = i_c * BLOCK_T + o_t
         m_t = o_l < L
-        b_k = _load_rows(p_k0, o_l, m_t, stride_kl, o_m, m_m, stride_km)  # [BLOCK_T, BLOCK_M]
-        b_v = _load_rows(p_v0, o_l, m_t, stride_vl, o_v, m_v, stride_vd)  # [BLOCK_T, BLOCK_DV]
+        b_k = _load_rows(  # [BLOCK_T, BLOCK_M]
+            p_head=p_k0, o_l=o_l, m_t=m_t, stride_l=stride_kl, o_c=o_m, m_c=m_m, stride_c=stride_km,
+        )
+        b_v = _load_rows(  # [BLOCK_T, BLOCK_DV]
+            p_head=p_v0, o_l=o_l, m_t=m_t, stride_l=stride_vl, o_c=o_v, m_c=m_v, stride_c=stride_vd,
+        )
         b_s += _outer_sum(b_k, b_v, DOT_PRECISION)
     return b_s
 
@@ -106,21 +110,32 @@ def linear_attention_fwd_kernel(
     p_v0 = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
     p_o0 = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
     if not IS_CAUSAL:
-        b_s = _whole_sequence_state(b_s, p_k0, p_v0, L, stride_kl, stride_km, stride_vl, stride_vd, o_t, o_m, m_m,
-                                    o_v, m_v, BLOCK_T, DOT_PRECISION)
+        b_s = _whole_sequence_state(
+            b_s=b_s, p_k0=p_k0, p_v0=p_v0, L=L, stride_kl=stride_kl, stride_km=stride_km, stride_vl=stride_vl,
+            stride_vd=stride_vd, o_t=o_t, o_m=o_m, m_m=m_m,
+            o_v=o_v, m_v=m_v, BLOCK_T=BLOCK_T, DOT_PRECISION=DOT_PRECISION,
+        )
     for i_c in range(0, tl.cdiv(L, BLOCK_T)):
         o_l = i_c * BLOCK_T + o_t
         m_t = o_l < L
-        b_q = _load_rows(p_q0, o_l, m_t, stride_ql, o_m, m_m, stride_qm)  # [BLOCK_T, BLOCK_M]
+        b_q = _load_rows(  # [BLOCK_T, BLOCK_M]
+            p_head=p_q0, o_l=o_l, m_t=m_t, stride_l=stride_ql, o_c=o_m, m_c=m_m, stride_c=stride_qm,
+        )
         # [BLOCK_T, BLOCK_DV]: the state's part (earlier chunks, or everything when not causal)
         b_o = tl.dot(b_q.to(tl.float32), b_s, input_precision=DOT_PRECISION)
         if IS_CAUSAL:
-            b_k = _load_rows(p_k0, o_l, m_t, stride_kl, o_m, m_m, stride_km)  # [BLOCK_T, BLOCK_M]
-            b_v = _load_rows(p_v0, o_l, m_t, stride_vl, o_v, m_v, stride_vd)  # [BLOCK_T, BLOCK_DV]
+            b_k = _load_rows(  # [BLOCK_T, BLOCK_M]
+                p_head=p_k0, o_l=o_l, m_t=m_t, stride_l=stride_kl, o_c=o_m, m_c=m_m, stride_c=stride_km,
+            )
+            b_v = _load_rows(  # [BLOCK_T, BLOCK_DV]
+                p_head=p_v0, o_l=o_l, m_t=m_t, stride_l=stride_vl, o_c=o_v, m_c=m_v, stride_c=stride_vd,
+            )
             b_a = _causal_block(b_q, b_k, o_t, DOT_PRECISION)  # [BLOCK_T, BLOCK_T]
             b_o += tl.dot(b_a.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
             b_s += _outer_sum(b_k, b_v, DOT_PRECISION)
-        _store_rows(p_o0, o_l, m_t, stride_ol, o_v, m_v, stride_od, b_o)
+        _store_rows(
+            p_head=p_o0, o_l=o_l, m_t=m_t, stride_l=stride_ol, o_c=o_v, m_c=m_v, stride_c=stride_od, b_x=b_o,
+        )
     if STORE_STATE:
         if i_h % group == 0:  # every head of the group holds the same state; one writes it
             tl.store(ST + p_state, b_s, mask=m_state)
@@ -160,21 +175,32 @@ def linear_attention_bwd_dq_kernel(
     p_do0 = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
     p_dq0 = DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
     if not IS_CAUSAL:
-        b_s = _whole_sequence_state(b_s, p_k0, p_v0, L, stride_kl, stride_km, stride_vl, stride_vd, o_t, o_m, m_m,
-                                    o_v, m_v, BLOCK_T, DOT_PRECISION)
+        b_s = _whole_sequence_state(
+            b_s=b_s, p_k0=p_k0, p_v0=p_v0, L=L, stride_kl=stride_kl, stride_km=stride_km, stride_vl=stride_vl,
+            stride_vd=stride_vd, o_t=o_t, o_m=o_m, m_m=m_m,
+            o_v=o_v, m_v=m_v, BLOCK_T=BLOCK_T, DOT_PRECISION=DOT_PRECISION,
+        )
     for i_c in range(0, tl.cdiv(L, BLOCK_T)):
         o_l = i_c * BLOCK_T + o_t
         m_t = o_l < L
-        b_do = _load_rows(p_do0, o_l, m_t, stride_dol, o_v, m_v, stride_dod)  # [BLOCK_T, BLOCK_DV]
+        b_do = _load_rows(  # [BLOCK_T, BLOCK_DV]
+            p_head=p_do0, o_l=o_l, m_t=m_t, stride_l=stride_dol, o_c=o_v, m_c=m_v, stride_c=stride_dod,
+        )
         # [BLOCK_T, BLOCK_M]
         b_dq = tl.dot(b_do.to(tl.float32), tl.trans(b_s), input_precision=DOT_PRECISION)
         if IS_CAUSAL:
-            b_k = _load_rows(p_k0, o_l, m_t, stride_kl, o_m, m_m, stride_km)  # [BLOCK_T, BLOCK_M]
-            b_v = _load_rows(p_v0, o_l, m_t, stride_vl, o_v, m_v, stride_vd)  # [BLOCK_T, BLOCK_DV]
+            b_k = _load_rows(  # [BLOCK_T, BLOCK_M]
+                p_head=p_k0, o_l=o_l, m_t=m_t, stride_l=stride_kl, o_c=o_m, m_c=m_m, stride_c=stride_km,
+            )
+            b_v = _load_rows(  # [BLOCK_T, BLOCK_DV]
+                p_head=p_v0, o_l=o_l, m_t=m_t, stride_l=stride_vl, o_c=o_v, m_c=m_v, stride_c=stride_vd,
+            )
             b_a = _causal_block(b_do, b_v, o_t, DOT_PRECISION)  # [BLOCK_T, BLOCK_T]: dO_i . v_j, j <= i
             b_dq += tl.dot(b_a.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
             b_s += _outer_sum(b_k, b_v, DOT_PRECISION)
-        _store_rows(p_dq0, o_l, m_t, stride_dql, o_m, m_m, stride_dqm, b_dq)
+        _store_rows(
+            p_head=p_dq0, o_l=o_l, m_t=m_t, stride_l=stride_dql, o_c=o_m, m_c=m_m, stride_c=stride_dqm, b_x=b_dq,
+        )
 
 
 # --------------------------------------------------------------------------- backward: dK, dV, dS0
@@ -222,14 +248,21 @@ def linear_attention_bwd_dkv_kernel(
             i_h = i_hk * group + i_g
             p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
             p_do = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
-            b_dh = _whole_sequence_state(b_dh, p_q, p_do, L, stride_ql, stride_qm, stride_dol, stride_dod, o_t, o_m,
-                                         m_m, o_v, m_v, BLOCK_T, DOT_PRECISION)
+            b_dh = _whole_sequence_state(
+                b_s=b_dh, p_k0=p_q, p_v0=p_do, L=L, stride_kl=stride_ql, stride_km=stride_qm, stride_vl=stride_dol,
+                stride_vd=stride_dod, o_t=o_t, o_m=o_m,
+                m_m=m_m, o_v=o_v, m_v=m_v, BLOCK_T=BLOCK_T, DOT_PRECISION=DOT_PRECISION,
+            )
     for i_r in range(0, num_chunks):
         i_c = num_chunks - 1 - i_r if IS_CAUSAL else i_r
         o_l = i_c * BLOCK_T + o_t
         m_t = o_l < L
-        b_k = _load_rows(p_k0, o_l, m_t, stride_kl, o_m, m_m, stride_km)  # [BLOCK_T, BLOCK_M]
-        b_v = _load_rows(p_v0, o_l, m_t, stride_vl, o_v, m_v, stride_vd)  # [BLOCK_T, BLOCK_DV]
+        b_k = _load_rows(  # [BLOCK_T, BLOCK_M]
+            p_head=p_k0, o_l=o_l, m_t=m_t, stride_l=stride_kl, o_c=o_m, m_c=m_m, stride_c=stride_km,
+        )
+        b_v = _load_rows(  # [BLOCK_T, BLOCK_DV]
+            p_head=p_v0, o_l=o_l, m_t=m_t, stride_l=stride_vl, o_c=o_v, m_c=m_v, stride_c=stride_vd,
+        )
         # [BLOCK_T, BLOCK_M]
         b_dk = tl.dot(b_v.to(tl.float32), tl.trans(b_dh), input_precision=DOT_PRECISION)
         # [BLOCK_T, BLOCK_DV]
@@ -241,8 +274,12 @@ def linear_attention_bwd_dkv_kernel(
                 i_h = i_hk * group + i_g
                 p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
                 p_do = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
-                b_q = _load_rows(p_q, o_l, m_t, stride_ql, o_m, m_m, stride_qm)  # [BLOCK_T, BLOCK_M]
-                b_do = _load_rows(p_do, o_l, m_t, stride_dol, o_v, m_v, stride_dod)  # [BLOCK_T, BLOCK_DV]
+                b_q = _load_rows(  # [BLOCK_T, BLOCK_M]
+                    p_head=p_q, o_l=o_l, m_t=m_t, stride_l=stride_ql, o_c=o_m, m_c=m_m, stride_c=stride_qm,
+                )
+                b_do = _load_rows(  # [BLOCK_T, BLOCK_DV]
+                    p_head=p_do, o_l=o_l, m_t=m_t, stride_l=stride_dol, o_c=o_v, m_c=m_v, stride_c=stride_dod,
+                )
                 # [BLOCK_T, BLOCK_T] over (query i, key j), kept where j <= i
                 b_dov = _causal_block(b_do, b_v, o_t, DOT_PRECISION)
                 b_qk = _causal_block(b_q, b_k, o_t, DOT_PRECISION)
@@ -250,8 +287,12 @@ def linear_attention_bwd_dkv_kernel(
                 b_dv += tl.dot(tl.trans(b_qk).to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
                 b_dh_chunk += _outer_sum(b_q, b_do, DOT_PRECISION)
             b_dh += b_dh_chunk
-        _store_rows(p_dk0, o_l, m_t, stride_dkl, o_m, m_m, stride_dkm, b_dk)
-        _store_rows(p_dv0, o_l, m_t, stride_dvl, o_v, m_v, stride_dvd, b_dv)
+        _store_rows(
+            p_head=p_dk0, o_l=o_l, m_t=m_t, stride_l=stride_dkl, o_c=o_m, m_c=m_m, stride_c=stride_dkm, b_x=b_dk,
+        )
+        _store_rows(
+            p_head=p_dv0, o_l=o_l, m_t=m_t, stride_l=stride_dvl, o_c=o_v, m_c=m_v, stride_c=stride_dvd, b_x=b_dv,
+        )
     tl.store(DS0 + p_state, b_dh, mask=m_state)
 
 

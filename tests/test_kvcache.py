@@ -252,7 +252,7 @@ def test_cpu_kernel_low_precision(dtype):
 @pytest.mark.parametrize(
     "D, Dv, dtype, lengths",
     [
-        (128, 128, torch.float32, [200, 1]),  # blocks of 64 keys and a tail of 8: requests clamp at the split's end
+        (128, 128, torch.float32, [200, 1]),  # blocks of 32 keys, tails of 16 and 8: requests clamp at the split's end
         (32, 48, torch.float32, [97, 17]),  # Dv != D: value rows requested on their own
         (24, 24, torch.float64, [97, 0]),  # the scalar dot products, a sequence with no keys
     ],

@@ -6,6 +6,9 @@ Two measurements, all in this process:
   by default. fastattn reads the flash-attn cache layout ``(B, L, Hkv, D)`` (contiguous) or a paged
   cache with shuffled pages; torch SDPA gets its own preferred layout, contiguous
   ``(B, Hkv, L, D)`` keys and values with ``enable_gqa=True``. Same data, same threads.
+  A last row times ``torch.sum`` over a copy of the same bytes: about the fastest this machine reads
+  them in this rotation (each contender reads its own copy in turn, so a call finds its cache partly
+  or wholly evicted from L3, as a real decode step whose cache outgrows L3 does).
 * ``overhead``: the CPU time of a 1 x 1 call (B=1, H=1, Lq=Lk=1, D=8), where the kernel's work is
   nil and what remains is the Python path from the public function to the kernel (validation,
   normalisation, dispatch) plus the op's own cost: ``fastattn.attention`` and
@@ -86,12 +89,14 @@ def decode(args) -> None:
             raise SystemExit(f"fastattn {name} differs from SDPA by {err}")
 
     bytes_kv = 2 * B * L * Hkv * D * k_cache.element_size()
+    flat = torch.cat([k_sdpa.flatten(), v_sdpa.flatten()])  # the cache's bytes once more, for the read ceiling
     rows = [
         ("torch SDPA (B, Hkv, L, D), enable_gqa", lambda: F.scaled_dot_product_attention(
             q_sdpa, k_sdpa, v_sdpa, enable_gqa=True)),
         ("fastattn contiguous cache", lambda: fastattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths)),
         ("fastattn paged cache (256-slot pages, shuffled)", lambda: fastattn.attention_with_kvcache(
             q, k_pages, v_pages, cache_seqlens=lengths, block_table=table)),
+        ("read ceiling: torch.sum over as many bytes", lambda: flat.sum()),
     ]
     print(f"decode: B={B} Hq={Hq} Hkv={Hkv} D={D} Lk={L} {args.dtype}, {torch.get_num_threads()} threads; "
           f"load average {os.getloadavg()[0]:.2f}")

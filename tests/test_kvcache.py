@@ -252,7 +252,7 @@ def test_cpu_kernel_low_precision(dtype):
 @pytest.mark.parametrize(
     "D, Dv, dtype, lengths",
     [
-        (128, 128, torch.float32, [200, 1]),  # blocks of 64 keys and a tail of 8: requests clamp at the split's end
+        (128, 128, torch.float32, [200, 1]),  # blocks of 32 keys, tails of 16 and 8: requests clamp at the split's end
         (32, 48, torch.float32, [97, 17]),  # Dv != D: value rows requested on their own
         (24, 24, torch.float64, [97, 0]),  # the scalar dot products, a sequence with no keys
     ],
@@ -272,6 +272,46 @@ def test_cpu_kernel_prefetch_paths(D, Dv, dtype, lengths):
     ref_lp, _ = _reference(q, k_cache, v_cache, seqlens, dtype=dtype)
     assert_close_to_reference("out", out, ref, ref_lp)
     torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-4, rtol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("window", [None, 100])
+@pytest.mark.parametrize(
+    "dtype, Hq, Hkv, D, Dv, paged",
+    [
+        (torch.float32, 8, 2, 64, 40, False),  # 12 rows per key head; Dv = 32 + 8: a column tail
+        (torch.float32, 2, 2, 32, 32, True),  # 3 rows per key head: no 4-row tile
+        (torch.bfloat16, 8, 2, 64, 64, True),
+        (torch.float64, 4, 1, 24, 24, False),
+    ],
+)
+def test_cpu_kernel_value_requests_across_blocks(dtype, Hq, Hkv, D, Dv, paged, window):
+    """One task walks several key blocks and requests each later block's value rows during the
+    previous block's P V (register tiles, or row by row where a window's edge cuts the block): the
+    requests never change a result. Three query positions, bottom-right aligned, each seeing the
+    keys [pos - window, pos] (or [0, pos])."""
+    g = torch.Generator().manual_seed(5)
+    B, L, Lq, page = 1, 304, 3, 16
+    q = torch.randn(B, Lq, Hq, D, generator=g, dtype=torch.float64)
+    k_cache = torch.randn(B, L, Hkv, D, generator=g, dtype=torch.float64)
+    v_cache = torch.randn(B, L, Hkv, Dv, generator=g, dtype=torch.float64)
+    seqlens = torch.tensor([L], dtype=torch.int32)
+    kc, vc, table = k_cache.to(dtype), v_cache.to(dtype), None
+    if paged:  # the same rows as shuffled pages
+        order = torch.randperm(L // page, generator=g)
+        kc, vc = (torch.empty_like(c).view(-1, page, *c.shape[2:]) for c in (kc, vc))
+        kc[order], vc[order] = k_cache.to(dtype).view(-1, page, Hkv, D), v_cache.to(dtype).view(-1, page, Hkv, Dv)
+        table = order[None].to(torch.int32)
+    out, _ = torch.ops.fastattn.decode_attention(q.to(dtype), kc, vc, None, None, seqlens, table, None, None, None,
+                                                 D ** -0.5, window, 0, 0.0, 1)
+    for i in range(Lq):  # query i on its own keys
+        pos = L - Lq + i
+        lo = 0 if window is None else max(0, pos - window)
+        keys, values = k_cache[:, lo:pos + 1], v_cache[:, lo:pos + 1]
+        n = torch.tensor([pos + 1 - lo], dtype=torch.int32)
+        ref, _ = _reference(q[:, i:i + 1], keys, values, n)
+        ref_lp, _ = _reference(q[:, i:i + 1].to(dtype), keys.to(dtype), values.to(dtype), n, dtype=dtype)
+        assert_close_to_reference("out", out[:, i:i + 1], ref, ref_lp)
 
 
 @needs_kernel

@@ -36,6 +36,7 @@ namespace {
 
 using OptTensor = std::optional<at::Tensor>;
 
+
 // An int32 or int64 index tensor of up to two dims, read as int64.
 struct Index {
   const void* data = nullptr;
@@ -74,7 +75,7 @@ struct DecodeParams {
   bool has_left = false, has_right = false;
   int64_t window_left = 0, window_right = 0;
   int64_t num_splits = 1;
-  int64_t block_k = 64;
+  int64_t block_k = 32;  // keys per block (64 read 3-8% slower, 16 and 48 no faster)
 
   // Keys of sequence b after the append.
   int64_t klen(int64_t b) const { return seqlens.at(b) + Lnew; }
@@ -101,15 +102,13 @@ inline __attribute__((always_inline)) acc_t dot(const acc_t* a, const acc_t* b, 
 }
 
 // out[r * ldo] = a_r . b for the 4 rows a_r = a + r * lda: b is loaded once for the four. With
-// pf0 and pf1 (rows of n elements of the cache), their cache lines are requested along the way.
+// pf0 and/or pf1 (rows of n elements of the cache), their cache lines are requested (into L2) along the way.
 template <typename acc_t, typename T = acc_t>
 inline __attribute__((always_inline)) void dot4(const acc_t* a, int64_t lda, const acc_t* b, int64_t n, acc_t* out,
                                                 int64_t ldo, const T* pf0 = nullptr, const T* pf1 = nullptr) {
-  if (pf0) {
-    for (int64_t c = 0; c < n * int64_t(sizeof(T)); c += 64) {
-      __builtin_prefetch(reinterpret_cast<const char*>(pf0) + c, 0, 3);
-      __builtin_prefetch(reinterpret_cast<const char*>(pf1) + c, 0, 3);
-    }
+  for (int64_t c = 0; c < n * int64_t(sizeof(T)); c += 64) {
+    if (pf0) __builtin_prefetch(reinterpret_cast<const char*>(pf0) + c, 0, 2);
+    if (pf1) __builtin_prefetch(reinterpret_cast<const char*>(pf1) + c, 0, 2);
   }
   acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
   const acc_t *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda;
@@ -123,6 +122,19 @@ inline __attribute__((always_inline)) void dot4(const acc_t* a, int64_t lda, con
   out[0] = s0, out[ldo] = s1, out[2 * ldo] = s2, out[3 * ldo] = s3;
 }
 
+// Requests bytes [from, to) of each non-null row rows[j], j < n, into L2 ahead of use, one request
+// per cache line: the rows then wait in L2 (not L1) without holding a line-fill buffer's slot for long.
+inline __attribute__((always_inline)) void prefetch_rows(const char* const* rows, int64_t n, int64_t from,
+                                                         int64_t to) {
+  for (int64_t j = 0; j < n; ++j)
+    if (rows[j])
+      for (int64_t o = from; o < to; o += 64) __builtin_prefetch(rows[j] + o, 0, 2);
+}
+inline __attribute__((always_inline)) void prefetch_row(const void* row, int64_t bytes) {
+  const char* r = static_cast<const char*>(row);
+  prefetch_rows(&r, 1, 0, bytes);
+}
+
 template <typename acc_t>
 inline __attribute__((always_inline)) void axpy(acc_t* y, acc_t a, const acc_t* x, int64_t n) {
 #pragma omp simd
@@ -130,10 +142,14 @@ inline __attribute__((always_inline)) void axpy(acc_t* y, acc_t a, const acc_t* 
 }
 
 // acc (rows, Dv) += P (rows, n; row stride ldp) V, V given as n row pointers. Tiles of 4 rows x 16
-// columns stay in registers across the keys, so acc is loaded and stored once per block.
+// columns stay in registers across the keys, so acc is loaded and stored once per block. With
+// `next` (n cache rows of Dv elements of `elem` bytes, null entries skipped), their lines are
+// requested along the way: the value rows of the task's next key block.
 template <typename acc_t>
-inline __attribute__((always_inline)) void pv_block(const acc_t* P, int64_t ldp, int64_t rows, const acc_t* const* V, int64_t n, acc_t* acc,
-                     int64_t Dv) {
+inline __attribute__((always_inline)) void pv_block(const acc_t* P, int64_t ldp, int64_t rows, const acc_t* const* V,
+                                                    int64_t n, acc_t* acc, int64_t Dv,
+                                                    const char* const* next = nullptr, int64_t elem = 0) {
+  if (next) prefetch_rows(next, n, 0, Dv * elem);
   constexpr int64_t kRows = 4, kCols = 16;
   int64_t r0 = 0;
   for (; r0 + kRows <= rows; r0 += kRows) {
@@ -224,7 +240,8 @@ inline __attribute__((always_inline)) void dot4(const float* a, int64_t lda, con
   fv s0 = {}, s1 = {}, s2 = {}, s3 = {};
   int64_t c = 0;
   for (; c + kLanes <= n; c += kLanes) {
-    if (pf0) __builtin_prefetch(pf0 + c, 0, 3), __builtin_prefetch(pf1 + c, 0, 3);
+    if (pf0) __builtin_prefetch(pf0 + c, 0, 2);
+    if (pf1) __builtin_prefetch(pf1 + c, 0, 2);
     const fv x = loadv(b + c);
     s0 += loadv(a + c) * x;
     s1 += loadv(a + lda + c) * x;
@@ -244,9 +261,13 @@ inline __attribute__((always_inline)) void axpy(float* y, float a, const float* 
   for (; c < n; ++c) y[c] += a * x[c];
 }
 
+// The requests of `next` ride in the first row tile's loop, two per (column tile, key): the lines of
+// the column tile's bytes; the columns past the last tile (or all, with fewer than 4 rows) before.
 inline __attribute__((always_inline)) void pv_block(const float* P, int64_t ldp, int64_t rows, const float* const* V,
-                                                    int64_t n, float* acc, int64_t Dv) {
+                                                    int64_t n, float* acc, int64_t Dv, const char* const* next = nullptr,
+                                                    int64_t elem = 0) {
   constexpr int64_t kCols = 2 * kLanes;
+  if (next) prefetch_rows(next, n, rows >= 4 ? Dv / kCols * kCols * elem : 0, Dv * elem);
   int64_t r0 = 0;
   for (; r0 + 4 <= rows; r0 += 4) {
     int64_t c0 = 0;
@@ -256,6 +277,10 @@ inline __attribute__((always_inline)) void pv_block(const float* P, int64_t ldp,
       fv a20 = loadv(o + 2 * Dv), a21 = loadv(o + 2 * Dv + kLanes), a30 = loadv(o + 3 * Dv),
          a31 = loadv(o + 3 * Dv + kLanes);
       for (int64_t j = 0; j < n; ++j) {
+        if (next && r0 == 0 && next[j]) {
+          __builtin_prefetch(next[j] + c0 * elem, 0, 2);
+          __builtin_prefetch(next[j] + (c0 + kLanes) * elem, 0, 2);
+        }
         const fv v0 = loadv(V[j] + c0), v1 = loadv(V[j] + c0 + kLanes);
         const float p0 = P[r0 * ldp + j], p1 = P[(r0 + 1) * ldp + j], p2 = P[(r0 + 2) * ldp + j],
                     p3 = P[(r0 + 3) * ldp + j];
@@ -302,14 +327,6 @@ inline Range split_keys(const DecodeParams& p, int64_t b, int64_t s) {
   return {s0, std::min(hi + 1, s0 + chunk)};
 }
 
-// Pulls `bytes` of a cache row towards the core ahead of use, one request per cache line: keys a
-// few rows ahead, and the block's value rows while its scores are computed, so they arrive during
-// work rather than after it.
-inline __attribute__((always_inline)) void prefetch_row(const void* row, int64_t bytes) {
-  const char* c = static_cast<const char*>(row);
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
-}
-
 // How many key rows ahead of use the score loop requests the keys (the hardware prefetchers
 // lose the stream at every page, about one row of a (L, Hkv, D) cache).
 constexpr int64_t kKeysAhead = 8;
@@ -319,7 +336,8 @@ template <typename acc_t>
 struct TaskScratch {
   std::vector<acc_t> Q, S, kbuf, vblock;
   std::vector<const acc_t*> vrows;
-  std::vector<int64_t> koff, voff;  // the block's key rows (and kKeysAhead more), value rows: offsets
+  std::vector<const char*> vnext;
+  std::vector<int64_t> koff, voff;  // offsets: the block's key rows (and kKeysAhead more), value rows (and the next block's)
   std::vector<char> bad;
   std::vector<KeyRange> band;
 };
@@ -329,7 +347,7 @@ TaskScratch<acc_t>& task_scratch(const DecodeParams& p) {
   thread_local TaskScratch<acc_t> t;
   const int64_t R = p.rows, BK = p.block_k;
   t.Q.resize(R * p.D), t.S.resize(R * BK), t.kbuf.resize(p.D), t.vblock.resize(BK * p.Dv);
-  t.vrows.resize(BK), t.koff.resize(BK + kKeysAhead), t.voff.resize(BK);
+  t.vrows.resize(BK), t.koff.resize(BK + kKeysAhead), t.voff.resize(2 * BK), t.vnext.resize(BK);
   t.bad.resize(R), t.band.resize(p.Lq);
   return t;
 }
@@ -364,21 +382,27 @@ inline __attribute__((always_inline)) void decode_task(const DecodeParams& p, co
 
   for (int64_t k0 = keys.begin; k0 < keys.end; k0 += BK) {
     const int64_t n = std::min(BK, keys.end - k0), ahead = std::min(n + kKeysAhead, keys.end - k0);
+    // The value rows of the task's first block are requested with its keys; those of each later
+    // block during the P V of the block before (the keys' requests then have the line-fill buffers
+    // to themselves, and P V's arithmetic overlaps memory traffic).
+    const bool first = k0 == keys.begin;
+    const int64_t nn = std::clamp<int64_t>(keys.end - k0 - BK, 0, BK);  // keys of the next block
     for (int64_t j = 0; j < n; ++j) t.voff[j] = p.cache_offset(b, k0 + j, p.v_s0, p.v_s1);
+    for (int64_t j = 0; j < nn; ++j) t.voff[BK + j] = p.cache_offset(b, k0 + BK + j, p.v_s0, p.v_s1);
     for (int64_t j = 0; j < ahead; ++j) t.koff[j] = p.cache_offset(b, k0 + j, p.k_s0, p.k_s1);
     // S = (scale Q) K^T, each key row read once for the rows of its GQA group (keys in memory
-    // order, requested kKeysAhead rows ahead); the block's value rows are requested meanwhile.
+    // order, requested kKeysAhead rows ahead; in a task's first block, its value rows too).
     for (int64_t j = 0; j < n; ++j) {
       for (int64_t hk = 0; hk < p.Hkv; ++hk) {
         const scalar_t* kpf = k + t.koff[std::min(j + kKeysAhead, ahead - 1)] + hk * p.k_sh;
-        const scalar_t* vpf = v + t.voff[j] + hk * p.v_sh;
+        const scalar_t* vpf = first ? v + t.voff[j] + hk * p.v_sh : nullptr;
         const acc_t* kr = row_as_acc<scalar_t, acc_t>(k + t.koff[j] + hk * p.k_sh, D, t.kbuf.data());
         int64_t r = hk * rows_per_kv;
         if (D == Dv && rows_per_kv >= 4) {  // the requests ride in the first dot4's loop
           dot4(Q + r * D, D, kr, D, S + r * BK + j, BK, kpf, vpf);
           r += 4;
         } else {
-          prefetch_row(vpf, v_bytes);
+          if (vpf) prefetch_row(vpf, v_bytes);
           prefetch_row(kpf, k_bytes);
         }
         for (; r + 4 <= (hk + 1) * rows_per_kv; r += 4) dot4(Q + r * D, D, kr, D, S + r * BK + j, BK);
@@ -416,13 +440,17 @@ inline __attribute__((always_inline)) void decode_task(const DecodeParams& p, co
     for (int64_t j0 = 0; j0 < n; j0 += kPvKeys) {
       const int64_t c = std::min(kPvKeys, n - j0);
       for (int64_t hk = 0; hk < p.Hkv; ++hk) {
-        for (int64_t j = j0; j < j0 + c; ++j)
+        for (int64_t j = j0; j < j0 + c; ++j) {
           t.vrows[j] = row_as_acc<scalar_t, acc_t>(v + t.voff[j] + hk * p.v_sh, Dv, t.vblock.data() + j * Dv);
+          t.vnext[j] = j < nn ? reinterpret_cast<const char*>(v + t.voff[BK + j] + hk * p.v_sh) : nullptr;
+        }
         const int64_t r0 = hk * rows_per_kv;
         if (full) {
-          pv_block(S + r0 * BK + j0, BK, rows_per_kv, t.vrows.data() + j0, c, acc + r0 * Dv, Dv);
+          pv_block(S + r0 * BK + j0, BK, rows_per_kv, t.vrows.data() + j0, c, acc + r0 * Dv, Dv,
+                   nn > 0 ? t.vnext.data() + j0 : nullptr, int64_t(sizeof(scalar_t)));
           continue;
         }
+        if (nn > 0) prefetch_rows(t.vnext.data() + j0, c, 0, v_bytes);
         for (int64_t r = r0; r < r0 + rows_per_kv; ++r)
           for (int64_t j = j0; j < j0 + c; ++j) {
             const acc_t pr = S[r * BK + j];

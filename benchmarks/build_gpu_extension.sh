@@ -42,6 +42,11 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 export PATH="$VENV/bin:$PATH"  # always the venv's ninja: another ninja's build log makes it start over
+# The Hopper forward (csrc/cuda/sm90) compiles against CUTLASS's headers; without them setup.py skips it
+# and the GPU run would never see that kernel. Headers only, hence --no-deps.
+if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cutlass_library') is None)"; then
+  "$VENV/bin/pip" install -q --no-deps nvidia-cutlass
+fi
 TAG=$("$PY" benchmarks/prebuilt.py tag)
 HASH=$("$PY" benchmarks/prebuilt.py source-hash)
 PREBUILT=${PREBUILT:-prebuilt}
@@ -87,9 +92,16 @@ EOF
   chmod 755 "$DEST"
 fi
 
-# The check: load it in the target venv and list its ops, and find Hopper code in it; else it is removed.
+# The check: load it in the target venv and list its ops, and find Hopper code in it and the Hopper
+# forward's CUDA kernel registered; else it is removed.
 if ! "$PY" benchmarks/prebuilt.py check "$DEST"/_C*.so || ! grep -qa sm_90a "$DEST"/_C*.so; then
   echo "build_gpu_extension: $DEST does not load; removing it" >&2
+  rm -rf "$DEST"
+  exit 1
+fi
+if ! "$PY" -c "import sys, torch; torch.ops.load_library(sys.argv[1]);
+sys.exit(not torch._C._dispatch_has_kernel_for_dispatch_key('fastattn::attention_fwd_sm90', 'CUDA'))" "$DEST"/_C*.so; then
+  echo "build_gpu_extension: $DEST lacks the Hopper forward (attention_fwd_sm90 has no CUDA kernel); removing it" >&2
   rm -rf "$DEST"
   exit 1
 fi

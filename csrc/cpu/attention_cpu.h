@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -118,6 +119,15 @@ inline KeyRange rows_seeing_keys(const Params& p, const BatchGeometry& g, int64_
 // Dropout: a counter-based pattern, a pure function of (seed, b, h, i, j), so the backward
 // regenerates what the forward drew. fastattn/backends/cpu.py (dropout_keep_mask) mirrors it.
 // ---------------------------------------------------------------------------------------------
+
+// The bits of `from` read as a To (std::bit_cast, which is C++20; torch before 2.14 builds C++17).
+template <typename To, typename From>
+inline To bit_copy(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_copy: sizes differ");
+  To to;
+  std::memcpy(&to, &from, sizeof(To));
+  return to;
+}
 
 // A 32-bit integer hash (xorshift-multiply, multipliers below 2^31 so Python can mirror it in int64).
 inline uint32_t hash32(uint32_t x) {

@@ -26,7 +26,6 @@
 // repeated and the group's dK, dV are summed without atomics. Matrix products go through the BLAS
 // wrapper of the softmax kernels (attention_cpu.h).
 #include <ATen/Parallel.h>
-#include <bit>
 #include <cmath>
 #include <torch/library.h>
 
@@ -56,11 +55,11 @@ struct LinearParams {
 // shift, exp(r) by its degree-7 Taylor polynomial (relative error below 1e-7), 2^n from the exponent
 // bits. Inputs below -87 give exp(-87) ~ 1.6e-38 (the smallest normal floats).
 inline float exp_nonpositive(float x) {
-  const uint32_t bits = std::bit_cast<uint32_t>(x);  // x <= 0: x < -87 is a larger unsigned pattern
-  x = std::bit_cast<float>(bits > 0xC2AE0000u ? 0xC2AE0000u : bits);
+  const uint32_t bits = bit_copy<uint32_t>(x);  // x <= 0: x < -87 is a larger unsigned pattern
+  x = bit_copy<float>(bits > 0xC2AE0000u ? 0xC2AE0000u : bits);
   const float shifted = x * 1.44269504f + 12582912.0f;  // round(x / ln2) lands in the low mantissa bits
   const float nf = shifted - 12582912.0f;
-  const int32_t n = std::bit_cast<int32_t>(shifted) - 0x4B400000;
+  const int32_t n = bit_copy<int32_t>(shifted) - 0x4B400000;
   const float r = (x - nf * 0.693145751953125f) - nf * 1.428606765330187e-06f;
   float e = 1.0f / 5040.0f;
   e = e * r + 1.0f / 720.0f;
@@ -70,7 +69,7 @@ inline float exp_nonpositive(float x) {
   e = e * r + 0.5f;
   e = e * r + 1.0f;
   e = e * r + 1.0f;
-  return e * std::bit_cast<float>((n + 127) << 23);
+  return e * bit_copy<float>((n + 127) << 23);
 }
 inline double exp_nonpositive(double x) { return std::exp(x); }
 

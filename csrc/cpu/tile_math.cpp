@@ -89,10 +89,7 @@ inline float exp_nonpositive(float x) {
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * r * r + r + 1.0f;
-  // 2^n from its exponent bits (memcpy, not C++20's std::bit_cast: torch before 2.14 builds C++17).
-  const int32_t bits = static_cast<int32_t>((n + 127) << 23);
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
+  const float scale = bit_copy<float>(static_cast<int32_t>((n + 127) << 23));  // 2^n from its exponent bits
   return x < -87.0f ? 0.0f : y * scale;
 }
 

@@ -36,7 +36,6 @@ namespace {
 
 using OptTensor = std::optional<at::Tensor>;
 
-
 // An int32 or int64 index tensor of up to two dims, read as int64.
 struct Index {
   const void* data = nullptr;
